@@ -1,0 +1,356 @@
+//! Command-line interface: flag definitions and the binary's entry point.
+//!
+//! This is the binary's edge, so errors become `anyhow` here and are printed
+//! as one line naming the problem.
+
+use crate::driver::{self, Budget, NodeConfig, NodeEvent, Schedule};
+use crate::net::{peer_id_of, NetConfig};
+use crate::testnet;
+use crate::train::backend::{build_mnist_task, DeviceKind, TaskSpec};
+use crate::train::data::MnistData;
+use crate::train::model::ModelKind;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use libp2p::multiaddr::Protocol;
+use libp2p::Multiaddr;
+use p2ptrain_protocol::averaging::AveragingConfig;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// p2ptrain: train one model together on many volunteer machines.
+#[derive(Debug, Parser)]
+#[command(name = "p2ptrain", version, about, long_about = None)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Join (or start) a swarm and train on this machine.
+    Node(NodeArgs),
+    /// Start N nodes as local processes on loopback, train, and print a JSON summary.
+    Testnet(TestnetArgs),
+}
+
+/// Training settings shared by `node` and `testnet`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Model to train: mlp (784-256-256-10) or cnn (small convolutional net).
+    #[arg(long, default_value = "mlp")]
+    pub model: ModelKind,
+    /// Directory with MNIST IDX files (train-images-idx3-ubyte[.gz], ...); default: the bundled subset.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Samples per local step.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub batch_size: u64,
+    /// Learning rate of the local Adam optimizer.
+    #[arg(long, default_value_t = 1e-3, value_parser = parse_lr)]
+    pub lr: f64,
+    /// Local steps per node (overrides --epochs).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps: Option<u64>,
+    /// Passes over the training set by the whole swarm.
+    #[arg(long, default_value_t = 3.0, value_parser = parse_epochs)]
+    pub epochs: f64,
+    /// Local steps between averaging rounds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub average_every: u64,
+    /// Compute device: cpu, or cuda (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceKind,
+    /// Seed for model initialisation and data order (default: derived from the swarm name; all peers must agree).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Flags of `p2ptrain node`.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Swarm name: only peers with the same name train together.
+    #[arg(long, default_value = "p2ptrain-mnist")]
+    pub swarm: String,
+    /// Address to listen on (repeatable); QUIC only.
+    #[arg(long, value_name = "MULTIADDR", default_value = "/ip4/0.0.0.0/udp/0/quic-v1", value_parser = parse_listen)]
+    pub listen: Vec<Multiaddr>,
+    /// Peer to contact first, e.g. /ip4/203.0.113.5/udp/4001/quic-v1/p2p/12D3Koo... (repeatable).
+    #[arg(long, value_name = "MULTIADDR", value_parser = parse_bootstrap)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Do not discover peers on the local network with mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Identity key file, created if missing, so the peer id survives restarts (default: a new identity each run).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Wait until this many peers (this one included) are in the swarm before training.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub min_peers: u64,
+    /// Give up if --min-peers are not there after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub wait_peers_secs: u64,
+    /// Print progress as JSON event lines on stdout (for scripts and `testnet`).
+    #[arg(long)]
+    pub events: bool,
+    /// Seconds to keep serving peers after training ends, so they can finish the last round.
+    #[arg(long, default_value_t = 3)]
+    pub linger_secs: u64,
+    /// Training settings.
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// Flags of `p2ptrain testnet`.
+#[derive(Debug, Args)]
+pub struct TestnetArgs {
+    /// Number of node processes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub nodes: u64,
+    /// Abort (and exit non-zero) if training takes longer than this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_secs: u64,
+    /// Training settings, passed to every node.
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+fn parse_lr(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if v.is_finite() && v > 0.0 && v < 10.0 {
+        Ok(v)
+    } else {
+        Err(format!("learning rate must be in (0, 10), got {v}"))
+    }
+}
+
+fn parse_epochs(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if v.is_finite() && v > 0.0 && v <= 10_000.0 {
+        Ok(v)
+    } else {
+        Err(format!("epochs must be in (0, 10000], got {v}"))
+    }
+}
+
+fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
+    s.parse::<Multiaddr>().map_err(|e| {
+        format!(
+            "`{s}` is not a valid multiaddr ({e}); expected e.g. /ip4/192.0.2.7/udp/4001/quic-v1"
+        )
+    })
+}
+
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::QuicV1))
+}
+
+fn parse_listen(s: &str) -> Result<Multiaddr, String> {
+    let addr = parse_multiaddr(s)?;
+    if !is_quic(&addr) {
+        return Err(format!("`{s}` is not a QUIC address; p2ptrain listens on QUIC only, e.g. /ip4/0.0.0.0/udp/4001/quic-v1"));
+    }
+    Ok(addr)
+}
+
+fn parse_bootstrap(s: &str) -> Result<Multiaddr, String> {
+    let addr = parse_multiaddr(s)?;
+    if !is_quic(&addr) {
+        return Err(format!(
+            "`{s}` is not a QUIC address (…/udp/PORT/quic-v1/p2p/PEER_ID)"
+        ));
+    }
+    if peer_id_of(&addr).is_none() {
+        return Err(format!(
+            "`{s}` lacks the peer id: append /p2p/PEER_ID as printed by that node at start"
+        ));
+    }
+    Ok(addr)
+}
+
+/// A swarm-wide seed from the swarm name, so peers agree without talking.
+pub fn seed_from_name(name: &str) -> u64 {
+    let h = blake3::hash(name.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// Loads the MNIST data named by `--data`, or the bundled subset.
+pub fn load_data(data: Option<&PathBuf>) -> anyhow::Result<Arc<MnistData>> {
+    let d = match data {
+        Some(dir) => crate::train::data::load_dir(dir)
+            .with_context(|| format!("cannot load MNIST from {}", dir.display()))?,
+        None => {
+            crate::train::data::load_bundled().context("cannot load the bundled MNIST subset")?
+        }
+    };
+    Ok(Arc::new(d))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// The binary's entry point: parses flags, runs, and turns errors into one line and exit code.
+pub fn main_entry() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let rendered = e.render().to_string();
+            let line = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{line} (see `p2ptrain --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Node(args) => run_node(args).await,
+            Command::Testnet(args) => testnet::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let keypair = match &args.key {
+        Some(path) => crate::identity::load_or_create(path)?,
+        None => libp2p::identity::Keypair::generate_ed25519(),
+    };
+    let data = load_data(args.train.data.as_ref())?;
+    let seed = args
+        .train
+        .seed
+        .unwrap_or_else(|| seed_from_name(&args.swarm));
+    let task = build_mnist_task(TaskSpec {
+        model: args.train.model,
+        data,
+        batch_size: args.train.batch_size as usize,
+        lr: args.train.lr,
+        seed,
+        device: args.train.device,
+    })?;
+    let config = NodeConfig {
+        net: NetConfig {
+            swarm: args.swarm.clone(),
+            listen: args.listen.clone(),
+            bootstrap: args.bootstrap.clone(),
+            mdns: !args.no_mdns,
+            request_timeout: Duration::from_secs(60),
+        },
+        min_peers: args.min_peers as usize,
+        wait_for_peers: Duration::from_secs(args.wait_peers_secs),
+        schedule: Schedule {
+            budget: match args.train.steps {
+                Some(s) => Budget::Steps(s),
+                None => Budget::Epochs(args.train.epochs),
+            },
+            average_every: args.train.average_every,
+            samples_per_step: args.train.batch_size,
+        },
+        averaging: AveragingConfig::default(),
+        seed,
+        linger: Duration::from_secs(args.linger_secs),
+    };
+    let reporter: driver::Reporter = if args.events {
+        Box::new(|e: &NodeEvent| {
+            if let Ok(line) = serde_json::to_string(e) {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+        })
+    } else {
+        Box::new(print_human)
+    };
+    driver::run(config, keypair, task, reporter).await?;
+    Ok(())
+}
+
+fn print_human(e: &NodeEvent) {
+    match e {
+        NodeEvent::Listening { peer_id, addrs } => {
+            println!("peer id: {peer_id}");
+            for a in addrs {
+                println!("listening on {a}");
+            }
+        }
+        NodeEvent::Started {
+            peers,
+            shard,
+            total_steps,
+        } => println!(
+            "training with {peers} peer(s): {shard} samples in my shard, {total_steps} steps"
+        ),
+        NodeEvent::Round(r) => println!(
+            "round {:>4}  step {:>6}/{}  peers {:>2}  loss {:.4}  {:>8.0} samples/s  sent {:.1} MB",
+            r.round,
+            r.step,
+            r.total_steps,
+            r.peers,
+            r.loss,
+            r.samples_per_s,
+            r.bytes_sent as f64 / 1e6
+        ),
+        NodeEvent::Finished(f) => {
+            if let Some(acc) = f.test_accuracy {
+                println!(
+                    "finished: test accuracy {:.2}%  test loss {:.4}",
+                    acc * 100.0,
+                    f.test_loss
+                );
+            } else {
+                println!("finished: test loss {:.4}", f.test_loss);
+            }
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! The one loop that joins network, protocol and compute.
+//!
+//! It feeds network events and timer ticks into the sans-IO [`Averager`],
+//! carries out the transmits it returns, and asks the compute thread for
+//! local steps between averaging rounds. Every wait has a deadline: the
+//! averager's own timeouts bound each round, and joining the swarm is bounded
+//! by `wait_for_peers`.
+
+use crate::compute::{Compute, ComputeError, ComputeGone};
+use crate::net::{NetConfig, NetError, NetEvent, NetHandle, Network};
+use crate::task::{Shard, Task};
+use libp2p::{identity::Keypair, Multiaddr, PeerId};
+use p2ptrain_protocol::averaging::{
+    Averager, AveragingConfig, AveragingError, AvgEvent, Destination, RoundOutcome,
+};
+use p2ptrain_protocol::wire::{self, Message, Progress};
+use p2ptrain_protocol::{shards, tensor, NodeId};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+/// How much training a node does before it stops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// This many local optimisation steps on every peer.
+    Steps(u64),
+    /// This many passes over the whole training set by the swarm together.
+    Epochs(f64),
+}
+
+/// When to train and when to average.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    /// When to stop.
+    pub budget: Budget,
+    /// Local steps between averaging rounds.
+    pub average_every: u64,
+    /// Samples one local step consumes (the batch size), to turn epochs into steps.
+    pub samples_per_step: u64,
+}
+
+impl Schedule {
+    /// Local steps each peer takes, given the swarm size and data set size.
+    pub fn total_steps(&self, peers: usize, train_samples: usize) -> u64 {
+        match self.budget {
+            Budget::Steps(s) => s,
+            Budget::Epochs(e) => {
+                let per_peer = e * train_samples as f64 / peers.max(1) as f64;
+                (per_peer / self.samples_per_step.max(1) as f64)
+                    .ceil()
+                    .max(1.0) as u64
+            }
+        }
+    }
+}
+
+/// Everything a node needs to run, apart from its identity and task.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Network settings.
+    pub net: NetConfig,
+    /// Start training only once this many peers (this one included) are in the swarm.
+    pub min_peers: usize,
+    /// Give up if `min_peers` are not there after this long.
+    pub wait_for_peers: Duration,
+    /// Training schedule.
+    pub schedule: Schedule,
+    /// Averaging round deadlines.
+    pub averaging: AveragingConfig,
+    /// Swarm-wide seed for data order.
+    pub seed: u64,
+    /// After the last round, keep answering peers this long so they can finish theirs.
+    pub linger: Duration,
+}
+
+/// Progress reports, in the order they happen. Serialized as JSON event lines.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum NodeEvent {
+    /// The node is up; give these addresses to peers as `--bootstrap`.
+    Listening {
+        /// This node's peer id.
+        peer_id: String,
+        /// Full multiaddrs including `/p2p/PEER_ID`.
+        addrs: Vec<String>,
+    },
+    /// Enough peers are here; training starts.
+    Started {
+        /// Swarm size, this node included.
+        peers: usize,
+        /// Samples in this node's shard.
+        shard: usize,
+        /// Local steps this node will take.
+        total_steps: u64,
+    },
+    /// An averaging round ended.
+    Round(RoundReport),
+    /// Training ended and the final model was evaluated.
+    Finished(FinalReport),
+}
+
+/// Figures of one round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundReport {
+    /// Round number, from 1.
+    pub round: u64,
+    /// Local steps taken so far.
+    pub step: u64,
+    /// Local steps this node takes in total.
+    pub total_steps: u64,
+    /// Members of this round's group (1 means it averaged alone).
+    pub peers: usize,
+    /// Mean training loss of this round's local steps.
+    pub loss: f32,
+    /// Samples trained on so far by this node.
+    pub samples: u64,
+    /// Local training throughput over the run so far.
+    pub samples_per_s: f64,
+    /// Payload bytes this node has sent so far.
+    pub bytes_sent: u64,
+    /// Group members that missed a deadline this round.
+    pub dropped: usize,
+    /// Seconds this round's averaging took.
+    pub averaging_s: f64,
+}
+
+/// Figures of the finished run on one node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinalReport {
+    /// This node's peer id.
+    pub peer_id: String,
+    /// Averaging rounds taken.
+    pub rounds: u64,
+    /// Local steps taken.
+    pub steps: u64,
+    /// Samples trained on by this node.
+    pub samples: u64,
+    /// Held-out accuracy of the final (averaged) model, for classifiers.
+    pub test_accuracy: Option<f32>,
+    /// Held-out loss of the final model.
+    pub test_loss: f32,
+    /// Mean training loss of the last round.
+    pub final_loss: f32,
+    /// Seconds from start to the end of evaluation.
+    pub wall_s: f64,
+    /// Payload bytes this node sent.
+    pub bytes_sent: u64,
+    /// blake3 of the final parameters, hex; equal on peers holding the same model.
+    pub model_digest: String,
+    /// Rounds in which every member of the group contributed to every part.
+    pub complete_rounds: u64,
+}
+
+/// Why a node stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The network could not start.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// Local compute failed.
+    #[error(transparent)]
+    Compute(#[from] ComputeError),
+    /// The averaging state machine refused a round.
+    #[error("averaging: {0}")]
+    Averaging(#[from] AveragingError),
+    /// Not enough peers showed up.
+    #[error("only {have} of the {want} peers needed joined within {waited:?}; check --bootstrap addresses, firewalls, and --swarm names")]
+    NotEnoughPeers {
+        /// Peers present (this one included).
+        have: usize,
+        /// Peers required.
+        want: usize,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The compute thread could not be started.
+    #[error("cannot start the compute thread: {0}")]
+    Spawn(std::io::Error),
+    /// The network event loop ended unexpectedly.
+    #[error("the network event loop stopped unexpectedly")]
+    NetworkStopped,
+}
+
+impl From<ComputeGone> for NodeError {
+    fn from(e: ComputeGone) -> Self {
+        NodeError::Compute(e.into())
+    }
+}
+
+/// Receives a node's progress events (printing them, collecting them in tests, ...).
+pub type Reporter = Box<dyn FnMut(&NodeEvent) + Send>;
+
+/// What woke the driver up.
+enum Wake<T> {
+    Done(T),
+    Net(Option<NetEvent>),
+    Timer,
+}
+
+struct Driver {
+    me: NodeId,
+    net: NetHandle,
+    events: mpsc::Receiver<NetEvent>,
+    averager: Averager,
+    start: Instant,
+    members: BTreeMap<NodeId, PeerId>,
+    members_changed: bool,
+    finished: Option<RoundOutcome>,
+    listen_addrs: Vec<Multiaddr>,
+}
+
+/// Runs a node until its training budget is spent; returns its final report.
+pub async fn run(
+    config: NodeConfig,
+    keypair: Keypair,
+    task: Box<dyn Task>,
+    mut report: Reporter,
+) -> Result<FinalReport, NodeError> {
+    let peer_id = keypair.public().to_peer_id();
+    let span = info_span!("node", peer = %peer_id);
+    async move {
+        let network = Network::start(config.net.clone(), keypair)?;
+        let compute =
+            Compute::spawn(task, format!("compute-{peer_id}")).map_err(NodeError::Spawn)?;
+        let Network { handle, events, .. } = network;
+        let me = NodeId::from_key_bytes(&peer_id.to_bytes());
+        let mut driver = Driver {
+            me,
+            net: handle,
+            events,
+            averager: Averager::new(me, config.averaging.clone()),
+            start: Instant::now(),
+            members: BTreeMap::new(),
+            members_changed: true,
+            finished: None,
+            listen_addrs: Vec::new(),
+        };
+        let result = driver.train(&config, &compute, &mut report).await;
+        if result.is_ok() {
+            driver.linger(config.linger).await;
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+impl Driver {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn swarm_ids(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self.members.keys().copied().collect();
+        ids.push(self.me);
+        ids.sort();
+        ids
+    }
+
+    async fn train(
+        &mut self,
+        config: &NodeConfig,
+        compute: &Compute,
+        report: &mut Reporter,
+    ) -> Result<FinalReport, NodeError> {
+        self.announce_listening(report).await?;
+        self.wait_for_peers(config.min_peers, config.wait_for_peers)
+            .await?;
+        let peers = self.members.len() + 1;
+        let total_steps = config
+            .schedule
+            .total_steps(peers, compute.num_train_samples);
+        let shard = self.reshard(config, compute).await?;
+        info!(peers, shard, total_steps, "training starts");
+        report(&NodeEvent::Started {
+            peers,
+            shard,
+            total_steps,
+        });
+
+        let mut step = 0u64;
+        let mut round = 0u64;
+        let mut samples = 0u64;
+        let mut train_time = Duration::ZERO;
+        let mut last_loss = f32::NAN;
+        let mut complete_rounds = 0u64;
+        while step < total_steps {
+            round += 1;
+            let span = info_span!("round", round);
+            let n = config.schedule.average_every.min(total_steps - step);
+            let t0 = Instant::now();
+            let stats = self
+                .pump(compute.train(n))
+                .instrument(span.clone())
+                .await??;
+            train_time += t0.elapsed();
+            step += n;
+            samples += stats.iter().map(|s| s.samples as u64).sum::<u64>();
+            last_loss = stats.iter().map(|s| s.loss).sum::<f32>() / stats.len().max(1) as f32;
+
+            let t1 = Instant::now();
+            let params = self.pump(compute.params()).await??;
+            let outcome = self.average(round, params).instrument(span.clone()).await?;
+            let averaging_s = t1.elapsed().as_secs_f64();
+            let complete = outcome.group.len() > 1
+                && outcome
+                    .parts
+                    .iter()
+                    .all(|p| p.averaged && p.contributors.len() == outcome.group.len());
+            complete_rounds += u64::from(complete);
+            let group = outcome.group.len();
+            let dropped = outcome.dropped.len();
+            self.pump(compute.set_params(outcome.values)).await??;
+            let r = RoundReport {
+                round,
+                step,
+                total_steps,
+                peers: group,
+                loss: last_loss,
+                samples,
+                samples_per_s: samples as f64 / train_time.as_secs_f64().max(1e-9),
+                bytes_sent: self.net.stats().sent(),
+                dropped,
+                averaging_s,
+            };
+            span.in_scope(|| {
+                info!(
+                    group,
+                    dropped,
+                    loss = last_loss,
+                    averaging_s,
+                    "round finished"
+                )
+            });
+            report(&NodeEvent::Round(r));
+            self.gossip_progress(round, step, last_loss, samples)
+                .await?;
+            if self.members_changed {
+                self.reshard(config, compute).await?;
+            }
+        }
+
+        let eval = self.pump(compute.evaluate()).await??;
+        let params = self.pump(compute.params()).await??;
+        let digest = tensor::digest_f32(&params);
+        let final_report = FinalReport {
+            peer_id: self.net.local_peer_id().to_string(),
+            rounds: round,
+            steps: step,
+            samples,
+            test_accuracy: eval.accuracy,
+            test_loss: eval.loss,
+            final_loss: last_loss,
+            wall_s: self.now().as_secs_f64(),
+            bytes_sent: self.net.stats().sent(),
+            model_digest: hex(&digest),
+            complete_rounds,
+        };
+        info!(accuracy = ?eval.accuracy, test_loss = eval.loss, "training finished");
+        report(&NodeEvent::Finished(final_report.clone()));
+        Ok(final_report)
+    }
+
+    /// Waits for the first listen address and reports it.
+    async fn announce_listening(&mut self, report: &mut Reporter) -> Result<(), NodeError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.listen_addrs.is_empty() {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ev)) => self.on_net_event(ev).await?,
+                Ok(None) => return Err(NodeError::NetworkStopped),
+                Err(_) => {
+                    return Err(NodeError::Net(NetError::Setup(
+                        "no listen address came up within 10 s".into(),
+                    )))
+                }
+            }
+        }
+        // Collect the other interfaces' addresses that arrive right after the first.
+        let settle = tokio::time::Instant::now() + Duration::from_millis(200);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(settle, self.events.recv()).await {
+            self.on_net_event(ev).await?;
+        }
+        report(&NodeEvent::Listening {
+            peer_id: self.net.local_peer_id().to_string(),
+            addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
+        });
+        Ok(())
+    }
+
+    async fn wait_for_peers(&mut self, want: usize, wait: Duration) -> Result<(), NodeError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.members.len() + 1 < want {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(ev)) => self.on_net_event(ev).await?,
+                Ok(None) => return Err(NodeError::NetworkStopped),
+                Err(_) => {
+                    return Err(NodeError::NotEnoughPeers {
+                        have: self.members.len() + 1,
+                        want,
+                        waited: wait,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Recomputes this node's data shard from the current peer set.
+    async fn reshard(
+        &mut self,
+        config: &NodeConfig,
+        compute: &Compute,
+    ) -> Result<usize, NodeError> {
+        let ids = self.swarm_ids();
+        let shard = shards::shard_of(self.me, &ids, compute.num_train_samples as u64);
+        let len = shard.len();
+        let seed = shards::epoch_seed(config.seed, 0, self.me);
+        self.members_changed = false;
+        debug!(peers = ids.len(), shard = len, "data shard assigned");
+        self.pump(compute.set_shard(Shard {
+            indices: shard,
+            seed,
+            peers: ids.len(),
+        }))
+        .await??;
+        Ok(len)
+    }
+
+    /// Runs one averaging round to completion (the averager's deadlines bound it).
+    async fn average(&mut self, round: u64, values: Vec<f32>) -> Result<RoundOutcome, NodeError> {
+        let ids = self.swarm_ids();
+        self.averager.set_peers(&ids);
+        self.averager.start_round(self.now(), round, values)?;
+        self.flush().await?;
+        let mut never = std::pin::pin!(std::future::pending::<()>());
+        loop {
+            if let Some(outcome) = self.finished.take() {
+                if outcome.round == round {
+                    return Ok(outcome);
+                }
+            }
+            self.pump_once(never.as_mut()).await?;
+        }
+    }
+
+    async fn gossip_progress(
+        &mut self,
+        round: u64,
+        step: u64,
+        loss: f32,
+        samples: u64,
+    ) -> Result<(), NodeError> {
+        let msg = Message::Progress(Progress {
+            round,
+            step,
+            loss,
+            samples,
+        });
+        match wire::encode(&msg) {
+            Ok(bytes) => self.net.broadcast(bytes).await?,
+            Err(e) => warn!(error = %e, "cannot encode progress"),
+        }
+        Ok(())
+    }
+
+    /// Keeps serving peers (late retransmits of the last round) for `how_long`.
+    async fn linger(&mut self, how_long: Duration) {
+        let _ = tokio::time::timeout(how_long, async {
+            let _ = self.pump(std::future::pending::<()>()).await;
+        })
+        .await;
+    }
+
+    /// Drives the network and the averager until `fut` completes.
+    async fn pump<F: std::future::Future>(&mut self, fut: F) -> Result<F::Output, NodeError> {
+        tokio::pin!(fut);
+        loop {
+            if let Some(out) = self.pump_once(fut.as_mut()).await? {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Waits for one thing to happen (a network event, an averager deadline,
+    /// or `fut` completing) and handles it.
+    ///
+    /// Only cancel-safe futures are raced (`recv`, `sleep`, `fut`); handling of
+    /// what woke us runs to completion outside the race.
+    async fn pump_once<F: std::future::Future>(
+        &mut self,
+        fut: std::pin::Pin<&mut F>,
+    ) -> Result<Option<F::Output>, NodeError> {
+        let deadline = self
+            .averager
+            .poll_timeout()
+            .map(|t| tokio::time::Instant::from_std(self.start + t));
+        let timer = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let wake = tokio::select! {
+            out = fut => Wake::Done(out),
+            ev = self.events.recv() => Wake::Net(ev),
+            _ = timer => Wake::Timer,
+        };
+        match wake {
+            Wake::Done(out) => return Ok(Some(out)),
+            Wake::Net(Some(ev)) => self.on_net_event(ev).await?,
+            Wake::Net(None) => return Err(NodeError::NetworkStopped),
+            Wake::Timer => {
+                let now = self.now();
+                self.averager.handle_timeout(now);
+            }
+        }
+        self.flush().await?;
+        Ok(None)
+    }
+
+    /// Sends what the averager wants sent and collects its events.
+    async fn flush(&mut self) -> Result<(), NodeError> {
+        while let Some(t) = self.averager.poll_transmit() {
+            let bytes = match wire::encode(&Message::Avg(t.msg)) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "cannot encode an averaging message; dropped");
+                    continue;
+                }
+            };
+            match t.to {
+                Destination::Broadcast => self.net.broadcast(bytes).await?,
+                Destination::Peer(id) => match self.members.get(&id) {
+                    Some(peer) => self.net.send(*peer, bytes).await?,
+                    None => debug!(peer = %id, "transmit to a peer that left; dropped"),
+                },
+            }
+        }
+        while let Some(event) = self.averager.poll_event() {
+            match event {
+                AvgEvent::GroupFormed { round, members } => {
+                    debug!(round, size = members.len(), "group formed")
+                }
+                AvgEvent::Finished(outcome) => self.finished = Some(outcome),
+                AvgEvent::Rejected { from, reason } => {
+                    warn!(peer = %from, %reason, "averaging message rejected")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_net_event(&mut self, event: NetEvent) -> Result<(), NodeError> {
+        match event {
+            NetEvent::Listening(addr) => self.listen_addrs.push(addr),
+            NetEvent::PeerJoined(peer) => {
+                self.members
+                    .insert(NodeId::from_key_bytes(&peer.to_bytes()), peer);
+                self.members_changed = true;
+                let ids = self.swarm_ids();
+                self.averager.set_peers(&ids);
+            }
+            NetEvent::PeerLeft(peer) => {
+                self.members
+                    .remove(&NodeId::from_key_bytes(&peer.to_bytes()));
+                self.members_changed = true;
+                let ids = self.swarm_ids();
+                self.averager.set_peers(&ids);
+            }
+            NetEvent::Message { from, bytes } => {
+                let from_id = NodeId::from_key_bytes(&from.to_bytes());
+                match wire::decode(&bytes) {
+                    Ok(Message::Avg(msg)) => {
+                        let now = self.now();
+                        self.averager.handle_message(now, from_id, msg);
+                    }
+                    Ok(Message::Progress(p)) => {
+                        debug!(peer = %from, round = p.round, loss = p.loss, "peer progress")
+                    }
+                    Err(e) => warn!(peer = %from, error = %e, "malformed message dropped"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

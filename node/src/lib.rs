@@ -1,0 +1,14 @@
+//! The p2ptrain peer: networking, local training and the driver that joins them.
+//!
+//! `protocol` decides; this crate carries out: [`net`] moves bytes between
+//! peers, [`train`] runs burn models, [`compute`] keeps them off the async
+//! runtime, and [`driver`] connects all three.
+
+pub mod cli;
+pub mod compute;
+pub mod driver;
+pub mod identity;
+pub mod net;
+pub mod task;
+pub mod testnet;
+pub mod train;

@@ -1,0 +1,423 @@
+//! The libp2p side of a node: discovery, membership and message transport.
+//!
+//! Follows rust-libp2p's file-sharing example: [`Network::start`] spawns an
+//! event loop that owns the `Swarm`; the driver talks to it through a
+//! cloneable [`NetHandle`] over a bounded channel and receives [`NetEvent`]s
+//! on another bounded channel. The loop knows nothing about training: it
+//! moves opaque, size-limited byte messages and reports who is in the swarm.
+
+mod behaviour;
+pub mod codec;
+
+use behaviour::{Behaviour, BehaviourEvent};
+use futures::StreamExt;
+use libp2p::{
+    gossipsub, identify, identity::Keypair, kad, mdns, multiaddr::Protocol, request_response,
+    swarm::SwarmEvent, Multiaddr, PeerId, Swarm,
+};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// Capacity of the command and event channels between driver and event loop.
+const CHANNEL_CAPACITY: usize = 1024;
+/// How often Kademlia refreshes its view of the swarm.
+const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(30);
+
+/// What a node needs to join the network.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Swarm name; only peers using the same name are members.
+    pub swarm: String,
+    /// Addresses to listen on (QUIC multiaddrs).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to contact first; each must end in `/p2p/PEER_ID`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// How long a direct message may take before it counts as failed.
+    pub request_timeout: Duration,
+}
+
+/// Failures that stop the network from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The swarm could not be built (transport or behaviour setup).
+    #[error("cannot set up libp2p: {0}")]
+    Setup(String),
+    /// A listen address is unusable (wrong protocol or port in use).
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address that failed.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A bootstrap address lacks the peer id needed to authenticate it.
+    #[error(
+        "bootstrap address {0} must end in /p2p/PEER_ID (the id printed by the peer at start)"
+    )]
+    BootstrapWithoutPeerId(Multiaddr),
+    /// The event loop ended, so commands cannot be delivered.
+    #[error("the network event loop has stopped")]
+    Stopped,
+}
+
+/// Traffic counters shared between the event loop and the driver.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Application payload bytes this node sent (direct messages and gossip publishes).
+    pub bytes_sent: AtomicU64,
+    /// Application payload bytes this node received.
+    pub bytes_received: AtomicU64,
+}
+
+impl NetStats {
+    /// Bytes sent so far.
+    pub fn sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+}
+
+/// What the event loop reports to the driver.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// We listen on a new address (print it so others can bootstrap from it).
+    Listening(Multiaddr),
+    /// A peer of our swarm is reachable (connected and subscribed to our topic).
+    PeerJoined(PeerId),
+    /// A member is gone (all connections closed or unsubscribed).
+    PeerLeft(PeerId),
+    /// A message from a member, gossiped or direct, not yet decoded.
+    Message {
+        /// The originator.
+        from: PeerId,
+        /// The encoded wire message.
+        bytes: Vec<u8>,
+    },
+}
+
+enum Command {
+    Broadcast(Vec<u8>),
+    Send { to: PeerId, bytes: Vec<u8> },
+}
+
+/// The driver's way to send through the event loop. Cheap to clone.
+#[derive(Clone)]
+pub struct NetHandle {
+    commands: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+    stats: Arc<NetStats>,
+}
+
+impl NetHandle {
+    /// Gossips `bytes` to every member of the swarm.
+    ///
+    /// Cancel-safe: if the future is dropped before it resolves, nothing was queued.
+    pub async fn broadcast(&self, bytes: Vec<u8>) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Broadcast(bytes))
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// Sends `bytes` to one peer over a QUIC stream.
+    ///
+    /// Cancel-safe like [`NetHandle::broadcast`]. Delivery is best effort:
+    /// the protocol above retransmits what matters.
+    pub async fn send(&self, to: PeerId, bytes: Vec<u8>) -> Result<(), NetError> {
+        self.commands
+            .send(Command::Send { to, bytes })
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+
+    /// This node's libp2p identity.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// Traffic counters.
+    pub fn stats(&self) -> &Arc<NetStats> {
+        &self.stats
+    }
+}
+
+/// The running network: a handle for commands and the event receiver.
+pub struct Network {
+    /// Commands go here.
+    pub handle: NetHandle,
+    /// Events come out here.
+    pub events: mpsc::Receiver<NetEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Network {
+    /// Builds the swarm, starts listening and dialing, and spawns the event loop.
+    pub fn start(config: NetConfig, keypair: Keypair) -> Result<Network, NetError> {
+        for addr in &config.bootstrap {
+            if peer_id_of(addr).is_none() {
+                return Err(NetError::BootstrapWithoutPeerId(addr.clone()));
+            }
+        }
+        let local_peer_id = keypair.public().to_peer_id();
+        let topic = gossipsub::IdentTopic::new(format!("p2ptrain/{}/control/1", config.swarm));
+        let mut swarm = behaviour::build_swarm(&config, keypair, &topic)?;
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        for addr in &config.bootstrap {
+            if let Some(peer) = peer_id_of(addr) {
+                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                if let Err(e) = swarm.dial(addr.clone()) {
+                    warn!(%addr, error = %e, "cannot dial bootstrap peer");
+                }
+            }
+        }
+        let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let stats = Arc::new(NetStats::default());
+        let event_loop = EventLoop {
+            swarm,
+            topic,
+            commands: cmd_rx,
+            events: ev_tx,
+            stats: stats.clone(),
+            members: HashSet::new(),
+            connected: HashMap::new(),
+        };
+        let task = tokio::spawn(event_loop.run());
+        Ok(Network {
+            handle: NetHandle {
+                commands: cmd_tx,
+                local_peer_id,
+                stats,
+            },
+            events: ev_rx,
+            task,
+        })
+    }
+
+    /// Stops the event loop, closing all connections.
+    pub fn shutdown(self) {
+        self.task.abort();
+    }
+}
+
+/// The peer id at the end of a multiaddr, if any.
+pub fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    topic: gossipsub::IdentTopic,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetEvent>,
+    stats: Arc<NetStats>,
+    /// Peers subscribed to our swarm topic.
+    members: HashSet<PeerId>,
+    /// Open connection count per peer.
+    connected: HashMap<PeerId, u32>,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let mut kad_tick = tokio::time::interval(KAD_BOOTSTRAP_EVERY);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => return, // every handle dropped: the node is shutting down
+                },
+                _ = kad_tick.tick() => {
+                    if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+                        debug!(error = %e, "kademlia bootstrap skipped");
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Broadcast(bytes) => {
+                let len = bytes.len() as u64;
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.topic.clone(), bytes)
+                {
+                    Ok(_) => {
+                        // Gossip fans out to each member: count each copy we send.
+                        let copies = self.members.len().max(1) as u64;
+                        self.stats
+                            .bytes_sent
+                            .fetch_add(len * copies, Ordering::Relaxed);
+                    }
+                    Err(e) => debug!(error = %e, "gossip publish dropped"),
+                }
+            }
+            Command::Send { to, bytes } => {
+                self.stats
+                    .bytes_sent
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                self.swarm.behaviour_mut().direct.send_request(&to, bytes);
+            }
+        }
+    }
+
+    /// Forwards an event to the driver. A full channel means the driver is
+    /// stuck; we wait (bounded by the driver's own deadlines) rather than drop
+    /// membership changes.
+    async fn emit(&mut self, event: NetEvent) {
+        if self.events.send(event).await.is_err() {
+            debug!("driver gone; dropping network event");
+        }
+    }
+
+    async fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let local = *self.swarm.local_peer_id();
+                let full = address.with(Protocol::P2p(local));
+                info!(addr = %full, "listening");
+                self.emit(NetEvent::Listening(full)).await;
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                *self.connected.entry(peer_id).or_default() += 1;
+                debug!(peer = %peer_id, "connected");
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    self.connected.remove(&peer_id);
+                    if self.members.remove(&peer_id) {
+                        info!(peer = %peer_id, "member left");
+                        self.emit(NetEvent::PeerLeft(peer_id)).await;
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, error = %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event).await,
+            _ => {}
+        }
+    }
+
+    async fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
+                if topic == self.topic.hash() =>
+            {
+                if self.members.insert(peer_id) {
+                    info!(peer = %peer_id, "member joined");
+                    self.emit(NetEvent::PeerJoined(peer_id)).await;
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic })
+                if topic == self.topic.hash() =>
+            {
+                if self.members.remove(&peer_id) {
+                    self.emit(NetEvent::PeerLeft(peer_id)).await;
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
+                let Some(from) = message.source else {
+                    return;
+                };
+                if !self.members.contains(&from) {
+                    debug!(peer = %from, "gossip from a non-member ignored");
+                    return;
+                }
+                self.stats
+                    .bytes_received
+                    .fetch_add(message.data.len() as u64, Ordering::Relaxed);
+                self.emit(NetEvent::Message {
+                    from,
+                    bytes: message.data,
+                })
+                .await;
+            }
+            BehaviourEvent::Direct(request_response::Event::Message { peer, message, .. }) => {
+                if let request_response::Message::Request {
+                    request, channel, ..
+                } = message
+                {
+                    // Acknowledge receipt; the protocol's own messages carry meaning.
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .direct
+                        .send_response(channel, Vec::new());
+                    if !self.members.contains(&peer) {
+                        debug!(%peer, "direct message from a non-member ignored");
+                        return;
+                    }
+                    self.stats
+                        .bytes_received
+                        .fetch_add(request.len() as u64, Ordering::Relaxed);
+                    self.emit(NetEvent::Message {
+                        from: peer,
+                        bytes: request,
+                    })
+                    .await;
+                }
+            }
+            BehaviourEvent::Direct(request_response::Event::OutboundFailure {
+                peer,
+                error,
+                ..
+            }) => {
+                debug!(%peer, %error, "direct message failed");
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if info.protocol_version != behaviour::PROTOCOL_VERSION {
+                    debug!(peer = %peer_id, version = %info.protocol_version, "not a p2ptrain peer");
+                    return;
+                }
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.connected.contains_key(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
+                // Bootstrapping from one peer teaches us the rest: connect to
+                // every peer Kademlia hears of so gossip reaches the whole swarm.
+                if !self.connected.contains_key(&peer) && peer != *self.swarm.local_peer_id() {
+                    if let Err(e) = self.swarm.dial(peer) {
+                        debug!(%peer, error = %e, "dial of discovered peer failed");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}

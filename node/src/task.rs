@@ -1,0 +1,99 @@
+//! The seam between the network driver and local compute.
+//!
+//! The driver knows nothing about models or backends: it only moves flat
+//! parameter vectors between peers and asks a [`Task`] to take steps. MNIST,
+//! the linear-regression example and future models all plug in here, so the
+//! same averaging path serves every one of them.
+
+/// Errors a local learner can report to the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// A parameter vector from the swarm does not fit this model.
+    #[error("parameter vector has {got} values but the model has {expected}; peers disagree on the model")]
+    ParamLength {
+        /// Values the model holds.
+        expected: usize,
+        /// Values that were offered.
+        got: usize,
+    },
+    /// A parameter vector from the swarm holds NaN or infinity.
+    #[error("parameter vector holds a non-finite value at index {index}")]
+    NonFinite {
+        /// First offending index.
+        index: usize,
+    },
+    /// The shard handed to the task is empty, so no step can be taken.
+    #[error("this peer's data shard is empty: the swarm has more peers than samples")]
+    EmptyShard,
+    /// The backend failed (device lost, out of memory, ...).
+    #[error("compute backend failed: {0}")]
+    Backend(String),
+}
+
+/// One local optimisation step's figures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean training loss over the batch.
+    pub loss: f32,
+    /// Samples the step consumed.
+    pub samples: usize,
+}
+
+/// An evaluation on held-out data.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalStats {
+    /// Mean loss over the held-out set.
+    pub loss: f32,
+    /// Fraction of correct predictions, for classifiers.
+    pub accuracy: Option<f32>,
+    /// Samples evaluated.
+    pub samples: usize,
+}
+
+/// This peer's part of the training set, recomputed when the swarm changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shard {
+    /// Sample indices this peer trains on, sorted.
+    pub indices: Vec<u64>,
+    /// Seed for this peer's sample order.
+    pub seed: u64,
+    /// Peers in the swarm, this one included. Tasks that want the swarm's
+    /// mean gradient to equal the full-data gradient weight their loss by
+    /// `indices.len() * peers / num_train_samples`.
+    pub peers: usize,
+}
+
+/// A local learner the driver can step, read and overwrite.
+///
+/// Implementations own their model, optimizer and data; all of them run on a
+/// dedicated compute thread, never on the async runtime.
+pub trait Task: Send + 'static {
+    /// Length of the flat parameter vector exchanged with peers.
+    fn num_params(&self) -> usize;
+    /// Current parameters, flattened in a fixed, model-defined order.
+    fn params(&self) -> Vec<f32>;
+    /// Replaces the parameters (after averaging); validates length and finiteness first.
+    fn set_params(&mut self, values: &[f32]) -> Result<(), TaskError>;
+    /// Size of the whole training set, so the driver can compute shards.
+    fn num_train_samples(&self) -> usize;
+    /// Restricts training to this peer's shard of the training set.
+    fn set_shard(&mut self, shard: Shard);
+    /// Runs one optimisation step on the next batch of the shard.
+    fn train_step(&mut self) -> Result<StepStats, TaskError>;
+    /// Evaluates the current parameters on the held-out set.
+    fn evaluate(&mut self) -> Result<EvalStats, TaskError>;
+}
+
+/// Checks a parameter vector from the swarm before it touches a model.
+pub fn validate_params(expected: usize, values: &[f32]) -> Result<(), TaskError> {
+    if values.len() != expected {
+        return Err(TaskError::ParamLength {
+            expected,
+            got: values.len(),
+        });
+    }
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(TaskError::NonFinite { index });
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! `p2ptrain testnet`: a whole swarm on this machine, as separate processes.
+//!
+//! Starts N `p2ptrain node` processes on loopback, bootstraps them all from
+//! the first one, follows their JSON event lines, prints one progress line
+//! per round on stderr and a JSON summary on stdout. It is the README's main
+//! command and what the integration tests drive.
+
+use crate::cli::{load_data, TestnetArgs, TrainArgs};
+use crate::driver::{FinalReport, NodeEvent, RoundReport};
+use anyhow::{anyhow, bail, Context};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// The line printed on stdout when the testnet finishes.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Node processes.
+    pub nodes: usize,
+    /// Averaging rounds (the most any node took).
+    pub rounds: u64,
+    /// Samples trained on, summed over nodes.
+    pub samples: u64,
+    /// Mean held-out accuracy of the nodes' final (averaged) models.
+    pub test_accuracy: Option<f32>,
+    /// Lowest held-out accuracy among the nodes.
+    pub test_accuracy_min: Option<f32>,
+    /// Mean held-out loss.
+    pub test_loss: f32,
+    /// Mean training loss of the last round.
+    pub final_loss: f32,
+    /// Seconds from the first spawn to the last node's report.
+    pub wall_s: f64,
+    /// Training samples per second over the whole swarm.
+    pub samples_per_s: f64,
+    /// Payload bytes sent, summed over nodes.
+    pub bytes_sent: u64,
+    /// Whether every node ended with bit-identical parameters.
+    pub models_agree: bool,
+    /// Rounds in which every group member contributed to every part, summed over nodes.
+    pub complete_rounds: u64,
+}
+
+enum Line {
+    Text(usize, String),
+    Eof(usize),
+}
+
+fn train_flags(t: &TrainArgs) -> Vec<String> {
+    let mut v = vec![
+        "--model".into(),
+        t.model.to_string(),
+        "--batch-size".into(),
+        t.batch_size.to_string(),
+        "--lr".into(),
+        t.lr.to_string(),
+        "--epochs".into(),
+        t.epochs.to_string(),
+        "--average-every".into(),
+        t.average_every.to_string(),
+        "--device".into(),
+        t.device.to_string(),
+    ];
+    if let Some(d) = &t.data {
+        v.push("--data".into());
+        v.push(d.display().to_string());
+    }
+    if let Some(s) = t.steps {
+        v.push("--steps".into());
+        v.push(s.to_string());
+    }
+    if let Some(s) = t.seed {
+        v.push("--seed".into());
+        v.push(s.to_string());
+    }
+    v
+}
+
+fn spawn_node(
+    index: usize,
+    swarm: &str,
+    nodes: usize,
+    bootstrap: Option<&str>,
+    train: &[String],
+    lines: mpsc::Sender<Line>,
+) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the p2ptrain executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("node")
+        .args(["--swarm", swarm])
+        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .arg("--no-mdns")
+        .arg("--events")
+        .args(["--min-peers", &nodes.to_string()])
+        .args(train);
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start node {index}"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if lines.send(Line::Text(index, line)).await.is_err() {
+                return;
+            }
+        }
+        let _ = lines.send(Line::Eof(index)).await;
+    });
+    Ok(child)
+}
+
+/// Per-round figures gathered from every node before printing one line.
+#[derive(Default)]
+struct RoundAgg {
+    reports: Vec<RoundReport>,
+}
+
+/// Runs the testnet to completion; prints the summary line on stdout.
+pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
+    let nodes = args.nodes as usize;
+    // Fail fast, once, on unreadable data rather than in N processes.
+    load_data(args.train.data.as_ref())?;
+    let train = train_flags(&args.train);
+    let swarm = format!(
+        "testnet-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+    let (tx, mut rx) = mpsc::channel::<Line>(1024);
+    let mut children: Vec<Child> = Vec::with_capacity(nodes);
+    children.push(spawn_node(0, &swarm, nodes, None, &train, tx.clone())?);
+
+    let mut finals: BTreeMap<usize, FinalReport> = BTreeMap::new();
+    let mut rounds: BTreeMap<u64, RoundAgg> = BTreeMap::new();
+    let mut printed_round = 0u64;
+    let mut closed = vec![false; nodes];
+    loop {
+        let line = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(l)) => l,
+            Ok(None) => bail!("lost all node output"),
+            Err(_) => bail!(
+                "testnet did not finish within {} s (raise --timeout-secs)",
+                args.timeout_secs
+            ),
+        };
+        match line {
+            Line::Text(i, text) => {
+                let event: NodeEvent = match serde_json::from_str(&text) {
+                    Ok(e) => e,
+                    Err(_) => {
+                        eprintln!("[node {i}] {text}");
+                        continue;
+                    }
+                };
+                match event {
+                    NodeEvent::Listening { addrs, .. } if i == 0 => {
+                        let boot = addrs
+                            .iter()
+                            .find(|a| a.contains("/ip4/127.0.0.1/"))
+                            .or(addrs.first())
+                            .ok_or_else(|| anyhow!("node 0 reported no listen address"))?
+                            .clone();
+                        eprintln!(
+                            "testnet: node 0 listening on {boot}; starting {} more",
+                            nodes - 1
+                        );
+                        for j in 1..nodes {
+                            children.push(spawn_node(
+                                j,
+                                &swarm,
+                                nodes,
+                                Some(&boot),
+                                &train,
+                                tx.clone(),
+                            )?);
+                        }
+                    }
+                    NodeEvent::Listening { .. } => {}
+                    NodeEvent::Started {
+                        peers,
+                        shard,
+                        total_steps,
+                    } => {
+                        eprintln!("testnet: node {i} training with {peers} peers, shard {shard}, {total_steps} steps");
+                    }
+                    NodeEvent::Round(r) => {
+                        let round = r.round;
+                        rounds.entry(round).or_default().reports.push(r);
+                        let live = nodes - finals.len();
+                        while let Some(agg) = rounds.get(&(printed_round + 1)) {
+                            if agg.reports.len() < live {
+                                break;
+                            }
+                            printed_round += 1;
+                            print_round(printed_round, agg, started);
+                            rounds.remove(&printed_round);
+                        }
+                    }
+                    NodeEvent::Finished(f) => {
+                        finals.insert(i, f);
+                    }
+                }
+            }
+            Line::Eof(i) => {
+                closed[i] = true;
+                let status = children[i].wait().await.context("cannot wait for node")?;
+                if !status.success() || !finals.contains_key(&i) {
+                    bail!("node {i} exited with {status} before finishing (see its log above)");
+                }
+                if closed.iter().all(|c| *c) {
+                    break;
+                }
+            }
+        }
+    }
+    let summary = summarize(nodes, &finals, started.elapsed());
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+fn print_round(round: u64, agg: &RoundAgg, started: Instant) {
+    let n = agg.reports.len().max(1) as f32;
+    let loss = agg.reports.iter().map(|r| r.loss).sum::<f32>() / n;
+    let peers = agg.reports.iter().map(|r| r.peers).max().unwrap_or(0);
+    let sps: f64 = agg.reports.iter().map(|r| r.samples_per_s).sum();
+    let sent: u64 = agg.reports.iter().map(|r| r.bytes_sent).sum();
+    let total = agg.reports.first().map(|r| r.total_steps).unwrap_or(0);
+    let step = agg.reports.first().map(|r| r.step).unwrap_or(0);
+    eprintln!(
+        "round {round:>4}  step {step:>6}/{total}  peers {peers:>2}  loss {loss:.4}  {sps:>8.0} samples/s  sent {:>8.1} MB  {:>6.1} s",
+        sent as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn summarize(nodes: usize, finals: &BTreeMap<usize, FinalReport>, wall: Duration) -> Summary {
+    let n = finals.len().max(1) as f32;
+    let accs: Vec<f32> = finals.values().filter_map(|f| f.test_accuracy).collect();
+    let samples: u64 = finals.values().map(|f| f.samples).sum();
+    let first_digest = finals.values().next().map(|f| f.model_digest.clone());
+    Summary {
+        nodes,
+        rounds: finals.values().map(|f| f.rounds).max().unwrap_or(0),
+        samples,
+        test_accuracy: (!accs.is_empty()).then(|| accs.iter().sum::<f32>() / accs.len() as f32),
+        test_accuracy_min: accs.iter().copied().reduce(f32::min),
+        test_loss: finals.values().map(|f| f.test_loss).sum::<f32>() / n,
+        final_loss: finals.values().map(|f| f.final_loss).sum::<f32>() / n,
+        wall_s: wall.as_secs_f64(),
+        samples_per_s: samples as f64 / wall.as_secs_f64().max(1e-9),
+        bytes_sent: finals.values().map(|f| f.bytes_sent).sum(),
+        models_agree: finals
+            .values()
+            .all(|f| Some(&f.model_digest) == first_digest.as_ref()),
+        complete_rounds: finals.values().map(|f| f.complete_rounds).sum(),
+    }
+}

@@ -1,0 +1,204 @@
+//! The one place that names concrete burn backends.
+//!
+//! Everything else in `train` is generic over `Backend`; this module turns a
+//! [`TaskSpec`] (what the user asked for) into a running `Box<dyn Task>`:
+//! ndarray on the CPU, or CUDA when the crate's `cuda` feature is on.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use super::data::MnistData;
+use super::mnist::{check_settings, MnistTask};
+use super::model::ModelKind;
+use super::TrainError;
+use crate::task::Task;
+
+/// The CPU training backend: burn's ndarray backend with autodiff.
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::NdArray>;
+
+/// The CUDA training backend (only with the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub type CudaBackend = burn::backend::Autodiff<burn::backend::Cuda>;
+
+/// Where local training runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DeviceKind {
+    /// The CPU through ndarray; always available.
+    #[default]
+    Cpu,
+    /// The first NVIDIA GPU; needs a binary built with `--features cuda`.
+    Cuda,
+}
+
+impl DeviceKind {
+    /// Every device kind, in the order help texts list them.
+    pub const ALL: [DeviceKind; 2] = [DeviceKind::Cpu, DeviceKind::Cuda];
+
+    /// The name used on the command line and in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this binary can run on this kind of device at all.
+    pub fn compiled_in(self) -> bool {
+        match self {
+            DeviceKind::Cpu => true,
+            DeviceKind::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DeviceKind {
+    type Err = TrainError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().to_ascii_lowercase();
+        DeviceKind::ALL
+            .into_iter()
+            .find(|k| k.name() == wanted)
+            .ok_or_else(|| {
+                TrainError::InvalidSetting(format!(
+                    "unknown device {s:?}; valid devices are: cpu, cuda"
+                ))
+            })
+    }
+}
+
+/// Everything needed to build an MNIST learner; peers of one swarm must agree
+/// on `model` and `seed` (they fix the parameter layout and initial values).
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    /// Which network.
+    pub model: ModelKind,
+    /// The data set, shared so several in-process peers hold one copy.
+    pub data: Arc<MnistData>,
+    /// Samples per local step.
+    pub batch_size: usize,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// Seed of the initial weights and of the default shuffle.
+    pub seed: u64,
+    /// Where to run.
+    pub device: DeviceKind,
+}
+
+/// Builds the learner `spec` describes on the requested device, checking the
+/// settings first and turning a missing GPU or driver into a [`TrainError`].
+pub fn build_mnist_task(spec: TaskSpec) -> Result<Box<dyn Task>, TrainError> {
+    check_settings(spec.batch_size, spec.lr)?;
+    match spec.device {
+        DeviceKind::Cpu => {
+            let device = burn::backend::ndarray::NdArrayDevice::Cpu;
+            let task = MnistTask::<CpuBackend>::new(
+                spec.model,
+                spec.data,
+                spec.batch_size,
+                spec.lr,
+                spec.seed,
+                &device,
+            )?;
+            Ok(Box::new(task))
+        }
+        DeviceKind::Cuda => build_cuda(spec),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn build_cuda(spec: TaskSpec) -> Result<Box<dyn Task>, TrainError> {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    // burn panics when it cannot load the CUDA library or find a device, on the
+    // first use rather than when the device value is made: build the model and
+    // run one forward pass inside the guard so that failure surfaces here.
+    let built = catch_unwind(AssertUnwindSafe(
+        || -> Result<MnistTask<CudaBackend>, TrainError> {
+            let device = burn::backend::cuda::CudaDevice::default();
+            let task = MnistTask::<CudaBackend>::new(
+                spec.model,
+                spec.data,
+                spec.batch_size,
+                spec.lr,
+                spec.seed,
+                &device,
+            )?;
+            task.probe()
+                .map_err(|e| TrainError::CudaUnavailable(e.to_string()))?;
+            Ok(task)
+        },
+    ));
+    match built {
+        Ok(task) => Ok(Box::new(task?)),
+        Err(payload) => Err(TrainError::CudaUnavailable(super::panic_message(&*payload))),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn build_cuda(_spec: TaskSpec) -> Result<Box<dyn Task>, TrainError> {
+    Err(TrainError::CudaNotCompiled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::data::load_bundled;
+
+    fn spec(device: DeviceKind) -> TaskSpec {
+        TaskSpec {
+            model: ModelKind::Mlp,
+            data: Arc::new(load_bundled().unwrap()),
+            batch_size: 16,
+            lr: 1e-3,
+            seed: 9,
+            device,
+        }
+    }
+
+    #[test]
+    fn device_kind_parses_and_prints() {
+        assert_eq!("cpu".parse::<DeviceKind>().unwrap(), DeviceKind::Cpu);
+        assert_eq!("CUDA".parse::<DeviceKind>().unwrap(), DeviceKind::Cuda);
+        assert_eq!(DeviceKind::Cuda.to_string(), "cuda");
+        let msg = "tpu".parse::<DeviceKind>().unwrap_err().to_string();
+        assert!(msg.contains("tpu") && msg.contains("cpu, cuda"), "{msg}");
+    }
+
+    #[test]
+    fn builds_a_cpu_task_that_steps() {
+        let mut task = build_mnist_task(spec(DeviceKind::Cpu)).unwrap();
+        assert_eq!(task.num_train_samples(), 10_000);
+        let step = task.train_step().unwrap();
+        assert_eq!(step.samples, 16);
+        assert!(step.loss.is_finite());
+    }
+
+    #[test]
+    fn rejects_bad_settings_before_touching_a_device() {
+        let mut s = spec(DeviceKind::Cuda);
+        s.batch_size = 0;
+        let msg = build_mnist_task(s).err().unwrap().to_string();
+        assert!(msg.contains("batch size"), "{msg}");
+        let mut s = spec(DeviceKind::Cpu);
+        s.lr = f64::INFINITY;
+        assert!(build_mnist_task(s).is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_rebuild() {
+        let msg = build_mnist_task(spec(DeviceKind::Cuda))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("--features cuda"), "{msg}");
+    }
+}

@@ -1,0 +1,385 @@
+//! The butterfly all-reduce inside a formed group: member k reduces part k.
+
+use super::config::AveragingConfig;
+use super::outcome::{Destination, Outbox, PartOutcome, RoundOutcome};
+use super::AvgMessage;
+use crate::tensor::{split_ranges, Payload};
+use crate::NodeId;
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::time::Duration;
+
+/// A finished part: its mean and whose values went into it.
+#[derive(Debug)]
+struct PartResult {
+    contributors: Vec<NodeId>,
+    values: Vec<f32>,
+}
+
+/// The part we reduced in the last finished round, kept so a member whose `Reduced` got lost
+/// and who keeps re-sending its `Part` still gets an answer.
+#[derive(Debug)]
+pub(crate) struct LastReduced {
+    round: u64,
+    group: Vec<NodeId>,
+    part: u32,
+    msg: AvgMessage,
+}
+
+impl LastReduced {
+    /// Answers a late `Part` of that round from one of its members with the stored result.
+    pub(crate) fn reack(&self, round: u64, from: NodeId, part: u32, out: &mut Outbox) {
+        if round == self.round && part == self.part && self.group.binary_search(&from).is_ok() {
+            out.send(Destination::Peer(from), self.msg.clone());
+        }
+    }
+}
+
+/// One member's view of a group all-reduce.
+#[derive(Debug)]
+pub(crate) struct AllReduce {
+    round: u64,
+    group: Vec<NodeId>,
+    me_idx: usize,
+    ranges: Vec<Range<usize>>,
+    local: Vec<f32>,
+    /// Our `Part` payload per part, until that part's `Reduced` arrives (ack).
+    outgoing: Vec<Option<Payload>>,
+    /// Contributions to our part, by member index.
+    contributions: Vec<Option<Vec<f32>>>,
+    results: Vec<Option<PartResult>>,
+    /// Our `Reduced` message once our part is done.
+    reduced: Option<AvgMessage>,
+    reducer_deadline: Duration,
+    deadline: Duration,
+    next_retransmit: Duration,
+}
+
+impl AllReduce {
+    /// Enters the all-reduce at `now` as member `me_idx` of `group` (ascending), sending our
+    /// values of every other part to its reducer.
+    pub(crate) fn start(
+        round: u64,
+        group: Vec<NodeId>,
+        me_idx: usize,
+        local: Vec<f32>,
+        now: Duration,
+        cfg: &AveragingConfig,
+        out: &mut Outbox,
+    ) -> Self {
+        let n = group.len();
+        let ranges = split_ranges(local.len(), n);
+        let mut outgoing = vec![None; n];
+        let mut contributions = vec![None; n];
+        for (j, range) in ranges.iter().enumerate() {
+            let values = local.get(range.clone()).unwrap_or_default();
+            if j == me_idx {
+                contributions[j] = Some(values.to_vec());
+                continue;
+            }
+            let payload = Payload::from_f32(values);
+            out.send(
+                Destination::Peer(group[j]),
+                AvgMessage::Part {
+                    round,
+                    part: j as u32,
+                    payload: payload.clone(),
+                },
+            );
+            outgoing[j] = Some(payload);
+        }
+        AllReduce {
+            round,
+            results: (0..n).map(|_| None).collect(),
+            group,
+            me_idx,
+            ranges,
+            local,
+            outgoing,
+            contributions,
+            reduced: None,
+            reducer_deadline: now.saturating_add(cfg.reducer_wait()),
+            deadline: now.saturating_add(cfg.reduce_timeout),
+            next_retransmit: now.saturating_add(cfg.retry()),
+        }
+    }
+
+    /// The round being reduced.
+    pub(crate) fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// The expected number of values in part `j`.
+    fn part_len(&self, j: usize) -> usize {
+        self.ranges.get(j).map_or(0, |r| r.len())
+    }
+
+    /// A member's values for our part.
+    pub(crate) fn on_part(&mut self, from: NodeId, part: u32, payload: &Payload, out: &mut Outbox) {
+        let round = self.round;
+        let Ok(idx) = self.group.binary_search(&from) else {
+            out.reject(from, format!("Part for round {round} from a non-member"));
+            return;
+        };
+        if part as usize != self.me_idx {
+            out.reject(
+                from,
+                format!(
+                    "Part {part} for round {round} sent to us, but we reduce part {}",
+                    self.me_idx
+                ),
+            );
+            return;
+        }
+        if let Some(msg) = &self.reduced {
+            // Already reduced: a repeat means our Reduced was lost; answer it again.
+            out.send(Destination::Peer(from), msg.clone());
+            return;
+        }
+        if self.contributions.get(idx).is_some_and(Option::is_some) {
+            return; // duplicate: the first contribution wins
+        }
+        let values = match payload.decode() {
+            Ok(v) => v,
+            Err(e) => {
+                out.reject(from, format!("Part {part} for round {round}: {e}"));
+                return;
+            }
+        };
+        let want = self.part_len(self.me_idx);
+        if values.len() != want {
+            out.reject(
+                from,
+                format!(
+                    "Part {part} for round {round} has {} values, the part has {want}",
+                    values.len()
+                ),
+            );
+            return;
+        }
+        if let Some(slot) = self.contributions.get_mut(idx) {
+            *slot = Some(values);
+        }
+        if self.contributions.iter().all(Option::is_some) {
+            self.reduce_own(out);
+        }
+    }
+
+    /// A reducer's result for its part.
+    pub(crate) fn on_reduced(
+        &mut self,
+        from: NodeId,
+        part: u32,
+        contributors: Vec<NodeId>,
+        payload: &Payload,
+        out: &mut Outbox,
+    ) {
+        let round = self.round;
+        let j = part as usize;
+        let Some(&reducer) = self.group.get(j) else {
+            out.reject(
+                from,
+                format!(
+                    "Reduced part {part} for round {round}, but the group has {} parts",
+                    self.group.len()
+                ),
+            );
+            return;
+        };
+        if reducer != from {
+            out.reject(
+                from,
+                format!(
+                    "Reduced part {part} for round {round}, but that part's reducer is {reducer}"
+                ),
+            );
+            return;
+        }
+        if j == self.me_idx {
+            out.reject(
+                from,
+                format!("Reduced part {part} for round {round}, which we reduce"),
+            );
+            return;
+        }
+        if self.results.get(j).is_some_and(Option::is_some) {
+            return; // duplicate
+        }
+        if let Some(stranger) = contributors
+            .iter()
+            .find(|c| self.group.binary_search(c).is_err())
+        {
+            out.reject(
+                from,
+                format!("Reduced part {part} for round {round} lists non-member {stranger}"),
+            );
+            return;
+        }
+        if contributors.binary_search(&from).is_err() {
+            out.reject(
+                from,
+                format!("Reduced part {part} for round {round} omits its own reducer"),
+            );
+            return;
+        }
+        let values = match payload.decode() {
+            Ok(v) => v,
+            Err(e) => {
+                out.reject(from, format!("Reduced part {part} for round {round}: {e}"));
+                return;
+            }
+        };
+        let want = self.part_len(j);
+        if values.len() != want {
+            out.reject(
+                from,
+                format!(
+                    "Reduced part {part} for round {round} has {} values, the part has {want}",
+                    values.len()
+                ),
+            );
+            return;
+        }
+        if let Some(slot) = self.results.get_mut(j) {
+            *slot = Some(PartResult {
+                contributors,
+                values,
+            });
+        }
+        if let Some(slot) = self.outgoing.get_mut(j) {
+            *slot = None; // acknowledged
+        }
+    }
+
+    /// Averages the contributions we have into our part and sends the result to every other
+    /// member. The sum runs in f64 in member (ascending id) order, then divides and casts to
+    /// f32, so every peer can recompute it bit for bit.
+    fn reduce_own(&mut self, out: &mut Outbox) {
+        let len = self.part_len(self.me_idx);
+        let mut sum = vec![0f64; len];
+        let mut contributors = Vec::new();
+        for (member, contribution) in self.group.iter().zip(&self.contributions) {
+            if let Some(values) = contribution {
+                contributors.push(*member);
+                for (s, v) in sum.iter_mut().zip(values) {
+                    *s += f64::from(*v);
+                }
+            }
+        }
+        let count = contributors.len().max(1) as f64;
+        let mean: Vec<f32> = sum.iter().map(|s| (s / count) as f32).collect();
+        let msg = AvgMessage::Reduced {
+            round: self.round,
+            part: self.me_idx as u32,
+            contributors: contributors.clone(),
+            payload: Payload::from_f32(&mean),
+        };
+        for (j, member) in self.group.iter().enumerate() {
+            if j != self.me_idx {
+                out.send(Destination::Peer(*member), msg.clone());
+            }
+        }
+        self.contributions = Vec::new();
+        if let Some(slot) = self.results.get_mut(self.me_idx) {
+            *slot = Some(PartResult {
+                contributors,
+                values: mean,
+            });
+        }
+        self.reduced = Some(msg);
+    }
+
+    /// Re-sends unacknowledged parts and reduces our part at its deadline.
+    pub(crate) fn on_timeout(&mut self, now: Duration, cfg: &AveragingConfig, out: &mut Outbox) {
+        if self.reduced.is_none() && now >= self.reducer_deadline {
+            self.reduce_own(out);
+        }
+        if now >= self.next_retransmit {
+            self.next_retransmit = now.saturating_add(cfg.retry());
+            if now < self.deadline {
+                for (j, payload) in self.outgoing.iter().enumerate() {
+                    if let (Some(payload), Some(member)) = (payload, self.group.get(j)) {
+                        out.send(
+                            Destination::Peer(*member),
+                            AvgMessage::Part {
+                                round: self.round,
+                                part: j as u32,
+                                payload: payload.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the round is over: every part has its result, or the deadline passed.
+    pub(crate) fn is_complete(&self, now: Duration) -> bool {
+        now >= self.deadline || self.results.iter().all(Option::is_some)
+    }
+
+    /// The earliest time something can happen.
+    pub(crate) fn next_timeout(&self) -> Duration {
+        let mut t = self.deadline;
+        if self.reduced.is_none() {
+            t = t.min(self.reducer_deadline);
+        }
+        if self.outgoing.iter().any(Option::is_some) {
+            t = t.min(self.next_retransmit);
+        }
+        t
+    }
+
+    /// Assembles the round's outcome (averaged parts replaced, the rest local) and what to
+    /// keep for late re-acks.
+    pub(crate) fn finish(self) -> (RoundOutcome, Option<LastReduced>) {
+        let me = self.group[self.me_idx];
+        let mut values = self.local;
+        let mut parts = Vec::with_capacity(self.ranges.len());
+        let mut dropped = BTreeSet::new();
+        for ((range, result), reducer) in self.ranges.iter().zip(self.results).zip(&self.group) {
+            match result {
+                Some(result) => {
+                    if let Some(dst) = values.get_mut(range.clone()) {
+                        if dst.len() == result.values.len() {
+                            dst.copy_from_slice(&result.values);
+                        }
+                    }
+                    dropped.extend(
+                        self.group
+                            .iter()
+                            .filter(|m| result.contributors.binary_search(m).is_err()),
+                    );
+                    parts.push(PartOutcome {
+                        range: range.clone(),
+                        contributors: result.contributors,
+                        averaged: true,
+                    });
+                }
+                None => {
+                    dropped.insert(*reducer);
+                    parts.push(PartOutcome {
+                        range: range.clone(),
+                        contributors: vec![me],
+                        averaged: false,
+                    });
+                }
+            }
+        }
+        dropped.remove(&me);
+        let last = self.reduced.map(|msg| LastReduced {
+            round: self.round,
+            group: self.group.clone(),
+            part: self.me_idx as u32,
+            msg,
+        });
+        let outcome = RoundOutcome {
+            round: self.round,
+            group: self.group,
+            values,
+            parts,
+            dropped: dropped.into_iter().collect(),
+        };
+        (outcome, last)
+    }
+}

@@ -1,0 +1,95 @@
+//! Timeouts, group size and the hard limits of an averaging round.
+
+use std::time::Duration;
+
+/// Most members a group may have; also bounds every id list and part index on the wire and
+/// the joiners buffered per round.
+pub const MAX_GROUP_MEMBERS: usize = 1024;
+
+/// Longest vector (in values) a round may average: a part must fit a payload's `u32` length.
+pub const MAX_VECTOR_LEN: u64 = u32::MAX as u64;
+
+/// How far past our current (or last finished) round a `Join` may be and still be buffered.
+pub const MAX_ROUNDS_AHEAD: u64 = 4;
+
+/// How many future rounds' `Join`s are buffered at once.
+pub const MAX_BUFFERED_ROUNDS: usize = 4;
+
+/// Shortest retry interval actually used, so a zero setting cannot spin the driver.
+const MIN_RETRY: Duration = Duration::from_millis(1);
+
+/// Timing and size knobs of an averaging round. All times are relative; the state machine
+/// adds them to the `now` values it is given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AveragingConfig {
+    /// How long the leader waits for `Join`s before closing the group (it closes earlier when
+    /// every peer of its live view has joined).
+    pub join_window: Duration,
+    /// How long, after the join window, a non-leader waits for a `Group` before finishing
+    /// the round alone.
+    pub group_timeout: Duration,
+    /// How long after group formation the all-reduce may take; silent members are dropped
+    /// at this deadline instead of being waited for.
+    pub reduce_timeout: Duration,
+    /// How often `Join` and unacknowledged `Part`s are re-sent (at least 1 ms is used).
+    pub retry_interval: Duration,
+    /// Largest group the leader forms (clamped to `1..=MAX_GROUP_MEMBERS`).
+    pub max_group_size: usize,
+}
+
+impl Default for AveragingConfig {
+    /// Values for peers on one LAN or a decent WAN: 2 s to gather, 5 s more to hear from the
+    /// leader, 10 s for the all-reduce, retries every 500 ms, groups of up to 64.
+    fn default() -> Self {
+        AveragingConfig {
+            join_window: Duration::from_secs(2),
+            group_timeout: Duration::from_secs(5),
+            reduce_timeout: Duration::from_secs(10),
+            retry_interval: Duration::from_millis(500),
+            max_group_size: 64,
+        }
+    }
+}
+
+impl AveragingConfig {
+    /// The retry interval actually used.
+    pub(crate) fn retry(&self) -> Duration {
+        self.retry_interval.max(MIN_RETRY)
+    }
+
+    /// The group size limit actually used.
+    pub(crate) fn group_limit(&self) -> usize {
+        self.max_group_size.clamp(1, MAX_GROUP_MEMBERS)
+    }
+
+    /// When, after group formation, a reducer stops waiting for contributions: three
+    /// quarters of the reduce timeout, leaving the last quarter for `Reduced` to travel.
+    pub(crate) fn reducer_wait(&self) -> Duration {
+        self.reduce_timeout - self.reduce_timeout / 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_values_are_clamped() {
+        let cfg = AveragingConfig {
+            retry_interval: Duration::ZERO,
+            max_group_size: 0,
+            reduce_timeout: Duration::from_secs(8),
+            ..AveragingConfig::default()
+        };
+        assert_eq!(cfg.retry(), MIN_RETRY);
+        assert_eq!(cfg.group_limit(), 1);
+        assert_eq!(cfg.reducer_wait(), Duration::from_secs(6));
+        let cfg = AveragingConfig {
+            max_group_size: usize::MAX,
+            reduce_timeout: Duration::MAX,
+            ..AveragingConfig::default()
+        };
+        assert_eq!(cfg.group_limit(), MAX_GROUP_MEMBERS);
+        assert!(cfg.reducer_wait() < Duration::MAX);
+    }
+}

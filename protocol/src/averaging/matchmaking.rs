@@ -1,0 +1,276 @@
+//! Matchmaking: who joined a round, who leads it, when the group closes, and the bounded
+//! buffer of `Join`s for rounds we have not started yet.
+
+use super::config::{AveragingConfig, MAX_BUFFERED_ROUNDS, MAX_GROUP_MEMBERS, MAX_ROUNDS_AHEAD};
+use crate::NodeId;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// `Join`s received for rounds we have not started, so a peer that is a little behind still
+/// counts everyone who was ready before it. Bounded in rounds and senders.
+#[derive(Debug, Default)]
+pub(crate) struct JoinBuffer {
+    rounds: BTreeMap<u64, BTreeMap<NodeId, u64>>,
+}
+
+impl JoinBuffer {
+    /// Records that `from` is ready for `round` with a vector of `len` values. `base` is our
+    /// current or last finished round, if any. Errors explain why the join was dropped.
+    pub(crate) fn insert(
+        &mut self,
+        base: Option<u64>,
+        round: u64,
+        from: NodeId,
+        len: u64,
+    ) -> Result<(), String> {
+        if let Some(base) = base {
+            if round > base.saturating_add(MAX_ROUNDS_AHEAD) {
+                return Err(format!(
+                    "Join for round {round} is more than {MAX_ROUNDS_AHEAD} rounds ahead of our \
+                     round {base}; dropped"
+                ));
+            }
+        }
+        if !self.rounds.contains_key(&round) && self.rounds.len() >= MAX_BUFFERED_ROUNDS {
+            // Keep the nearest rounds: they are the ones we will start next.
+            match self.rounds.last_key_value() {
+                Some((&highest, _)) if round < highest => {
+                    self.rounds.remove(&highest);
+                }
+                _ => {
+                    return Err(format!(
+                        "Join for round {round} dropped: already buffering {MAX_BUFFERED_ROUNDS} \
+                         nearer future rounds"
+                    ))
+                }
+            }
+        }
+        let senders = self.rounds.entry(round).or_default();
+        if senders.contains_key(&from) {
+            return Ok(());
+        }
+        if senders.len() >= MAX_GROUP_MEMBERS {
+            return Err(format!(
+                "Join for round {round} dropped: already {MAX_GROUP_MEMBERS} peers buffered"
+            ));
+        }
+        senders.insert(from, len);
+        Ok(())
+    }
+
+    /// Removes and returns the joiners of `round`, forgetting every round up to it.
+    pub(crate) fn take(&mut self, round: u64) -> BTreeMap<NodeId, u64> {
+        let joiners = self.rounds.remove(&round).unwrap_or_default();
+        self.forget_through(round);
+        joiners
+    }
+
+    /// Forgets every round up to and including `round`.
+    pub(crate) fn forget_through(&mut self, round: u64) {
+        self.rounds.retain(|&r, _| r > round);
+    }
+
+    /// Number of buffered rounds (for tests).
+    #[cfg(test)]
+    pub(crate) fn rounds(&self) -> usize {
+        self.rounds.len()
+    }
+}
+
+/// A round in matchmaking: our vector, who has joined, and the timers.
+#[derive(Debug)]
+pub(crate) struct Matchmaking {
+    /// The round.
+    pub(crate) round: u64,
+    /// Our vector length.
+    pub(crate) len: u64,
+    /// Our values, handed to the all-reduce once a group forms.
+    pub(crate) values: Vec<f32>,
+    started: Duration,
+    joined: BTreeSet<NodeId>,
+    next_join: Duration,
+}
+
+impl Matchmaking {
+    /// Starts matchmaking at `now` (the caller broadcasts the first `Join`).
+    pub(crate) fn new(round: u64, values: Vec<f32>, now: Duration, cfg: &AveragingConfig) -> Self {
+        Matchmaking {
+            round,
+            len: values.len() as u64,
+            values,
+            started: now,
+            joined: BTreeSet::new(),
+            next_join: now.saturating_add(cfg.retry()),
+        }
+    }
+
+    /// Counts `from` as joined if its vector length matches ours.
+    pub(crate) fn add_joiner(&mut self, me: NodeId, from: NodeId, len: u64) -> Result<(), String> {
+        if len != self.len {
+            return Err(format!(
+                "Join for round {} with {len} values, ours has {}; not averaging different models",
+                self.round, self.len
+            ));
+        }
+        if from == me || self.joined.contains(&from) {
+            return Ok(());
+        }
+        if self.joined.len() >= MAX_GROUP_MEMBERS {
+            return Err(format!(
+                "Join for round {} dropped: already {MAX_GROUP_MEMBERS} joiners",
+                self.round
+            ));
+        }
+        self.joined.insert(from);
+        Ok(())
+    }
+
+    /// The smallest id among us and the peers that joined with our length.
+    pub(crate) fn leader(&self, me: NodeId) -> NodeId {
+        self.joined.first().map_or(me, |&first| first.min(me))
+    }
+
+    /// When the leader closes the group at the latest.
+    pub(crate) fn close_at(&self, cfg: &AveragingConfig) -> Duration {
+        self.started.saturating_add(cfg.join_window)
+    }
+
+    /// When a non-leader stops waiting for a `Group` and finishes alone.
+    pub(crate) fn give_up_at(&self, cfg: &AveragingConfig) -> Duration {
+        self.close_at(cfg).saturating_add(cfg.group_timeout)
+    }
+
+    /// Whether we lead and may close now: every live peer joined, or the window is over.
+    pub(crate) fn should_close(
+        &self,
+        me: NodeId,
+        peers: &BTreeSet<NodeId>,
+        now: Duration,
+        cfg: &AveragingConfig,
+    ) -> bool {
+        self.leader(me) == me
+            && (now >= self.close_at(cfg) || peers.iter().all(|p| self.joined.contains(p)))
+    }
+
+    /// The group the leader (`me`) forms: us and the joiners, ascending, at most `limit`
+    /// (the smallest ids, so the leader is always in).
+    pub(crate) fn members(&self, me: NodeId, limit: usize) -> Vec<NodeId> {
+        let mut members: Vec<NodeId> = self.joined.iter().copied().collect();
+        members.push(me);
+        members.sort_unstable();
+        members.dedup();
+        members.truncate(limit.max(1));
+        members
+    }
+
+    /// Re-arms and reports the periodic `Join` re-broadcast if it is due.
+    pub(crate) fn rebroadcast_due(&mut self, now: Duration, cfg: &AveragingConfig) -> bool {
+        if now < self.next_join {
+            return false;
+        }
+        self.next_join = now.saturating_add(cfg.retry());
+        true
+    }
+
+    /// The earliest time something can happen in matchmaking.
+    pub(crate) fn next_timeout(&self, me: NodeId, cfg: &AveragingConfig) -> Duration {
+        let mut t = self.next_join.min(self.give_up_at(cfg));
+        if self.leader(me) == me {
+            t = t.min(self.close_at(cfg));
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    #[test]
+    fn buffer_limits_rounds_ahead_and_keeps_the_nearest_rounds() {
+        let mut buf = JoinBuffer::default();
+        assert!(
+            buf.insert(Some(10), 15, id(1), 4).is_err(),
+            "5 rounds ahead"
+        );
+        assert!(buf.insert(Some(10), 14, id(1), 4).is_ok());
+        // Fresh node (no base): any round, but at most MAX_BUFFERED_ROUNDS of them.
+        let mut buf = JoinBuffer::default();
+        for r in [100, 200, 300, 400] {
+            assert!(buf.insert(None, r, id(1), 4).is_ok());
+        }
+        assert!(
+            buf.insert(None, 500, id(1), 4).is_err(),
+            "beyond the nearest 4"
+        );
+        assert!(
+            buf.insert(None, 50, id(1), 4).is_ok(),
+            "nearer round evicts 400"
+        );
+        assert_eq!(buf.rounds(), MAX_BUFFERED_ROUNDS);
+        assert!(buf.take(400).is_empty(), "400 was evicted");
+        assert_eq!(buf.rounds(), 0, "take forgets every round up to it");
+    }
+
+    #[test]
+    fn buffer_limits_senders_per_round_and_take_returns_them() {
+        let mut buf = JoinBuffer::default();
+        for i in 0..MAX_GROUP_MEMBERS as u32 {
+            let mut b = [0u8; 32];
+            b[..4].copy_from_slice(&i.to_le_bytes());
+            assert!(buf.insert(None, 1, NodeId(b), 8).is_ok());
+        }
+        assert!(buf.insert(None, 1, id(0xff), 8).is_err());
+        let mut b = [0u8; 32];
+        b[0] = 3;
+        assert!(
+            buf.insert(None, 1, NodeId(b), 9).is_ok(),
+            "repeat is a no-op"
+        );
+        let taken = buf.take(1);
+        assert_eq!(taken.len(), MAX_GROUP_MEMBERS);
+        assert_eq!(taken.get(&NodeId(b)), Some(&8), "first join wins");
+    }
+
+    #[test]
+    fn leader_is_smallest_and_closing_follows_view_or_window() {
+        let cfg = AveragingConfig::default();
+        let mut mm = Matchmaking::new(1, vec![0.0; 4], Duration::ZERO, &cfg);
+        let me = id(5);
+        let peers: BTreeSet<NodeId> = [id(3), id(7)].into_iter().collect();
+        assert_eq!(mm.leader(me), me);
+        assert!(!mm.should_close(me, &peers, Duration::from_millis(10), &cfg));
+        assert!(mm.add_joiner(me, id(7), 4).is_ok());
+        assert!(
+            mm.add_joiner(me, id(3), 3).is_err(),
+            "length mismatch is refused"
+        );
+        assert_eq!(mm.leader(me), me);
+        assert!(
+            mm.should_close(me, &peers, cfg.join_window, &cfg),
+            "window over"
+        );
+        assert!(mm.add_joiner(me, id(3), 4).is_ok());
+        assert_eq!(mm.leader(me), id(3));
+        assert!(
+            !mm.should_close(me, &peers, cfg.join_window, &cfg),
+            "not leader"
+        );
+        assert_eq!(mm.members(me, 2), vec![id(3), id(5)]);
+        assert_eq!(mm.members(me, 10), vec![id(3), id(5), id(7)]);
+    }
+
+    #[test]
+    fn rebroadcast_rearms() {
+        let cfg = AveragingConfig::default();
+        let mut mm = Matchmaking::new(1, vec![], Duration::ZERO, &cfg);
+        assert!(!mm.rebroadcast_due(Duration::from_millis(499), &cfg));
+        assert!(mm.rebroadcast_due(Duration::from_millis(500), &cfg));
+        assert!(!mm.rebroadcast_due(Duration::from_millis(999), &cfg));
+        assert_eq!(mm.next_timeout(id(9), &cfg), Duration::from_millis(1000));
+    }
+}

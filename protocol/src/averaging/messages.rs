@@ -1,0 +1,105 @@
+//! What peers say to each other during an averaging round.
+
+use crate::tensor::Payload;
+use crate::wire::{check_ids, check_part, check_vector_len, ContentError};
+use crate::NodeId;
+use serde::{Deserialize, Serialize};
+
+/// An averaging-round message. Every variant names its round so stale and early messages
+/// can be told apart.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum AvgMessage {
+    /// "I am ready for round `round` with a vector of `len` values." Broadcast, repeated
+    /// while matchmaking.
+    Join {
+        /// The round.
+        round: u64,
+        /// Number of values in the sender's vector; only equal lengths average together.
+        len: u64,
+    },
+    /// The leader fixes the group: `members` sorted ascending, `members[0]` is the leader
+    /// (and must be the sender).
+    Group {
+        /// The round.
+        round: u64,
+        /// Vector length of the group.
+        len: u64,
+        /// The members, strictly ascending.
+        members: Vec<NodeId>,
+    },
+    /// Member to the reducer of `part`: the sender's values for that part.
+    Part {
+        /// The round.
+        round: u64,
+        /// Index of the part (= index of its reducer in the member list).
+        part: u32,
+        /// The sender's values for that part's range.
+        payload: Payload,
+    },
+    /// Reducer to members: the mean of `part` over `contributors`. Doubles as the
+    /// acknowledgement of the receiver's `Part`.
+    Reduced {
+        /// The round.
+        round: u64,
+        /// Index of the part.
+        part: u32,
+        /// Whose values were averaged, strictly ascending.
+        contributors: Vec<NodeId>,
+        /// The averaged values.
+        payload: Payload,
+    },
+}
+
+impl AvgMessage {
+    /// The round the message belongs to.
+    pub fn round(&self) -> u64 {
+        match self {
+            AvgMessage::Join { round, .. }
+            | AvgMessage::Group { round, .. }
+            | AvgMessage::Part { round, .. }
+            | AvgMessage::Reduced { round, .. } => *round,
+        }
+    }
+
+    /// The variant's name, for log lines and rejection reasons.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AvgMessage::Join { .. } => "Join",
+            AvgMessage::Group { .. } => "Group",
+            AvgMessage::Part { .. } => "Part",
+            AvgMessage::Reduced { .. } => "Reduced",
+        }
+    }
+
+    /// The cheap checks that do not touch payload bytes: vector lengths, part indices, id
+    /// lists non-empty, bounded and strictly ascending.
+    pub fn validate_structure(&self) -> Result<(), ContentError> {
+        match self {
+            AvgMessage::Join { len, .. } => check_vector_len(*len),
+            AvgMessage::Group { len, members, .. } => {
+                check_vector_len(*len)?;
+                check_ids("members", members)
+            }
+            AvgMessage::Part { part, .. } => check_part(*part),
+            AvgMessage::Reduced {
+                part, contributors, ..
+            } => {
+                check_part(*part)?;
+                check_ids("contributors", contributors)
+            }
+        }
+    }
+
+    /// All receiver-independent checks: [`AvgMessage::validate_structure`] plus payload
+    /// length, digest and finiteness.
+    pub fn validate(&self) -> Result<(), ContentError> {
+        self.validate_structure()?;
+        match self {
+            AvgMessage::Part { payload, .. } | AvgMessage::Reduced { payload, .. } => {
+                payload.validate()?;
+            }
+            AvgMessage::Join { .. } | AvgMessage::Group { .. } => {}
+        }
+        Ok(())
+    }
+}

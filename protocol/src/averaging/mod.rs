@@ -1,0 +1,465 @@
+//! One averaging round per call: leader-based matchmaking, then a butterfly all-reduce.
+//!
+//! [`Averager`] is a sans-IO state machine driven like quinn-proto's `Connection`: feed it
+//! [`Averager::start_round`], [`Averager::handle_message`] and [`Averager::handle_timeout`];
+//! drain [`Averager::poll_transmit`] and [`Averager::poll_event`]; call `handle_timeout` at
+//! [`Averager::poll_timeout`]. Time is the caller's `now` (any monotonic origin).
+//!
+//! # Matchmaking
+//! - `start_round` broadcasts `Join{round, len}` and re-broadcasts it every `retry_interval`
+//!   while matchmaking. `Join`s for rounds we have not started are buffered (at most
+//!   [`MAX_ROUNDS_AHEAD`] rounds past our current one, [`MAX_BUFFERED_ROUNDS`] rounds,
+//!   [`MAX_GROUP_MEMBERS`] senders each; beyond that they are dropped with a `Rejected`).
+//! - The leader is the smallest id among us and the senders of `Join` for this round with
+//!   the same `len` (a different `len` is `Rejected`).
+//! - The leader closes the group when every peer of the live view ([`Averager::set_peers`])
+//!   has joined, or at start + `join_window`, whichever comes first: members are the sorted
+//!   joiners plus itself, truncated to `max_group_size` (smallest ids kept, so the leader
+//!   stays), and it broadcasts `Group`. A `Join` for a round whose group we led and closed is
+//!   answered with that `Group` (to that peer), so lost `Group`s heal and latecomers learn
+//!   they are out.
+//! - A non-leader follows the first `Group` for its round that lists it, accepted only from
+//!   its leader (`members[0]` must be the sender; otherwise `Rejected`). A `Group` for the
+//!   round that does not list us, or no `Group` by start + `join_window` + `group_timeout`,
+//!   finishes the round alone: values unchanged, group `[me]`, nothing averaged. A leader
+//!   whose group is just itself still broadcasts it (waiting peers learn they are out),
+//!   emits `GroupFormed` and finishes at once with the same solo outcome.
+//!
+//! # All-reduce in a group of n members (ascending ids)
+//! - The vector is cut with [`split_ranges`](crate::tensor::split_ranges)`(len, n)`; member k
+//!   reduces part k. Each member sends `Part{j}` (its values of range j) to member j and keeps
+//!   part k as its own contribution, re-sending every `retry_interval` until that part's
+//!   `Reduced` arrives (the ack) or the reduce deadline (formation + `reduce_timeout`) passes.
+//! - Reducer k finishes part k when all n contributions are in, or at formation + 3/4 of
+//!   `reduce_timeout` (so the result still has time to travel): the mean over the
+//!   contributions received, summed in f64 in member order, divided, cast to f32. It sends
+//!   `Reduced{k, contributors, mean}` to every other member and answers any later `Part` for
+//!   k (also after the round, for the last finished round) with it again.
+//! - A member finishes when it has every part's result, or at the reduce deadline; parts it
+//!   never got keep its local values (`averaged = false`). Members missing from contributors,
+//!   and reducers that never answered, are listed in `dropped`.
+//! - Exactly one `Finished` per started round; afterwards [`Averager::in_flight`] is `None`.
+//!
+//! # Validation
+//! Messages are checked before use and never cause a panic: structurally invalid content,
+//! messages from non-members, wrong lengths, part indices out of range, payloads whose
+//! length, digest or finiteness is wrong, and `Group`s not sent by their leader are refused
+//! with a `Rejected` event. (A `Rejected` is not proof of malice: when two leaders race,
+//! members of the other group may send us `Part`s as "non-member".) Duplicates (the first
+//! contribution wins), messages for old rounds (except the `Part` re-ack above) and early
+//! `Part`s (the sender re-sends them) are ignored.
+
+mod allreduce;
+mod config;
+mod matchmaking;
+mod messages;
+mod outcome;
+#[cfg(test)]
+mod tests;
+
+pub use config::{
+    AveragingConfig, MAX_BUFFERED_ROUNDS, MAX_GROUP_MEMBERS, MAX_ROUNDS_AHEAD, MAX_VECTOR_LEN,
+};
+pub use messages::AvgMessage;
+pub use outcome::{AveragingError, AvgEvent, Destination, PartOutcome, RoundOutcome, Transmit};
+
+use crate::tensor::Payload;
+use crate::NodeId;
+use allreduce::{AllReduce, LastReduced};
+use matchmaking::{JoinBuffer, Matchmaking};
+use outcome::{solo_outcome, Outbox};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// Where the round in flight stands.
+#[derive(Debug)]
+enum State {
+    Idle,
+    Matchmaking(Matchmaking),
+    Reducing(Box<AllReduce>),
+}
+
+/// The `Group` we most recently led, re-sent to peers whose `Join` shows they missed it.
+#[derive(Debug)]
+struct LedGroup {
+    round: u64,
+    msg: AvgMessage,
+}
+
+/// One peer's averaging state machine. See the module docs for the protocol.
+#[derive(Debug)]
+pub struct Averager {
+    me: NodeId,
+    config: AveragingConfig,
+    peers: BTreeSet<NodeId>,
+    state: State,
+    last_finished: Option<u64>,
+    joins: JoinBuffer,
+    led: Option<LedGroup>,
+    last_reduced: Option<LastReduced>,
+    out: Outbox,
+    /// Latest `now` seen, for the immediate timeout `set_peers` asks for.
+    last_now: Duration,
+    /// `set_peers` changed the view during matchmaking: re-check whether to close.
+    recheck: bool,
+}
+
+impl Averager {
+    /// Creates the state machine for peer `me`. Call [`Averager::set_peers`] before the
+    /// first round: with an empty view a round closes at once, alone.
+    pub fn new(me: NodeId, config: AveragingConfig) -> Self {
+        Averager {
+            me,
+            config,
+            peers: BTreeSet::new(),
+            state: State::Idle,
+            last_finished: None,
+            joins: JoinBuffer::default(),
+            led: None,
+            last_reduced: None,
+            out: Outbox::default(),
+            last_now: Duration::ZERO,
+            recheck: false,
+        }
+    }
+
+    /// Our id.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &AveragingConfig {
+        &self.config
+    }
+
+    /// Replaces the live peer view (ours is ignored if present). A leader closes early once
+    /// all of them have joined; a change during matchmaking is re-checked at the next
+    /// timeout, which [`Averager::poll_timeout`] makes immediate.
+    pub fn set_peers(&mut self, peers: &[NodeId]) {
+        self.peers = peers.iter().copied().filter(|p| *p != self.me).collect();
+        if matches!(self.state, State::Matchmaking(_)) {
+            self.recheck = true;
+        }
+    }
+
+    /// The round in progress, if any.
+    pub fn in_flight(&self) -> Option<u64> {
+        match &self.state {
+            State::Idle => None,
+            State::Matchmaking(mm) => Some(mm.round),
+            State::Reducing(ar) => Some(ar.round()),
+        }
+    }
+
+    /// The last round that finished, if any.
+    pub fn last_finished(&self) -> Option<u64> {
+        self.last_finished
+    }
+
+    /// Starts averaging `values` in `round`: broadcasts `Join` and begins matchmaking.
+    /// Refuses while a round is in flight, for a round not after the last finished one, and
+    /// for vectors that are too long or hold NaN/inf.
+    pub fn start_round(
+        &mut self,
+        now: Duration,
+        round: u64,
+        values: Vec<f32>,
+    ) -> Result<(), AveragingError> {
+        self.observe(now);
+        if let Some(current) = self.in_flight() {
+            return Err(AveragingError::InFlight { round: current });
+        }
+        if let Some(last) = self.last_finished {
+            if round <= last {
+                return Err(AveragingError::Stale { round, last });
+            }
+        }
+        if values.len() as u64 > MAX_VECTOR_LEN {
+            return Err(AveragingError::TooLong {
+                len: values.len(),
+                max: MAX_VECTOR_LEN,
+            });
+        }
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(AveragingError::NonFinite { index });
+        }
+        let mut mm = Matchmaking::new(round, values, now, &self.config);
+        for (from, len) in self.joins.take(round) {
+            if let Err(reason) = mm.add_joiner(self.me, from, len) {
+                self.out.reject(from, reason);
+            }
+        }
+        self.out.send(
+            Destination::Broadcast,
+            AvgMessage::Join { round, len: mm.len },
+        );
+        self.state = State::Matchmaking(mm);
+        self.try_close(now);
+        Ok(())
+    }
+
+    /// Feeds a message received from `from`.
+    pub fn handle_message(&mut self, now: Duration, from: NodeId, msg: AvgMessage) {
+        self.observe(now);
+        if from == self.me {
+            return;
+        }
+        if let Err(e) = msg.validate_structure() {
+            self.out.reject(
+                from,
+                format!("invalid {} for round {}: {e}", msg.kind(), msg.round()),
+            );
+            return;
+        }
+        match msg {
+            AvgMessage::Join { round, len } => self.on_join(now, from, round, len),
+            AvgMessage::Group {
+                round,
+                len,
+                members,
+            } => self.on_group(now, from, round, len, members),
+            AvgMessage::Part {
+                round,
+                part,
+                payload,
+            } => self.on_part(from, round, part, &payload),
+            AvgMessage::Reduced {
+                round,
+                part,
+                contributors,
+                payload,
+            } => self.on_reduced(from, round, part, contributors, &payload),
+        }
+        self.finish_if_complete(now);
+    }
+
+    /// Runs the timers that are due at `now`: `Join` and `Part` re-sends, closing the group,
+    /// the reducer deadline, giving up, the reduce deadline.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        self.observe(now);
+        self.recheck = false;
+        self.try_close(now);
+        let give_up = match &mut self.state {
+            State::Matchmaking(mm) if now >= mm.give_up_at(&self.config) => true,
+            State::Matchmaking(mm) => {
+                if mm.rebroadcast_due(now, &self.config) {
+                    let join = AvgMessage::Join {
+                        round: mm.round,
+                        len: mm.len,
+                    };
+                    self.out.send(Destination::Broadcast, join);
+                }
+                false
+            }
+            State::Reducing(ar) => {
+                ar.on_timeout(now, &self.config, &mut self.out);
+                false
+            }
+            State::Idle => false,
+        };
+        if give_up {
+            self.finish_alone();
+        }
+        self.finish_if_complete(now);
+    }
+
+    /// The next message to send, oldest first.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.transmits.pop_front()
+    }
+
+    /// The earliest `now` at which [`Averager::handle_timeout`] must be called, if any.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        match &self.state {
+            State::Idle => None,
+            State::Matchmaking(_) if self.recheck => Some(self.last_now),
+            State::Matchmaking(mm) => Some(mm.next_timeout(self.me, &self.config)),
+            State::Reducing(ar) => Some(ar.next_timeout()),
+        }
+    }
+
+    /// The next event, oldest first.
+    pub fn poll_event(&mut self) -> Option<AvgEvent> {
+        self.out.events.pop_front()
+    }
+
+    fn observe(&mut self, now: Duration) {
+        self.last_now = self.last_now.max(now);
+    }
+
+    /// Our round in flight, else the last finished one: the reference for "old" and "ahead".
+    fn base_round(&self) -> Option<u64> {
+        self.in_flight().or(self.last_finished)
+    }
+
+    fn on_join(&mut self, now: Duration, from: NodeId, round: u64, len: u64) {
+        if let Some(led) = &self.led {
+            if led.round == round {
+                self.out.send(Destination::Peer(from), led.msg.clone());
+            }
+        }
+        if let State::Matchmaking(mm) = &mut self.state {
+            if mm.round == round {
+                match mm.add_joiner(self.me, from, len) {
+                    Ok(()) => self.try_close(now),
+                    Err(reason) => self.out.reject(from, reason),
+                }
+                return;
+            }
+        }
+        let base = self.base_round();
+        if base.is_none_or(|b| round > b) {
+            if let Err(reason) = self.joins.insert(base, round, from, len) {
+                self.out.reject(from, reason);
+            }
+        }
+    }
+
+    fn on_group(
+        &mut self,
+        now: Duration,
+        from: NodeId,
+        round: u64,
+        len: u64,
+        members: Vec<NodeId>,
+    ) {
+        if members.first() != Some(&from) {
+            self.out.reject(
+                from,
+                format!(
+                    "Group for round {round} sent by a peer that is not its leader (first member)"
+                ),
+            );
+            return;
+        }
+        let State::Matchmaking(mm) = &self.state else {
+            return; // already grouped or idle: a stale or duplicate Group
+        };
+        if mm.round != round {
+            return;
+        }
+        if len != mm.len {
+            let reason = format!(
+                "Group for round {round} has {len} values, ours has {}",
+                mm.len
+            );
+            self.out.reject(from, reason);
+            return;
+        }
+        if members.binary_search(&self.me).is_ok() {
+            self.form_group(now, members);
+        } else {
+            self.finish_alone();
+        }
+    }
+
+    fn on_part(&mut self, from: NodeId, round: u64, part: u32, payload: &Payload) {
+        match &mut self.state {
+            State::Reducing(ar) if ar.round() == round => {
+                ar.on_part(from, part, payload, &mut self.out);
+            }
+            // Our group has not formed yet: the sender re-sends until we answer.
+            State::Matchmaking(mm) if mm.round == round => {}
+            _ => {
+                if let Some(last) = &self.last_reduced {
+                    last.reack(round, from, part, &mut self.out);
+                }
+            }
+        }
+    }
+
+    fn on_reduced(
+        &mut self,
+        from: NodeId,
+        round: u64,
+        part: u32,
+        contributors: Vec<NodeId>,
+        payload: &Payload,
+    ) {
+        if let State::Reducing(ar) = &mut self.state {
+            if ar.round() == round {
+                ar.on_reduced(from, part, contributors, payload, &mut self.out);
+            }
+        }
+    }
+
+    /// Closes the group if we lead and it is time.
+    fn try_close(&mut self, now: Duration) {
+        let State::Matchmaking(mm) = &self.state else {
+            return;
+        };
+        if !mm.should_close(self.me, &self.peers, now, &self.config) {
+            return;
+        }
+        let members = mm.members(self.me, self.config.group_limit());
+        let msg = AvgMessage::Group {
+            round: mm.round,
+            len: mm.len,
+            members: members.clone(),
+        };
+        self.led = Some(LedGroup {
+            round: mm.round,
+            msg: msg.clone(),
+        });
+        self.out.send(Destination::Broadcast, msg);
+        self.form_group(now, members);
+    }
+
+    /// Enters the all-reduce with `members` (ascending, containing us).
+    fn form_group(&mut self, now: Duration, members: Vec<NodeId>) {
+        let State::Matchmaking(mm) = std::mem::replace(&mut self.state, State::Idle) else {
+            return;
+        };
+        let Ok(me_idx) = members.binary_search(&self.me) else {
+            self.state = State::Matchmaking(mm);
+            return;
+        };
+        self.out.event(AvgEvent::GroupFormed {
+            round: mm.round,
+            members: members.clone(),
+        });
+        if members.len() == 1 {
+            self.finish(solo_outcome(self.me, mm.round, mm.values));
+            return;
+        }
+        let ar = AllReduce::start(
+            mm.round,
+            members,
+            me_idx,
+            mm.values,
+            now,
+            &self.config,
+            &mut self.out,
+        );
+        self.state = State::Reducing(Box::new(ar));
+    }
+
+    fn finish_alone(&mut self) {
+        if let State::Matchmaking(mm) = std::mem::replace(&mut self.state, State::Idle) {
+            self.finish(solo_outcome(self.me, mm.round, mm.values));
+        }
+    }
+
+    fn finish_if_complete(&mut self, now: Duration) {
+        let complete = matches!(&self.state, State::Reducing(ar) if ar.is_complete(now));
+        if !complete {
+            return;
+        }
+        if let State::Reducing(ar) = std::mem::replace(&mut self.state, State::Idle) {
+            let (outcome, last) = ar.finish();
+            if last.is_some() {
+                self.last_reduced = last;
+            }
+            self.finish(outcome);
+        }
+    }
+
+    fn finish(&mut self, outcome: RoundOutcome) {
+        self.state = State::Idle;
+        self.recheck = false;
+        self.last_finished = Some(outcome.round);
+        self.joins.forget_through(outcome.round);
+        self.out.event(AvgEvent::Finished(outcome));
+    }
+}

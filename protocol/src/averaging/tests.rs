@@ -1,0 +1,800 @@
+//! Hand-driven tests of one or a few [`Averager`]s: every rule, message by message.
+
+use super::*;
+use crate::rng::Rng;
+use crate::tensor::{split_ranges, Bytes, Encoding};
+
+fn id(n: u8) -> NodeId {
+    NodeId([n; 32])
+}
+const A: u8 = 1;
+const B: u8 = 2;
+const C: u8 = 3;
+const D: u8 = 4;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn cfg() -> AveragingConfig {
+    AveragingConfig::default()
+}
+
+fn node(me: u8, peers: &[u8]) -> Averager {
+    let mut a = Averager::new(id(me), cfg());
+    let view: Vec<NodeId> = peers.iter().map(|&p| id(p)).collect();
+    a.set_peers(&view);
+    a
+}
+
+fn transmits(a: &mut Averager) -> Vec<Transmit> {
+    std::iter::from_fn(|| a.poll_transmit()).collect()
+}
+
+fn events(a: &mut Averager) -> Vec<AvgEvent> {
+    std::iter::from_fn(|| a.poll_event()).collect()
+}
+
+fn rejections(events: &[AvgEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            AvgEvent::Rejected { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn finished(events: &[AvgEvent]) -> Vec<RoundOutcome> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            AvgEvent::Finished(o) => Some(o.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The exact mean the protocol promises: f64 sum in the given order, divide, cast.
+fn mean(vectors: &[&[f32]]) -> Vec<f32> {
+    let len = vectors.first().map_or(0, |v| v.len());
+    (0..len)
+        .map(|i| {
+            let s: f64 = vectors.iter().map(|v| f64::from(v[i])).sum();
+            (s / vectors.len() as f64) as f32
+        })
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// A payload with a correct digest over arbitrary (e.g. NaN) bytes.
+fn forged(values: &[f32]) -> Payload {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Payload {
+        len: values.len() as u32,
+        encoding: Encoding::F32,
+        digest: *blake3::hash(&bytes).as_bytes(),
+        bytes: Bytes(bytes),
+    }
+}
+
+/// Delivers every transmit immediately (at `now`) until all nodes are quiet.
+fn pump(nodes: &mut [Averager], now: Duration) -> Vec<Vec<AvgEvent>> {
+    let mut evs: Vec<Vec<AvgEvent>> = vec![Vec::new(); nodes.len()];
+    loop {
+        let mut pending = Vec::new();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            for t in transmits(n) {
+                pending.push((i, t));
+            }
+            evs[i].extend(events(n));
+        }
+        if pending.is_empty() {
+            return evs;
+        }
+        for (from, t) in pending {
+            let sender = nodes[from].me();
+            for (to, n) in nodes.iter_mut().enumerate() {
+                let addressed = match t.to {
+                    Destination::Broadcast => to != from,
+                    Destination::Peer(p) => p == n.me(),
+                };
+                if addressed {
+                    n.handle_message(now, sender, t.msg.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Node A (the smallest id) with peers B and C, grouped with both: returns A and the
+/// transmits of the group formation.
+fn leader_with_group(values: Vec<f32>) -> (Averager, Vec<Transmit>) {
+    let mut a = node(A, &[A, B, C]);
+    a.start_round(ms(0), 1, values.clone()).expect("start");
+    let len = values.len() as u64;
+    a.handle_message(ms(5), id(B), AvgMessage::Join { round: 1, len });
+    a.handle_message(ms(6), id(C), AvgMessage::Join { round: 1, len });
+    let t = transmits(&mut a);
+    let evs = events(&mut a);
+    assert!(evs.contains(&AvgEvent::GroupFormed {
+        round: 1,
+        members: vec![id(A), id(B), id(C)]
+    }));
+    (a, t)
+}
+
+#[test]
+fn start_round_refuses_in_flight_stale_and_non_finite() {
+    let mut a = node(A, &[B]);
+    assert_eq!(
+        a.start_round(ms(0), 1, vec![1.0, f32::NAN]),
+        Err(AveragingError::NonFinite { index: 1 })
+    );
+    assert_eq!(a.in_flight(), None);
+    a.start_round(ms(0), 3, vec![1.0]).expect("start");
+    assert_eq!(a.in_flight(), Some(3));
+    assert_eq!(
+        a.start_round(ms(1), 4, vec![1.0]),
+        Err(AveragingError::InFlight { round: 3 })
+    );
+    a.handle_timeout(ms(2_000)); // leader alone at the window: finishes
+    assert_eq!(a.in_flight(), None);
+    assert_eq!(a.last_finished(), Some(3));
+    for r in [2, 3] {
+        assert_eq!(
+            a.start_round(ms(2_001), r, vec![1.0]),
+            Err(AveragingError::Stale { round: r, last: 3 })
+        );
+    }
+    assert!(a.start_round(ms(2_001), 4, vec![1.0]).is_ok());
+}
+
+#[test]
+fn no_peers_finishes_at_once_alone() {
+    let mut a = node(A, &[A]);
+    a.start_round(ms(0), 1, vec![1.0, 2.0]).expect("start");
+    let evs = events(&mut a);
+    assert_eq!(
+        evs,
+        vec![
+            AvgEvent::GroupFormed {
+                round: 1,
+                members: vec![id(A)]
+            },
+            AvgEvent::Finished(RoundOutcome {
+                round: 1,
+                group: vec![id(A)],
+                values: vec![1.0, 2.0],
+                parts: vec![PartOutcome {
+                    range: 0..2,
+                    contributors: vec![id(A)],
+                    averaged: false
+                }],
+                dropped: vec![],
+            })
+        ]
+    );
+    assert_eq!(a.in_flight(), None);
+    assert_eq!(a.poll_timeout(), None);
+}
+
+#[test]
+fn three_peers_average_exactly_and_each_finishes_once() {
+    let vals = [
+        vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0],
+        vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+        vec![-1.0, 1e-3, 3.3, 1e7, -5.5, 0.0, 2.25],
+    ];
+    let mut nodes: Vec<Averager> = [A, B, C].iter().map(|&m| node(m, &[A, B, C])).collect();
+    for (n, v) in nodes.iter_mut().zip(&vals) {
+        n.start_round(ms(0), 7, v.clone()).expect("start");
+    }
+    let evs = pump(&mut nodes, ms(1));
+    let refs: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
+    let want = mean(&refs);
+    for (n, e) in nodes.iter().zip(&evs) {
+        assert!(rejections(e).is_empty(), "{e:?}");
+        let done = finished(e);
+        assert_eq!(done.len(), 1);
+        let o = &done[0];
+        assert_eq!(o.group, vec![id(A), id(B), id(C)]);
+        assert_eq!(bits(&o.values), bits(&want));
+        assert!(o
+            .parts
+            .iter()
+            .all(|p| p.averaged && p.contributors == o.group));
+        assert_eq!(
+            o.parts.iter().map(|p| p.range.clone()).collect::<Vec<_>>(),
+            split_ranges(7, 3)
+        );
+        assert!(o.dropped.is_empty());
+        assert_eq!(n.in_flight(), None);
+        assert_eq!(n.poll_timeout(), None);
+    }
+}
+
+#[test]
+fn non_leader_re_joins_then_gives_up_alone_after_group_timeout() {
+    let mut b = node(B, &[A, B]);
+    b.start_round(ms(0), 1, vec![4.0; 3]).expect("start");
+    b.handle_message(ms(3), id(A), AvgMessage::Join { round: 1, len: 3 });
+    let mut joins = 0;
+    let mut now = ms(0);
+    loop {
+        joins += transmits(&mut b)
+            .iter()
+            .filter(|t| t.to == Destination::Broadcast && matches!(t.msg, AvgMessage::Join { .. }))
+            .count();
+        if b.in_flight().is_none() {
+            break;
+        }
+        let next = b.poll_timeout().expect("a timer while in flight");
+        assert!(next > now, "timer did not advance");
+        now = next;
+        b.handle_timeout(now);
+    }
+    assert_eq!(now, ms(7_000), "gives up at join_window + group_timeout");
+    // Joins at 0, 0.5, ..., 6.5 s.
+    assert_eq!(joins, 14);
+    let done = finished(&events(&mut b));
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].group, vec![id(B)]);
+    assert_eq!(done[0].values, vec![4.0; 3]);
+    assert!(!done[0].parts[0].averaged);
+}
+
+#[test]
+fn group_not_listing_me_finishes_alone_at_once() {
+    let mut c = node(C, &[A, B, C]);
+    c.start_round(ms(0), 1, vec![1.0]).expect("start");
+    c.handle_message(
+        ms(10),
+        id(A),
+        AvgMessage::Group {
+            round: 1,
+            len: 1,
+            members: vec![id(A), id(B)],
+        },
+    );
+    let done = finished(&events(&mut c));
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].group, vec![id(C)]);
+    assert_eq!(c.in_flight(), None);
+}
+
+#[test]
+fn group_from_a_non_leader_or_with_other_len_is_rejected_and_ignored() {
+    let mut c = node(C, &[A, B, C]);
+    c.start_round(ms(0), 1, vec![1.0]).expect("start");
+    c.handle_message(
+        ms(10),
+        id(B),
+        AvgMessage::Group {
+            round: 1,
+            len: 1,
+            members: vec![id(A), id(B), id(C)],
+        },
+    );
+    c.handle_message(
+        ms(11),
+        id(A),
+        AvgMessage::Group {
+            round: 1,
+            len: 2,
+            members: vec![id(A), id(C)],
+        },
+    );
+    let evs = events(&mut c);
+    assert_eq!(rejections(&evs).len(), 2, "{evs:?}");
+    assert_eq!(c.in_flight(), Some(1));
+    // The real leader's Group is then followed.
+    c.handle_message(
+        ms(12),
+        id(A),
+        AvgMessage::Group {
+            round: 1,
+            len: 1,
+            members: vec![id(A), id(C)],
+        },
+    );
+    assert!(events(&mut c).contains(&AvgEvent::GroupFormed {
+        round: 1,
+        members: vec![id(A), id(C)]
+    }));
+    // A later, different Group for the same round is ignored: the first one wins.
+    c.handle_message(
+        ms(13),
+        id(A),
+        AvgMessage::Group {
+            round: 1,
+            len: 1,
+            members: vec![id(A), id(B), id(C)],
+        },
+    );
+    assert!(events(&mut c).is_empty());
+}
+
+#[test]
+fn leader_closes_at_window_and_re_sends_group_to_late_joiners() {
+    let mut a = node(A, &[A, B, C]);
+    a.start_round(ms(0), 1, vec![1.0; 4]).expect("start");
+    a.handle_message(ms(5), id(B), AvgMessage::Join { round: 1, len: 4 });
+    assert!(!transmits(&mut a)
+        .iter()
+        .any(|t| matches!(t.msg, AvgMessage::Group { .. })));
+    assert_eq!(a.poll_timeout(), Some(ms(500)));
+    a.handle_timeout(ms(500));
+    a.handle_timeout(ms(1_000));
+    a.handle_timeout(ms(1_500));
+    assert_eq!(a.poll_timeout(), Some(ms(2_000)), "window end");
+    a.handle_timeout(ms(2_000));
+    let group = AvgMessage::Group {
+        round: 1,
+        len: 4,
+        members: vec![id(A), id(B)],
+    };
+    assert!(transmits(&mut a).contains(&Transmit {
+        to: Destination::Broadcast,
+        msg: group.clone()
+    }));
+    // C was late: its Join gets the Group (without C) so it stops waiting.
+    a.handle_message(ms(2_100), id(C), AvgMessage::Join { round: 1, len: 4 });
+    assert_eq!(
+        transmits(&mut a),
+        vec![Transmit {
+            to: Destination::Peer(id(C)),
+            msg: group.clone()
+        }]
+    );
+    // B lost the Group: its repeated Join gets it too.
+    a.handle_message(ms(2_200), id(B), AvgMessage::Join { round: 1, len: 4 });
+    assert_eq!(
+        transmits(&mut a),
+        vec![Transmit {
+            to: Destination::Peer(id(B)),
+            msg: group
+        }]
+    );
+}
+
+#[test]
+fn reducer_validates_parts_and_first_contribution_wins() {
+    let own = vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0];
+    let (mut a, formed) = leader_with_group(own.clone());
+    // A sends B's part (3..6) to B and C's part (6..9) to C.
+    let parts: Vec<&Transmit> = formed
+        .iter()
+        .filter(|t| matches!(t.msg, AvgMessage::Part { .. }))
+        .collect();
+    assert_eq!(parts.len(), 2);
+    assert!(formed.contains(&Transmit {
+        to: Destination::Peer(id(B)),
+        msg: AvgMessage::Part {
+            round: 1,
+            part: 1,
+            payload: Payload::from_f32(&own[3..6])
+        }
+    }));
+    let part = |part: u32, payload: Payload| AvgMessage::Part {
+        round: 1,
+        part,
+        payload,
+    };
+    let mut bad_digest = Payload::from_f32(&[1.0, 1.0, 1.0]);
+    bad_digest.digest[0] ^= 1;
+    let bad = [
+        (D, part(0, Payload::from_f32(&[1.0; 3]))),
+        (B, part(1, Payload::from_f32(&[1.0; 3]))),
+        (B, part(0, Payload::from_f32(&[1.0; 2]))),
+        (B, part(0, bad_digest)),
+        (B, part(0, forged(&[1.0, f32::NAN, 1.0]))),
+        (B, part(0, forged(&[1.0, f32::INFINITY, 1.0]))),
+    ];
+    for (from, msg) in bad {
+        a.handle_message(ms(10), id(from), msg.clone());
+        let evs = events(&mut a);
+        assert_eq!(rejections(&evs).len(), 1, "not rejected: {msg:?}");
+        assert!(transmits(&mut a).is_empty());
+    }
+    let b_vals = [10.0f32, 20.0, 30.0];
+    let c_vals = [0.5f32, 0.25, -0.125];
+    a.handle_message(ms(11), id(B), part(0, Payload::from_f32(&b_vals)));
+    a.handle_message(ms(12), id(B), part(0, Payload::from_f32(&[99.0; 3])));
+    assert!(
+        transmits(&mut a).is_empty(),
+        "no result before C contributes"
+    );
+    a.handle_message(ms(13), id(C), part(0, Payload::from_f32(&c_vals)));
+    let want = mean(&[&own[0..3], &b_vals, &c_vals]);
+    let reduced = AvgMessage::Reduced {
+        round: 1,
+        part: 0,
+        contributors: vec![id(A), id(B), id(C)],
+        payload: Payload::from_f32(&want),
+    };
+    assert_eq!(
+        transmits(&mut a),
+        vec![
+            Transmit {
+                to: Destination::Peer(id(B)),
+                msg: reduced.clone()
+            },
+            Transmit {
+                to: Destination::Peer(id(C)),
+                msg: reduced.clone()
+            },
+        ]
+    );
+    assert!(rejections(&events(&mut a)).is_empty());
+    // A repeat Part after reduction is answered with the result again.
+    a.handle_message(ms(14), id(C), part(0, Payload::from_f32(&c_vals)));
+    assert_eq!(
+        transmits(&mut a),
+        vec![Transmit {
+            to: Destination::Peer(id(C)),
+            msg: reduced
+        }]
+    );
+}
+
+#[test]
+fn member_validates_reduced_and_finishes_with_all_parts() {
+    let own = vec![1.0f32; 9];
+    let (mut a, _) = leader_with_group(own.clone());
+    for from in [B, C] {
+        a.handle_message(
+            ms(10),
+            id(from),
+            AvgMessage::Part {
+                round: 1,
+                part: 0,
+                payload: Payload::from_f32(&[3.0; 3]),
+            },
+        );
+    }
+    let _ = transmits(&mut a);
+    let reduced = |part: u32, contributors: &[u8], values: &[f32]| AvgMessage::Reduced {
+        round: 1,
+        part,
+        contributors: contributors.iter().map(|&c| id(c)).collect(),
+        payload: Payload::from_f32(values),
+    };
+    let bad = [
+        (C, reduced(1, &[A, B, C], &[2.0; 3])), // C does not reduce part 1
+        (B, reduced(5, &[A, B, C], &[2.0; 3])), // no part 5 in a group of 3
+        (B, reduced(0, &[A, B, C], &[2.0; 3])), // part 0 is ours (reducer check)
+        (B, reduced(1, &[A, B, D], &[2.0; 3])), // D is no member
+        (B, reduced(1, &[A, C], &[2.0; 3])),    // omits its reducer
+        (B, reduced(1, &[A, B, C], &[2.0; 4])), // wrong length
+        (B, reduced(1, &[C, B], &[2.0; 3])),    // unsorted
+        (D, reduced(3, &[D], &[2.0; 3])),       // stranger, part out of range
+    ];
+    for (from, msg) in bad {
+        a.handle_message(ms(20), id(from), msg.clone());
+        assert_eq!(
+            rejections(&events(&mut a)).len(),
+            1,
+            "not rejected: {msg:?}"
+        );
+    }
+    assert_eq!(a.in_flight(), Some(1));
+    a.handle_message(ms(21), id(B), reduced(1, &[B, C], &[2.0; 3]));
+    a.handle_message(ms(22), id(B), reduced(1, &[A, B, C], &[7.0; 3])); // duplicate: ignored
+    assert_eq!(a.in_flight(), Some(1));
+    a.handle_message(ms(23), id(C), reduced(2, &[A, B, C], &[-1.0; 3]));
+    let evs = events(&mut a);
+    assert!(rejections(&evs).is_empty(), "{evs:?}");
+    let done = finished(&evs);
+    assert_eq!(done.len(), 1);
+    let o = &done[0];
+    let mut want = vec![(1.0 + 3.0 + 3.0) / 3.0f32; 3];
+    want.extend([2.0; 3]);
+    want.extend([-1.0; 3]);
+    assert_eq!(bits(&o.values), bits(&want));
+    assert_eq!(o.parts[1].contributors, vec![id(B), id(C)]);
+    assert_eq!(o.dropped, Vec::<NodeId>::new(), "A itself is never dropped");
+    // Late messages of the finished round change nothing.
+    a.handle_message(ms(24), id(C), reduced(2, &[A, B, C], &[5.0; 3]));
+    assert!(events(&mut a).is_empty());
+    // But a late Part is re-acked from the kept result, only to members of that group.
+    let part = AvgMessage::Part {
+        round: 1,
+        part: 0,
+        payload: Payload::from_f32(&[3.0; 3]),
+    };
+    a.handle_message(ms(25), id(B), part.clone());
+    let t = transmits(&mut a);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].to, Destination::Peer(id(B)));
+    assert!(matches!(t[0].msg, AvgMessage::Reduced { part: 0, .. }));
+    a.handle_message(ms(26), id(D), part);
+    assert!(transmits(&mut a).is_empty());
+}
+
+#[test]
+fn parts_are_retransmitted_until_acked_and_deadlines_drop_silent_members() {
+    let own: Vec<f32> = (0..9).map(|i| i as f32).collect();
+    let (mut a, _) = leader_with_group(own.clone());
+    let parts_to = |t: &[Transmit]| -> Vec<Destination> {
+        t.iter()
+            .filter(|t| matches!(t.msg, AvgMessage::Part { .. }))
+            .map(|t| t.to.clone())
+            .collect()
+    };
+    // Group formed at 6 ms: re-sends at 506 ms.
+    assert_eq!(a.poll_timeout(), Some(ms(506)));
+    a.handle_timeout(ms(506));
+    assert_eq!(
+        parts_to(&transmits(&mut a)),
+        vec![Destination::Peer(id(B)), Destination::Peer(id(C))]
+    );
+    // B acks part 1 and contributes to part 0; C stays silent.
+    a.handle_message(
+        ms(600),
+        id(B),
+        AvgMessage::Reduced {
+            round: 1,
+            part: 1,
+            contributors: vec![id(A), id(B)],
+            payload: Payload::from_f32(&[0.5; 3]),
+        },
+    );
+    a.handle_message(
+        ms(601),
+        id(B),
+        AvgMessage::Part {
+            round: 1,
+            part: 0,
+            payload: Payload::from_f32(&[2.0; 3]),
+        },
+    );
+    a.handle_timeout(ms(1_006));
+    assert_eq!(parts_to(&transmits(&mut a)), vec![Destination::Peer(id(C))]);
+    // Reducer deadline: 6 ms + 7.5 s.
+    let mut now = ms(1_006);
+    while now < ms(7_506) {
+        now = a.poll_timeout().expect("timer");
+        a.handle_timeout(now);
+    }
+    assert_eq!(now, ms(7_506));
+    let t = transmits(&mut a);
+    let reduced: Vec<&Transmit> = t
+        .iter()
+        .filter(|t| matches!(t.msg, AvgMessage::Reduced { .. }))
+        .collect();
+    assert_eq!(reduced.len(), 2, "result goes to every other member");
+    let want0 = mean(&[&own[0..3], &[2.0; 3]]);
+    assert_eq!(
+        reduced[0].msg,
+        AvgMessage::Reduced {
+            round: 1,
+            part: 0,
+            contributors: vec![id(A), id(B)],
+            payload: Payload::from_f32(&want0)
+        }
+    );
+    assert_eq!(a.in_flight(), Some(1));
+    // No re-sends after the reduce deadline: the round just ends at 10.006 s.
+    while a.in_flight().is_some() {
+        now = a.poll_timeout().expect("timer");
+        a.handle_timeout(now);
+    }
+    assert_eq!(now, ms(10_006));
+    let done = finished(&events(&mut a));
+    assert_eq!(done.len(), 1);
+    let o = &done[0];
+    let mut want = want0.clone();
+    want.extend([0.5; 3]);
+    want.extend_from_slice(&own[6..9]);
+    assert_eq!(bits(&o.values), bits(&want));
+    assert_eq!(
+        o.parts.iter().map(|p| p.averaged).collect::<Vec<_>>(),
+        vec![true, true, false]
+    );
+    assert_eq!(o.parts[2].contributors, vec![id(A)]);
+    assert_eq!(o.dropped, vec![id(C)]);
+}
+
+#[test]
+fn joins_for_future_rounds_are_buffered_and_bounded() {
+    let mut a = node(A, &[A, B, C]);
+    a.handle_message(ms(0), id(B), AvgMessage::Join { round: 1, len: 2 });
+    a.handle_message(ms(0), id(C), AvgMessage::Join { round: 1, len: 2 });
+    a.start_round(ms(1), 1, vec![1.0, 2.0]).expect("start");
+    // Everyone already joined: the leader closes within start_round.
+    assert!(transmits(&mut a).contains(&Transmit {
+        to: Destination::Broadcast,
+        msg: AvgMessage::Group {
+            round: 1,
+            len: 2,
+            members: vec![id(A), id(B), id(C)]
+        }
+    }));
+    // While round 1 runs: round 5 is 4 ahead (buffered), round 6 is too far.
+    a.handle_message(ms(2), id(B), AvgMessage::Join { round: 5, len: 2 });
+    assert!(events(&mut a)
+        .iter()
+        .all(|e| !matches!(e, AvgEvent::Rejected { .. })));
+    a.handle_message(ms(2), id(B), AvgMessage::Join { round: 6, len: 2 });
+    assert_eq!(rejections(&events(&mut a)).len(), 1);
+    // Joins for the current or older rounds are not buffered (and not rejected).
+    a.handle_message(ms(3), id(B), AvgMessage::Join { round: 1, len: 2 });
+    a.handle_message(ms(3), id(B), AvgMessage::Join { round: 0, len: 2 });
+    assert!(events(&mut a).is_empty());
+    assert_eq!(a.joins.rounds(), 1);
+}
+
+#[test]
+fn join_with_another_length_is_rejected_and_not_counted() {
+    let mut a = node(A, &[A, B]);
+    a.start_round(ms(0), 1, vec![1.0; 4]).expect("start");
+    a.handle_message(ms(1), id(B), AvgMessage::Join { round: 1, len: 5 });
+    assert_eq!(rejections(&events(&mut a)).len(), 1);
+    assert!(!transmits(&mut a)
+        .iter()
+        .any(|t| matches!(t.msg, AvgMessage::Group { .. })));
+    a.handle_message(ms(2), id(B), AvgMessage::Join { round: 1, len: 4 });
+    assert!(transmits(&mut a)
+        .iter()
+        .any(|t| matches!(t.msg, AvgMessage::Group { .. })));
+}
+
+#[test]
+fn shrinking_the_view_lets_the_leader_close_early() {
+    let mut a = node(A, &[A, B, C]);
+    a.start_round(ms(0), 1, vec![1.0; 4]).expect("start");
+    a.handle_message(ms(100), id(B), AvgMessage::Join { round: 1, len: 4 });
+    assert_eq!(a.poll_timeout(), Some(ms(500)));
+    a.set_peers(&[id(A), id(B)]);
+    assert_eq!(a.poll_timeout(), Some(ms(100)), "re-check now");
+    a.handle_timeout(ms(100));
+    assert!(events(&mut a).contains(&AvgEvent::GroupFormed {
+        round: 1,
+        members: vec![id(A), id(B)]
+    }));
+}
+
+#[test]
+fn max_group_size_keeps_the_smallest_ids() {
+    let mut a = Averager::new(
+        id(A),
+        AveragingConfig {
+            max_group_size: 2,
+            ..cfg()
+        },
+    );
+    a.set_peers(&[id(B), id(C), id(D)]);
+    a.start_round(ms(0), 1, vec![1.0]).expect("start");
+    for p in [D, C, B] {
+        a.handle_message(ms(1), id(p), AvgMessage::Join { round: 1, len: 1 });
+    }
+    assert!(events(&mut a).contains(&AvgEvent::GroupFormed {
+        round: 1,
+        members: vec![id(A), id(B)]
+    }));
+}
+
+#[test]
+fn structurally_invalid_messages_are_rejected_and_own_messages_ignored() {
+    let mut b = node(B, &[A, B, C]);
+    b.start_round(ms(0), 1, vec![1.0]).expect("start");
+    b.handle_message(
+        ms(1),
+        id(A),
+        AvgMessage::Group {
+            round: 1,
+            len: 1,
+            members: vec![id(A), id(C), id(B)],
+        },
+    );
+    assert_eq!(rejections(&events(&mut b)).len(), 1);
+    b.handle_message(
+        ms(1),
+        id(B),
+        AvgMessage::Group {
+            round: 1,
+            len: 1,
+            members: vec![id(B)],
+        },
+    );
+    assert!(events(&mut b).is_empty());
+    assert_eq!(b.in_flight(), Some(1));
+}
+
+/// Random, mostly invalid traffic must never panic nor finish a round twice.
+#[test]
+fn random_traffic_never_panics_or_finishes_twice() {
+    let mut rng = Rng::new(99);
+    let pool: Vec<NodeId> = (1..=6).map(id).collect();
+    for trial in 0..40 {
+        let me = pool[trial % pool.len()];
+        let mut a = Averager::new(
+            me,
+            AveragingConfig {
+                join_window: ms(200),
+                group_timeout: ms(300),
+                reduce_timeout: ms(800),
+                retry_interval: ms(50),
+                max_group_size: 8,
+            },
+        );
+        a.set_peers(&pool);
+        let mut now = ms(0);
+        let mut started = 0u64;
+        let mut finishes = 0u64;
+        let mut round = 0u64;
+        for _ in 0..600 {
+            now += ms(rng.range(0..40));
+            if a.in_flight().is_none() && rng.chance(0.3) {
+                round += 1;
+                a.start_round(now, round, vec![1.0; 6]).expect("start");
+                started += 1;
+            }
+            let from = pool[rng.range(0..pool.len() as u64) as usize];
+            let r = round.saturating_sub(1) + rng.range(0..3);
+            let len = if rng.chance(0.8) { 6 } else { rng.range(0..9) };
+            let mut members: Vec<NodeId> =
+                pool.iter().copied().filter(|_| rng.chance(0.6)).collect();
+            if rng.chance(0.1) {
+                members.reverse();
+            }
+            let n = rng.range(0..9) as usize;
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    if rng.chance(0.05) {
+                        f32::NAN
+                    } else {
+                        rng.next_f64() as f32
+                    }
+                })
+                .collect();
+            let mut payload = forged(&values);
+            if rng.chance(0.1) {
+                payload.digest[0] ^= 1;
+            }
+            if rng.chance(0.1) {
+                payload.len += 1;
+            }
+            let msg = match rng.range(0..4) {
+                0 => AvgMessage::Join { round: r, len },
+                1 => AvgMessage::Group {
+                    round: r,
+                    len,
+                    members,
+                },
+                2 => AvgMessage::Part {
+                    round: r,
+                    part: rng.range(0..8) as u32,
+                    payload,
+                },
+                _ => AvgMessage::Reduced {
+                    round: r,
+                    part: rng.range(0..8) as u32,
+                    contributors: members,
+                    payload,
+                },
+            };
+            a.handle_message(now, from, msg);
+            if let Some(t) = a.poll_timeout() {
+                if t <= now {
+                    a.handle_timeout(now);
+                }
+            }
+            let _ = transmits(&mut a);
+            for e in events(&mut a) {
+                if let AvgEvent::Finished(o) = e {
+                    finishes += 1;
+                    assert_eq!(o.values.len(), 6);
+                    assert!(o.values.iter().all(|v| v.is_finite()));
+                    assert!(o.group.contains(&me));
+                }
+            }
+        }
+        assert!(finishes <= started);
+        assert!(finishes + 1 >= started, "a started round never finished");
+    }
+}

@@ -1,0 +1,25 @@
+//! Sans-IO, deterministic protocol core of p2ptrain.
+//!
+//! Everything peers say to each other and every decision they take from it lives here, with no
+//! I/O, no clock and no global randomness: time arrives as a `now: Duration` argument and
+//! randomness as seeds. That keeps the protocol reproducible, so it can be tested in the
+//! [`sim`] swarm simulator by seed, and lets the `node` crate drive it from any runtime, the
+//! way quinn drives `quinn-proto`.
+//!
+//! - [`id`]: peer identities ([`NodeId`]).
+//! - [`rng`]: the small seeded PRNG every randomised decision uses.
+//! - [`tensor`]: flat `f32` payloads with blake3 digests, and how vectors are split into parts.
+//! - [`wire`]: the versioned, size-limited, validating codec for every message.
+//! - [`shards`]: which peer trains on which sample (rendezvous hashing).
+//! - [`averaging`]: one averaging round: matchmaking and a butterfly all-reduce.
+//! - [`sim`]: a deterministic swarm simulator that drives many [`averaging::Averager`]s.
+
+pub mod averaging;
+pub mod id;
+pub mod rng;
+pub mod shards;
+pub mod sim;
+pub mod tensor;
+pub mod wire;
+
+pub use id::NodeId;

@@ -1,0 +1,518 @@
+//! The versioned wire format.
+//!
+//! Every message is a 2-byte little-endian protocol version followed by the postcard encoding
+//! of a [`Message`]. [`decode`] is the single gate for untrusted bytes: it refuses oversized
+//! input before parsing, a foreign version, a malformed or padded body, and content that no
+//! honest peer sends (bad digests, NaN/inf, unsorted or oversized id lists), so the state
+//! machines only ever see well-formed messages. It never panics on any byte string.
+
+use crate::averaging::{AvgMessage, MAX_GROUP_MEMBERS, MAX_VECTOR_LEN};
+use crate::tensor::TensorError;
+use serde::{Deserialize, Serialize};
+
+/// Version of the message format; bumped on any incompatible change so old and new peers
+/// refuse each other with a clear error instead of misreading bytes.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Hard limit on one encoded message (header included): bounds what a peer can make us
+/// buffer and parse.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Everything peers send to each other.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Message {
+    /// An averaging-round message.
+    Avg(AvgMessage),
+    /// A training-progress announcement.
+    Progress(Progress),
+}
+
+/// A node's gossip announcement of its training progress, so peers can tell who is alive and
+/// how far the swarm has come.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Progress {
+    /// The last averaging round the node finished.
+    pub round: u64,
+    /// Local optimizer steps taken.
+    pub step: u64,
+    /// Recent training loss (must be finite).
+    pub loss: f32,
+    /// Training samples processed.
+    pub samples: u64,
+}
+
+/// Why a message could not be encoded or was refused on receipt.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum WireError {
+    /// The message is larger than [`MAX_MESSAGE_BYTES`].
+    #[error(
+        "message of {size} bytes exceeds the {max}-byte limit; send large tensors in smaller parts"
+    )]
+    TooLarge {
+        /// Size of the message in bytes.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The peer speaks another protocol version.
+    #[error(
+        "peer speaks protocol version {got}, we speak {PROTOCOL_VERSION}; upgrade the older peer"
+    )]
+    Version {
+        /// The version in the message header.
+        got: u16,
+    },
+    /// The bytes are not a message of this version (truncated, garbage, trailing bytes).
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The message parsed but its content is invalid.
+    #[error("invalid message content: {0}")]
+    Content(#[from] ContentError),
+    /// Serialization failed while encoding (a bug, not a peer's fault).
+    #[error("could not encode message: {0}")]
+    Encode(String),
+}
+
+/// Content no honest peer sends, found by [`Message::validate`] / [`AvgMessage::validate`].
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ContentError {
+    /// A declared vector length beyond [`MAX_VECTOR_LEN`].
+    #[error("vector length {len} exceeds the maximum of {max} values")]
+    VectorTooLong {
+        /// The declared length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// An id list longer than [`MAX_GROUP_MEMBERS`].
+    #[error("{field} lists {count} peers, more than the maximum of {max}")]
+    TooManyIds {
+        /// Which list.
+        field: &'static str,
+        /// Its length.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An id list that must name at least one peer is empty.
+    #[error("{field} is empty")]
+    NoIds {
+        /// Which list.
+        field: &'static str,
+    },
+    /// An id list that is not strictly ascending (unsorted or with duplicates).
+    #[error("{field} must be sorted ascending without duplicates")]
+    IdsNotSorted {
+        /// Which list.
+        field: &'static str,
+    },
+    /// A part index no group can have.
+    #[error("part index {part} is out of range (groups have at most {max} parts)")]
+    PartOutOfRange {
+        /// The index.
+        part: u32,
+        /// The number of parts the largest group has.
+        max: usize,
+    },
+    /// A tensor payload failed its checks.
+    #[error("payload: {0}")]
+    Payload(#[from] TensorError),
+    /// A progress report with a NaN or infinite loss.
+    #[error("progress loss {loss} is not finite")]
+    NonFiniteLoss {
+        /// The reported loss.
+        loss: f32,
+    },
+}
+
+impl Progress {
+    /// Checks that the report is usable (finite loss).
+    pub fn validate(&self) -> Result<(), ContentError> {
+        if self.loss.is_finite() {
+            Ok(())
+        } else {
+            Err(ContentError::NonFiniteLoss { loss: self.loss })
+        }
+    }
+}
+
+impl Message {
+    /// Checks everything about the message that does not depend on receiver state: payload
+    /// digests and finiteness, vector lengths, id lists sorted, unique and bounded.
+    pub fn validate(&self) -> Result<(), ContentError> {
+        match self {
+            Message::Avg(m) => m.validate(),
+            Message::Progress(p) => p.validate(),
+        }
+    }
+}
+
+/// Checks a declared vector length against [`MAX_VECTOR_LEN`].
+pub(crate) fn check_vector_len(len: u64) -> Result<(), ContentError> {
+    if len > MAX_VECTOR_LEN {
+        return Err(ContentError::VectorTooLong {
+            len,
+            max: MAX_VECTOR_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a part index against the largest possible group.
+pub(crate) fn check_part(part: u32) -> Result<(), ContentError> {
+    if part as usize >= MAX_GROUP_MEMBERS {
+        return Err(ContentError::PartOutOfRange {
+            part,
+            max: MAX_GROUP_MEMBERS,
+        });
+    }
+    Ok(())
+}
+
+/// Checks an id list: non-empty, at most [`MAX_GROUP_MEMBERS`], strictly ascending.
+pub(crate) fn check_ids(field: &'static str, ids: &[crate::NodeId]) -> Result<(), ContentError> {
+    if ids.is_empty() {
+        return Err(ContentError::NoIds { field });
+    }
+    if ids.len() > MAX_GROUP_MEMBERS {
+        return Err(ContentError::TooManyIds {
+            field,
+            count: ids.len(),
+            max: MAX_GROUP_MEMBERS,
+        });
+    }
+    if ids.windows(2).any(|w| w.first() >= w.get(1)) {
+        return Err(ContentError::IdsNotSorted { field });
+    }
+    Ok(())
+}
+
+/// Encodes `msg` as version header + postcard body, refusing results over
+/// [`MAX_MESSAGE_BYTES`] so we never send what peers would refuse.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, WireError> {
+    let body = postcard::to_allocvec(msg).map_err(|e| WireError::Encode(e.to_string()))?;
+    let size = body.len().saturating_add(2);
+    if size > MAX_MESSAGE_BYTES {
+        return Err(WireError::TooLarge {
+            size,
+            max: MAX_MESSAGE_BYTES,
+        });
+    }
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes and validates a message from untrusted bytes. See the module docs for what is
+/// refused; never panics.
+pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            max: MAX_MESSAGE_BYTES,
+        });
+    }
+    let Some((header, body)) = bytes.split_first_chunk::<2>() else {
+        return Err(WireError::Malformed(format!(
+            "{} bytes is shorter than the 2-byte version header",
+            bytes.len()
+        )));
+    };
+    let got = u16::from_le_bytes(*header);
+    if got != PROTOCOL_VERSION {
+        return Err(WireError::Version { got });
+    }
+    let (msg, rest) = postcard::take_from_bytes::<Message>(body)
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(format!(
+            "{} unexpected bytes after the message",
+            rest.len()
+        )));
+    }
+    msg.validate()?;
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::tensor::Payload;
+    use crate::NodeId;
+
+    fn id(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Avg(AvgMessage::Join { round: 3, len: 10 }),
+            Message::Avg(AvgMessage::Group {
+                round: 3,
+                len: 10,
+                members: vec![id(1), id(2), id(5)],
+            }),
+            Message::Avg(AvgMessage::Part {
+                round: 3,
+                part: 1,
+                payload: Payload::from_f32(&[1.0, 2.0, 3.0]),
+            }),
+            Message::Avg(AvgMessage::Reduced {
+                round: 3,
+                part: 2,
+                contributors: vec![id(1), id(5)],
+                payload: Payload::from_f32(&[0.5, -0.25]),
+            }),
+            Message::Progress(Progress {
+                round: 1,
+                step: 200,
+                loss: 0.7,
+                samples: 25_600,
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_message_kind_roundtrips() {
+        for msg in samples() {
+            let bytes = encode(&msg).expect("encode");
+            assert_eq!(bytes[..2], PROTOCOL_VERSION.to_le_bytes());
+            assert_eq!(decode(&bytes), Ok(msg));
+        }
+    }
+
+    #[test]
+    fn payload_bytes_are_one_blob_on_the_wire() {
+        let values: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        let msg = Message::Avg(AvgMessage::Part {
+            round: 1,
+            part: 0,
+            payload: Payload::from_f32(&values),
+        });
+        let bytes = encode(&msg).expect("encode");
+        // header 2 + variant tags 2 + round 1 + part 1 + len 2 + encoding 1 + blob len 2
+        // + 4000 bytes + digest 32.
+        assert_eq!(bytes.len(), 2 + 2 + 1 + 1 + 2 + 1 + 2 + 4000 + 32);
+    }
+
+    #[test]
+    fn wrong_version_short_input_and_trailing_bytes_are_refused() {
+        let mut bytes = encode(&samples()[0]).expect("encode");
+        bytes[0] = 2;
+        assert_eq!(decode(&bytes), Err(WireError::Version { got: 2 }));
+        assert!(matches!(decode(&[]), Err(WireError::Malformed(_))));
+        assert!(matches!(decode(&[1]), Err(WireError::Malformed(_))));
+        assert!(matches!(decode(&[1, 0]), Err(WireError::Malformed(_))));
+        let mut bytes = encode(&samples()[0]).expect("encode");
+        bytes.push(0);
+        assert!(matches!(decode(&bytes), Err(WireError::Malformed(_))));
+    }
+
+    #[test]
+    fn too_large_input_is_refused_before_parsing() {
+        let bytes = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        assert_eq!(
+            decode(&bytes),
+            Err(WireError::TooLarge {
+                size: MAX_MESSAGE_BYTES + 1,
+                max: MAX_MESSAGE_BYTES
+            })
+        );
+    }
+
+    #[test]
+    fn encode_refuses_oversized_messages() {
+        let values = vec![0.0f32; MAX_MESSAGE_BYTES / 4];
+        let msg = Message::Avg(AvgMessage::Part {
+            round: 1,
+            part: 0,
+            payload: Payload::from_f32(&values),
+        });
+        assert!(matches!(encode(&msg), Err(WireError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn content_validation_rejects_what_honest_peers_never_send() {
+        let mut bad_digest = Payload::from_f32(&[1.0, 2.0]);
+        bad_digest.bytes.0[0] ^= 1;
+        let cases: Vec<(Message, ContentError)> = vec![
+            (
+                Message::Avg(AvgMessage::Part {
+                    round: 1,
+                    part: 0,
+                    payload: bad_digest,
+                }),
+                ContentError::Payload(TensorError::DigestMismatch),
+            ),
+            (
+                Message::Avg(AvgMessage::Reduced {
+                    round: 1,
+                    part: 0,
+                    contributors: vec![id(1)],
+                    payload: Payload::from_f32(&[f32::NAN]),
+                }),
+                ContentError::Payload(TensorError::NonFinite { index: 0 }),
+            ),
+            (
+                Message::Avg(AvgMessage::Group {
+                    round: 1,
+                    len: 4,
+                    members: vec![id(1), id(1)],
+                }),
+                ContentError::IdsNotSorted { field: "members" },
+            ),
+            (
+                Message::Avg(AvgMessage::Group {
+                    round: 1,
+                    len: 4,
+                    members: vec![id(2), id(1)],
+                }),
+                ContentError::IdsNotSorted { field: "members" },
+            ),
+            (
+                Message::Avg(AvgMessage::Group {
+                    round: 1,
+                    len: 4,
+                    members: vec![],
+                }),
+                ContentError::NoIds { field: "members" },
+            ),
+            (
+                Message::Avg(AvgMessage::Reduced {
+                    round: 1,
+                    part: 0,
+                    contributors: (0..=MAX_GROUP_MEMBERS as u32)
+                        .map(|i| {
+                            let mut b = [0u8; 32];
+                            b[..4].copy_from_slice(&i.to_be_bytes());
+                            NodeId(b)
+                        })
+                        .collect(),
+                    payload: Payload::from_f32(&[]),
+                }),
+                ContentError::TooManyIds {
+                    field: "contributors",
+                    count: MAX_GROUP_MEMBERS + 1,
+                    max: MAX_GROUP_MEMBERS,
+                },
+            ),
+            (
+                Message::Avg(AvgMessage::Part {
+                    round: 1,
+                    part: MAX_GROUP_MEMBERS as u32,
+                    payload: Payload::from_f32(&[]),
+                }),
+                ContentError::PartOutOfRange {
+                    part: MAX_GROUP_MEMBERS as u32,
+                    max: MAX_GROUP_MEMBERS,
+                },
+            ),
+            (
+                Message::Avg(AvgMessage::Join {
+                    round: 1,
+                    len: MAX_VECTOR_LEN + 1,
+                }),
+                ContentError::VectorTooLong {
+                    len: MAX_VECTOR_LEN + 1,
+                    max: MAX_VECTOR_LEN,
+                },
+            ),
+            (
+                Message::Progress(Progress {
+                    round: 1,
+                    step: 1,
+                    loss: f32::INFINITY,
+                    samples: 1,
+                }),
+                ContentError::NonFiniteLoss {
+                    loss: f32::INFINITY,
+                },
+            ),
+        ];
+        for (msg, want) in cases {
+            let bytes = encode(&msg).expect("encode does not validate content");
+            assert_eq!(decode(&bytes), Err(WireError::Content(want)), "{msg:?}");
+        }
+    }
+
+    /// Decoding must never panic, whatever the bytes; and whatever it accepts must be valid
+    /// and re-encode to a message that decodes to the same value.
+    fn decode_survives(bytes: &[u8]) -> bool {
+        match decode(bytes) {
+            Ok(msg) => {
+                assert_eq!(msg.validate(), Ok(()));
+                let again = encode(&msg).expect("re-encode an accepted message");
+                assert_eq!(decode(&again), Ok(msg));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    #[test]
+    fn decode_never_panics_on_random_truncated_or_bit_flipped_input() {
+        let mut rng = Rng::new(0xdec0de);
+        let valid: Vec<Vec<u8>> = samples()
+            .iter()
+            .map(|m| encode(m).expect("encode"))
+            .collect();
+        let mut cases = 0u32;
+        let mut accepted = 0u32;
+        // Pure noise, with and without a correct version header.
+        for _ in 0..4000 {
+            let len = rng.range(0..200) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            if rng.chance(0.7) && bytes.len() >= 2 {
+                bytes[..2].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+            }
+            accepted += u32::from(decode_survives(&bytes));
+            cases += 1;
+        }
+        // Every truncation of every valid message: all must be refused.
+        for bytes in &valid {
+            for cut in 0..bytes.len() {
+                assert!(!decode_survives(&bytes[..cut]), "accepted a truncation");
+                cases += 1;
+            }
+        }
+        // Random bit flips and byte overwrites of valid messages.
+        for _ in 0..6000 {
+            let mut bytes = valid[rng.range(0..valid.len() as u64) as usize].clone();
+            let flips = rng.range(1..4);
+            for _ in 0..flips {
+                let at = rng.range(0..bytes.len() as u64) as usize;
+                if rng.chance(0.5) {
+                    bytes[at] ^= 1 << rng.range(0..8);
+                } else {
+                    bytes[at] = rng.next_u64() as u8;
+                }
+            }
+            accepted += u32::from(decode_survives(&bytes));
+            cases += 1;
+        }
+        assert!(cases > 10_000);
+        // Flips in ids, rounds or the loss can still produce valid messages; most must not be.
+        assert!(accepted < cases / 2, "accepted {accepted} of {cases}");
+    }
+
+    #[test]
+    fn a_flip_inside_payload_bytes_is_always_caught() {
+        let msg = Message::Avg(AvgMessage::Part {
+            round: 9,
+            part: 0,
+            payload: Payload::from_f32(&[1.0, 2.0, 3.0, 4.0]),
+        });
+        let bytes = encode(&msg).expect("encode");
+        // Payload bytes sit right before the 32-byte digest at the end.
+        let start = bytes.len() - 32 - 16;
+        for at in start..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[at] ^= 1 << bit;
+                assert!(decode(&b).is_err(), "flip at byte {at} bit {bit} accepted");
+            }
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! Averaging rounds in the deterministic swarm simulator: loss, crashes, partitions.
+//!
+//! Every test is deterministic by seed. The central check, [`check_outcome`], recomputes
+//! independently what each part must hold: the f64 sum of the contributors' initial values
+//! in ascending-id order, divided by their count, cast to f32, compared bit for bit.
+
+use p2ptrain_protocol::averaging::{AveragingConfig, AvgEvent, RoundOutcome};
+use p2ptrain_protocol::rng::Rng;
+use p2ptrain_protocol::sim::{Sim, SimConfig};
+use p2ptrain_protocol::tensor::split_ranges;
+use p2ptrain_protocol::NodeId;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const LEN: usize = 1000;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// Latest finish of a round started at `start`: give-up or formation bound plus reduce.
+fn round_bound(cfg: &AveragingConfig, start: Duration) -> Duration {
+    start + cfg.join_window + cfg.group_timeout + cfg.reduce_timeout
+}
+
+fn initial_values(seed: u64, peers: usize) -> Vec<Vec<f32>> {
+    let mut rng = Rng::new(seed);
+    (0..peers)
+        .map(|_| {
+            (0..LEN)
+                .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * 100.0)
+                .collect()
+        })
+        .collect()
+}
+
+fn peer_of(ids: &[NodeId], id: NodeId) -> usize {
+    ids.iter().position(|x| *x == id).expect("a sim id")
+}
+
+/// The protocol's mean, recomputed here from the initial vectors.
+fn expected_mean(
+    ids: &[NodeId],
+    initial: &[Vec<f32>],
+    contributors: &[NodeId],
+    range: std::ops::Range<usize>,
+) -> Vec<f32> {
+    let mut sorted = contributors.to_vec();
+    sorted.sort();
+    range
+        .map(|i| {
+            let mut sum = 0f64;
+            for c in &sorted {
+                sum += f64::from(initial[peer_of(ids, *c)][i]);
+            }
+            (sum / sorted.len() as f64) as f32
+        })
+        .collect()
+}
+
+/// Every invariant one outcome must satisfy.
+fn check_outcome(ids: &[NodeId], initial: &[Vec<f32>], peer: usize, o: &RoundOutcome) {
+    let me = ids[peer];
+    assert!(o.group.windows(2).all(|w| w[0] < w[1]), "group not sorted");
+    assert!(o.group.contains(&me), "own group lacks me");
+    assert_eq!(o.values.len(), LEN);
+    let ranges: Vec<_> = o.parts.iter().map(|p| p.range.clone()).collect();
+    assert_eq!(ranges, split_ranges(LEN, o.group.len()));
+    for (k, part) in o.parts.iter().enumerate() {
+        assert!(!part.contributors.is_empty());
+        assert!(part.contributors.windows(2).all(|w| w[0] < w[1]));
+        assert!(
+            part.contributors.iter().all(|c| o.group.contains(c)),
+            "contributors outside the group"
+        );
+        if !part.averaged {
+            assert_eq!(part.contributors, vec![me]);
+        }
+        let want = expected_mean(ids, initial, &part.contributors, part.range.clone());
+        let got = &o.values[part.range.clone()];
+        let same = want
+            .iter()
+            .zip(got)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "peer {peer} round {} part {k}: values are not the exact mean of {:?}",
+            o.round, part.contributors
+        );
+    }
+    assert!(!o.dropped.contains(&me));
+    assert!(o.dropped.iter().all(|d| o.group.contains(d)));
+}
+
+fn rejections(sim: &Sim, peer: usize) -> usize {
+    sim.events(peer)
+        .iter()
+        .filter(|(_, e)| matches!(e, AvgEvent::Rejected { .. }))
+        .count()
+}
+
+fn finish_time(sim: &Sim, peer: usize, round: u64) -> Option<Duration> {
+    sim.events(peer).iter().find_map(|(t, e)| match e {
+        AvgEvent::Finished(o) if o.round == round => Some(*t),
+        _ => None,
+    })
+}
+
+fn lossy(seed: u64, loss: f64) -> SimConfig {
+    SimConfig {
+        peers: 16,
+        seed,
+        latency: (ms(1), ms(50)),
+        loss,
+        averaging: AveragingConfig::default(),
+    }
+}
+
+fn run_one_round(cfg: SimConfig) -> (Sim, Vec<Vec<f32>>) {
+    let mut sim = Sim::new(cfg.clone());
+    let initial = initial_values(cfg.seed, cfg.peers);
+    for (p, v) in initial.iter().enumerate() {
+        sim.start_round(p, ms(0), 1, v.clone());
+    }
+    sim.run_until(round_bound(&cfg.averaging, ms(0)));
+    (sim, initial)
+}
+
+#[test]
+fn ten_percent_loss_everyone_averages_everything_exactly() {
+    let (sim, initial) = run_one_round(lossy(11, 0.1));
+    let ids = sim.ids().to_vec();
+    let all: Vec<NodeId> = ids
+        .iter()
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let reference = sim.outcomes(0)[0].values.clone();
+    for p in 0..16 {
+        let outs = sim.outcomes(p);
+        assert_eq!(outs.len(), 1, "peer {p} finished {} times", outs.len());
+        let o = &outs[0];
+        check_outcome(&ids, &initial, p, o);
+        assert_eq!(o.group, all, "peer {p} not in the full group");
+        for part in &o.parts {
+            assert!(
+                part.averaged && part.contributors == all,
+                "peer {p}: {part:?}"
+            );
+        }
+        assert!(o.dropped.is_empty());
+        // Everyone ends with the same vector.
+        assert_eq!(o.values, reference);
+        assert_eq!(rejections(&sim, p), 0, "honest traffic was rejected");
+        assert_eq!(sim.averager(p).and_then(|a| a.in_flight()), None);
+    }
+    // Retransmission must not turn into a storm: a clean round is 15 Joins x 15 + Group x 15
+    // + 2 x 16 x 15 tensor messages = 705 copies.
+    assert!(
+        sim.messages_sent() < 3_000,
+        "{} messages",
+        sim.messages_sent()
+    );
+}
+
+#[test]
+fn same_seed_same_run_other_seed_other_run() {
+    let (a, _) = run_one_round(lossy(5, 0.2));
+    let (b, _) = run_one_round(lossy(5, 0.2));
+    let (c, _) = run_one_round(lossy(6, 0.2));
+    assert_eq!(a.messages_sent(), b.messages_sent());
+    for p in 0..16 {
+        assert_eq!(a.events(p), b.events(p));
+        assert_eq!(a.outcomes(p), b.outcomes(p));
+    }
+    let differs = a.messages_sent() != c.messages_sent()
+        || (0..16).any(|p| a.events(p).len() != c.events(p).len())
+        || (0..16).any(|p| a.events(p).first().map(|e| e.0) != c.events(p).first().map(|e| e.0));
+    assert!(differs, "a different seed gave the same run");
+}
+
+#[test]
+fn thirty_percent_loss_and_two_crashed_members_still_terminate() {
+    let cfg = lossy(21, 0.3);
+    let mut sim = Sim::new(cfg.clone());
+    let ids = sim.ids().to_vec();
+    let leader = (0..16).min_by_key(|&p| ids[p]).expect("peers");
+    // Two non-leaders crash 1 ms in: their first Join may be out, no Group can reach them.
+    let crashed: Vec<usize> = (0..16).filter(|&p| p != leader).take(2).collect();
+    let initial = initial_values(cfg.seed, 16);
+    for (p, v) in initial.iter().enumerate() {
+        sim.start_round(p, ms(0), 1, v.clone());
+    }
+    for &p in &crashed {
+        sim.crash(ms(1), p);
+    }
+    sim.run_until(round_bound(&cfg.averaging, ms(0)));
+    let crashed_ids: Vec<NodeId> = crashed.iter().map(|&p| ids[p]).collect();
+    let mut averaged_parts = 0;
+    for p in 0..16 {
+        if crashed.contains(&p) {
+            assert!(sim.outcomes(p).is_empty());
+            continue;
+        }
+        assert_eq!(
+            sim.outcomes(p).len(),
+            1,
+            "survivor {p} did not finish in time"
+        );
+        let o = &sim.outcomes(p)[0];
+        check_outcome(&ids, &initial, p, o);
+        for (part, reducer) in o.parts.iter().zip(&o.group) {
+            assert!(
+                part.contributors.iter().all(|c| !crashed_ids.contains(c)),
+                "a peer that crashed before the group formed contributed"
+            );
+            averaged_parts += usize::from(part.averaged);
+            // A crashed member never reduces its part.
+            if crashed_ids.contains(reducer) {
+                assert!(!part.averaged);
+            }
+        }
+        for c in &crashed_ids {
+            if o.group.contains(c) {
+                assert!(o.dropped.contains(c), "crashed member not reported dropped");
+            }
+        }
+        assert_eq!(rejections(&sim, p), 0);
+    }
+    // 14 survivors: with 30% loss the bulk of the parts must still be averaged.
+    assert!(
+        averaged_parts >= 14 * 10,
+        "only {averaged_parts} parts averaged"
+    );
+}
+
+#[test]
+fn a_crashed_leader_leaves_everyone_alone_by_the_group_timeout() {
+    let cfg = lossy(31, 0.0);
+    let mut sim = Sim::new(cfg.clone());
+    let ids = sim.ids().to_vec();
+    let leader = (0..16).min_by_key(|&p| ids[p]).expect("peers");
+    let initial = initial_values(cfg.seed, 16);
+    for (p, v) in initial.iter().enumerate() {
+        sim.start_round(p, ms(0), 1, v.clone());
+    }
+    sim.crash(ms(0), leader);
+    sim.run_until(round_bound(&cfg.averaging, ms(0)));
+    let give_up = cfg.averaging.join_window + cfg.averaging.group_timeout;
+    for p in (0..16).filter(|&p| p != leader) {
+        let o = &sim.outcomes(p)[0];
+        assert_eq!(o.group, vec![ids[p]]);
+        assert_eq!(o.values, initial[p]);
+        assert_eq!(finish_time(&sim, p, 1), Some(give_up));
+    }
+}
+
+#[test]
+fn a_third_of_the_peers_crash_at_random_times_under_thirty_percent_loss() {
+    for seed in [41, 42, 43] {
+        let cfg = lossy(seed, 0.3);
+        let mut sim = Sim::new(cfg.clone());
+        let ids = sim.ids().to_vec();
+        let initial = initial_values(seed, 16);
+        for (p, v) in initial.iter().enumerate() {
+            sim.start_round(p, ms(0), 1, v.clone());
+        }
+        let mut rng = Rng::new(seed);
+        let mut crashed: Vec<usize> = (0..16).collect();
+        rng.shuffle(&mut crashed);
+        crashed.truncate(5);
+        for &p in &crashed {
+            sim.crash(ms(rng.range(0..3_000)), p);
+        }
+        sim.run_until(round_bound(&cfg.averaging, ms(0)));
+        for p in 0..16 {
+            let outs = sim.outcomes(p);
+            if crashed.contains(&p) {
+                assert!(outs.len() <= 1);
+            } else {
+                assert_eq!(outs.len(), 1, "seed {seed}: survivor {p} did not finish");
+            }
+            for o in outs {
+                check_outcome(&ids, &initial, p, o);
+            }
+            assert_eq!(rejections(&sim, p), 0);
+        }
+    }
+}
+
+#[test]
+fn a_reducer_that_crashes_after_contributing_leaves_its_part_local() {
+    // Fixed 10 ms latency, no loss: Joins land at 10 ms, the leader closes and its Group
+    // lands at 20 ms, every member's Parts at 30 ms. The victim crashes at 25 ms: its own
+    // Parts are already on the wire, but it never reduces its part.
+    let cfg = SimConfig {
+        peers: 8,
+        seed: 51,
+        latency: (ms(10), ms(10)),
+        loss: 0.0,
+        averaging: AveragingConfig::default(),
+    };
+    let mut sim = Sim::new(cfg.clone());
+    let ids = sim.ids().to_vec();
+    let all: Vec<NodeId> = ids
+        .iter()
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let initial = initial_values(cfg.seed, 8);
+    for (p, v) in initial.iter().enumerate() {
+        sim.start_round(p, ms(0), 1, v.clone());
+    }
+    let victim_id = all[3];
+    let victim = peer_of(&ids, victim_id);
+    sim.crash(ms(25), victim);
+    sim.run_until(round_bound(&cfg.averaging, ms(0)));
+    for p in (0..8).filter(|&p| p != victim) {
+        let o = &sim.outcomes(p)[0];
+        check_outcome(&ids, &initial, p, o);
+        assert_eq!(o.group, all);
+        for (k, part) in o.parts.iter().enumerate() {
+            if k == 3 {
+                assert!(!part.averaged);
+                assert_eq!(o.values[part.range.clone()], initial[p][part.range.clone()]);
+            } else {
+                assert!(part.averaged);
+                assert_eq!(part.contributors, all, "the victim's Parts count");
+            }
+        }
+        assert_eq!(o.dropped, vec![victim_id]);
+        // Members wait for the missing part until the reduce deadline.
+        let t = finish_time(&sim, p, 1).expect("finished");
+        assert!(t >= AveragingConfig::default().reduce_timeout, "{t:?}");
+    }
+    assert!(sim.outcomes(victim).is_empty());
+}
+
+#[test]
+fn a_partition_that_heals_across_three_rounds() {
+    let cfg = lossy(61, 0.05);
+    let mut sim = Sim::new(cfg.clone());
+    let ids = sim.ids().to_vec();
+    let left: Vec<usize> = (0..8).collect();
+    let right: Vec<usize> = (8..16).collect();
+    let starts = [secs(0), secs(20), secs(40)];
+    // Round 1 entirely split; round 3 split only for its first 0.8 s of matchmaking.
+    sim.partition(secs(0), secs(18), vec![left.clone(), right.clone()]);
+    sim.partition(secs(40), ms(40_800), vec![left.clone(), right.clone()]);
+    let initial: Vec<Vec<Vec<f32>>> = (0..3).map(|r| initial_values(100 + r, 16)).collect();
+    for ((r, start), values) in starts.iter().enumerate().zip(&initial) {
+        for (p, v) in values.iter().enumerate() {
+            sim.start_round(p, *start, r as u64 + 1, v.clone());
+        }
+    }
+    sim.run_until(round_bound(&cfg.averaging, starts[2]));
+    let side_ids = |side: &[usize]| -> BTreeSet<NodeId> { side.iter().map(|&p| ids[p]).collect() };
+    let all: Vec<NodeId> = ids
+        .iter()
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for p in 0..16 {
+        let outs = sim.outcomes(p);
+        let rounds: Vec<u64> = outs.iter().map(|o| o.round).collect();
+        assert_eq!(rounds, vec![1, 2, 3], "peer {p}");
+        for (r, o) in outs.iter().enumerate() {
+            check_outcome(&ids, &initial[r], p, o);
+        }
+        let mine = side_ids(if p < 8 { &left } else { &right });
+        let r1: BTreeSet<NodeId> = outs[0].group.iter().copied().collect();
+        assert_eq!(r1, mine, "round 1 groups follow the partition");
+        assert!(outs[0].parts.iter().all(|q| q.averaged));
+        assert_eq!(outs[1].group, all, "round 2 after healing is one group");
+        assert_eq!(outs[2].group, all, "round 3 heals during matchmaking");
+        assert!(outs[2]
+            .parts
+            .iter()
+            .all(|q| q.averaged && q.contributors == all));
+        assert_eq!(rejections(&sim, p), 0);
+    }
+}
+
+#[test]
+fn a_small_group_limit_leaves_the_rest_alone_promptly() {
+    let cfg = SimConfig {
+        peers: 8,
+        seed: 71,
+        latency: (ms(1), ms(50)),
+        loss: 0.0,
+        averaging: AveragingConfig {
+            max_group_size: 4,
+            ..AveragingConfig::default()
+        },
+    };
+    let (sim, initial) = run_one_round(cfg);
+    let ids = sim.ids().to_vec();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    for p in 0..8 {
+        let o = &sim.outcomes(p)[0];
+        check_outcome(&ids, &initial, p, o);
+        if sorted[..4].contains(&ids[p]) {
+            assert_eq!(o.group, sorted[..4].to_vec());
+        } else {
+            assert_eq!(o.group, vec![ids[p]]);
+            // They learn from the leader's Group, not from the group timeout.
+            assert!(finish_time(&sim, p, 1) < Some(ms(500)));
+        }
+    }
+}
+
+#[test]
+fn a_late_starter_learns_it_is_out_from_the_leader() {
+    let cfg = SimConfig {
+        peers: 4,
+        seed: 81,
+        latency: (ms(1), ms(50)),
+        loss: 0.0,
+        averaging: AveragingConfig::default(),
+    };
+    let mut sim = Sim::new(cfg.clone());
+    let ids = sim.ids().to_vec();
+    let leader = (0..4).min_by_key(|&p| ids[p]).expect("peers");
+    let late = (0..4).find(|&p| p != leader).expect("peers");
+    let initial = initial_values(cfg.seed, 4);
+    for (p, v) in initial.iter().enumerate() {
+        let at = if p == late { secs(3) } else { ms(0) };
+        sim.start_round(p, at, 1, v.clone());
+    }
+    sim.run_until(round_bound(&cfg.averaging, secs(3)));
+    let o = &sim.outcomes(late)[0];
+    assert_eq!(o.group, vec![ids[late]]);
+    let t = finish_time(&sim, late, 1).expect("finished");
+    assert!(t < ms(3_200), "late peer waited until {t:?}");
+    let g = &sim.outcomes(leader)[0];
+    assert_eq!(g.group.len(), 3);
+    check_outcome(&ids, &initial, leader, g);
+}

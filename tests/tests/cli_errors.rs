@@ -1,0 +1,107 @@
+//! Bad flags and bad data end in a one-line error naming the problem and a non-zero exit.
+
+use p2ptrain_tests::run;
+
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let out = run(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: expected one line, got:\n{stderr}"
+    );
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: {:?} lacks {needle:?}",
+        lines[0]
+    );
+}
+
+#[test]
+fn unknown_flag() {
+    assert_one_line_error(&["node", "--frobnicate"], "--frobnicate");
+}
+
+#[test]
+fn bad_numbers() {
+    assert_one_line_error(&["node", "--batch-size", "0"], "--batch-size");
+    assert_one_line_error(&["node", "--lr", "-1"], "learning rate");
+    assert_one_line_error(&["testnet", "--nodes", "abc"], "--nodes");
+    assert_one_line_error(&["node", "--model", "resnet"], "resnet");
+    assert_one_line_error(&["node", "--device", "tpu"], "tpu");
+}
+
+#[test]
+fn bad_multiaddrs() {
+    assert_one_line_error(
+        &["node", "--bootstrap", "not-an-addr"],
+        "not a valid multiaddr",
+    );
+    assert_one_line_error(
+        &["node", "--bootstrap", "/ip4/127.0.0.1/udp/4001/quic-v1"],
+        "lacks the peer id",
+    );
+    assert_one_line_error(
+        &["node", "--listen", "/ip4/127.0.0.1/tcp/4001"],
+        "not a QUIC address",
+    );
+}
+
+#[test]
+fn missing_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    assert_one_line_error(
+        &["node", "--data", missing.to_str().unwrap(), "--no-mdns"],
+        "nope",
+    );
+}
+
+#[test]
+fn corrupt_data_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
+        std::fs::write(dir.path().join(name), b"\x00\x00\x08\x03garbage").unwrap();
+    }
+    assert_one_line_error(
+        &[
+            "testnet",
+            "--nodes",
+            "2",
+            "--data",
+            dir.path().to_str().unwrap(),
+        ],
+        "train-images-idx3-ubyte",
+    );
+}
+
+#[test]
+fn help_explains_every_flag() {
+    for sub in ["node", "testnet"] {
+        let out = run(&[sub, "--help"]);
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        for flag in [
+            "--model",
+            "--data",
+            "--batch-size",
+            "--lr",
+            "--steps",
+            "--epochs",
+            "--device",
+        ] {
+            assert!(help.contains(flag), "{sub} --help lacks {flag}");
+        }
+    }
+    let node_help = String::from_utf8_lossy(&run(&["node", "--help"]).stdout).to_string();
+    for flag in ["--swarm", "--listen", "--bootstrap", "--no-mdns", "--key"] {
+        assert!(node_help.contains(flag), "node --help lacks {flag}");
+    }
+}

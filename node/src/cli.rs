@@ -13,7 +13,6 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
-use p2ptrain_protocol::averaging::AveragingConfig;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,8 +61,9 @@ pub struct TrainArgs {
     /// Samples per local step.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub batch_size: u64,
-    /// Learning rate of the local Adam optimizer.
-    #[arg(long, default_value_t = 1e-3, value_parser = parse_lr)]
+    /// Learning rate of the local Adam optimizer (above the usual 0.001: averaging
+    /// every few steps shrinks each peer's effective step).
+    #[arg(long, default_value_t = 3e-3, value_parser = parse_lr)]
     pub lr: f64,
     /// Local steps per node (overrides --epochs).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -74,6 +74,12 @@ pub struct TrainArgs {
     /// Local steps between averaging rounds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub average_every: u64,
+    /// Seconds the round leader waits for stragglers before averaging without them.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_secs)]
+    pub join_window_secs: f64,
+    /// Seconds an all-reduce may take before silent members are dropped from the round.
+    #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
+    pub reduce_timeout_secs: f64,
     /// Compute device: cpu, or cuda (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
@@ -146,6 +152,17 @@ fn parse_epochs(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err(format!("epochs must be in (0, 10000], got {v}"))
+    }
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if v.is_finite() && v > 0.0 && v <= 86_400.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be between 0 and 86400 seconds, got {v}"))
     }
 }
 
@@ -297,7 +314,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             average_every: args.train.average_every,
             samples_per_step: args.train.batch_size,
         },
-        averaging: AveragingConfig::default(),
+        averaging: driver::network_averaging(
+            Duration::from_secs_f64(args.train.join_window_secs),
+            Duration::from_secs_f64(args.train.reduce_timeout_secs),
+        ),
         seed,
         linger: Duration::from_secs(args.linger_secs),
     };

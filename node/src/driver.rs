@@ -56,6 +56,23 @@ impl Schedule {
     }
 }
 
+/// Round deadlines for real networks.
+///
+/// The leader closes a group as soon as every live peer has joined, so a long
+/// join window costs nothing when peers are healthy; it only bounds the wait
+/// for a straggler. QUIC already delivers reliably, so retransmits only
+/// matter after a broken connection and are kept rare: a full parameter part
+/// re-sent too eagerly would double the traffic of a slow link.
+pub fn network_averaging(join_window: Duration, reduce_timeout: Duration) -> AveragingConfig {
+    AveragingConfig {
+        join_window,
+        group_timeout: join_window * 2,
+        reduce_timeout,
+        retry_interval: (reduce_timeout / 3).max(Duration::from_millis(100)),
+        ..AveragingConfig::default()
+    }
+}
+
 /// Everything a node needs to run, apart from its identity and task.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

@@ -62,6 +62,10 @@ fn train_flags(t: &TrainArgs) -> Vec<String> {
         t.epochs.to_string(),
         "--average-every".into(),
         t.average_every.to_string(),
+        "--join-window-secs".into(),
+        t.join_window_secs.to_string(),
+        "--reduce-timeout-secs".into(),
+        t.reduce_timeout_secs.to_string(),
         "--device".into(),
         t.device.to_string(),
     ];

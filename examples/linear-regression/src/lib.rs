@@ -10,17 +10,15 @@
 //! converges to the closed-form least-squares solution.
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
 use p2ptrain_node::driver::{self, Budget, FinalReport, NodeConfig, NodeEvent, Schedule};
 use p2ptrain_node::net::NetConfig;
 use p2ptrain_node::task::{validate_params, EvalStats, Shard, StepStats, Task, TaskError};
 use p2ptrain_node::train::params;
-use p2ptrain_protocol::averaging::AveragingConfig;
 use p2ptrain_protocol::rng::Rng;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -206,7 +204,7 @@ impl<B: AutodiffBackend> Task for LinearTask<B> {
         let residual = self.model.forward(x) - y;
         let weight = self.shard.peers as f64 / (2.0 * p.n as f64);
         let loss = residual.powf_scalar(2.0).sum().mul_scalar(weight);
-        let loss_value = loss.clone().into_scalar().into();
+        let loss_value: f32 = loss.clone().into_scalar().elem();
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         self.model = self.optim.step(self.lr, self.model.clone(), grads);
         Ok(StepStats {
@@ -258,7 +256,10 @@ pub async fn run_swarm(
             average_every: 1,
             samples_per_step: problem.n as u64,
         },
-        averaging: AveragingConfig::default(),
+        // Generous: debug builds of four swarms in one process on a busy CI
+        // machine can be slow, and a straggler left out of a round would
+        // take a biased step on its own shard.
+        averaging: driver::network_averaging(Duration::from_secs(20), Duration::from_secs(30)),
         seed: 7,
         linger: Duration::from_secs(2),
     };

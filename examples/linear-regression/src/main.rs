@@ -13,7 +13,15 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let problem = Arc::new(Problem::synthetic(2000, 8, 0.1, 42));
     let exact = problem.closed_form();
-    let outcome = run_swarm(problem.clone(), 4, 80, 0.5).await?;
+    let nodes = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let steps = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(80);
+    let outcome = run_swarm(problem.clone(), nodes, steps, 0.5).await?;
     println!("closed form : {}", fmt(&exact));
     for (i, learned) in outcome.learned.iter().enumerate() {
         println!(

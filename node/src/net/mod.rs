@@ -303,15 +303,13 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.connected.remove(&peer_id);
-                    if self.members.remove(&peer_id) {
-                        info!(peer = %peer_id, "member left");
-                        self.emit(NetEvent::PeerLeft(peer_id)).await;
-                    }
+                self.connected.remove(&peer_id);
+                if self.members.remove(&peer_id) {
+                    info!(peer = %peer_id, "member left");
+                    self.emit(NetEvent::PeerLeft(peer_id)).await;
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -325,19 +323,15 @@ impl EventLoop {
     async fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
-                if topic == self.topic.hash() =>
+                if topic == self.topic.hash() && self.members.insert(peer_id) =>
             {
-                if self.members.insert(peer_id) {
-                    info!(peer = %peer_id, "member joined");
-                    self.emit(NetEvent::PeerJoined(peer_id)).await;
-                }
+                info!(peer = %peer_id, "member joined");
+                self.emit(NetEvent::PeerJoined(peer_id)).await;
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic })
-                if topic == self.topic.hash() =>
+                if topic == self.topic.hash() && self.members.remove(&peer_id) =>
             {
-                if self.members.remove(&peer_id) {
-                    self.emit(NetEvent::PeerLeft(peer_id)).await;
-                }
+                self.emit(NetEvent::PeerLeft(peer_id)).await;
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
                 let Some(from) = message.source else {
@@ -356,30 +350,32 @@ impl EventLoop {
                 })
                 .await;
             }
-            BehaviourEvent::Direct(request_response::Event::Message { peer, message, .. }) => {
-                if let request_response::Message::Request {
-                    request, channel, ..
-                } = message
-                {
-                    // Acknowledge receipt; the protocol's own messages carry meaning.
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .direct
-                        .send_response(channel, Vec::new());
-                    if !self.members.contains(&peer) {
-                        debug!(%peer, "direct message from a non-member ignored");
-                        return;
-                    }
-                    self.stats
-                        .bytes_received
-                        .fetch_add(request.len() as u64, Ordering::Relaxed);
-                    self.emit(NetEvent::Message {
-                        from: peer,
-                        bytes: request,
-                    })
-                    .await;
+            BehaviourEvent::Direct(request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            }) => {
+                // Acknowledge receipt; the protocol's own messages carry meaning.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .direct
+                    .send_response(channel, Vec::new());
+                if !self.members.contains(&peer) {
+                    debug!(%peer, "direct message from a non-member ignored");
+                    return;
                 }
+                self.stats
+                    .bytes_received
+                    .fetch_add(request.len() as u64, Ordering::Relaxed);
+                self.emit(NetEvent::Message {
+                    from: peer,
+                    bytes: request,
+                })
+                .await;
             }
             BehaviourEvent::Direct(request_response::Event::OutboundFailure {
                 peer,
@@ -408,13 +404,13 @@ impl EventLoop {
                     }
                 }
             }
-            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
-                // Bootstrapping from one peer teaches us the rest: connect to
-                // every peer Kademlia hears of so gossip reaches the whole swarm.
-                if !self.connected.contains_key(&peer) && peer != *self.swarm.local_peer_id() {
-                    if let Err(e) = self.swarm.dial(peer) {
-                        debug!(%peer, error = %e, "dial of discovered peer failed");
-                    }
+            // Bootstrapping from one peer teaches us the rest: connect to
+            // every peer Kademlia hears of so gossip reaches the whole swarm.
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })
+                if !self.connected.contains_key(&peer) && peer != *self.swarm.local_peer_id() =>
+            {
+                if let Err(e) = self.swarm.dial(peer) {
+                    debug!(%peer, error = %e, "dial of discovered peer failed");
                 }
             }
             _ => {}

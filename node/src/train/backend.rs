@@ -138,8 +138,51 @@ fn build_cuda(spec: TaskSpec) -> Result<Box<dyn Task>, TrainError> {
     ));
     match built {
         Ok(task) => Ok(Box::new(task?)),
-        Err(payload) => Err(TrainError::CudaUnavailable(super::panic_message(&*payload))),
+        Err(payload) => Err(TrainError::CudaUnavailable(explain_cuda_failure(
+            &super::panic_message(&*payload),
+        ))),
     }
+}
+
+/// Words a CUDA start-up failure for a person. The real cause is often a panic
+/// on cubecl's device thread (printed above), which reaches us only as a
+/// closed channel, so name the usual culprit when we can see it is missing.
+#[cfg(feature = "cuda")]
+fn explain_cuda_failure(message: &str) -> String {
+    if !libcuda_visible() {
+        return "libcuda.so, the NVIDIA driver's library, is not in LD_LIBRARY_PATH or the \
+                usual system library directories"
+            .to_string();
+    }
+    if message.contains("RecvError") {
+        return "the CUDA runtime stopped while starting (the panic message printed above \
+                says why)"
+            .to_string();
+    }
+    message.to_string()
+}
+
+/// Whether the driver library is where the dynamic loader usually finds it.
+/// Only a hint for error messages: the loader also reads `/etc/ld.so.cache`.
+#[cfg(feature = "cuda")]
+fn libcuda_visible() -> bool {
+    use std::path::PathBuf;
+    let mut dirs: Vec<PathBuf> = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(
+        [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib64",
+            "/usr/lib",
+            "/usr/local/cuda/lib64",
+            "/usr/lib/wsl/lib",
+        ]
+        .map(PathBuf::from),
+    );
+    dirs.iter()
+        .any(|d| d.join("libcuda.so.1").exists() || d.join("libcuda.so").exists())
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -190,6 +233,23 @@ mod tests {
         let mut s = spec(DeviceKind::Cpu);
         s.lr = f64::INFINITY;
         assert!(build_mnist_task(s).is_err());
+    }
+
+    /// With a GPU this trains a step; without one (or without a driver) it must
+    /// be a clean error, not a panic.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_builds_or_fails_cleanly() {
+        match build_mnist_task(spec(DeviceKind::Cuda)) {
+            Ok(mut task) => {
+                let step = task.train_step().unwrap();
+                assert!(step.loss.is_finite());
+            }
+            Err(e) => {
+                assert!(matches!(e, TrainError::CudaUnavailable(_)), "{e}");
+                eprintln!("no usable CUDA device here: {e}");
+            }
+        }
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -348,7 +348,9 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_wrong_magic() {
-        let err = parse_images("lbl.idx", &idx_labels(&[1, 2])).unwrap_err();
+        let mut labels = idx_labels(&[1; 20]);
+        labels[..4].copy_from_slice(&LABELS_MAGIC.to_be_bytes());
+        let err = parse_images("lbl.idx", &labels).unwrap_err();
         let msg = problem(err);
         assert!(
             msg.contains("lbl.idx") && msg.contains("magic number is 2049"),

@@ -211,6 +211,8 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
         params::flatten(&self.model)
     }
 
+    /// Overwrites the weights (after averaging). Adam's moment estimates are
+    /// kept: they are keyed by parameter id, which `params::write` preserves.
     fn set_params(&mut self, values: &[f32]) -> Result<(), TaskError> {
         validate_params(self.num_params, values)?;
         let model = self.model.clone();
@@ -320,7 +322,11 @@ mod tests {
     }
 
     fn task(kind: ModelKind, batch: usize, seed: u64) -> MnistTask<AD> {
-        MnistTask::new(kind, bundled(), batch, 1e-3, seed, &Default::default()).unwrap()
+        task_lr(kind, batch, seed, 1e-3)
+    }
+
+    fn task_lr(kind: ModelKind, batch: usize, seed: u64, lr: f64) -> MnistTask<AD> {
+        MnistTask::new(kind, bundled(), batch, lr, seed, &Default::default()).unwrap()
     }
 
     #[test]
@@ -408,16 +414,16 @@ mod tests {
     #[test]
     fn mlp_reaches_90_percent_on_bundled_subset() {
         let started = Instant::now();
-        let mut t = task(ModelKind::Mlp, 64, 2024);
+        let mut t = task_lr(ModelKind::Mlp, 64, 2024, 2e-3);
         let before = t.evaluate().unwrap();
         let steps = 300;
         let train_started = Instant::now();
-        let mut losses = Vec::with_capacity(steps);
+        let mut samples = 0;
         for _ in 0..steps {
-            let s = t.train_step().unwrap();
-            assert_eq!(s.samples, 64);
-            losses.push(s.loss);
+            samples += t.train_step().unwrap().samples;
         }
+        // 10,000 samples = 156 full batches + one of 16, then the next pass.
+        assert_eq!(samples, 64 * (steps - 1) + 16);
         let per_step = train_started.elapsed() / steps as u32;
         let eval_started = Instant::now();
         let after = t.evaluate().unwrap();
@@ -441,13 +447,13 @@ mod tests {
     fn cnn_smoke_loss_decreases() {
         let mut t = task(ModelKind::Cnn, 32, 7);
         let started = Instant::now();
-        let losses: Vec<f32> = (0..30).map(|_| t.train_step().unwrap().loss).collect();
+        let losses: Vec<f32> = (0..20).map(|_| t.train_step().unwrap().loss).collect();
         eprintln!(
             "cnn batch 32: {:?}/step",
             started.elapsed() / losses.len() as u32
         );
         let head: f32 = losses[..5].iter().sum::<f32>() / 5.0;
-        let tail: f32 = losses[25..].iter().sum::<f32>() / 5.0;
+        let tail: f32 = losses[15..].iter().sum::<f32>() / 5.0;
         assert!(tail < head, "loss {head} -> {tail}");
         assert!(losses.iter().all(|l| l.is_finite()));
     }

@@ -76,9 +76,6 @@ pub enum TrainError {
          present (`nvidia-smi`) or run with --device cpu"
     )]
     CudaUnavailable(String),
-    /// The compute backend failed while building the model.
-    #[error("compute backend failed: {0}")]
-    Backend(String),
 }
 
 /// Turns a caught panic's payload into text, so a backend that panics (as burn

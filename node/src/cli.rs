@@ -63,13 +63,13 @@ pub struct TrainArgs {
     pub batch_size: u64,
     /// Learning rate of the local Adam optimizer (above the usual 0.001: averaging
     /// every few steps shrinks each peer's effective step).
-    #[arg(long, default_value_t = 3e-3, value_parser = parse_lr)]
+    #[arg(long, default_value_t = 3e-3, value_parser = parse_lr, allow_negative_numbers = true)]
     pub lr: f64,
     /// Local steps per node (overrides --epochs).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub steps: Option<u64>,
     /// Passes over the training set by the whole swarm.
-    #[arg(long, default_value_t = 3.0, value_parser = parse_epochs)]
+    #[arg(long, default_value_t = 3.0, value_parser = parse_epochs, allow_negative_numbers = true)]
     pub epochs: f64,
     /// Local steps between averaging rounds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]

@@ -9,6 +9,9 @@ pub mod compute;
 pub mod driver;
 pub mod identity;
 pub mod net;
-pub mod task;
 pub mod testnet;
-pub mod train;
+
+/// Local training lives in its own crate so it can be optimised even in
+/// debug builds; re-exported here under its design name.
+pub use p2ptrain_train as train;
+pub use p2ptrain_train::task;

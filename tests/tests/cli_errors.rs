@@ -1,6 +1,7 @@
 //! Bad flags and bad data end in a one-line error naming the problem and a non-zero exit.
 
-use p2ptrain_tests::run;
+mod common;
+use common::run;
 
 fn assert_one_line_error(args: &[&str], needle: &str) {
     let out = run(args);

@@ -1,6 +1,7 @@
 //! Real node processes on loopback train MNIST together.
 
-use p2ptrain_tests::binary;
+mod common;
+use common::binary;
 use std::process::Command;
 use std::time::Instant;
 

@@ -144,7 +144,7 @@ fn replace<B: Backend, const D: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::model::{Model, ModelKind};
+    use crate::model::{Model, ModelKind};
     use burn::backend::{Autodiff, NdArray};
     use burn::optim::GradientsParams;
 

@@ -7,7 +7,7 @@ first TEST_COUNT test samples, rewrites the IDX headers with the new counts and
 compresses them with `gzip -9n` (level 9, no file name or time stamp, so the
 bytes do not depend on when the script ran) next to this script. Prints the sha256 of each decompressed output for README.md.
 
-Usage: python3 node/data/mnist/make_subset.py [SRC_DIR]
+Usage: python3 node/train/data/mnist/make_subset.py [SRC_DIR]
 Standard library only (plus the `gzip` command).
 """
 

@@ -308,7 +308,7 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::data::load_bundled;
+    use crate::data::load_bundled;
     use burn::backend::{Autodiff, NdArray};
     use std::sync::OnceLock;
     use std::time::Instant;

@@ -1,4 +1,8 @@
-//! Local training with burn (models, data, backend selection).
+//! Local training with burn (models, data, backend selection) and the
+//! [`task::Task`] seam the node's driver steps through.
+//!
+//! A crate of its own, not a module of `p2ptrain-node`, so the workspace can
+//! optimise it in debug builds: burn's generic code is compiled here.
 //!
 //! Everything here is generic over burn's `Backend` except [`backend`], the one
 //! place that names concrete backends (ndarray on the CPU, CUDA behind the
@@ -10,6 +14,7 @@ pub mod data;
 pub mod mnist;
 pub mod model;
 pub mod params;
+pub mod task;
 
 use std::path::PathBuf;
 

@@ -40,10 +40,10 @@ pub const FILE_NAMES: [&str; 4] = [
 ];
 
 const BUNDLED: [&[u8]; 4] = [
-    include_bytes!("../../data/mnist/train-images-idx3-ubyte.gz"),
-    include_bytes!("../../data/mnist/train-labels-idx1-ubyte.gz"),
-    include_bytes!("../../data/mnist/t10k-images-idx3-ubyte.gz"),
-    include_bytes!("../../data/mnist/t10k-labels-idx1-ubyte.gz"),
+    include_bytes!("../data/mnist/train-images-idx3-ubyte.gz"),
+    include_bytes!("../data/mnist/train-labels-idx1-ubyte.gz"),
+    include_bytes!("../data/mnist/t10k-images-idx3-ubyte.gz"),
+    include_bytes!("../data/mnist/t10k-labels-idx1-ubyte.gz"),
 ];
 
 /// MNIST held in memory, ready to batch: images are normalised once at load
@@ -121,7 +121,7 @@ pub fn load_dir(dir: &Path) -> Result<MnistData, TrainError> {
 }
 
 /// Loads the subset compiled into the binary (the first 10,000 training and
-/// 2,000 test samples; see `node/data/mnist/README.md`), so a node can train
+/// 2,000 test samples; see `node/train/data/mnist/README.md`), so a node can train
 /// with no files at all.
 pub fn load_bundled() -> Result<MnistData, TrainError> {
     let labelled = FILE_NAMES.map(|n| format!("bundled {n}.gz"));

@@ -193,7 +193,7 @@ fn build_cuda(_spec: TaskSpec) -> Result<Box<dyn Task>, TrainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::data::load_bundled;
+    use crate::data::load_bundled;
 
     fn spec(device: DeviceKind) -> TaskSpec {
         TaskSpec {

@@ -1,5 +1,5 @@
-//! Whole-system tests of p2ptrain live in `tests/`; this library only hosts
-//! helpers shared between them.
+//! Helpers shared by the whole-system tests.
+#![allow(dead_code)]
 
 use std::process::{Command, Output};
 

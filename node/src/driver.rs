@@ -168,6 +168,10 @@ pub struct FinalReport {
     pub model_digest: String,
     /// Rounds in which every member of the group contributed to every part.
     pub complete_rounds: u64,
+    /// Seconds spent in averaging rounds (matchmaking, all-reduce, waiting for peers).
+    pub averaging_s: f64,
+    /// Seconds spent in local training steps.
+    pub training_s: f64,
 }
 
 /// Why a node stopped early.
@@ -303,6 +307,7 @@ impl Driver {
         let mut train_time = Duration::ZERO;
         let mut last_loss = f32::NAN;
         let mut complete_rounds = 0u64;
+        let mut averaging_total = 0.0f64;
         while step < total_steps {
             round += 1;
             let span = info_span!("round", round);
@@ -321,6 +326,7 @@ impl Driver {
             let params = self.pump(compute.params()).await??;
             let outcome = self.average(round, params).instrument(span.clone()).await?;
             let averaging_s = t1.elapsed().as_secs_f64();
+            averaging_total += averaging_s;
             let complete = outcome.group.len() > 1
                 && outcome
                     .parts
@@ -374,6 +380,8 @@ impl Driver {
             bytes_sent: self.net.stats().sent(),
             model_digest: hex(&digest),
             complete_rounds,
+            averaging_s: averaging_total,
+            training_s: train_time.as_secs_f64(),
         };
         info!(accuracy = ?eval.accuracy, test_loss = eval.loss, "training finished");
         report(&NodeEvent::Finished(final_report.clone()));

@@ -43,6 +43,10 @@ pub struct Summary {
     pub models_agree: bool,
     /// Rounds in which every group member contributed to every part, summed over nodes.
     pub complete_rounds: u64,
+    /// Seconds a node spent averaging (mean over nodes).
+    pub averaging_s: f64,
+    /// Seconds a node spent in local training steps (mean over nodes).
+    pub training_s: f64,
 }
 
 enum Line {
@@ -276,5 +280,7 @@ fn summarize(nodes: usize, finals: &BTreeMap<usize, FinalReport>, wall: Duration
             .values()
             .all(|f| Some(&f.model_digest) == first_digest.as_ref()),
         complete_rounds: finals.values().map(|f| f.complete_rounds).sum(),
+        averaging_s: finals.values().map(|f| f.averaging_s).sum::<f64>() / f64::from(n),
+        training_s: finals.values().map(|f| f.training_s).sum::<f64>() / f64::from(n),
     }
 }

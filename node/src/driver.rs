@@ -358,8 +358,7 @@ impl Driver {
                 )
             });
             report(&NodeEvent::Round(r));
-            self.gossip_progress(round, step, last_loss, samples)
-                .await?;
+            self.gossip_progress(round, step, last_loss, samples)?;
             if self.members_changed {
                 self.reshard(config, compute).await?;
             }
@@ -393,7 +392,7 @@ impl Driver {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while self.listen_addrs.is_empty() {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(ev)) => self.on_net_event(ev).await?,
+                Ok(Some(ev)) => self.on_net_event(ev)?,
                 Ok(None) => return Err(NodeError::NetworkStopped),
                 Err(_) => {
                     return Err(NodeError::Net(NetError::Setup(
@@ -405,7 +404,7 @@ impl Driver {
         // Collect the other interfaces' addresses that arrive right after the first.
         let settle = tokio::time::Instant::now() + Duration::from_millis(200);
         while let Ok(Some(ev)) = tokio::time::timeout_at(settle, self.events.recv()).await {
-            self.on_net_event(ev).await?;
+            self.on_net_event(ev)?;
         }
         report(&NodeEvent::Listening {
             peer_id: self.net.local_peer_id().to_string(),
@@ -418,7 +417,7 @@ impl Driver {
         let deadline = tokio::time::Instant::now() + wait;
         while self.members.len() + 1 < want {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(ev)) => self.on_net_event(ev).await?,
+                Ok(Some(ev)) => self.on_net_event(ev)?,
                 Ok(None) => return Err(NodeError::NetworkStopped),
                 Err(_) => {
                     return Err(NodeError::NotEnoughPeers {
@@ -458,7 +457,7 @@ impl Driver {
         let ids = self.swarm_ids();
         self.averager.set_peers(&ids);
         self.averager.start_round(self.now(), round, values)?;
-        self.flush().await?;
+        self.flush()?;
         let mut never = std::pin::pin!(std::future::pending::<()>());
         loop {
             if let Some(outcome) = self.finished.take() {
@@ -470,7 +469,7 @@ impl Driver {
         }
     }
 
-    async fn gossip_progress(
+    fn gossip_progress(
         &mut self,
         round: u64,
         step: u64,
@@ -484,10 +483,12 @@ impl Driver {
             samples,
         });
         match wire::encode(&msg) {
-            Ok(bytes) => self.net.broadcast(bytes).await?,
-            Err(e) => warn!(error = %e, "cannot encode progress"),
+            Ok(bytes) => self.check_sent(self.net.broadcast(bytes)),
+            Err(e) => {
+                warn!(error = %e, "cannot encode progress");
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Keeps serving peers (late retransmits of the last round) for `how_long`.
@@ -534,19 +535,31 @@ impl Driver {
         };
         match wake {
             Wake::Done(out) => return Ok(Some(out)),
-            Wake::Net(Some(ev)) => self.on_net_event(ev).await?,
+            Wake::Net(Some(ev)) => self.on_net_event(ev)?,
             Wake::Net(None) => return Err(NodeError::NetworkStopped),
             Wake::Timer => {
                 let now = self.now();
                 self.averager.handle_timeout(now);
             }
         }
-        self.flush().await?;
+        self.flush()?;
         Ok(None)
     }
 
+    /// A full outgoing queue costs one message (retransmits cover it); a
+    /// stopped event loop ends the node.
+    fn check_sent(&self, sent: Result<(), NetError>) -> Result<(), NodeError> {
+        match sent {
+            Err(NetError::Backpressure) => {
+                warn!("outgoing queue full; a message was dropped");
+                Ok(())
+            }
+            other => Ok(other?),
+        }
+    }
+
     /// Sends what the averager wants sent and collects its events.
-    async fn flush(&mut self) -> Result<(), NodeError> {
+    fn flush(&mut self) -> Result<(), NodeError> {
         while let Some(t) = self.averager.poll_transmit() {
             let bytes = match wire::encode(&Message::Avg(t.msg)) {
                 Ok(b) => b,
@@ -555,13 +568,17 @@ impl Driver {
                     continue;
                 }
             };
-            match t.to {
-                Destination::Broadcast => self.net.broadcast(bytes).await?,
+            let sent = match t.to {
+                Destination::Broadcast => self.net.broadcast(bytes),
                 Destination::Peer(id) => match self.members.get(&id) {
-                    Some(peer) => self.net.send(*peer, bytes).await?,
-                    None => debug!(peer = %id, "transmit to a peer that left; dropped"),
+                    Some(peer) => self.net.send(*peer, bytes),
+                    None => {
+                        debug!(peer = %id, "transmit to a peer that left; dropped");
+                        Ok(())
+                    }
                 },
-            }
+            };
+            self.check_sent(sent)?;
         }
         while let Some(event) = self.averager.poll_event() {
             match event {
@@ -577,7 +594,7 @@ impl Driver {
         Ok(())
     }
 
-    async fn on_net_event(&mut self, event: NetEvent) -> Result<(), NodeError> {
+    fn on_net_event(&mut self, event: NetEvent) -> Result<(), NodeError> {
         match event {
             NetEvent::Listening(addr) => self.listen_addrs.push(addr),
             NetEvent::PeerJoined(peer) => {

@@ -64,6 +64,9 @@ pub enum NetError {
     /// The event loop ended, so commands cannot be delivered.
     #[error("the network event loop has stopped")]
     Stopped,
+    /// The event loop has a full queue of outgoing messages; this one was dropped.
+    #[error("outgoing message queue is full; message dropped")]
+    Backpressure,
 }
 
 /// Traffic counters shared between the event loop and the driver.
@@ -116,23 +119,25 @@ pub struct NetHandle {
 impl NetHandle {
     /// Gossips `bytes` to every member of the swarm.
     ///
-    /// Cancel-safe: if the future is dropped before it resolves, nothing was queued.
-    pub async fn broadcast(&self, bytes: Vec<u8>) -> Result<(), NetError> {
-        self.commands
-            .send(Command::Broadcast(bytes))
-            .await
-            .map_err(|_| NetError::Stopped)
+    /// Never waits: if the event loop is this far behind, the message is
+    /// dropped with [`NetError::Backpressure`] (the averaging protocol
+    /// retransmits what matters). Waiting here could deadlock with the event
+    /// loop waiting for the driver to take its events.
+    pub fn broadcast(&self, bytes: Vec<u8>) -> Result<(), NetError> {
+        self.enqueue(Command::Broadcast(bytes))
     }
 
-    /// Sends `bytes` to one peer over a QUIC stream.
-    ///
-    /// Cancel-safe like [`NetHandle::broadcast`]. Delivery is best effort:
-    /// the protocol above retransmits what matters.
-    pub async fn send(&self, to: PeerId, bytes: Vec<u8>) -> Result<(), NetError> {
-        self.commands
-            .send(Command::Send { to, bytes })
-            .await
-            .map_err(|_| NetError::Stopped)
+    /// Sends `bytes` to one peer over a QUIC stream; never waits, like
+    /// [`NetHandle::broadcast`]. Delivery is best effort.
+    pub fn send(&self, to: PeerId, bytes: Vec<u8>) -> Result<(), NetError> {
+        self.enqueue(Command::Send { to, bytes })
+    }
+
+    fn enqueue(&self, command: Command) -> Result<(), NetError> {
+        self.commands.try_send(command).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => NetError::Backpressure,
+            mpsc::error::TrySendError::Closed(_) => NetError::Stopped,
+        })
     }
 
     /// This node's libp2p identity.
@@ -280,12 +285,20 @@ impl EventLoop {
         }
     }
 
-    /// Forwards an event to the driver. A full channel means the driver is
-    /// stuck; we wait (bounded by the driver's own deadlines) rather than drop
-    /// membership changes.
+    /// Forwards a membership or address event to the driver. These are few
+    /// (bounded by connections), so waiting for room is safe: the driver
+    /// never waits on this loop (its sends are non-blocking).
     async fn emit(&mut self, event: NetEvent) {
         if self.events.send(event).await.is_err() {
             debug!("driver gone; dropping network event");
+        }
+    }
+
+    /// Forwards a peer's message, dropping it if the driver is behind, so a
+    /// flooding peer cannot stall the swarm's event loop.
+    fn emit_message(&mut self, from: PeerId, bytes: Vec<u8>) {
+        if let Err(e) = self.events.try_send(NetEvent::Message { from, bytes }) {
+            warn!(peer = %from, error = %e, "driver busy; inbound message dropped");
         }
     }
 
@@ -344,11 +357,7 @@ impl EventLoop {
                 self.stats
                     .bytes_received
                     .fetch_add(message.data.len() as u64, Ordering::Relaxed);
-                self.emit(NetEvent::Message {
-                    from,
-                    bytes: message.data,
-                })
-                .await;
+                self.emit_message(from, message.data);
             }
             BehaviourEvent::Direct(request_response::Event::Message {
                 peer,
@@ -371,11 +380,7 @@ impl EventLoop {
                 self.stats
                     .bytes_received
                     .fetch_add(request.len() as u64, Ordering::Relaxed);
-                self.emit(NetEvent::Message {
-                    from: peer,
-                    bytes: request,
-                })
-                .await;
+                self.emit_message(peer, request);
             }
             BehaviourEvent::Direct(request_response::Event::OutboundFailure {
                 peer,

@@ -99,18 +99,25 @@ pub fn build_mnist_task(spec: TaskSpec) -> Result<Box<dyn Task>, TrainError> {
     match spec.device {
         DeviceKind::Cpu => {
             let device = burn::backend::ndarray::NdArrayDevice::Cpu;
-            let task = MnistTask::<CpuBackend>::new(
-                spec.model,
-                spec.data,
-                spec.batch_size,
-                spec.lr,
-                spec.seed,
-                &device,
-            )?;
-            Ok(Box::new(task))
+            Ok(Box::new(new_task::<CpuBackend>(spec, &device)?))
         }
         DeviceKind::Cuda => build_cuda(spec),
     }
+}
+
+/// The one call site of [`MnistTask::new`], whatever the backend.
+fn new_task<B: burn::tensor::backend::AutodiffBackend>(
+    spec: TaskSpec,
+    device: &B::Device,
+) -> Result<MnistTask<B>, TrainError> {
+    MnistTask::new(
+        spec.model,
+        spec.data,
+        spec.batch_size,
+        spec.lr,
+        spec.seed,
+        device,
+    )
 }
 
 #[cfg(feature = "cuda")]
@@ -123,14 +130,7 @@ fn build_cuda(spec: TaskSpec) -> Result<Box<dyn Task>, TrainError> {
     let built = catch_unwind(AssertUnwindSafe(
         || -> Result<MnistTask<CudaBackend>, TrainError> {
             let device = burn::backend::cuda::CudaDevice::default();
-            let task = MnistTask::<CudaBackend>::new(
-                spec.model,
-                spec.data,
-                spec.batch_size,
-                spec.lr,
-                spec.seed,
-                &device,
-            )?;
+            let task = new_task::<CudaBackend>(spec, &device)?;
             task.probe()
                 .map_err(|e| TrainError::CudaUnavailable(e.to_string()))?;
             Ok(task)

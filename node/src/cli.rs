@@ -118,6 +118,16 @@ pub struct NodeArgs {
     /// Seconds to keep serving peers after training ends, so they can finish the last round.
     #[arg(long, default_value_t = 3)]
     pub linger_secs: u64,
+    /// Write checkpoints (atomic, blake3-verified) into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every this many averaging rounds (and after the last).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: u64,
+    /// Continue from the newest valid checkpoint in DIR (and keep checkpointing there
+    /// unless --checkpoint-dir says otherwise).
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
     /// Training settings.
     #[command(flatten)]
     pub train: TrainArgs,
@@ -296,6 +306,19 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         seed,
         device: args.train.device,
     })?;
+    let resume = match &args.resume {
+        Some(dir) => Some(crate::checkpoint::load_latest(dir)?),
+        None => None,
+    };
+    let checkpoints = args
+        .checkpoint_dir
+        .clone()
+        .or_else(|| args.resume.clone())
+        .map(|dir| driver::CheckpointPolicy {
+            dir,
+            every_rounds: args.checkpoint_every,
+            model: args.train.model.to_string(),
+        });
     let config = NodeConfig {
         net: NetConfig {
             swarm: args.swarm.clone(),
@@ -320,6 +343,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         ),
         seed,
         linger: Duration::from_secs(args.linger_secs),
+        checkpoints,
+        resume,
     };
     let reporter: driver::Reporter = if args.events {
         Box::new(|e: &NodeEvent| {

@@ -6,6 +6,7 @@
 //! averager's own timeouts bound each round, and joining the swarm is bounded
 //! by `wait_for_peers`.
 
+use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
 use crate::compute::{Compute, ComputeError, ComputeGone};
 use crate::net::{NetConfig, NetError, NetEvent, NetHandle, Network};
 use crate::task::{Shard, Task};
@@ -17,6 +18,7 @@ use p2ptrain_protocol::wire::{self, Message, Progress};
 use p2ptrain_protocol::{shards, tensor, NodeId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -90,6 +92,21 @@ pub struct NodeConfig {
     pub seed: u64,
     /// After the last round, keep answering peers this long so they can finish theirs.
     pub linger: Duration,
+    /// Where and how often to write checkpoints; `None` writes none.
+    pub checkpoints: Option<CheckpointPolicy>,
+    /// A verified checkpoint to continue from instead of the initial weights.
+    pub resume: Option<Checkpoint>,
+}
+
+/// When and where a node writes checkpoints.
+#[derive(Debug, Clone)]
+pub struct CheckpointPolicy {
+    /// Directory of checkpoint files.
+    pub dir: PathBuf,
+    /// Write after every this many rounds (and after the last one).
+    pub every_rounds: u64,
+    /// Recorded in each checkpoint so a resume can check it fits.
+    pub model: String,
 }
 
 /// Progress reports, in the order they happen. Serialized as JSON event lines.
@@ -196,6 +213,17 @@ pub enum NodeError {
         /// How long we waited.
         waited: Duration,
     },
+    /// A checkpoint could not be written or does not fit this model.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The checkpoint to resume from belongs to another model.
+    #[error("checkpoint holds {got} parameters but this model has {expected}: resume with the same --model as the run that wrote it")]
+    CheckpointMismatch {
+        /// Parameters of the model.
+        expected: usize,
+        /// Parameters in the checkpoint.
+        got: usize,
+    },
     /// The compute thread could not be started.
     #[error("cannot start the compute thread: {0}")]
     Spawn(std::io::Error),
@@ -301,9 +329,18 @@ impl Driver {
             total_steps,
         });
 
-        let mut step = 0u64;
-        let mut round = 0u64;
-        let mut samples = 0u64;
+        let (mut step, mut round, mut samples) = (0u64, 0u64, 0u64);
+        if let Some(ckpt) = &config.resume {
+            if ckpt.params.len() != compute.num_params {
+                return Err(NodeError::CheckpointMismatch {
+                    expected: compute.num_params,
+                    got: ckpt.params.len(),
+                });
+            }
+            self.pump(compute.set_params(ckpt.params.clone())).await??;
+            (step, round, samples) = (ckpt.meta.step, ckpt.meta.round, ckpt.meta.samples);
+            info!(round, step, "resumed from checkpoint");
+        }
         let mut train_time = Duration::ZERO;
         let mut last_loss = f32::NAN;
         let mut complete_rounds = 0u64;
@@ -359,6 +396,29 @@ impl Driver {
             });
             report(&NodeEvent::Round(r));
             self.gossip_progress(round, step, last_loss, samples)?;
+            if let Some(policy) = &config.checkpoints {
+                if round.is_multiple_of(policy.every_rounds.max(1)) || step >= total_steps {
+                    let params = self.pump(compute.params()).await??;
+                    let meta = CheckpointMeta {
+                        swarm: config.net.swarm.clone(),
+                        model: policy.model.clone(),
+                        round,
+                        step,
+                        samples,
+                        params_digest: checkpoint::params_digest(&params),
+                    };
+                    let dir = policy.dir.clone();
+                    let write =
+                        tokio::task::spawn_blocking(move || checkpoint::save(&dir, &meta, &params));
+                    let path = self.pump(write).await?.map_err(|e| {
+                        NodeError::Checkpoint(CheckpointError::Io {
+                            path: policy.dir.clone(),
+                            source: std::io::Error::other(e),
+                        })
+                    })??;
+                    debug!(path = %path.display(), "checkpoint written");
+                }
+            }
             if self.members_changed {
                 self.reshard(config, compute).await?;
             }

@@ -4,6 +4,7 @@
 //! peers, [`train`] runs burn models, [`compute`] keeps them off the async
 //! runtime, and [`driver`] connects all three.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod compute;
 pub mod driver;

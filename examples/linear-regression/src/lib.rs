@@ -262,6 +262,8 @@ pub async fn run_swarm(
         averaging: driver::network_averaging(Duration::from_secs(20), Duration::from_secs(30)),
         seed: 7,
         linger: Duration::from_secs(2),
+        checkpoints: None,
+        resume: None,
     };
     let mut handles = Vec::new();
     let mut slots = Vec::new();

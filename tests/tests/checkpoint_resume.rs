@@ -1,0 +1,127 @@
+//! A node killed mid-run resumes from its newest checkpoint that verifies.
+
+mod common;
+use common::binary;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn checkpoints(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let round = name.strip_prefix("ckpt-r")?.get(..8)?.parse().ok()?;
+                    Some((round, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn node(dir: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(binary());
+    c.args(["node", "--swarm", "ckpt-test", "--no-mdns", "--events"])
+        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .args([
+            "--average-every",
+            "10",
+            "--checkpoint-every",
+            "1",
+            "--linger-secs",
+            "0",
+        ])
+        .arg("--checkpoint-dir")
+        .arg(dir)
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    c
+}
+
+#[test]
+fn killed_node_resumes_from_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // A long run, killed (SIGKILL) once it has written a few checkpoints.
+    let mut child = node(dir.path(), &["--steps", "100000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while checkpoints(dir.path()).last().map(|c| c.0).unwrap_or(0) < 3 {
+        assert!(Instant::now() < deadline, "no checkpoints written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Damage the newest checkpoint, as a crash during its write might have.
+    let all = checkpoints(dir.path());
+    let (newest_round, newest) = all.last().unwrap().clone();
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let good_round = all
+        .iter()
+        .rev()
+        .map(|c| c.0)
+        .find(|r| *r < newest_round)
+        .expect("an older checkpoint survives");
+
+    // Resume: training continues from the newest checkpoint that verifies.
+    let target_steps = (good_round + 3) * 10;
+    let out = node(dir.path(), &["--steps", &target_steps.to_string()])
+        .arg("--resume")
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "resume failed: {stderr}");
+    let mut rounds = Vec::new();
+    let mut finished = None;
+    for line in BufReader::new(&out.stdout[..]).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        match v["event"].as_str() {
+            Some("round") => rounds.push(v["round"].as_u64().unwrap()),
+            Some("finished") => finished = Some(v),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        rounds,
+        vec![good_round + 1, good_round + 2, good_round + 3],
+        "resume did not continue after round {good_round}"
+    );
+    let finished = finished.expect("a finished event");
+    assert_eq!(finished["steps"].as_u64().unwrap(), target_steps);
+    assert!(
+        stderr.contains("skipping checkpoint"),
+        "the damaged file was not reported: {stderr}"
+    );
+    // The checkpoint written at the end holds the final model.
+    let last = checkpoints(dir.path()).last().unwrap().1.clone();
+    let bytes = std::fs::read(&last).unwrap();
+    let digest = finished["model_digest"].as_str().unwrap();
+    assert!(
+        String::from_utf8_lossy(&bytes).contains(digest),
+        "final checkpoint does not hold the final model"
+    );
+}
+
+#[test]
+fn resume_from_empty_directory_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .args(["node", "--no-mdns", "--resume"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no valid checkpoint"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

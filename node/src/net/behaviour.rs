@@ -15,6 +15,8 @@ use std::time::Duration;
 pub const PROTOCOL_VERSION: &str = "/p2ptrain/1.0.0";
 /// Our private Kademlia protocol, so we do not join the public IPFS DHT.
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/p2ptrain/kad/1.0.0");
+/// A connection silent this long (keep-alives included) counts as dead.
+const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(4);
 /// Control messages are small; parameters never travel by gossip.
 const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 
@@ -37,7 +39,13 @@ pub(super) fn build_swarm(
     let request_timeout = config.request_timeout;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_quic()
+        .with_quic_config(|mut c| {
+            // Notice a crashed peer within seconds, not QUIC's default 10 s:
+            // until then rounds wait for it at the join window.
+            c.max_idle_timeout = DEAD_PEER_TIMEOUT.as_millis() as u32;
+            c.keep_alive_interval = DEAD_PEER_TIMEOUT / 4;
+            c
+        })
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();
             let gossip_config = gossipsub::ConfigBuilder::default()

@@ -47,6 +47,16 @@ pub enum Command {
     Node(NodeArgs),
     /// Start N nodes as local processes on loopback, train, and print a JSON summary.
     Testnet(TestnetArgs),
+    /// Print the peer id of a key file, creating the key if it does not exist.
+    Id(IdArgs),
+}
+
+/// Flags of `p2ptrain id`.
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// Identity key file (as given to `node --key`).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
 }
 
 /// Training settings shared by `node` and `testnet`.
@@ -277,6 +287,11 @@ pub fn main_entry() -> ExitCode {
         match cli.command {
             Command::Node(args) => run_node(args).await,
             Command::Testnet(args) => testnet::run(args).await,
+            Command::Id(args) => {
+                let key = crate::identity::load_or_create(&args.key)?;
+                println!("{}", key.public().to_peer_id());
+                Ok(())
+            }
         }
     });
     match result {

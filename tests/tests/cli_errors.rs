@@ -106,3 +106,16 @@ fn help_explains_every_flag() {
         assert!(node_help.contains(flag), "node --help lacks {flag}");
     }
 }
+
+#[test]
+fn id_prints_a_stable_peer_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.key");
+    let key = key.to_str().unwrap();
+    let first = run(&["id", "--key", key]);
+    assert!(first.status.success());
+    let id = String::from_utf8_lossy(&first.stdout).trim().to_string();
+    assert!(id.starts_with("12D3KooW"), "{id}");
+    let again = run(&["id", "--key", key]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), id);
+}

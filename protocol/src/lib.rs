@@ -8,7 +8,8 @@
 //!
 //! - [`id`]: peer identities ([`NodeId`]).
 //! - [`rng`]: the small seeded PRNG every randomised decision uses.
-//! - [`tensor`]: flat `f32` payloads with blake3 digests, and how vectors are split into parts.
+//! - [`tensor`]: flat payloads with blake3 digests, their compression codecs (f16/bf16,
+//!   blockwise int8, top-k with error feedback), and how vectors are split into parts.
 //! - [`wire`]: the versioned, size-limited, validating codec for every message.
 //! - [`shards`]: which peer trains on which sample (rendezvous hashing).
 //! - [`averaging`]: one averaging round: matchmaking and a butterfly all-reduce.

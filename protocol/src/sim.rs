@@ -115,6 +115,7 @@ pub struct Sim {
     outcomes: Vec<Vec<RoundOutcome>>,
     events: Vec<Vec<(Duration, AvgEvent)>>,
     messages_sent: u64,
+    payload_bytes_sent: u64,
 }
 
 impl Sim {
@@ -148,6 +149,7 @@ impl Sim {
             outcomes: vec![Vec::new(); cfg.peers],
             events: vec![Vec::new(); cfg.peers],
             messages_sent: 0,
+            payload_bytes_sent: 0,
             ids,
             cfg,
         }
@@ -254,6 +256,12 @@ impl Sim {
         self.messages_sent
     }
 
+    /// Encoded tensor bytes (`Part` and `Reduced` payload bodies) put on the network so far,
+    /// one count per copy: what compression saves.
+    pub fn payload_bytes_sent(&self) -> u64 {
+        self.payload_bytes_sent
+    }
+
     fn schedule(&mut self, at: Duration, action: Action) {
         self.seq += 1;
         self.queue.push(Reverse(Scheduled {
@@ -345,6 +353,9 @@ impl Sim {
 
     fn send(&mut self, from: usize, to: usize, msg: AvgMessage) {
         self.messages_sent += 1;
+        if let AvgMessage::Part { payload, .. } | AvgMessage::Reduced { payload, .. } = &msg {
+            self.payload_bytes_sent += payload.bytes.0.len() as u64;
+        }
         let lost = self.rng.chance(self.cfg.loss);
         let (lo, hi) = self.cfg.latency;
         let (lo, hi) = (lo.min(hi), lo.max(hi));
@@ -404,5 +415,6 @@ mod tests {
         sim.run_until(Duration::from_secs(3));
         assert_eq!(sim.now(), Duration::from_secs(3));
         assert_eq!(sim.messages_sent(), 0);
+        assert_eq!(sim.payload_bytes_sent(), 0);
     }
 }

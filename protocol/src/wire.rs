@@ -3,8 +3,15 @@
 //! Every message is a 2-byte little-endian protocol version followed by the postcard encoding
 //! of a [`Message`]. [`decode`] is the single gate for untrusted bytes: it refuses oversized
 //! input before parsing, a foreign version, a malformed or padded body, and content that no
-//! honest peer sends (bad digests, NaN/inf, unsorted or oversized id lists), so the state
-//! machines only ever see well-formed messages. It never panics on any byte string.
+//! honest peer sends (bad digests, NaN/inf, unsorted or oversized id lists, compressed
+//! payloads whose size does not match their encoding, bad int8 block sizes or scales, top-k
+//! indices out of range or not ascending), so the state machines only ever see well-formed
+//! messages. It never panics on any byte string, and checking a payload allocates nothing.
+//!
+//! The size limit applies to the encoded message whatever the payload's encoding, so a
+//! compressed payload carries proportionally more values per message (f16/bf16 2x, int8
+//! about 4x; [`Encoding::encoded_bytes`](crate::tensor::Encoding::encoded_bytes) gives the
+//! exact size).
 
 use crate::averaging::{AvgMessage, MAX_GROUP_MEMBERS, MAX_VECTOR_LEN};
 use crate::tensor::TensorError;
@@ -138,7 +145,8 @@ impl Progress {
 
 impl Message {
     /// Checks everything about the message that does not depend on receiver state: payload
-    /// digests and finiteness, vector lengths, id lists sorted, unique and bounded.
+    /// sizes, digests and content in every encoding, vector lengths, id lists sorted, unique
+    /// and bounded.
     pub fn validate(&self) -> Result<(), ContentError> {
         match self {
             Message::Avg(m) => m.validate(),
@@ -239,7 +247,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use crate::tensor::Payload;
+    use crate::tensor::{Bytes, Encoding, Payload};
     use crate::NodeId;
 
     fn id(n: u8) -> NodeId {
@@ -271,7 +279,30 @@ mod tests {
                 loss: 0.7,
                 samples: 25_600,
             }),
+            compressed(Encoding::F16),
+            compressed(Encoding::Bf16),
+            compressed(Encoding::Int8 { block: 3 }),
+            compressed(Encoding::TopK { k: 3 }),
         ]
+    }
+
+    /// A `Part` carrying seven values in `encoding`.
+    fn compressed(encoding: Encoding) -> Message {
+        Message::Avg(AvgMessage::Part {
+            round: 4,
+            part: 2,
+            payload: Payload::encode(&[1.5, -0.25, 0.0, 1e3, -7.0, 0.125, 3.0], encoding),
+        })
+    }
+
+    /// A payload with a correct digest over arbitrary bytes.
+    fn forged(len: u32, encoding: Encoding, bytes: Vec<u8>) -> Payload {
+        Payload {
+            len,
+            encoding,
+            digest: *blake3::hash(&bytes).as_bytes(),
+            bytes: Bytes(bytes),
+        }
     }
 
     #[test]
@@ -295,6 +326,34 @@ mod tests {
         // header 2 + variant tags 2 + round 1 + part 1 + len 2 + encoding 1 + blob len 2
         // + 4000 bytes + digest 32.
         assert_eq!(bytes.len(), 2 + 2 + 1 + 1 + 2 + 1 + 2 + 4000 + 32);
+    }
+
+    #[test]
+    fn compressed_payloads_cost_their_encoded_size_on_the_wire() {
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.01).collect();
+        // header 2 + variant tags 2 + round 1 + part 1 + len 2 + encoding tag 1 (+ parameter)
+        // + blob length + body + digest 32.
+        for (encoding, param, blob_len, body) in [
+            (Encoding::F16, 0, 2, 2000),
+            (Encoding::Bf16, 0, 2, 2000),
+            (Encoding::Int8 { block: 64 }, 1, 2, 1000 + 16 * 4),
+            (Encoding::Int8 { block: 1000 }, 2, 2, 1000 + 4),
+            (Encoding::TopK { k: 10 }, 1, 1, 80),
+        ] {
+            let msg = Message::Avg(AvgMessage::Part {
+                round: 1,
+                part: 0,
+                payload: Payload::encode(&values, encoding),
+            });
+            let bytes = encode(&msg).expect("encode");
+            assert_eq!(
+                bytes.len(),
+                2 + 2 + 1 + 1 + 2 + 1 + param + blob_len + body + 32,
+                "{encoding}"
+            );
+            assert_eq!(encoding.encoded_bytes(1000), Ok(body as u64));
+            assert_eq!(decode(&bytes), Ok(msg));
+        }
     }
 
     #[test]
@@ -430,11 +489,63 @@ mod tests {
                     loss: f32::INFINITY,
                 },
             ),
+            (
+                part_with(forged(2, Encoding::F16, vec![0, 0x3c, 0, 0x7c])),
+                ContentError::Payload(TensorError::NonFinite { index: 1 }),
+            ),
+            (
+                part_with(forged(3, Encoding::Bf16, vec![0; 4])),
+                ContentError::Payload(TensorError::LengthMismatch {
+                    expected: 6,
+                    got: 4,
+                }),
+            ),
+            (
+                part_with(forged(1, Encoding::Int8 { block: 0 }, vec![0; 5])),
+                ContentError::Payload(TensorError::BadBlock { block: 0 }),
+            ),
+            (
+                part_with(forged(
+                    1,
+                    Encoding::Int8 { block: 1 },
+                    [f32::NAN.to_le_bytes().as_slice(), &[1]].concat(),
+                )),
+                ContentError::Payload(TensorError::BadScale {
+                    block: 0,
+                    scale_bits: f32::NAN.to_bits(),
+                }),
+            ),
+            (
+                part_with(forged(
+                    4,
+                    Encoding::TopK { k: 2 },
+                    [
+                        2u32.to_le_bytes(),
+                        1f32.to_le_bytes(),
+                        1u32.to_le_bytes(),
+                        1f32.to_le_bytes(),
+                    ]
+                    .concat(),
+                )),
+                ContentError::Payload(TensorError::IndicesNotAscending { entry: 1, index: 1 }),
+            ),
+            (
+                part_with(forged(4, Encoding::TopK { k: 5 }, vec![0; 40])),
+                ContentError::Payload(TensorError::TooManyEntries { k: 5, len: 4 }),
+            ),
         ];
         for (msg, want) in cases {
             let bytes = encode(&msg).expect("encode does not validate content");
             assert_eq!(decode(&bytes), Err(WireError::Content(want)), "{msg:?}");
         }
+    }
+
+    fn part_with(payload: Payload) -> Message {
+        Message::Avg(AvgMessage::Part {
+            round: 1,
+            part: 0,
+            payload,
+        })
     }
 
     /// Decoding must never panic, whatever the bytes; and whatever it accepts must be valid
@@ -499,20 +610,69 @@ mod tests {
 
     #[test]
     fn a_flip_inside_payload_bytes_is_always_caught() {
-        let msg = Message::Avg(AvgMessage::Part {
-            round: 9,
-            part: 0,
-            payload: Payload::from_f32(&[1.0, 2.0, 3.0, 4.0]),
-        });
-        let bytes = encode(&msg).expect("encode");
-        // Payload bytes sit right before the 32-byte digest at the end.
-        let start = bytes.len() - 32 - 16;
-        for at in start..bytes.len() {
-            for bit in 0..8 {
-                let mut b = bytes.clone();
-                b[at] ^= 1 << bit;
-                assert!(decode(&b).is_err(), "flip at byte {at} bit {bit} accepted");
+        for encoding in [
+            Encoding::F32,
+            Encoding::F16,
+            Encoding::Bf16,
+            Encoding::Int8 { block: 2 },
+            Encoding::TopK { k: 2 },
+        ] {
+            let payload = Payload::encode(&[1.0, 2.0, 3.0, 4.0], encoding);
+            let body = payload.bytes.0.len();
+            let msg = Message::Avg(AvgMessage::Part {
+                round: 9,
+                part: 0,
+                payload,
+            });
+            let bytes = encode(&msg).expect("encode");
+            // Payload bytes sit right before the 32-byte digest at the end.
+            let start = bytes.len() - 32 - body;
+            for at in start..bytes.len() {
+                for bit in 0..8 {
+                    let mut b = bytes.clone();
+                    b[at] ^= 1 << bit;
+                    assert!(
+                        decode(&b).is_err(),
+                        "{encoding}: flip at byte {at} bit {bit} accepted"
+                    );
+                }
             }
         }
+    }
+
+    /// Random encodings and bodies with correct digests: the fuzz above rarely gets past the
+    /// digest, this one always does, so the codecs' content checks face the noise.
+    #[test]
+    fn decode_survives_random_compressed_payloads_with_valid_digests() {
+        let mut rng = Rng::new(0xc0de);
+        let mut accepted = 0u32;
+        let cases = 5_000u32;
+        for _ in 0..cases {
+            let len = rng.range(0..40) as u32;
+            let encoding = match rng.range(0..5) {
+                0 => Encoding::F32,
+                1 => Encoding::F16,
+                2 => Encoding::Bf16,
+                3 => Encoding::Int8 {
+                    block: rng.range(0..8) as u32,
+                },
+                _ => Encoding::TopK {
+                    k: rng.range(0..u64::from(len) + 2) as u32,
+                },
+            };
+            let n = match encoding.encoded_bytes(len) {
+                Ok(n) if rng.chance(0.9) => n as usize,
+                _ => rng.range(0..200) as usize,
+            };
+            let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
+            let msg = part_with(forged(len, encoding, bytes));
+            let wire = encode(&msg).expect("encode does not validate content");
+            accepted += u32::from(decode_survives(&wire));
+        }
+        // Random f16/bf16/int8 bodies are mostly valid; random top-k indices almost never.
+        assert!(
+            accepted > cases / 10 && accepted < cases,
+            "accepted {accepted}"
+        );
     }
 }

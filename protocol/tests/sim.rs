@@ -2,12 +2,15 @@
 //!
 //! Every test is deterministic by seed. The central check, [`check_outcome`], recomputes
 //! independently what each part must hold: the f64 sum of the contributors' initial values
-//! in ascending-id order, divided by their count, cast to f32, compared bit for bit.
+//! in ascending-id order, divided by their count, cast to f32, compared bit for bit (the
+//! default f32 compression is exact). With a lossy compression,
+//! [`check_compressed_outcome`] bounds each averaged value's distance to that exact mean by
+//! the codec's error bound applied twice: to each contribution and to the result.
 
 use p2ptrain_protocol::averaging::{AveragingConfig, AvgEvent, RoundOutcome};
 use p2ptrain_protocol::rng::Rng;
 use p2ptrain_protocol::sim::{Sim, SimConfig};
-use p2ptrain_protocol::tensor::split_ranges;
+use p2ptrain_protocol::tensor::{split_ranges, Encoding};
 use p2ptrain_protocol::NodeId;
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -64,6 +67,24 @@ fn expected_mean(
 
 /// Every invariant one outcome must satisfy.
 fn check_outcome(ids: &[NodeId], initial: &[Vec<f32>], peer: usize, o: &RoundOutcome) {
+    check_structure(ids, peer, o);
+    for (k, part) in o.parts.iter().enumerate() {
+        let want = expected_mean(ids, initial, &part.contributors, part.range.clone());
+        let got = &o.values[part.range.clone()];
+        let same = want
+            .iter()
+            .zip(got)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "peer {peer} round {} part {k}: values are not the exact mean of {:?}",
+            o.round, part.contributors
+        );
+    }
+}
+
+/// The invariants that do not depend on the values: group, ranges, contributors, dropped.
+fn check_structure(ids: &[NodeId], peer: usize, o: &RoundOutcome) {
     let me = ids[peer];
     assert!(o.group.windows(2).all(|w| w[0] < w[1]), "group not sorted");
     assert!(o.group.contains(&me), "own group lacks me");
@@ -78,19 +99,8 @@ fn check_outcome(ids: &[NodeId], initial: &[Vec<f32>], peer: usize, o: &RoundOut
             "contributors outside the group"
         );
         if !part.averaged {
-            assert_eq!(part.contributors, vec![me]);
+            assert_eq!(part.contributors, vec![me], "part {k}");
         }
-        let want = expected_mean(ids, initial, &part.contributors, part.range.clone());
-        let got = &o.values[part.range.clone()];
-        let same = want
-            .iter()
-            .zip(got)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(
-            same,
-            "peer {peer} round {} part {k}: values are not the exact mean of {:?}",
-            o.round, part.contributors
-        );
     }
     assert!(!o.dropped.contains(&me));
     assert!(o.dropped.iter().all(|d| o.group.contains(d)));
@@ -443,4 +453,184 @@ fn a_late_starter_learns_it_is_out_from_the_leader() {
     let g = &sim.outcomes(leader)[0];
     assert_eq!(g.group.len(), 3);
     check_outcome(&ids, &initial, leader, g);
+}
+
+/// Upper bound on the error one encode/decode of `values` (one part, as sent) adds to each
+/// value, from the codec's documented bound.
+fn codec_error(encoding: Encoding, values: &[f64]) -> Vec<f64> {
+    // Half an ulp of an f32 of magnitude |x| (plus the subnormal floor): final-rounding slack.
+    let half_ulp = |x: f64| x.abs() * 2f64.powi(-24) + 2f64.powi(-150);
+    match encoding {
+        Encoding::F32 => vec![0.0; values.len()],
+        // |y - x| <= 2^-11 |x| in the normal range, <= 2^-25 below it.
+        Encoding::F16 => values
+            .iter()
+            .map(|x| x.abs() * 2f64.powi(-11) + 2f64.powi(-25))
+            .collect(),
+        Encoding::Int8 { block } => {
+            let mut out = Vec::with_capacity(values.len());
+            for chunk in values.chunks(block as usize) {
+                let max = chunk.iter().fold(0f64, |m, x| m.max(x.abs()));
+                // The scale is max/127 rounded up to an f32: at most one f32 ulp above.
+                let scale = max / 127.0 * (1.0 + 2f64.powi(-23));
+                out.extend(chunk.iter().map(|x| scale / 2.0 + half_ulp(*x)));
+            }
+            out
+        }
+        other => panic!("no bound for {other}"),
+    }
+}
+
+/// Checks a compressed round: structure as always, every member of a part's group ends with
+/// the same values, non-averaged parts keep the local values exactly, and each averaged value
+/// lies within (mean of the contributions' codec errors) + (codec error of the result) of
+/// the exact mean. Returns the largest error seen relative to its bound.
+fn check_compressed_outcome(
+    ids: &[NodeId],
+    initial: &[Vec<f32>],
+    peer: usize,
+    o: &RoundOutcome,
+    encoding: Encoding,
+) -> f64 {
+    check_structure(ids, peer, o);
+    let mut worst = 0f64;
+    for (k, part) in o.parts.iter().enumerate() {
+        let range = part.range.clone();
+        let got = &o.values[range.clone()];
+        if !part.averaged {
+            assert_eq!(got, &initial[peer][range.clone()], "part {k} is local");
+            continue;
+        }
+        let n = part.contributors.len() as f64;
+        let exact: Vec<f64> = expected_mean(ids, initial, &part.contributors, range.clone())
+            .iter()
+            .map(|v| f64::from(*v))
+            .collect();
+        // First quantisation: each contributor's part as it sent it.
+        let mut contribution_err = vec![0f64; range.len()];
+        for c in &part.contributors {
+            let x: Vec<f64> = initial[peer_of(ids, *c)][range.clone()]
+                .iter()
+                .map(|v| f64::from(*v))
+                .collect();
+            for (e, ce) in contribution_err.iter_mut().zip(codec_error(encoding, &x)) {
+                *e += ce / n;
+            }
+        }
+        // Second: the reducer's mean, which lies within contribution_err of the exact mean
+        // (plus the f32 rounding of the mean).
+        let worst_mean: Vec<f64> = exact
+            .iter()
+            .zip(&contribution_err)
+            .map(|(m, e)| {
+                let v = m.abs() + e;
+                v + v * 2f64.powi(-24)
+            })
+            .collect();
+        let result_err = codec_error(encoding, &worst_mean);
+        for i in 0..range.len() {
+            let bound = contribution_err[i]
+                + result_err[i]
+                + (exact[i].abs() + contribution_err[i]) * 2f64.powi(-24);
+            let err = (f64::from(got[i]) - exact[i]).abs();
+            assert!(
+                err <= bound,
+                "peer {peer} part {k} value {i}: {} is {err} from the exact mean {}, bound {bound}",
+                got[i],
+                exact[i]
+            );
+            if bound > 0.0 {
+                worst = worst.max(err / bound);
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn int8_and_f16_rounds_stay_within_the_codec_bounds_of_the_exact_mean() {
+    let f32_bytes = {
+        let (sim, _) = run_one_round(lossy(91, 0.1));
+        sim.payload_bytes_sent()
+    };
+    for (encoding, max_ratio) in [
+        (Encoding::F16, 0.51),
+        (Encoding::Int8 { block: 64 }, 0.27),
+        (Encoding::Int8 { block: 7 }, 0.43),
+    ] {
+        let mut cfg = lossy(91, 0.1);
+        cfg.averaging.compression = encoding;
+        let (sim, initial) = run_one_round(cfg);
+        let ids = sim.ids().to_vec();
+        let reference = sim.outcomes(0)[0].values.clone();
+        let mut worst = 0f64;
+        let mut lossy_values = 0usize;
+        for p in 0..16 {
+            let outs = sim.outcomes(p);
+            assert_eq!(outs.len(), 1, "{encoding}: peer {p}");
+            let o = &outs[0];
+            assert_eq!(
+                o.group.len(),
+                16,
+                "{encoding}: peer {p} not in the full group"
+            );
+            assert!(o.parts.iter().all(|q| q.averaged), "{encoding}: peer {p}");
+            worst = worst.max(check_compressed_outcome(&ids, &initial, p, o, encoding));
+            // Everyone ends with the same vector, as with f32.
+            assert_eq!(o.values, reference, "{encoding}: peer {p} differs");
+            assert_eq!(
+                rejections(&sim, p),
+                0,
+                "{encoding}: honest traffic rejected"
+            );
+            let part = &o.parts[0];
+            let exact = expected_mean(&ids, &initial, &part.contributors, part.range.clone());
+            lossy_values += exact
+                .iter()
+                .zip(&o.values[part.range.clone()])
+                .filter(|(a, b)| a != b)
+                .count();
+        }
+        assert!(lossy_values > 0, "{encoding} changed nothing: not applied?");
+        assert!(worst <= 1.0);
+        let ratio = sim.payload_bytes_sent() as f64 / f32_bytes as f64;
+        assert!(
+            ratio <= max_ratio,
+            "{encoding}: sent {ratio:.3} of the f32 traffic"
+        );
+        println!("{encoding}: worst error {worst:.3} of the bound, {ratio:.3} of f32 bytes");
+    }
+}
+
+#[test]
+fn compressed_rounds_with_crashes_under_loss_keep_the_bounds() {
+    let encoding = Encoding::Int8 { block: 32 };
+    for seed in [44, 45] {
+        let mut cfg = lossy(seed, 0.3);
+        cfg.averaging.compression = encoding;
+        let mut sim = Sim::new(cfg.clone());
+        let ids = sim.ids().to_vec();
+        let initial = initial_values(seed, 16);
+        for (p, v) in initial.iter().enumerate() {
+            sim.start_round(p, ms(0), 1, v.clone());
+        }
+        let mut rng = Rng::new(seed);
+        let mut crashed: Vec<usize> = (0..16).collect();
+        rng.shuffle(&mut crashed);
+        crashed.truncate(4);
+        for &p in &crashed {
+            sim.crash(ms(rng.range(0..3_000)), p);
+        }
+        sim.run_until(round_bound(&cfg.averaging, ms(0)));
+        for p in 0..16 {
+            let outs = sim.outcomes(p);
+            if !crashed.contains(&p) {
+                assert_eq!(outs.len(), 1, "seed {seed}: survivor {p} did not finish");
+            }
+            for o in outs {
+                check_compressed_outcome(&ids, &initial, p, o, encoding);
+            }
+            assert_eq!(rejections(&sim, p), 0);
+        }
+    }
 }

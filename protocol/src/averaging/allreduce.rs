@@ -3,7 +3,7 @@
 use super::config::AveragingConfig;
 use super::outcome::{Destination, Outbox, PartOutcome, RoundOutcome};
 use super::AvgMessage;
-use crate::tensor::{split_ranges, Payload};
+use crate::tensor::{quantize, split_ranges, Encoding, Payload};
 use crate::NodeId;
 use std::collections::BTreeSet;
 use std::ops::Range;
@@ -43,6 +43,8 @@ pub(crate) struct AllReduce {
     me_idx: usize,
     ranges: Vec<Range<usize>>,
     local: Vec<f32>,
+    /// How our `Part`s and our `Reduced` are encoded.
+    encoding: Encoding,
     /// Our `Part` payload per part, until that part's `Reduced` arrives (ack).
     outgoing: Vec<Option<Payload>>,
     /// Contributions to our part, by member index.
@@ -57,7 +59,9 @@ pub(crate) struct AllReduce {
 
 impl AllReduce {
     /// Enters the all-reduce at `now` as member `me_idx` of `group` (ascending), sending our
-    /// values of every other part to its reducer.
+    /// values of every other part to its reducer, encoded with the configured compression.
+    /// Our own contribution to our part goes through the same quantisation, so every
+    /// contribution is averaged as its reducer sees it.
     pub(crate) fn start(
         round: u64,
         group: Vec<NodeId>,
@@ -68,16 +72,17 @@ impl AllReduce {
         out: &mut Outbox,
     ) -> Self {
         let n = group.len();
+        let encoding = cfg.wire_encoding();
         let ranges = split_ranges(local.len(), n);
         let mut outgoing = vec![None; n];
         let mut contributions = vec![None; n];
         for (j, range) in ranges.iter().enumerate() {
             let values = local.get(range.clone()).unwrap_or_default();
             if j == me_idx {
-                contributions[j] = Some(values.to_vec());
+                contributions[j] = Some(quantize(values, encoding));
                 continue;
             }
-            let payload = Payload::from_f32(values);
+            let payload = Payload::encode(values, encoding);
             out.send(
                 Destination::Peer(group[j]),
                 AvgMessage::Part {
@@ -95,6 +100,7 @@ impl AllReduce {
             me_idx,
             ranges,
             local,
+            encoding,
             outgoing,
             contributions,
             reduced: None,
@@ -139,24 +145,14 @@ impl AllReduce {
         if self.contributions.get(idx).is_some_and(Option::is_some) {
             return; // duplicate: the first contribution wins
         }
-        let values = match payload.decode() {
+        let want = self.part_len(self.me_idx);
+        let values = match decode_part(payload, want) {
             Ok(v) => v,
             Err(e) => {
-                out.reject(from, format!("Part {part} for round {round}: {e}"));
+                out.reject(from, format!("Part {part} for round {round} {e}"));
                 return;
             }
         };
-        let want = self.part_len(self.me_idx);
-        if values.len() != want {
-            out.reject(
-                from,
-                format!(
-                    "Part {part} for round {round} has {} values, the part has {want}",
-                    values.len()
-                ),
-            );
-            return;
-        }
         if let Some(slot) = self.contributions.get_mut(idx) {
             *slot = Some(values);
         }
@@ -222,24 +218,13 @@ impl AllReduce {
             );
             return;
         }
-        let values = match payload.decode() {
+        let values = match decode_part(payload, self.part_len(j)) {
             Ok(v) => v,
             Err(e) => {
-                out.reject(from, format!("Reduced part {part} for round {round}: {e}"));
+                out.reject(from, format!("Reduced part {part} for round {round} {e}"));
                 return;
             }
         };
-        let want = self.part_len(j);
-        if values.len() != want {
-            out.reject(
-                from,
-                format!(
-                    "Reduced part {part} for round {round} has {} values, the part has {want}",
-                    values.len()
-                ),
-            );
-            return;
-        }
         if let Some(slot) = self.results.get_mut(j) {
             *slot = Some(PartResult {
                 contributors,
@@ -252,8 +237,10 @@ impl AllReduce {
     }
 
     /// Averages the contributions we have into our part and sends the result to every other
-    /// member. The sum runs in f64 in member (ascending id) order, then divides and casts to
-    /// f32, so every peer can recompute it bit for bit.
+    /// member. The contributions are the decoded (quantised) values; the sum runs in f64 in
+    /// member (ascending id) order, then divides and casts to f32, so every peer can recompute
+    /// it bit for bit. The result is encoded with our compression, and we keep exactly what
+    /// the members decode from it, so the whole group ends with the same values.
     fn reduce_own(&mut self, out: &mut Outbox) {
         let len = self.part_len(self.me_idx);
         let mut sum = vec![0f64; len];
@@ -272,8 +259,9 @@ impl AllReduce {
             round: self.round,
             part: self.me_idx as u32,
             contributors: contributors.clone(),
-            payload: Payload::from_f32(&mean),
+            payload: Payload::encode(&mean, self.encoding),
         };
+        let mean = quantize(&mean, self.encoding);
         for (j, member) in self.group.iter().enumerate() {
             if j != self.me_idx {
                 out.send(Destination::Peer(*member), msg.clone());
@@ -382,4 +370,21 @@ impl AllReduce {
         };
         (outcome, last)
     }
+}
+
+/// Decodes a received `Part` or `Reduced` payload that must carry `want` values, checking
+/// the cheap things first: a dense encoding (top-k would average dropped values as zeros)
+/// and the declared length (before decoding allocates it). The error reads after
+/// "Part k for round r".
+fn decode_part(payload: &Payload, want: usize) -> Result<Vec<f32>, String> {
+    if !payload.encoding.is_dense() {
+        return Err(format!(
+            "is {}-encoded; averaging needs dense values (f32, f16, bf16 or int8)",
+            payload.encoding
+        ));
+    }
+    if payload.len as usize != want {
+        return Err(format!("has {} values, the part has {want}", payload.len));
+    }
+    payload.decode().map_err(|e| format!("is invalid: {e}"))
 }

@@ -1,5 +1,6 @@
 //! Timeouts, group size and the hard limits of an averaging round.
 
+use crate::tensor::{Encoding, TensorError};
 use std::time::Duration;
 
 /// Most members a group may have; also bounds every id list and part index on the wire and
@@ -35,6 +36,26 @@ pub struct AveragingConfig {
     pub retry_interval: Duration,
     /// Largest group the leader forms (clamped to `1..=MAX_GROUP_MEMBERS`).
     pub max_group_size: usize,
+    /// How this peer encodes its `Part` and `Reduced` payloads (the swarm's
+    /// `--compression`): trades exactness for traffic. Only dense encodings (f32, f16, bf16,
+    /// int8) can carry parameters; [`AveragingConfig::validate`] refuses top-k and a bad int8
+    /// block, and an [`Averager`](super::Averager) given one anyway sends `F32`. Received
+    /// payloads are accepted in any dense encoding.
+    pub compression: Encoding,
+}
+
+/// Why an [`AveragingConfig`] cannot be used as given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AveragingConfigError {
+    /// Top-k drops values; averaged parameters would be pulled toward zero.
+    #[error(
+        "compression {0} is sparse and cannot average parameters (dropped values would count \
+         as zeros); use f32, f16, bf16 or int8 (top-k is for pseudo-gradients)"
+    )]
+    SparseCompression(Encoding),
+    /// The encoding's own parameters are invalid (int8 block size).
+    #[error("compression: {0}")]
+    Compression(#[from] TensorError),
 }
 
 impl Default for AveragingConfig {
@@ -47,11 +68,33 @@ impl Default for AveragingConfig {
             reduce_timeout: Duration::from_secs(10),
             retry_interval: Duration::from_millis(500),
             max_group_size: 64,
+            compression: Encoding::F32,
         }
     }
 }
 
 impl AveragingConfig {
+    /// Refuses settings no round can use: a sparse (top-k) compression or an invalid int8
+    /// block. The durations and group size need no check (they are clamped). A node checks
+    /// this at startup so a bad `--compression` fails loudly instead of silently sending f32.
+    pub fn validate(&self) -> Result<(), AveragingConfigError> {
+        self.compression.validate()?;
+        if !self.compression.is_dense() {
+            return Err(AveragingConfigError::SparseCompression(self.compression));
+        }
+        Ok(())
+    }
+
+    /// The encoding actually sent: `compression`, or `F32` if [`AveragingConfig::validate`]
+    /// refuses it.
+    pub(crate) fn wire_encoding(&self) -> Encoding {
+        if self.validate().is_ok() {
+            self.compression
+        } else {
+            Encoding::F32
+        }
+    }
+
     /// The retry interval actually used.
     pub(crate) fn retry(&self) -> Duration {
         self.retry_interval.max(MIN_RETRY)
@@ -91,5 +134,41 @@ mod tests {
         };
         assert_eq!(cfg.group_limit(), MAX_GROUP_MEMBERS);
         assert!(cfg.reducer_wait() < Duration::MAX);
+    }
+
+    #[test]
+    fn compression_is_validated_and_falls_back_to_f32() {
+        let with = |compression| AveragingConfig {
+            compression,
+            ..AveragingConfig::default()
+        };
+        assert_eq!(AveragingConfig::default().compression, Encoding::F32);
+        for ok in [
+            Encoding::F32,
+            Encoding::F16,
+            Encoding::Bf16,
+            Encoding::Int8 { block: 1 },
+            Encoding::Int8 { block: 65_536 },
+        ] {
+            assert_eq!(with(ok).validate(), Ok(()));
+            assert_eq!(with(ok).wire_encoding(), ok);
+        }
+        let topk = Encoding::TopK { k: 10 };
+        assert_eq!(
+            with(topk).validate(),
+            Err(AveragingConfigError::SparseCompression(topk))
+        );
+        assert!(with(topk)
+            .validate()
+            .is_err_and(|e| e.to_string().contains("pseudo-gradients")));
+        assert_eq!(with(topk).wire_encoding(), Encoding::F32);
+        let bad = Encoding::Int8 { block: 0 };
+        assert_eq!(
+            with(bad).validate(),
+            Err(AveragingConfigError::Compression(TensorError::BadBlock {
+                block: 0
+            }))
+        );
+        assert_eq!(with(bad).wire_encoding(), Encoding::F32);
     }
 }

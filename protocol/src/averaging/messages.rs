@@ -90,8 +90,9 @@ impl AvgMessage {
         }
     }
 
-    /// All receiver-independent checks: [`AvgMessage::validate_structure`] plus payload
-    /// length, digest and finiteness.
+    /// All receiver-independent checks: [`AvgMessage::validate_structure`] plus
+    /// [`Payload::validate`] (encoding parameters, length, digest, content). Any encoding is
+    /// accepted here; whether it suits the round is the receiving state machine's call.
     pub fn validate(&self) -> Result<(), ContentError> {
         self.validate_structure()?;
         match self {

@@ -32,19 +32,31 @@
 //!   `Reduced` arrives (the ack) or the reduce deadline (formation + `reduce_timeout`) passes.
 //! - Reducer k finishes part k when all n contributions are in, or at formation + 3/4 of
 //!   `reduce_timeout` (so the result still has time to travel): the mean over the
-//!   contributions received, summed in f64 in member order, divided, cast to f32. It sends
-//!   `Reduced{k, contributors, mean}` to every other member and answers any later `Part` for
-//!   k (also after the round, for the last finished round) with it again.
+//!   contributions received (as decoded), summed in f64 in member order, divided, cast to
+//!   f32. It sends `Reduced{k, contributors, mean}` to every other member and answers any
+//!   later `Part` for k (also after the round, for the last finished round) with it again.
 //! - A member finishes when it has every part's result, or at the reduce deadline; parts it
 //!   never got keep its local values (`averaged = false`). Members missing from contributors,
 //!   and reducers that never answered, are listed in `dropped`.
 //! - Exactly one `Finished` per started round; afterwards [`Averager::in_flight`] is `None`.
 //!
+//! # Compression
+//! `Part`s and `Reduced` are encoded with [`AveragingConfig::compression`] (f32 by default;
+//! f16, bf16 or blockwise int8 to cut traffic 2–4x). Values are then quantised twice: each
+//! contribution when its member encodes it (the reducer quantises its own contribution the
+//! same way, so all count alike), and the mean when the reducer encodes it (the reducer
+//! keeps the decoded mean, so the whole group still ends with identical values). With f32
+//! both steps are exact and the result is bit for bit the mean above. Top-k is refused by
+//! [`AveragingConfig::validate`] and, if configured anyway, replaced by f32: a sparse
+//! payload would average every dropped parameter as zero (top-k with
+//! [`ErrorFeedback`](crate::tensor::ErrorFeedback) is for pseudo-gradients). Received
+//! payloads may use any dense encoding; a top-k one is `Rejected`.
+//!
 //! # Validation
 //! Messages are checked before use and never cause a panic: structurally invalid content,
 //! messages from non-members, wrong lengths, part indices out of range, payloads whose
-//! length, digest or finiteness is wrong, and `Group`s not sent by their leader are refused
-//! with a `Rejected` event. (A `Rejected` is not proof of malice: when two leaders race,
+//! encoding, length, digest or content is wrong, and `Group`s not sent by their leader are
+//! refused with a `Rejected` event. (A `Rejected` is not proof of malice: when two leaders race,
 //! members of the other group may send us `Part`s as "non-member".) Duplicates (the first
 //! contribution wins), messages for old rounds (except the `Part` re-ack above) and early
 //! `Part`s (the sender re-sends them) are ignored.
@@ -58,7 +70,8 @@ mod outcome;
 mod tests;
 
 pub use config::{
-    AveragingConfig, MAX_BUFFERED_ROUNDS, MAX_GROUP_MEMBERS, MAX_ROUNDS_AHEAD, MAX_VECTOR_LEN,
+    AveragingConfig, AveragingConfigError, MAX_BUFFERED_ROUNDS, MAX_GROUP_MEMBERS,
+    MAX_ROUNDS_AHEAD, MAX_VECTOR_LEN,
 };
 pub use messages::AvgMessage;
 pub use outcome::{AveragingError, AvgEvent, Destination, PartOutcome, RoundOutcome, Transmit};

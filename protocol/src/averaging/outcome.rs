@@ -32,7 +32,8 @@ pub struct PartOutcome {
     pub range: Range<usize>,
     /// Whose initial values were averaged into this range, ascending. For a part that was
     /// not averaged this is just ourselves, so "the range holds the mean over
-    /// `contributors`" always holds.
+    /// `contributors`" always holds (exactly with f32 compression, within the codec's error
+    /// bound otherwise).
     pub contributors: Vec<NodeId>,
     /// Whether the range holds its reducer's result (otherwise it keeps our local values).
     pub averaged: bool,

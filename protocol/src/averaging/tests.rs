@@ -2,7 +2,16 @@
 
 use super::*;
 use crate::rng::Rng;
-use crate::tensor::{split_ranges, Bytes, Encoding};
+use crate::tensor::{quantize, split_ranges, Bytes, Encoding};
+
+/// Every kind of encoding, top-k included (which averaging must refuse).
+const ENCODINGS: [Encoding; 5] = [
+    Encoding::F32,
+    Encoding::F16,
+    Encoding::Bf16,
+    Encoding::Int8 { block: 2 },
+    Encoding::TopK { k: 2 },
+];
 
 fn id(n: u8) -> NodeId {
     NodeId([n; 32])
@@ -720,6 +729,7 @@ fn random_traffic_never_panics_or_finishes_twice() {
                 reduce_timeout: ms(800),
                 retry_interval: ms(50),
                 max_group_size: 8,
+                compression: ENCODINGS[trial % ENCODINGS.len()],
             },
         );
         a.set_peers(&pool);
@@ -752,7 +762,12 @@ fn random_traffic_never_panics_or_finishes_twice() {
                     }
                 })
                 .collect();
-            let mut payload = forged(&values);
+            let mut payload = if rng.chance(0.5) {
+                forged(&values)
+            } else {
+                let enc = ENCODINGS[rng.range(0..ENCODINGS.len() as u64) as usize];
+                Payload::encode(&values, enc)
+            };
             if rng.chance(0.1) {
                 payload.digest[0] ^= 1;
             }
@@ -797,4 +812,223 @@ fn random_traffic_never_panics_or_finishes_twice() {
         assert!(finishes <= started);
         assert!(finishes + 1 >= started, "a started round never finished");
     }
+}
+
+/// Three peers whose config uses `compression`, started with `vals` and pumped to the end.
+fn run_three(compression: Encoding, vals: &[Vec<f32>]) -> (Vec<Averager>, Vec<Vec<AvgEvent>>) {
+    let mut nodes: Vec<Averager> = [A, B, C]
+        .iter()
+        .map(|&m| {
+            let mut a = Averager::new(
+                id(m),
+                AveragingConfig {
+                    compression,
+                    ..cfg()
+                },
+            );
+            a.set_peers(&[id(A), id(B), id(C)]);
+            a
+        })
+        .collect();
+    for (n, v) in nodes.iter_mut().zip(vals) {
+        n.start_round(ms(0), 1, v.clone()).expect("start");
+    }
+    let evs = pump(&mut nodes, ms(1));
+    (nodes, evs)
+}
+
+#[test]
+fn compressed_rounds_send_compressed_payloads_and_average_the_decoded_values() {
+    let vals = [
+        vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, -8.0, 9.5],
+        vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+        vec![-1.0, 1e-3, 3.3, 1e3, -5.5, 0.0, 2.25, 1e-5, 77.0],
+    ];
+    for enc in [
+        Encoding::F16,
+        Encoding::Bf16,
+        Encoding::Int8 { block: 2 },
+        Encoding::Int8 { block: 64 },
+    ] {
+        let mut nodes: Vec<Averager> = [A, B, C]
+            .iter()
+            .map(|&m| {
+                let mut a = Averager::new(
+                    id(m),
+                    AveragingConfig {
+                        compression: enc,
+                        ..cfg()
+                    },
+                );
+                a.set_peers(&[id(A), id(B), id(C)]);
+                a
+            })
+            .collect();
+        for (n, v) in nodes.iter_mut().zip(&vals) {
+            n.start_round(ms(0), 1, v.clone()).expect("start");
+        }
+        // Every tensor message leaving a node uses the configured encoding.
+        let mut evs: Vec<Vec<AvgEvent>> = vec![Vec::new(); 3];
+        let mut now = ms(1);
+        for _ in 0..10 {
+            let mut pending = Vec::new();
+            for (i, n) in nodes.iter_mut().enumerate() {
+                for t in transmits(n) {
+                    if let AvgMessage::Part { payload, .. } | AvgMessage::Reduced { payload, .. } =
+                        &t.msg
+                    {
+                        assert_eq!(payload.encoding, enc, "{:?}", t.msg);
+                    }
+                    pending.push((i, t));
+                }
+                evs[i].extend(events(n));
+            }
+            for (from, t) in pending {
+                let sender = nodes[from].me();
+                for n in nodes.iter_mut() {
+                    let addressed = match t.to {
+                        Destination::Broadcast => n.me() != sender,
+                        Destination::Peer(p) => p == n.me(),
+                    };
+                    if addressed {
+                        n.handle_message(now, sender, t.msg.clone());
+                    }
+                }
+            }
+            now += ms(1);
+        }
+        // The protocol's result, recomputed: quantise each member's part, f64 mean in member
+        // order, cast, quantise the mean.
+        let ranges = split_ranges(9, 3);
+        let mut want = Vec::new();
+        for r in &ranges {
+            let q: Vec<Vec<f32>> = vals.iter().map(|v| quantize(&v[r.clone()], enc)).collect();
+            let refs: Vec<&[f32]> = q.iter().map(Vec::as_slice).collect();
+            want.extend(quantize(&mean(&refs), enc));
+        }
+        let refs: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
+        let exact = mean(&refs);
+        for e in &evs {
+            assert!(rejections(e).is_empty(), "{enc}: {e:?}");
+            let done = finished(e);
+            assert_eq!(done.len(), 1, "{enc}");
+            let o = &done[0];
+            assert!(o.parts.iter().all(|p| p.averaged), "{enc}");
+            // The whole group ends with the same values, bit for bit.
+            assert_eq!(bits(&o.values), bits(&want), "{enc}");
+        }
+        // (tests/sim.rs checks the distance to the exact mean against each codec's bound.)
+        assert_ne!(
+            bits(&want),
+            bits(&exact),
+            "{enc} should not be exact on these values"
+        );
+    }
+}
+
+#[test]
+fn f32_compression_keeps_the_exact_mean() {
+    let vals = [
+        vec![0.1f32, 1e-7, 3.0],
+        vec![0.2, 2e-7, -3.0],
+        vec![0.7, 5.0, 1e9],
+    ];
+    let (_, evs) = run_three(Encoding::F32, &vals);
+    let refs: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
+    for e in &evs {
+        assert_eq!(bits(&finished(e)[0].values), bits(&mean(&refs)));
+    }
+}
+
+#[test]
+fn top_k_compression_is_sent_as_f32() {
+    let vals = [
+        vec![1.0f32, 2.0, 3.0],
+        vec![4.0, 5.0, 6.0],
+        vec![7.0, 8.0, 9.0],
+    ];
+    let (_, evs) = run_three(Encoding::TopK { k: 1 }, &vals);
+    let refs: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
+    for e in &evs {
+        assert!(rejections(e).is_empty());
+        assert_eq!(bits(&finished(e)[0].values), bits(&mean(&refs)));
+    }
+    let (mut a, formed) = {
+        let mut a = Averager::new(
+            id(A),
+            AveragingConfig {
+                compression: Encoding::TopK { k: 1 },
+                ..cfg()
+            },
+        );
+        a.set_peers(&[id(B)]);
+        a.start_round(ms(0), 1, vec![1.0, 2.0]).expect("start");
+        a.handle_message(ms(1), id(B), AvgMessage::Join { round: 1, len: 2 });
+        let t = transmits(&mut a);
+        (a, t)
+    };
+    let _ = events(&mut a);
+    let part = formed
+        .iter()
+        .find_map(|t| match &t.msg {
+            AvgMessage::Part { payload, .. } => Some(payload.clone()),
+            _ => None,
+        })
+        .expect("a Part");
+    assert_eq!(part.encoding, Encoding::F32);
+}
+
+#[test]
+fn reducer_accepts_other_dense_encodings_and_rejects_top_k() {
+    let own = vec![1.0f32; 9];
+    let (mut a, _) = leader_with_group(own.clone());
+    let part = |payload: Payload| AvgMessage::Part {
+        round: 1,
+        part: 0,
+        payload,
+    };
+    // Top-k, including one declaring four billion values in 0 bytes: refused before decoding.
+    let sparse = [
+        Payload::encode(&[1.0, 2.0, 3.0], Encoding::TopK { k: 3 }),
+        Payload {
+            len: u32::MAX,
+            encoding: Encoding::TopK { k: 0 },
+            bytes: Bytes(vec![]),
+            digest: *blake3::hash(&[]).as_bytes(),
+        },
+    ];
+    for p in sparse {
+        a.handle_message(ms(10), id(B), part(p));
+        let r = rejections(&events(&mut a));
+        assert_eq!(r.len(), 1);
+        assert!(r[0].contains("dense"), "{r:?}");
+    }
+    // A corrupt int8 body (NaN scale) names the problem.
+    let mut bad = Payload::encode(&[1.0, 2.0, 3.0], Encoding::Int8 { block: 4 });
+    bad.bytes.0[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    bad.digest = *blake3::hash(&bad.bytes.0).as_bytes();
+    a.handle_message(ms(10), id(B), part(bad));
+    let r = rejections(&events(&mut a));
+    assert!(r.len() == 1 && r[0].contains("scale"), "{r:?}");
+    // B sends f16, C int8: both accepted; the mean is over what they decode to.
+    let b_vals = [10.1f32, 20.2, 30.3];
+    let c_vals = [0.5f32, -0.25, 7.77];
+    let b_p = Payload::encode(&b_vals, Encoding::F16);
+    let c_p = Payload::encode(&c_vals, Encoding::Int8 { block: 2 });
+    let (b_dec, c_dec) = (b_p.decode().expect("f16"), c_p.decode().expect("int8"));
+    a.handle_message(ms(11), id(B), part(b_p));
+    a.handle_message(ms(12), id(C), part(c_p));
+    assert!(rejections(&events(&mut a)).is_empty());
+    let want = mean(&[&own[0..3], &b_dec, &c_dec]);
+    let sent = transmits(&mut a);
+    assert_eq!(sent.len(), 2);
+    assert_eq!(
+        sent[0].msg,
+        AvgMessage::Reduced {
+            round: 1,
+            part: 0,
+            contributors: vec![id(A), id(B), id(C)],
+            payload: Payload::from_f32(&want),
+        }
+    );
 }

@@ -1,0 +1,324 @@
+//! The byte layouts of each [`Encoding`]: encoding, content checks and decoding.
+//!
+//! `check` and `decode` run after the envelope checks (parameters, byte length, digest) and
+//! report the same first error for the same input; both still use only checked access, so
+//! a length slip can never turn into a panic.
+
+use super::half::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+use super::{Encoding, TensorError};
+
+/// Encodes `values` (at most `u32::MAX` of them) in `encoding`, whose top-k `k` is already
+/// clamped to the length. An invalid int8 block yields no bytes, which fails the length
+/// check of the receiver.
+pub(super) fn encode(values: &[f32], encoding: Encoding) -> Vec<u8> {
+    match encoding {
+        Encoding::F32 => {
+            let mut out = vec![0u8; values.len() * 4];
+            for (dst, v) in out.as_chunks_mut::<4>().0.iter_mut().zip(values) {
+                *dst = v.to_le_bytes();
+            }
+            out
+        }
+        Encoding::F16 => encode_u16(values, f32_to_f16),
+        Encoding::Bf16 => encode_u16(values, f32_to_bf16),
+        Encoding::Int8 { block } => {
+            if encoding.validate().is_err() {
+                return Vec::new();
+            }
+            let block = block as usize;
+            let blocks = values.len().div_ceil(block);
+            let mut out = vec![0u8; blocks * 4 + values.len()];
+            let (scales, quants) = out.split_at_mut(blocks * 4);
+            for ((chunk, scale_dst), quant_dst) in values
+                .chunks(block)
+                .zip(scales.as_chunks_mut::<4>().0)
+                .zip(quants.chunks_mut(block))
+            {
+                let scale = int8_scale(chunk);
+                *scale_dst = scale.to_le_bytes();
+                for (q, x) in quant_dst.iter_mut().zip(chunk) {
+                    let [byte] = int8_quantize(*x, scale).to_le_bytes();
+                    *q = byte;
+                }
+            }
+            out
+        }
+        Encoding::TopK { k } => top_k_bytes(values, &top_k_indices(values, k)),
+    }
+}
+
+/// One u16 bit pattern per value.
+fn encode_u16(values: &[f32], convert: fn(f32) -> u16) -> Vec<u8> {
+    let mut out = vec![0u8; values.len() * 2];
+    for (dst, v) in out.as_chunks_mut::<2>().0.iter_mut().zip(values) {
+        *dst = convert(*v).to_le_bytes();
+    }
+    out
+}
+
+/// The int8 scale of one block: the smallest f32 not below `max|x| / 127` (so every value
+/// quantises into -127..=127 and a block with any non-zero value has a non-zero scale),
+/// capped so that `127 * scale` stays finite. NaN if the block holds a non-finite value,
+/// so the payload is refused like an `F32` one with NaN would be.
+pub(super) fn int8_scale(block: &[f32]) -> f32 {
+    let mut max = 0f32;
+    for x in block {
+        if !x.is_finite() {
+            return f32::NAN;
+        }
+        max = max.max(x.abs());
+    }
+    let exact = f64::from(max) / 127.0;
+    let mut scale = exact as f32;
+    if f64::from(scale) < exact {
+        scale = scale.next_up();
+    }
+    while !scale_is_valid(scale) {
+        scale = scale.next_down();
+    }
+    scale
+}
+
+/// What a receiver accepts as a scale: finite, not negative (nor -0), and `127 * scale`
+/// finite, so that every decoded value is finite.
+fn scale_is_valid(scale: f32) -> bool {
+    scale.is_finite() && scale.is_sign_positive() && (scale * 127.0).is_finite()
+}
+
+/// `x / scale` rounded to the nearest integer (ties to even), in -127..=127.
+fn int8_quantize(x: f32, scale: f32) -> i8 {
+    if scale == 0.0 {
+        return 0; // the whole block is zero
+    }
+    let q = (f64::from(x) / f64::from(scale))
+        .round_ties_even()
+        .clamp(-127.0, 127.0);
+    q as i8
+}
+
+/// Indices of the `k` largest-magnitude values, ascending. Ties in magnitude keep the lower
+/// index, so every peer selects the same entries; NaN ranks above every number (and so is
+/// kept, making the payload refused). Vectors longer than `u32::MAX` select nothing: a
+/// payload cannot describe them anyway.
+pub(super) fn top_k_indices(values: &[f32], k: u32) -> Vec<u32> {
+    let Ok(n) = u32::try_from(values.len()) else {
+        return Vec::new();
+    };
+    let k = k.min(n) as usize;
+    if k == 0 {
+        return Vec::new();
+    }
+    let magnitude = |i: u32| values.get(i as usize).map_or(0.0, |v| v.abs());
+    let mut idx: Vec<u32> = (0..n).collect();
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| {
+            magnitude(b).total_cmp(&magnitude(a)).then(a.cmp(&b))
+        });
+        idx.truncate(k);
+    }
+    idx.sort_unstable();
+    idx
+}
+
+/// The top-k body: `(index, values[index])` for each of `indices` (ascending, in range).
+pub(super) fn top_k_bytes(values: &[f32], indices: &[u32]) -> Vec<u8> {
+    let mut out = vec![0u8; indices.len() * 8];
+    for (dst, &i) in out.as_chunks_mut::<8>().0.iter_mut().zip(indices) {
+        let v = values.get(i as usize).copied().unwrap_or(0.0);
+        let [a, b, c, d] = i.to_le_bytes();
+        let [e, f, g, h] = v.to_le_bytes();
+        *dst = [a, b, c, d, e, f, g, h];
+    }
+    out
+}
+
+/// The values a receiver decodes from `encode(values, encoding)`, for a valid encoding and
+/// finite values.
+pub(super) fn quantize(values: &[f32], encoding: Encoding) -> Vec<f32> {
+    match encoding {
+        Encoding::F32 => values.to_vec(),
+        Encoding::F16 => values.iter().map(|v| f16_to_f32(f32_to_f16(*v))).collect(),
+        Encoding::Bf16 => values
+            .iter()
+            .map(|v| bf16_to_f32(f32_to_bf16(*v)))
+            .collect(),
+        Encoding::Int8 { block } => {
+            let mut out = Vec::with_capacity(values.len());
+            for chunk in values.chunks(block.max(1) as usize) {
+                let scale = int8_scale(chunk);
+                out.extend(
+                    chunk
+                        .iter()
+                        .map(|x| f32::from(int8_quantize(*x, scale)) * scale),
+                );
+            }
+            out
+        }
+        Encoding::TopK { k } => {
+            let mut out = vec![0f32; values.len()];
+            for i in top_k_indices(values, k) {
+                if let (Some(dst), Some(v)) = (out.get_mut(i as usize), values.get(i as usize)) {
+                    *dst = *v;
+                }
+            }
+            out
+        }
+    }
+}
+
+/// The byte length the envelope checked, reported again if a slice turns out short.
+fn mismatch(bytes: &[u8], expected: usize) -> TensorError {
+    TensorError::LengthMismatch {
+        expected: expected as u64,
+        got: bytes.len() as u64,
+    }
+}
+
+/// Splits an int8 body into its scales and values, after checking every scale.
+fn int8_parts(bytes: &[u8], len: u32, block: u32) -> Result<(&[[u8; 4]], &[u8]), TensorError> {
+    let blocks = (len as usize).div_ceil(block.max(1) as usize);
+    let Some((scales, quants)) = bytes.split_at_checked(blocks * 4) else {
+        return Err(mismatch(bytes, blocks * 4 + len as usize));
+    };
+    let scales = scales.as_chunks::<4>().0;
+    if quants.len() != len as usize || scales.len() != blocks {
+        return Err(mismatch(bytes, blocks * 4 + len as usize));
+    }
+    for (b, s) in scales.iter().enumerate() {
+        let scale = f32::from_le_bytes(*s);
+        if !scale_is_valid(scale) {
+            return Err(TensorError::BadScale {
+                block: b,
+                scale_bits: scale.to_bits(),
+            });
+        }
+    }
+    Ok((scales, quants))
+}
+
+/// The first int8 value of -128, if any.
+fn int8_range(quants: &[u8]) -> Result<(), TensorError> {
+    match quants.iter().position(|&q| q == 0x80) {
+        Some(index) => Err(TensorError::Int8OutOfRange { index }),
+        None => Ok(()),
+    }
+}
+
+/// Walks a top-k body, checking each entry in order, and hands the valid ones to `put`.
+fn top_k_entries(bytes: &[u8], len: u32, mut put: impl FnMut(u32, f32)) -> Result<(), TensorError> {
+    let (pairs, rest) = bytes.as_chunks::<8>();
+    if !rest.is_empty() {
+        return Err(mismatch(bytes, pairs.len() * 8));
+    }
+    let mut prev: Option<u32> = None;
+    for (entry, &[a, b, c, d, e, f, g, h]) in pairs.iter().enumerate() {
+        let index = u32::from_le_bytes([a, b, c, d]);
+        let value = f32::from_le_bytes([e, f, g, h]);
+        if index >= len {
+            return Err(TensorError::IndexOutOfRange { entry, index, len });
+        }
+        if prev.is_some_and(|p| index <= p) {
+            return Err(TensorError::IndicesNotAscending { entry, index });
+        }
+        if !value.is_finite() {
+            return Err(TensorError::NonFinite {
+                index: index as usize,
+            });
+        }
+        prev = Some(index);
+        put(index, value);
+    }
+    Ok(())
+}
+
+/// The first non-finite value's index, if any.
+fn first_non_finite(values: impl Iterator<Item = f32>) -> Result<(), TensorError> {
+    let mut values = values;
+    match values.position(|v| !v.is_finite()) {
+        Some(index) => Err(TensorError::NonFinite { index }),
+        None => Ok(()),
+    }
+}
+
+/// The content checks of [`decode`], without allocating.
+pub(super) fn check(bytes: &[u8], len: u32, encoding: Encoding) -> Result<(), TensorError> {
+    match encoding {
+        Encoding::F32 => {
+            let chunks = exact_chunks::<4>(bytes, len)?;
+            first_non_finite(chunks.iter().map(|c| f32::from_le_bytes(*c)))
+        }
+        Encoding::F16 => {
+            let chunks = exact_chunks::<2>(bytes, len)?;
+            first_non_finite(chunks.iter().map(|c| f16_to_f32(u16::from_le_bytes(*c))))
+        }
+        Encoding::Bf16 => {
+            let chunks = exact_chunks::<2>(bytes, len)?;
+            first_non_finite(chunks.iter().map(|c| bf16_to_f32(u16::from_le_bytes(*c))))
+        }
+        Encoding::Int8 { block } => {
+            let (_, quants) = int8_parts(bytes, len, block)?;
+            int8_range(quants)
+        }
+        Encoding::TopK { .. } => top_k_entries(bytes, len, |_, _| {}),
+    }
+}
+
+/// Decodes a body whose envelope (parameters, byte length, digest) has been checked,
+/// refusing content no honest encoder produces.
+pub(super) fn decode(bytes: &[u8], len: u32, encoding: Encoding) -> Result<Vec<f32>, TensorError> {
+    let out: Vec<f32> = match encoding {
+        Encoding::F32 => {
+            let chunks = exact_chunks::<4>(bytes, len)?;
+            chunks.iter().map(|c| f32::from_le_bytes(*c)).collect()
+        }
+        Encoding::F16 => {
+            let chunks = exact_chunks::<2>(bytes, len)?;
+            chunks
+                .iter()
+                .map(|c| f16_to_f32(u16::from_le_bytes(*c)))
+                .collect()
+        }
+        Encoding::Bf16 => {
+            let chunks = exact_chunks::<2>(bytes, len)?;
+            chunks
+                .iter()
+                .map(|c| bf16_to_f32(u16::from_le_bytes(*c)))
+                .collect()
+        }
+        Encoding::Int8 { block } => {
+            let (scales, quants) = int8_parts(bytes, len, block)?;
+            int8_range(quants)?;
+            let mut out = Vec::with_capacity(quants.len());
+            for (scale, chunk) in scales.iter().zip(quants.chunks(block.max(1) as usize)) {
+                let scale = f32::from_le_bytes(*scale);
+                out.extend(
+                    chunk
+                        .iter()
+                        .map(|q| f32::from(i8::from_le_bytes([*q])) * scale),
+                );
+            }
+            // Scales are checked, so every value is finite; decode() promises it regardless.
+            out
+        }
+        Encoding::TopK { .. } => {
+            let mut out = vec![0f32; len as usize];
+            top_k_entries(bytes, len, |index, value| {
+                if let Some(dst) = out.get_mut(index as usize) {
+                    *dst = value;
+                }
+            })?;
+            return Ok(out);
+        }
+    };
+    first_non_finite(out.iter().copied())?;
+    Ok(out)
+}
+
+/// The body as exactly `len` groups of `N` bytes.
+fn exact_chunks<const N: usize>(bytes: &[u8], len: u32) -> Result<&[[u8; N]], TensorError> {
+    let (chunks, rest) = bytes.as_chunks::<N>();
+    if !rest.is_empty() || chunks.len() != len as usize {
+        return Err(mismatch(bytes, len as usize * N));
+    }
+    Ok(chunks)
+}

@@ -13,6 +13,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
+use p2ptrain_protocol::averaging::AveragingConfig;
+use p2ptrain_protocol::tensor::Encoding;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,6 +92,10 @@ pub struct TrainArgs {
     /// Seconds an all-reduce may take before silent members are dropped from the round.
     #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
     pub reduce_timeout_secs: f64,
+    /// How peers encode parameters when averaging: f32 (exact), f16, bf16, int8 or int8:BLOCK
+    /// (blockwise, ~1/4 of the bytes). All peers of a swarm should use the same.
+    #[arg(long, default_value = "f32", value_parser = parse_compression)]
+    pub compression: Encoding,
     /// Compute device: cpu, or cuda (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
@@ -173,6 +179,16 @@ fn parse_epochs(s: &str) -> Result<f64, String> {
     } else {
         Err(format!("epochs must be in (0, 10000], got {v}"))
     }
+}
+
+fn parse_compression(s: &str) -> Result<Encoding, String> {
+    let encoding: Encoding = s.parse().map_err(|e| format!("{e}"))?;
+    let probe = AveragingConfig {
+        compression: encoding,
+        ..AveragingConfig::default()
+    };
+    probe.validate().map_err(|e| e.to_string())?;
+    Ok(encoding)
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {
@@ -352,10 +368,13 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             average_every: args.train.average_every,
             samples_per_step: args.train.batch_size,
         },
-        averaging: driver::network_averaging(
-            Duration::from_secs_f64(args.train.join_window_secs),
-            Duration::from_secs_f64(args.train.reduce_timeout_secs),
-        ),
+        averaging: AveragingConfig {
+            compression: args.train.compression,
+            ..driver::network_averaging(
+                Duration::from_secs_f64(args.train.join_window_secs),
+                Duration::from_secs_f64(args.train.reduce_timeout_secs),
+            )
+        },
         seed,
         linger: Duration::from_secs(args.linger_secs),
         checkpoints,

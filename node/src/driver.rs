@@ -71,6 +71,7 @@ pub fn network_averaging(join_window: Duration, reduce_timeout: Duration) -> Ave
         group_timeout: join_window * 2,
         reduce_timeout,
         retry_interval: (reduce_timeout / 3).max(Duration::from_millis(100)),
+        join_retry_interval: Duration::from_secs(1),
         ..AveragingConfig::default()
     }
 }

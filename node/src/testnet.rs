@@ -70,6 +70,8 @@ fn train_flags(t: &TrainArgs) -> Vec<String> {
         t.join_window_secs.to_string(),
         "--reduce-timeout-secs".into(),
         t.reduce_timeout_secs.to_string(),
+        "--compression".into(),
+        t.compression.to_string(),
         "--device".into(),
         t.device.to_string(),
     ];

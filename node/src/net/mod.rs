@@ -25,7 +25,15 @@ use tracing::{debug, info, warn};
 /// Capacity of the command and event channels between driver and event loop.
 const CHANNEL_CAPACITY: usize = 1024;
 /// How often Kademlia refreshes its view of the swarm.
-const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(30);
+const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(10);
+/// A newly identified peer triggers a Kademlia lookup at most this often, so
+/// a joiner learns the rest of the swarm in seconds rather than at the next tick.
+const KAD_BOOTSTRAP_MIN_GAP: Duration = Duration::from_secs(1);
+/// Sends of one direct message before it is given up (a dropped duplicate
+/// connection or a redial can fail a send that a retry delivers).
+const DIRECT_ATTEMPTS: u8 = 3;
+/// Direct messages kept for retry at once; beyond this, sends are not retried.
+const MAX_RETRYABLE: usize = 1024;
 
 /// What a node needs to join the network.
 #[derive(Debug, Clone)]
@@ -198,6 +206,8 @@ impl Network {
             stats: stats.clone(),
             members: HashSet::new(),
             connected: HashMap::new(),
+            in_flight: HashMap::new(),
+            last_bootstrap: None,
         };
         let task = tokio::spawn(event_loop.run());
         Ok(Network {
@@ -235,6 +245,16 @@ struct EventLoop {
     members: HashSet<PeerId>,
     /// Open connection count per peer.
     connected: HashMap<PeerId, u32>,
+    /// Direct messages awaiting their acknowledgement, kept to retry them.
+    in_flight: HashMap<request_response::OutboundRequestId, Outbound>,
+    /// When the last Kademlia lookup started.
+    last_bootstrap: Option<tokio::time::Instant>,
+}
+
+struct Outbound {
+    peer: PeerId,
+    bytes: Vec<u8>,
+    attempts: u8,
 }
 
 impl EventLoop {
@@ -247,12 +267,35 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => return, // every handle dropped: the node is shutting down
                 },
-                _ = kad_tick.tick() => {
-                    if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
-                        debug!(error = %e, "kademlia bootstrap skipped");
-                    }
-                }
+                _ = kad_tick.tick() => self.bootstrap(),
             }
+        }
+    }
+
+    fn bootstrap(&mut self) {
+        self.last_bootstrap = Some(tokio::time::Instant::now());
+        if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+            debug!(error = %e, "kademlia bootstrap skipped");
+        }
+    }
+
+    fn send_direct(&mut self, peer: PeerId, bytes: Vec<u8>, attempts: u8) {
+        if self.in_flight.len() < MAX_RETRYABLE {
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .direct
+                .send_request(&peer, bytes.clone());
+            self.in_flight.insert(
+                id,
+                Outbound {
+                    peer,
+                    bytes,
+                    attempts,
+                },
+            );
+        } else {
+            self.swarm.behaviour_mut().direct.send_request(&peer, bytes);
         }
     }
 
@@ -280,7 +323,7 @@ impl EventLoop {
                 self.stats
                     .bytes_sent
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                self.swarm.behaviour_mut().direct.send_request(&to, bytes);
+                self.send_direct(to, bytes, 1);
             }
         }
     }
@@ -382,13 +425,24 @@ impl EventLoop {
                     .fetch_add(request.len() as u64, Ordering::Relaxed);
                 self.emit_message(peer, request);
             }
+            BehaviourEvent::Direct(request_response::Event::Message {
+                message: request_response::Message::Response { request_id, .. },
+                ..
+            }) => {
+                self.in_flight.remove(&request_id);
+            }
             BehaviourEvent::Direct(request_response::Event::OutboundFailure {
                 peer,
                 error,
+                request_id,
                 ..
-            }) => {
-                debug!(%peer, %error, "direct message failed");
-            }
+            }) => match self.in_flight.remove(&request_id) {
+                Some(out) if out.attempts < DIRECT_ATTEMPTS && self.members.contains(&peer) => {
+                    debug!(%peer, %error, attempt = out.attempts, "direct message failed; retrying");
+                    self.send_direct(out.peer, out.bytes, out.attempts + 1);
+                }
+                _ => warn!(%peer, %error, "direct message failed"),
+            },
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 if info.protocol_version != behaviour::PROTOCOL_VERSION {
                     debug!(peer = %peer_id, version = %info.protocol_version, "not a p2ptrain peer");
@@ -396,6 +450,12 @@ impl EventLoop {
                 }
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+                let due = self
+                    .last_bootstrap
+                    .is_none_or(|t| t.elapsed() >= KAD_BOOTSTRAP_MIN_GAP);
+                if due {
+                    self.bootstrap();
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {

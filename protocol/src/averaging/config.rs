@@ -32,8 +32,13 @@ pub struct AveragingConfig {
     /// How long after group formation the all-reduce may take; silent members are dropped
     /// at this deadline instead of being waited for.
     pub reduce_timeout: Duration,
-    /// How often `Join` and unacknowledged `Part`s are re-sent (at least 1 ms is used).
+    /// How often unacknowledged `Part`s are re-sent (at least 1 ms is used). Parts are
+    /// large: on a reliable transport keep this long.
     pub retry_interval: Duration,
+    /// How often `Join` is re-broadcast while matchmaking (at least 1 ms is used). Joins
+    /// are tiny and a re-sent one makes the leader re-send a lost `Group`, so this can be
+    /// short even where `retry_interval` is long.
+    pub join_retry_interval: Duration,
     /// Largest group the leader forms (clamped to `1..=MAX_GROUP_MEMBERS`).
     pub max_group_size: usize,
     /// How this peer encodes its `Part` and `Reduced` payloads (the swarm's
@@ -67,6 +72,7 @@ impl Default for AveragingConfig {
             group_timeout: Duration::from_secs(5),
             reduce_timeout: Duration::from_secs(10),
             retry_interval: Duration::from_millis(500),
+            join_retry_interval: Duration::from_millis(500),
             max_group_size: 64,
             compression: Encoding::F32,
         }
@@ -98,6 +104,11 @@ impl AveragingConfig {
     /// The retry interval actually used.
     pub(crate) fn retry(&self) -> Duration {
         self.retry_interval.max(MIN_RETRY)
+    }
+
+    /// The `Join` re-broadcast interval actually used.
+    pub(crate) fn join_retry(&self) -> Duration {
+        self.join_retry_interval.max(MIN_RETRY)
     }
 
     /// The group size limit actually used.

@@ -100,7 +100,7 @@ impl Matchmaking {
             values,
             started: now,
             joined: BTreeSet::new(),
-            next_join: now.saturating_add(cfg.retry()),
+            next_join: now.saturating_add(cfg.join_retry()),
         }
     }
 
@@ -168,7 +168,7 @@ impl Matchmaking {
         if now < self.next_join {
             return false;
         }
-        self.next_join = now.saturating_add(cfg.retry());
+        self.next_join = now.saturating_add(cfg.join_retry());
         true
     }
 

@@ -115,7 +115,14 @@ pub struct Averager {
     last_now: Duration,
     /// `set_peers` changed the view during matchmaking: re-check whether to close.
     recheck: bool,
+    /// `Part`s for our matchmaking round that overtook the `Group` message
+    /// (gossip and direct streams are not ordered): replayed once the group
+    /// forms instead of waiting for the sender's retransmit.
+    early_parts: Vec<(NodeId, u32, Payload)>,
 }
+
+/// Early parts held per round: one per member and part at most.
+const MAX_EARLY_PARTS: usize = MAX_GROUP_MEMBERS;
 
 impl Averager {
     /// Creates the state machine for peer `me`. Call [`Averager::set_peers`] before the
@@ -133,6 +140,7 @@ impl Averager {
             out: Outbox::default(),
             last_now: Duration::ZERO,
             recheck: false,
+            early_parts: Vec::new(),
         }
     }
 
@@ -372,8 +380,17 @@ impl Averager {
             State::Reducing(ar) if ar.round() == round => {
                 ar.on_part(from, part, payload, &mut self.out);
             }
-            // Our group has not formed yet: the sender re-sends until we answer.
-            State::Matchmaking(mm) if mm.round == round => {}
+            // Our group has not formed yet: keep the part (bounded, first
+            // copy wins) and feed it in when it does.
+            State::Matchmaking(mm) if mm.round == round => {
+                let seen = self
+                    .early_parts
+                    .iter()
+                    .any(|(f, p, _)| *f == from && *p == part);
+                if !seen && self.early_parts.len() < MAX_EARLY_PARTS {
+                    self.early_parts.push((from, part, payload.clone()));
+                }
+            }
             _ => {
                 if let Some(last) = &self.last_reduced {
                     last.reack(round, from, part, &mut self.out);
@@ -436,7 +453,7 @@ impl Averager {
             self.finish(solo_outcome(self.me, mm.round, mm.values));
             return;
         }
-        let ar = AllReduce::start(
+        let mut ar = AllReduce::start(
             mm.round,
             members,
             me_idx,
@@ -445,6 +462,10 @@ impl Averager {
             &self.config,
             &mut self.out,
         );
+        // The all-reduce validates each replayed part as if it had just arrived.
+        for (from, part, payload) in std::mem::take(&mut self.early_parts) {
+            ar.on_part(from, part, &payload, &mut self.out);
+        }
         self.state = State::Reducing(Box::new(ar));
     }
 
@@ -470,6 +491,7 @@ impl Averager {
 
     fn finish(&mut self, outcome: RoundOutcome) {
         self.state = State::Idle;
+        self.early_parts.clear();
         self.recheck = false;
         self.last_finished = Some(outcome.round);
         self.joins.forget_through(outcome.round);

@@ -728,6 +728,7 @@ fn random_traffic_never_panics_or_finishes_twice() {
                 group_timeout: ms(300),
                 reduce_timeout: ms(800),
                 retry_interval: ms(50),
+                join_retry_interval: ms(50),
                 max_group_size: 8,
                 compression: ENCODINGS[trial % ENCODINGS.len()],
             },
@@ -1031,4 +1032,93 @@ fn reducer_accepts_other_dense_encodings_and_rejects_top_k() {
             payload: Payload::from_f32(&want),
         }
     );
+}
+
+/// Gossip and direct streams are not ordered: a `Part` can reach a member
+/// before the leader's `Group` does. It must be kept and used once the group
+/// forms, so the round completes without waiting for a retransmit.
+#[test]
+fn parts_that_overtake_the_group_message_are_kept() {
+    let vals = [
+        vec![1.0f32, 2.0, 3.0],
+        vec![4.0, 5.0, 6.0],
+        vec![7.0, 8.0, 9.0],
+    ];
+    let mut nodes: Vec<Averager> = [A, B, C].iter().map(|&m| node(m, &[A, B, C])).collect();
+    let mut queue: Vec<(usize, Transmit)> = Vec::new();
+    for (i, (n, v)) in nodes.iter_mut().zip(&vals).enumerate() {
+        n.start_round(ms(0), 1, v.clone()).expect("start");
+        queue.extend(transmits(n).into_iter().map(|t| (i, t)));
+    }
+    // Delivers the queued transmits matching `pick` to their addressees.
+    let deliver = |nodes: &mut Vec<Averager>,
+                   queue: &mut Vec<(usize, Transmit)>,
+                   pick: &dyn Fn(usize, &Transmit, usize) -> bool| {
+        let mut rest = Vec::new();
+        let mut produced = Vec::new();
+        for (from, t) in queue.drain(..) {
+            let sender = nodes[from].me();
+            let mut kept = false;
+            for (to, node) in nodes.iter_mut().enumerate() {
+                let addressed = match t.to {
+                    Destination::Broadcast => to != from,
+                    Destination::Peer(p) => p == node.me(),
+                };
+                if !addressed {
+                    continue;
+                }
+                if pick(from, &t, to) {
+                    node.handle_message(ms(1), sender, t.msg.clone());
+                    produced.extend(transmits(node).into_iter().map(|x| (to, x)));
+                } else {
+                    kept = true;
+                }
+            }
+            if kept {
+                rest.push((from, t));
+            }
+        }
+        queue.extend(rest);
+        queue.extend(produced);
+    };
+    // Joins reach the leader A only; A forms the group.
+    deliver(&mut nodes, &mut queue, &|_, t, to| {
+        matches!(t.msg, AvgMessage::Join { .. }) && to == 0
+    });
+    // The Group reaches B, but not yet C.
+    deliver(&mut nodes, &mut queue, &|_, t, to| {
+        matches!(t.msg, AvgMessage::Group { .. }) && to == 1
+    });
+    // A's and B's Parts reach C while C is still matchmaking.
+    deliver(&mut nodes, &mut queue, &|_, t, to| {
+        matches!(t.msg, AvgMessage::Part { .. }) && to == 2
+    });
+    // Now the Group reaches C, and everything else flows, all at the same instant.
+    deliver(&mut nodes, &mut queue, &|_, t, to| {
+        matches!(t.msg, AvgMessage::Group { .. }) && to == 2
+    });
+    let mut evs: Vec<Vec<AvgEvent>> = nodes.iter_mut().map(events).collect();
+    for _ in 0..10 {
+        deliver(&mut nodes, &mut queue, &|_, t, _| {
+            !matches!(t.msg, AvgMessage::Join { .. })
+        });
+        for (e, n) in evs.iter_mut().zip(nodes.iter_mut()) {
+            e.extend(events(n));
+        }
+    }
+    let refs: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
+    let want = mean(&refs);
+    for e in &evs {
+        let done = finished(e);
+        assert_eq!(
+            done.len(),
+            1,
+            "a member did not finish without a retransmit: {e:?}"
+        );
+        assert_eq!(bits(&done[0].values), bits(&want));
+        assert!(done[0]
+            .parts
+            .iter()
+            .all(|p| p.averaged && p.contributors.len() == 3));
+    }
 }

@@ -12,7 +12,7 @@ use crate::net::{NetConfig, NetError, NetEvent, NetHandle, Network};
 use crate::task::{Shard, Task};
 use libp2p::{identity::Keypair, Multiaddr, PeerId};
 use p2ptrain_protocol::averaging::{
-    Averager, AveragingConfig, AveragingError, AvgEvent, Destination, RoundOutcome,
+    Averager, AveragingConfig, AveragingError, AvgEvent, AvgMessage, Destination, RoundOutcome,
 };
 use p2ptrain_protocol::wire::{self, Message, Progress};
 use p2ptrain_protocol::{shards, tensor, NodeId};
@@ -259,6 +259,10 @@ struct Driver {
     members_changed: bool,
     finished: Option<RoundOutcome>,
     listen_addrs: Vec<Multiaddr>,
+    /// The highest round a member is known to be ready for (from its Join,
+    /// or one past its Progress), so a node that is behind joins the swarm's
+    /// current round instead of rounds nobody else runs any more.
+    swarm_round: u64,
 }
 
 /// Runs a node until its training budget is spent; returns its final report.
@@ -286,6 +290,7 @@ pub async fn run(
             members_changed: true,
             finished: None,
             listen_addrs: Vec::new(),
+            swarm_round: 0,
         };
         let result = driver.train(&config, &compute, &mut report).await;
         if result.is_ok() {
@@ -347,7 +352,16 @@ impl Driver {
         let mut complete_rounds = 0u64;
         let mut averaging_total = 0.0f64;
         while step < total_steps {
-            round += 1;
+            // Catch up with the swarm's round numbering if we are behind (a
+            // late joiner, or a node that sat out rounds).
+            if self.swarm_round > round.saturating_add(1) {
+                info!(
+                    from = round + 1,
+                    to = self.swarm_round,
+                    "joining the swarm's current round"
+                );
+            }
+            round = round.saturating_add(1).max(self.swarm_round);
             let span = info_span!("round", round);
             let n = config.schedule.average_every.min(total_steps - step);
             let t0 = Instant::now();
@@ -676,10 +690,14 @@ impl Driver {
                 let from_id = NodeId::from_key_bytes(&from.to_bytes());
                 match wire::decode(&bytes) {
                     Ok(Message::Avg(msg)) => {
+                        if let AvgMessage::Join { round, .. } = &msg {
+                            self.swarm_round = self.swarm_round.max(*round);
+                        }
                         let now = self.now();
                         self.averager.handle_message(now, from_id, msg);
                     }
                     Ok(Message::Progress(p)) => {
+                        self.swarm_round = self.swarm_round.max(p.round.saturating_add(1));
                         debug!(peer = %from, round = p.round, loss = p.loss, "peer progress")
                     }
                     Err(e) => warn!(peer = %from, error = %e, "malformed message dropped"),

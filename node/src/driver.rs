@@ -14,7 +14,7 @@ use libp2p::{identity::Keypair, Multiaddr, PeerId};
 use p2ptrain_protocol::averaging::{
     Averager, AveragingConfig, AveragingError, AvgEvent, AvgMessage, Destination, RoundOutcome,
 };
-use p2ptrain_protocol::wire::{self, Message, Progress};
+use p2ptrain_protocol::wire::{self, Message, ModelState, Progress};
 use p2ptrain_protocol::{shards, tensor, NodeId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -76,6 +76,11 @@ pub fn network_averaging(join_window: Duration, reduce_timeout: Duration) -> Ave
     }
 }
 
+/// How long a node catching up waits for a member to send the swarm's model.
+const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a starting node waits for its peers' answers about the swarm's model.
+const INITIAL_SYNC_WAIT: Duration = Duration::from_secs(5);
+
 /// Everything a node needs to run, apart from its identity and task.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -130,6 +135,15 @@ pub enum NodeEvent {
         /// Local steps this node will take.
         total_steps: u64,
     },
+    /// The node was behind and downloaded the swarm's model from a member.
+    Synced {
+        /// The round the downloaded parameters are the result of.
+        round: u64,
+        /// The member that sent them.
+        from: String,
+        /// blake3 of the downloaded parameters, hex.
+        model_digest: String,
+    },
     /// An averaging round ended.
     Round(RoundReport),
     /// Training ended and the final model was evaluated.
@@ -159,6 +173,8 @@ pub struct RoundReport {
     pub dropped: usize,
     /// Seconds this round's averaging took.
     pub averaging_s: f64,
+    /// blake3 of the parameters after this round, hex.
+    pub model_digest: String,
 }
 
 /// Figures of the finished run on one node.
@@ -263,6 +279,14 @@ struct Driver {
     /// or one past its Progress), so a node that is behind joins the swarm's
     /// current round instead of rounds nobody else runs any more.
     swarm_round: u64,
+    /// The member with the most advanced Progress, to ask for the model.
+    best_source: Option<(u64, PeerId)>,
+    /// Our parameters after our last round, served to nodes catching up.
+    served_state: Option<(u64, u64, Vec<f32>)>,
+    /// Models received in answer to our StateRequests (bounded by the member count).
+    received_states: Vec<(PeerId, ModelState)>,
+    /// We hold a model that went through an averaging round (or was downloaded).
+    synced: bool,
 }
 
 /// Runs a node until its training budget is spent; returns its final report.
@@ -291,6 +315,10 @@ pub async fn run(
             finished: None,
             listen_addrs: Vec::new(),
             swarm_round: 0,
+            best_source: None,
+            served_state: None,
+            received_states: Vec::new(),
+            synced: false,
         };
         let result = driver.train(&config, &compute, &mut report).await;
         if result.is_ok() {
@@ -351,9 +379,20 @@ impl Driver {
         let mut last_loss = f32::NAN;
         let mut complete_rounds = 0u64;
         let mut averaging_total = 0.0f64;
+        if config.resume.is_none() {
+            if let Some(synced_round) = self.initial_sync(compute, report).await? {
+                round = synced_round;
+            }
+        }
         while step < total_steps {
-            // Catch up with the swarm's round numbering if we are behind (a
-            // late joiner, or a node that sat out rounds).
+            // Behind the swarm and never synced (a late joiner, a restarted
+            // peer): fetch the swarm's current model before training on.
+            if !self.synced && self.swarm_round > round.saturating_add(1) {
+                if let Some(synced_round) = self.download_state(compute, report).await? {
+                    round = synced_round;
+                }
+            }
+            // Number the round like the swarm does if we are behind.
             if self.swarm_round > round.saturating_add(1) {
                 info!(
                     from = round + 1,
@@ -387,6 +426,10 @@ impl Driver {
             complete_rounds += u64::from(complete);
             let group = outcome.group.len();
             let dropped = outcome.dropped.len();
+            let model_digest = hex(&tensor::digest_f32(&outcome.values));
+            self.served_state = Some((round, step, outcome.values.clone()));
+            // Averaged with others: we hold the swarm's model now.
+            self.synced |= group > 1;
             self.pump(compute.set_params(outcome.values)).await??;
             let r = RoundReport {
                 round,
@@ -399,6 +442,7 @@ impl Driver {
                 bytes_sent: self.net.stats().sent(),
                 dropped,
                 averaging_s,
+                model_digest,
             };
             span.in_scope(|| {
                 info!(
@@ -566,6 +610,120 @@ impl Driver {
         }
     }
 
+    /// Sends our last averaged model to a member that asked for it.
+    fn serve_state(&mut self, to: PeerId) -> Result<(), NodeError> {
+        // Before our first round we answer "round 0, no model" so a peer
+        // starting a fresh swarm with us need not wait for a timeout.
+        let msg = Message::State(match &self.served_state {
+            Some((round, step, values)) => ModelState {
+                round: *round,
+                step: *step,
+                payload: tensor::Payload::from_f32(values),
+            },
+            None => ModelState {
+                round: 0,
+                step: 0,
+                payload: tensor::Payload::from_f32(&[]),
+            },
+        });
+        match wire::encode(&msg) {
+            Ok(bytes) => {
+                debug!(peer = %to, "answering a model request");
+                self.check_sent(self.net.send(to, bytes))
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot encode our model state");
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks the most advanced member for its model and installs it; returns
+    /// the round it came from, or `None` (training goes on with our own
+    /// model) if no member answers in time or the answer does not fit.
+    async fn download_state(
+        &mut self,
+        compute: &Compute,
+        report: &mut Reporter,
+    ) -> Result<Option<u64>, NodeError> {
+        let sources: Vec<PeerId> = match self.best_source {
+            Some((_, source)) => vec![source],
+            None => return Ok(None), // nobody to ask yet; try again next round
+        };
+        self.synced = true; // one attempt per run; averaging keeps us in step afterwards
+        self.fetch_state(compute, report, &sources, STATE_TIMEOUT)
+            .await
+    }
+
+    /// Asks every member for its model once, at start: joining a swarm that
+    /// is already training starts from its model instead of from scratch. In
+    /// a fresh swarm every member answers at once that it has none yet.
+    async fn initial_sync(
+        &mut self,
+        compute: &Compute,
+        report: &mut Reporter,
+    ) -> Result<Option<u64>, NodeError> {
+        let sources: Vec<PeerId> = self.members.values().copied().collect();
+        if sources.is_empty() {
+            return Ok(None);
+        }
+        self.fetch_state(compute, report, &sources, INITIAL_SYNC_WAIT)
+            .await
+    }
+
+    /// Sends StateRequest to `sources`, waits for all answers (or `wait`),
+    /// and installs the most advanced model among them, if any is past round 0.
+    async fn fetch_state(
+        &mut self,
+        compute: &Compute,
+        report: &mut Reporter,
+        sources: &[PeerId],
+        wait: Duration,
+    ) -> Result<Option<u64>, NodeError> {
+        let Ok(bytes) = wire::encode(&Message::StateRequest) else {
+            return Ok(None);
+        };
+        self.received_states.clear();
+        for peer in sources {
+            self.check_sent(self.net.send(*peer, bytes.clone()))?;
+        }
+        let mut timer = std::pin::pin!(tokio::time::sleep(wait));
+        while self.received_states.len() < sources.len() {
+            if self.pump_once(timer.as_mut()).await?.is_some() {
+                break;
+            }
+        }
+        let best = std::mem::take(&mut self.received_states)
+            .into_iter()
+            .filter(|(_, s)| s.round > 0)
+            .max_by_key(|(_, s)| s.round);
+        let Some((from, state)) = best else {
+            debug!("no peer has a model to share yet");
+            return Ok(None);
+        };
+        // The payload's digest and finiteness were checked on receipt.
+        let values = match state.payload.decode() {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(peer = %from, error = %e, "bad model state; training on our own");
+                return Ok(None);
+            }
+        };
+        let digest = hex(&tensor::digest_f32(&values));
+        if let Err(e) = self.pump(compute.set_params(values)).await? {
+            warn!(peer = %from, error = %e, "model state does not fit; training on our own");
+            return Ok(None);
+        }
+        self.synced = true;
+        info!(peer = %from, round = state.round, "downloaded the swarm's model");
+        report(&NodeEvent::Synced {
+            round: state.round,
+            from: from.to_string(),
+            model_digest: digest,
+        });
+        Ok(Some(state.round))
+    }
+
     /// Keeps serving peers (late retransmits of the last round) for `how_long`.
     async fn linger(&mut self, how_long: Duration) {
         let _ = tokio::time::timeout(how_long, async {
@@ -692,13 +850,28 @@ impl Driver {
                     Ok(Message::Avg(msg)) => {
                         if let AvgMessage::Join { round, .. } = &msg {
                             self.swarm_round = self.swarm_round.max(*round);
+                            // A peer ready for round r holds the model of round r-1.
+                            let done = round.saturating_sub(1);
+                            if done > 0 && self.best_source.is_none_or(|(r, _)| done > r) {
+                                self.best_source = Some((done, from));
+                            }
                         }
                         let now = self.now();
                         self.averager.handle_message(now, from_id, msg);
                     }
                     Ok(Message::Progress(p)) => {
                         self.swarm_round = self.swarm_round.max(p.round.saturating_add(1));
+                        if self.best_source.is_none_or(|(r, _)| p.round > r) {
+                            self.best_source = Some((p.round, from));
+                        }
                         debug!(peer = %from, round = p.round, loss = p.loss, "peer progress")
+                    }
+                    Ok(Message::StateRequest) => self.serve_state(from)?,
+                    Ok(Message::State(state)) => {
+                        let fresh = !self.received_states.iter().any(|(p, _)| *p == from);
+                        if fresh && self.received_states.len() < self.members.len() {
+                            self.received_states.push((from, state));
+                        }
                     }
                     Err(e) => warn!(peer = %from, error = %e, "malformed message dropped"),
                 }

@@ -212,6 +212,11 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
                     } => {
                         eprintln!("testnet: node {i} training with {peers} peers, shard {shard}, {total_steps} steps");
                     }
+                    NodeEvent::Synced { round, from, .. } => {
+                        eprintln!(
+                            "testnet: node {i} downloaded the model of round {round} from {from}"
+                        );
+                    }
                     NodeEvent::Round(r) => {
                         let round = r.round;
                         rounds.entry(round).or_default().reports.push(r);

@@ -14,7 +14,7 @@
 //! exact size).
 
 use crate::averaging::{AvgMessage, MAX_GROUP_MEMBERS, MAX_VECTOR_LEN};
-use crate::tensor::TensorError;
+use crate::tensor::{Payload, TensorError};
 use serde::{Deserialize, Serialize};
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
@@ -32,6 +32,21 @@ pub enum Message {
     Avg(AvgMessage),
     /// A training-progress announcement.
     Progress(Progress),
+    /// A node that is behind asks a member for the swarm's current model.
+    StateRequest,
+    /// A member's model after its last finished round, in answer to [`Message::StateRequest`].
+    State(ModelState),
+}
+
+/// A member's model, sent to a node catching up with the swarm.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ModelState {
+    /// The averaging round these parameters are the result of.
+    pub round: u64,
+    /// The sender's local step count at that round.
+    pub step: u64,
+    /// The flat parameters (digest-checked like every payload).
+    pub payload: Payload,
 }
 
 /// A node's gossip announcement of its training progress, so peers can tell who is alive and
@@ -151,6 +166,11 @@ impl Message {
         match self {
             Message::Avg(m) => m.validate(),
             Message::Progress(p) => p.validate(),
+            Message::StateRequest => Ok(()),
+            Message::State(state) => {
+                check_vector_len(u64::from(state.payload.len))?;
+                Ok(state.payload.validate()?)
+            }
         }
     }
 }
@@ -247,7 +267,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use crate::tensor::{Bytes, Encoding, Payload};
+    use crate::tensor::{Bytes, Encoding};
     use crate::NodeId;
 
     fn id(n: u8) -> NodeId {
@@ -278,6 +298,12 @@ mod tests {
                 step: 200,
                 loss: 0.7,
                 samples: 25_600,
+            }),
+            Message::StateRequest,
+            Message::State(ModelState {
+                round: 9,
+                step: 90,
+                payload: Payload::from_f32(&[0.25, -1.5, 3.0]),
             }),
             compressed(Encoding::F16),
             compressed(Encoding::Bf16),

@@ -47,7 +47,10 @@ fn spawn(
         "--linger-secs",
         "1",
     ])
-    .env("RUST_LOG", "warn")
+    .env(
+        "RUST_LOG",
+        std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
+    )
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
     if let Some(b) = boot {
@@ -90,8 +93,16 @@ fn late_joiner_averages_with_the_swarm() {
     let mut late_rounds = Vec::new();
     let mut early_rounds_after_join = Vec::new();
     let mut finished = 0;
+    let mut digests: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
+    let mut synced: Option<serde_json::Value> = None;
     while finished < 3 {
         let (i, v) = next(&rx);
+        if i < 2 && v["event"] == "round" {
+            digests.insert(
+                v["round"].as_u64().unwrap(),
+                v["model_digest"].as_str().unwrap().to_string(),
+            );
+        }
         match v["event"].as_str() {
             Some("round") if i < 2 && !late_started && v["round"].as_u64() == Some(4) && i == 0 => {
                 nodes
@@ -99,6 +110,7 @@ fn late_joiner_averages_with_the_swarm() {
                     .push(spawn(2, &swarm, "1", "60", Some(&boot), tx.clone()));
                 late_started = true;
             }
+            Some("synced") if i == 2 => synced = Some(v),
             Some("round") if i == 2 => {
                 late_rounds.push((v["round"].as_u64().unwrap(), v["peers"].as_u64().unwrap()))
             }
@@ -108,7 +120,16 @@ fn late_joiner_averages_with_the_swarm() {
             _ => {}
         }
     }
-    eprintln!("late joiner rounds (round, group): {late_rounds:?}");
+    eprintln!("late joiner rounds (round, group): {late_rounds:?}; synced: {synced:?}");
+    // It downloaded the swarm's model: the digest it received is what the
+    // early nodes held after that round.
+    let synced = synced.expect("the late joiner never downloaded the swarm's model");
+    let round = synced["round"].as_u64().unwrap();
+    assert_eq!(
+        Some(synced["model_digest"].as_str().unwrap()),
+        digests.get(&round).map(String::as_str),
+        "downloaded model differs from the swarm's model of round {round}"
+    );
     // The late joiner numbered its rounds like the swarm (not from 1) and
     // averaged in groups of three.
     assert!(

@@ -1,67 +1,19 @@
 //! A peer killed with SIGKILL mid-run costs the swarm at most a round.
 
 mod common;
-use common::binary;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use common::{bootstrap_address, next_event, spawn_node, Events, Nodes};
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-struct Nodes(Vec<Child>);
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn spawn(
-    i: usize,
-    swarm: &str,
-    bootstrap: Option<&str>,
-    tx: mpsc::Sender<(usize, serde_json::Value)>,
-) -> Child {
-    let mut cmd = Command::new(binary());
-    cmd.args([
-        "node",
-        "--swarm",
-        swarm,
-        "--no-mdns",
-        "--events",
-        "--min-peers",
-        "3",
-    ])
-    .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
-    .args(["--steps", "200", "--average-every", "10"])
-    .args([
-        "--join-window-secs",
-        "2",
-        "--reduce-timeout-secs",
-        "6",
-        "--linger-secs",
-        "1",
-    ])
-    .env("RUST_LOG", "warn")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+fn spawn(i: usize, swarm: &str, bootstrap: Option<&str>, tx: Events) -> Child {
+    let mut args = vec!["--swarm", swarm, "--min-peers", "3", "--steps", "200"];
+    args.extend(["--average-every", "10", "--join-window-secs", "2"]);
+    args.extend(["--reduce-timeout-secs", "6", "--linger-secs", "1"]);
     if let Some(b) = bootstrap {
-        cmd.args(["--bootstrap", b]);
+        args.extend(["--bootstrap", b]);
     }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                if tx.send((i, v)).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    child
+    spawn_node(i, &args, tx)
 }
 
 #[test]
@@ -70,16 +22,7 @@ fn survivors_finish_after_a_peer_is_killed_mid_run() {
     let (tx, rx) = mpsc::channel();
     let mut nodes = Nodes(vec![spawn(0, &swarm, None, tx.clone())]);
     let deadline = Instant::now() + Duration::from_secs(180);
-    let next = |rx: &mpsc::Receiver<(usize, serde_json::Value)>| {
-        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("nodes stopped reporting")
-    };
-    let boot = loop {
-        let (i, v) = next(&rx);
-        if i == 0 && v["event"] == "listening" {
-            break v["addrs"][0].as_str().unwrap().to_string();
-        }
-    };
+    let boot = bootstrap_address(&rx, deadline);
     nodes.0.push(spawn(1, &swarm, Some(&boot), tx.clone()));
     nodes.0.push(spawn(2, &swarm, Some(&boot), tx.clone()));
 
@@ -87,7 +30,7 @@ fn survivors_finish_after_a_peer_is_killed_mid_run() {
     let mut finished = Vec::new();
     let mut rounds_after_kill = Vec::new();
     while finished.len() < 2 {
-        let (i, v) = next(&rx);
+        let (i, v) = next_event(&rx, deadline);
         match v["event"].as_str() {
             Some("round") if i == 2 && killed_at.is_none() && v["round"].as_u64() == Some(5) => {
                 nodes.0[2].kill().unwrap();

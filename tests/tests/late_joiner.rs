@@ -1,24 +1,10 @@
 //! A node that joins a swarm already training takes part in its rounds.
 
 mod common;
-use common::binary;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use common::{bootstrap_address, next_event, spawn_node, Events, Nodes};
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-struct Nodes(Vec<Child>);
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-type Events = mpsc::Sender<(usize, serde_json::Value)>;
 
 fn spawn(
     i: usize,
@@ -28,46 +14,19 @@ fn spawn(
     boot: Option<&str>,
     tx: Events,
 ) -> Child {
-    let mut cmd = Command::new(binary());
-    cmd.args([
-        "node",
-        "--swarm",
-        swarm,
-        "--no-mdns",
-        "--events",
-        "--min-peers",
-        min_peers,
-    ])
-    .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--steps", steps])
-    .args([
+    let mut args = vec!["--swarm", swarm, "--min-peers", min_peers, "--steps", steps];
+    args.extend([
         "--average-every",
         "10",
         "--join-window-secs",
         "3",
         "--linger-secs",
         "1",
-    ])
-    .env(
-        "RUST_LOG",
-        std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    ]);
     if let Some(b) = boot {
-        cmd.args(["--bootstrap", b]);
+        args.extend(["--bootstrap", b]);
     }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                if tx.send((i, v)).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    child
+    spawn_node(i, &args, tx)
 }
 
 #[test]
@@ -76,16 +35,7 @@ fn late_joiner_averages_with_the_swarm() {
     let (tx, rx) = mpsc::channel();
     let mut nodes = Nodes(vec![spawn(0, &swarm, "2", "400", None, tx.clone())]);
     let deadline = Instant::now() + Duration::from_secs(180);
-    let next = |rx: &mpsc::Receiver<(usize, serde_json::Value)>| {
-        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("nodes stopped reporting")
-    };
-    let boot = loop {
-        let (i, v) = next(&rx);
-        if i == 0 && v["event"] == "listening" {
-            break v["addrs"][0].as_str().unwrap().to_string();
-        }
-    };
+    let boot = bootstrap_address(&rx, deadline);
     nodes
         .0
         .push(spawn(1, &swarm, "2", "400", Some(&boot), tx.clone()));
@@ -96,7 +46,7 @@ fn late_joiner_averages_with_the_swarm() {
     let mut digests: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
     let mut synced: Option<serde_json::Value> = None;
     while finished < 3 {
-        let (i, v) = next(&rx);
+        let (i, v) = next_event(&rx, deadline);
         if i < 2 && v["event"] == "round" {
             digests.insert(
                 v["round"].as_u64().unwrap(),

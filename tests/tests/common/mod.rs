@@ -16,3 +16,68 @@ pub fn run(args: &[&str]) -> Output {
         .output()
         .expect("the binary under test starts")
 }
+
+/// JSON event lines from node processes, tagged with the node's index.
+pub type Events = std::sync::mpsc::Sender<(usize, serde_json::Value)>;
+
+/// Node processes killed and reaped when the test ends, pass or fail.
+pub struct Nodes(pub Vec<std::process::Child>);
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `p2ptrain node --events` with `args` on loopback (no mDNS) and
+/// forwards its JSON event lines to `tx`. `TEST_LOG` sets its RUST_LOG.
+pub fn spawn_node(index: usize, args: &[&str], tx: Events) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let log = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let mut child = Command::new(binary())
+        .args(["node", "--no-mdns", "--events"])
+        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .args(args)
+        .env("RUST_LOG", log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the binary under test starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send((index, v)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    child
+}
+
+/// The next event from any node, failing the test at `deadline`.
+pub fn next_event(
+    rx: &std::sync::mpsc::Receiver<(usize, serde_json::Value)>,
+    deadline: std::time::Instant,
+) -> (usize, serde_json::Value) {
+    rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        .expect("nodes stopped reporting")
+}
+
+/// Waits for node 0's first listen address, to bootstrap the others from.
+pub fn bootstrap_address(
+    rx: &std::sync::mpsc::Receiver<(usize, serde_json::Value)>,
+    deadline: std::time::Instant,
+) -> String {
+    loop {
+        let (i, v) = next_event(rx, deadline);
+        if i == 0 && v["event"] == "listening" {
+            return v["addrs"][0].as_str().expect("an address").to_string();
+        }
+    }
+}

@@ -79,7 +79,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex, as digests appear in reports and file names.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -87,9 +88,10 @@ fn params_bytes(params: &[f32]) -> Vec<u8> {
     params.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-/// The parameter digest stored in checkpoints and reported by nodes.
+/// The parameter digest stored in checkpoints and reported by nodes (the
+/// protocol's payload digest, in hex), so the two can be compared.
 pub fn params_digest(params: &[f32]) -> String {
-    hex(blake3::hash(&params_bytes(params)).as_bytes())
+    hex(&p2ptrain_protocol::tensor::digest_f32(params))
 }
 
 fn encode(meta: &CheckpointMeta, params: &[f32]) -> Vec<u8> {

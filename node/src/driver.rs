@@ -426,7 +426,7 @@ impl Driver {
             complete_rounds += u64::from(complete);
             let group = outcome.group.len();
             let dropped = outcome.dropped.len();
-            let model_digest = hex(&tensor::digest_f32(&outcome.values));
+            let model_digest = checkpoint::params_digest(&outcome.values);
             self.served_state = Some((round, step, outcome.values.clone()));
             // Averaged with others: we hold the swarm's model now.
             self.synced |= group > 1;
@@ -485,7 +485,6 @@ impl Driver {
 
         let eval = self.pump(compute.evaluate()).await??;
         let params = self.pump(compute.params()).await??;
-        let digest = tensor::digest_f32(&params);
         let final_report = FinalReport {
             peer_id: self.net.local_peer_id().to_string(),
             rounds: round,
@@ -496,7 +495,7 @@ impl Driver {
             final_loss: last_loss,
             wall_s: self.now().as_secs_f64(),
             bytes_sent: self.net.stats().sent(),
-            model_digest: hex(&digest),
+            model_digest: checkpoint::params_digest(&params),
             complete_rounds,
             averaging_s: averaging_total,
             training_s: train_time.as_secs_f64(),
@@ -709,7 +708,7 @@ impl Driver {
                 return Ok(None);
             }
         };
-        let digest = hex(&tensor::digest_f32(&values));
+        let digest = checkpoint::params_digest(&values);
         if let Err(e) = self.pump(compute.set_params(values)).await? {
             warn!(peer = %from, error = %e, "model state does not fit; training on our own");
             return Ok(None);
@@ -879,8 +878,4 @@ impl Driver {
         }
         Ok(())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -270,23 +270,34 @@ fn a_crashed_leader_leaves_everyone_alone_by_the_group_timeout() {
     }
 }
 
+/// 16 peers start round 1 at time 0 with seeded values, and `crashes` of
+/// them, picked by the seed, crash at random times in the first 3 s.
+fn start_all_then_crash(
+    cfg: &SimConfig,
+    seed: u64,
+    crashes: usize,
+) -> (Sim, Vec<NodeId>, Vec<Vec<f32>>, Vec<usize>) {
+    let mut sim = Sim::new(cfg.clone());
+    let ids = sim.ids().to_vec();
+    let initial = initial_values(seed, 16);
+    for (p, v) in initial.iter().enumerate() {
+        sim.start_round(p, ms(0), 1, v.clone());
+    }
+    let mut rng = Rng::new(seed);
+    let mut crashed: Vec<usize> = (0..16).collect();
+    rng.shuffle(&mut crashed);
+    crashed.truncate(crashes);
+    for &p in &crashed {
+        sim.crash(ms(rng.range(0..3_000)), p);
+    }
+    (sim, ids, initial, crashed)
+}
+
 #[test]
 fn a_third_of_the_peers_crash_at_random_times_under_thirty_percent_loss() {
     for seed in [41, 42, 43] {
         let cfg = lossy(seed, 0.3);
-        let mut sim = Sim::new(cfg.clone());
-        let ids = sim.ids().to_vec();
-        let initial = initial_values(seed, 16);
-        for (p, v) in initial.iter().enumerate() {
-            sim.start_round(p, ms(0), 1, v.clone());
-        }
-        let mut rng = Rng::new(seed);
-        let mut crashed: Vec<usize> = (0..16).collect();
-        rng.shuffle(&mut crashed);
-        crashed.truncate(5);
-        for &p in &crashed {
-            sim.crash(ms(rng.range(0..3_000)), p);
-        }
+        let (mut sim, ids, initial, crashed) = start_all_then_crash(&cfg, seed, 5);
         sim.run_until(round_bound(&cfg.averaging, ms(0)));
         for p in 0..16 {
             let outs = sim.outcomes(p);
@@ -608,19 +619,7 @@ fn compressed_rounds_with_crashes_under_loss_keep_the_bounds() {
     for seed in [44, 45] {
         let mut cfg = lossy(seed, 0.3);
         cfg.averaging.compression = encoding;
-        let mut sim = Sim::new(cfg.clone());
-        let ids = sim.ids().to_vec();
-        let initial = initial_values(seed, 16);
-        for (p, v) in initial.iter().enumerate() {
-            sim.start_round(p, ms(0), 1, v.clone());
-        }
-        let mut rng = Rng::new(seed);
-        let mut crashed: Vec<usize> = (0..16).collect();
-        rng.shuffle(&mut crashed);
-        crashed.truncate(4);
-        for &p in &crashed {
-            sim.crash(ms(rng.range(0..3_000)), p);
-        }
+        let (mut sim, ids, initial, crashed) = start_all_then_crash(&cfg, seed, 4);
         sim.run_until(round_bound(&cfg.averaging, ms(0)));
         for p in 0..16 {
             let outs = sim.outcomes(p);

@@ -77,7 +77,8 @@ pub struct TrainArgs {
     /// every few steps shrinks each peer's effective step).
     #[arg(long, default_value_t = 3e-3, value_parser = parse_lr, allow_negative_numbers = true)]
     pub lr: f64,
-    /// Local steps per node (overrides --epochs).
+    /// Local steps per node (overrides --epochs). A node that joins mid-run
+    /// and downloads the swarm's model ends with the swarm instead.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub steps: Option<u64>,
     /// Passes over the training set by the whole swarm.

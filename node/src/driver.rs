@@ -283,6 +283,8 @@ struct Driver {
     best_source: Option<(u64, PeerId)>,
     /// Our parameters after our last round, served to nodes catching up.
     served_state: Option<(u64, u64, Vec<f32>)>,
+    /// Local steps per peer this run lasts, told to nodes that download our model.
+    total_steps: u64,
     /// Models received in answer to our StateRequests (bounded by the member count).
     received_states: Vec<(PeerId, ModelState)>,
     /// We hold a model that went through an averaging round (or was downloaded).
@@ -317,6 +319,7 @@ pub async fn run(
             swarm_round: 0,
             best_source: None,
             served_state: None,
+            total_steps: 0,
             received_states: Vec::new(),
             synced: false,
         };
@@ -379,17 +382,25 @@ impl Driver {
         let mut last_loss = f32::NAN;
         let mut complete_rounds = 0u64;
         let mut averaging_total = 0.0f64;
+        let mut total_steps = total_steps;
+        self.total_steps = total_steps;
         if config.resume.is_none() {
-            if let Some(synced_round) = self.initial_sync(compute, report).await? {
-                round = synced_round;
+            if let Some(synced) = self.initial_sync(compute, report).await? {
+                (round, total_steps) = synced;
+                self.total_steps = total_steps;
             }
         }
-        while step < total_steps {
+        // The run ends at a round, not at a step count: a node that skipped
+        // rounds to catch up with the swarm (it downloaded the swarm's model)
+        // still stops together with the others, holding the same model.
+        let every = config.schedule.average_every.max(1);
+        while round < total_steps.div_ceil(every) {
             // Behind the swarm and never synced (a late joiner, a restarted
             // peer): fetch the swarm's current model before training on.
             if !self.synced && self.swarm_round > round.saturating_add(1) {
-                if let Some(synced_round) = self.download_state(compute, report).await? {
-                    round = synced_round;
+                if let Some(synced) = self.download_state(compute, report).await? {
+                    (round, total_steps) = synced;
+                    self.total_steps = total_steps;
                 }
             }
             // Number the round like the swarm does if we are behind.
@@ -400,9 +411,14 @@ impl Driver {
                     "joining the swarm's current round"
                 );
             }
-            round = round.saturating_add(1).max(self.swarm_round);
+            let next = round.saturating_add(1).max(self.swarm_round);
+            if next > total_steps.div_ceil(every) {
+                break; // the swarm is past the end of our run
+            }
+            round = next;
             let span = info_span!("round", round);
-            let n = config.schedule.average_every.min(total_steps - step);
+            // Steps of this round under the run's schedule (the last one may be short).
+            let n = every.min(total_steps.saturating_sub((round - 1).saturating_mul(every)));
             let t0 = Instant::now();
             let stats = self
                 .pump(compute.train(n))
@@ -456,7 +472,8 @@ impl Driver {
             report(&NodeEvent::Round(r));
             self.gossip_progress(round, step, last_loss, samples)?;
             if let Some(policy) = &config.checkpoints {
-                if round.is_multiple_of(policy.every_rounds.max(1)) || step >= total_steps {
+                let last = round >= total_steps.div_ceil(every);
+                if round.is_multiple_of(policy.every_rounds.max(1)) || last {
                     let params = self.pump(compute.params()).await??;
                     let meta = CheckpointMeta {
                         swarm: config.net.swarm.clone(),
@@ -617,11 +634,13 @@ impl Driver {
             Some((round, step, values)) => ModelState {
                 round: *round,
                 step: *step,
+                total_steps: self.total_steps,
                 payload: tensor::Payload::from_f32(values),
             },
             None => ModelState {
                 round: 0,
                 step: 0,
+                total_steps: self.total_steps,
                 payload: tensor::Payload::from_f32(&[]),
             },
         });
@@ -638,13 +657,13 @@ impl Driver {
     }
 
     /// Asks the most advanced member for its model and installs it; returns
-    /// the round it came from, or `None` (training goes on with our own
+    /// the round it came from and the swarm's run length, or `None` (training goes on with our own
     /// model) if no member answers in time or the answer does not fit.
     async fn download_state(
         &mut self,
         compute: &Compute,
         report: &mut Reporter,
-    ) -> Result<Option<u64>, NodeError> {
+    ) -> Result<Option<(u64, u64)>, NodeError> {
         let sources: Vec<PeerId> = match self.best_source {
             Some((_, source)) => vec![source],
             None => return Ok(None), // nobody to ask yet; try again next round
@@ -661,7 +680,7 @@ impl Driver {
         &mut self,
         compute: &Compute,
         report: &mut Reporter,
-    ) -> Result<Option<u64>, NodeError> {
+    ) -> Result<Option<(u64, u64)>, NodeError> {
         let sources: Vec<PeerId> = self.members.values().copied().collect();
         if sources.is_empty() {
             return Ok(None);
@@ -678,7 +697,7 @@ impl Driver {
         report: &mut Reporter,
         sources: &[PeerId],
         wait: Duration,
-    ) -> Result<Option<u64>, NodeError> {
+    ) -> Result<Option<(u64, u64)>, NodeError> {
         let Ok(bytes) = wire::encode(&Message::StateRequest) else {
             return Ok(None);
         };
@@ -694,7 +713,7 @@ impl Driver {
         }
         let best = std::mem::take(&mut self.received_states)
             .into_iter()
-            .filter(|(_, s)| s.round > 0)
+            .filter(|(_, s)| s.round > 0 && s.total_steps > 0)
             .max_by_key(|(_, s)| s.round);
         let Some((from, state)) = best else {
             debug!("no peer has a model to share yet");
@@ -714,13 +733,18 @@ impl Driver {
             return Ok(None);
         }
         self.synced = true;
-        info!(peer = %from, round = state.round, "downloaded the swarm's model");
+        info!(
+            peer = %from,
+            round = state.round,
+            total_steps = state.total_steps,
+            "downloaded the swarm's model; its run length is ours now"
+        );
         report(&NodeEvent::Synced {
             round: state.round,
             from: from.to_string(),
             model_digest: digest,
         });
-        Ok(Some(state.round))
+        Ok(Some((state.round, state.total_steps)))
     }
 
     /// Keeps serving peers (late retransmits of the last round) for `how_long`.

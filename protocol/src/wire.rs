@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
 /// refuse each other with a clear error instead of misreading bytes.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Hard limit on one encoded message (header included): bounds what a peer can make us
 /// buffer and parse.
@@ -45,6 +45,9 @@ pub struct ModelState {
     pub round: u64,
     /// The sender's local step count at that round.
     pub step: u64,
+    /// Local steps per peer the swarm's run lasts, so a node that installs
+    /// this model mid-run stops at the same round as the swarm.
+    pub total_steps: u64,
     /// The flat parameters (digest-checked like every payload).
     pub payload: Payload,
 }
@@ -303,6 +306,7 @@ mod tests {
             Message::State(ModelState {
                 round: 9,
                 step: 90,
+                total_steps: 200,
                 payload: Payload::from_f32(&[0.25, -1.5, 3.0]),
             }),
             compressed(Encoding::F16),
@@ -385,11 +389,13 @@ mod tests {
     #[test]
     fn wrong_version_short_input_and_trailing_bytes_are_refused() {
         let mut bytes = encode(&samples()[0]).expect("encode");
-        bytes[0] = 2;
-        assert_eq!(decode(&bytes), Err(WireError::Version { got: 2 }));
+        let other = PROTOCOL_VERSION + 1;
+        bytes[..2].copy_from_slice(&other.to_le_bytes());
+        assert_eq!(decode(&bytes), Err(WireError::Version { got: other }));
         assert!(matches!(decode(&[]), Err(WireError::Malformed(_))));
         assert!(matches!(decode(&[1]), Err(WireError::Malformed(_))));
-        assert!(matches!(decode(&[1, 0]), Err(WireError::Malformed(_))));
+        let header = PROTOCOL_VERSION.to_le_bytes();
+        assert!(matches!(decode(&header), Err(WireError::Malformed(_))));
         let mut bytes = encode(&samples()[0]).expect("encode");
         bytes.push(0);
         assert!(matches!(decode(&bytes), Err(WireError::Malformed(_))));

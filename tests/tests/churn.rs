@@ -52,11 +52,13 @@ fn survivors_finish_after_a_peer_is_killed_mid_run() {
     for c in &mut nodes.0[..2] {
         assert!(c.wait().unwrap().success(), "a survivor failed");
     }
-    // Survivors agree on the final model and trained all their steps.
+    // Survivors end at the run's last round holding the same model. A node
+    // that caught up by downloading the swarm's model trained fewer steps.
     assert_eq!(finished[0]["model_digest"], finished[1]["model_digest"]);
     for f in &finished {
-        assert_eq!(f["steps"], 200);
         assert_eq!(f["rounds"], 20);
+        let steps = f["steps"].as_u64().unwrap();
+        assert!((100..=200).contains(&steps), "{f}");
     }
     // No round waited past its deadlines (join 2 s + group 4 s + reduce 6 s),
     // and the survivors went on averaging as a pair.

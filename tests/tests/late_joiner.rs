@@ -43,6 +43,7 @@ fn late_joiner_averages_with_the_swarm() {
     let mut late_rounds = Vec::new();
     let mut early_rounds_after_join = Vec::new();
     let mut finished = 0;
+    let mut finals = Vec::new();
     let mut digests: std::collections::HashMap<u64, String> = std::collections::HashMap::new();
     let mut synced: Option<serde_json::Value> = None;
     while finished < 3 {
@@ -66,7 +67,10 @@ fn late_joiner_averages_with_the_swarm() {
             }
             Some("round") if late_started && !late_rounds.is_empty() => early_rounds_after_join
                 .push((v["round"].as_u64().unwrap(), v["peers"].as_u64().unwrap())),
-            Some("finished") => finished += 1,
+            Some("finished") => {
+                finals.push((v["rounds"].as_u64().unwrap(), v["model_digest"].clone()));
+                finished += 1
+            }
             _ => {}
         }
     }
@@ -92,6 +96,13 @@ fn late_joiner_averages_with_the_swarm() {
     assert!(
         early_rounds_after_join.iter().any(|r| r.1 == 3),
         "{early_rounds_after_join:?}"
+    );
+    // It took on the swarm's run length (40 rounds) from the model it
+    // downloaded, not its own --steps 60, so all three end together with
+    // the same model.
+    assert!(
+        finals.iter().all(|f| *f == (40, finals[0].1.clone())),
+        "{finals:?}"
     );
     for c in &mut nodes.0 {
         assert!(c.wait().unwrap().success());

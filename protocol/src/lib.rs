@@ -13,13 +13,17 @@
 //! - [`wire`]: the versioned, size-limited, validating codec for every message.
 //! - [`shards`]: which peer trains on which sample (rendezvous hashing).
 //! - [`averaging`]: one averaging round: matchmaking and a butterfly all-reduce.
+//! - [`stages`]: which peer holds which pipeline stage (balanced by throughput, stable under churn).
+//! - [`pipe`]: messages of pipeline (model-parallel) training.
 //! - [`sim`]: a deterministic swarm simulator that drives many [`averaging::Averager`]s.
 
 pub mod averaging;
 pub mod id;
+pub mod pipe;
 pub mod rng;
 pub mod shards;
 pub mod sim;
+pub mod stages;
 pub mod tensor;
 pub mod wire;
 

@@ -14,6 +14,7 @@
 //! exact size).
 
 use crate::averaging::{AvgMessage, MAX_GROUP_MEMBERS, MAX_VECTOR_LEN};
+use crate::pipe::{PipeBackward, PipeError, PipeForward, StageHello};
 use crate::tensor::{Payload, TensorError};
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +37,19 @@ pub enum Message {
     StateRequest,
     /// A member's model after its last finished round, in answer to [`Message::StateRequest`].
     State(ModelState),
+    /// Pipeline: a micro-batch's activations for the next stage.
+    PipeForward(PipeForward),
+    /// Pipeline: a micro-batch's loss and input gradient, back to its sender.
+    PipeBackward(PipeBackward),
+    /// Pipeline: which stage the sender serves and how far it is (gossip).
+    StageHello(StageHello),
+    /// Pipeline: an averaging-round message among the replicas of `stage` only.
+    StageAvg {
+        /// The stage whose replicas average.
+        stage: u32,
+        /// The averaging message.
+        msg: AvgMessage,
+    },
 }
 
 /// A member's model, sent to a node catching up with the swarm.
@@ -142,6 +156,9 @@ pub enum ContentError {
     /// A tensor payload failed its checks.
     #[error("payload: {0}")]
     Payload(#[from] TensorError),
+    /// A pipeline message's content is invalid.
+    #[error(transparent)]
+    Pipe(#[from] PipeError),
     /// A progress report with a NaN or infinite loss.
     #[error("progress loss {loss} is not finite")]
     NonFiniteLoss {
@@ -174,6 +191,10 @@ impl Message {
                 check_vector_len(u64::from(state.payload.len))?;
                 Ok(state.payload.validate()?)
             }
+            Message::PipeForward(f) => Ok(f.validate()?),
+            Message::PipeBackward(b) => Ok(b.validate()?),
+            Message::StageHello(h) => Ok(h.validate()?),
+            Message::StageAvg { msg, .. } => msg.validate(),
         }
     }
 }
@@ -303,6 +324,27 @@ mod tests {
                 samples: 25_600,
             }),
             Message::StateRequest,
+            Message::PipeForward(PipeForward {
+                id: 4,
+                train: true,
+                tokens: vec![72, 105, 33],
+                activations: Payload::from_f32(&[0.5, -0.25]),
+            }),
+            Message::PipeBackward(PipeBackward {
+                id: 4,
+                loss: 2.5,
+                predicted: 3,
+                grad: Payload::from_f32(&[0.125, 1.0]),
+            }),
+            Message::StageHello(StageHello {
+                stage: 1,
+                stages: 2,
+                phase: crate::pipe::StagePhase::Trained,
+            }),
+            Message::StageAvg {
+                stage: 1,
+                msg: AvgMessage::Join { round: 2, len: 5 },
+            },
             Message::State(ModelState {
                 round: 9,
                 step: 90,

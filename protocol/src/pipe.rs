@@ -1,0 +1,201 @@
+//! Messages of pipeline (model-parallel) training.
+//!
+//! A model cut into stages trains as a pipeline: a first-stage peer embeds a
+//! micro-batch of token windows and sends the activations to a replica of the
+//! next stage, and so on to the last stage, which computes the loss and sends
+//! the gradient with respect to its input back to whoever sent it the
+//! micro-batch. Tokens travel with every micro-batch (a few hundred bytes) so
+//! the last stage takes its targets from them and no stage needs the data
+//! set but the first. Stage replicas average their parameters with the
+//! ordinary averaging protocol, wrapped in [`crate::wire::Message::StageAvg`]
+//! so that only replicas of the same stage take part.
+
+use crate::tensor::{Payload, TensorError};
+use serde::{Deserialize, Serialize};
+
+/// Most token ids one micro-batch may carry (bounds what a peer can make us hold).
+pub const MAX_TOKENS: usize = 1 << 20;
+/// Most stages a model may be cut into.
+pub const MAX_STAGES: u32 = 256;
+
+/// A micro-batch's activations on their way to the next stage.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PipeForward {
+    /// The sender's id for this micro-batch; the answer quotes it.
+    pub id: u64,
+    /// Training (keep the graph and send a gradient back) or evaluation (loss only).
+    pub train: bool,
+    /// The micro-batch's token windows, each `context + 1` ids.
+    pub tokens: Vec<u32>,
+    /// The sending stage's output, flat `[windows, context, width]`.
+    pub activations: Payload,
+}
+
+/// The answer to a [`PipeForward`], flowing back towards the first stage.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PipeBackward {
+    /// The id the [`PipeForward`] carried.
+    pub id: u64,
+    /// The micro-batch's mean loss in nats per predicted token.
+    pub loss: f32,
+    /// Tokens the loss was measured on (to weight means across micro-batches).
+    pub predicted: u32,
+    /// d loss / d the receiver's output (empty in evaluation).
+    pub grad: Payload,
+}
+
+/// Where a pipeline peer stands in the run, announced by gossip.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StagePhase {
+    /// Taking training steps (or serving them).
+    Training,
+    /// Finished training and its stage's final averaging; now only evaluates.
+    Trained,
+    /// Finished everything, including evaluation.
+    Done,
+}
+
+/// A pipeline peer's announcement of which stage it serves, repeated by
+/// gossip so peers that join later learn where to route micro-batches.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageHello {
+    /// The stage this peer holds.
+    pub stage: u32,
+    /// Stages the model is cut into (peers disagreeing on it cannot work together).
+    pub stages: u32,
+    /// How far the peer is.
+    pub phase: StagePhase,
+}
+
+/// Content of a pipeline message that no honest peer sends.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PipeError {
+    /// More token ids than [`MAX_TOKENS`].
+    #[error("micro-batch carries {count} token ids, more than the maximum of {max}")]
+    TooManyTokens {
+        /// Ids carried.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A NaN or infinite loss.
+    #[error("micro-batch loss {loss} is not finite")]
+    NonFiniteLoss {
+        /// The loss.
+        loss: f32,
+    },
+    /// A stage index outside the model's stages, or a stage count out of range.
+    #[error("stage {stage} of {stages} is out of range (at most {MAX_STAGES} stages)")]
+    BadStage {
+        /// Announced stage.
+        stage: u32,
+        /// Announced stage count.
+        stages: u32,
+    },
+    /// A payload that fails its own checks.
+    #[error(transparent)]
+    Payload(#[from] TensorError),
+}
+
+impl PipeForward {
+    /// Checks sizes and the payload's digest and content.
+    pub fn validate(&self) -> Result<(), PipeError> {
+        if self.tokens.len() > MAX_TOKENS {
+            return Err(PipeError::TooManyTokens {
+                count: self.tokens.len(),
+                max: MAX_TOKENS,
+            });
+        }
+        Ok(self.activations.validate()?)
+    }
+}
+
+impl PipeBackward {
+    /// Checks the loss and the payload.
+    pub fn validate(&self) -> Result<(), PipeError> {
+        if !self.loss.is_finite() {
+            return Err(PipeError::NonFiniteLoss { loss: self.loss });
+        }
+        Ok(self.grad.validate()?)
+    }
+}
+
+impl StageHello {
+    /// Checks the stage is within the announced count.
+    pub fn validate(&self) -> Result<(), PipeError> {
+        if self.stages == 0 || self.stages > MAX_STAGES || self.stage >= self.stages {
+            return Err(PipeError::BadStage {
+                stage: self.stage,
+                stages: self.stages,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_hello_out_of_range_is_refused() {
+        let ok = StageHello {
+            stage: 1,
+            stages: 2,
+            phase: StagePhase::Training,
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        for (stage, stages) in [(2, 2), (0, 0), (0, MAX_STAGES + 1)] {
+            let bad = StageHello {
+                stage,
+                stages,
+                ..ok
+            };
+            assert!(matches!(bad.validate(), Err(PipeError::BadStage { .. })));
+        }
+    }
+
+    #[test]
+    fn non_finite_loss_and_oversized_token_lists_are_refused() {
+        let back = PipeBackward {
+            id: 1,
+            loss: f32::NAN,
+            predicted: 8,
+            grad: Payload::from_f32(&[1.0]),
+        };
+        assert!(matches!(
+            back.validate(),
+            Err(PipeError::NonFiniteLoss { .. })
+        ));
+        let fwd = PipeForward {
+            id: 1,
+            train: true,
+            tokens: vec![0; MAX_TOKENS + 1],
+            activations: Payload::from_f32(&[]),
+        };
+        assert!(matches!(
+            fwd.validate(),
+            Err(PipeError::TooManyTokens { .. })
+        ));
+    }
+
+    #[test]
+    fn payload_checks_apply_to_activations_and_gradients() {
+        let mut payload = Payload::from_f32(&[1.0, 2.0]);
+        payload.digest[0] ^= 1;
+        let fwd = PipeForward {
+            id: 7,
+            train: true,
+            tokens: vec![1, 2, 3],
+            activations: payload.clone(),
+        };
+        assert!(matches!(fwd.validate(), Err(PipeError::Payload(_))));
+        let back = PipeBackward {
+            id: 7,
+            loss: 1.0,
+            predicted: 8,
+            grad: payload,
+        };
+        assert!(matches!(back.validate(), Err(PipeError::Payload(_))));
+    }
+}

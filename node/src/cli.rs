@@ -3,11 +3,14 @@
 //! This is the binary's edge, so errors become `anyhow` here and are printed
 //! as one line naming the problem.
 
-use crate::driver::{self, Budget, NodeConfig, NodeEvent, Schedule};
+use crate::driver::{self, Budget, NodeConfig, NodeEvent, PipelineConfig, Schedule};
 use crate::net::{peer_id_of, NetConfig};
+use crate::stage_compute::StageFactory;
 use crate::testnet;
 use crate::train::backend::{build_mnist_task, DeviceKind, TaskSpec};
 use crate::train::data::MnistData;
+use crate::train::lm::text::TextData;
+use crate::train::lm::{build_stage, CharLmConfig};
 use crate::train::model::ModelKind;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -64,13 +67,25 @@ pub struct IdArgs {
 /// Training settings shared by `node` and `testnet`.
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
-    /// Model to train: mlp (784-256-256-10) or cnn (small convolutional net).
+    /// Model to train: mlp (784-256-256-10 on MNIST), cnn (small convolutional net on
+    /// MNIST), or char-lm (character-level transformer on text, can be cut into --stages).
     #[arg(long, default_value = "mlp")]
-    pub model: ModelKind,
-    /// Directory with MNIST IDX files (train-images-idx3-ubyte[.gz], ...); default: the bundled subset.
-    #[arg(long, value_name = "DIR")]
+    pub model: ModelChoice,
+    /// MNIST: a directory with the IDX files (train-images-idx3-ubyte[.gz], ...).
+    /// char-lm: a UTF-8 text file. Default: the bundled subset.
+    #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
-    /// Samples per local step.
+    /// Pipeline stages to cut the model's layers into (char-lm only): each peer
+    /// holds one stage, and the replicas of a stage average with each other.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub stages: u32,
+    /// Micro-batches per optimizer step in a pipeline; --batch-size is split among them.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub micro_batches: u64,
+    /// Seconds a micro-batch may take to come back before it goes to another replica.
+    #[arg(long, default_value_t = 20.0, value_parser = parse_secs)]
+    pub stage_timeout_secs: f64,
+    /// Samples per local step (MNIST images, or char-lm text windows).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub batch_size: u64,
     /// Learning rate of the local Adam optimizer (above the usual 0.001: averaging
@@ -103,6 +118,38 @@ pub struct TrainArgs {
     /// Seed for model initialisation and data order (default: derived from the swarm name; all peers must agree).
     #[arg(long)]
     pub seed: Option<u64>,
+}
+
+/// A model the command line can name: an MNIST classifier (data-parallel)
+/// or the character-level language model (data- and pipeline-parallel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelChoice {
+    /// An MNIST classifier.
+    Mnist(ModelKind),
+    /// The character-level transformer language model.
+    CharLm,
+}
+
+impl std::str::FromStr for ModelChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().eq_ignore_ascii_case("char-lm") {
+            return Ok(ModelChoice::CharLm);
+        }
+        s.parse::<ModelKind>()
+            .map(ModelChoice::Mnist)
+            .map_err(|_| format!("unknown model {s:?}; valid models are: mlp, cnn, char-lm"))
+    }
+}
+
+impl std::fmt::Display for ModelChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelChoice::Mnist(kind) => write!(f, "{kind}"),
+            ModelChoice::CharLm => f.write_str("char-lm"),
+        }
+    }
 }
 
 /// Flags of `p2ptrain node`.
@@ -325,19 +372,15 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         Some(path) => crate::identity::load_or_create(path)?,
         None => libp2p::identity::Keypair::generate_ed25519(),
     };
-    let data = load_data(args.train.data.as_ref())?;
     let seed = args
         .train
         .seed
         .unwrap_or_else(|| seed_from_name(&args.swarm));
-    let task = build_mnist_task(TaskSpec {
-        model: args.train.model,
-        data,
-        batch_size: args.train.batch_size as usize,
-        lr: args.train.lr,
-        seed,
-        device: args.train.device,
-    })?;
+    check_model_flags(&args.train)?;
+    let pipeline = args.train.model == ModelChoice::CharLm;
+    if pipeline && (args.resume.is_some() || args.checkpoint_dir.is_some()) {
+        anyhow::bail!("--checkpoint-dir and --resume work with the MNIST models only; char-lm stages are not checkpointed yet");
+    }
     let resume = match &args.resume {
         Some(dir) => Some(crate::checkpoint::load_latest(dir)?),
         None => None,
@@ -392,8 +435,83 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     } else {
         Box::new(print_human)
     };
-    driver::run(config, keypair, task, reporter).await?;
+    match args.train.model {
+        ModelChoice::Mnist(model) => {
+            let task = build_mnist_task(TaskSpec {
+                model,
+                data: load_data(args.train.data.as_ref())?,
+                batch_size: args.train.batch_size as usize,
+                lr: args.train.lr,
+                seed,
+                device: args.train.device,
+            })?;
+            driver::run(config, keypair, task, reporter).await?;
+        }
+        ModelChoice::CharLm => {
+            let text = load_text(args.train.data.as_ref())?;
+            let factory = charlm_factory(&args.train, text, seed);
+            let pipeline = PipelineConfig {
+                stages: args.train.stages,
+                micro_batches: args.train.micro_batches as usize,
+                stage_timeout: Duration::from_secs_f64(args.train.stage_timeout_secs),
+            };
+            driver::run_pipeline(config, pipeline, keypair, factory, reporter).await?;
+        }
+    }
     Ok(())
+}
+
+/// Refuses flag combinations that cannot work, before any network starts.
+pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
+    if train.stages > 1 && train.model != ModelChoice::CharLm {
+        anyhow::bail!(
+            "--stages {} needs --model char-lm: only the language model can be cut into pipeline stages",
+            train.stages
+        );
+    }
+    if train.model == ModelChoice::CharLm {
+        let blocks = CharLmConfig::default().blocks as u32;
+        if train.stages > blocks + 2 {
+            anyhow::bail!(
+                "--stages {} is more than char-lm's {} layers (embedding, {blocks} blocks, head)",
+                train.stages,
+                blocks + 2
+            );
+        }
+        if train.batch_size < train.micro_batches {
+            anyhow::bail!(
+                "--batch-size {} is smaller than --micro-batches {}: every micro-batch needs at least one text window",
+                train.batch_size,
+                train.micro_batches
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Loads the text named by `--data`, or the bundled Austen subset.
+pub fn load_text(data: Option<&PathBuf>) -> anyhow::Result<Arc<TextData>> {
+    let text = match data {
+        Some(file) => crate::train::lm::text::load_file(file)
+            .with_context(|| format!("cannot load text from {}", file.display()))?,
+        None => {
+            crate::train::lm::text::load_bundled().context("cannot load the bundled Austen text")?
+        }
+    };
+    Ok(Arc::new(text))
+}
+
+/// Builds the char-lm stage a node is assigned, on its compute thread.
+fn charlm_factory(train: &TrainArgs, text: Arc<TextData>, seed: u64) -> StageFactory {
+    let config = CharLmConfig {
+        micro_batch: (train.batch_size / train.micro_batches).max(1) as usize,
+        micro_batches: train.micro_batches as usize,
+        lr: train.lr,
+        seed,
+        ..CharLmConfig::default()
+    };
+    let device = train.device;
+    Box::new(move |spec| build_stage(&config, spec, text, device))
 }
 
 fn print_human(e: &NodeEvent) {
@@ -408,6 +526,7 @@ fn print_human(e: &NodeEvent) {
             peers,
             shard,
             total_steps,
+            ..
         } => println!(
             "training with {peers} peer(s): {shard} samples in my shard, {total_steps} steps"
         ),
@@ -425,7 +544,18 @@ fn print_human(e: &NodeEvent) {
             r.bytes_sent as f64 / 1e6
         ),
         NodeEvent::Finished(f) => {
-            if let Some(acc) = f.test_accuracy {
+            if let Some(p) = &f.pipeline {
+                let val = p.val_bpc.map_or("evaluated by stage 0".to_string(), |b| {
+                    format!("validation {b:.3} bits/char")
+                });
+                println!(
+                    "finished stage {} of {}: {val}  bubble {:.0}%  {:.0} KB of activations per step",
+                    p.stage,
+                    p.stages,
+                    p.bubble * 100.0,
+                    p.activation_bytes_per_step / 1e3
+                );
+            } else if let Some(acc) = f.test_accuracy {
                 println!(
                     "finished: test accuracy {:.2}%  test loss {:.4}",
                     acc * 100.0,

@@ -10,6 +10,7 @@ pub mod compute;
 pub mod driver;
 pub mod identity;
 pub mod net;
+pub mod stage_compute;
 pub mod testnet;
 
 /// Local training lives in its own crate so it can be optimised even in

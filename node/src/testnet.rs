@@ -5,7 +5,7 @@
 //! per round on stderr and a JSON summary on stdout. It is the README's main
 //! command and what the integration tests drive.
 
-use crate::cli::{load_data, TestnetArgs, TrainArgs};
+use crate::cli::{check_model_flags, load_data, load_text, ModelChoice, TestnetArgs, TrainArgs};
 use crate::driver::{FinalReport, NodeEvent, RoundReport};
 use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
@@ -47,6 +47,32 @@ pub struct Summary {
     pub averaging_s: f64,
     /// Seconds a node spent in local training steps (mean over nodes).
     pub training_s: f64,
+    /// Pipeline figures, when the model was cut into stages.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineSummary>,
+}
+
+/// Pipeline figures of a testnet run (`--model char-lm`).
+#[derive(Debug, Serialize)]
+pub struct PipelineSummary {
+    /// Stages the model was cut into.
+    pub stages: u32,
+    /// Peers that held each stage.
+    pub stage_peers: Vec<usize>,
+    /// Held-out bits per character of the final model (mean over first-stage peers).
+    pub val_loss: Option<f64>,
+    /// Held-out bits per character before training.
+    pub initial_val_loss: Option<f64>,
+    /// Tokens trained on by the swarm.
+    pub tokens: u64,
+    /// Tokens per second of the swarm over the training phase.
+    pub tokens_per_s: f64,
+    /// Mean fraction of the training phase a node's compute sat idle.
+    pub bubble: f64,
+    /// Activation and gradient bytes per optimizer step (mean over first-stage peers).
+    pub activation_bytes_per_step: f64,
+    /// Micro-batches sent again after a timeout, summed over nodes.
+    pub resent: u64,
 }
 
 enum Line {
@@ -74,6 +100,12 @@ fn train_flags(t: &TrainArgs) -> Vec<String> {
         t.compression.to_string(),
         "--device".into(),
         t.device.to_string(),
+        "--stages".into(),
+        t.stages.to_string(),
+        "--micro-batches".into(),
+        t.micro_batches.to_string(),
+        "--stage-timeout-secs".into(),
+        t.stage_timeout_secs.to_string(),
     ];
     if let Some(d) = &t.data {
         v.push("--data".into());
@@ -142,8 +174,19 @@ struct RoundAgg {
 /// Runs the testnet to completion; prints the summary line on stdout.
 pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let nodes = args.nodes as usize;
-    // Fail fast, once, on unreadable data rather than in N processes.
-    load_data(args.train.data.as_ref())?;
+    // Fail fast, once, on bad flags or unreadable data rather than in N processes.
+    check_model_flags(&args.train)?;
+    if args.train.model == ModelChoice::CharLm {
+        load_text(args.train.data.as_ref())?;
+        if nodes < args.train.stages as usize {
+            bail!(
+                "--nodes {nodes} cannot hold --stages {}: every stage needs at least one node",
+                args.train.stages
+            );
+        }
+    } else {
+        load_data(args.train.data.as_ref())?;
+    }
     let train = train_flags(&args.train);
     let swarm = format!(
         "testnet-{}-{}",
@@ -209,8 +252,14 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
                         peers,
                         shard,
                         total_steps,
+                        stage: None,
                     } => {
                         eprintln!("testnet: node {i} training with {peers} peers, shard {shard}, {total_steps} steps");
+                    }
+                    NodeEvent::Started {
+                        stage: Some(stage), ..
+                    } => {
+                        eprintln!("testnet: node {i} holds pipeline stage {stage}");
                     }
                     NodeEvent::Synced { round, from, .. } => {
                         eprintln!(
@@ -271,23 +320,66 @@ fn summarize(nodes: usize, finals: &BTreeMap<usize, FinalReport>, wall: Duration
     let n = finals.len().max(1) as f32;
     let accs: Vec<f32> = finals.values().filter_map(|f| f.test_accuracy).collect();
     let samples: u64 = finals.values().map(|f| f.samples).sum();
-    let first_digest = finals.values().next().map(|f| f.model_digest.clone());
+    let finite_mean = |v: Vec<f32>| {
+        let v: Vec<f32> = v.into_iter().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            f32::NAN
+        } else {
+            v.iter().sum::<f32>() / v.len() as f32
+        }
+    };
+    // In a pipeline only replicas of the same stage hold the same parameters.
+    let models_agree = finals.values().all(|f| {
+        finals.values().all(|g| {
+            let stage = |r: &FinalReport| r.pipeline.as_ref().map(|p| p.stage);
+            stage(f) != stage(g) || f.model_digest == g.model_digest
+        })
+    });
     Summary {
         nodes,
         rounds: finals.values().map(|f| f.rounds).max().unwrap_or(0),
         samples,
         test_accuracy: (!accs.is_empty()).then(|| accs.iter().sum::<f32>() / accs.len() as f32),
         test_accuracy_min: accs.iter().copied().reduce(f32::min),
-        test_loss: finals.values().map(|f| f.test_loss).sum::<f32>() / n,
-        final_loss: finals.values().map(|f| f.final_loss).sum::<f32>() / n,
+        test_loss: finite_mean(finals.values().map(|f| f.test_loss).collect()),
+        final_loss: finite_mean(finals.values().map(|f| f.final_loss).collect()),
         wall_s: wall.as_secs_f64(),
         samples_per_s: samples as f64 / wall.as_secs_f64().max(1e-9),
         bytes_sent: finals.values().map(|f| f.bytes_sent).sum(),
-        models_agree: finals
-            .values()
-            .all(|f| Some(&f.model_digest) == first_digest.as_ref()),
+        models_agree,
         complete_rounds: finals.values().map(|f| f.complete_rounds).sum(),
         averaging_s: finals.values().map(|f| f.averaging_s).sum::<f64>() / f64::from(n),
         training_s: finals.values().map(|f| f.training_s).sum::<f64>() / f64::from(n),
+        pipeline: summarize_pipeline(finals),
     }
+}
+
+fn summarize_pipeline(finals: &BTreeMap<usize, FinalReport>) -> Option<PipelineSummary> {
+    let reports: Vec<&crate::driver::PipelineReport> = finals
+        .values()
+        .filter_map(|f| f.pipeline.as_ref())
+        .collect();
+    let stages = reports.first()?.stages;
+    let mut stage_peers = vec![0usize; stages as usize];
+    for r in &reports {
+        if let Some(c) = stage_peers.get_mut(r.stage as usize) {
+            *c += 1;
+        }
+    }
+    let first: Vec<_> = reports.iter().filter(|r| r.stage == 0).collect();
+    let mean_of = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    Some(PipelineSummary {
+        stages,
+        stage_peers,
+        val_loss: mean_of(first.iter().filter_map(|r| r.val_bpc).collect()),
+        initial_val_loss: mean_of(first.iter().filter_map(|r| r.initial_val_bpc).collect()),
+        tokens: first.iter().map(|r| r.tokens).sum(),
+        tokens_per_s: first.iter().map(|r| r.tokens_per_s).sum(),
+        bubble: mean_of(reports.iter().map(|r| r.bubble).collect()).unwrap_or(0.0),
+        activation_bytes_per_step: mean_of(
+            first.iter().map(|r| r.activation_bytes_per_step).collect(),
+        )
+        .unwrap_or(0.0),
+        resent: reports.iter().map(|r| r.resent).sum(),
+    })
 }

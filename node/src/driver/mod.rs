@@ -6,6 +6,10 @@
 //! averager's own timeouts bound each round, and joining the swarm is bounded
 //! by `wait_for_peers`.
 
+mod pipeline;
+
+pub use pipeline::{run_pipeline, PipelineConfig, PipelineReport};
+
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
 use crate::compute::{Compute, ComputeError, ComputeGone};
 use crate::net::{NetConfig, NetError, NetEvent, NetHandle, Network};
@@ -132,8 +136,11 @@ pub enum NodeEvent {
         peers: usize,
         /// Samples in this node's shard.
         shard: usize,
-        /// Local steps this node will take.
+        /// Local steps this node will take (0: set by the pipeline's first stage).
         total_steps: u64,
+        /// In a pipeline, the stage this node holds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stage: Option<u32>,
     },
     /// The node was behind and downloaded the swarm's model from a member.
     Synced {
@@ -162,6 +169,7 @@ pub struct RoundReport {
     /// Members of this round's group (1 means it averaged alone).
     pub peers: usize,
     /// Mean training loss of this round's local steps.
+    #[serde(deserialize_with = "nan_from_null")]
     pub loss: f32,
     /// Samples trained on so far by this node.
     pub samples: u64,
@@ -191,8 +199,10 @@ pub struct FinalReport {
     /// Held-out accuracy of the final (averaged) model, for classifiers.
     pub test_accuracy: Option<f32>,
     /// Held-out loss of the final model.
+    #[serde(deserialize_with = "nan_from_null")]
     pub test_loss: f32,
     /// Mean training loss of the last round.
+    #[serde(deserialize_with = "nan_from_null")]
     pub final_loss: f32,
     /// Seconds from start to the end of evaluation.
     pub wall_s: f64,
@@ -206,6 +216,15 @@ pub struct FinalReport {
     pub averaging_s: f64,
     /// Seconds spent in local training steps.
     pub training_s: f64,
+    /// Pipeline figures, when the node held a stage of a model cut into stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineReport>,
+}
+
+/// JSON has no NaN: serde_json writes it as `null`; read that back as NaN
+/// (a stage that computes no loss reports NaN).
+fn nan_from_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
 }
 
 /// Why a node stopped early.
@@ -244,6 +263,23 @@ pub enum NodeError {
     /// The compute thread could not be started.
     #[error("cannot start the compute thread: {0}")]
     Spawn(std::io::Error),
+    /// No peer serves a pipeline stage the run needs.
+    #[error("no peer serves pipeline stage {stage}; start more nodes (at least one per stage) or lower --stages")]
+    StageUnserved {
+        /// The stage without replicas.
+        stage: u32,
+    },
+    /// A micro-batch got no answer from any replica of the next stage.
+    #[error("a micro-batch sent {tries} times to stage {stage} got no answer; its replicas are unreachable")]
+    MicroBatchLost {
+        /// The stage that did not answer.
+        stage: u32,
+        /// Times it was sent.
+        tries: u32,
+    },
+    /// Peers cannot be assigned to stages.
+    #[error("stage assignment: {0}")]
+    Stages(p2ptrain_protocol::stages::StageError),
     /// The network event loop ended unexpectedly.
     #[error("the network event loop stopped unexpectedly")]
     NetworkStopped,
@@ -289,6 +325,10 @@ struct Driver {
     received_states: Vec<(PeerId, ModelState)>,
     /// We hold a model that went through an averaging round (or was downloaded).
     synced: bool,
+    /// In a pipeline, the stage this node holds; `None` in data-parallel training.
+    stage: Option<u32>,
+    /// Pipeline messages received and not yet handled, and who serves which stage.
+    pipe: pipeline::Inbox,
 }
 
 /// Runs a node until its training budget is spent; returns its final report.
@@ -305,10 +345,23 @@ pub async fn run(
         let compute =
             Compute::spawn(task, format!("compute-{peer_id}")).map_err(NodeError::Spawn)?;
         let Network { handle, events, .. } = network;
-        let me = NodeId::from_key_bytes(&peer_id.to_bytes());
-        let mut driver = Driver {
+        let mut driver = Driver::new(&config, handle, events);
+        let result = driver.train(&config, &compute, &mut report).await;
+        if result.is_ok() {
+            driver.linger(config.linger).await;
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+impl Driver {
+    fn new(config: &NodeConfig, net: NetHandle, events: mpsc::Receiver<NetEvent>) -> Driver {
+        let me = NodeId::from_key_bytes(&net.local_peer_id().to_bytes());
+        Driver {
             me,
-            net: handle,
+            net,
             events,
             averager: Averager::new(me, config.averaging.clone()),
             start: Instant::now(),
@@ -322,23 +375,30 @@ pub async fn run(
             total_steps: 0,
             received_states: Vec::new(),
             synced: false,
-        };
-        let result = driver.train(&config, &compute, &mut report).await;
-        if result.is_ok() {
-            driver.linger(config.linger).await;
+            stage: None,
+            pipe: pipeline::Inbox::default(),
         }
-        result
     }
-    .instrument(span)
-    .await
-}
 
-impl Driver {
     fn now(&self) -> Duration {
         self.start.elapsed()
     }
 
+    /// The peers this node averages and shares data with: the whole swarm,
+    /// or in a pipeline the replicas of its own stage.
     fn swarm_ids(&self) -> Vec<NodeId> {
+        if let Some(stage) = self.stage {
+            let mut ids: Vec<NodeId> = self
+                .pipe
+                .peers_of_stage(stage)
+                .map(|p| NodeId::from_key_bytes(&p.to_bytes()))
+                .filter(|id| self.members.contains_key(id))
+                .collect();
+            ids.push(self.me);
+            ids.sort();
+            ids.dedup();
+            return ids;
+        }
         let mut ids: Vec<NodeId> = self.members.keys().copied().collect();
         ids.push(self.me);
         ids.sort();
@@ -364,6 +424,7 @@ impl Driver {
             peers,
             shard,
             total_steps,
+            stage: None,
         });
 
         let (mut step, mut round, mut samples) = (0u64, 0u64, 0u64);
@@ -516,6 +577,7 @@ impl Driver {
             complete_rounds,
             averaging_s: averaging_total,
             training_s: train_time.as_secs_f64(),
+            pipeline: None,
         };
         info!(accuracy = ?eval.accuracy, test_loss = eval.loss, "training finished");
         report(&NodeEvent::Finished(final_report.clone()));
@@ -817,7 +879,11 @@ impl Driver {
     /// Sends what the averager wants sent and collects its events.
     fn flush(&mut self) -> Result<(), NodeError> {
         while let Some(t) = self.averager.poll_transmit() {
-            let bytes = match wire::encode(&Message::Avg(t.msg)) {
+            let msg = match self.stage {
+                Some(stage) => Message::StageAvg { stage, msg: t.msg },
+                None => Message::Avg(t.msg),
+            };
+            let bytes = match wire::encode(&msg) {
                 Ok(b) => b,
                 Err(e) => {
                     warn!(error = %e, "cannot encode an averaging message; dropped");
@@ -863,13 +929,26 @@ impl Driver {
             NetEvent::PeerLeft(peer) => {
                 self.members
                     .remove(&NodeId::from_key_bytes(&peer.to_bytes()));
+                self.pipe.forget_peer(&peer);
                 self.members_changed = true;
                 let ids = self.swarm_ids();
                 self.averager.set_peers(&ids);
             }
             NetEvent::Message { from, bytes } => {
                 let from_id = NodeId::from_key_bytes(&from.to_bytes());
-                match wire::decode(&bytes) {
+                let msg = match wire::decode(&bytes) {
+                    // Replicas of our stage average among themselves only.
+                    Ok(Message::StageAvg { stage, msg }) if self.stage == Some(stage) => {
+                        Ok(Message::Avg(msg))
+                    }
+                    Ok(Message::StageAvg { .. }) => return Ok(()),
+                    // A plain averaging message from a data-parallel peer does not concern a stage.
+                    Ok(Message::Avg(_) | Message::Progress(_)) if self.stage.is_some() => {
+                        return Ok(())
+                    }
+                    other => other,
+                };
+                match msg {
                     Ok(Message::Avg(msg)) => {
                         if let AvgMessage::Join { round, .. } = &msg {
                             self.swarm_round = self.swarm_round.max(*round);
@@ -896,6 +975,18 @@ impl Driver {
                             self.received_states.push((from, state));
                         }
                     }
+                    Ok(Message::StageHello(hello)) => {
+                        if self.pipe.on_hello(from, hello)
+                            && hello.stage == self.stage.unwrap_or(u32::MAX)
+                        {
+                            let ids = self.swarm_ids();
+                            self.averager.set_peers(&ids);
+                            self.members_changed = true;
+                        }
+                    }
+                    Ok(Message::PipeForward(f)) => self.pipe.on_forward(from, f),
+                    Ok(Message::PipeBackward(b)) => self.pipe.on_backward(from, b),
+                    Ok(Message::StageAvg { .. }) => {} // filtered above
                     Err(e) => warn!(peer = %from, error = %e, "malformed message dropped"),
                 }
             }

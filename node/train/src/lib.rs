@@ -11,9 +11,11 @@
 
 pub mod backend;
 pub mod data;
+pub mod lm;
 pub mod mnist;
 pub mod model;
 pub mod params;
+pub mod stage;
 pub mod task;
 
 use std::path::PathBuf;

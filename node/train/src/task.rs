@@ -25,6 +25,9 @@ pub enum TaskError {
     /// The shard handed to the task is empty, so no step can be taken.
     #[error("this peer's data shard is empty: the swarm has more peers than samples")]
     EmptyShard,
+    /// Input from a peer or the driver does not fit this model (wrong sizes, unknown ids).
+    #[error("input refused: {0}")]
+    BadInput(String),
     /// The backend failed (device lost, out of memory, ...).
     #[error("compute backend failed: {0}")]
     Backend(String),

@@ -1,0 +1,1075 @@
+//! Pipeline (model-parallel) training: the model's layers are cut into
+//! stages, each peer holds one stage, and micro-batches stream through them.
+//!
+//! The first stage's replicas own the data: each takes its shard of the
+//! token windows, runs its stage forward on a step's micro-batches (all of
+//! them, GPipe style, so the next stage works on one while this one computes
+//! the next), sends each micro-batch's activations to a replica of the next
+//! stage (round robin over the live ones) and back-propagates each gradient
+//! as it returns. Later stages only react: a micro-batch in, activations out
+//! (or, at the last stage, loss and input gradient back). Every stage applies
+//! an optimizer step per `micro_batches` micro-batches and averages with the
+//! other replicas of its stage every `average_every` steps, with the same
+//! averaging protocol as data-parallel training, scoped to the stage.
+//!
+//! Failure handling: a micro-batch whose answer does not come back within
+//! `stage_timeout` is sent again to another replica of the next stage, so a
+//! replica that dies costs its in-flight micro-batches one timeout. What the
+//! pipeline does not do yet: move a peer to a stage left without replicas
+//! (the run then stops with an error naming the stage).
+
+use super::{Driver, FinalReport, NodeConfig, NodeError, NodeEvent, Reporter, RoundReport};
+use crate::checkpoint;
+use crate::net::Network;
+use crate::stage_compute::{StageCompute, StageFactory};
+use crate::task::Shard;
+use libp2p::{identity::Keypair, PeerId};
+use p2ptrain_protocol::pipe::{PipeBackward, PipeForward, StageHello, StagePhase};
+use p2ptrain_protocol::wire::{self, Message};
+use p2ptrain_protocol::{shards, stages, tensor, NodeId};
+use p2ptrain_train::stage::{Forward, StageSpec};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+/// Pipeline messages a peer may have queued before we get to them; more are
+/// dropped (their senders time out and resend).
+const INBOX_LIMIT: usize = 1024;
+/// How often a pipeline peer repeats which stage it serves, for peers that
+/// joined since and for gossip messages lost before the mesh formed.
+const HELLO_EVERY: Duration = Duration::from_secs(1);
+/// A micro-batch sent this many times without an answer ends the run.
+const MAX_TRIES: u32 = 6;
+
+/// How the model is cut and streamed.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Stages the model is cut into (at least 2).
+    pub stages: u32,
+    /// Micro-batches per optimizer step.
+    pub micro_batches: usize,
+    /// How long a micro-batch may take to come back before it is sent to another replica.
+    pub stage_timeout: Duration,
+}
+
+/// Pipeline figures added to a node's final report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PipelineReport {
+    /// The stage this node held.
+    pub stage: u32,
+    /// Stages the model was cut into.
+    pub stages: u32,
+    /// Peers serving each stage at the end, as this node saw them.
+    pub stage_peers: Vec<usize>,
+    /// Held-out loss of the final model in bits per character (first stage only).
+    pub val_bpc: Option<f64>,
+    /// Held-out loss in bits per character before training (first stage only).
+    pub initial_val_bpc: Option<f64>,
+    /// Tokens this node's micro-batches trained on (first stage only).
+    pub tokens: u64,
+    /// Trained tokens per second of this node's training time (first stage only).
+    pub tokens_per_s: f64,
+    /// Fraction of the training phase this node's compute sat idle (the pipeline bubble).
+    pub bubble: f64,
+    /// Activation and gradient bytes this node sent per optimizer step.
+    pub activation_bytes_per_step: f64,
+    /// Micro-batches sent again after a timeout.
+    pub resent: u64,
+}
+
+/// Pipeline messages waiting for the pipeline loop, and who serves which stage.
+#[derive(Default)]
+pub(super) struct Inbox {
+    forwards: VecDeque<(PeerId, PipeForward)>,
+    backwards: VecDeque<(PeerId, PipeBackward)>,
+    hellos: BTreeMap<PeerId, StageHello>,
+}
+
+impl Inbox {
+    /// Records a peer's announcement; true if its stage is new to us.
+    pub(super) fn on_hello(&mut self, from: PeerId, hello: StageHello) -> bool {
+        let before = self.hellos.insert(from, hello);
+        before.is_none_or(|b| b.stage != hello.stage)
+    }
+
+    pub(super) fn on_forward(&mut self, from: PeerId, f: PipeForward) {
+        if self.forwards.len() >= INBOX_LIMIT {
+            warn!(peer = %from, "pipeline inbox full; micro-batch dropped");
+            return;
+        }
+        self.forwards.push_back((from, f));
+    }
+
+    pub(super) fn on_backward(&mut self, from: PeerId, b: PipeBackward) {
+        if self.backwards.len() >= INBOX_LIMIT {
+            warn!(peer = %from, "pipeline inbox full; gradient dropped");
+            return;
+        }
+        self.backwards.push_back((from, b));
+    }
+
+    pub(super) fn forget_peer(&mut self, peer: &PeerId) {
+        self.hellos.remove(peer);
+    }
+
+    /// Peers known to serve `stage`, in a fixed order.
+    pub(super) fn peers_of_stage(&self, stage: u32) -> impl Iterator<Item = PeerId> + '_ {
+        self.hellos
+            .iter()
+            .filter(move |(_, h)| h.stage == stage)
+            .map(|(p, _)| *p)
+    }
+
+    fn phases_of_stage(&self, stage: u32) -> impl Iterator<Item = StagePhase> + '_ {
+        self.hellos
+            .values()
+            .filter(move |h| h.stage == stage)
+            .map(|h| h.phase)
+    }
+}
+
+/// A first-stage micro-batch waiting for its answer.
+struct InFlight {
+    tokens: Vec<u32>,
+    activations: Vec<f32>,
+    to: PeerId,
+    deadline: Instant,
+    tries: u32,
+}
+
+/// A middle-stage micro-batch passed on, waiting for its gradient.
+struct Relayed {
+    upstream: PeerId,
+    upstream_id: u64,
+    sent_at: Instant,
+    train: bool,
+}
+
+/// Running totals of one node's pipeline work.
+#[derive(Default)]
+struct Tally {
+    next_id: u64,
+    busy: Duration,
+    pipe_bytes: u64,
+    resent: u64,
+    tokens: u64,
+}
+
+/// Runs a pipeline node until the run is over; returns its final report.
+pub async fn run_pipeline(
+    config: NodeConfig,
+    pipeline: PipelineConfig,
+    keypair: Keypair,
+    factory: StageFactory,
+    mut report: Reporter,
+) -> Result<FinalReport, NodeError> {
+    let peer_id = keypair.public().to_peer_id();
+    let span = info_span!("node", peer = %peer_id);
+    async move {
+        let Network { handle, events, .. } = Network::start(config.net.clone(), keypair)?;
+        let mut driver = Driver::new(&config, handle, events);
+        let result = driver
+            .train_pipeline(&config, &pipeline, factory, &mut report)
+            .await;
+        if result.is_ok() {
+            driver.linger(config.linger).await;
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+impl Driver {
+    async fn train_pipeline(
+        &mut self,
+        config: &NodeConfig,
+        pcfg: &PipelineConfig,
+        factory: StageFactory,
+        report: &mut Reporter,
+    ) -> Result<FinalReport, NodeError> {
+        self.announce_listening(report).await?;
+        self.wait_for_peers(config.min_peers, config.wait_for_peers)
+            .await?;
+        let stage = self.choose_stage(pcfg.stages)?;
+        self.stage = Some(stage);
+        let spec = StageSpec {
+            index: stage as usize,
+            count: pcfg.stages as usize,
+        };
+        let name = format!("stage{stage}-{}", self.net.local_peer_id());
+        let compute = self
+            .pump(StageCompute::spawn(factory, spec, name))
+            .await??;
+        info!(
+            stage,
+            params = compute.num_params,
+            "holding a pipeline stage"
+        );
+        let mut phase = StagePhase::Training;
+        let mut last_hello = self.hello(stage, pcfg.stages, phase)?;
+        // Every stage needs a replica before the first micro-batch can go through.
+        let deadline = Instant::now() + config.wait_for_peers;
+        while let Some(missing) =
+            (0..pcfg.stages).find(|s| *s != stage && self.pipe.peers_of_stage(*s).next().is_none())
+        {
+            if Instant::now() > deadline {
+                return Err(NodeError::StageUnserved { stage: missing });
+            }
+            self.pipe_wait(
+                &mut last_hello,
+                stage,
+                pcfg.stages,
+                phase,
+                Duration::from_millis(200),
+            )
+            .await?;
+        }
+        let ids = self.swarm_ids();
+        self.averager.set_peers(&ids);
+        report(&NodeEvent::Started {
+            peers: self.members.len() + 1,
+            shard: 0,
+            total_steps: 0,
+            stage: Some(stage),
+        });
+
+        let mut tally = Tally::default();
+        let (outcome, val_bpc) = if spec.is_first() {
+            let outcome = self
+                .first_stage(config, pcfg, &compute, &mut last_hello, &mut tally, report)
+                .await?;
+            phase = StagePhase::Trained;
+            last_hello = self.hello(stage, pcfg.stages, phase)?;
+            // Evaluate once every stage holds its final (averaged) parameters.
+            self.wait_for_later_stages(config, pcfg, &mut last_hello)
+                .await?;
+            let bpc = self
+                .evaluate_pipeline(pcfg, &compute, &mut last_hello, &mut tally)
+                .await?;
+            self.hello(stage, pcfg.stages, StagePhase::Done)?;
+            (outcome, Some(bpc))
+        } else {
+            let outcome = self
+                .later_stage(config, pcfg, &compute, &mut last_hello, &mut tally, report)
+                .await?;
+            (outcome, None)
+        };
+        let initial_bpc = outcome.initial_bpc;
+        let params = self.pump(compute.params()).await??;
+        let stage_peers = (0..pcfg.stages)
+            .map(|s| self.pipe.peers_of_stage(s).count() + usize::from(s == stage))
+            .collect();
+        let train_s = outcome.training.as_secs_f64().max(1e-9);
+        let pipeline = PipelineReport {
+            stage,
+            stages: pcfg.stages,
+            stage_peers,
+            val_bpc,
+            initial_val_bpc: initial_bpc,
+            tokens: tally.tokens,
+            tokens_per_s: tally.tokens as f64 / train_s,
+            bubble: (1.0 - tally.busy.as_secs_f64() / train_s).clamp(0.0, 1.0),
+            activation_bytes_per_step: tally.pipe_bytes as f64 / outcome.steps.max(1) as f64,
+            resent: tally.resent,
+        };
+        let final_report = FinalReport {
+            peer_id: self.net.local_peer_id().to_string(),
+            rounds: outcome.rounds,
+            steps: outcome.steps,
+            samples: tally.tokens,
+            test_accuracy: None,
+            test_loss: val_bpc.map_or(f32::NAN, |b| b as f32),
+            final_loss: outcome.last_loss,
+            wall_s: self.now().as_secs_f64(),
+            bytes_sent: self.net.stats().sent(),
+            model_digest: checkpoint::params_digest(&params),
+            complete_rounds: outcome.complete_rounds,
+            averaging_s: outcome.averaging_s,
+            training_s: train_s,
+            pipeline: Some(pipeline),
+        };
+        info!(stage, val_bpc = ?val_bpc, "pipeline training finished");
+        report(&NodeEvent::Finished(final_report.clone()));
+        Ok(final_report)
+    }
+
+    /// This node's stage under the assignment every peer computes from the
+    /// same member set (the swarm waited for `--min-peers` first).
+    fn choose_stage(&self, count: u32) -> Result<u32, NodeError> {
+        let mut ids: Vec<NodeId> = self.members.keys().copied().collect();
+        ids.push(self.me);
+        let peers: Vec<_> = ids
+            .iter()
+            .map(|id| (*id, stages::Throughput::UNKNOWN))
+            .collect();
+        let assignment = stages::assign(&peers, count as usize).map_err(NodeError::Stages)?;
+        let stage = assignment
+            .stage_of(self.me)
+            .ok_or(NodeError::StageUnserved { stage: 0 })?;
+        Ok(stage as u32)
+    }
+
+    /// Announces our stage and phase to the swarm; returns when.
+    fn hello(&mut self, stage: u32, stages: u32, phase: StagePhase) -> Result<Instant, NodeError> {
+        let msg = Message::StageHello(StageHello {
+            stage,
+            stages,
+            phase,
+        });
+        if let Ok(bytes) = wire::encode(&msg) {
+            self.check_sent(self.net.broadcast(bytes))?;
+        }
+        Ok(Instant::now())
+    }
+
+    /// Handles network events for up to `wait`, repeating our announcement
+    /// every [`HELLO_EVERY`].
+    async fn pipe_wait(
+        &mut self,
+        last_hello: &mut Instant,
+        stage: u32,
+        stages: u32,
+        phase: StagePhase,
+        wait: Duration,
+    ) -> Result<(), NodeError> {
+        if last_hello.elapsed() >= HELLO_EVERY {
+            *last_hello = self.hello(stage, stages, phase)?;
+        }
+        let timer = tokio::time::sleep(wait.min(HELLO_EVERY));
+        let mut timer = std::pin::pin!(timer);
+        self.pump_once(timer.as_mut()).await?;
+        Ok(())
+    }
+
+    /// Sends `bytes` to `to`, counting them as pipeline traffic.
+    fn send_pipe(&mut self, to: PeerId, msg: &Message, tally: &mut Tally) -> Result<(), NodeError> {
+        match wire::encode(msg) {
+            Ok(bytes) => {
+                tally.pipe_bytes += bytes.len() as u64;
+                self.check_sent(self.net.send(to, bytes))
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot encode a pipeline message; dropped");
+                Ok(())
+            }
+        }
+    }
+
+    /// The replica of `stage` to send the next micro-batch to: round robin
+    /// over live replicas, avoiding `avoid` when another exists.
+    fn route(&self, stage: u32, turn: u64, avoid: Option<PeerId>) -> Option<PeerId> {
+        let live: Vec<PeerId> = self
+            .pipe
+            .peers_of_stage(stage)
+            .filter(|p| {
+                self.members
+                    .contains_key(&NodeId::from_key_bytes(&p.to_bytes()))
+            })
+            .collect();
+        let choices: Vec<PeerId> = match avoid {
+            Some(a) if live.len() > 1 => live.into_iter().filter(|p| *p != a).collect(),
+            _ => live,
+        };
+        if choices.is_empty() {
+            return None;
+        }
+        choices.get(turn as usize % choices.len()).copied()
+    }
+
+    /// The first stage's training loop.
+    async fn first_stage(
+        &mut self,
+        config: &NodeConfig,
+        pcfg: &PipelineConfig,
+        compute: &StageCompute,
+        last_hello: &mut Instant,
+        tally: &mut Tally,
+        report: &mut Reporter,
+    ) -> Result<StageOutcome, NodeError> {
+        let replicas = self.swarm_ids();
+        self.set_window_shard(config, compute).await?;
+        let total_steps = config
+            .schedule
+            .total_steps(replicas.len(), compute.num_train_windows);
+        let every = config.schedule.average_every.max(1);
+        let initial_bpc = Some(
+            self.evaluate_pipeline(pcfg, compute, last_hello, tally)
+                .await?,
+        );
+        info!(total_steps, initial_bpc = ?initial_bpc, "pipeline training starts");
+        let mut outcome = StageOutcome {
+            initial_bpc,
+            ..StageOutcome::default()
+        };
+        let mut round = 0u64;
+        let mut round_losses = Vec::new();
+        let t0 = Instant::now();
+        for step in 1..=total_steps {
+            let mut batch = Vec::with_capacity(pcfg.micro_batches);
+            for _ in 0..pcfg.micro_batches {
+                let t = Instant::now();
+                batch.push(self.pump(compute.next_train_tokens()).await??);
+                tally.busy += t.elapsed();
+            }
+            let losses = self
+                .run_micro_batches(pcfg, compute, batch, true, last_hello, tally)
+                .await?;
+            let t = Instant::now();
+            self.pump(compute.apply_step()).await??;
+            tally.busy += t.elapsed();
+            round_losses.extend(losses.iter().map(|(l, _, _)| *l));
+            outcome.steps = step;
+            if step % every == 0 || step == total_steps {
+                round = round.saturating_add(1).max(self.swarm_round);
+                let loss = mean(&round_losses);
+                round_losses.clear();
+                self.stage_round(
+                    compute,
+                    round,
+                    step,
+                    total_steps,
+                    loss,
+                    t0,
+                    tally,
+                    &mut outcome,
+                    report,
+                )
+                .await?;
+                if self.members_changed {
+                    self.set_window_shard(config, compute).await?;
+                }
+            }
+        }
+        outcome.rounds = round;
+        outcome.training = t0.elapsed();
+        Ok(outcome)
+    }
+
+    /// One averaging round among this stage's replicas, and its report.
+    #[allow(clippy::too_many_arguments)]
+    async fn stage_round(
+        &mut self,
+        compute: &StageCompute,
+        round: u64,
+        step: u64,
+        total_steps: u64,
+        loss: f32,
+        t0: Instant,
+        tally: &Tally,
+        outcome: &mut StageOutcome,
+        report: &mut Reporter,
+    ) -> Result<(), NodeError> {
+        let span = info_span!("round", round);
+        let t1 = Instant::now();
+        let params = self.pump(compute.params()).await??;
+        let avg = self.average(round, params).instrument(span.clone()).await?;
+        let averaging_s = t1.elapsed().as_secs_f64();
+        let group = avg.group.len();
+        let complete = group > 1
+            && avg
+                .parts
+                .iter()
+                .all(|p| p.averaged && p.contributors.len() == group);
+        let model_digest = checkpoint::params_digest(&avg.values);
+        self.pump(compute.set_params(avg.values)).await??;
+        outcome.rounds = round;
+        outcome.complete_rounds += u64::from(complete);
+        outcome.averaging_s += averaging_s;
+        outcome.last_loss = loss;
+        span.in_scope(|| info!(group, loss, averaging_s, "stage round finished"));
+        report(&NodeEvent::Round(RoundReport {
+            round,
+            step,
+            total_steps,
+            peers: group,
+            loss,
+            samples: tally.tokens,
+            samples_per_s: tally.tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            bytes_sent: self.net.stats().sent(),
+            dropped: avg.dropped.len(),
+            averaging_s,
+            model_digest,
+        }));
+        Ok(())
+    }
+
+    /// Sends a first-stage batch of micro-batches through the pipeline and
+    /// waits for every answer, back-propagating each gradient as it arrives
+    /// (`train`) or only collecting losses. Returns (loss, predicted, tokens) per
+    /// micro-batch, with the tokens its loss covered. A micro-batch not answered in time goes to another replica.
+    async fn run_micro_batches(
+        &mut self,
+        pcfg: &PipelineConfig,
+        compute: &StageCompute,
+        batch: Vec<Vec<u32>>,
+        train: bool,
+        last_hello: &mut Instant,
+        tally: &mut Tally,
+    ) -> Result<Vec<(f32, u32, Vec<u32>)>, NodeError> {
+        let stage = compute.spec.index as u32;
+        let next = stage + 1;
+        let mut pending: BTreeMap<u64, InFlight> = BTreeMap::new();
+        let mut results = Vec::with_capacity(batch.len());
+        for tokens in batch {
+            tally.next_id += 1;
+            let id = tally.next_id;
+            let t = Instant::now();
+            let fwd = self
+                .pump(compute.forward(id, tokens.clone(), None, train))
+                .await??;
+            tally.busy += t.elapsed();
+            let activations = match fwd {
+                Forward::Activations(a) => a,
+                // A one-stage "pipeline" (the whole model here): done already.
+                Forward::Loss {
+                    loss, tokens: n, ..
+                } => {
+                    if train {
+                        tally.tokens += n as u64;
+                    }
+                    results.push((loss, n as u32, tokens));
+                    continue;
+                }
+            };
+            let to = self
+                .wait_for_route(next, id, None, last_hello, pcfg)
+                .await?;
+            self.send_forward(to, id, train, &tokens, &activations, tally)?;
+            pending.insert(
+                id,
+                InFlight {
+                    tokens,
+                    activations,
+                    to,
+                    deadline: Instant::now() + pcfg.stage_timeout,
+                    tries: 1,
+                },
+            );
+        }
+        while !pending.is_empty() {
+            while let Some((from, b)) = self.pipe.backwards.pop_front() {
+                let Some(p) = pending.remove(&b.id) else {
+                    debug!(peer = %from, id = b.id, "late or duplicate answer ignored");
+                    continue;
+                };
+                if train {
+                    let grad = match b.grad.decode() {
+                        Ok(g) if g.len() == p.activations.len() => g,
+                        Ok(g) => {
+                            warn!(peer = %from, got = g.len(), want = p.activations.len(), "gradient of the wrong size; sending the micro-batch elsewhere");
+                            pending.insert(
+                                b.id,
+                                InFlight {
+                                    deadline: Instant::now(),
+                                    ..p
+                                },
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!(peer = %from, error = %e, "undecodable gradient; sending the micro-batch elsewhere");
+                            pending.insert(
+                                b.id,
+                                InFlight {
+                                    deadline: Instant::now(),
+                                    ..p
+                                },
+                            );
+                            continue;
+                        }
+                    };
+                    let t = Instant::now();
+                    self.pump(compute.backward(b.id, grad)).await??;
+                    tally.busy += t.elapsed();
+                    tally.tokens += u64::from(b.predicted);
+                }
+                results.push((b.loss, b.predicted, p.tokens));
+            }
+            let now = Instant::now();
+            let expired: Vec<u64> = pending
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                let Some(mut p) = pending.remove(&id) else {
+                    continue;
+                };
+                if p.tries >= MAX_TRIES {
+                    return Err(NodeError::MicroBatchLost {
+                        stage: next,
+                        tries: p.tries,
+                    });
+                }
+                let to = self
+                    .wait_for_route(next, id, Some(p.to), last_hello, pcfg)
+                    .await?;
+                warn!(id, from = %p.to, to = %to, "micro-batch unanswered; sending it to another replica");
+                self.send_forward(to, id, train, &p.tokens, &p.activations, tally)?;
+                tally.resent += 1;
+                p.to = to;
+                p.tries += 1;
+                p.deadline = Instant::now() + pcfg.stage_timeout;
+                pending.insert(id, p);
+            }
+            if !self.pipe.backwards.is_empty() {
+                continue;
+            }
+            let wait = pending
+                .values()
+                .map(|p| p.deadline.saturating_duration_since(Instant::now()))
+                .min()
+                .unwrap_or_default();
+            self.pipe_wait(
+                last_hello,
+                stage,
+                pcfg.stages,
+                StagePhase::Training,
+                wait.max(Duration::from_millis(1)),
+            )
+            .await?;
+        }
+        Ok(results)
+    }
+
+    fn send_forward(
+        &mut self,
+        to: PeerId,
+        id: u64,
+        train: bool,
+        tokens: &[u32],
+        activations: &[f32],
+        tally: &mut Tally,
+    ) -> Result<(), NodeError> {
+        let msg = Message::PipeForward(PipeForward {
+            id,
+            train,
+            tokens: tokens.to_vec(),
+            activations: tensor::Payload::from_f32(activations),
+        });
+        self.send_pipe(to, &msg, tally)
+    }
+
+    /// A replica of `stage` to send to, waiting (bounded by the stage
+    /// timeout) for one to be known if none is right now.
+    async fn wait_for_route(
+        &mut self,
+        stage: u32,
+        turn: u64,
+        avoid: Option<PeerId>,
+        last_hello: &mut Instant,
+        pcfg: &PipelineConfig,
+    ) -> Result<PeerId, NodeError> {
+        let deadline = Instant::now() + pcfg.stage_timeout;
+        let me = self.stage.unwrap_or_default();
+        loop {
+            if let Some(to) = self.route(stage, turn, avoid) {
+                return Ok(to);
+            }
+            if Instant::now() > deadline {
+                return Err(NodeError::StageUnserved { stage });
+            }
+            self.pipe_wait(
+                last_hello,
+                me,
+                pcfg.stages,
+                StagePhase::Training,
+                Duration::from_millis(100),
+            )
+            .await?;
+        }
+    }
+
+    /// Gives this first-stage replica its shard of the training windows,
+    /// shared among the first stage's replicas only.
+    async fn set_window_shard(
+        &mut self,
+        config: &NodeConfig,
+        compute: &StageCompute,
+    ) -> Result<(), NodeError> {
+        let ids = self.swarm_ids();
+        let indices = shards::shard_of(self.me, &ids, compute.num_train_windows as u64);
+        let seed = shards::epoch_seed(config.seed, 0, self.me);
+        self.members_changed = false;
+        debug!(
+            replicas = ids.len(),
+            windows = indices.len(),
+            "window shard assigned"
+        );
+        self.pump(compute.set_shard(Shard {
+            indices,
+            seed,
+            peers: ids.len(),
+        }))
+        .await??;
+        Ok(())
+    }
+
+    /// Runs the held-out micro-batches through the pipeline; returns the
+    /// loss in bits per character.
+    async fn evaluate_pipeline(
+        &mut self,
+        pcfg: &PipelineConfig,
+        compute: &StageCompute,
+        last_hello: &mut Instant,
+        tally: &mut Tally,
+    ) -> Result<f64, NodeError> {
+        let batches = self.pump(compute.eval_tokens()).await??;
+        let (mut nats, mut predicted, mut bytes, mut chars) = (0f64, 0u64, 0u64, 0u64);
+        for chunk in batches.chunks(pcfg.micro_batches.max(1) * 2) {
+            let tokens_before = tally.tokens;
+            let results = self
+                .run_micro_batches(pcfg, compute, chunk.to_vec(), false, last_hello, tally)
+                .await?;
+            tally.tokens = tokens_before;
+            for (loss, n, tokens) in results {
+                nats += f64::from(loss) * f64::from(n);
+                predicted += u64::from(n);
+                bytes += tokens.len() as u64;
+                chars += tokens.iter().filter(|t| **t & 0xC0 != 0x80).count() as u64;
+            }
+        }
+        Ok(bits_per_char(nats, predicted, bytes, chars))
+    }
+
+    /// First stage: waits (bounded) until every later stage's replicas have
+    /// finished training and averaged, so evaluation sees the final model.
+    async fn wait_for_later_stages(
+        &mut self,
+        config: &NodeConfig,
+        pcfg: &PipelineConfig,
+        last_hello: &mut Instant,
+    ) -> Result<(), NodeError> {
+        let deadline = Instant::now() + config.wait_for_peers;
+        let me = self.stage.unwrap_or_default();
+        while (1..pcfg.stages).any(|s| {
+            self.pipe
+                .phases_of_stage(s)
+                .any(|p| p == StagePhase::Training)
+        }) {
+            if Instant::now() > deadline {
+                warn!("later stages still training; evaluating anyway");
+                break;
+            }
+            self.pipe_wait(
+                last_hello,
+                me,
+                pcfg.stages,
+                StagePhase::Trained,
+                Duration::from_millis(100),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A later stage's loop: serves micro-batches from the previous stage
+    /// (passing them on, or computing the loss at the last stage), steps
+    /// and averages like the first stage, and ends when the first stage's
+    /// replicas are done (training and evaluation).
+    async fn later_stage(
+        &mut self,
+        config: &NodeConfig,
+        pcfg: &PipelineConfig,
+        compute: &StageCompute,
+        last_hello: &mut Instant,
+        tally: &mut Tally,
+        report: &mut Reporter,
+    ) -> Result<StageOutcome, NodeError> {
+        let stage = compute.spec.index as u32;
+        let next = stage + 1;
+        let every = config.schedule.average_every.max(1);
+        let mut phase = StagePhase::Training;
+        let mut outcome = StageOutcome::default();
+        let (mut micro, mut step, mut round, mut turn) = (0usize, 0u64, 0u64, 0u64);
+        let mut losses = Vec::new();
+        let mut relayed: BTreeMap<u64, Relayed> = BTreeMap::new();
+        let mut first_stage_absent_since: Option<Instant> = None;
+        let t0 = Instant::now();
+        loop {
+            if let Some((from, f)) = self.pipe.forwards.pop_front() {
+                let input = match f.activations.decode() {
+                    Ok(v) => v,
+                    Err(e) => {
+                        warn!(peer = %from, error = %e, "undecodable activations dropped");
+                        continue;
+                    }
+                };
+                tally.next_id += 1;
+                let local = tally.next_id;
+                let t = Instant::now();
+                let fwd = self
+                    .pump(compute.forward(local, f.tokens.clone(), Some(input), f.train))
+                    .await?;
+                tally.busy += t.elapsed();
+                let fwd = match fwd {
+                    Ok(fwd) => fwd,
+                    Err(e @ crate::compute::ComputeError::Task(_)) => {
+                        warn!(peer = %from, error = %e, "micro-batch refused");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                match fwd {
+                    Forward::Loss {
+                        loss,
+                        tokens,
+                        grad_input,
+                    } => {
+                        let msg = Message::PipeBackward(PipeBackward {
+                            id: f.id,
+                            loss,
+                            predicted: tokens as u32,
+                            grad: tensor::Payload::from_f32(&grad_input),
+                        });
+                        self.send_pipe(from, &msg, tally)?;
+                        if f.train {
+                            micro += 1;
+                            losses.push(loss);
+                        }
+                    }
+                    Forward::Activations(a) => {
+                        turn += 1;
+                        let Some(to) = self.route(next, turn, None) else {
+                            warn!(
+                                stage = next,
+                                "no replica of the next stage; micro-batch dropped"
+                            );
+                            compute.forget(local)?;
+                            continue;
+                        };
+                        self.send_forward(to, local, f.train, &f.tokens, &a, tally)?;
+                        relayed.insert(
+                            local,
+                            Relayed {
+                                upstream: from,
+                                upstream_id: f.id,
+                                sent_at: Instant::now(),
+                                train: f.train,
+                            },
+                        );
+                    }
+                }
+            } else if let Some((from, b)) = self.pipe.backwards.pop_front() {
+                let Some(r) = relayed.remove(&b.id) else {
+                    debug!(peer = %from, id = b.id, "late answer ignored");
+                    continue;
+                };
+                let grad_input = if r.train {
+                    let grad = match b.grad.decode() {
+                        Ok(g) => g,
+                        Err(e) => {
+                            warn!(peer = %from, error = %e, "undecodable gradient dropped");
+                            compute.forget(b.id)?;
+                            continue;
+                        }
+                    };
+                    let t = Instant::now();
+                    let back = self.pump(compute.backward(b.id, grad)).await?;
+                    tally.busy += t.elapsed();
+                    match back {
+                        Ok(g) => g.unwrap_or_default(),
+                        Err(e @ crate::compute::ComputeError::Task(_)) => {
+                            warn!(peer = %from, error = %e, "gradient refused");
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                } else {
+                    Vec::new()
+                };
+                let msg = Message::PipeBackward(PipeBackward {
+                    id: r.upstream_id,
+                    loss: b.loss,
+                    predicted: b.predicted,
+                    grad: tensor::Payload::from_f32(&grad_input),
+                });
+                self.send_pipe(r.upstream, &msg, tally)?;
+                if r.train {
+                    micro += 1;
+                    losses.push(b.loss);
+                }
+            } else {
+                // Nothing queued: drop relays whose answer will not come, then
+                // see whether the run has moved on.
+                let stale: Vec<u64> = relayed
+                    .iter()
+                    .filter(|(_, r)| r.sent_at.elapsed() > pcfg.stage_timeout * 2)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in stale {
+                    relayed.remove(&id);
+                    compute.forget(id)?;
+                }
+                let first: Vec<StagePhase> = self.pipe.phases_of_stage(0).collect();
+                if first.is_empty() {
+                    let since = *first_stage_absent_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > config.wait_for_peers {
+                        return Err(NodeError::StageUnserved { stage: 0 });
+                    }
+                } else {
+                    first_stage_absent_since = None;
+                }
+                let first_trained =
+                    !first.is_empty() && first.iter().all(|p| *p >= StagePhase::Trained);
+                if phase == StagePhase::Training && first_trained && relayed.is_empty() {
+                    // Training is over: step on what is left, then a last round
+                    // so every replica of this stage holds the same parameters.
+                    if micro > 0 {
+                        self.pump(compute.apply_step()).await??;
+                        step += 1;
+                        micro = 0;
+                    }
+                    round = round.saturating_add(1).max(self.swarm_round);
+                    let loss = if losses.is_empty() {
+                        outcome.last_loss
+                    } else {
+                        mean(&losses)
+                    };
+                    losses.clear();
+                    self.stage_round(
+                        compute,
+                        round,
+                        step,
+                        step,
+                        loss,
+                        t0,
+                        tally,
+                        &mut outcome,
+                        report,
+                    )
+                    .await?;
+                    outcome.training = t0.elapsed();
+                    phase = StagePhase::Trained;
+                    *last_hello = self.hello(stage, pcfg.stages, phase)?;
+                    continue;
+                }
+                if phase == StagePhase::Trained
+                    && first.iter().all(|p| *p == StagePhase::Done)
+                    && !first.is_empty()
+                {
+                    break;
+                }
+                self.pipe_wait(
+                    last_hello,
+                    stage,
+                    pcfg.stages,
+                    phase,
+                    Duration::from_millis(100),
+                )
+                .await?;
+                continue;
+            }
+            if micro >= pcfg.micro_batches {
+                let t = Instant::now();
+                self.pump(compute.apply_step()).await??;
+                tally.busy += t.elapsed();
+                micro = 0;
+                step += 1;
+                outcome.steps = step;
+                if step % every == 0 {
+                    round = round.saturating_add(1).max(self.swarm_round);
+                    let loss = mean(&losses);
+                    losses.clear();
+                    self.stage_round(
+                        compute,
+                        round,
+                        step,
+                        0,
+                        loss,
+                        t0,
+                        tally,
+                        &mut outcome,
+                        report,
+                    )
+                    .await?;
+                }
+            }
+            if last_hello.elapsed() >= HELLO_EVERY {
+                *last_hello = self.hello(stage, pcfg.stages, phase)?;
+            }
+        }
+        outcome.steps = step;
+        outcome.rounds = round;
+        self.hello(stage, pcfg.stages, StagePhase::Done)?;
+        Ok(outcome)
+    }
+}
+
+/// What a stage's training loop leaves for the final report.
+#[derive(Default)]
+struct StageOutcome {
+    steps: u64,
+    rounds: u64,
+    complete_rounds: u64,
+    averaging_s: f64,
+    last_loss: f32,
+    initial_bpc: Option<f64>,
+    /// Wall time of the training phase (for throughput and the bubble).
+    training: Duration,
+}
+
+fn mean(values: &[f32]) -> f32 {
+    if values.is_empty() {
+        return f32::NAN;
+    }
+    values.iter().sum::<f32>() / values.len() as f32
+}
+
+/// Held-out loss in bits per character: nats per predicted token, in bits,
+/// scaled by bytes per character (tokens are UTF-8 bytes; plain ASCII text
+/// has exactly one byte per character).
+fn bits_per_char(nats: f64, predicted: u64, bytes: u64, chars: u64) -> f64 {
+    if predicted == 0 || chars == 0 {
+        return f64::NAN;
+    }
+    nats / predicted as f64 / std::f64::consts::LN_2 * (bytes as f64 / chars as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_per_char_converts_nats_per_byte() {
+        // ln 2 nats per byte of ASCII text is one bit per character.
+        let b = bits_per_char(std::f64::consts::LN_2 * 100.0, 100, 129, 129);
+        assert!((b - 1.0).abs() < 1e-12);
+        // Two bytes per character doubles it.
+        let b = bits_per_char(std::f64::consts::LN_2 * 100.0, 100, 100, 50);
+        assert!((b - 2.0).abs() < 1e-12);
+        assert!(bits_per_char(1.0, 0, 1, 1).is_nan());
+    }
+
+    #[test]
+    fn inbox_tracks_stages_and_bounds_its_queues() {
+        let mut inbox = Inbox::default();
+        let a = PeerId::random();
+        let b = PeerId::random();
+        let hello = |stage| StageHello {
+            stage,
+            stages: 2,
+            phase: StagePhase::Training,
+        };
+        assert!(inbox.on_hello(a, hello(0)));
+        assert!(!inbox.on_hello(a, hello(0)));
+        assert!(inbox.on_hello(b, hello(1)));
+        assert_eq!(inbox.peers_of_stage(1).collect::<Vec<_>>(), vec![b]);
+        inbox.forget_peer(&b);
+        assert_eq!(inbox.peers_of_stage(1).count(), 0);
+        for id in 0..(INBOX_LIMIT as u64 + 10) {
+            inbox.on_forward(
+                a,
+                PipeForward {
+                    id,
+                    train: true,
+                    tokens: vec![],
+                    activations: tensor::Payload::from_f32(&[]),
+                },
+            );
+        }
+        assert_eq!(inbox.forwards.len(), INBOX_LIMIT);
+    }
+}

@@ -1,0 +1,209 @@
+use super::*;
+use crate::backend::CpuBackend;
+
+fn small() -> CharLmConfig {
+    CharLmConfig {
+        context: 32,
+        width: 32,
+        blocks: 2,
+        heads: 2,
+        ff: 64,
+        micro_batch: 4,
+        micro_batches: 2,
+        lr: 3e-3,
+        seed: 7,
+        eval_windows: 80,
+    }
+}
+
+fn text() -> Arc<TextData> {
+    Arc::new(text::load_bundled().unwrap())
+}
+
+fn stage(config: &CharLmConfig, index: usize, count: usize) -> CharLmStage<CpuBackend> {
+    let device = burn::backend::ndarray::NdArrayDevice::Cpu;
+    CharLmStage::new(config, StageSpec { index, count }, text(), &device).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn two_stage_gradients_equal_the_unsplit_model() {
+    let config = small();
+    let mut whole = stage(&config, 0, 1);
+    let mut first = stage(&config, 0, 2);
+    let mut last = stage(&config, 1, 2);
+    // Stages start from slices of the whole model's weights.
+    let params = whole.params();
+    assert_eq!(first.num_params() + last.num_params(), params.len());
+    assert_eq!(first.params(), params[..first.num_params()]);
+    assert_eq!(last.params(), params[first.num_params()..]);
+
+    let batch: Vec<Vec<u32>> = (0..2).map(|_| whole.next_train_tokens().unwrap()).collect();
+    let (mut whole_loss, mut split_loss) = (0.0, 0.0);
+    for (id, tokens) in batch.iter().enumerate() {
+        let id = id as u64;
+        let Forward::Loss { loss, .. } = whole.forward(id, tokens, None, true).unwrap() else {
+            panic!("the whole model ends in a loss");
+        };
+        whole_loss += loss;
+        let Forward::Activations(acts) = first.forward(id, tokens, None, true).unwrap() else {
+            panic!("the first of two stages sends activations");
+        };
+        assert_eq!(acts.len(), first.activation_len(4));
+        let Forward::Loss {
+            loss, grad_input, ..
+        } = last.forward(id, tokens, Some(&acts), true).unwrap()
+        else {
+            panic!("the last stage computes the loss");
+        };
+        split_loss += loss;
+        assert_eq!(grad_input.len(), acts.len());
+        assert_eq!(first.backward(id, &grad_input).unwrap(), None);
+    }
+    assert!(
+        (whole_loss - split_loss).abs() <= 1e-5,
+        "{whole_loss} vs {split_loss}"
+    );
+    let whole_grads = whole.take_gradients();
+    let mut split_grads = first.take_gradients();
+    split_grads.extend(last.take_gradients());
+    let diff = max_abs_diff(&whole_grads, &split_grads);
+    assert!(diff <= 1e-5, "max abs gradient difference {diff}");
+    // Not vacuous: the gradients are far from zero.
+    let norm: f32 = whole_grads.iter().map(|g| g * g).sum::<f32>().sqrt();
+    assert!(norm > 1e-2, "gradient norm {norm}");
+}
+
+#[test]
+fn a_middle_stage_passes_gradients_through() {
+    let config = small();
+    let mut whole = stage(&config, 0, 1);
+    let mut stages: Vec<_> = (0..3).map(|i| stage(&config, i, 3)).collect();
+    let params = whole.params();
+    let mut offset = 0;
+    for s in &mut stages {
+        let n = s.num_params();
+        s.set_params(&params[offset..offset + n]).unwrap();
+        offset += n;
+    }
+    let tokens = whole.next_train_tokens().unwrap();
+    whole.forward(1, &tokens, None, true).unwrap();
+    let Forward::Activations(a0) = stages[0].forward(1, &tokens, None, true).unwrap() else {
+        panic!()
+    };
+    let Forward::Activations(a1) = stages[1].forward(1, &tokens, Some(&a0), true).unwrap() else {
+        panic!()
+    };
+    let Forward::Loss { grad_input, .. } = stages[2].forward(1, &tokens, Some(&a1), true).unwrap()
+    else {
+        panic!()
+    };
+    let g1 = stages[1]
+        .backward(1, &grad_input)
+        .unwrap()
+        .expect("a middle stage has an input");
+    assert_eq!(stages[0].backward(1, &g1).unwrap(), None);
+    let mut split = Vec::new();
+    for s in &mut stages {
+        split.extend(s.take_gradients());
+    }
+    let diff = max_abs_diff(&whole.take_gradients(), &split);
+    assert!(diff <= 1e-5, "max abs gradient difference {diff}");
+}
+
+#[test]
+fn bad_inputs_are_refused_and_forget_drops_state() {
+    let config = small();
+    let mut last = stage(&config, 1, 2);
+    let mut first = stage(&config, 0, 2);
+    let tokens = first.next_train_tokens().unwrap();
+    // Wrong sizes, bytes outside the vocabulary, NaN, unknown ids.
+    assert!(matches!(
+        last.forward(1, &tokens[1..], Some(&[0.0]), true),
+        Err(TaskError::BadInput(_))
+    ));
+    let mut wide = tokens.clone();
+    wide[0] = 300;
+    assert!(matches!(
+        first.forward(1, &wide, None, true),
+        Err(TaskError::BadInput(_))
+    ));
+    let mut acts = vec![0.5; last.activation_len(4)];
+    assert!(matches!(
+        last.forward(1, &tokens, Some(&acts[1..]), true),
+        Err(TaskError::BadInput(_))
+    ));
+    acts[3] = f32::NAN;
+    assert!(matches!(
+        last.forward(1, &tokens, Some(&acts), true),
+        Err(TaskError::NonFinite { index: 3 })
+    ));
+    assert!(matches!(
+        first.backward(9, &[0.0]),
+        Err(TaskError::BadInput(_))
+    ));
+    // Parameters of the wrong length or non-finite.
+    let n = first.num_params();
+    assert!(matches!(
+        first.set_params(&vec![0.0; n + 1]),
+        Err(TaskError::ParamLength { .. })
+    ));
+    let mut p = first.params();
+    p[0] = f32::INFINITY;
+    assert!(matches!(
+        first.set_params(&p),
+        Err(TaskError::NonFinite { index: 0 })
+    ));
+    // A forgotten micro-batch can no longer be back-propagated.
+    first.forward(5, &tokens, None, true).unwrap();
+    first.forget(5);
+    assert!(first
+        .backward(5, &vec![0.0; first.activation_len(4)])
+        .is_err());
+    assert_eq!(first.apply_step().unwrap(), 0);
+}
+
+#[test]
+fn training_the_whole_model_lowers_held_out_loss() {
+    let config = CharLmConfig {
+        micro_batches: 1,
+        ..small()
+    };
+    let mut whole = stage(&config, 0, 1);
+    let eval = |m: &mut CharLmStage<CpuBackend>| {
+        let batches = m.eval_tokens();
+        let mut total = 0.0;
+        for (i, t) in batches.iter().take(20).enumerate() {
+            let Forward::Loss { loss, .. } = m.forward(i as u64, t, None, false).unwrap() else {
+                panic!()
+            };
+            total += loss;
+        }
+        total / 20.0
+    };
+    let before = eval(&mut whole);
+    for step in 0..150u64 {
+        let tokens = whole.next_train_tokens().unwrap();
+        whole.forward(step, &tokens, None, true).unwrap();
+        assert_eq!(whole.apply_step().unwrap(), 1);
+    }
+    let after = eval(&mut whole);
+    // ln 256 = 5.5 nats at random; English text is far more predictable.
+    assert!(before > 5.0, "initial loss {before}");
+    assert!(
+        after < before - 2.0,
+        "loss fell only from {before} to {after}"
+    );
+    let text = sample(&config, &whole.params(), "It is a truth", 40, 0.8, 1).unwrap();
+    assert!(
+        text.starts_with("It is a truth") && text.len() >= 40,
+        "{text}"
+    );
+}

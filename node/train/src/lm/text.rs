@@ -1,0 +1,261 @@
+//! Text for the character-level language model: bytes, windows, shards.
+//!
+//! Tokens are UTF-8 bytes (a vocabulary of 256), so every peer agrees on the
+//! vocabulary whatever file it reads and no vocabulary has to travel. The
+//! last tenth of the text is held out for validation.
+
+use crate::task::Shard;
+use p2ptrain_protocol::rng::Rng;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// The bundled default text (see `data/austen/README.md`).
+const BUNDLED: &[u8] = include_bytes!("../../data/austen/pride_and_prejudice_part.txt.gz");
+/// Fraction of the text held out for validation (its end).
+const HELD_OUT: f64 = 0.1;
+/// Largest text file read (bytes), so a wrong path cannot exhaust memory.
+pub const MAX_TEXT_BYTES: u64 = 1 << 30;
+
+/// Why a text could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not UTF-8 text.
+    #[error("{} is not UTF-8 text (invalid byte at offset {offset}); convert it to UTF-8 first", path.display())]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// Where decoding failed.
+        offset: usize,
+    },
+    /// The text has too few bytes for even one training and one validation window.
+    #[error("{} has {bytes} bytes; the language model needs at least {needed} (one window of {context} characters each for training and validation)", path.display())]
+    TooShort {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        bytes: usize,
+        /// The minimum.
+        needed: usize,
+        /// The model's context.
+        context: usize,
+    },
+    /// The file is larger than [`MAX_TEXT_BYTES`].
+    #[error("{} is larger than {MAX_TEXT_BYTES} bytes; use a smaller excerpt", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// A text split into a training part and a held-out part.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextData {
+    bytes: Vec<u8>,
+    split: usize,
+    /// Where the text came from, for messages.
+    pub source: String,
+}
+
+/// The bundled Austen excerpt.
+pub fn load_bundled() -> Result<TextData, TextError> {
+    let name = PathBuf::from("bundled pride_and_prejudice_part.txt.gz");
+    let mut bytes = Vec::new();
+    flate2::read::GzDecoder::new(BUNDLED)
+        .read_to_end(&mut bytes)
+        .map_err(|source| TextError::Io {
+            path: name.clone(),
+            source,
+        })?;
+    TextData::new(bytes, &name)
+}
+
+/// Any UTF-8 text file (gzipped if its name ends in `.gz`).
+pub fn load_file(path: &Path) -> Result<TextData, TextError> {
+    let io = |source| TextError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.len() > MAX_TEXT_BYTES {
+        return Err(TextError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut bytes = Vec::new();
+    let limited = file.take(MAX_TEXT_BYTES + 1);
+    if path.extension().is_some_and(|e| e == "gz") {
+        flate2::read::GzDecoder::new(limited)
+            .take(MAX_TEXT_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+    } else {
+        let mut limited = limited;
+        limited.read_to_end(&mut bytes).map_err(io)?;
+    }
+    if bytes.len() as u64 > MAX_TEXT_BYTES {
+        return Err(TextError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    TextData::new(bytes, path)
+}
+
+impl TextData {
+    /// Checks `bytes` are UTF-8 and splits off the held-out tail.
+    pub fn new(bytes: Vec<u8>, path: &Path) -> Result<TextData, TextError> {
+        if let Err(e) = std::str::from_utf8(&bytes) {
+            return Err(TextError::NotUtf8 {
+                path: path.to_path_buf(),
+                offset: e.valid_up_to(),
+            });
+        }
+        let split = bytes.len() - (bytes.len() as f64 * HELD_OUT) as usize;
+        Ok(TextData {
+            bytes,
+            split,
+            source: path.display().to_string(),
+        })
+    }
+
+    /// Checks both parts hold at least one window of `context + 1` bytes.
+    pub fn check_context(&self, context: usize) -> Result<(), TextError> {
+        if self.train_windows(context) == 0 || self.eval_windows(context) == 0 {
+            return Err(TextError::TooShort {
+                path: PathBuf::from(&self.source),
+                bytes: self.bytes.len(),
+                needed: ((context + 1) as f64 / HELD_OUT).ceil() as usize,
+                context,
+            });
+        }
+        Ok(())
+    }
+
+    /// Training windows: consecutive `context + 1`-byte windows overlapping
+    /// by one byte, so every training byte is predicted once per epoch.
+    pub fn train_windows(&self, context: usize) -> usize {
+        self.split.saturating_sub(1) / context.max(1)
+    }
+
+    /// Held-out windows, laid out like the training ones.
+    pub fn eval_windows(&self, context: usize) -> usize {
+        (self.bytes.len() - self.split).saturating_sub(1) / context.max(1)
+    }
+
+    /// Training window `index` as token ids.
+    pub fn train_window(&self, index: usize, context: usize) -> &[u8] {
+        let start = index * context;
+        &self.bytes[start..start + context + 1]
+    }
+
+    /// Held-out window `index` as token ids.
+    pub fn eval_window(&self, index: usize, context: usize) -> &[u8] {
+        let start = self.split + index * context;
+        &self.bytes[start..start + context + 1]
+    }
+
+    /// The whole text (for prompts and tests).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Walks this peer's shard of training windows in a fresh seeded order each epoch.
+#[derive(Debug, Clone)]
+pub struct WindowSampler {
+    shard: Vec<u64>,
+    order: Vec<u64>,
+    next: usize,
+    rng: Rng,
+}
+
+impl WindowSampler {
+    /// All `windows` windows, shuffled with `seed`.
+    pub fn new(windows: usize, seed: u64) -> Self {
+        Self::for_shard(Shard {
+            indices: (0..windows as u64).collect(),
+            seed,
+            peers: 1,
+        })
+    }
+
+    /// This peer's shard.
+    pub fn for_shard(shard: Shard) -> Self {
+        WindowSampler {
+            order: Vec::new(),
+            next: 0,
+            rng: Rng::new(shard.seed),
+            shard: shard.indices,
+        }
+    }
+
+    /// The next window index; `None` only for an empty shard.
+    pub fn next_index(&mut self) -> Option<u64> {
+        if self.shard.is_empty() {
+            return None;
+        }
+        if self.next >= self.order.len() {
+            self.order = self.shard.clone();
+            for i in (1..self.order.len()).rev() {
+                let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
+                self.order.swap(i, j);
+            }
+            self.next = 0;
+        }
+        let i = self.order[self.next];
+        self.next += 1;
+        Some(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_text_is_the_documented_excerpt() {
+        let t = load_bundled().unwrap();
+        assert_eq!(t.bytes().len(), 399_932);
+        assert!(t.bytes().starts_with(b"PRIDE AND PREJUDICE"));
+        assert!(t.train_windows(128) > 2500);
+        assert!(t.eval_windows(128) > 250);
+        assert_eq!(t.train_window(1, 128)[0], t.train_window(0, 128)[128]);
+    }
+
+    #[test]
+    fn bad_files_get_errors_naming_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = load_file(&dir.path().join("nope.txt")).unwrap_err();
+        assert!(missing.to_string().contains("nope.txt"), "{missing}");
+        let latin1 = dir.path().join("latin1.txt");
+        std::fs::write(&latin1, b"caf\xe9 au lait").unwrap();
+        let e = load_file(&latin1).unwrap_err();
+        assert!(matches!(e, TextError::NotUtf8 { offset: 3, .. }), "{e}");
+        let short = dir.path().join("short.txt");
+        std::fs::write(&short, "too short").unwrap();
+        let t = load_file(&short).unwrap();
+        let e = t.check_context(128).unwrap_err();
+        assert!(e.to_string().contains("at least"), "{e}");
+    }
+
+    #[test]
+    fn sampler_visits_every_shard_window_once_per_epoch() {
+        let mut s = WindowSampler::for_shard(Shard {
+            indices: vec![3, 5, 8, 13],
+            seed: 9,
+            peers: 2,
+        });
+        let mut seen: Vec<u64> = (0..4).map(|_| s.next_index().unwrap()).collect();
+        seen.sort();
+        assert_eq!(seen, vec![3, 5, 8, 13]);
+        assert!(WindowSampler::new(0, 1).next_index().is_none());
+    }
+}

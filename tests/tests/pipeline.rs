@@ -1,0 +1,150 @@
+//! Pipeline (model-parallel) training across processes: a character-level
+//! language model cut into two stages, each held by two peers.
+
+mod common;
+use common::{bootstrap_address, next_event, run, spawn_node, Events, Nodes};
+use std::process::Child;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Flags every pipeline node of these tests shares: a short run of the
+/// bundled Austen text.
+const PIPELINE: &[&str] = &[
+    "--model",
+    "char-lm",
+    "--stages",
+    "2",
+    "--micro-batches",
+    "2",
+    "--batch-size",
+    "8",
+    "--average-every",
+    "5",
+];
+
+#[test]
+fn four_peers_two_stages_learn_the_text() {
+    let out = run(&[
+        "testnet",
+        "--nodes",
+        "4",
+        "--model",
+        "char-lm",
+        "--stages",
+        "2",
+        "--micro-batches",
+        "2",
+        "--batch-size",
+        "8",
+        "--average-every",
+        "5",
+        "--steps",
+        "60",
+        "--timeout-secs",
+        "600",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "testnet failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a summary line")).unwrap();
+    eprintln!("{summary}");
+    assert_eq!(summary["stages"], 2);
+    assert_eq!(summary["stage_peers"], serde_json::json!([2, 2]));
+    let initial = summary["initial_val_loss"].as_f64().unwrap();
+    let fin = summary["val_loss"].as_f64().unwrap();
+    // Bytes drawn uniformly cost 8 bits; a model that learned anything about
+    // English text is far below its random start.
+    assert!(initial > 6.0, "initial loss {initial} bits/char");
+    assert!(
+        fin < initial - 2.0,
+        "loss fell only from {initial} to {fin}"
+    );
+    // Replicas of each stage averaged into the same parameters.
+    assert_eq!(summary["models_agree"], true);
+    assert!(summary["activation_bytes_per_step"].as_f64().unwrap() > 0.0);
+    let bubble = summary["bubble"].as_f64().unwrap();
+    assert!((0.0..1.0).contains(&bubble), "bubble {bubble}");
+}
+
+fn spawn(i: usize, swarm: &str, boot: Option<&str>, tx: Events) -> Child {
+    let mut args = vec!["--swarm", swarm, "--min-peers", "4", "--steps", "80"];
+    args.extend(PIPELINE);
+    args.extend(["--stage-timeout-secs", "3", "--join-window-secs", "2"]);
+    args.extend(["--reduce-timeout-secs", "4", "--linger-secs", "1"]);
+    if let Some(b) = boot {
+        args.extend(["--bootstrap", b]);
+    }
+    spawn_node(i, &args, tx)
+}
+
+#[test]
+fn training_goes_on_when_a_stage_replica_is_killed() {
+    let swarm = format!("pipe-kill-{}", std::process::id());
+    let (tx, rx) = mpsc::channel();
+    let mut nodes = Nodes(vec![spawn(0, &swarm, None, tx.clone())]);
+    let deadline = Instant::now() + Duration::from_secs(400);
+    let boot = bootstrap_address(&rx, deadline);
+    for i in 1..4 {
+        nodes.0.push(spawn(i, &swarm, Some(&boot), tx.clone()));
+    }
+    let mut stage_of = [None; 4];
+    let mut killed = None;
+    let mut finished = Vec::new();
+    let mut first_stage_rounds_after_kill = 0;
+    while finished.len() < 3 {
+        let (i, v) = next_event(&rx, deadline);
+        match v["event"].as_str() {
+            Some("started") => stage_of[i] = v["stage"].as_u64(),
+            Some("round")
+                if killed.is_none() && stage_of[i] == Some(0) && v["round"].as_u64() >= Some(2) =>
+            {
+                // Kill one replica of the last stage mid-run.
+                let victim = (0..4).find(|j| stage_of[*j] == Some(1)).unwrap();
+                nodes.0[victim].kill().unwrap();
+                killed = Some(victim);
+            }
+            Some("round") if killed.is_some() && stage_of[i] == Some(0) => {
+                first_stage_rounds_after_kill += 1
+            }
+            Some("finished") if Some(i) != killed => finished.push(v),
+            _ => {}
+        }
+    }
+    let victim = killed.expect("no first-stage round was reported");
+    for (i, c) in nodes.0.iter_mut().enumerate() {
+        if i != victim {
+            assert!(c.wait().unwrap().success(), "node {i} failed");
+        }
+    }
+    assert!(
+        first_stage_rounds_after_kill >= 4,
+        "{first_stage_rounds_after_kill}"
+    );
+    let first: Vec<_> = finished
+        .iter()
+        .filter(|f| f["pipeline"]["stage"] == 0)
+        .collect();
+    assert_eq!(first.len(), 2);
+    for f in &first {
+        assert_eq!(f["steps"], 80, "{f}");
+        let p = &f["pipeline"];
+        let (initial, fin) = (
+            p["initial_val_bpc"].as_f64().unwrap(),
+            p["val_bpc"].as_f64().unwrap(),
+        );
+        assert!(
+            fin < initial - 1.0,
+            "loss fell only from {initial} to {fin}"
+        );
+    }
+    // The victim's in-flight micro-batches were sent to the surviving replica.
+    let resent: u64 = first
+        .iter()
+        .map(|f| f["pipeline"]["resent"].as_u64().unwrap())
+        .sum();
+    eprintln!("micro-batches resent after the kill: {resent}");
+}

@@ -54,6 +54,39 @@ pub enum Command {
     Testnet(TestnetArgs),
     /// Print the peer id of a key file, creating the key if it does not exist.
     Id(IdArgs),
+    /// Generate text with a trained char-lm, put together from its stages' checkpoints.
+    Sample(SampleArgs),
+}
+
+/// Flags of `p2ptrain sample`.
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// Directories searched (with their subdirectories) for char-lm stage
+    /// checkpoints, as written by `node --checkpoint-dir` or
+    /// `testnet --checkpoint-dir`; one checkpoint per stage is needed.
+    #[arg(long = "from", value_name = "DIR", required = true)]
+    pub from: Vec<PathBuf>,
+    /// Text the generated characters continue.
+    #[arg(long, default_value = "It is a truth universally acknowledged")]
+    pub prompt: String,
+    /// Bytes to generate.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub chars: u64,
+    /// Sampling temperature: lower is more conservative.
+    #[arg(long, default_value_t = 0.8, value_parser = parse_temperature)]
+    pub temperature: f64,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+fn parse_temperature(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if v.is_finite() && v > 0.0 && v <= 10.0 {
+        Ok(v)
+    } else {
+        Err(format!("temperature must be in (0, 10], got {v}"))
+    }
 }
 
 /// Flags of `p2ptrain id`.
@@ -206,6 +239,10 @@ pub struct TestnetArgs {
     /// Abort (and exit non-zero) if training takes longer than this many seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout_secs: u64,
+    /// Give node i `--checkpoint-dir DIR/node-i` (char-lm: each node's final
+    /// stage, for `p2ptrain sample --from DIR`).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
     /// Training settings, passed to every node.
     #[command(flatten)]
     pub train: TrainArgs,
@@ -351,6 +388,7 @@ pub fn main_entry() -> ExitCode {
         match cli.command {
             Command::Node(args) => run_node(args).await,
             Command::Testnet(args) => testnet::run(args).await,
+            Command::Sample(args) => run_sample(args),
             Command::Id(args) => {
                 let key = crate::identity::load_or_create(&args.key)?;
                 println!("{}", key.public().to_peer_id());
@@ -378,9 +416,17 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| seed_from_name(&args.swarm));
     check_model_flags(&args.train)?;
     let pipeline = args.train.model == ModelChoice::CharLm;
-    if pipeline && (args.resume.is_some() || args.checkpoint_dir.is_some()) {
-        anyhow::bail!("--checkpoint-dir and --resume work with the MNIST models only; char-lm stages are not checkpointed yet");
+    if pipeline && args.resume.is_some() {
+        anyhow::bail!(
+            "--resume works with the MNIST models only; char-lm stages are not resumed yet"
+        );
     }
+    // A pipeline node writes its stage once, at the end (for `p2ptrain sample`).
+    let save_dir = if pipeline {
+        args.checkpoint_dir.clone()
+    } else {
+        None
+    };
     let resume = match &args.resume {
         Some(dir) => Some(crate::checkpoint::load_latest(dir)?),
         None => None,
@@ -388,6 +434,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let checkpoints = args
         .checkpoint_dir
         .clone()
+        .filter(|_| !pipeline)
         .or_else(|| args.resume.clone())
         .map(|dir| driver::CheckpointPolicy {
             dir,
@@ -454,10 +501,64 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                 stages: args.train.stages,
                 micro_batches: args.train.micro_batches as usize,
                 stage_timeout: Duration::from_secs_f64(args.train.stage_timeout_secs),
+                save_dir,
             };
             driver::run_pipeline(config, pipeline, keypair, factory, reporter).await?;
         }
     }
+    Ok(())
+}
+
+/// Puts a char-lm together from one checkpoint per stage and prints generated text.
+fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
+    let mut stages: std::collections::BTreeMap<u32, crate::checkpoint::Checkpoint> =
+        std::collections::BTreeMap::new();
+    let mut count = None;
+    let mut dirs: Vec<PathBuf> = args.from.clone();
+    while let Some(dir) = dirs.pop() {
+        let entries = std::fs::read_dir(&dir)
+            .with_context(|| format!("cannot read checkpoint directory {}", dir.display()))?;
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                dirs.push(entry.path());
+            }
+        }
+        let Ok(ckpt) = crate::checkpoint::load_latest(&dir) else {
+            continue;
+        };
+        let Some((stage, of)) = driver::parse_stage_model_name(&ckpt.meta.model) else {
+            continue;
+        };
+        if *count.get_or_insert(of) != of {
+            anyhow::bail!(
+                "checkpoints under the given directories come from models cut into different numbers of stages ({of} and {}); pass the directories of one run",
+                count.unwrap_or(of)
+            );
+        }
+        stages.entry(stage).or_insert(ckpt);
+    }
+    let Some(count) = count else {
+        anyhow::bail!("no char-lm stage checkpoint found; train with `testnet --model char-lm --checkpoint-dir DIR` first");
+    };
+    let mut params = Vec::new();
+    for stage in 0..count {
+        let ckpt = stages.get(&stage).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no checkpoint of stage {stage} of {count} found; every stage is needed"
+            )
+        })?;
+        params.extend_from_slice(&ckpt.params);
+    }
+    let text = crate::train::lm::sample(
+        &CharLmConfig::default(),
+        &params,
+        &args.prompt,
+        args.chars as usize,
+        args.temperature as f32,
+        args.seed,
+    )
+    .context("the checkpoints do not make a char-lm of this version")?;
+    println!("{text}");
     Ok(())
 }
 

@@ -128,6 +128,7 @@ fn spawn_node(
     nodes: usize,
     bootstrap: Option<&str>,
     train: &[String],
+    checkpoints: Option<&std::path::Path>,
     lines: mpsc::Sender<Line>,
 ) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the p2ptrain executable")?;
@@ -141,6 +142,10 @@ fn spawn_node(
         .args(train);
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
+    }
+    if let Some(dir) = checkpoints {
+        cmd.arg("--checkpoint-dir")
+            .arg(dir.join(format!("node-{index}")));
     }
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "warn");
@@ -200,7 +205,16 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     let (tx, mut rx) = mpsc::channel::<Line>(1024);
     let mut children: Vec<Child> = Vec::with_capacity(nodes);
-    children.push(spawn_node(0, &swarm, nodes, None, &train, tx.clone())?);
+    let ckpt = args.checkpoint_dir.as_deref();
+    children.push(spawn_node(
+        0,
+        &swarm,
+        nodes,
+        None,
+        &train,
+        ckpt,
+        tx.clone(),
+    )?);
 
     let mut finals: BTreeMap<usize, FinalReport> = BTreeMap::new();
     let mut rounds: BTreeMap<u64, RoundAgg> = BTreeMap::new();
@@ -243,6 +257,7 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
                                 nodes,
                                 Some(&boot),
                                 &train,
+                                ckpt,
                                 tx.clone(),
                             )?);
                         }

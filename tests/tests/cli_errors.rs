@@ -119,3 +119,51 @@ fn id_prints_a_stable_peer_id() {
     let again = run(&["id", "--key", key]);
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), id);
 }
+
+#[test]
+fn bad_pipeline_settings() {
+    assert_one_line_error(&["node", "--stages", "2"], "--model char-lm");
+    assert_one_line_error(
+        &["testnet", "--model", "char-lm", "--stages", "7"],
+        "--stages 7",
+    );
+    assert_one_line_error(
+        &[
+            "testnet", "--nodes", "2", "--model", "char-lm", "--stages", "3",
+        ],
+        "every stage needs",
+    );
+    assert_one_line_error(
+        &[
+            "testnet",
+            "--model",
+            "char-lm",
+            "--batch-size",
+            "2",
+            "--micro-batches",
+            "4",
+        ],
+        "--micro-batches",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let latin1 = dir.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9").unwrap();
+    assert_one_line_error(
+        &[
+            "testnet",
+            "--model",
+            "char-lm",
+            "--data",
+            latin1.to_str().unwrap(),
+        ],
+        "UTF-8",
+    );
+    assert_one_line_error(
+        &["sample", "--from", dir.path().to_str().unwrap()],
+        "no char-lm stage checkpoint",
+    );
+    assert_one_line_error(
+        &["sample", "--from", "/nonexistent/dir"],
+        "/nonexistent/dir",
+    );
+}

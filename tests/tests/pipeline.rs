@@ -24,8 +24,12 @@ const PIPELINE: &[&str] = &[
 
 #[test]
 fn four_peers_two_stages_learn_the_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().to_str().unwrap();
     let out = run(&[
         "testnet",
+        "--checkpoint-dir",
+        ckpt,
         "--nodes",
         "4",
         "--model",
@@ -68,6 +72,25 @@ fn four_peers_two_stages_learn_the_text() {
     assert!(summary["activation_bytes_per_step"].as_f64().unwrap() > 0.0);
     let bubble = summary["bubble"].as_f64().unwrap();
     assert!((0.0..1.0).contains(&bubble), "bubble {bubble}");
+
+    // The stages' final checkpoints make a whole model that writes text.
+    let out = run(&[
+        "sample",
+        "--from",
+        ckpt,
+        "--prompt",
+        "Mr. Darcy",
+        "--chars",
+        "80",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("sample: {text}");
+    assert!(text.starts_with("Mr. Darcy") && text.len() > 80, "{text}");
 }
 
 fn spawn(i: usize, swarm: &str, boot: Option<&str>, tx: Events) -> Child {

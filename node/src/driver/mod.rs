@@ -8,7 +8,9 @@
 
 mod pipeline;
 
-pub use pipeline::{run_pipeline, PipelineConfig, PipelineReport};
+pub use pipeline::{
+    parse_stage_model_name, run_pipeline, stage_model_name, PipelineConfig, PipelineReport,
+};
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
 use crate::compute::{Compute, ComputeError, ComputeGone};

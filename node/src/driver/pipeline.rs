@@ -51,6 +51,23 @@ pub struct PipelineConfig {
     pub micro_batches: usize,
     /// How long a micro-batch may take to come back before it is sent to another replica.
     pub stage_timeout: Duration,
+    /// Where to write this node's final stage parameters as a checkpoint
+    /// (see [`stage_model_name`]); `None` writes nothing.
+    pub save_dir: Option<std::path::PathBuf>,
+}
+
+/// The model name a stage's checkpoint records, so `p2ptrain sample` can
+/// put a whole model together from one checkpoint per stage.
+pub fn stage_model_name(stage: u32, stages: u32) -> String {
+    format!("char-lm/stage-{stage}-of-{stages}")
+}
+
+/// Reads back what [`stage_model_name`] wrote: (stage, stages).
+pub fn parse_stage_model_name(name: &str) -> Option<(u32, u32)> {
+    let rest = name.strip_prefix("char-lm/stage-")?;
+    let (stage, stages) = rest.split_once("-of-")?;
+    let (stage, stages) = (stage.parse().ok()?, stages.parse().ok()?);
+    (stage < stages).then_some((stage, stages))
 }
 
 /// Pipeline figures added to a node's final report.
@@ -258,6 +275,25 @@ impl Driver {
         };
         let initial_bpc = outcome.initial_bpc;
         let params = self.pump(compute.params()).await??;
+        if let Some(dir) = &pcfg.save_dir {
+            let meta = checkpoint::CheckpointMeta {
+                swarm: config.net.swarm.clone(),
+                model: stage_model_name(stage, pcfg.stages),
+                round: outcome.rounds,
+                step: outcome.steps,
+                samples: tally.tokens,
+                params_digest: checkpoint::params_digest(&params),
+            };
+            let (dir, values) = (dir.clone(), params.clone());
+            let write = tokio::task::spawn_blocking(move || checkpoint::save(&dir, &meta, &values));
+            let path = self.pump(write).await?.map_err(|e| {
+                NodeError::Checkpoint(checkpoint::CheckpointError::Io {
+                    path: pcfg.save_dir.clone().unwrap_or_default(),
+                    source: std::io::Error::other(e),
+                })
+            })??;
+            info!(path = %path.display(), "final stage parameters written");
+        }
         let stage_peers = (0..pcfg.stages)
             .map(|s| self.pipe.peers_of_stage(s).count() + usize::from(s == stage))
             .collect();
@@ -1031,6 +1067,16 @@ fn bits_per_char(nats: f64, predicted: u64, bytes: u64, chars: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stage_model_names_round_trip() {
+        assert_eq!(
+            parse_stage_model_name(&stage_model_name(1, 3)),
+            Some((1, 3))
+        );
+        assert_eq!(parse_stage_model_name("char-lm/stage-3-of-3"), None);
+        assert_eq!(parse_stage_model_name("mlp"), None);
+    }
 
     #[test]
     fn bits_per_char_converts_nats_per_byte() {

@@ -1,0 +1,138 @@
+"""Reads the JSON lines of one bench/run.sh run and prints the comparisons:
+`{"bench": "ratio", ...}` lines (ours / theirs, measured in this run; above
+1 means ours is slower) and one `{"bench": "target", ...}` line per target of
+issue 5 that this run could judge, with "met": true/false. Only figures
+from the same run are compared: the machine is shared and noisy."""
+
+import json
+import sys
+
+
+def load(path):
+    lines = []
+    with open(path) as f:
+        for raw in f:
+            raw = raw.strip()
+            if raw.startswith("{"):
+                try:
+                    lines.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    pass
+    return lines
+
+
+TARGETS = []
+
+
+def emit(obj):
+    if obj.get("bench") == "target":
+        TARGETS.append(obj)
+    print(json.dumps(obj), flush=True)
+
+
+def summarise():
+    """One human-readable line per target on stderr."""
+    for t in TARGETS:
+        state = {True: "MET", False: "NOT MET", None: "not judged"}[t["met"]]
+        where = ", ".join(f"{k}={t[k]}" for k in ("peers", "values", "threads") if k in t)
+        figure = next((f"{k}={t[k]:.3g}" for k in ("ratio", "fraction_of_bound", "speedup")
+                       if isinstance(t.get(k), (int, float))), t.get("reason", ""))
+        print(f"target {t['name']} [{where}]: {state} ({figure})", file=sys.stderr)
+
+
+def main():
+    lines = load(sys.argv[1])
+    steps = [l for l in lines if l.get("bench") == "step"]
+    ours_step = next((l for l in steps if l["impl"].startswith("p2ptrain")), None)
+    torch_steps = {l["threads"]: l for l in steps if l["impl"] == "pytorch"}
+    if ours_step:
+        # The thread count our step really uses (CPU time / wall time).
+        our_threads = max(1, round(ours_step.get("cores_busy") or 1))
+        for threads, t in sorted(torch_steps.items()):
+            emit({
+                "bench": "ratio", "what": "step_ms", "ours": ours_step["ms_median"],
+                "theirs": t["ms_median"], "vs": f"pytorch-{threads}-thread",
+                "ratio": ours_step["ms_median"] / t["ms_median"],
+                "same_threads": threads == our_threads,
+            })
+        same = torch_steps.get(our_threads)
+        if same:
+            r = ours_step["ms_median"] / same["ms_median"]
+            emit({
+                "bench": "target", "name": "step_within_1.2x_of_pytorch_same_threads",
+                "threads": our_threads, "ratio": r, "met": r <= 1.2,
+            })
+
+        bd = [l for l in lines if l.get("bench") == "step_breakdown"]
+        ours_bd = next((l for l in bd if l["impl"].startswith("p2ptrain")), None)
+        torch_bd = next((l for l in bd if l["impl"] == "pytorch"
+                         and l.get("threads") == our_threads), None)
+        if ours_bd and torch_bd:
+            for phase in ("forward_ms", "backward_ms", "adam_ms"):
+                emit({"bench": "ratio", "what": f"step_{phase}", "ours": ours_bd[phase],
+                      "theirs": torch_bd[phase], "vs": f"pytorch-{our_threads}-thread",
+                      "ratio": ours_bd[phase] / torch_bd[phase]})
+
+    ar = [l for l in lines if l.get("bench") == "allreduce"]
+
+    def find(impl, peers, values, compression="f32"):
+        for l in ar:
+            if (l["impl"] == impl and l["peers"] == peers and l["values"] == values
+                    and l.get("compression", "f32") == compression
+                    and l.get("available", True) and l.get("s_median") is not None):
+                return l
+        return None
+
+    configs = sorted({(l["peers"], l["values"]) for l in ar})
+    for peers, values in configs:
+        ours = find("p2ptrain", peers, values)
+        ours_int8 = next((l for l in ar if l["impl"] == "p2ptrain" and l["peers"] == peers
+                          and l["values"] == values
+                          and str(l.get("compression", "")).startswith("int8")), None)
+        quinn = find("raw-quinn-pattern", peers, values)
+        gloo = find("torch-gloo", peers, values)
+        hm = find("hivemind", peers, values)
+        key = {"peers": peers, "values": values}
+        if ours:
+            for name, other in (("raw-quinn-pattern", quinn), ("torch-gloo", gloo), ("hivemind", hm)):
+                if other:
+                    emit({"bench": "ratio", "what": "allreduce_s", **key, "vs": name,
+                          "ours": ours["s_median"], "theirs": other["s_median"],
+                          "ratio": ours["s_median"] / other["s_median"]})
+        if ours and quinn:
+            frac = quinn["s_median"] / ours["s_median"]
+            emit({"bench": "target", "name": "allreduce_f32_at_least_60pct_of_raw_quinn",
+                  **key, "fraction_of_bound": frac, "met": frac >= 0.6})
+        if ours and hm:
+            speedup = hm["s_median"] / ours["s_median"]
+            emit({"bench": "target", "name": "allreduce_f32_3x_faster_than_hivemind",
+                  **key, "speedup": speedup, "met": speedup >= 3.0})
+        elif ours:
+            reason = next((l.get("reason") for l in ar if l["impl"] == "hivemind"
+                           and l["peers"] == peers and l["values"] == values), None)
+            emit({"bench": "target", "name": "allreduce_f32_3x_faster_than_hivemind",
+                  **key, "met": None, "reason": reason or "hivemind not measured"})
+        if ours_int8 and gloo and ours_int8.get("s_median") is not None:
+            r = ours_int8["s_median"] / gloo["s_median"]
+            emit({"bench": "target", "name": "allreduce_int8_within_2x_of_gloo_f32",
+                  **key, "compression": ours_int8["compression"], "ratio": r, "met": r <= 2.0})
+
+    ttas = [l for l in lines if l.get("bench") == "time_to_accuracy"]
+    for peers in sorted({l["peers"] for l in ttas}):
+        ours = next((l for l in ttas if l["peers"] == peers and l["impl"] == "p2ptrain"), None)
+        ddp = next((l for l in ttas if l["peers"] == peers and l["impl"] == "torch-ddp-gloo"), None)
+        if ours and ddp and ours.get("wall_s") and ddp.get("wall_s"):
+            r = ours["wall_s"] / ddp["wall_s"]
+            emit({"bench": "ratio", "what": "train_wall_s", "peers": peers, "vs": "torch-ddp-gloo",
+                  "ours": ours["wall_s"], "theirs": ddp["wall_s"], "ratio": r,
+                  "ours_accuracy": ours.get("test_accuracy"), "theirs_accuracy": ddp.get("test_accuracy")})
+            if peers == 4:
+                emit({"bench": "target", "name": "train_4_peers_no_slower_than_ddp", "peers": 4,
+                      "ratio": r, "met": r <= 1.0,
+                      "note": "same epochs/batch/lr; wall time of the whole run, not time to 97%"})
+
+
+
+if __name__ == "__main__":
+    main()
+    summarise()

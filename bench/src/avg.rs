@@ -1,0 +1,388 @@
+//! Averaging throughput through the real stack: N `p2ptrain-bench avg-node`
+//! processes on loopback, each running `p2ptrain_node::driver::run` (libp2p
+//! QUIC, gossip matchmaking, the butterfly all-reduce of
+//! `p2ptrain_protocol::averaging`) with a [`SyntheticTask`] whose parameter
+//! vector has the requested length. One local "step" per round keeps the
+//! vectors different between peers and rounds, and each node checks that
+//! what comes back is the exact mean.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use libp2p::identity::Keypair;
+use libp2p::Multiaddr;
+use p2ptrain_node::driver::{self, Budget, NodeConfig, NodeEvent, Schedule};
+use p2ptrain_node::net::NetConfig;
+use p2ptrain_node::task::{validate_params, EvalStats, Shard, StepStats, Task, TaskError};
+use p2ptrain_protocol::averaging::AveragingConfig;
+use p2ptrain_protocol::tensor::Encoding;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use crate::util::{emit, median};
+
+/// Flags of `p2ptrain-bench allreduce`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AllreduceArgs {
+    /// Node processes.
+    #[arg(long, default_value_t = 2)]
+    pub peers: usize,
+    /// Length of the averaged f32 vector.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub values: usize,
+    /// Averaging rounds; the first is a warm-up and not counted.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u64,
+    /// Averaging codec: f32, f16, bf16, int8 or int8:BLOCK.
+    #[arg(long, default_value = "f32")]
+    pub compression: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_secs: u64,
+}
+
+/// Flags of `p2ptrain-bench avg-node` (one process of `allreduce`).
+#[derive(Debug, clap::Args)]
+pub struct AvgNodeArgs {
+    /// This node's index, 0..peers; it fixes the values it contributes.
+    #[arg(long)]
+    pub index: u32,
+    /// Node processes in the swarm.
+    #[arg(long)]
+    pub peers: usize,
+    /// Length of the averaged vector.
+    #[arg(long)]
+    pub values: usize,
+    /// Averaging rounds.
+    #[arg(long)]
+    pub rounds: u64,
+    /// Averaging codec.
+    #[arg(long)]
+    pub compression: String,
+    /// Swarm name (unique per run).
+    #[arg(long)]
+    pub swarm: String,
+    /// Address of the first node.
+    #[arg(long)]
+    pub bootstrap: Option<Multiaddr>,
+}
+
+/// Value node `index` adds to entry `j` on each step.
+fn increment(index: u32, j: usize) -> f32 {
+    index as f32 + (j % 1024) as f32 / 1024.0
+}
+
+/// A learner with no model: a vector of `n` values to which each "step" adds
+/// [`increment`]. After `s` steps and averaging among `peers` nodes with
+/// indices `0..peers`, entry `j` must be `s * mean_k increment(k, j)`;
+/// every `set_params` records its largest deviation from that.
+struct SyntheticTask {
+    values: Vec<f32>,
+    index: u32,
+    peers: usize,
+    steps: u64,
+    max_err: Arc<Mutex<f64>>,
+}
+
+impl Task for SyntheticTask {
+    fn num_params(&self) -> usize {
+        self.values.len()
+    }
+
+    fn params(&self) -> Vec<f32> {
+        self.values.clone()
+    }
+
+    fn set_params(&mut self, values: &[f32]) -> Result<(), TaskError> {
+        validate_params(self.values.len(), values)?;
+        let s = self.steps as f64;
+        let mean_index = (self.peers as f64 - 1.0) / 2.0;
+        let err = values
+            .iter()
+            .enumerate()
+            .map(|(j, &v)| (f64::from(v) - s * (mean_index + (j % 1024) as f64 / 1024.0)).abs())
+            .fold(0.0f64, f64::max);
+        if let Ok(mut m) = self.max_err.lock() {
+            *m = m.max(err);
+        }
+        self.values.copy_from_slice(values);
+        Ok(())
+    }
+
+    fn num_train_samples(&self) -> usize {
+        1024
+    }
+
+    fn set_shard(&mut self, _shard: Shard) {}
+
+    fn train_step(&mut self) -> Result<StepStats, TaskError> {
+        let index = self.index;
+        for (j, v) in self.values.iter_mut().enumerate() {
+            *v += increment(index, j);
+        }
+        self.steps += 1;
+        Ok(StepStats {
+            loss: 0.0,
+            samples: 1,
+        })
+    }
+
+    fn evaluate(&mut self) -> Result<EvalStats, TaskError> {
+        Ok(EvalStats {
+            loss: 0.0,
+            accuracy: None,
+            samples: 0,
+        })
+    }
+}
+
+/// One node process: runs the driver with a [`SyntheticTask`], printing the
+/// driver's JSON events and, at the end, `{"check": ...}` with the largest
+/// error seen in an averaged vector.
+pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
+    let compression: Encoding = args
+        .compression
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--compression: {e}"))?;
+    let max_err = Arc::new(Mutex::new(0.0f64));
+    let task = SyntheticTask {
+        values: vec![0.0; args.values],
+        index: args.index,
+        peers: args.peers,
+        steps: 0,
+        max_err: max_err.clone(),
+    };
+    let config = NodeConfig {
+        net: NetConfig {
+            swarm: args.swarm.clone(),
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse()?],
+            bootstrap: args.bootstrap.into_iter().collect(),
+            mdns: false,
+            request_timeout: Duration::from_secs(120),
+        },
+        min_peers: args.peers,
+        wait_for_peers: Duration::from_secs(60),
+        schedule: Schedule {
+            budget: Budget::Steps(args.rounds),
+            average_every: 1,
+            samples_per_step: 1,
+        },
+        averaging: AveragingConfig {
+            compression,
+            ..driver::network_averaging(Duration::from_secs(10), Duration::from_secs(120))
+        },
+        seed: 1,
+        linger: Duration::from_secs(2),
+        checkpoints: None,
+        resume: None,
+    };
+    let reporter: driver::Reporter = Box::new(|event: &NodeEvent| {
+        if let Ok(v) = serde_json::to_value(event) {
+            emit(&v);
+        }
+    });
+    driver::run(
+        config,
+        Keypair::generate_ed25519(),
+        Box::new(task),
+        reporter,
+    )
+    .await?;
+    let err = *max_err.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    emit(&json!({ "check": { "max_abs_err": err } }));
+    Ok(())
+}
+
+/// A line from child `index`, or its end.
+enum Line {
+    Text(usize, String),
+    Eof,
+}
+
+/// Starts N node processes, collects their round reports and prints one JSON
+/// line with seconds per averaging round.
+///
+/// A round's time is, for each round after the first, the smallest
+/// `averaging_s` over the nodes: the node that joined last waits for no
+/// one, so its time is matchmaking plus the all-reduce itself (the others
+/// also waited for it to arrive). The figure is the median over rounds.
+pub async fn run(args: AllreduceArgs) -> anyhow::Result<()> {
+    if args.peers < 2 || args.rounds < 2 {
+        bail!("--peers and --rounds must be at least 2");
+    }
+    let exe = std::env::current_exe()?;
+    let swarm = format!("bench-{}-{}", std::process::id(), args.values);
+    let (tx, mut rx) = mpsc::channel::<Line>(1024);
+    let mut children = Vec::new();
+    let spawn =
+        |index: usize, bootstrap: Option<String>| -> anyhow::Result<tokio::process::Child> {
+            let mut cmd = Command::new(&exe);
+            cmd.arg("avg-node")
+                .args(["--index", &index.to_string()])
+                .args(["--peers", &args.peers.to_string()])
+                .args(["--values", &args.values.to_string()])
+                .args(["--rounds", &args.rounds.to_string()])
+                .args(["--compression", &args.compression])
+                .args(["--swarm", &swarm]);
+            if let Some(b) = bootstrap {
+                cmd.args(["--bootstrap", &b]);
+            }
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true);
+            let mut child = cmd.spawn().context("starting an avg-node process")?;
+            let stdout = child.stdout.take().context("child stdout")?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    if tx.send(Line::Text(index, l)).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Line::Eof).await;
+            });
+            Ok(child)
+        };
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+    children.push(spawn(0, None)?);
+    // rounds[r][node] = (averaging_s, group size, dropped)
+    let mut rounds: BTreeMap<u64, BTreeMap<usize, (f64, usize, usize)>> = BTreeMap::new();
+    let mut max_err = 0.0f64;
+    let mut bytes_sent = BTreeMap::new();
+    let mut finished = 0usize;
+    let mut checked = 0usize;
+    let mut ended = 0usize;
+    while ended < children.len() {
+        let line = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(l)) => l,
+            Ok(None) => break,
+            Err(_) => bail!(
+                "allreduce of {} values on {} peers timed out after {} s",
+                args.values,
+                args.peers,
+                args.timeout_secs
+            ),
+        };
+        let (node, text) = match line {
+            Line::Text(i, t) => (i, t),
+            Line::Eof => {
+                ended += 1;
+                continue;
+            }
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        if let Some(err) = v.pointer("/check/max_abs_err").and_then(|e| e.as_f64()) {
+            max_err = max_err.max(err);
+            checked += 1;
+            continue;
+        }
+        match serde_json::from_value::<NodeEvent>(v) {
+            Ok(NodeEvent::Listening { addrs, .. }) if node == 0 => {
+                let addr = addrs
+                    .iter()
+                    .find(|a| a.contains("127.0.0.1"))
+                    .or(addrs.first())
+                    .context("node 0 reported no address")?
+                    .clone();
+                for i in 1..args.peers {
+                    children.push(spawn(i, Some(addr.clone()))?);
+                }
+            }
+            Ok(NodeEvent::Round(r)) => {
+                rounds
+                    .entry(r.round)
+                    .or_default()
+                    .insert(node, (r.averaging_s, r.peers, r.dropped));
+            }
+            Ok(NodeEvent::Finished(f)) => {
+                bytes_sent.insert(node, f.bytes_sent);
+                finished += 1;
+            }
+            _ => {}
+        }
+    }
+    for mut c in children {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+    }
+    if finished < args.peers || checked < args.peers {
+        bail!(
+            "only {finished} of {} nodes finished (see their errors above)",
+            args.peers
+        );
+    }
+    let mut per_round = Vec::new();
+    let mut per_round_mean = Vec::new();
+    let mut complete = true;
+    for (round, nodes) in &rounds {
+        let full =
+            nodes.len() == args.peers && nodes.values().all(|&(_, g, d)| g == args.peers && d == 0);
+        complete &= full;
+        if *round == 1 || !full {
+            continue;
+        }
+        let times: Vec<f64> = nodes.values().map(|t| t.0).collect();
+        per_round.push(times.iter().copied().fold(f64::INFINITY, f64::min));
+        per_round_mean.push(times.iter().sum::<f64>() / times.len() as f64);
+    }
+    let s = median(&per_round);
+    let bytes = args.values as f64 * 4.0;
+    let bound_bytes = 2.0 * (args.peers as f64 - 1.0) / args.peers as f64 * bytes;
+    let total_sent: u64 = bytes_sent.values().sum();
+    emit(&json!({
+        "bench": "allreduce",
+        "impl": "p2ptrain",
+        "peers": args.peers,
+        "values": args.values,
+        "compression": args.compression,
+        "rounds_timed": per_round.len(),
+        "s_median": s,
+        "s_min": per_round.iter().copied().fold(f64::INFINITY, f64::min),
+        "s_max": per_round.iter().copied().fold(0.0f64, f64::max),
+        "s_node_mean_median": median(&per_round_mean),
+        "bytes_f32": bytes,
+        "bound_bytes_per_peer": bound_bytes,
+        "busbw_mb_s": bound_bytes / s / 1e6,
+        "bytes_sent_per_peer_round": total_sent as f64 / (args.peers as f64 * rounds.len() as f64),
+        "all_rounds_complete": complete,
+        "max_abs_err": max_err,
+    }));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_task_checks_the_mean() {
+        let max_err = Arc::new(Mutex::new(0.0));
+        let mut t = SyntheticTask {
+            values: vec![0.0; 3000],
+            index: 1,
+            peers: 2,
+            steps: 0,
+            max_err: max_err.clone(),
+        };
+        t.train_step().unwrap();
+        // The exact mean of nodes 0 and 1 after one step.
+        let mean: Vec<f32> = (0..3000)
+            .map(|j| (increment(0, j) + increment(1, j)) / 2.0)
+            .collect();
+        t.set_params(&mean).unwrap();
+        assert_eq!(*max_err.lock().unwrap(), 0.0);
+        let mut off = mean.clone();
+        off[5] += 0.5;
+        t.set_params(&off).unwrap();
+        assert_eq!(*max_err.lock().unwrap(), 0.5);
+    }
+}

@@ -1,0 +1,277 @@
+//! The transport's bound: the butterfly all-reduce's traffic over raw quinn.
+//!
+//! N `quinn-node` processes on loopback each hold one quinn endpoint with the
+//! TLS 1.3 configuration libp2p's QUIC transport uses (`libp2p-tls`
+//! certificates and verifiers, the same flow-control windows as
+//! `libp2p-quic`'s defaults) and a connection to every other process. A round
+//! is two phases, as in the all-reduce (reduce-scatter, then all-gather): in
+//! each, every process sends `bytes / N` to each of the N-1 others on a fresh
+//! unidirectional stream and receives as much from each. No reduction, no
+//! encoding, no hashing: only the transport, so our all-reduce can be set
+//! against it.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use crate::util::{emit, median};
+
+/// Flags of `p2ptrain-bench quinn`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QuinnArgs {
+    /// Processes.
+    #[arg(long, default_value_t = 2)]
+    pub peers: usize,
+    /// Length of the f32 vector whose all-reduce traffic is sent.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub values: usize,
+    /// Rounds; the first is a warm-up and not counted.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_secs: u64,
+}
+
+/// Flags of `p2ptrain-bench quinn-node` (one process of `quinn`).
+#[derive(Debug, clap::Args)]
+pub struct QuinnNodeArgs {
+    /// This process's index, 0..peers.
+    #[arg(long)]
+    pub index: usize,
+    /// Processes in all.
+    #[arg(long)]
+    pub peers: usize,
+    /// Bytes sent to each other process per phase.
+    #[arg(long)]
+    pub chunk: usize,
+    /// Rounds.
+    #[arg(long)]
+    pub rounds: u32,
+}
+
+/// An endpoint that both accepts and dials with libp2p's TLS setup.
+fn endpoint() -> anyhow::Result<quinn::Endpoint> {
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let server_tls = libp2p_tls::make_server_config(&keypair)?;
+    let client_tls = libp2p_tls::make_client_config(&keypair, None)?;
+    let mut transport = quinn::TransportConfig::default();
+    // libp2p-quic's defaults (its `Config::new`).
+    transport.stream_receive_window(10_000_000u32.into());
+    transport.receive_window(15_000_000u32.into());
+    transport.max_concurrent_uni_streams(256u32.into());
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    transport.allow_spin(false);
+    let transport = Arc::new(transport);
+    let mut server =
+        quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
+    server.transport_config(transport.clone());
+    let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
+    client.transport_config(transport);
+    let mut ep = quinn::Endpoint::server(server, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
+/// Reads one line from stdin on a blocking thread (tokio's stdin needs a
+/// tokio feature the rest of the workspace does not enable).
+async fn read_stdin_line() -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        anyhow::Ok(line.trim().to_string())
+    })
+    .await?
+}
+
+/// One process: prints its port, reads everyone's ports from stdin, connects,
+/// runs the rounds, prints `{"round": r, "s": seconds}` per round, then waits
+/// for a line on stdin before closing (so no peer loses data in flight).
+pub async fn run_node(args: QuinnNodeArgs) -> anyhow::Result<()> {
+    let ep = endpoint()?;
+    let port = ep.local_addr()?.port();
+    emit(&json!({ "port": port }));
+    let ports: Vec<u16> = read_stdin_line()
+        .await?
+        .split(',')
+        .map(|p| p.trim().parse())
+        .collect::<Result<_, _>>()?;
+    if ports.len() != args.peers {
+        bail!("got {} ports for {} peers", ports.len(), args.peers);
+    }
+    // Dial the higher indices, accept the lower ones (known by their port:
+    // one UDP socket serves both directions of an endpoint).
+    let mut conns: BTreeMap<usize, quinn::Connection> = BTreeMap::new();
+    for (j, &p) in ports.iter().enumerate().skip(args.index + 1) {
+        let c = ep
+            .connect(SocketAddr::from((Ipv4Addr::LOCALHOST, p)), "l")?
+            .await?;
+        conns.insert(j, c);
+    }
+    while conns.len() < args.peers - 1 {
+        let c = ep.accept().await.context("endpoint closed")?.await?;
+        let from = c.remote_address().port();
+        let j = ports
+            .iter()
+            .position(|&p| p == from)
+            .context("connection from an unknown port")?;
+        conns.insert(j, c);
+    }
+    // One receiver per peer: streams of one connection are accepted in order.
+    let (tx, mut rx) = mpsc::channel::<anyhow::Result<usize>>(1024);
+    for c in conns.values() {
+        let (c, tx, chunk) = (c.clone(), tx.clone(), args.chunk);
+        tokio::spawn(async move {
+            loop {
+                let got = async {
+                    let mut s = c.accept_uni().await?;
+                    let data = s.read_to_end(chunk + 16).await?;
+                    anyhow::Ok(data.len())
+                }
+                .await;
+                let stop = got.is_err();
+                if tx.send(got).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+    }
+    let payload = vec![0xA5u8; args.chunk];
+    for round in 0..args.rounds {
+        let started = Instant::now();
+        for _phase in 0..2 {
+            let sends = conns.values().map(|c| {
+                let c = c.clone();
+                let payload = &payload;
+                async move {
+                    let mut s = c.open_uni().await?;
+                    s.write_all(payload).await?;
+                    s.finish()?;
+                    anyhow::Ok(())
+                }
+            });
+            let send_all = futures::future::try_join_all(sends);
+            let recv_all = async {
+                for _ in 0..conns.len() {
+                    let n = rx.recv().await.context("receivers stopped")??;
+                    if n != args.chunk {
+                        bail!("received {n} bytes, expected {}", args.chunk);
+                    }
+                }
+                anyhow::Ok(())
+            };
+            tokio::try_join!(send_all, recv_all)?;
+        }
+        emit(&json!({ "round": round, "s": started.elapsed().as_secs_f64() }));
+    }
+    emit(&json!({ "done": true }));
+    let _ = read_stdin_line().await;
+    ep.close(0u32.into(), b"done");
+    Ok(())
+}
+
+/// Starts N processes, hands them each other's ports, and prints one JSON
+/// line: per round the fastest process's time (as for `allreduce`), median
+/// over the rounds after the first.
+pub async fn run(args: QuinnArgs) -> anyhow::Result<()> {
+    if args.peers < 2 || args.rounds < 2 {
+        bail!("--peers and --rounds must be at least 2");
+    }
+    let exe = std::env::current_exe()?;
+    let chunk = (args.values * 4).div_ceil(args.peers);
+    let (tx, mut rx) = mpsc::channel::<(usize, String)>(1024);
+    let mut children = Vec::new();
+    for i in 0..args.peers {
+        let mut child = Command::new(&exe)
+            .arg("quinn-node")
+            .args(["--index", &i.to_string()])
+            .args(["--peers", &args.peers.to_string()])
+            .args(["--chunk", &chunk.to_string()])
+            .args(["--rounds", &args.rounds.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a quinn-node process")?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if tx.send((i, l)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        children.push(child);
+    }
+    drop(tx);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+    let mut ports = vec![None; args.peers];
+    let mut times: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    let mut done = 0;
+    while done < args.peers {
+        let (i, line) = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(x)) => x,
+            Ok(None) => bail!("quinn-node processes ended early (see their errors above)"),
+            Err(_) => bail!("quinn pattern timed out after {} s", args.timeout_secs),
+        };
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        if let Some(p) = v.get("port").and_then(|p| p.as_u64()) {
+            ports[i] = Some(p);
+            if ports.iter().all(Option::is_some) {
+                let list: Vec<String> = ports.iter().flatten().map(u64::to_string).collect();
+                let list = format!("{}\n", list.join(","));
+                for c in &mut children {
+                    c.stdin
+                        .as_mut()
+                        .context("child stdin")?
+                        .write_all(list.as_bytes())
+                        .await?;
+                }
+            }
+        } else if let (Some(r), Some(s)) = (v.get("round"), v.get("s")) {
+            let (r, s) = (r.as_u64().unwrap_or(0), s.as_f64().unwrap_or(f64::NAN));
+            times.entry(r).or_default().push(s);
+        } else if v.get("done").is_some() {
+            done += 1;
+        }
+    }
+    for c in &mut children {
+        if let Some(stdin) = c.stdin.as_mut() {
+            let _ = stdin.write_all(b"exit\n").await;
+        }
+    }
+    for mut c in children {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
+    }
+    let per_round: Vec<f64> = times
+        .iter()
+        .filter(|(r, ts)| **r > 0 && ts.len() == args.peers)
+        .map(|(_, ts)| ts.iter().copied().fold(f64::INFINITY, f64::min))
+        .collect();
+    let s = median(&per_round);
+    let sent_per_peer = 2.0 * (args.peers as f64 - 1.0) * chunk as f64;
+    emit(&json!({
+        "bench": "allreduce",
+        "impl": "raw-quinn-pattern",
+        "peers": args.peers,
+        "values": args.values,
+        "compression": "f32",
+        "rounds_timed": per_round.len(),
+        "s_median": s,
+        "bound_bytes_per_peer": sent_per_peer,
+        "busbw_mb_s": sent_per_peer / s / 1e6,
+    }));
+    Ok(())
+}

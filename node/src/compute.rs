@@ -62,10 +62,7 @@ impl Compute {
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ComputeGone> {
-        let (tx, rx) = oneshot::channel();
-        // The queue is tiny and the driver awaits each answer, so this never blocks for long.
-        self.commands.send(make(tx)).map_err(|_| ComputeGone)?;
-        rx.await.map_err(|_| ComputeGone)
+        request(&self.commands, make).await
     }
 
     /// Runs `steps` optimisation steps; returns each step's figures.
@@ -92,6 +89,17 @@ impl Compute {
     pub async fn evaluate(&self) -> Result<EvalStats, ComputeError> {
         Ok(self.call(Command::Evaluate).await??)
     }
+}
+
+/// Sends a command carrying a reply channel to a compute thread and awaits the answer.
+pub(crate) async fn request<C, T>(
+    commands: &std_mpsc::SyncSender<C>,
+    make: impl FnOnce(oneshot::Sender<T>) -> C,
+) -> Result<T, ComputeGone> {
+    let (tx, rx) = oneshot::channel();
+    // The queue is tiny and the driver awaits each answer, so this never blocks for long.
+    commands.send(make(tx)).map_err(|_| ComputeGone)?;
+    rx.await.map_err(|_| ComputeGone)
 }
 
 fn serve(mut task: Box<dyn Task>, commands: std_mpsc::Receiver<Command>) {

@@ -81,9 +81,7 @@ impl StageCompute {
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ComputeGone> {
-        let (tx, rx) = oneshot::channel();
-        self.commands.send(make(tx)).map_err(|_| ComputeGone)?;
-        rx.await.map_err(|_| ComputeGone)
+        crate::compute::request(&self.commands, make).await
     }
 
     /// Runs the stage forward on micro-batch `id` (see [`StageTask::forward`]).

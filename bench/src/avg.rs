@@ -164,6 +164,7 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
             bootstrap: args.bootstrap.into_iter().collect(),
             mdns: false,
             request_timeout: Duration::from_secs(120),
+            key: None,
         },
         min_peers: args.peers,
         wait_for_peers: Duration::from_secs(60),

@@ -218,6 +218,11 @@ pub struct NodeArgs {
     /// Write checkpoints (atomic, blake3-verified) into this directory.
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
+    /// File holding the swarm secret (at least 16 bytes, e.g. from
+    /// `head -c 32 /dev/urandom`): only peers with the same file are members,
+    /// and every message carries a MAC under it.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
     /// Write a checkpoint every this many averaging rounds (and after the last).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: u64,
@@ -415,6 +420,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .seed
         .unwrap_or_else(|| seed_from_name(&args.swarm));
     check_model_flags(&args.train)?;
+    let key = match &args.secret_file {
+        Some(path) => Some(crate::net::secret::SwarmKey::from_file(path)?),
+        None => None,
+    };
     let pipeline = args.train.model == ModelChoice::CharLm;
     if pipeline && args.resume.is_some() {
         anyhow::bail!(
@@ -448,6 +457,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             bootstrap: args.bootstrap.clone(),
             mdns: !args.no_mdns,
             request_timeout: Duration::from_secs(60),
+            key,
         },
         min_peers: args.min_peers as usize,
         wait_for_peers: Duration::from_secs(args.wait_peers_secs),

@@ -167,3 +167,18 @@ fn bad_pipeline_settings() {
         "/nonexistent/dir",
     );
 }
+
+#[test]
+fn bad_secret_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short.secret");
+    std::fs::write(&short, b"abc").unwrap();
+    assert_one_line_error(
+        &["node", "--secret-file", short.to_str().unwrap()],
+        "at least 16",
+    );
+    assert_one_line_error(
+        &["node", "--secret-file", "/nonexistent/swarm.secret"],
+        "/nonexistent/swarm.secret",
+    );
+}

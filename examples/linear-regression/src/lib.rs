@@ -248,6 +248,7 @@ pub async fn run_swarm(
             bootstrap,
             mdns: false,
             request_timeout: Duration::from_secs(10),
+            key: None,
         },
         min_peers: nodes,
         wait_for_peers: Duration::from_secs(60),

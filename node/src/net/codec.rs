@@ -8,6 +8,9 @@
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use p2ptrain_protocol::wire::MAX_MESSAGE_BYTES;
+
+/// Largest frame: a maximal message plus the swarm-secret MAC.
+const MAX_FRAME_BYTES: usize = MAX_MESSAGE_BYTES + super::secret::MAC_LEN;
 use std::io;
 
 /// The protocol name negotiated for direct messages.
@@ -35,7 +38,7 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
     let len = u32::try_from(bytes.len())
         .ok()
-        .filter(|l| (*l as usize) <= MAX_MESSAGE_BYTES)
+        .filter(|l| (*l as usize) <= MAX_FRAME_BYTES)
         .ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -56,7 +59,7 @@ impl libp2p::request_response::Codec for FrameCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, MAX_MESSAGE_BYTES).await
+        read_frame(io, MAX_FRAME_BYTES).await
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>

@@ -8,6 +8,7 @@
 
 mod behaviour;
 pub mod codec;
+pub mod secret;
 
 use behaviour::{Behaviour, BehaviourEvent};
 use futures::StreamExt;
@@ -48,6 +49,8 @@ pub struct NetConfig {
     pub mdns: bool,
     /// How long a direct message may take before it counts as failed.
     pub request_timeout: Duration,
+    /// The swarm secret's key: members only, every message authenticated.
+    pub key: Option<secret::SwarmKey>,
 }
 
 /// Failures that stop the network from starting.
@@ -177,7 +180,14 @@ impl Network {
             }
         }
         let local_peer_id = keypair.public().to_peer_id();
-        let topic = gossipsub::IdentTopic::new(format!("p2ptrain/{}/control/1", config.swarm));
+        let topic = gossipsub::IdentTopic::new(match &config.key {
+            Some(key) => format!(
+                "p2ptrain/{}/{}/control/1",
+                config.swarm,
+                key.topic_tag(&config.swarm)
+            ),
+            None => format!("p2ptrain/{}/control/1", config.swarm),
+        });
         let mut swarm = behaviour::build_swarm(&config, keypair, &topic)?;
         for addr in &config.listen {
             swarm
@@ -201,6 +211,7 @@ impl Network {
         let event_loop = EventLoop {
             swarm,
             topic,
+            key: config.key.clone(),
             commands: cmd_rx,
             events: ev_tx,
             stats: stats.clone(),
@@ -238,6 +249,8 @@ pub fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     topic: gossipsub::IdentTopic,
+    /// Seals what we send and opens what we receive, when the swarm has a secret.
+    key: Option<secret::SwarmKey>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     stats: Arc<NetStats>,
@@ -300,6 +313,14 @@ impl EventLoop {
     }
 
     fn on_command(&mut self, command: Command) {
+        let command = match (&self.key, command) {
+            (Some(key), Command::Broadcast(bytes)) => Command::Broadcast(key.seal(bytes)),
+            (Some(key), Command::Send { to, bytes }) => Command::Send {
+                to,
+                bytes: key.seal(bytes),
+            },
+            (None, command) => command,
+        };
         match command {
             Command::Broadcast(bytes) => {
                 let len = bytes.len() as u64;
@@ -340,6 +361,16 @@ impl EventLoop {
     /// Forwards a peer's message, dropping it if the driver is behind, so a
     /// flooding peer cannot stall the swarm's event loop.
     fn emit_message(&mut self, from: PeerId, bytes: Vec<u8>) {
+        let bytes = match &self.key {
+            Some(key) => match key.open(bytes) {
+                Some(b) => b,
+                None => {
+                    warn!(peer = %from, "message without a valid swarm-secret MAC dropped");
+                    return;
+                }
+            },
+            None => bytes,
+        };
         if let Err(e) = self.events.try_send(NetEvent::Message { from, bytes }) {
             warn!(peer = %from, error = %e, "driver busy; inbound message dropped");
         }

@@ -1,0 +1,54 @@
+//! A swarm secret keeps peers without it out, and members train as usual.
+
+mod common;
+use common::{bootstrap_address, spawn_node, Nodes};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn secret(dir: &std::path::Path, name: &str, byte: u8) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, [byte; 32]).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// Starts two nodes with the given secret files; returns whether each trained to the end.
+fn pair(swarm: &str, a: &str, b: &str) -> (bool, bool) {
+    let (tx, rx) = mpsc::channel();
+    let common = ["--swarm", swarm, "--min-peers", "2", "--steps", "20"];
+    let wait = ["--wait-peers-secs", "8", "--linger-secs", "1"];
+    let args = |s: &str| -> Vec<String> {
+        let mut v: Vec<String> = common.iter().chain(&wait).map(|s| s.to_string()).collect();
+        v.extend(["--secret-file".into(), s.to_string()]);
+        v
+    };
+    let first = args(a);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    let mut nodes = Nodes(vec![spawn_node(0, &first, tx.clone())]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let boot = bootstrap_address(&rx, deadline);
+    let mut second = args(b);
+    second.extend(["--bootstrap".into(), boot]);
+    let second: Vec<&str> = second.iter().map(String::as_str).collect();
+    nodes.0.push(spawn_node(1, &second, tx));
+    let mut finished = [false; 2];
+    for (i, c) in nodes.0.iter_mut().enumerate() {
+        finished[i] = c.wait().unwrap().success();
+    }
+    while let Ok((i, v)) = rx.try_recv() {
+        if v["event"] == "finished" {
+            assert!(finished[i], "node {i} reported finishing but failed");
+        }
+    }
+    (finished[0], finished[1])
+}
+
+#[test]
+fn peers_with_another_secret_never_become_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s1, s2) = (secret(dir.path(), "s1", 1), secret(dir.path(), "s2", 2));
+    let swarm = format!("secret-{}", std::process::id());
+    // Different secrets: each waits for a second member that never comes.
+    assert_eq!(pair(&format!("{swarm}-a"), &s1, &s2), (false, false));
+    // The same secret: they train together to the end.
+    assert_eq!(pair(&format!("{swarm}-b"), &s1, &s1), (true, true));
+}

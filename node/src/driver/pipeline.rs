@@ -98,6 +98,9 @@ pub struct PipelineReport {
 /// Pipeline messages waiting for the pipeline loop, and who serves which stage.
 #[derive(Default)]
 pub(super) struct Inbox {
+    /// Stages our model is cut into (0 until the pipeline starts); peers
+    /// announcing another count cannot exchange activations with us.
+    stages: u32,
     forwards: VecDeque<(PeerId, PipeForward)>,
     backwards: VecDeque<(PeerId, PipeBackward)>,
     hellos: BTreeMap<PeerId, StageHello>,
@@ -106,6 +109,15 @@ pub(super) struct Inbox {
 impl Inbox {
     /// Records a peer's announcement; true if its stage is new to us.
     pub(super) fn on_hello(&mut self, from: PeerId, hello: StageHello) -> bool {
+        if self.stages != 0 && hello.stages != self.stages {
+            warn!(
+                peer = %from,
+                theirs = hello.stages,
+                ours = self.stages,
+                "peer cuts the model into another number of stages; ignored (use the same --stages)"
+            );
+            return false;
+        }
         let before = self.hellos.insert(from, hello);
         before.is_none_or(|b| b.stage != hello.stage)
     }
@@ -211,6 +223,9 @@ impl Driver {
             .await?;
         let stage = self.choose_stage(pcfg.stages)?;
         self.stage = Some(stage);
+        self.pipe.stages = pcfg.stages;
+        // Announcements heard before we knew our stage count may not match it.
+        self.pipe.hellos.retain(|_, h| h.stages == pcfg.stages);
         let spec = StageSpec {
             index: stage as usize,
             count: pcfg.stages as usize,
@@ -1102,6 +1117,15 @@ mod tests {
         assert!(inbox.on_hello(a, hello(0)));
         assert!(!inbox.on_hello(a, hello(0)));
         assert!(inbox.on_hello(b, hello(1)));
+        // A peer cutting the model differently is not routed to.
+        inbox.stages = 2;
+        let c = PeerId::random();
+        let three = StageHello {
+            stages: 3,
+            ..hello(1)
+        };
+        assert!(!inbox.on_hello(c, three));
+        assert_eq!(inbox.peers_of_stage(1).collect::<Vec<_>>(), vec![b]);
         assert_eq!(inbox.peers_of_stage(1).collect::<Vec<_>>(), vec![b]);
         inbox.forget_peer(&b);
         assert_eq!(inbox.peers_of_stage(1).count(), 0);

@@ -26,27 +26,10 @@ const PIPELINE: &[&str] = &[
 fn four_peers_two_stages_learn_the_text() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().to_str().unwrap();
-    let out = run(&[
-        "testnet",
-        "--checkpoint-dir",
-        ckpt,
-        "--nodes",
-        "4",
-        "--model",
-        "char-lm",
-        "--stages",
-        "2",
-        "--micro-batches",
-        "2",
-        "--batch-size",
-        "8",
-        "--average-every",
-        "5",
-        "--steps",
-        "60",
-        "--timeout-secs",
-        "600",
-    ]);
+    let mut args = vec!["testnet", "--checkpoint-dir", ckpt, "--nodes", "4"];
+    args.extend(PIPELINE);
+    args.extend(["--steps", "60", "--timeout-secs", "600"]);
+    let out = run(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

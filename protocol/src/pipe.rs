@@ -65,6 +65,39 @@ pub struct StageHello {
     pub stages: u32,
     /// How far the peer is.
     pub phase: StagePhase,
+    /// Optimizer steps the peer has taken in this run: a node starting
+    /// while peers announce steps has joined a run in progress.
+    pub step: u64,
+    /// The peer's measured micro-batches per second of compute on its stage,
+    /// in thousandths, coarsened (0: not measured yet); a joining peer
+    /// balances stages by it.
+    pub throughput: u32,
+}
+
+/// A stage's parameters after one of its averaging rounds: kept by the
+/// first stage's peers as the backup a new peer loads when the stage has
+/// lost every replica (the payload's blake3 digest is checked on decode).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StageState {
+    /// The stage these parameters belong to.
+    pub stage: u32,
+    /// Stages the model is cut into.
+    pub stages: u32,
+    /// The stage's averaging round that produced them.
+    pub round: u64,
+    /// The stage's optimizer step count at that round.
+    pub step: u64,
+    /// The stage's flat parameters.
+    pub params: Payload,
+}
+
+/// A node taking over a stage asks the first stage's peers for its backup.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageStateRequest {
+    /// The stage wanted.
+    pub stage: u32,
+    /// Stages the model is cut into.
+    pub stages: u32,
 }
 
 /// Content of a pipeline message that no honest peer sends.
@@ -120,16 +153,33 @@ impl PipeBackward {
     }
 }
 
+/// Checks a stage index against a stage count.
+fn check_stage(stage: u32, stages: u32) -> Result<(), PipeError> {
+    if stages == 0 || stages > MAX_STAGES || stage >= stages {
+        return Err(PipeError::BadStage { stage, stages });
+    }
+    Ok(())
+}
+
 impl StageHello {
     /// Checks the stage is within the announced count.
     pub fn validate(&self) -> Result<(), PipeError> {
-        if self.stages == 0 || self.stages > MAX_STAGES || self.stage >= self.stages {
-            return Err(PipeError::BadStage {
-                stage: self.stage,
-                stages: self.stages,
-            });
-        }
-        Ok(())
+        check_stage(self.stage, self.stages)
+    }
+}
+
+impl StageState {
+    /// Checks the stage and the parameters' digest and content.
+    pub fn validate(&self) -> Result<(), PipeError> {
+        check_stage(self.stage, self.stages)?;
+        Ok(self.params.validate()?)
+    }
+}
+
+impl StageStateRequest {
+    /// Checks the stage is within the announced count.
+    pub fn validate(&self) -> Result<(), PipeError> {
+        check_stage(self.stage, self.stages)
     }
 }
 
@@ -143,6 +193,8 @@ mod tests {
             stage: 1,
             stages: 2,
             phase: StagePhase::Training,
+            step: 3,
+            throughput: 2500,
         };
         assert_eq!(ok.validate(), Ok(()));
         for (stage, stages) in [(2, 2), (0, 0), (0, MAX_STAGES + 1)] {
@@ -152,7 +204,40 @@ mod tests {
                 ..ok
             };
             assert!(matches!(bad.validate(), Err(PipeError::BadStage { .. })));
+            let request = StageStateRequest { stage, stages };
+            assert!(matches!(
+                request.validate(),
+                Err(PipeError::BadStage { .. })
+            ));
         }
+    }
+
+    #[test]
+    fn stage_state_checks_its_stage_and_its_parameters() {
+        let ok = StageState {
+            stage: 1,
+            stages: 2,
+            round: 4,
+            step: 20,
+            params: Payload::from_f32(&[0.5, -1.0]),
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let bad_stage = StageState {
+            stage: 2,
+            ..ok.clone()
+        };
+        assert!(matches!(
+            bad_stage.validate(),
+            Err(PipeError::BadStage { .. })
+        ));
+        let mut tampered = ok.clone();
+        tampered.params.digest[3] ^= 1;
+        assert!(matches!(tampered.validate(), Err(PipeError::Payload(_))));
+        let nan = StageState {
+            params: Payload::from_f32(&[f32::NAN]),
+            ..ok
+        };
+        assert!(matches!(nan.validate(), Err(PipeError::Payload(_))));
     }
 
     #[test]

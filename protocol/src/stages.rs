@@ -501,6 +501,38 @@ fn balance_throughput(at: &mut [usize], t: &[u64], cost: &[Vec<i128>], k: usize)
     }
 }
 
+/// The stage a peer joining a pipeline already in progress should serve: the one in
+/// `eligible` whose replicas' summed throughput is least (an empty stage first), ties broken
+/// by fewer replicas, then the lower index. `current` lists `(stage, throughput)` of the
+/// peers serving now. Incumbents stay where they are (moving a replica mid-run costs a
+/// parameter transfer and its in-flight micro-batches), so the newcomer goes to the
+/// bottleneck. A replica whose throughput is unknown counts as the median of the known ones
+/// (as [`Throughput::DEFAULT_MILLI`] when none is known), so measured and unmeasured peers
+/// are compared in the same units. `None` when `eligible` holds no stage below `stages`.
+pub fn stage_to_join(
+    current: &[(usize, Throughput)],
+    stages: usize,
+    eligible: Range<usize>,
+) -> Option<usize> {
+    let mut known: Vec<u64> = current
+        .iter()
+        .filter_map(|(_, t)| t.milli().map(u64::from))
+        .collect();
+    known.sort_unstable();
+    let unknown = known
+        .get(known.len() / 2)
+        .copied()
+        .unwrap_or(u64::from(Throughput::DEFAULT_MILLI));
+    (eligible.start..eligible.end.min(stages)).min_by_key(|stage| {
+        let replicas: Vec<u64> = current
+            .iter()
+            .filter(|(s, _)| s == stage)
+            .map(|(_, t)| t.milli().map_or(unknown, u64::from))
+            .collect();
+        (replicas.iter().sum::<u64>(), replicas.len(), *stage)
+    })
+}
+
 #[cfg(test)]
 #[path = "stages_sim.rs"]
 mod sim_tests;
@@ -897,5 +929,43 @@ mod tests {
         let b = assign(&peers, 16).expect("assign");
         check(&peers, 16, &b);
         assert!(start.elapsed().as_secs() < 5, "took {:?}", start.elapsed());
+    }
+
+    #[test]
+    fn a_joiner_goes_to_the_empty_stage_then_the_slowest() {
+        let t = Throughput::from_milli;
+        // Stage 2 lost its replicas: it is filled first, whatever the speeds.
+        let current = [(0, t(4000)), (1, t(4000)), (0, t(4000))];
+        assert_eq!(stage_to_join(&current, 3, 1..3), Some(2));
+        // Stage 1 has two slow replicas, stage 2 one fast one: stage 1 is the bottleneck.
+        let current = [(0, t(9000)), (1, t(2000)), (1, t(2000)), (2, t(6000))];
+        assert_eq!(stage_to_join(&current, 3, 1..3), Some(1));
+        assert_eq!(stage_to_join(&current, 3, 0..3), Some(1));
+        // Equal sums: fewer replicas, then the lower stage.
+        let current = [(1, t(2000)), (1, t(2000)), (2, t(4000)), (3, t(4000))];
+        assert_eq!(stage_to_join(&current, 4, 1..4), Some(2));
+        assert_eq!(stage_to_join(&current, 4, 3..4), Some(3));
+        assert_eq!(stage_to_join(&current, 4, 4..9), None);
+    }
+
+    #[test]
+    fn unknown_throughputs_count_as_the_median_of_the_known_ones() {
+        let t = Throughput::from_milli;
+        // Stage 1: one unknown (counts as the median 5000) + 1000 = 6000; stage 2: 5500.
+        let current = [
+            (1, Throughput::UNKNOWN),
+            (1, t(1000)),
+            (2, t(5500)),
+            (0, t(5000)),
+            (0, t(9000)),
+        ];
+        assert_eq!(stage_to_join(&current, 3, 1..3), Some(2));
+        // Nothing measured yet: replica counts decide.
+        let current = [
+            (1, Throughput::UNKNOWN),
+            (2, Throughput::UNKNOWN),
+            (2, Throughput::UNKNOWN),
+        ];
+        assert_eq!(stage_to_join(&current, 3, 1..3), Some(1));
     }
 }

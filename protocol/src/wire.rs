@@ -14,13 +14,15 @@
 //! exact size).
 
 use crate::averaging::{AvgMessage, MAX_GROUP_MEMBERS, MAX_VECTOR_LEN};
-use crate::pipe::{PipeBackward, PipeError, PipeForward, StageHello};
+use crate::pipe::{
+    PipeBackward, PipeError, PipeForward, StageHello, StageState, StageStateRequest,
+};
 use crate::tensor::{Payload, TensorError};
 use serde::{Deserialize, Serialize};
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
 /// refuse each other with a clear error instead of misreading bytes.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Hard limit on one encoded message (header included): bounds what a peer can make us
 /// buffer and parse.
@@ -50,6 +52,10 @@ pub enum Message {
         /// The averaging message.
         msg: AvgMessage,
     },
+    /// Pipeline: a stage's parameters after an averaging round (a backup for the first stage).
+    StageState(StageState),
+    /// Pipeline: a node taking over a stage asks for its backup.
+    StageStateRequest(StageStateRequest),
 }
 
 /// A member's model, sent to a node catching up with the swarm.
@@ -195,6 +201,11 @@ impl Message {
             Message::PipeBackward(b) => Ok(b.validate()?),
             Message::StageHello(h) => Ok(h.validate()?),
             Message::StageAvg { msg, .. } => msg.validate(),
+            Message::StageState(state) => {
+                check_vector_len(u64::from(state.params.len))?;
+                Ok(state.validate()?)
+            }
+            Message::StageStateRequest(r) => Ok(r.validate()?),
         }
     }
 }
@@ -340,6 +351,19 @@ mod tests {
                 stage: 1,
                 stages: 2,
                 phase: crate::pipe::StagePhase::Trained,
+                step: 40,
+                throughput: 1750,
+            }),
+            Message::StageState(StageState {
+                stage: 1,
+                stages: 2,
+                round: 8,
+                step: 40,
+                params: Payload::encode(&[0.25, -2.0, 3.5], Encoding::F32),
+            }),
+            Message::StageStateRequest(StageStateRequest {
+                stage: 1,
+                stages: 3,
             }),
             Message::StageAvg {
                 stage: 1,

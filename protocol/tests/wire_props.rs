@@ -6,7 +6,9 @@
 //! Run more cases with `PROPTEST_CASES=100000 cargo test -p p2ptrain-protocol --test wire_props`.
 
 use p2ptrain_protocol::averaging::AvgMessage;
-use p2ptrain_protocol::pipe::{PipeBackward, PipeForward, StageHello, StagePhase};
+use p2ptrain_protocol::pipe::{
+    PipeBackward, PipeForward, StageHello, StagePhase, StageState, StageStateRequest,
+};
 use p2ptrain_protocol::tensor::{Encoding, Payload};
 use p2ptrain_protocol::wire::{
     decode, encode, Message, ModelState, Progress, WireError, PROTOCOL_VERSION,
@@ -146,13 +148,41 @@ fn any_message() -> impl Strategy<Value = Message> {
                 grad,
             })
         ),
-        (0u32..300, 0u32..300, any_phase()).prop_map(|(stage, stages, phase)| {
-            Message::StageHello(StageHello {
-                stage,
-                stages,
-                phase,
-            })
-        }),
+        (
+            0u32..300,
+            0u32..300,
+            any_phase(),
+            any::<u64>(),
+            any::<u32>()
+        )
+            .prop_map(
+                |(stage, stages, phase, step, throughput)| Message::StageHello(StageHello {
+                    stage,
+                    stages,
+                    phase,
+                    step,
+                    throughput,
+                })
+            ),
+        (
+            0u32..300,
+            0u32..300,
+            any::<u64>(),
+            any::<u64>(),
+            any_payload()
+        )
+            .prop_map(|(stage, stages, round, step, params)| Message::StageState(
+                StageState {
+                    stage,
+                    stages,
+                    round,
+                    step,
+                    params,
+                }
+            )),
+        (0u32..300, 0u32..300).prop_map(|(stage, stages)| Message::StageStateRequest(
+            StageStateRequest { stage, stages }
+        )),
         (any::<u32>(), any_avg()).prop_map(|(stage, msg)| Message::StageAvg { stage, msg }),
     ]
 }

@@ -77,7 +77,11 @@ fn four_peers_two_stages_learn_the_text() {
 }
 
 fn spawn(i: usize, swarm: &str, boot: Option<&str>, tx: Events) -> Child {
-    let mut args = vec!["--swarm", swarm, "--min-peers", "4", "--steps", "80"];
+    spawn_with(i, swarm, "4", boot, tx)
+}
+
+fn spawn_with(i: usize, swarm: &str, min_peers: &str, boot: Option<&str>, tx: Events) -> Child {
+    let mut args = vec!["--swarm", swarm, "--min-peers", min_peers, "--steps", "80"];
     args.extend(PIPELINE);
     args.extend(["--stage-timeout-secs", "3", "--join-window-secs", "2"]);
     args.extend(["--reduce-timeout-secs", "4", "--linger-secs", "1"]);
@@ -153,4 +157,85 @@ fn training_goes_on_when_a_stage_replica_is_killed() {
         .map(|f| f["pipeline"]["resent"].as_u64().unwrap())
         .sum();
     eprintln!("micro-batches resent after the kill: {resent}");
+}
+
+#[test]
+fn a_new_peer_takes_over_a_stage_that_lost_every_replica() {
+    let swarm = format!("pipe-takeover-{}", std::process::id());
+    let (tx, rx) = mpsc::channel();
+    let mut nodes = Nodes(vec![spawn_with(0, &swarm, "2", None, tx.clone())]);
+    let deadline = Instant::now() + Duration::from_secs(400);
+    let boot = bootstrap_address(&rx, deadline);
+    nodes
+        .0
+        .push(spawn_with(1, &swarm, "2", Some(&boot), tx.clone()));
+    let mut addr_of: [Option<String>; 3] = [Some(boot), None, None];
+    let mut stage_of = [None; 3];
+    let mut victim = None;
+    let mut finished: [Option<serde_json::Value>; 3] = [None, None, None];
+    let mut first_rounds_after_takeover = 0;
+    while finished.iter().filter(|f| f.is_some()).count() < 2 {
+        let (i, v) = next_event(&rx, deadline);
+        match v["event"].as_str() {
+            Some("listening") if addr_of[i].is_none() => {
+                addr_of[i] = v["addrs"][0].as_str().map(String::from)
+            }
+            Some("started") => stage_of[i] = v["stage"].as_u64(),
+            Some("round")
+                if victim.is_none() && stage_of[i] == Some(0) && v["round"].as_u64() >= Some(2) =>
+            {
+                // Kill the only replica of the last stage, then start a
+                // new peer that must take the stage over.
+                let v = (0..2).find(|j| stage_of[*j] == Some(1)).unwrap();
+                nodes.0[v].kill().unwrap();
+                victim = Some(v);
+                let survivor = addr_of[1 - v].clone().expect("the survivor's address");
+                nodes
+                    .0
+                    .push(spawn_with(2, &swarm, "1", Some(&survivor), tx.clone()));
+            }
+            Some("round") if stage_of[2].is_some() && stage_of[i] == Some(0) => {
+                first_rounds_after_takeover += 1
+            }
+            Some("finished") if Some(i) != victim => finished[i] = Some(v),
+            _ => {}
+        }
+    }
+    let victim = victim.expect("no first-stage round was reported");
+    let survivor = 1 - victim;
+    assert_eq!(
+        stage_of[2],
+        Some(1),
+        "the new peer took stage {:?}",
+        stage_of[2]
+    );
+    for i in [survivor, 2] {
+        assert!(nodes.0[i].wait().unwrap().success(), "node {i} failed");
+    }
+    assert!(
+        first_rounds_after_takeover >= 4,
+        "{first_rounds_after_takeover}"
+    );
+    let first = finished[survivor].as_ref().unwrap();
+    assert_eq!(first["steps"], 80, "{first}");
+    let p = &first["pipeline"];
+    let (initial, fin) = (
+        p["initial_val_bpc"].as_f64().unwrap(),
+        p["val_bpc"].as_f64().unwrap(),
+    );
+    assert!(
+        fin < initial - 1.0,
+        "loss fell only from {initial} to {fin}"
+    );
+    // The new peer continued from the dead stage's backup, not from scratch.
+    let new = finished[2].as_ref().unwrap();
+    let resumed = new["pipeline"]["resumed_at_step"]
+        .as_u64()
+        .expect("a resumed step");
+    assert!(resumed >= 5, "resumed at step {resumed}");
+    assert!(
+        new["steps"].as_u64().unwrap() > resumed,
+        "the new peer took no step: {new}"
+    );
+    eprintln!("took over at step {resumed}: {new}");
 }

@@ -271,6 +271,22 @@ pub enum NodeError {
         /// The stage without replicas.
         stage: u32,
     },
+    /// No first-stage peer answered with the backup of the stage to take over.
+    #[error("no peer sent a backup of pipeline stage {stage} to take over (the stage has not averaged yet, or the first stage's peers are gone)")]
+    StageBackupUnavailable {
+        /// The stage.
+        stage: u32,
+    },
+    /// The backup does not fit the stage this node built.
+    #[error("the backup of pipeline stage {stage} holds {got} parameters, this node's stage has {want}; peers run different models")]
+    StageBackupMismatch {
+        /// The stage.
+        stage: u32,
+        /// Parameters in the backup.
+        got: usize,
+        /// Parameters of our stage.
+        want: usize,
+    },
     /// A micro-batch got no answer from any replica of the next stage.
     #[error("a micro-batch sent {tries} times to stage {stage} got no answer; its replicas are unreachable")]
     MicroBatchLost {
@@ -331,6 +347,9 @@ struct Driver {
     stage: Option<u32>,
     /// Pipeline messages received and not yet handled, and who serves which stage.
     pipe: pipeline::Inbox,
+    /// How long to wait for peers (at the start, and for a pipeline stage
+    /// to be taken over).
+    peer_wait: Duration,
 }
 
 /// Runs a node until its training budget is spent; returns its final report.
@@ -379,6 +398,7 @@ impl Driver {
             synced: false,
             stage: None,
             pipe: pipeline::Inbox::default(),
+            peer_wait: config.wait_for_peers,
         }
     }
 
@@ -985,6 +1005,10 @@ impl Driver {
                             self.averager.set_peers(&ids);
                             self.members_changed = true;
                         }
+                    }
+                    Ok(Message::StageState(state)) => self.pipe.on_stage_state(from, state),
+                    Ok(Message::StageStateRequest(request)) => {
+                        self.serve_stage_backup(from, request)?
                     }
                     Ok(Message::PipeForward(f)) => self.pipe.on_forward(from, f),
                     Ok(Message::PipeBackward(b)) => self.pipe.on_backward(from, b),

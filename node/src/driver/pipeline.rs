@@ -14,9 +14,14 @@
 //!
 //! Failure handling: a micro-batch whose answer does not come back within
 //! `stage_timeout` is sent again to another replica of the next stage, so a
-//! replica that dies costs its in-flight micro-batches one timeout. What the
-//! pipeline does not do yet: move a peer to a stage left without replicas
-//! (the run then stops with an error naming the stage).
+//! replica that dies costs its in-flight micro-batches one timeout. After
+//! each of its averaging rounds a later stage sends its parameters to the
+//! first stage's peers, which keep the newest as that stage's backup. A node
+//! that starts while the run is in progress (peers announce steps) takes the
+//! later stage with the fewest replicas, loads that backup (blake3-checked)
+//! and serves it, so a stage that lost every replica is taken over by a new
+//! peer without restarting the swarm: the first stage waits up to
+//! `wait_for_peers` for a replica to appear before giving up.
 
 use super::{Driver, FinalReport, NodeConfig, NodeError, NodeEvent, Reporter, RoundReport};
 use crate::checkpoint;
@@ -24,7 +29,9 @@ use crate::net::Network;
 use crate::stage_compute::{StageCompute, StageFactory};
 use crate::task::Shard;
 use libp2p::{identity::Keypair, PeerId};
-use p2ptrain_protocol::pipe::{PipeBackward, PipeForward, StageHello, StagePhase};
+use p2ptrain_protocol::pipe::{
+    PipeBackward, PipeForward, StageHello, StagePhase, StageState, StageStateRequest,
+};
 use p2ptrain_protocol::wire::{self, Message};
 use p2ptrain_protocol::{shards, stages, tensor, NodeId};
 use p2ptrain_train::stage::{Forward, StageSpec};
@@ -93,6 +100,9 @@ pub struct PipelineReport {
     pub activation_bytes_per_step: f64,
     /// Micro-batches sent again after a timeout.
     pub resent: u64,
+    /// The step of the backup this node loaded when it took over its stage
+    /// in a run already in progress (`None`: it held the stage from the start).
+    pub resumed_at_step: Option<u64>,
 }
 
 /// Pipeline messages waiting for the pipeline loop, and who serves which stage.
@@ -104,6 +114,13 @@ pub(super) struct Inbox {
     forwards: VecDeque<(PeerId, PipeForward)>,
     backwards: VecDeque<(PeerId, PipeBackward)>,
     hellos: BTreeMap<PeerId, StageHello>,
+    /// Our own optimizer steps, announced in every hello.
+    step: u64,
+    /// Our measured compute throughput on our stage, announced in every hello.
+    throughput: stages::Throughput,
+    /// The newest parameters heard of per stage (the first stage keeps them
+    /// as backups; a node taking over a stage loads one).
+    backups: BTreeMap<u32, StageState>,
 }
 
 impl Inbox {
@@ -136,6 +153,29 @@ impl Inbox {
             return;
         }
         self.backwards.push_back((from, b));
+    }
+
+    /// Keeps `state` as its stage's backup if it is newer than the one held.
+    pub(super) fn on_stage_state(&mut self, from: PeerId, state: StageState) {
+        if self.stages != 0 && state.stages != self.stages {
+            debug!(peer = %from, "stage parameters for another stage count ignored");
+            return;
+        }
+        let newer = self
+            .backups
+            .get(&state.stage)
+            .is_none_or(|held| (state.round, state.step) > (held.round, held.step));
+        if newer {
+            debug!(peer = %from, stage = state.stage, round = state.round, "stage backup kept");
+            self.backups.insert(state.stage, state);
+        }
+    }
+
+    /// The backup to answer a request with, if we hold one.
+    pub(super) fn backup_for(&self, request: StageStateRequest) -> Option<&StageState> {
+        self.backups
+            .get(&request.stage)
+            .filter(|b| b.stages == request.stages)
     }
 
     pub(super) fn forget_peer(&mut self, peer: &PeerId) {
@@ -180,6 +220,8 @@ struct Relayed {
 struct Tally {
     next_id: u64,
     busy: Duration,
+    /// Micro-batches this node computed (forward, and backward when training).
+    micro: u64,
     pipe_bytes: u64,
     resent: u64,
     tokens: u64,
@@ -221,11 +263,14 @@ impl Driver {
         self.announce_listening(report).await?;
         self.wait_for_peers(config.min_peers, config.wait_for_peers)
             .await?;
-        let stage = self.choose_stage(pcfg.stages)?;
-        self.stage = Some(stage);
         self.pipe.stages = pcfg.stages;
-        // Announcements heard before we knew our stage count may not match it.
-        self.pipe.hellos.retain(|_, h| h.stages == pcfg.stages);
+        self.listen_for_hellos(pcfg.stages).await?;
+        let joining = self.stage_to_join(pcfg.stages);
+        let stage = match joining {
+            Some(stage) => stage,
+            None => self.choose_stage(pcfg.stages)?,
+        };
+        self.stage = Some(stage);
         let spec = StageSpec {
             index: stage as usize,
             count: pcfg.stages as usize,
@@ -239,6 +284,10 @@ impl Driver {
             params = compute.num_params,
             "holding a pipeline stage"
         );
+        let resume = match joining {
+            Some(stage) => Some(self.take_over_stage(stage, pcfg, &compute).await?),
+            None => None,
+        };
         let mut phase = StagePhase::Training;
         let mut last_hello = self.hello(stage, pcfg.stages, phase)?;
         // Every stage needs a replica before the first micro-batch can go through.
@@ -284,7 +333,15 @@ impl Driver {
             (outcome, Some(bpc))
         } else {
             let outcome = self
-                .later_stage(config, pcfg, &compute, &mut last_hello, &mut tally, report)
+                .later_stage(
+                    config,
+                    pcfg,
+                    &compute,
+                    resume.as_ref(),
+                    &mut last_hello,
+                    &mut tally,
+                    report,
+                )
                 .await?;
             (outcome, None)
         };
@@ -324,6 +381,7 @@ impl Driver {
             bubble: (1.0 - tally.busy.as_secs_f64() / train_s).clamp(0.0, 1.0),
             activation_bytes_per_step: tally.pipe_bytes as f64 / outcome.steps.max(1) as f64,
             resent: tally.resent,
+            resumed_at_step: resume.as_ref().map(|r| r.step),
         };
         let final_report = FinalReport {
             peer_id: self.net.local_peer_id().to_string(),
@@ -362,12 +420,167 @@ impl Driver {
         Ok(stage as u32)
     }
 
+    /// Gathers peers' stage announcements for a little over one hello
+    /// period, so a node starting late sees the run it is joining.
+    async fn listen_for_hellos(&mut self, stages: u32) -> Result<(), NodeError> {
+        if stages < 2 {
+            return Ok(());
+        }
+        let until = Instant::now() + HELLO_EVERY + HELLO_EVERY / 2;
+        while Instant::now() < until {
+            let timer = tokio::time::sleep_until(until.into());
+            let mut timer = std::pin::pin!(timer);
+            self.pump_once(timer.as_mut()).await?;
+        }
+        // Announcements heard before we knew our stage count may not match it.
+        self.pipe.hellos.retain(|_, h| h.stages == stages);
+        Ok(())
+    }
+
+    /// The stage to take over when the run is already in progress (a peer
+    /// announces steps taken or training finished): the later stage with the
+    /// fewest replicas, so an emptied stage is filled first. `None` for a
+    /// fresh run, where every peer computes the same assignment instead.
+    fn stage_to_join(&self, stages: u32) -> Option<u32> {
+        let hellos = &self.pipe.hellos;
+        let in_progress = hellos
+            .values()
+            .any(|h| h.step > 0 || h.phase != StagePhase::Training);
+        if !in_progress || stages < 2 {
+            return None;
+        }
+        let current: Vec<(usize, stages::Throughput)> = hellos
+            .values()
+            .map(|h| {
+                (
+                    h.stage as usize,
+                    stages::Throughput::from_milli(h.throughput),
+                )
+            })
+            .collect();
+        stages::stage_to_join(&current, stages as usize, 1..stages as usize).map(|s| s as u32)
+    }
+
+    /// Loads stage `stage`'s newest backup from the first stage's peers into
+    /// `compute`, asking them once a second until one answers (bounded by
+    /// the peer wait). The payload's blake3 digest was checked on decode.
+    async fn take_over_stage(
+        &mut self,
+        stage: u32,
+        pcfg: &PipelineConfig,
+        compute: &StageCompute,
+    ) -> Result<StageState, NodeError> {
+        let request = StageStateRequest {
+            stage,
+            stages: pcfg.stages,
+        };
+        let deadline = Instant::now() + self.peer_wait;
+        let mut asked = Instant::now() - HELLO_EVERY;
+        let backup = loop {
+            if let Some(b) = self.pipe.backup_for(request) {
+                break b.clone();
+            }
+            if Instant::now() > deadline {
+                return Err(NodeError::StageBackupUnavailable { stage });
+            }
+            if asked.elapsed() >= HELLO_EVERY {
+                let holders: Vec<PeerId> = self.pipe.peers_of_stage(0).collect();
+                if let Ok(bytes) = wire::encode(&Message::StageStateRequest(request)) {
+                    for to in holders {
+                        self.check_sent(self.net.send(to, bytes.clone()))?;
+                    }
+                }
+                asked = Instant::now();
+            }
+            let timer = tokio::time::sleep(Duration::from_millis(100));
+            let mut timer = std::pin::pin!(timer);
+            self.pump_once(timer.as_mut()).await?;
+        };
+        let values = backup
+            .params
+            .decode()
+            .map_err(|_| NodeError::StageBackupUnavailable { stage })?;
+        if values.len() != compute.num_params {
+            return Err(NodeError::StageBackupMismatch {
+                stage,
+                got: values.len(),
+                want: compute.num_params,
+            });
+        }
+        self.pump(compute.set_params(values)).await??;
+        self.pipe.step = backup.step;
+        info!(
+            stage,
+            round = backup.round,
+            step = backup.step,
+            "took over a stage of the run in progress from its backup"
+        );
+        Ok(backup)
+    }
+
+    /// Answers a request for a stage's backup, if we hold one.
+    pub(super) fn serve_stage_backup(
+        &mut self,
+        to: PeerId,
+        request: StageStateRequest,
+    ) -> Result<(), NodeError> {
+        let Some(backup) = self.pipe.backup_for(request) else {
+            debug!(peer = %to, stage = request.stage, "no backup of the requested stage");
+            return Ok(());
+        };
+        match wire::encode(&Message::StageState(backup.clone())) {
+            Ok(bytes) => {
+                info!(peer = %to, stage = request.stage, round = backup.round, "sending a stage backup");
+                self.check_sent(self.net.send(to, bytes))
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot encode a stage backup");
+                Ok(())
+            }
+        }
+    }
+
+    /// After a later stage's averaging round, its lowest-id live replica
+    /// sends the averaged parameters to the first stage's peers as the
+    /// stage's backup.
+    fn back_up_stage(
+        &mut self,
+        stage: u32,
+        round: u64,
+        step: u64,
+        values: &[f32],
+    ) -> Result<(), NodeError> {
+        let lowest = self.swarm_ids().first().copied();
+        if stage == 0 || lowest != Some(self.me) {
+            return Ok(());
+        }
+        let msg = Message::StageState(StageState {
+            stage,
+            stages: self.pipe.stages,
+            round,
+            step,
+            params: tensor::Payload::from_f32(values),
+        });
+        let holders: Vec<PeerId> = self.pipe.peers_of_stage(0).collect();
+        match wire::encode(&msg) {
+            Ok(bytes) => {
+                for to in holders {
+                    self.check_sent(self.net.send(to, bytes.clone()))?;
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot encode the stage backup"),
+        }
+        Ok(())
+    }
+
     /// Announces our stage and phase to the swarm; returns when.
     fn hello(&mut self, stage: u32, stages: u32, phase: StagePhase) -> Result<Instant, NodeError> {
         let msg = Message::StageHello(StageHello {
             stage,
             stages,
             phase,
+            step: self.pipe.step,
+            throughput: self.pipe.throughput.milli().unwrap_or(0),
         });
         if let Ok(bytes) = wire::encode(&msg) {
             self.check_sent(self.net.broadcast(bytes))?;
@@ -472,6 +685,7 @@ impl Driver {
             tally.busy += t.elapsed();
             round_losses.extend(losses.iter().map(|(l, _, _)| *l));
             outcome.steps = step;
+            self.pipe.step = step;
             if step % every == 0 || step == total_steps {
                 round = round.saturating_add(1).max(self.swarm_round);
                 let loss = mean(&round_losses);
@@ -523,7 +737,12 @@ impl Driver {
                 .parts
                 .iter()
                 .all(|p| p.averaged && p.contributors.len() == group);
+        self.pipe.throughput = stages::Throughput::from_per_sec(
+            tally.micro as f64 / tally.busy.as_secs_f64().max(1e-9),
+        )
+        .coarse();
         let model_digest = checkpoint::params_digest(&avg.values);
+        self.back_up_stage(compute.spec.index as u32, round, step, &avg.values)?;
         self.pump(compute.set_params(avg.values)).await??;
         outcome.rounds = round;
         outcome.complete_rounds += u64::from(complete);
@@ -571,6 +790,7 @@ impl Driver {
                 .pump(compute.forward(id, tokens.clone(), None, train))
                 .await??;
             tally.busy += t.elapsed();
+            tally.micro += 1;
             let activations = match fwd {
                 Forward::Activations(a) => a,
                 // A one-stage "pipeline" (the whole model here): done already.
@@ -713,14 +933,25 @@ impl Driver {
         last_hello: &mut Instant,
         pcfg: &PipelineConfig,
     ) -> Result<PeerId, NodeError> {
-        let deadline = Instant::now() + pcfg.stage_timeout;
+        // A stage without any replica may be taken over by a new peer: wait
+        // for one as long as for peers at the start.
+        let deadline = Instant::now() + pcfg.stage_timeout.max(self.peer_wait);
         let me = self.stage.unwrap_or_default();
+        let mut warned = false;
         loop {
             if let Some(to) = self.route(stage, turn, avoid) {
                 return Ok(to);
             }
             if Instant::now() > deadline {
                 return Err(NodeError::StageUnserved { stage });
+            }
+            if !warned {
+                warn!(
+                    stage,
+                    wait_s = deadline.saturating_duration_since(Instant::now()).as_secs(),
+                    "no live replica of the next stage; waiting for a peer to take it over"
+                );
+                warned = true;
             }
             self.pipe_wait(
                 last_hello,
@@ -820,11 +1051,13 @@ impl Driver {
     /// (passing them on, or computing the loss at the last stage), steps
     /// and averages like the first stage, and ends when the first stage's
     /// replicas are done (training and evaluation).
+    #[allow(clippy::too_many_arguments)]
     async fn later_stage(
         &mut self,
         config: &NodeConfig,
         pcfg: &PipelineConfig,
         compute: &StageCompute,
+        resume: Option<&StageState>,
         last_hello: &mut Instant,
         tally: &mut Tally,
         report: &mut Reporter,
@@ -834,7 +1067,9 @@ impl Driver {
         let every = config.schedule.average_every.max(1);
         let mut phase = StagePhase::Training;
         let mut outcome = StageOutcome::default();
-        let (mut micro, mut step, mut round, mut turn) = (0usize, 0u64, 0u64, 0u64);
+        let (mut micro, mut turn) = (0usize, 0u64);
+        // A node that took the stage over continues its step and round count.
+        let (mut step, mut round) = resume.map_or((0, 0), |r| (r.step, r.round));
         let mut losses = Vec::new();
         let mut relayed: BTreeMap<u64, Relayed> = BTreeMap::new();
         let mut first_stage_absent_since: Option<Instant> = None;
@@ -855,6 +1090,7 @@ impl Driver {
                     .pump(compute.forward(local, f.tokens.clone(), Some(input), f.train))
                     .await?;
                 tally.busy += t.elapsed();
+                tally.micro += 1;
                 let fwd = match fwd {
                     Ok(fwd) => fwd,
                     Err(e @ crate::compute::ComputeError::Task(_)) => {
@@ -1020,6 +1256,7 @@ impl Driver {
                 micro = 0;
                 step += 1;
                 outcome.steps = step;
+                self.pipe.step = step;
                 if step % every == 0 {
                     round = round.saturating_add(1).max(self.swarm_round);
                     let loss = mean(&losses);
@@ -1113,6 +1350,8 @@ mod tests {
             stage,
             stages: 2,
             phase: StagePhase::Training,
+            step: 0,
+            throughput: 0,
         };
         assert!(inbox.on_hello(a, hello(0)));
         assert!(!inbox.on_hello(a, hello(0)));
@@ -1141,5 +1380,46 @@ mod tests {
             );
         }
         assert_eq!(inbox.forwards.len(), INBOX_LIMIT);
+    }
+
+    #[test]
+    fn inbox_keeps_the_newest_backup_per_stage() {
+        let mut inbox = Inbox {
+            stages: 2,
+            ..Inbox::default()
+        };
+        let peer = PeerId::random();
+        let state = |round, step, value| StageState {
+            stage: 1,
+            stages: 2,
+            round,
+            step,
+            params: tensor::Payload::from_f32(&[value]),
+        };
+        let request = StageStateRequest {
+            stage: 1,
+            stages: 2,
+        };
+        assert!(inbox.backup_for(request).is_none());
+        inbox.on_stage_state(peer, state(3, 15, 1.0));
+        inbox.on_stage_state(peer, state(2, 10, 2.0)); // older: ignored
+        assert_eq!(inbox.backup_for(request).map(|b| b.round), Some(3));
+        inbox.on_stage_state(peer, state(4, 20, 3.0));
+        assert_eq!(inbox.backup_for(request).map(|b| b.step), Some(20));
+        // Another stage count, or a request for another cut, gets nothing.
+        inbox.on_stage_state(
+            peer,
+            StageState {
+                stages: 3,
+                ..state(9, 45, 4.0)
+            },
+        );
+        assert_eq!(inbox.backup_for(request).map(|b| b.round), Some(4));
+        assert!(inbox
+            .backup_for(StageStateRequest {
+                stage: 1,
+                stages: 3
+            })
+            .is_none());
     }
 }

@@ -155,11 +155,13 @@ fn bad(msg: String) -> TaskError {
     TaskError::BadInput(msg)
 }
 
-fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+/// Reads a tensor back from its device; a failed read is a backend error,
+/// never an empty vector that would surface later as a refused micro-batch.
+fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, TaskError> {
     t.into_data()
         .convert::<f32>()
         .to_vec::<f32>()
-        .unwrap_or_default()
+        .map_err(|e| TaskError::Backend(format!("cannot read a tensor back: {e:?}")))
 }
 
 impl<B: AutodiffBackend> CharLmStage<B> {
@@ -229,29 +231,40 @@ impl<B: AutodiffBackend> CharLmStage<B> {
     /// Takes the gradients accumulated since the last step, flattened in
     /// parameter order (zeros for a parameter without one), and forgets
     /// them: how the pipeline's gradients are checked against the unsplit model.
-    pub fn take_gradients(&mut self) -> Vec<f32> {
+    pub fn take_gradients(&mut self) -> Result<Vec<f32>, TaskError> {
         let grads = self.accumulator.grads();
         self.accumulated = 0;
         let mut collector = GradCollector::<B> {
             grads: &grads,
             values: Vec::new(),
+            error: None,
             _backend: std::marker::PhantomData,
         };
         self.model().visit(&mut collector);
-        collector.values
+        match collector.error {
+            Some(e) => Err(e),
+            None => Ok(collector.values),
+        }
     }
 }
 
 struct GradCollector<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
     values: Vec<f32>,
+    /// The first read-back failure (the visitor cannot return one).
+    error: Option<TaskError>,
     _backend: std::marker::PhantomData<B>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for GradCollector<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         match self.grads.get::<B::InnerBackend, D>(param.id) {
-            Some(g) => self.values.extend(to_vec(g)),
+            Some(g) => match to_vec(g) {
+                Ok(v) => self.values.extend(v),
+                Err(e) => {
+                    self.error.get_or_insert(e);
+                }
+            },
             None => self
                 .values
                 .extend(std::iter::repeat_n(0.0, param.val().shape().num_elements())),
@@ -361,7 +374,7 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
         };
         let out = model.run(x);
         if !self.spec.is_last() {
-            let activations = to_vec(out.clone());
+            let activations = to_vec(out.clone())?;
             if train {
                 if self.in_flight.len() >= MAX_IN_FLIGHT {
                     return Err(bad(format!(
@@ -375,14 +388,14 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
         let logits = out.reshape([windows * ctx, VOCAB]);
         let targets = Tensor::from_data(TensorData::new(targets, [windows * ctx]), &self.device);
         let loss = CrossEntropyLoss::new(None, &self.device).forward(logits, targets);
-        let value = to_vec(loss.clone()).first().copied().unwrap_or(f32::NAN);
+        let value = to_vec(loss.clone())?.first().copied().unwrap_or(f32::NAN);
         let mut grad_input = Vec::new();
         if train {
             let grads = loss
                 .div_scalar(self.config.micro_batches.max(1) as f32)
                 .backward();
             if let Some(g) = x_in.as_ref().and_then(|t| t.grad(&grads)) {
-                grad_input = to_vec(g);
+                grad_input = to_vec(g)?;
             }
             self.accumulate(grads);
         }
@@ -412,7 +425,7 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
         let g =
             Tensor::<B, 3>::from_data(TensorData::new(grad_output.to_vec(), dims), &self.device);
         let grads = (out * g).sum().backward();
-        let grad_input = x_in.and_then(|t| t.grad(&grads)).map(to_vec);
+        let grad_input = x_in.and_then(|t| t.grad(&grads)).map(to_vec).transpose()?;
         self.accumulate(grads);
         Ok(grad_input)
     }
@@ -458,7 +471,7 @@ pub fn sample(
         let window: Vec<i64> = bytes[start..].iter().map(|b| i64::from(*b)).collect();
         let len = window.len();
         let logits = whole.run(whole.embed(token_tensor(window, 1, len, &device)));
-        let last = to_vec(logits.slice([0..1, len - 1..len, 0..VOCAB]));
+        let last = to_vec(logits.slice([0..1, len - 1..len, 0..VOCAB]))?;
         let t = temperature.max(1e-3);
         let max = last.iter().cloned().fold(f32::MIN, f32::max);
         let weights: Vec<f64> = last

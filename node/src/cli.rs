@@ -622,7 +622,7 @@ fn charlm_factory(train: &TrainArgs, text: Arc<TextData>, seed: u64) -> StageFac
         ..CharLmConfig::default()
     };
     let device = train.device;
-    Box::new(move |spec| build_stage(&config, spec, text, device))
+    Arc::new(move |spec| build_stage(&config, spec, text.clone(), device))
 }
 
 fn print_human(e: &NodeEvent) {

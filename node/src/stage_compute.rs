@@ -11,9 +11,11 @@ use p2ptrain_train::stage::{Forward, StageSpec, StageTask};
 use std::sync::mpsc as std_mpsc;
 use tokio::sync::oneshot;
 
-/// Builds a stage's task on the compute thread, given the stage it holds.
-pub type StageFactory =
-    Box<dyn FnOnce(StageSpec) -> Result<Box<dyn StageTask>, TaskError> + Send + 'static>;
+/// Builds a stage's task on the compute thread, given the stage it holds;
+/// shared, because a node that moves to another stage builds again.
+pub type StageFactory = std::sync::Arc<
+    dyn Fn(StageSpec) -> Result<Box<dyn StageTask>, TaskError> + Send + Sync + 'static,
+>;
 
 /// Commands queue at most this deep; the driver awaits each answer.
 const QUEUE_DEPTH: usize = 4;

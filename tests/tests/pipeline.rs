@@ -239,3 +239,73 @@ fn a_new_peer_takes_over_a_stage_that_lost_every_replica() {
     );
     eprintln!("took over at step {resumed}: {new}");
 }
+
+#[test]
+fn a_spare_replica_moves_to_a_stage_that_lost_every_replica() {
+    let swarm = format!("pipe-spare-{}", std::process::id());
+    let (tx, rx) = mpsc::channel();
+    let mut nodes = Nodes(vec![spawn(0, &swarm, None, tx.clone())]);
+    let deadline = Instant::now() + Duration::from_secs(400);
+    let boot = bootstrap_address(&rx, deadline);
+    for i in 1..4 {
+        nodes.0.push(spawn(i, &swarm, Some(&boot), tx.clone()));
+    }
+    let mut stage_of = [None; 4];
+    let mut killed: Vec<usize> = Vec::new();
+    let mut mover = None;
+    let mut finished: [Option<serde_json::Value>; 4] = [None, None, None, None];
+    while finished.iter().filter(|f| f.is_some()).count() < 2 {
+        let (i, v) = next_event(&rx, deadline);
+        match v["event"].as_str() {
+            Some("started") => {
+                let stage = v["stage"].as_u64();
+                if stage_of[i].is_some() && stage != stage_of[i] {
+                    mover = Some(i);
+                }
+                stage_of[i] = stage;
+            }
+            Some("round")
+                if killed.is_empty()
+                    && stage_of[i] == Some(0)
+                    && v["round"].as_u64() >= Some(2) =>
+            {
+                // Kill every replica of the last stage; node 0 bootstraps
+                // nobody any more, so a first-stage node must fill the gap.
+                for (j, stage) in stage_of.iter().enumerate() {
+                    if *stage == Some(1) {
+                        nodes.0[j].kill().unwrap();
+                        killed.push(j);
+                    }
+                }
+            }
+            Some("finished") if !killed.contains(&i) => finished[i] = Some(v),
+            _ => {}
+        }
+    }
+    assert_eq!(killed.len(), 2, "stages were {stage_of:?}");
+    let mover = mover.expect("no first-stage replica moved to the emptied stage");
+    assert_eq!(stage_of[mover], Some(1));
+    let stayer = (0..4).find(|j| !killed.contains(j) && *j != mover).unwrap();
+    for i in [mover, stayer] {
+        assert!(nodes.0[i].wait().unwrap().success(), "node {i} failed");
+    }
+    let first = finished[stayer].as_ref().unwrap();
+    assert_eq!(first["steps"], 80, "{first}");
+    let p = &first["pipeline"];
+    let (initial, fin) = (
+        p["initial_val_bpc"].as_f64().unwrap(),
+        p["val_bpc"].as_f64().unwrap(),
+    );
+    assert!(
+        fin < initial - 1.0,
+        "loss fell only from {initial} to {fin}"
+    );
+    let moved = finished[mover].as_ref().unwrap();
+    assert_eq!(moved["pipeline"]["stage"], 1, "{moved}");
+    let resumed = moved["pipeline"]["resumed_at_step"]
+        .as_u64()
+        .expect("a resumed step");
+    assert!(resumed >= 5, "resumed at step {resumed}");
+    assert!(moved["steps"].as_u64().unwrap() > resumed, "{moved}");
+    eprintln!("node {mover} moved to stage 1 at step {resumed}: {moved}");
+}

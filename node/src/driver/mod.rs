@@ -998,9 +998,9 @@ impl Driver {
                         }
                     }
                     Ok(Message::StageHello(hello)) => {
-                        if self.pipe.on_hello(from, hello)
-                            && hello.stage == self.stage.unwrap_or(u32::MAX)
-                        {
+                        // A peer new to a stage, or moving between stages,
+                        // may join or leave ours.
+                        if self.pipe.on_hello(from, hello) {
                             let ids = self.swarm_ids();
                             self.averager.set_peers(&ids);
                             self.members_changed = true;

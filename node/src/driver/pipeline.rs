@@ -21,7 +21,10 @@
 //! later stage with the fewest replicas, loads that backup (blake3-checked)
 //! and serves it, so a stage that lost every replica is taken over by a new
 //! peer without restarting the swarm: the first stage waits up to
-//! `wait_for_peers` for a replica to appear before giving up.
+//! `wait_for_peers` for a replica to appear before giving up. Without a new
+//! peer, a spare moves: when a later stage has had no live replica for a
+//! stage timeout, the highest-id replica of the stage with the most replicas
+//! (at least two) leaves it and takes the emptied stage over the same way.
 
 use super::{Driver, FinalReport, NodeConfig, NodeError, NodeEvent, Reporter, RoundReport};
 use crate::checkpoint;
@@ -121,6 +124,13 @@ pub(super) struct Inbox {
     /// The newest parameters heard of per stage (the first stage keeps them
     /// as backups; a node taking over a stage loads one).
     backups: BTreeMap<u32, StageState>,
+    /// Since when each later stage has had no live replica.
+    empty_since: BTreeMap<u32, Instant>,
+    /// Whether this node may move to an emptied stage now (while training,
+    /// not while evaluating or finishing).
+    may_move: bool,
+    /// The stage this node decided to move to.
+    move_to: Option<u32>,
 }
 
 impl Inbox {
@@ -266,84 +276,87 @@ impl Driver {
         self.pipe.stages = pcfg.stages;
         self.listen_for_hellos(pcfg.stages).await?;
         let joining = self.stage_to_join(pcfg.stages);
-        let stage = match joining {
+        let mut stage = match joining {
             Some(stage) => stage,
             None => self.choose_stage(pcfg.stages)?,
         };
-        self.stage = Some(stage);
-        let spec = StageSpec {
-            index: stage as usize,
-            count: pcfg.stages as usize,
-        };
-        let name = format!("stage{stage}-{}", self.net.local_peer_id());
-        let compute = self
-            .pump(StageCompute::spawn(factory, spec, name))
-            .await??;
-        info!(
-            stage,
-            params = compute.num_params,
-            "holding a pipeline stage"
-        );
-        let resume = match joining {
-            Some(stage) => Some(self.take_over_stage(stage, pcfg, &compute).await?),
-            None => None,
-        };
-        let mut phase = StagePhase::Training;
-        let mut last_hello = self.hello(stage, pcfg.stages, phase)?;
-        // Every stage needs a replica before the first micro-batch can go through.
-        let deadline = Instant::now() + config.wait_for_peers;
-        while let Some(missing) =
-            (0..pcfg.stages).find(|s| *s != stage && self.pipe.peers_of_stage(*s).next().is_none())
-        {
-            if Instant::now() > deadline {
-                return Err(NodeError::StageUnserved { stage: missing });
-            }
-            self.pipe_wait(
-                &mut last_hello,
-                stage,
-                pcfg.stages,
-                phase,
-                Duration::from_millis(200),
-            )
-            .await?;
-        }
-        let ids = self.swarm_ids();
-        self.averager.set_peers(&ids);
-        report(&NodeEvent::Started {
-            peers: self.members.len() + 1,
-            shard: 0,
-            total_steps: 0,
-            stage: Some(stage),
-        });
-
+        let mut take_over = joining.is_some();
         let mut tally = Tally::default();
-        let (outcome, val_bpc) = if spec.is_first() {
-            let outcome = self
-                .first_stage(config, pcfg, &compute, &mut last_hello, &mut tally, report)
-                .await?;
-            phase = StagePhase::Trained;
-            last_hello = self.hello(stage, pcfg.stages, phase)?;
-            // Evaluate once every stage holds its final (averaged) parameters.
-            self.wait_for_later_stages(config, pcfg, &mut last_hello)
-                .await?;
-            let bpc = self
-                .evaluate_pipeline(pcfg, &compute, &mut last_hello, &mut tally)
-                .await?;
-            self.hello(stage, pcfg.stages, StagePhase::Done)?;
-            (outcome, Some(bpc))
-        } else {
-            let outcome = self
-                .later_stage(
-                    config,
-                    pcfg,
-                    &compute,
-                    resume.as_ref(),
-                    &mut last_hello,
-                    &mut tally,
-                    report,
-                )
-                .await?;
-            (outcome, None)
+        let mut everyone_there = false;
+        // A node runs one stage at a time; it goes round again when it moves
+        // to a stage left without replicas (see `spare_move`).
+        let (stage, compute, resume, outcome, val_bpc) = loop {
+            self.stage = Some(stage);
+            let ids = self.swarm_ids();
+            self.averager.set_peers(&ids);
+            let spec = StageSpec {
+                index: stage as usize,
+                count: pcfg.stages as usize,
+            };
+            let name = format!("stage{stage}-{}", self.net.local_peer_id());
+            let compute = self
+                .pump(StageCompute::spawn(factory.clone(), spec, name))
+                .await??;
+            info!(
+                stage,
+                params = compute.num_params,
+                "holding a pipeline stage"
+            );
+            let resume = if take_over {
+                Some(self.take_over_stage(stage, pcfg, &compute).await?)
+            } else {
+                None
+            };
+            let mut last_hello = self.hello(stage, pcfg.stages, StagePhase::Training)?;
+            if !everyone_there {
+                self.wait_for_every_stage(config, pcfg, stage, &mut last_hello)
+                    .await?;
+                everyone_there = true;
+            }
+            let ids = self.swarm_ids();
+            self.averager.set_peers(&ids);
+            report(&NodeEvent::Started {
+                peers: self.members.len() + 1,
+                shard: 0,
+                total_steps: 0,
+                stage: Some(stage),
+            });
+            let (outcome, val_bpc) = if spec.is_first() {
+                let outcome = self
+                    .first_stage(config, pcfg, &compute, &mut last_hello, &mut tally, report)
+                    .await?;
+                if let Some(to) = outcome.moved_to {
+                    (stage, take_over) = (to, true);
+                    continue;
+                }
+                last_hello = self.hello(stage, pcfg.stages, StagePhase::Trained)?;
+                // Evaluate once every stage holds its final (averaged) parameters.
+                self.wait_for_later_stages(config, pcfg, &mut last_hello)
+                    .await?;
+                let bpc = self
+                    .evaluate_pipeline(pcfg, &compute, &mut last_hello, &mut tally)
+                    .await?;
+                self.hello(stage, pcfg.stages, StagePhase::Done)?;
+                (outcome, Some(bpc))
+            } else {
+                let outcome = self
+                    .later_stage(
+                        config,
+                        pcfg,
+                        &compute,
+                        resume.as_ref(),
+                        &mut last_hello,
+                        &mut tally,
+                        report,
+                    )
+                    .await?;
+                if let Some(to) = outcome.moved_to {
+                    (stage, take_over) = (to, true);
+                    continue;
+                }
+                (outcome, None)
+            };
+            break (stage, compute, resume, outcome, val_bpc);
         };
         let initial_bpc = outcome.initial_bpc;
         let params = self.pump(compute.params()).await??;
@@ -402,6 +415,80 @@ impl Driver {
         info!(stage, val_bpc = ?val_bpc, "pipeline training finished");
         report(&NodeEvent::Finished(final_report.clone()));
         Ok(final_report)
+    }
+
+    /// Waits (bounded by the peer wait) until every stage has a replica:
+    /// before that, no micro-batch can go through.
+    async fn wait_for_every_stage(
+        &mut self,
+        config: &NodeConfig,
+        pcfg: &PipelineConfig,
+        stage: u32,
+        last_hello: &mut Instant,
+    ) -> Result<(), NodeError> {
+        let deadline = Instant::now() + config.wait_for_peers;
+        while let Some(missing) =
+            (0..pcfg.stages).find(|s| *s != stage && self.pipe.peers_of_stage(*s).next().is_none())
+        {
+            if Instant::now() > deadline {
+                return Err(NodeError::StageUnserved { stage: missing });
+            }
+            self.pipe_wait(
+                last_hello,
+                stage,
+                pcfg.stages,
+                StagePhase::Training,
+                Duration::from_millis(200),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Live replicas of `stage` as this node sees them, itself included.
+    fn live_replicas(&self, stage: u32) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self
+            .pipe
+            .peers_of_stage(stage)
+            .map(|p| NodeId::from_key_bytes(&p.to_bytes()))
+            .filter(|id| self.members.contains_key(id))
+            .collect();
+        if self.stage == Some(stage) {
+            ids.push(self.me);
+        }
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// The stage this node should move to now, if any: when a later stage
+    /// has had no live replica for a stage timeout, the stage with the most
+    /// replicas (at least two; the later one on ties, since the first stage
+    /// owns the data) gives up its highest-id replica. Every peer evaluates
+    /// the same rule on its own view, so one peer moves per emptied stage
+    /// when views agree; the stage's backup travels with the first stage.
+    fn spare_move(&mut self, pcfg: &PipelineConfig) -> Option<u32> {
+        let me = self.stage?;
+        let now = Instant::now();
+        let mut empty = None;
+        for s in 1..pcfg.stages {
+            if self.live_replicas(s).is_empty() {
+                let since = *self.pipe.empty_since.entry(s).or_insert(now);
+                if empty.is_none() && now.duration_since(since) >= pcfg.stage_timeout {
+                    empty = Some(s);
+                }
+            } else {
+                self.pipe.empty_since.remove(&s);
+            }
+        }
+        let target = empty?;
+        let donor = (0..pcfg.stages)
+            .map(|s| (self.live_replicas(s).len(), s))
+            .max()
+            .filter(|(n, _)| *n >= 2)?
+            .1;
+        let mover = self.live_replicas(donor).last().copied();
+        (donor == me && mover == Some(self.me)).then_some(target)
     }
 
     /// This node's stage under the assignment every peer computes from the
@@ -670,6 +757,7 @@ impl Driver {
         let mut round = 0u64;
         let mut round_losses = Vec::new();
         let t0 = Instant::now();
+        self.pipe.may_move = true;
         for step in 1..=total_steps {
             let mut batch = Vec::with_capacity(pcfg.micro_batches);
             for _ in 0..pcfg.micro_batches {
@@ -677,9 +765,18 @@ impl Driver {
                 batch.push(self.pump(compute.next_train_tokens()).await??);
                 tally.busy += t.elapsed();
             }
-            let losses = self
+            let Some(losses) = self
                 .run_micro_batches(pcfg, compute, batch, true, last_hello, tally)
-                .await?;
+                .await?
+            else {
+                // This node moves to a stage left without replicas; the
+                // step's work is dropped with this stage's compute.
+                self.pipe.may_move = false;
+                outcome.moved_to = self.pipe.move_to.take();
+                outcome.rounds = round;
+                outcome.training = t0.elapsed();
+                return Ok(outcome);
+            };
             let t = Instant::now();
             self.pump(compute.apply_step()).await??;
             tally.busy += t.elapsed();
@@ -707,6 +804,7 @@ impl Driver {
                 }
             }
         }
+        self.pipe.may_move = false;
         outcome.rounds = round;
         outcome.training = t0.elapsed();
         Ok(outcome)
@@ -777,7 +875,7 @@ impl Driver {
         train: bool,
         last_hello: &mut Instant,
         tally: &mut Tally,
-    ) -> Result<Vec<(f32, u32, Vec<u32>)>, NodeError> {
+    ) -> Result<Option<Vec<(f32, u32, Vec<u32>)>>, NodeError> {
         let stage = compute.spec.index as u32;
         let next = stage + 1;
         let mut pending: BTreeMap<u64, InFlight> = BTreeMap::new();
@@ -804,9 +902,12 @@ impl Driver {
                     continue;
                 }
             };
-            let to = self
+            let Some(to) = self
                 .wait_for_route(next, id, None, last_hello, pcfg)
-                .await?;
+                .await?
+            else {
+                return Ok(None);
+            };
             self.send_forward(to, id, train, &tokens, &activations, tally)?;
             pending.insert(
                 id,
@@ -874,9 +975,12 @@ impl Driver {
                         tries: p.tries,
                     });
                 }
-                let to = self
+                let Some(to) = self
                     .wait_for_route(next, id, Some(p.to), last_hello, pcfg)
-                    .await?;
+                    .await?
+                else {
+                    return Ok(None);
+                };
                 warn!(id, from = %p.to, to = %to, "micro-batch unanswered; sending it to another replica");
                 self.send_forward(to, id, train, &p.tokens, &p.activations, tally)?;
                 tally.resent += 1;
@@ -902,7 +1006,7 @@ impl Driver {
             )
             .await?;
         }
-        Ok(results)
+        Ok(Some(results))
     }
 
     fn send_forward(
@@ -923,8 +1027,9 @@ impl Driver {
         self.send_pipe(to, &msg, tally)
     }
 
-    /// A replica of `stage` to send to, waiting (bounded by the stage
-    /// timeout) for one to be known if none is right now.
+    /// A replica of `stage` to send to, waiting (bounded by the peer wait)
+    /// for one to be known if none is right now. `None`: this node is the
+    /// spare that moves to a stage left without replicas (`pipe.move_to`).
     async fn wait_for_route(
         &mut self,
         stage: u32,
@@ -932,7 +1037,7 @@ impl Driver {
         avoid: Option<PeerId>,
         last_hello: &mut Instant,
         pcfg: &PipelineConfig,
-    ) -> Result<PeerId, NodeError> {
+    ) -> Result<Option<PeerId>, NodeError> {
         // A stage without any replica may be taken over by a new peer: wait
         // for one as long as for peers at the start.
         let deadline = Instant::now() + pcfg.stage_timeout.max(self.peer_wait);
@@ -940,7 +1045,17 @@ impl Driver {
         let mut warned = false;
         loop {
             if let Some(to) = self.route(stage, turn, avoid) {
-                return Ok(to);
+                return Ok(Some(to));
+            }
+            if self.pipe.may_move {
+                if let Some(to) = self.spare_move(pcfg) {
+                    info!(
+                        from = me,
+                        to, "moving to a pipeline stage left without replicas"
+                    );
+                    self.pipe.move_to = Some(to);
+                    return Ok(None);
+                }
             }
             if Instant::now() > deadline {
                 return Err(NodeError::StageUnserved { stage });
@@ -1002,9 +1117,11 @@ impl Driver {
         let (mut nats, mut predicted, mut bytes, mut chars) = (0f64, 0u64, 0u64, 0u64);
         for chunk in batches.chunks(pcfg.micro_batches.max(1) * 2) {
             let tokens_before = tally.tokens;
+            // Moves are off while evaluating (`may_move`), so every batch is answered.
             let results = self
                 .run_micro_batches(pcfg, compute, chunk.to_vec(), false, last_hello, tally)
-                .await?;
+                .await?
+                .unwrap_or_default();
             tally.tokens = tokens_before;
             for (loss, n, tokens) in results {
                 nats += f64::from(loss) * f64::from(n);
@@ -1190,6 +1307,18 @@ impl Driver {
                     relayed.remove(&id);
                     compute.forget(id)?;
                 }
+                if phase == StagePhase::Training {
+                    if let Some(to) = self.spare_move(pcfg) {
+                        info!(
+                            from = stage,
+                            to, "moving to a pipeline stage left without replicas"
+                        );
+                        outcome.moved_to = Some(to);
+                        outcome.steps = step;
+                        outcome.rounds = round;
+                        return Ok(outcome);
+                    }
+                }
                 let first: Vec<StagePhase> = self.pipe.phases_of_stage(0).collect();
                 if first.is_empty() {
                     let since = *first_stage_absent_since.get_or_insert_with(Instant::now);
@@ -1289,6 +1418,8 @@ impl Driver {
 /// What a stage's training loop leaves for the final report.
 #[derive(Default)]
 struct StageOutcome {
+    /// Set when the node left this stage for one without replicas.
+    moved_to: Option<u32>,
     steps: u64,
     rounds: u64,
     complete_rounds: u64,

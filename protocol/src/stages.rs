@@ -501,6 +501,32 @@ fn balance_throughput(at: &mut [usize], t: &[u64], cost: &[Vec<i128>], k: usize)
     }
 }
 
+/// Which replica should move, and where, when stages run empty mid-run: the first of `empty`
+/// (later stages that have been without a live replica long enough) is refilled by the
+/// highest-id replica of the stage with the most replicas, at least two (the later stage on
+/// ties, so the first stage, which owns the data, gives last). `serving` lists
+/// `(peer, stage)`. Every peer evaluates this on its own view; views that agree name one
+/// mover per call, and a peer acts only when it is named. `None` when nothing is empty or no
+/// stage can spare a replica.
+pub fn spare_to_move(serving: &[(NodeId, usize)], empty: &[usize]) -> Option<(NodeId, usize)> {
+    let target = *empty.first()?;
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for (_, stage) in serving {
+        *counts.entry(*stage).or_default() += 1;
+    }
+    let (_, donor) = counts
+        .iter()
+        .map(|(stage, n)| (*n, *stage))
+        .filter(|(n, stage)| *n >= 2 && *stage != target)
+        .max()?;
+    let mover = serving
+        .iter()
+        .filter(|(_, stage)| *stage == donor)
+        .map(|(id, _)| *id)
+        .max()?;
+    Some((mover, target))
+}
+
 /// The stage a peer joining a pipeline already in progress should serve: the one in
 /// `eligible` whose replicas' summed throughput is least (an empty stage first), ties broken
 /// by fewer replicas, then the lower index. `current` lists `(stage, throughput)` of the
@@ -967,5 +993,23 @@ mod tests {
             (2, Throughput::UNKNOWN),
         ];
         assert_eq!(stage_to_join(&current, 3, 1..3), Some(1));
+    }
+
+    #[test]
+    fn the_highest_id_replica_of_the_fullest_stage_moves_to_the_first_empty_one() {
+        let id = |n: u8| NodeId([n; 32]);
+        let serving = [(id(1), 0), (id(7), 0), (id(3), 1), (id(4), 1), (id(9), 1)];
+        assert_eq!(spare_to_move(&serving, &[2, 3]), Some((id(9), 2)));
+        // Ties go to the later stage: the first stage keeps its data peers.
+        let serving = [(id(1), 0), (id(7), 0), (id(3), 1), (id(4), 1)];
+        assert_eq!(spare_to_move(&serving, &[2]), Some((id(4), 2)));
+        // A single replica never leaves its stage; nothing empty, nothing moves.
+        let serving = [(id(1), 0), (id(3), 1)];
+        assert_eq!(spare_to_move(&serving, &[2]), None);
+        assert_eq!(spare_to_move(&[(id(1), 0), (id(2), 0)], &[]), None);
+        assert_eq!(
+            spare_to_move(&[(id(1), 0), (id(2), 0)], &[1]),
+            Some((id(2), 1))
+        );
     }
 }

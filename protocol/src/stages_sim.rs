@@ -270,3 +270,99 @@ fn the_same_scenario_runs_the_same_way() {
         (b.changes, b.moved, b.worst, b.agreements, b.evaluations)
     );
 }
+
+/// A running pipeline under churn: peers crash at random, new peers join by
+/// [`stage_to_join`], and emptied later stages are refilled by [`spare_to_move`], one move at a
+/// time as the nodes do. Checks that a move always comes from a stage with a replica to spare,
+/// never empties a stage, never targets the first stage, and that after the moves a later
+/// stage is empty only when no stage has two replicas; and that a joiner always fills an empty
+/// later stage first.
+fn run_running_pipeline(seed: u64, stages: usize, peers: usize, events: usize) -> (usize, usize) {
+    let mut rng = Rng::new(seed);
+    let mut next_id = 0u8;
+    let mut fresh = |rng: &mut Rng| {
+        next_id = next_id.wrapping_add(1);
+        let mut bytes = [0u8; 32];
+        for b in &mut bytes {
+            *b = rng.next_u64() as u8;
+        }
+        bytes[0] = next_id;
+        NodeId(bytes)
+    };
+    let ids: Vec<(NodeId, Throughput)> = (0..peers)
+        .map(|_| (fresh(&mut rng), Throughput::UNKNOWN))
+        .collect();
+    let start = assign(&ids, stages).expect("enough peers");
+    let mut serving: Vec<(NodeId, usize)> = ids
+        .iter()
+        .map(|(id, _)| (*id, start.stage_of(*id).expect("assigned")))
+        .collect();
+    let (mut moves, mut joins) = (0, 0);
+    for _ in 0..events {
+        if rng.chance(0.6) && serving.len() > 1 {
+            // A crash, never of the last first-stage peer (the run ends then).
+            let i = rng.range(0..serving.len() as u64) as usize;
+            let first_stage_peers = serving.iter().filter(|(_, s)| *s == 0).count();
+            if serving[i].1 != 0 || first_stage_peers > 1 {
+                serving.remove(i);
+            }
+        } else {
+            let current: Vec<(usize, Throughput)> = serving
+                .iter()
+                .map(|(_, s)| (*s, Throughput::from_milli(rng.range(1..4000) as u32)))
+                .collect();
+            let empty_before: Vec<usize> = (1..stages)
+                .filter(|s| !serving.iter().any(|(_, t)| t == s))
+                .collect();
+            let stage = stage_to_join(&current, stages, 1..stages).expect("a later stage");
+            if let Some(first_empty) = empty_before.first() {
+                assert!(
+                    empty_before.contains(&stage),
+                    "joined {stage}, {first_empty} was empty"
+                );
+            }
+            serving.push((fresh(&mut rng), stage));
+            joins += 1;
+        }
+        loop {
+            let empty: Vec<usize> = (1..stages)
+                .filter(|s| !serving.iter().any(|(_, t)| t == s))
+                .collect();
+            let Some((mover, to)) = spare_to_move(&serving, &empty) else {
+                let spare =
+                    (0..stages).any(|s| serving.iter().filter(|(_, t)| *t == s).count() >= 2);
+                assert!(
+                    empty.is_empty() || !spare,
+                    "stage {empty:?} left empty with a spare"
+                );
+                break;
+            };
+            assert_ne!(to, 0, "nobody moves to the first stage");
+            let entry = serving
+                .iter_mut()
+                .find(|(id, _)| *id == mover)
+                .expect("the mover serves");
+            let from = entry.1;
+            entry.1 = to;
+            assert!(
+                serving.iter().any(|(_, s)| *s == from),
+                "the move emptied stage {from}"
+            );
+            moves += 1;
+        }
+    }
+    (moves, joins)
+}
+
+#[test]
+fn a_running_pipeline_refills_emptied_stages_from_spares_and_joiners() {
+    let (mut moves, mut joins) = (0, 0);
+    for seed in 0..200 {
+        let stages = 2 + (seed % 4) as usize;
+        let (m, j) = run_running_pipeline(seed, stages, stages + 3, 40);
+        moves += m;
+        joins += j;
+    }
+    // The scenarios exercise both paths often.
+    assert!(moves > 200 && joins > 1000, "moves {moves}, joins {joins}");
+}

@@ -18,7 +18,7 @@
 //! each of its averaging rounds a later stage sends its parameters to the
 //! first stage's peers, which keep the newest as that stage's backup. A node
 //! that starts while the run is in progress (peers announce steps) takes the
-//! later stage with the fewest replicas, loads that backup (blake3-checked)
+//! later stage with the least measured throughput, loads that backup (blake3-checked)
 //! and serves it, so a stage that lost every replica is taken over by a new
 //! peer without restarting the swarm: the first stage waits up to
 //! `wait_for_peers` for a replica to appear before giving up. Without a new
@@ -462,33 +462,34 @@ impl Driver {
     }
 
     /// The stage this node should move to now, if any: when a later stage
-    /// has had no live replica for a stage timeout, the stage with the most
-    /// replicas (at least two; the later one on ties, since the first stage
-    /// owns the data) gives up its highest-id replica. Every peer evaluates
-    /// the same rule on its own view, so one peer moves per emptied stage
-    /// when views agree; the stage's backup travels with the first stage.
+    /// has had no live replica for a stage timeout, the replica that
+    /// [`stages::spare_to_move`] names on this node's view moves there; the
+    /// stage's backup travels with the first stage.
     fn spare_move(&mut self, pcfg: &PipelineConfig) -> Option<u32> {
-        let me = self.stage?;
+        self.stage?;
         let now = Instant::now();
-        let mut empty = None;
+        let mut empty = Vec::new();
         for s in 1..pcfg.stages {
             if self.live_replicas(s).is_empty() {
                 let since = *self.pipe.empty_since.entry(s).or_insert(now);
-                if empty.is_none() && now.duration_since(since) >= pcfg.stage_timeout {
-                    empty = Some(s);
+                if now.duration_since(since) >= pcfg.stage_timeout {
+                    empty.push(s as usize);
                 }
             } else {
                 self.pipe.empty_since.remove(&s);
             }
         }
-        let target = empty?;
-        let donor = (0..pcfg.stages)
-            .map(|s| (self.live_replicas(s).len(), s))
-            .max()
-            .filter(|(n, _)| *n >= 2)?
-            .1;
-        let mover = self.live_replicas(donor).last().copied();
-        (donor == me && mover == Some(self.me)).then_some(target)
+        let serving: Vec<(NodeId, usize)> = (0..pcfg.stages)
+            .flat_map(|s| {
+                self.live_replicas(s)
+                    .into_iter()
+                    .map(move |id| (id, s as usize))
+            })
+            .collect();
+        match stages::spare_to_move(&serving, &empty) {
+            Some((mover, to)) if mover == self.me => Some(to as u32),
+            _ => None,
+        }
     }
 
     /// This node's stage under the assignment every peer computes from the

@@ -132,12 +132,17 @@ impl Observe {
     fn flags(&self, index: usize) -> anyhow::Result<Vec<String>> {
         let mut v = Vec::new();
         if let Some(addr) = self.metrics {
-            let port = u16::try_from(usize::from(addr.port()) + index)
-                .ok()
-                .filter(|_| addr.port() != 0)
-                .ok_or_else(|| {
-                    anyhow!("--metrics {addr}: node {index} would need port {} (pick a port with room for every node)", usize::from(addr.port()) + index)
-                })?;
+            if addr.port() == 0 {
+                bail!(
+                    "--metrics {addr}: the testnet needs a fixed port (node i serves on port + i)"
+                );
+            }
+            let wanted = usize::from(addr.port()) + index;
+            let port = u16::try_from(wanted).map_err(|_| {
+                anyhow!(
+                    "--metrics {addr}: node {index} would need port {wanted}; pick a lower port"
+                )
+            })?;
             v.push("--metrics".into());
             v.push(std::net::SocketAddr::new(addr.ip(), port).to_string());
         }

@@ -168,7 +168,11 @@ fn prometheus_text_and_json_describe_the_live_swarm() {
             "node {i}: loss {loss}"
         );
         assert_eq!(m["p2ptrain_peers"], 3.0, "node {i}");
-        assert!(m["p2ptrain_samples_total"] >= rounds * 5.0 * 64.0 - 1.0);
+        // 5 steps of 64 samples a round (an epoch's last batch may be short).
+        assert!(
+            m["p2ptrain_samples_total"] >= rounds * 5.0 * 32.0,
+            "node {i}"
+        );
         assert!(m["p2ptrain_samples_per_second"] > 0.0);
         assert!(m["p2ptrain_bytes_sent_total"] > 1e5, "node {i}");
         assert!(m["p2ptrain_bytes_received_total"] > 1e5, "node {i}");
@@ -328,4 +332,9 @@ fn a_taken_metrics_port_is_a_one_line_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not an IP address and port"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // The testnet checks its whole port range before starting any node.
+    let out = common::run(&["testnet", "--nodes", "3", "--metrics", "127.0.0.1:65534"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node 2 would need port 65536"), "{err}");
 }

@@ -306,6 +306,8 @@ fn status_page_shows_peers_and_a_chart_that_updates() {
         );
     }
     assert!(dom.contains(">direct<"), "no address kind shown");
+    // Axes are open lines: a filled axis path once hid the charts behind a black triangle.
+    assert!(dom.contains("class=\"axis\" fill=\"none\""), "{dom}");
     swarm.wait_round(first + 3);
     let later = dump_dom(&chromium, &url, 1500);
     let after = attr_of(&later, "loss-chart", "data-points");

@@ -19,6 +19,7 @@ use libp2p::Multiaddr;
 use p2ptrain_protocol::averaging::AveragingConfig;
 use p2ptrain_protocol::tensor::Encoding;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -56,6 +57,20 @@ pub enum Command {
     Id(IdArgs),
     /// Generate text with a trained char-lm, put together from its stages' checkpoints.
     Sample(SampleArgs),
+    /// Draw a run's loss and accuracy curves (per node and averaged) to a PNG.
+    Plot(PlotArgs),
+}
+
+/// Flags of `p2ptrain plot`.
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// Run directory: one written by `node --run-dir`, or a testnet's, whose
+    /// subdirectories hold one node's records each.
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// Where to write the PNG (default: RUN_DIR/loss.png).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 /// Flags of `p2ptrain sample`.
@@ -230,6 +245,13 @@ pub struct NodeArgs {
     /// unless --checkpoint-dir says otherwise).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Serve Prometheus metrics at /metrics and a status page at / on this
+    /// address, e.g. 127.0.0.1:9100.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics: Option<SocketAddr>,
+    /// Append per-round figures as JSON lines to DIR/metrics.jsonl, for `p2ptrain plot`.
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
     /// Training settings.
     #[command(flatten)]
     pub train: TrainArgs,
@@ -248,6 +270,12 @@ pub struct TestnetArgs {
     /// stage, for `p2ptrain sample --from DIR`).
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
+    /// Serve node i's metrics and status page on ADDR's port + i.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics: Option<SocketAddr>,
+    /// Give node i `--run-dir DIR/node-i` and draw DIR/loss.png at the end.
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
     /// Training settings, passed to every node.
     #[command(flatten)]
     pub train: TrainArgs,
@@ -290,6 +318,11 @@ fn parse_secs(s: &str) -> Result<f64, String> {
     } else {
         Err(format!("must be between 0 and 86400 seconds, got {v}"))
     }
+}
+
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not an IP address and port; expected e.g. 127.0.0.1:9100"))
 }
 
 fn parse_multiaddr(s: &str) -> Result<Multiaddr, String> {
@@ -394,6 +427,18 @@ pub fn main_entry() -> ExitCode {
             Command::Node(args) => run_node(args).await,
             Command::Testnet(args) => testnet::run(args).await,
             Command::Sample(args) => run_sample(args),
+            Command::Plot(args) => {
+                let out = args.out.unwrap_or_else(|| args.run_dir.join("loss.png"));
+                let plotted = crate::plot::plot_run_dir(&args.run_dir, &out)?;
+                println!(
+                    "{} ({} node(s), {}x{})",
+                    out.display(),
+                    plotted.nodes,
+                    plotted.width,
+                    plotted.height
+                );
+                Ok(())
+            }
             Command::Id(args) => {
                 let key = crate::identity::load_or_create(&args.key)?;
                 println!("{}", key.public().to_peer_id());
@@ -492,6 +537,23 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     } else {
         Box::new(print_human)
     };
+    let reporter = match &args.run_dir {
+        Some(dir) => crate::run_record::RunRecorder::create(dir)?.tap(reporter),
+        None => reporter,
+    };
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let metrics = crate::metrics::Metrics::new();
+            let bound = crate::metrics::http::serve(addr, metrics.clone()).await?;
+            eprintln!("metrics: http://{bound}/ (Prometheus at /metrics)");
+            Some(metrics)
+        }
+        None => None,
+    };
+    let reporter = match &metrics {
+        Some(m) => m.tap(reporter),
+        None => reporter,
+    };
     match args.train.model {
         ModelChoice::Mnist(model) => {
             let task = build_mnist_task(TaskSpec {
@@ -502,7 +564,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                 seed,
                 device: args.train.device,
             })?;
-            driver::run(config, keypair, task, reporter).await?;
+            driver::run_with_metrics(config, keypair, task, reporter, metrics).await?;
         }
         ModelChoice::CharLm => {
             let text = load_text(args.train.data.as_ref())?;
@@ -513,7 +575,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                 stage_timeout: Duration::from_secs_f64(args.train.stage_timeout_secs),
                 save_dir,
             };
-            driver::run_pipeline(config, pipeline, keypair, factory, reporter).await?;
+            driver::run_pipeline_with_metrics(
+                config, pipeline, keypair, factory, reporter, metrics,
+            )
+            .await?;
         }
     }
     Ok(())

@@ -9,7 +9,10 @@ pub mod cli;
 pub mod compute;
 pub mod driver;
 pub mod identity;
+pub mod metrics;
 pub mod net;
+pub mod plot;
+pub mod run_record;
 pub mod stage_compute;
 pub mod testnet;
 

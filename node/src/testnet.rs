@@ -122,6 +122,39 @@ fn train_flags(t: &TrainArgs) -> Vec<String> {
     v
 }
 
+/// Per-node observation flags: node i gets the metrics port + i and its own run directory.
+struct Observe {
+    metrics: Option<std::net::SocketAddr>,
+    run_dir: Option<std::path::PathBuf>,
+}
+
+impl Observe {
+    fn flags(&self, index: usize) -> anyhow::Result<Vec<String>> {
+        let mut v = Vec::new();
+        if let Some(addr) = self.metrics {
+            if addr.port() == 0 {
+                bail!(
+                    "--metrics {addr}: the testnet needs a fixed port (node i serves on port + i)"
+                );
+            }
+            let wanted = usize::from(addr.port()) + index;
+            let port = u16::try_from(wanted).map_err(|_| {
+                anyhow!(
+                    "--metrics {addr}: node {index} would need port {wanted}; pick a lower port"
+                )
+            })?;
+            v.push("--metrics".into());
+            v.push(std::net::SocketAddr::new(addr.ip(), port).to_string());
+        }
+        if let Some(dir) = &self.run_dir {
+            v.push("--run-dir".into());
+            v.push(dir.join(format!("node-{index}")).display().to_string());
+        }
+        Ok(v)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn spawn_node(
     index: usize,
     swarm: &str,
@@ -129,6 +162,7 @@ fn spawn_node(
     bootstrap: Option<&str>,
     train: &[String],
     checkpoints: Option<&std::path::Path>,
+    observe: &Observe,
     lines: mpsc::Sender<Line>,
 ) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find the p2ptrain executable")?;
@@ -139,7 +173,8 @@ fn spawn_node(
         .arg("--no-mdns")
         .arg("--events")
         .args(["--min-peers", &nodes.to_string()])
-        .args(train);
+        .args(train)
+        .args(observe.flags(index)?);
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
@@ -206,6 +241,20 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Line>(1024);
     let mut children: Vec<Child> = Vec::with_capacity(nodes);
     let ckpt = args.checkpoint_dir.as_deref();
+    let observe = Observe {
+        metrics: args.metrics,
+        run_dir: args.run_dir.clone(),
+    };
+    for i in 0..nodes {
+        observe.flags(i)?; // a port range past 65535 fails before any node starts
+    }
+    if let Some(addr) = args.metrics {
+        eprintln!(
+            "testnet: node i serves its status page at http://{}:{}+i/",
+            addr.ip(),
+            addr.port()
+        );
+    }
     children.push(spawn_node(
         0,
         &swarm,
@@ -213,6 +262,7 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
         None,
         &train,
         ckpt,
+        &observe,
         tx.clone(),
     )?);
 
@@ -258,6 +308,7 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
                                 Some(&boot),
                                 &train,
                                 ckpt,
+                                &observe,
                                 tx.clone(),
                             )?);
                         }
@@ -312,6 +363,11 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
         }
     }
     let summary = summarize(nodes, &finals, started.elapsed());
+    if let Some(dir) = &args.run_dir {
+        let out = dir.join("loss.png");
+        crate::plot::plot_run_dir(dir, &out)?;
+        eprintln!("testnet: wrote {}", out.display());
+    }
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }

@@ -9,11 +9,13 @@
 mod pipeline;
 
 pub use pipeline::{
-    parse_stage_model_name, run_pipeline, stage_model_name, PipelineConfig, PipelineReport,
+    parse_stage_model_name, run_pipeline, run_pipeline_with_metrics, stage_model_name,
+    PipelineConfig, PipelineReport,
 };
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
 use crate::compute::{Compute, ComputeError, ComputeGone};
+use crate::metrics::Metrics;
 use crate::net::{NetConfig, NetError, NetEvent, NetHandle, Network};
 use crate::task::{Shard, Task};
 use libp2p::{identity::Keypair, Multiaddr, PeerId};
@@ -86,6 +88,8 @@ pub fn network_averaging(join_window: Duration, reduce_timeout: Duration) -> Ave
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a starting node waits for its peers' answers about the swarm's model.
 const INITIAL_SYNC_WAIT: Duration = Duration::from_secs(5);
+/// Peers × samples up to which the metrics registry is told every peer's shard size.
+const OBSERVE_SHARDS_LIMIT: u64 = 4_000_000;
 
 /// Everything a node needs to run, apart from its identity and task.
 #[derive(Debug, Clone)]
@@ -350,6 +354,8 @@ struct Driver {
     /// How long to wait for peers (at the start, and for a pipeline stage
     /// to be taken over).
     peer_wait: Duration,
+    /// The live metrics registry, when `--metrics` serves one.
+    metrics: Option<Metrics>,
 }
 
 /// Runs a node until its training budget is spent; returns its final report.
@@ -357,7 +363,18 @@ pub async fn run(
     config: NodeConfig,
     keypair: Keypair,
     task: Box<dyn Task>,
+    report: Reporter,
+) -> Result<FinalReport, NodeError> {
+    run_with_metrics(config, keypair, task, report, None).await
+}
+
+/// [`run`], also feeding a live metrics registry (`--metrics`).
+pub async fn run_with_metrics(
+    config: NodeConfig,
+    keypair: Keypair,
+    task: Box<dyn Task>,
     mut report: Reporter,
+    metrics: Option<Metrics>,
 ) -> Result<FinalReport, NodeError> {
     let peer_id = keypair.public().to_peer_id();
     let span = info_span!("node", peer = %peer_id);
@@ -367,6 +384,7 @@ pub async fn run(
             Compute::spawn(task, format!("compute-{peer_id}")).map_err(NodeError::Spawn)?;
         let Network { handle, events, .. } = network;
         let mut driver = Driver::new(&config, handle, events);
+        driver.observe(metrics);
         let result = driver.train(&config, &compute, &mut report).await;
         if result.is_ok() {
             driver.linger(config.linger).await;
@@ -399,7 +417,32 @@ impl Driver {
             stage: None,
             pipe: pipeline::Inbox::default(),
             peer_wait: config.wait_for_peers,
+            metrics: None,
         }
+    }
+
+    /// Feeds `metrics` (if any) from now on: network counters, members, shards and stages.
+    fn observe(&mut self, metrics: Option<Metrics>) {
+        if let Some(m) = &metrics {
+            m.attach_net(self.net.stats().clone());
+        }
+        self.metrics = metrics;
+    }
+
+    /// Tells the metrics registry every peer's shard size under `ids` (ours is `mine`).
+    fn observe_shards(&self, ids: &[NodeId], num_samples: u64, mine: usize) {
+        let Some(m) = &self.metrics else { return };
+        let me = self.net.local_peer_id();
+        let mut sizes = vec![(me, mine)];
+        // Others' shards cost a pass over the data each: skip them for huge swarms.
+        if ids.len() as u64 * num_samples <= OBSERVE_SHARDS_LIMIT {
+            for id in ids {
+                if let Some(peer) = self.members.get(id) {
+                    sizes.push((*peer, shards::shard_of(*id, ids, num_samples).len()));
+                }
+            }
+        }
+        m.shards(me, &sizes);
     }
 
     fn now(&self) -> Duration {
@@ -659,6 +702,7 @@ impl Driver {
         let ids = self.swarm_ids();
         let shard = shards::shard_of(self.me, &ids, compute.num_train_samples as u64);
         let len = shard.len();
+        self.observe_shards(&ids, compute.num_train_samples as u64, len);
         let seed = shards::epoch_seed(config.seed, 0, self.me);
         self.members_changed = false;
         debug!(peers = ids.len(), shard = len, "data shard assigned");
@@ -942,6 +986,9 @@ impl Driver {
         match event {
             NetEvent::Listening(addr) => self.listen_addrs.push(addr),
             NetEvent::PeerJoined(peer) => {
+                if let Some(m) = &self.metrics {
+                    m.peer_joined(peer);
+                }
                 self.members
                     .insert(NodeId::from_key_bytes(&peer.to_bytes()), peer);
                 self.members_changed = true;
@@ -949,6 +996,9 @@ impl Driver {
                 self.averager.set_peers(&ids);
             }
             NetEvent::PeerLeft(peer) => {
+                if let Some(m) = &self.metrics {
+                    m.peer_left(&peer);
+                }
                 self.members
                     .remove(&NodeId::from_key_bytes(&peer.to_bytes()));
                 self.pipe.forget_peer(&peer);
@@ -998,6 +1048,9 @@ impl Driver {
                         }
                     }
                     Ok(Message::StageHello(hello)) => {
+                        if let Some(m) = &self.metrics {
+                            m.peer_stage(from, hello.stage);
+                        }
                         // A peer new to a stage, or moving between stages,
                         // may join or leave ours.
                         if self.pipe.on_hello(from, hello) {

@@ -243,13 +243,26 @@ pub async fn run_pipeline(
     pipeline: PipelineConfig,
     keypair: Keypair,
     factory: StageFactory,
+    report: Reporter,
+) -> Result<FinalReport, NodeError> {
+    run_pipeline_with_metrics(config, pipeline, keypair, factory, report, None).await
+}
+
+/// [`run_pipeline`], also feeding a live metrics registry (`--metrics`).
+pub async fn run_pipeline_with_metrics(
+    config: NodeConfig,
+    pipeline: PipelineConfig,
+    keypair: Keypair,
+    factory: StageFactory,
     mut report: Reporter,
+    metrics: Option<crate::metrics::Metrics>,
 ) -> Result<FinalReport, NodeError> {
     let peer_id = keypair.public().to_peer_id();
     let span = info_span!("node", peer = %peer_id);
     async move {
         let Network { handle, events, .. } = Network::start(config.net.clone(), keypair)?;
         let mut driver = Driver::new(&config, handle, events);
+        driver.observe(metrics);
         let result = driver
             .train_pipeline(&config, &pipeline, factory, &mut report)
             .await;
@@ -1089,6 +1102,7 @@ impl Driver {
     ) -> Result<(), NodeError> {
         let ids = self.swarm_ids();
         let indices = shards::shard_of(self.me, &ids, compute.num_train_windows as u64);
+        self.observe_shards(&ids, compute.num_train_windows as u64, indices.len());
         let seed = shards::epoch_seed(config.seed, 0, self.me);
         self.members_changed = false;
         debug!(

@@ -18,7 +18,7 @@ use libp2p::{
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -87,12 +87,51 @@ pub struct NetStats {
     pub bytes_sent: AtomicU64,
     /// Application payload bytes this node received.
     pub bytes_received: AtomicU64,
+    /// The remote address of one open connection per connected peer, so the
+    /// status page can tell direct connections from relayed ones.
+    remote_addrs: Mutex<HashMap<PeerId, Multiaddr>>,
 }
 
 impl NetStats {
     /// Bytes sent so far.
     pub fn sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.bytes_received.load(Ordering::Relaxed)
+    }
+
+    /// The remote address of our connection to `peer`, if one is open.
+    pub fn remote_addr(&self, peer: &PeerId) -> Option<Multiaddr> {
+        self.addrs().get(peer).cloned()
+    }
+
+    fn addrs(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Multiaddr>> {
+        // The map stays consistent even if a holder panicked: every update is one insert or remove.
+        self.remote_addrs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// How a connection reaches a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AddressKind {
+    /// Straight to the peer's own address.
+    Direct,
+    /// Through a relay (the address holds `/p2p-circuit`).
+    Relay,
+}
+
+/// Tells a relayed connection address from a direct one.
+pub fn address_kind(addr: &Multiaddr) -> AddressKind {
+    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+        AddressKind::Relay
+    } else {
+        AddressKind::Direct
     }
 }
 
@@ -384,8 +423,13 @@ impl EventLoop {
                 info!(addr = %full, "listening");
                 self.emit(NetEvent::Listening(full)).await;
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
                 *self.connected.entry(peer_id).or_default() += 1;
+                self.stats
+                    .addrs()
+                    .insert(peer_id, endpoint.get_remote_address().clone());
                 debug!(peer = %peer_id, "connected");
             }
             SwarmEvent::ConnectionClosed {
@@ -394,6 +438,7 @@ impl EventLoop {
                 ..
             } => {
                 self.connected.remove(&peer_id);
+                self.stats.addrs().remove(&peer_id);
                 if self.members.remove(&peer_id) {
                     info!(peer = %peer_id, "member left");
                     self.emit(NetEvent::PeerLeft(peer_id)).await;

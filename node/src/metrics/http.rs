@@ -1,0 +1,238 @@
+//! A minimal HTTP/1.1 responder for the metrics endpoints.
+//!
+//! Three read-only pages do not need a web framework: each connection sends
+//! one GET (or HEAD), gets one response, and is closed. The request head is
+//! bounded in size and time, and so is the number of connections served at
+//! once, so a misbehaving client cannot hold the node's memory or tasks.
+
+use super::Metrics;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::debug;
+
+/// Largest request head accepted; metrics clients send a few hundred bytes.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// How long a client may take to send its request and read the answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; further ones are closed straight away.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// The status page, self-contained: inline CSS, JS and SVG, nothing fetched from elsewhere.
+pub const STATUS_PAGE: &str = include_str!("status.html");
+
+/// Why the metrics server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address could not be bound (in use, not ours, no permission).
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why binding failed.
+        source: std::io::Error,
+    },
+}
+
+/// Binds `addr` and serves `metrics` on it from a background task; returns
+/// the bound address (useful when `addr` has port 0).
+pub async fn serve(addr: SocketAddr, metrics: Metrics) -> Result<SocketAddr, ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    tokio::spawn(accept_loop(listener, metrics));
+    Ok(bound)
+}
+
+async fn accept_loop(listener: TcpListener, metrics: Metrics) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "too many metrics connections; closed");
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if tokio::time::timeout(IO_TIMEOUT, handle(stream, &metrics))
+                .await
+                .is_err()
+            {
+                debug!(%peer, "metrics client too slow; closed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// A response: status line, content type and body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    /// Status code and reason, e.g. `200 OK`.
+    pub status: &'static str,
+    /// Content-Type header value.
+    pub content_type: &'static str,
+    /// The body (empty for HEAD requests once sent).
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    fn text(status: &'static str, body: &str) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.as_bytes().to_vec(),
+        }
+    }
+}
+
+async fn handle(mut stream: TcpStream, metrics: &Metrics) {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let head_end = loop {
+        if let Some(end) = find_head_end(&buf) {
+            break Some(end);
+        }
+        if buf.len() >= MAX_REQUEST_BYTES {
+            break None;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let (response, head_only) = match head_end {
+        Some(end) => respond(&buf[..end], metrics),
+        None => (
+            Response::text("431 Request Header Fields Too Large", "request too large\n"),
+            false,
+        ),
+    };
+    let header = format!(
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        response.status,
+        response.content_type,
+        response.body.len()
+    );
+    let _ = stream.write_all(header.as_bytes()).await;
+    if !head_only {
+        let _ = stream.write_all(&response.body).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+/// Answers one request head; the flag says the body must not be sent (HEAD).
+pub fn respond(head: &[u8], metrics: &Metrics) -> (Response, bool) {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.trim_end().split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return (
+            Response::text("400 Bad Request", "bad request line\n"),
+            false,
+        );
+    };
+    if !version.starts_with("HTTP/1.") {
+        return (
+            Response::text("505 HTTP Version Not Supported", "HTTP/1.x only\n"),
+            false,
+        );
+    }
+    let head_only = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => {
+            return (
+                Response::text("405 Method Not Allowed", "GET or HEAD only\n"),
+                false,
+            )
+        }
+    };
+    let path = target.split('?').next().unwrap_or_default();
+    let response = match path {
+        "/" | "/index.html" => Response {
+            status: "200 OK",
+            content_type: "text/html; charset=utf-8",
+            body: STATUS_PAGE.as_bytes().to_vec(),
+        },
+        "/metrics" => Response {
+            status: "200 OK",
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: metrics.prometheus().into_bytes(),
+        },
+        "/status.json" => match serde_json::to_vec(&metrics.status()) {
+            Ok(body) => Response {
+                status: "200 OK",
+                content_type: "application/json",
+                body,
+            },
+            Err(e) => Response::text("500 Internal Server Error", &format!("{e}\n")),
+        },
+        _ => Response::text(
+            "404 Not Found",
+            "not found; try /, /metrics or /status.json\n",
+        ),
+    };
+    (response, head_only)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_refusals() {
+        let m = Metrics::new();
+        let status = |head: &str| respond(head.as_bytes(), &m).0.status;
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: x"), "200 OK");
+        assert_eq!(status("GET /metrics HTTP/1.1"), "200 OK");
+        assert_eq!(status("GET /status.json?x=1 HTTP/1.0"), "200 OK");
+        assert_eq!(status("GET /nope HTTP/1.1"), "404 Not Found");
+        assert_eq!(status("POST / HTTP/1.1"), "405 Method Not Allowed");
+        assert_eq!(status("GET / SPDY/3"), "505 HTTP Version Not Supported");
+        assert_eq!(status("garbage"), "400 Bad Request");
+        let (r, head_only) = respond(b"HEAD /metrics HTTP/1.1", &m);
+        assert!(head_only && r.status == "200 OK");
+    }
+
+    #[tokio::test]
+    async fn serves_over_tcp_and_bounds_requests() {
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Metrics::new())
+            .await
+            .unwrap();
+        let fetch = |req: Vec<u8>| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(&req).await.unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out).await;
+            out
+        };
+        let page = fetch(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()).await;
+        assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+        assert!(page.contains("<svg") || page.contains("svg"));
+        let big = fetch(vec![b'a'; MAX_REQUEST_BYTES]).await;
+        assert!(big.starts_with("HTTP/1.1 431"), "{big}");
+        // A second server on the same address is refused with the address named.
+        let err = serve(addr, Metrics::new()).await.unwrap_err().to_string();
+        assert!(err.contains(&addr.to_string()), "{err}");
+    }
+}

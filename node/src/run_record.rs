@@ -1,0 +1,310 @@
+//! Run records: a node's per-round figures as JSON lines in its run directory.
+//!
+//! `--run-dir DIR` makes a node append one line per averaging round and one
+//! per evaluation to `DIR/metrics.jsonl`, flushed as they happen, so a run
+//! can be plotted while it goes on and what a killed node did is kept.
+//! [`read_run_dir`] reads them back for `p2ptrain plot`, naming the file and
+//! line of anything it cannot read.
+
+use crate::driver::{NodeEvent, Reporter};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tracing::warn;
+
+/// The file name of a node's records inside its run directory.
+pub const FILE_NAME: &str = "metrics.jsonl";
+
+/// One line of a run record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Record {
+    /// An averaging round ended.
+    Round {
+        /// Round number, from 1.
+        round: u64,
+        /// Local steps taken so far.
+        step: u64,
+        /// Mean training loss of the round's steps (`null` on a stage without loss).
+        loss: Option<f32>,
+        /// Samples trained on so far by this node.
+        samples: u64,
+        /// Seconds since the node started.
+        time_s: f64,
+    },
+    /// The model was evaluated on held-out data.
+    Eval {
+        /// Rounds done when evaluated.
+        round: u64,
+        /// Local steps done when evaluated.
+        step: u64,
+        /// Held-out loss (`null` when this node did not evaluate).
+        loss: Option<f32>,
+        /// Held-out accuracy, for classifiers.
+        accuracy: Option<f32>,
+        /// Seconds since the node started.
+        time_s: f64,
+    },
+}
+
+/// Why run records could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum RunRecordError {
+    /// A file or directory could not be created, written or read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A line is not a record.
+    #[error("{}:{line}: not a run record ({reason})", path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// Line number, from 1.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The directory holds no records at all.
+    #[error("no {FILE_NAME} in {} or its subdirectories; run nodes with --run-dir (or testnet --run-dir) first", dir.display())]
+    Empty {
+        /// The directory searched.
+        dir: PathBuf,
+    },
+}
+
+/// Appends a node's records to `DIR/metrics.jsonl`.
+pub struct RunRecorder {
+    path: PathBuf,
+    file: File,
+    start: Instant,
+    failed: bool,
+}
+
+impl RunRecorder {
+    /// Creates `dir` if needed and opens its record file for appending (a
+    /// resumed node goes on in the same file).
+    pub fn create(dir: &Path) -> Result<RunRecorder, RunRecordError> {
+        std::fs::create_dir_all(dir).map_err(|source| RunRecordError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(FILE_NAME);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| RunRecordError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(RunRecorder {
+            path,
+            file,
+            start: Instant::now(),
+            failed: false,
+        })
+    }
+
+    /// The record an event makes, if any.
+    pub fn record_of(event: &NodeEvent, time_s: f64) -> Option<Record> {
+        let finite = |x: f32| x.is_finite().then_some(x);
+        match event {
+            NodeEvent::Round(r) => Some(Record::Round {
+                round: r.round,
+                step: r.step,
+                loss: finite(r.loss),
+                samples: r.samples,
+                time_s,
+            }),
+            NodeEvent::Finished(f) => Some(Record::Eval {
+                round: f.rounds,
+                step: f.steps,
+                loss: finite(f.test_loss),
+                accuracy: f.test_accuracy,
+                time_s,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Writes the record of `event`, if it makes one.
+    pub fn record(&mut self, event: &NodeEvent) -> Result<(), RunRecordError> {
+        let Some(record) = Self::record_of(event, self.start.elapsed().as_secs_f64()) else {
+            return Ok(());
+        };
+        let mut line = serde_json::to_string(&record).map_err(|e| RunRecordError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.flush())
+            .map_err(|source| RunRecordError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Wraps a reporter so every event is also recorded. A write failure
+    /// (disk full) is logged once and does not stop training.
+    pub fn tap(mut self, mut inner: Reporter) -> Reporter {
+        Box::new(move |event: &NodeEvent| {
+            if let Err(e) = self.record(event) {
+                if !self.failed {
+                    warn!(error = %e, "cannot write the run record; training goes on without it");
+                    self.failed = true;
+                }
+            }
+            inner(event);
+        })
+    }
+}
+
+/// Reads one record file; an unreadable line is an error naming file and line.
+pub fn read_records(path: &Path) -> Result<Vec<Record>, RunRecordError> {
+    let io = |source| RunRecordError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let mut records = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = serde_json::from_str(&line).map_err(|e| RunRecordError::Malformed {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason: e.to_string(),
+        })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// One node's records, named after its directory.
+#[derive(Debug, Clone)]
+pub struct NodeRun {
+    /// The directory's path relative to the run directory (`.` for the run directory itself).
+    pub name: String,
+    /// Its records, in file order.
+    pub records: Vec<Record>,
+}
+
+/// Reads `DIR/metrics.jsonl` and `DIR/*/metrics.jsonl` (a testnet's
+/// `node-I` directories), sorted by name.
+pub fn read_run_dir(dir: &Path) -> Result<Vec<NodeRun>, RunRecordError> {
+    let io = |source| RunRecordError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files = Vec::new();
+    if dir.join(FILE_NAME).is_file() {
+        files.push((".".to_string(), dir.join(FILE_NAME)));
+    }
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let file = entry.path().join(FILE_NAME);
+        if entry.path().is_dir() && file.is_file() {
+            files.push((entry.file_name().to_string_lossy().into_owned(), file));
+        }
+    }
+    if files.is_empty() {
+        return Err(RunRecordError::Empty {
+            dir: dir.to_path_buf(),
+        });
+    }
+    files.sort_by_key(|(name, _)| natural_key(name));
+    files
+        .into_iter()
+        .map(|(name, path)| {
+            Ok(NodeRun {
+                name,
+                records: read_records(&path)?,
+            })
+        })
+        .collect()
+}
+
+/// Sorts `node-10` after `node-9`.
+fn natural_key(name: &str) -> (String, u64) {
+    let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let (stem, num) = name.split_at(name.len() - digits);
+    (stem.to_string(), num.parse().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::RoundReport;
+
+    #[test]
+    fn records_round_trip_through_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = dir.path().join("node-0");
+        let mut rec = RunRecorder::create(&node).unwrap();
+        rec.record(&NodeEvent::Round(RoundReport {
+            round: 1,
+            step: 10,
+            total_steps: 20,
+            peers: 2,
+            loss: 1.25,
+            samples: 640,
+            samples_per_s: 1.0,
+            bytes_sent: 0,
+            dropped: 0,
+            averaging_s: 0.0,
+            model_digest: String::new(),
+        }))
+        .unwrap();
+        rec.record(&NodeEvent::Listening {
+            peer_id: String::new(),
+            addrs: vec![],
+        })
+        .unwrap();
+        let runs = read_run_dir(dir.path()).unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].name, "node-0");
+        match &runs[0].records[..] {
+            [Record::Round {
+                round: 1,
+                step: 10,
+                loss: Some(l),
+                samples: 640,
+                ..
+            }] => assert_eq!(*l, 1.25),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_line_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        std::fs::write(
+            &path,
+            "{\"kind\":\"round\",\"round\":1,\"step\":1,\"loss\":1.0,\"samples\":1,\"time_s\":0.1}\n\n{\"kind\":\"round\",\"round\":\n",
+        )
+        .unwrap();
+        let err = read_run_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(&format!("{}:3:", path.display())), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        let err = read_run_dir(empty.path()).unwrap_err().to_string();
+        assert!(err.contains("no metrics.jsonl"), "{err}");
+    }
+
+    #[test]
+    fn node_directories_sort_naturally() {
+        let mut names = vec!["node-10", "node-2", "node-1"];
+        names.sort_by_key(|n| natural_key(n));
+        assert_eq!(names, ["node-1", "node-2", "node-10"]);
+    }
+}

@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
-use p2ptrain_protocol::averaging::AveragingConfig;
+use p2ptrain_protocol::averaging::{Aggregation, AveragingConfig};
 use p2ptrain_protocol::tensor::Encoding;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -160,6 +160,16 @@ pub struct TrainArgs {
     /// (blockwise, ~1/4 of the bytes). All peers of a swarm should use the same.
     #[arg(long, default_value = "f32", value_parser = parse_compression)]
     pub compression: Encoding,
+    /// How reducers combine peers' parameters: mean, trimmed-mean[:FRACTION] (default 0.2
+    /// off each end per coordinate) or centered-clip[:RADIUS] (default 2, in multiples of
+    /// the contributions' median spread). The robust rules also make peers refuse reduced
+    /// parts far from their own values. All peers of a swarm should use the same.
+    #[arg(long, default_value = "mean", value_parser = parse_aggregation)]
+    pub aggregation: Aggregation,
+    /// Tests only: make this node hostile, corrupting every averaging payload it sends
+    /// (flip, nan or scale:FACTOR).
+    #[arg(long, hide = true, value_name = "HOW")]
+    pub misbehave: Option<crate::misbehave::Misbehave>,
     /// Compute device: cpu, or cuda (needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
@@ -276,6 +286,9 @@ pub struct TestnetArgs {
     /// Give node i `--run-dir DIR/node-i` and draw DIR/loss.png at the end.
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    /// Tests only: make the last N nodes hostile (with `--misbehave HOW`).
+    #[arg(long, hide = true, default_value_t = 0, value_name = "N")]
+    pub hostile: u64,
     /// Training settings, passed to every node.
     #[command(flatten)]
     pub train: TrainArgs,
@@ -307,6 +320,33 @@ fn parse_compression(s: &str) -> Result<Encoding, String> {
     };
     probe.validate().map_err(|e| e.to_string())?;
     Ok(encoding)
+}
+
+fn parse_aggregation(s: &str) -> Result<Aggregation, String> {
+    let (name, arg) = match s.split_once(':') {
+        Some((n, a)) => (n, Some(a)),
+        None => (s, None),
+    };
+    let number = |default: f32| -> Result<f32, String> {
+        arg.map_or(Ok(default), |a| {
+            a.parse()
+                .map_err(|_| format!("`{a}` is not a number (in `{s}`)"))
+        })
+    };
+    let rule = match name {
+        "mean" if arg.is_none() => Aggregation::Mean,
+        "trimmed-mean" => Aggregation::TrimmedMean { trim: number(0.2)? },
+        "centered-clip" => Aggregation::CenteredClip {
+            radius: number(2.0)?,
+        },
+        _ => {
+            return Err(format!(
+                "`{s}` is not an aggregation rule: use mean, trimmed-mean[:FRACTION] or centered-clip[:RADIUS]"
+            ))
+        }
+    };
+    rule.validate()?;
+    Ok(rule)
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {
@@ -516,6 +556,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         },
         averaging: AveragingConfig {
             compression: args.train.compression,
+            aggregation: args.train.aggregation,
             ..driver::network_averaging(
                 Duration::from_secs_f64(args.train.join_window_secs),
                 Duration::from_secs_f64(args.train.reduce_timeout_secs),
@@ -525,6 +566,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         linger: Duration::from_secs(args.linger_secs),
         checkpoints,
         resume,
+        misbehave: args.train.misbehave,
     };
     let reporter: driver::Reporter = if args.events {
         Box::new(|e: &NodeEvent| {

@@ -10,6 +10,7 @@ pub mod compute;
 pub mod driver;
 pub mod identity;
 pub mod metrics;
+pub mod misbehave;
 pub mod net;
 pub mod plot;
 pub mod run_record;

@@ -98,6 +98,8 @@ fn train_flags(t: &TrainArgs) -> Vec<String> {
         t.reduce_timeout_secs.to_string(),
         "--compression".into(),
         t.compression.to_string(),
+        "--aggregation".into(),
+        aggregation_flag(t.aggregation),
         "--device".into(),
         t.device.to_string(),
         "--stages".into(),
@@ -122,15 +124,33 @@ fn train_flags(t: &TrainArgs) -> Vec<String> {
     v
 }
 
+/// The `--aggregation` value that parses back to `a`.
+fn aggregation_flag(a: p2ptrain_protocol::averaging::Aggregation) -> String {
+    use p2ptrain_protocol::averaging::Aggregation;
+    match a {
+        Aggregation::Mean => "mean".into(),
+        Aggregation::TrimmedMean { trim } => format!("trimmed-mean:{trim}"),
+        Aggregation::CenteredClip { radius } => format!("centered-clip:{radius}"),
+    }
+}
+
 /// Per-node observation flags: node i gets the metrics port + i and its own run directory.
 struct Observe {
     metrics: Option<std::net::SocketAddr>,
     run_dir: Option<std::path::PathBuf>,
+    /// Tests only: nodes from this index on get `--misbehave`.
+    hostile: Option<(usize, crate::misbehave::Misbehave)>,
 }
 
 impl Observe {
     fn flags(&self, index: usize) -> anyhow::Result<Vec<String>> {
         let mut v = Vec::new();
+        if let Some((from, how)) = self.hostile {
+            if index >= from {
+                v.push("--misbehave".into());
+                v.push(how.to_string());
+            }
+        }
         if let Some(addr) = self.metrics {
             if addr.port() == 0 {
                 bail!(
@@ -244,6 +264,11 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let observe = Observe {
         metrics: args.metrics,
         run_dir: args.run_dir.clone(),
+        hostile: match (args.hostile, args.train.misbehave) {
+            (0, _) => None,
+            (n, Some(how)) => Some((nodes - n.min(nodes as u64) as usize, how)),
+            (_, None) => bail!("--hostile needs --misbehave HOW (flip, nan or scale:FACTOR)"),
+        },
     };
     for i in 0..nodes {
         observe.flags(i)?; // a port range past 65535 fails before any node starts

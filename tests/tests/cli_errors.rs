@@ -182,3 +182,18 @@ fn bad_secret_file() {
         "/nonexistent/swarm.secret",
     );
 }
+
+#[test]
+fn bad_aggregation_rules() {
+    assert_one_line_error(&["node", "--aggregation", "median"], "median");
+    assert_one_line_error(
+        &["node", "--aggregation", "trimmed-mean:0.7"],
+        "below 0.5",
+    );
+    assert_one_line_error(
+        &["node", "--aggregation", "centered-clip:x"],
+        "not a number",
+    );
+    assert_one_line_error(&["node", "--misbehave", "evil"], "misbehaviour");
+    assert_one_line_error(&["testnet", "--hostile", "1"], "--misbehave");
+}

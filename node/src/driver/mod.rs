@@ -112,6 +112,8 @@ pub struct NodeConfig {
     pub checkpoints: Option<CheckpointPolicy>,
     /// A verified checkpoint to continue from instead of the initial weights.
     pub resume: Option<Checkpoint>,
+    /// Tests only: corrupt every averaging payload this node sends.
+    pub misbehave: Option<crate::misbehave::Misbehave>,
 }
 
 /// When and where a node writes checkpoints.
@@ -354,6 +356,8 @@ struct Driver {
     /// How long to wait for peers (at the start, and for a pipeline stage
     /// to be taken over).
     peer_wait: Duration,
+    /// Tests only: how this node corrupts what it sends when averaging.
+    misbehave: Option<crate::misbehave::Misbehave>,
     /// The live metrics registry, when `--metrics` serves one.
     metrics: Option<Metrics>,
 }
@@ -417,6 +421,7 @@ impl Driver {
             stage: None,
             pipe: pipeline::Inbox::default(),
             peer_wait: config.wait_for_peers,
+            misbehave: config.misbehave,
             metrics: None,
         }
     }
@@ -944,7 +949,10 @@ impl Driver {
 
     /// Sends what the averager wants sent and collects its events.
     fn flush(&mut self) -> Result<(), NodeError> {
-        while let Some(t) = self.averager.poll_transmit() {
+        while let Some(mut t) = self.averager.poll_transmit() {
+            if let Some(m) = self.misbehave {
+                t.msg = m.apply(t.msg);
+            }
             let msg = match self.stage {
                 Some(stage) => Message::StageAvg { stage, msg: t.msg },
                 None => Message::Avg(t.msg),

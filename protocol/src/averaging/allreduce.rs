@@ -45,6 +45,11 @@ pub(crate) struct AllReduce {
     local: Vec<f32>,
     /// How our `Part`s and our `Reduced` are encoded.
     encoding: Encoding,
+    /// How our part is reduced, and whether received parts are screened.
+    aggregation: super::Aggregation,
+    /// Parts whose reduced values we refused as implausible (they stay local; the round
+    /// does not wait for them).
+    refused: Vec<bool>,
     /// Our `Part` payload per part, until that part's `Reduced` arrives (ack).
     outgoing: Vec<Option<Payload>>,
     /// Contributions to our part, by member index.
@@ -101,6 +106,8 @@ impl AllReduce {
             ranges,
             local,
             encoding,
+            aggregation: cfg.aggregation,
+            refused: vec![false; n],
             outgoing,
             contributions,
             reduced: None,
@@ -225,14 +232,27 @@ impl AllReduce {
                 return;
             }
         };
+        if let Some(slot) = self.outgoing.get_mut(j) {
+            *slot = None; // acknowledged
+        }
+        let own = self.local.get(self.ranges[j].clone()).unwrap_or_default();
+        if !self.aggregation.plausible(own, &values) {
+            // A robust swarm keeps its own values for this part rather than a result far
+            // from them: a hostile reducer can hold its part back, not steer it.
+            if let Some(flag) = self.refused.get_mut(j) {
+                *flag = true;
+            }
+            out.reject(
+                from,
+                format!("Reduced part {part} for round {round} is implausibly far from our values; keeping ours"),
+            );
+            return;
+        }
         if let Some(slot) = self.results.get_mut(j) {
             *slot = Some(PartResult {
                 contributors,
                 values,
             });
-        }
-        if let Some(slot) = self.outgoing.get_mut(j) {
-            *slot = None; // acknowledged
         }
     }
 
@@ -243,18 +263,15 @@ impl AllReduce {
     /// the members decode from it, so the whole group ends with the same values.
     fn reduce_own(&mut self, out: &mut Outbox) {
         let len = self.part_len(self.me_idx);
-        let mut sum = vec![0f64; len];
         let mut contributors = Vec::new();
+        let mut rows: Vec<&[f32]> = Vec::new();
         for (member, contribution) in self.group.iter().zip(&self.contributions) {
             if let Some(values) = contribution {
                 contributors.push(*member);
-                for (s, v) in sum.iter_mut().zip(values) {
-                    *s += f64::from(*v);
-                }
+                rows.push(values);
             }
         }
-        let count = contributors.len().max(1) as f64;
-        let mean: Vec<f32> = sum.iter().map(|s| (s / count) as f32).collect();
+        let mean = self.aggregation.reduce(&rows, len);
         let msg = AvgMessage::Reduced {
             round: self.round,
             part: self.me_idx as u32,
@@ -303,7 +320,12 @@ impl AllReduce {
 
     /// Whether the round is over: every part has its result, or the deadline passed.
     pub(crate) fn is_complete(&self, now: Duration) -> bool {
-        now >= self.deadline || self.results.iter().all(Option::is_some)
+        now >= self.deadline
+            || self
+                .results
+                .iter()
+                .zip(&self.refused)
+                .all(|(r, refused)| r.is_some() || *refused)
     }
 
     /// The earliest time something can happen.

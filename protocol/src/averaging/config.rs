@@ -21,7 +21,7 @@ const MIN_RETRY: Duration = Duration::from_millis(1);
 
 /// Timing and size knobs of an averaging round. All times are relative; the state machine
 /// adds them to the `now` values it is given.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AveragingConfig {
     /// How long the leader waits for `Join`s before closing the group (it closes earlier when
     /// every peer of its live view has joined).
@@ -47,6 +47,9 @@ pub struct AveragingConfig {
     /// block, and an [`Averager`](super::Averager) given one anyway sends `F32`. Received
     /// payloads are accepted in any dense encoding.
     pub compression: Encoding,
+    /// How a reducer combines its part's contributions (the swarm's `--aggregation`), and
+    /// whether members screen the reduced parts they receive (robust rules only).
+    pub aggregation: super::Aggregation,
 }
 
 /// Why an [`AveragingConfig`] cannot be used as given.
@@ -75,6 +78,7 @@ impl Default for AveragingConfig {
             join_retry_interval: Duration::from_millis(500),
             max_group_size: 64,
             compression: Encoding::F32,
+            aggregation: super::Aggregation::Mean,
         }
     }
 }

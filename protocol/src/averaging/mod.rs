@@ -66,6 +66,7 @@ mod config;
 mod matchmaking;
 mod messages;
 mod outcome;
+mod robust;
 #[cfg(test)]
 mod tests;
 
@@ -75,6 +76,7 @@ pub use config::{
 };
 pub use messages::AvgMessage;
 pub use outcome::{AveragingError, AvgEvent, Destination, PartOutcome, RoundOutcome, Transmit};
+pub use robust::Aggregation;
 
 use crate::tensor::Payload;
 use crate::NodeId;

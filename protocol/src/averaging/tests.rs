@@ -731,6 +731,7 @@ fn random_traffic_never_panics_or_finishes_twice() {
                 join_retry_interval: ms(50),
                 max_group_size: 8,
                 compression: ENCODINGS[trial % ENCODINGS.len()],
+                aggregation: Aggregation::Mean,
             },
         );
         a.set_peers(&pool);

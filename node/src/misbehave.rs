@@ -1,0 +1,128 @@
+//! A hostile peer, for tests and measurements of robust aggregation only:
+//! `--misbehave` makes a node corrupt every averaging payload it sends (its
+//! contributions and the parts it reduces), as an attacker inside the swarm
+//! would. Its own model stays honest, so the damage is only what it sends.
+
+use p2ptrain_protocol::averaging::AvgMessage;
+use p2ptrain_protocol::tensor::Payload;
+
+/// How a hostile node corrupts what it sends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Misbehave {
+    /// Multiplies every value by this factor.
+    Scale(f32),
+    /// Flips every value's sign.
+    Flip,
+    /// Sends NaN (refused by every receiver's validation).
+    Nan,
+}
+
+impl std::str::FromStr for Misbehave {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "flip" => Ok(Misbehave::Flip),
+            "nan" => Ok(Misbehave::Nan),
+            _ => match s.strip_prefix("scale:").map(str::parse::<f32>) {
+                Some(Ok(k)) if k.is_finite() => Ok(Misbehave::Scale(k)),
+                _ => Err(format!(
+                    "`{s}` is not a misbehaviour: use flip, nan or scale:FACTOR"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Misbehave {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Misbehave::Scale(k) => write!(f, "scale:{k}"),
+            Misbehave::Flip => f.write_str("flip"),
+            Misbehave::Nan => f.write_str("nan"),
+        }
+    }
+}
+
+impl Misbehave {
+    fn corrupt(self, payload: &Payload) -> Payload {
+        let Ok(values) = payload.decode() else {
+            return payload.clone();
+        };
+        let bad: Vec<f32> = values
+            .iter()
+            .map(|v| match self {
+                Misbehave::Scale(k) => v * k,
+                Misbehave::Flip => -v,
+                Misbehave::Nan => f32::NAN,
+            })
+            .collect();
+        Payload::encode(&bad, payload.encoding)
+    }
+
+    /// Corrupts the tensor payload of an outgoing averaging message.
+    pub fn apply(self, msg: AvgMessage) -> AvgMessage {
+        match msg {
+            AvgMessage::Part {
+                round,
+                part,
+                payload,
+            } => AvgMessage::Part {
+                round,
+                part,
+                payload: self.corrupt(&payload),
+            },
+            AvgMessage::Reduced {
+                round,
+                part,
+                contributors,
+                payload,
+            } => AvgMessage::Reduced {
+                round,
+                part,
+                contributors,
+                payload: self.corrupt(&payload),
+            },
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2ptrain_protocol::tensor::Encoding;
+
+    #[test]
+    fn parses_and_prints_every_kind() {
+        for s in ["flip", "nan", "scale:-10"] {
+            let m: Misbehave = s.parse().unwrap();
+            assert_eq!(m.to_string(), s);
+        }
+        assert!("scale:x".parse::<Misbehave>().is_err());
+        assert!("evil".parse::<Misbehave>().is_err());
+    }
+
+    #[test]
+    fn corrupts_parts_and_reduced_parts() {
+        let part = AvgMessage::Part {
+            round: 1,
+            part: 0,
+            payload: Payload::encode(&[1.0, -2.0], Encoding::F32),
+        };
+        let AvgMessage::Part { payload, .. } = Misbehave::Flip.apply(part.clone()) else {
+            panic!("kind changed");
+        };
+        assert_eq!(payload.decode().unwrap(), vec![-1.0, 2.0]);
+        let AvgMessage::Part { payload, .. } = Misbehave::Scale(3.0).apply(part.clone()) else {
+            panic!("kind changed");
+        };
+        assert_eq!(payload.decode().unwrap(), vec![3.0, -6.0]);
+        let AvgMessage::Part { payload, .. } = Misbehave::Nan.apply(part) else {
+            panic!("kind changed");
+        };
+        assert!(payload.validate().is_err(), "NaN must not pass validation");
+        let join = AvgMessage::Join { round: 1, len: 2 };
+        assert_eq!(Misbehave::Flip.apply(join.clone()), join);
+    }
+}

@@ -186,10 +186,7 @@ fn bad_secret_file() {
 #[test]
 fn bad_aggregation_rules() {
     assert_one_line_error(&["node", "--aggregation", "median"], "median");
-    assert_one_line_error(
-        &["node", "--aggregation", "trimmed-mean:0.7"],
-        "below 0.5",
-    );
+    assert_one_line_error(&["node", "--aggregation", "trimmed-mean:0.7"], "below 0.5");
     assert_one_line_error(
         &["node", "--aggregation", "centered-clip:x"],
         "not a number",

@@ -1074,7 +1074,13 @@ impl Driver {
                     Ok(Message::PipeForward(f)) => self.pipe.on_forward(from, f),
                     Ok(Message::PipeBackward(b)) => self.pipe.on_backward(from, b),
                     Ok(Message::StageAvg { .. }) => {} // filtered above
-                    Err(e) => warn!(peer = %from, error = %e, "malformed message dropped"),
+                    Err(e) => {
+                        warn!(peer = %from, error = %e, "malformed message dropped");
+                        // No honest peer sends invalid data: whatever it was, the
+                        // round in flight stops waiting for this peer.
+                        let now = self.now();
+                        self.averager.exclude_member(now, from_id);
+                    }
                 }
             }
         }

@@ -50,6 +50,8 @@ pub(crate) struct AllReduce {
     /// Parts whose reduced values we refused as implausible (they stay local; the round
     /// does not wait for them).
     refused: Vec<bool>,
+    /// Members dropped from this round for sending invalid data.
+    excluded: Vec<bool>,
     /// Our `Part` payload per part, until that part's `Reduced` arrives (ack).
     outgoing: Vec<Option<Payload>>,
     /// Contributions to our part, by member index.
@@ -108,6 +110,7 @@ impl AllReduce {
             encoding,
             aggregation: cfg.aggregation,
             refused: vec![false; n],
+            excluded: vec![false; n],
             outgoing,
             contributions,
             reduced: None,
@@ -163,9 +166,42 @@ impl AllReduce {
         if let Some(slot) = self.contributions.get_mut(idx) {
             *slot = Some(values);
         }
-        if self.contributions.iter().all(Option::is_some) {
+        self.reduce_if_all_in(out);
+    }
+
+    /// Reduces our part once every member not excluded has contributed.
+    fn reduce_if_all_in(&mut self, out: &mut Outbox) {
+        let all_in = self
+            .contributions
+            .iter()
+            .zip(&self.excluded)
+            .all(|(c, excluded)| c.is_some() || *excluded);
+        if all_in && self.reduced.is_none() {
             self.reduce_own(out);
         }
+    }
+
+    /// Stops waiting for `member` in this round: neither its contribution to our part nor
+    /// its reduced part (which stays local) is waited for. Ourselves and strangers are ignored.
+    pub(crate) fn exclude(&mut self, member: NodeId, out: &mut Outbox) {
+        let Ok(idx) = self.group.binary_search(&member) else {
+            return;
+        };
+        if idx == self.me_idx {
+            return;
+        }
+        if let Some(flag) = self.excluded.get_mut(idx) {
+            *flag = true;
+        }
+        if self.results.get(idx).is_some_and(Option::is_none) {
+            if let Some(flag) = self.refused.get_mut(idx) {
+                *flag = true;
+            }
+        }
+        if let Some(c) = self.contributions.get_mut(idx) {
+            *c = None;
+        }
+        self.reduce_if_all_in(out);
     }
 
     /// A reducer's result for its part.

@@ -257,6 +257,17 @@ impl Averager {
         self.finish_if_complete(now);
     }
 
+    /// Drops `member` from the all-reduce in flight, if it is in its group: the transport saw
+    /// it send something invalid (a NaN payload, a bad digest), which no honest member does,
+    /// so its contribution and its reduced part are not waited for. A no-op between rounds.
+    pub fn exclude_member(&mut self, now: Duration, member: NodeId) {
+        self.observe(now);
+        if let State::Reducing(ar) = &mut self.state {
+            ar.exclude(member, &mut self.out);
+        }
+        self.finish_if_complete(now);
+    }
+
     /// Runs the timers that are due at `now`: `Join` and `Part` re-sends, closing the group,
     /// the reducer deadline, giving up, the reduce deadline.
     pub fn handle_timeout(&mut self, now: Duration) {

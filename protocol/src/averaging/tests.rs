@@ -1123,3 +1123,76 @@ fn parts_that_overtake_the_group_message_are_kept() {
             .all(|p| p.averaged && p.contributors.len() == 3));
     }
 }
+
+/// A member whose tensors arrive invalid (the transport refuses them before the averager sees
+/// them) is excluded when the transport says so: the others finish at once, without it,
+/// instead of waiting for the reduce deadline.
+#[test]
+fn an_excluded_member_is_not_waited_for() {
+    let vals = [
+        vec![1.0f32, 2.0, 3.0],
+        vec![3.0, 4.0, 5.0],
+        vec![9.0, 9.0, 9.0],
+    ];
+    let mut nodes: Vec<Averager> = [A, B, C].iter().map(|&m| node(m, &[A, B, C])).collect();
+    for (n, v) in nodes.iter_mut().zip(&vals) {
+        n.start_round(ms(0), 3, v.clone()).expect("start");
+    }
+    // Deliver everything except C's tensors (as if each failed validation on arrival).
+    let mut evs: Vec<Vec<AvgEvent>> = vec![Vec::new(); 3];
+    loop {
+        let mut pending = Vec::new();
+        for (i, n) in nodes.iter_mut().enumerate() {
+            pending.extend(transmits(n).into_iter().map(|t| (i, t)));
+            evs[i].extend(events(n));
+        }
+        pending.retain(|(from, t)| {
+            *from != 2 || !matches!(t.msg, AvgMessage::Part { .. } | AvgMessage::Reduced { .. })
+        });
+        if pending.is_empty() {
+            break;
+        }
+        for (from, t) in pending {
+            let sender = nodes[from].me();
+            for (to, n) in nodes.iter_mut().enumerate() {
+                let addressed = match t.to {
+                    Destination::Broadcast => to != from,
+                    Destination::Peer(p) => p == n.me(),
+                };
+                if addressed {
+                    n.handle_message(ms(1), sender, t.msg.clone());
+                }
+            }
+        }
+    }
+    assert!(
+        finished(&evs[0]).is_empty(),
+        "A finished while still waiting for C"
+    );
+    for n in &mut nodes[..2] {
+        n.exclude_member(ms(2), id(C));
+    }
+    // A and B's reduced parts cross once more now that they stopped waiting.
+    let more = pump(&mut nodes[..2], ms(3));
+    let want = mean(&[&vals[0], &vals[1]]);
+    for (i, e) in more.iter().enumerate() {
+        let mut all = evs[i].clone();
+        all.extend(e.iter().cloned());
+        let done = finished(&all);
+        assert_eq!(done.len(), 1, "node {i}: {all:?}");
+        let o = &done[0];
+        assert_eq!(o.dropped, vec![id(C)]);
+        // Parts reduced by A and B hold the mean of A and B; C's part stays local.
+        for p in &o.parts {
+            if p.averaged {
+                assert_eq!(
+                    bits(&o.values[p.range.clone()]),
+                    bits(&want[p.range.clone()])
+                );
+                assert_eq!(p.contributors, vec![id(A), id(B)]);
+            } else {
+                assert_eq!(o.values[p.range.clone()], vals[i][p.range.clone()]);
+            }
+        }
+    }
+}

@@ -192,7 +192,7 @@ fn a_new_peer_takes_over_a_stage_that_lost_every_replica() {
                 let survivor = addr_of[1 - v].clone().expect("the survivor's address");
                 nodes
                     .0
-                    .push(spawn_with(2, &swarm, "1", Some(&survivor), tx.clone()));
+                    .push(spawn_with(2, &swarm, "2", Some(&survivor), tx.clone()));
             }
             Some("round") if stage_of[2].is_some() && stage_of[i] == Some(0) => {
                 first_rounds_after_takeover += 1

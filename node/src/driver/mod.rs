@@ -458,16 +458,7 @@ impl Driver {
     /// or in a pipeline the replicas of its own stage.
     fn swarm_ids(&self) -> Vec<NodeId> {
         if let Some(stage) = self.stage {
-            let mut ids: Vec<NodeId> = self
-                .pipe
-                .peers_of_stage(stage)
-                .map(|p| NodeId::from_key_bytes(&p.to_bytes()))
-                .filter(|id| self.members.contains_key(id))
-                .collect();
-            ids.push(self.me);
-            ids.sort();
-            ids.dedup();
-            return ids;
+            return self.live_replicas(stage);
         }
         let mut ids: Vec<NodeId> = self.members.keys().copied().collect();
         ids.push(self.me);

@@ -458,8 +458,9 @@ impl Driver {
         Ok(())
     }
 
-    /// Live replicas of `stage` as this node sees them, itself included.
-    fn live_replicas(&self, stage: u32) -> Vec<NodeId> {
+    /// Live replicas of `stage` as this node sees them (itself included when
+    /// it holds that stage), sorted: also a pipeline node's averaging group.
+    pub(super) fn live_replicas(&self, stage: u32) -> Vec<NodeId> {
         let mut ids: Vec<NodeId> = self
             .pipe
             .peers_of_stage(stage)

@@ -181,6 +181,7 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
         linger: Duration::from_secs(2),
         checkpoints: None,
         resume: None,
+        misbehave: driver::Misbehave::None,
     };
     let reporter: driver::Reporter = Box::new(|event: &NodeEvent| {
         if let Ok(v) = serde_json::to_value(event) {

@@ -230,6 +230,10 @@ pub struct NodeArgs {
     /// unless --checkpoint-dir says otherwise).
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// Test only: `corrupt` makes this node serve corrupted state chunks to
+    /// joiners (its manifest stays honest), to test that they detect and avoid it.
+    #[arg(long, value_name = "HOW", hide = true, value_parser = ["corrupt"])]
+    pub misbehave_state: Option<String>,
     /// Training settings.
     #[command(flatten)]
     pub train: TrainArgs,
@@ -480,6 +484,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         linger: Duration::from_secs(args.linger_secs),
         checkpoints,
         resume,
+        misbehave: match args.misbehave_state.as_deref() {
+            Some("corrupt") => driver::Misbehave::CorruptState,
+            _ => driver::Misbehave::None,
+        },
     };
     let reporter: driver::Reporter = if args.events {
         Box::new(|e: &NodeEvent| {

@@ -265,6 +265,7 @@ pub async fn run_swarm(
         linger: Duration::from_secs(2),
         checkpoints: None,
         resume: None,
+        misbehave: driver::Misbehave::None,
     };
     let mut handles = Vec::new();
     let mut slots = Vec::new();

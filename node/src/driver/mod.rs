@@ -462,7 +462,19 @@ impl Driver {
             }
             self.pump(compute.set_params(ckpt.params.clone())).await??;
             (step, round, samples) = (ckpt.meta.step, ckpt.meta.round, ckpt.meta.samples);
-            info!(round, step, "resumed from checkpoint");
+            // The moments only tune step sizes: a checkpoint without them (an
+            // older format) or with unusable ones resumes with fresh moments.
+            let optim_time = match &ckpt.optim {
+                Some(state) => match self.pump(compute.set_optim_state(state.clone())).await? {
+                    Ok(()) => Some(state.time),
+                    Err(e) => {
+                        warn!(error = %e, "checkpoint's optimizer state not restored; fresh moments");
+                        None
+                    }
+                },
+                None => None,
+            };
+            info!(round, step, ?optim_time, "resumed from checkpoint");
         }
         let mut train_time = Duration::ZERO;
         let mut last_loss = f32::NAN;
@@ -565,6 +577,7 @@ impl Driver {
                 let last = round >= total_steps.div_ceil(every);
                 if round.is_multiple_of(policy.every_rounds.max(1)) || last {
                     let params = self.pump(compute.params()).await??;
+                    let optim = self.pump(compute.optim_state()).await??;
                     let meta = CheckpointMeta {
                         swarm: config.net.swarm.clone(),
                         model: policy.model.clone(),
@@ -574,8 +587,9 @@ impl Driver {
                         params_digest: checkpoint::params_digest(&params),
                     };
                     let dir = policy.dir.clone();
-                    let write =
-                        tokio::task::spawn_blocking(move || checkpoint::save(&dir, &meta, &params));
+                    let write = tokio::task::spawn_blocking(move || {
+                        checkpoint::save_with_optim(&dir, &meta, &params, optim.as_ref())
+                    });
                     let path = self.pump(write).await?.map_err(|e| {
                         NodeError::Checkpoint(CheckpointError::Io {
                             path: policy.dir.clone(),

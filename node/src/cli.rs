@@ -649,9 +649,18 @@ fn print_human(e: &NodeEvent) {
         } => println!(
             "training with {peers} peer(s): {shard} samples in my shard, {total_steps} steps"
         ),
-        NodeEvent::Synced { round, from, .. } => {
-            println!("downloaded the swarm's model (round {round}) from {from}")
-        }
+        NodeEvent::Synced {
+            round,
+            chunks,
+            sources,
+            avoided,
+            secs,
+            ..
+        } => println!(
+            "downloaded the swarm's model (round {round}): {chunks} chunks from {} peers in {secs:.2} s, {} peers avoided",
+            sources.len(),
+            avoided.len()
+        ),
         NodeEvent::Round(r) => println!(
             "round {:>4}  step {:>6}/{}  peers {:>2}  loss {:.4}  {:>8.0} samples/s  sent {:.1} MB",
             r.round,

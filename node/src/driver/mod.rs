@@ -482,11 +482,13 @@ impl Driver {
         let mut averaging_total = 0.0f64;
         let mut total_steps = total_steps;
         self.total_steps = total_steps;
-        if config.resume.is_none() {
-            if let Some(synced) = self.sync_with_swarm(compute, report, SYNC_WAIT).await? {
-                (round, total_steps) = synced;
-                self.total_steps = total_steps;
-            }
+        // A new node, or a restarted one whose checkpoint the swarm has
+        // moved past, starts from the model the swarm vouches for.
+        if let Some(synced) = self
+            .sync_with_swarm(compute, report, SYNC_WAIT, round)
+            .await?
+        {
+            (round, total_steps) = synced;
         }
         // The run ends at a round, not at a step count: a node that skipped
         // rounds to catch up with the swarm (it downloaded the swarm's model)
@@ -501,7 +503,10 @@ impl Driver {
                 && sync_attempts < MAX_SYNC_ATTEMPTS
             {
                 sync_attempts += 1;
-                if let Some(synced) = self.sync_with_swarm(compute, report, SYNC_WAIT).await? {
+                if let Some(synced) = self
+                    .sync_with_swarm(compute, report, SYNC_WAIT, round)
+                    .await?
+                {
                     (round, total_steps) = synced;
                 }
             }

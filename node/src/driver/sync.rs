@@ -199,14 +199,15 @@ impl Driver {
     }
 
     /// Asks every member which state it holds, waits for their answers (at
-    /// most `wait`), then downloads the vouched state if there is one. Used
-    /// at start and whenever the node finds itself behind without a model
-    /// from the swarm (claims otherwise arrive only once per round).
+    /// most `wait`), then downloads the vouched state if it is newer than
+    /// round `ours`. Used at start and whenever the node finds itself behind
+    /// without a model from the swarm (claims otherwise arrive only once per round).
     pub(super) async fn sync_with_swarm(
         &mut self,
         compute: &Compute,
         report: &mut Reporter,
         wait: Duration,
+        ours: u64,
     ) -> Result<Option<(u64, u64)>, NodeError> {
         let members: Vec<PeerId> = self.members.values().copied().collect();
         if members.is_empty() {
@@ -226,7 +227,7 @@ impl Driver {
                 break;
             }
         }
-        self.download_vouched(compute, report).await
+        self.download_vouched(compute, report, ours).await
     }
 
     /// Downloads the state the swarm vouches for and installs it; returns its
@@ -236,11 +237,19 @@ impl Driver {
         &mut self,
         compute: &Compute,
         report: &mut Reporter,
+        ours: u64,
     ) -> Result<Option<(u64, u64)>, NodeError> {
         let Some(choice) = self.vouches.choose(MIN_VOUCHERS) else {
             debug!("no state is vouched for yet");
             return Ok(None);
         };
+        if choice.claim.round <= ours {
+            debug!(
+                vouched = choice.claim.round,
+                ours, "our model is as recent as the swarm's"
+            );
+            return Ok(None);
+        }
         let holders: Vec<NodeId> = choice
             .vouchers
             .iter()

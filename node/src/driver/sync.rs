@@ -51,7 +51,8 @@ pub enum Misbehave {
 /// The states this node serves.
 #[derive(Debug, Default)]
 pub(super) struct Served {
-    states: VecDeque<(Manifest, Vec<u8>)>,
+    /// (root, manifest, bytes), oldest first.
+    states: VecDeque<(Digest, Manifest, Vec<u8>)>,
     misbehave: Misbehave,
 }
 
@@ -71,7 +72,7 @@ impl Served {
             round,
             root: manifest.root(),
         };
-        self.states.push_back((manifest, bytes));
+        self.states.push_back((claim.root, manifest, bytes));
         while self.states.len() > SERVED_STATES {
             self.states.pop_front();
         }
@@ -80,14 +81,17 @@ impl Served {
 
     /// The newest state's claim, if any.
     pub(super) fn latest(&self) -> Option<Claim> {
-        self.states.back().map(|(m, _)| Claim {
+        self.states.back().map(|(root, m, _)| Claim {
             round: m.round,
-            root: m.root(),
+            root: *root,
         })
     }
 
-    fn find(&self, root: &Digest) -> Option<&(Manifest, Vec<u8>)> {
-        self.states.iter().find(|(m, _)| m.root() == *root)
+    fn find(&self, root: &Digest) -> Option<(&Manifest, &[u8])> {
+        self.states
+            .iter()
+            .find(|(r, _, _)| r == root)
+            .map(|(_, m, b)| (m, b.as_slice()))
     }
 
     /// The manifest of a served state.

@@ -14,7 +14,8 @@
 //!    turn). A chunk whose length or blake3 does not match the manifest
 //!    marks its sender [`Fault::Corrupt`]; a request unanswered within
 //!    `request_timeout` marks it [`Fault::Timeout`]; a "not held" answer
-//!    marks it [`Fault::NotHeld`]. An avoided peer gets no more requests in
+//!    marks it [`Fault::NotHeld`]; a holder that leaves the swarm is
+//!    [`Fault::Left`] at once. An avoided peer gets no more requests in
 //!    this download, and its chunks go to the others.
 //! 3. With every chunk in, it checks the whole state's digest and finishes.
 //!
@@ -62,6 +63,8 @@ pub enum Fault {
     Timeout,
     /// It said it does not hold the state (it moved on).
     NotHeld,
+    /// It left the swarm (its connection closed).
+    Left,
 }
 
 impl Fault {
@@ -72,6 +75,7 @@ impl Fault {
             Fault::BadManifest => "bad_manifest",
             Fault::Timeout => "timeout",
             Fault::NotHeld => "not_held",
+            Fault::Left => "left",
         }
     }
 }
@@ -269,6 +273,21 @@ impl Download {
             }
         }
         self.progress(now);
+    }
+
+    /// A holder left the swarm: its requests go to the others now, without
+    /// waiting for their timeouts.
+    pub fn handle_peer_left(&mut self, now: Duration, peer: NodeId) {
+        if self.outcome.is_some() || self.avoided.contains_key(&peer) {
+            return;
+        }
+        if self.manifest_req.map(|(p, _)| p) == Some(peer) {
+            self.manifest_req = None;
+        }
+        if self.usable.contains(&peer) {
+            self.avoid(peer, Fault::Left);
+            self.progress(now);
+        }
     }
 
     /// Expires requests past their deadline (their peers are avoided) and the download's own.

@@ -276,6 +276,46 @@ fn answers_nobody_asked_for_are_ignored() {
 }
 
 #[test]
+fn a_holder_that_leaves_hands_its_chunks_to_the_others_at_once() {
+    let bytes = state(4_000);
+    let m = Manifest::build(2, 10, &bytes, 1000);
+    let claim = Claim {
+        round: 2,
+        root: m.root(),
+    };
+    let mut d = Download::new(Duration::ZERO, claim, &[id(1), id(2)], fast());
+    assert!(matches!(
+        d.poll_action(),
+        Some(DownloadAction::RequestManifest { .. })
+    ));
+    d.handle_manifest(MS, id(1), Some(m.clone()));
+    let mut asked: Vec<(NodeId, u32)> = Vec::new();
+    while let Some(DownloadAction::RequestChunk { peer, index, .. }) = d.poll_action() {
+        asked.push((peer, index));
+    }
+    assert_eq!(asked.len(), 4, "two per peer");
+    // id(2) leaves: its two chunks go to id(1) as soon as it has room.
+    d.handle_peer_left(MS * 2, id(2));
+    assert!(d.poll_action().is_none(), "id(1) already has 2 in flight");
+    for (peer, index) in asked.iter().filter(|(p, _)| *p == id(1)) {
+        d.handle_chunk(MS * 3, *peer, *index, Some(&bytes[m.chunk_range(*index)]));
+    }
+    let mut again = Vec::new();
+    while let Some(DownloadAction::RequestChunk { peer, index, .. }) = d.poll_action() {
+        assert_eq!(peer, id(1));
+        again.push(index);
+    }
+    for index in again {
+        d.handle_chunk(MS * 4, id(1), index, Some(&bytes[m.chunk_range(index)]));
+    }
+    let got = d.outcome().unwrap().unwrap();
+    assert_eq!(got.bytes, bytes);
+    assert_eq!(got.avoided.get(&id(2)), Some(&Fault::Left));
+    // Well before any request timeout.
+    assert!(fast().request_timeout > MS * 4);
+}
+
+#[test]
 fn manifest_root_binds_every_field_and_validate_checks_sizes() {
     let bytes = state(2_500);
     let m = Manifest::build(3, 40, &bytes, 1000);

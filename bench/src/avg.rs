@@ -182,6 +182,7 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
         checkpoints: None,
         resume: None,
         misbehave: None,
+        misbehave_state: driver::StateMisbehave::None,
     };
     let reporter: driver::Reporter = Box::new(|event: &NodeEvent| {
         if let Ok(v) = serde_json::to_value(event) {

@@ -7,8 +7,9 @@
 
 use std::time::Instant;
 
+use p2ptrain_protocol::averaging::AvgMessage;
 use p2ptrain_protocol::tensor::{Encoding, Payload};
-use p2ptrain_protocol::wire::{self, Message, ModelState};
+use p2ptrain_protocol::wire::{self, Message};
 use serde_json::json;
 
 use crate::util::{emit, median};
@@ -41,18 +42,17 @@ pub fn run(args: &CodecArgs) -> anyhow::Result<()> {
         let t0 = Instant::now();
         let payload = Payload::encode(&values, encoding);
         let t1 = Instant::now();
-        let bytes = wire::encode(&Message::State(ModelState {
+        let bytes = wire::encode(&Message::Avg(AvgMessage::Part {
             round: 1,
-            step: 1,
-            total_steps: 1,
+            part: 0,
             payload,
         }))?;
         let t2 = Instant::now();
-        let Message::State(state) = wire::decode(&bytes)? else {
+        let Message::Avg(AvgMessage::Part { payload, .. }) = wire::decode(&bytes)? else {
             anyhow::bail!("decoded another message kind");
         };
         let t3 = Instant::now();
-        let decoded = state.payload.decode()?;
+        let decoded = payload.decode()?;
         let t4 = Instant::now();
         anyhow::ensure!(decoded.len() == values.len(), "decoded length differs");
         if rep > 0 {

@@ -8,15 +8,22 @@
 //! to the newest checkpoint that verifies.
 //!
 //! Format: `P2PTCKPT`, format version (u32 LE), header length (u32 LE), a JSON
-//! header, then the parameters as little-endian f32.
+//! header, then the parameters as little-endian f32. Version 2 adds the local
+//! optimizer's state when the header has an `optim` entry: Adam's first and
+//! then second moments, one f32 per parameter each, after the parameters
+//! (with their own digest in the header). Version 1 files still load, with
+//! no optimizer state; a file of a newer version is refused by name.
 
+use crate::task::OptimState;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tracing::warn;
 
 const MAGIC: &[u8; 8] = b"P2PTCKPT";
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
+/// The oldest format this build still reads.
+const OLDEST_READABLE: u32 = 1;
 /// Checkpoints kept per directory; older ones are deleted after a new one lands.
 pub const KEEP: usize = 3;
 /// Longest JSON header we accept, so a corrupt length cannot make us allocate wildly.
@@ -39,6 +46,24 @@ pub struct CheckpointMeta {
     pub params_digest: String,
 }
 
+/// The optimizer section's description in the header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OptimMeta {
+    /// Steps Adam's moments have seen.
+    time: u64,
+    /// blake3 of both moment vectors' little-endian bytes, hex.
+    digest: String,
+}
+
+/// The JSON header: the run's metadata, plus the optimizer section if any.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Header {
+    #[serde(flatten)]
+    meta: CheckpointMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    optim: Option<OptimMeta>,
+}
+
 /// A loaded, verified checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
@@ -46,6 +71,8 @@ pub struct Checkpoint {
     pub meta: CheckpointMeta,
     /// Flat parameters.
     pub params: Vec<f32>,
+    /// The local optimizer's state, if the checkpoint holds one (format 2 and later).
+    pub optim: Option<OptimState>,
 }
 
 /// Checkpoint failures.
@@ -94,15 +121,40 @@ pub fn params_digest(params: &[f32]) -> String {
     hex(&p2ptrain_protocol::tensor::digest_f32(params))
 }
 
-fn encode(meta: &CheckpointMeta, params: &[f32]) -> Vec<u8> {
-    let header = serde_json::to_vec(meta).expect("checkpoint metadata always serialises");
-    let mut out = Vec::with_capacity(16 + header.len() + params.len() * 4);
+fn optim_digest(optim: &OptimState) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&params_bytes(&optim.moment_1));
+    h.update(&params_bytes(&optim.moment_2));
+    hex(h.finalize().as_bytes())
+}
+
+fn encode(meta: &CheckpointMeta, params: &[f32], optim: Option<&OptimState>) -> Vec<u8> {
+    let header = Header {
+        meta: meta.clone(),
+        optim: optim.map(|o| OptimMeta {
+            time: o.time,
+            digest: optim_digest(o),
+        }),
+    };
+    let header = serde_json::to_vec(&header).expect("checkpoint metadata always serialises");
+    let mut out = Vec::with_capacity(16 + header.len() + params.len() * 12);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
     out.extend_from_slice(&header);
     out.extend_from_slice(&params_bytes(params));
+    if let Some(o) = optim {
+        out.extend_from_slice(&params_bytes(&o.moment_1));
+        out.extend_from_slice(&params_bytes(&o.moment_2));
+    }
     out
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
@@ -114,9 +166,10 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
         return Err(invalid("missing the P2PTCKPT header".into()));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
         return Err(invalid(format!(
-            "format version {version}, expected {FORMAT_VERSION}"
+            "format version {version}, this build reads {OLDEST_READABLE} to {FORMAT_VERSION}; \
+             resume with the p2ptrain version that wrote it"
         )));
     }
     let header_len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
@@ -125,32 +178,67 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
             "header length {header_len} does not fit the file"
         )));
     }
-    let meta: CheckpointMeta = serde_json::from_slice(&bytes[16..16 + header_len])
+    let Header { meta, optim } = serde_json::from_slice(&bytes[16..16 + header_len])
         .map_err(|e| invalid(format!("header: {e}")))?;
     let body = &bytes[16 + header_len..];
-    if !body.len().is_multiple_of(4) {
+    // Parameters, then (with an optimizer section) two moment vectors of the same length.
+    let sections = if optim.is_some() { 3 } else { 1 };
+    if !body.len().is_multiple_of(4 * sections) {
         return Err(invalid(format!(
-            "parameter section of {} bytes is not whole f32s",
+            "body of {} bytes is not {sections} equal f32 sections",
             body.len()
         )));
     }
-    let params: Vec<f32> = body
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect();
+    let len = body.len() / sections;
+    let params = f32s(&body[..len]);
+    let optim = match optim {
+        Some(o) => {
+            let state = OptimState {
+                time: o.time,
+                moment_1: f32s(&body[len..2 * len]),
+                moment_2: f32s(&body[2 * len..]),
+            };
+            if optim_digest(&state) != o.digest {
+                return Err(invalid(
+                    "optimizer state digest does not match the header".into(),
+                ));
+            }
+            state
+                .validate(params.len())
+                .map_err(|e| invalid(e.to_string()))?;
+            Some(state)
+        }
+        None => None,
+    };
     if params_digest(&params) != meta.params_digest {
         return Err(invalid("parameter digest does not match the header".into()));
     }
     if let Some(i) = params.iter().position(|v| !v.is_finite()) {
         return Err(invalid(format!("parameter {i} is not finite")));
     }
-    Ok(Checkpoint { meta, params })
+    Ok(Checkpoint {
+        meta,
+        params,
+        optim,
+    })
 }
 
-/// Writes a checkpoint into `dir` atomically and prunes old ones; returns its path.
+/// Writes a checkpoint without optimizer state into `dir` atomically and
+/// prunes old ones; returns its path.
 pub fn save(dir: &Path, meta: &CheckpointMeta, params: &[f32]) -> Result<PathBuf, CheckpointError> {
+    save_with_optim(dir, meta, params, None)
+}
+
+/// Writes a checkpoint, with the local optimizer's state if given, into
+/// `dir` atomically and prunes old ones; returns its path.
+pub fn save_with_optim(
+    dir: &Path,
+    meta: &CheckpointMeta,
+    params: &[f32],
+    optim: Option<&OptimState>,
+) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let bytes = encode(meta, params);
+    let bytes = encode(meta, params, optim);
     let hash = blake3::hash(&bytes);
     let name = format!(
         "ckpt-r{:08}-{}.bin",
@@ -294,7 +382,7 @@ mod tests {
         let p = vec![1.0f32; 8];
         let mut m = meta(7, &p);
         m.params_digest = "00".repeat(32);
-        let bytes = encode(&m, &p);
+        let bytes = encode(&m, &p, None);
         let name = format!(
             "ckpt-r00000007-{}.bin",
             &hex(blake3::hash(&bytes).as_bytes())[..32]
@@ -302,6 +390,84 @@ mod tests {
         std::fs::write(dir.path().join(name), bytes).unwrap();
         let err = load_latest(dir.path()).unwrap_err();
         assert!(matches!(err, CheckpointError::NoneFound(_)), "{err}");
+    }
+
+    fn adam(n: usize, time: u64) -> OptimState {
+        OptimState {
+            time,
+            moment_1: (0..n).map(|i| i as f32 * -0.5).collect(),
+            moment_2: (0..n).map(|i| i as f32 * 0.25).collect(),
+        }
+    }
+
+    #[test]
+    fn optimizer_state_round_trips_and_damage_falls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = vec![0.5f32; 32];
+        save_with_optim(dir.path(), &meta(1, &p), &p, Some(&adam(32, 10))).unwrap();
+        let newer = vec![0.75f32; 32];
+        let path =
+            save_with_optim(dir.path(), &meta(2, &newer), &newer, Some(&adam(32, 20))).unwrap();
+        let c = load_latest(dir.path()).unwrap();
+        assert_eq!((c.meta.round, c.params.clone()), (2, newer));
+        assert_eq!(c.optim, Some(adam(32, 20)));
+        // A flipped byte in the second moments: that file is refused, the
+        // previous one (with its own optimizer state) is used.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - 5;
+        bytes[at] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = load_file(&path).unwrap_err().to_string();
+        assert!(err.contains("content hash"), "{err}");
+        let c = load_latest(dir.path()).unwrap();
+        assert_eq!((c.meta.round, c.optim), (1, Some(adam(32, 10))));
+    }
+
+    #[test]
+    fn forged_optimizer_section_is_checked_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = vec![1.0f32; 4];
+        let mut bad = adam(4, 3);
+        bad.moment_2[1] = -2.0; // no Adam ever holds a negative second moment
+        let path = save_with_optim(dir.path(), &meta(1, &p), &p, Some(&bad)).unwrap();
+        let err = load_file(&path).unwrap_err().to_string();
+        assert!(err.contains("second moment is negative"), "{err}");
+        let mut short = adam(3, 3);
+        short.moment_1.push(0.0);
+        short.moment_2.push(0.0);
+        let bytes = encode(&meta(2, &p), &p[..3], Some(&short));
+        let name = format!(
+            "ckpt-r00000002-{}.bin",
+            &hex(blake3::hash(&bytes).as_bytes())[..32]
+        );
+        std::fs::write(dir.path().join(&name), &bytes).unwrap();
+        let err = load_file(&dir.path().join(name)).unwrap_err().to_string();
+        assert!(err.contains("equal f32 sections"), "{err}");
+    }
+
+    #[test]
+    fn version_1_files_still_load_without_optimizer_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = vec![2.0f32; 16];
+        // A version-1 file: the header is the bare metadata, the body the parameters.
+        let mut bytes = Vec::new();
+        let header = serde_json::to_vec(&meta(4, &p)).unwrap();
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(&params_bytes(&p));
+        let name = format!(
+            "ckpt-r00000004-{}.bin",
+            &hex(blake3::hash(&bytes).as_bytes())[..32]
+        );
+        std::fs::write(dir.path().join(name), &bytes).unwrap();
+        let c = load_latest(dir.path()).unwrap();
+        assert_eq!((c.meta.round, c.params, c.optim), (4, p.clone(), None));
+        // A future version is refused by name.
+        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let err = decode(Path::new("x.bin"), &bytes).unwrap_err().to_string();
+        assert!(err.contains("format version 3"), "{err}");
     }
 
     #[test]

@@ -262,6 +262,10 @@ pub struct NodeArgs {
     /// Append per-round figures as JSON lines to DIR/metrics.jsonl, for `p2ptrain plot`.
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    /// Test only: `corrupt` makes this node serve corrupted state chunks to
+    /// joiners (its manifest stays honest), to test that they detect and avoid it.
+    #[arg(long, value_name = "HOW", hide = true, value_parser = ["corrupt"])]
+    pub misbehave_state: Option<String>,
     /// Training settings.
     #[command(flatten)]
     pub train: TrainArgs,
@@ -567,6 +571,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         checkpoints,
         resume,
         misbehave: args.train.misbehave,
+        misbehave_state: match args.misbehave_state.as_deref() {
+            Some("corrupt") => driver::StateMisbehave::CorruptState,
+            _ => driver::StateMisbehave::None,
+        },
     };
     let reporter: driver::Reporter = if args.events {
         Box::new(|e: &NodeEvent| {
@@ -748,9 +756,18 @@ fn print_human(e: &NodeEvent) {
         } => println!(
             "training with {peers} peer(s): {shard} samples in my shard, {total_steps} steps"
         ),
-        NodeEvent::Synced { round, from, .. } => {
-            println!("downloaded the swarm's model (round {round}) from {from}")
-        }
+        NodeEvent::Synced {
+            round,
+            chunks,
+            sources,
+            avoided,
+            secs,
+            ..
+        } => println!(
+            "downloaded the swarm's model (round {round}): {chunks} chunks from {} peers in {secs:.2} s, {} peers avoided",
+            sources.len(),
+            avoided.len()
+        ),
         NodeEvent::Round(r) => println!(
             "round {:>4}  step {:>6}/{}  peers {:>2}  loss {:.4}  {:>8.0} samples/s  sent {:.1} MB",
             r.round,

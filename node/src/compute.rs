@@ -3,7 +3,7 @@
 //! The driver sends commands over a bounded channel and awaits each answer on
 //! a oneshot; the async runtime only ever waits, it never computes.
 
-use crate::task::{EvalStats, Shard, StepStats, Task, TaskError};
+use crate::task::{EvalStats, OptimState, Shard, StepStats, Task, TaskError};
 use std::sync::mpsc as std_mpsc;
 use tokio::sync::oneshot;
 
@@ -18,6 +18,8 @@ enum Command {
     SetParams(Vec<f32>, Reply<Result<(), TaskError>>),
     SetShard(Shard, Reply<()>),
     Evaluate(Reply<Result<EvalStats, TaskError>>),
+    OptimState(Reply<Option<OptimState>>),
+    SetOptimState(OptimState, Reply<Result<(), TaskError>>),
 }
 
 /// The compute thread stopped (it panicked or was shut down).
@@ -85,6 +87,16 @@ impl Compute {
         self.call(|r| Command::SetShard(shard, r)).await
     }
 
+    /// The local optimizer's state (Adam moments), for checkpoints.
+    pub async fn optim_state(&self) -> Result<Option<OptimState>, ComputeGone> {
+        self.call(Command::OptimState).await
+    }
+
+    /// Restores the local optimizer's state from a checkpoint.
+    pub async fn set_optim_state(&self, state: OptimState) -> Result<(), ComputeError> {
+        Ok(self.call(|r| Command::SetOptimState(state, r)).await??)
+    }
+
     /// Evaluates on the held-out set.
     pub async fn evaluate(&self) -> Result<EvalStats, ComputeError> {
         Ok(self.call(Command::Evaluate).await??)
@@ -132,6 +144,12 @@ fn serve(mut task: Box<dyn Task>, commands: std_mpsc::Receiver<Command>) {
             }
             Command::Evaluate(reply) => {
                 let _ = reply.send(task.evaluate());
+            }
+            Command::OptimState(reply) => {
+                let _ = reply.send(task.optim_state());
+            }
+            Command::SetOptimState(state, reply) => {
+                let _ = reply.send(task.set_optim_state(&state));
             }
         }
     }

@@ -15,6 +15,7 @@
 //! - [`averaging`]: one averaging round: matchmaking and a butterfly all-reduce.
 //! - [`stages`]: which peer holds which pipeline stage (balanced by throughput, stable under churn).
 //! - [`pipe`]: messages of pipeline (model-parallel) training.
+//! - [`statesync`]: how a joiner downloads the state the swarm vouches for, in verified chunks from several peers.
 //! - [`sim`]: a deterministic swarm simulator that drives many [`averaging::Averager`]s.
 
 pub mod averaging;
@@ -24,6 +25,7 @@ pub mod rng;
 pub mod shards;
 pub mod sim;
 pub mod stages;
+pub mod statesync;
 pub mod tensor;
 pub mod wire;
 

@@ -17,12 +17,13 @@ use crate::averaging::{AvgMessage, MAX_GROUP_MEMBERS, MAX_VECTOR_LEN};
 use crate::pipe::{
     PipeBackward, PipeError, PipeForward, StageHello, StageState, StageStateRequest,
 };
-use crate::tensor::{Payload, TensorError};
+use crate::statesync::{Claim, Digest, Manifest, StateError, MAX_CHUNKS, MAX_CHUNK_BYTES};
+use crate::tensor::{Bytes, TensorError};
 use serde::{Deserialize, Serialize};
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
 /// refuse each other with a clear error instead of misreading bytes.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Hard limit on one encoded message (header included): bounds what a peer can make us
 /// buffer and parse.
@@ -35,10 +36,41 @@ pub enum Message {
     Avg(AvgMessage),
     /// A training-progress announcement.
     Progress(Progress),
-    /// A node that is behind asks a member for the swarm's current model.
+    /// A starting node asks a member which state it holds (answered with
+    /// [`Message::StateAnnounce`]).
     StateRequest,
-    /// A member's model after its last finished round, in answer to [`Message::StateRequest`].
-    State(ModelState),
+    /// The state the sender holds and serves: gossiped after each round it
+    /// finishes, sent directly in answer to [`Message::StateRequest`].
+    /// `None`: no state yet (the swarm has not finished a round).
+    StateAnnounce(Option<Claim>),
+    /// Asks for the manifest of the state with this root.
+    ManifestRequest {
+        /// The state's manifest root.
+        root: Digest,
+    },
+    /// The answer to [`Message::ManifestRequest`]; `None` if not held.
+    Manifest {
+        /// The root asked for.
+        root: Digest,
+        /// Its manifest.
+        manifest: Option<Manifest>,
+    },
+    /// Asks for one chunk of a state.
+    ChunkRequest {
+        /// The state's manifest root.
+        root: Digest,
+        /// The chunk.
+        index: u32,
+    },
+    /// The answer to [`Message::ChunkRequest`]; `None` if not held.
+    Chunk {
+        /// The root asked for.
+        root: Digest,
+        /// The chunk.
+        index: u32,
+        /// Its bytes (checked against the manifest by the receiver).
+        data: Option<Bytes>,
+    },
     /// Pipeline: a micro-batch's activations for the next stage.
     PipeForward(PipeForward),
     /// Pipeline: a micro-batch's loss and input gradient, back to its sender.
@@ -56,20 +88,6 @@ pub enum Message {
     StageState(StageState),
     /// Pipeline: a node taking over a stage asks for its backup.
     StageStateRequest(StageStateRequest),
-}
-
-/// A member's model, sent to a node catching up with the swarm.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-pub struct ModelState {
-    /// The averaging round these parameters are the result of.
-    pub round: u64,
-    /// The sender's local step count at that round.
-    pub step: u64,
-    /// Local steps per peer the swarm's run lasts, so a node that installs
-    /// this model mid-run stops at the same round as the swarm.
-    pub total_steps: u64,
-    /// The flat parameters (digest-checked like every payload).
-    pub payload: Payload,
 }
 
 /// A node's gossip announcement of its training progress, so peers can tell who is alive and
@@ -165,6 +183,9 @@ pub enum ContentError {
     /// A pipeline message's content is invalid.
     #[error(transparent)]
     Pipe(#[from] PipeError),
+    /// A state-transfer message's content is invalid.
+    #[error("state transfer: {0}")]
+    State(#[from] StateError),
     /// A progress report with a NaN or infinite loss.
     #[error("progress loss {loss} is not finite")]
     NonFiniteLoss {
@@ -192,10 +213,28 @@ impl Message {
         match self {
             Message::Avg(m) => m.validate(),
             Message::Progress(p) => p.validate(),
-            Message::StateRequest => Ok(()),
-            Message::State(state) => {
-                check_vector_len(u64::from(state.payload.len))?;
-                Ok(state.payload.validate()?)
+            Message::StateRequest | Message::ManifestRequest { .. } => Ok(()),
+            Message::StateAnnounce(claim) => match claim {
+                Some(c) if c.round == 0 => Err(StateError::RoundZero.into()),
+                _ => Ok(()),
+            },
+            Message::Manifest { manifest, .. } => match manifest {
+                Some(m) => Ok(m.validate()?),
+                None => Ok(()),
+            },
+            Message::ChunkRequest { index, .. } => Ok(check_chunk_index(*index)?),
+            Message::Chunk { index, data, .. } => {
+                check_chunk_index(*index)?;
+                match data {
+                    Some(d) if d.0.len() > MAX_CHUNK_BYTES as usize => {
+                        Err(StateError::ChunkTooLong {
+                            len: d.0.len(),
+                            max: MAX_CHUNK_BYTES,
+                        }
+                        .into())
+                    }
+                    _ => Ok(()),
+                }
             }
             Message::PipeForward(f) => Ok(f.validate()?),
             Message::PipeBackward(b) => Ok(b.validate()?),
@@ -216,6 +255,17 @@ pub(crate) fn check_vector_len(len: u64) -> Result<(), ContentError> {
         return Err(ContentError::VectorTooLong {
             len,
             max: MAX_VECTOR_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a chunk index against the largest possible manifest.
+fn check_chunk_index(index: u32) -> Result<(), StateError> {
+    if index as usize >= MAX_CHUNKS {
+        return Err(StateError::ChunkIndex {
+            index,
+            max: MAX_CHUNKS,
         });
     }
     Ok(())
@@ -302,7 +352,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use crate::tensor::{Bytes, Encoding};
+    use crate::tensor::{Encoding, Payload};
     use crate::NodeId;
 
     fn id(n: u8) -> NodeId {
@@ -369,12 +419,29 @@ mod tests {
                 stage: 1,
                 msg: AvgMessage::Join { round: 2, len: 5 },
             },
-            Message::State(ModelState {
+            Message::StateAnnounce(None),
+            Message::StateAnnounce(Some(Claim {
                 round: 9,
-                step: 90,
-                total_steps: 200,
-                payload: Payload::from_f32(&[0.25, -1.5, 3.0]),
-            }),
+                root: [7; 32],
+            })),
+            Message::ManifestRequest { root: [3; 32] },
+            Message::Manifest {
+                root: [3; 32],
+                manifest: Some(Manifest::build(9, 200, &[1, 2, 3, 4, 5], 2)),
+            },
+            Message::Manifest {
+                root: [3; 32],
+                manifest: None,
+            },
+            Message::ChunkRequest {
+                root: [3; 32],
+                index: 2,
+            },
+            Message::Chunk {
+                root: [3; 32],
+                index: 2,
+                data: Some(Bytes(vec![5])),
+            },
             compressed(Encoding::F16),
             compressed(Encoding::Bf16),
             compressed(Encoding::Int8 { block: 3 }),
@@ -575,6 +642,49 @@ mod tests {
                     len: MAX_VECTOR_LEN + 1,
                     max: MAX_VECTOR_LEN,
                 },
+            ),
+            (
+                Message::StateAnnounce(Some(Claim {
+                    round: 0,
+                    root: [1; 32],
+                })),
+                ContentError::State(StateError::RoundZero),
+            ),
+            (
+                Message::Manifest {
+                    root: [1; 32],
+                    manifest: Some({
+                        let mut m = Manifest::build(1, 1, &[1, 2, 3], 2);
+                        m.chunks.push([0; 32]);
+                        m
+                    }),
+                },
+                ContentError::State(StateError::ChunkCount {
+                    listed: 3,
+                    total_bytes: 3,
+                    chunk_bytes: 2,
+                }),
+            ),
+            (
+                Message::ChunkRequest {
+                    root: [1; 32],
+                    index: MAX_CHUNKS as u32,
+                },
+                ContentError::State(StateError::ChunkIndex {
+                    index: MAX_CHUNKS as u32,
+                    max: MAX_CHUNKS,
+                }),
+            ),
+            (
+                Message::Chunk {
+                    root: [1; 32],
+                    index: 0,
+                    data: Some(Bytes(vec![0; MAX_CHUNK_BYTES as usize + 1])),
+                },
+                ContentError::State(StateError::ChunkTooLong {
+                    len: MAX_CHUNK_BYTES as usize + 1,
+                    max: MAX_CHUNK_BYTES,
+                }),
             ),
             (
                 Message::Progress(Progress {

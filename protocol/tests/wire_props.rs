@@ -9,10 +9,9 @@ use p2ptrain_protocol::averaging::AvgMessage;
 use p2ptrain_protocol::pipe::{
     PipeBackward, PipeForward, StageHello, StagePhase, StageState, StageStateRequest,
 };
-use p2ptrain_protocol::tensor::{Encoding, Payload};
-use p2ptrain_protocol::wire::{
-    decode, encode, Message, ModelState, Progress, WireError, PROTOCOL_VERSION,
-};
+use p2ptrain_protocol::statesync::{Claim, Manifest};
+use p2ptrain_protocol::tensor::{Bytes, Encoding, Payload};
+use p2ptrain_protocol::wire::{decode, encode, Message, Progress, WireError, PROTOCOL_VERSION};
 use p2ptrain_protocol::NodeId;
 use proptest::prelude::*;
 
@@ -106,6 +105,25 @@ fn any_phase() -> impl Strategy<Value = StagePhase> {
     ]
 }
 
+/// Manifests, mostly consistent, sometimes with a chunk count or sizes no honest peer sends.
+fn any_manifest() -> impl Strategy<Value = Option<Manifest>> {
+    prop::option::of(
+        (
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 0..3000),
+            prop_oneof![0u32..2048, Just(u32::MAX)],
+            prop::collection::vec(any::<[u8; 32]>(), 0..4),
+        )
+            .prop_map(|(round, total_steps, bytes, chunk_bytes, extra)| {
+                let mut manifest = Manifest::build(round, total_steps, &bytes, chunk_bytes.max(1));
+                manifest.chunk_bytes = chunk_bytes;
+                manifest.chunks.extend(extra);
+                manifest
+            }),
+    )
+}
+
 fn any_message() -> impl Strategy<Value = Message> {
     prop_oneof![
         any_avg().prop_map(Message::Avg),
@@ -118,14 +136,24 @@ fn any_message() -> impl Strategy<Value = Message> {
             })
         ),
         Just(Message::StateRequest),
-        (any::<u64>(), any::<u64>(), any::<u64>(), any_payload()).prop_map(
-            |(round, step, total_steps, payload)| Message::State(ModelState {
-                round,
-                step,
-                total_steps,
-                payload,
-            })
-        ),
+        (any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(round, root)| Message::StateAnnounce(Some(Claim { round, root }))),
+        Just(Message::StateAnnounce(None)),
+        any::<[u8; 32]>().prop_map(|root| Message::ManifestRequest { root }),
+        (any::<[u8; 32]>(), any_manifest())
+            .prop_map(|(root, manifest)| Message::Manifest { root, manifest }),
+        (any::<[u8; 32]>(), any::<u32>())
+            .prop_map(|(root, index)| Message::ChunkRequest { root, index }),
+        (
+            any::<[u8; 32]>(),
+            0u32..5000,
+            prop::option::of(prop::collection::vec(any::<u8>(), 0..600))
+        )
+            .prop_map(|(root, index, data)| Message::Chunk {
+                root,
+                index,
+                data: data.map(Bytes),
+            }),
         (
             any::<u64>(),
             any::<bool>(),

@@ -109,6 +109,18 @@ fn killed_node_resumes_from_last_good_checkpoint() {
         String::from_utf8_lossy(&bytes).contains(digest),
         "final checkpoint does not hold the final model"
     );
+    // ... and the local Adam moments. Their step count went on from the
+    // checkpoint's (it would be 30 had the resume started with fresh moments).
+    let text = String::from_utf8_lossy(&bytes);
+    let time: u64 = text
+        .split_once("\"optim\":{\"time\":")
+        .and_then(|(_, rest)| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .expect("final checkpoint has no optimizer state");
+    assert_eq!(
+        time, target_steps,
+        "optimizer state not carried across the resume"
+    );
 }
 
 #[test]

@@ -55,12 +55,13 @@ fn late_joiner_averages_with_the_swarm() {
             );
         }
         match v["event"].as_str() {
-            // The joiner waits to see one member (--min-peers 2) so its first
-            // act is to download the swarm's model, not to train a round alone.
+            // The joiner waits for both members (--min-peers 3), so it syncs
+            // before its first step; with --min-peers 1 it may start before
+            // it has heard of anyone, train one round alone, then sync.
             Some("round") if i < 2 && !late_started && v["round"].as_u64() == Some(4) && i == 0 => {
                 nodes
                     .0
-                    .push(spawn(2, &swarm, "2", "60", Some(&boot), tx.clone()));
+                    .push(spawn(2, &swarm, "3", "60", Some(&boot), tx.clone()));
                 late_started = true;
             }
             Some("synced") if i == 2 => synced = Some(v),

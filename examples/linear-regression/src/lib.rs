@@ -266,6 +266,7 @@ pub async fn run_swarm(
         checkpoints: None,
         resume: None,
         misbehave: None,
+        misbehave_state: driver::StateMisbehave::None,
     };
     let mut handles = Vec::new();
     let mut slots = Vec::new();

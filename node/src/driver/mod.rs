@@ -7,11 +7,13 @@
 //! by `wait_for_peers`.
 
 mod pipeline;
+mod sync;
 
 pub use pipeline::{
     parse_stage_model_name, run_pipeline, run_pipeline_with_metrics, stage_model_name,
     PipelineConfig, PipelineReport,
 };
+pub use sync::Misbehave as StateMisbehave;
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
 use crate::compute::{Compute, ComputeError, ComputeGone};
@@ -22,10 +24,11 @@ use libp2p::{identity::Keypair, Multiaddr, PeerId};
 use p2ptrain_protocol::averaging::{
     Averager, AveragingConfig, AveragingError, AvgEvent, AvgMessage, Destination, RoundOutcome,
 };
-use p2ptrain_protocol::wire::{self, Message, ModelState, Progress};
-use p2ptrain_protocol::{shards, tensor, NodeId};
+use p2ptrain_protocol::statesync::{Download, Vouches};
+use p2ptrain_protocol::wire::{self, Message, Progress};
+use p2ptrain_protocol::{shards, NodeId};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -84,12 +87,12 @@ pub fn network_averaging(join_window: Duration, reduce_timeout: Duration) -> Ave
     }
 }
 
-/// How long a node catching up waits for a member to send the swarm's model.
-const STATE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a starting node waits for its peers' answers about the swarm's model.
-const INITIAL_SYNC_WAIT: Duration = Duration::from_secs(5);
 /// Peers × samples up to which the metrics registry is told every peer's shard size.
 const OBSERVE_SHARDS_LIMIT: u64 = 4_000_000;
+/// How long a node that syncs waits for its peers to say which state they hold.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
+/// Downloads a node that is behind tries before training on with its own model.
+const MAX_SYNC_ATTEMPTS: u32 = 3;
 
 /// Everything a node needs to run, apart from its identity and task.
 #[derive(Debug, Clone)]
@@ -114,6 +117,8 @@ pub struct NodeConfig {
     pub resume: Option<Checkpoint>,
     /// Tests only: corrupt every averaging payload this node sends.
     pub misbehave: Option<crate::misbehave::Misbehave>,
+    /// Test only: misbehave as a state server (see [`Misbehave`]).
+    pub misbehave_state: StateMisbehave,
 }
 
 /// When and where a node writes checkpoints.
@@ -150,14 +155,29 @@ pub enum NodeEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stage: Option<u32>,
     },
-    /// The node was behind and downloaded the swarm's model from a member.
+    /// The node was behind and downloaded the model the swarm vouches for.
     Synced {
         /// The round the downloaded parameters are the result of.
         round: u64,
-        /// The member that sent them.
+        /// The member that served the most chunks.
         from: String,
         /// blake3 of the downloaded parameters, hex.
         model_digest: String,
+        /// Chunks the state came in.
+        #[serde(default)]
+        chunks: u32,
+        /// Peers that vouched for the state.
+        #[serde(default)]
+        vouchers: usize,
+        /// Verified chunks each peer served.
+        #[serde(default)]
+        sources: BTreeMap<String, u32>,
+        /// Peers avoided during the download, and why (`corrupt`, `timeout`, ...).
+        #[serde(default)]
+        avoided: BTreeMap<String, String>,
+        /// Seconds the download took.
+        #[serde(default)]
+        secs: f64,
     },
     /// An averaging round ended.
     Round(RoundReport),
@@ -339,14 +359,16 @@ struct Driver {
     /// or one past its Progress), so a node that is behind joins the swarm's
     /// current round instead of rounds nobody else runs any more.
     swarm_round: u64,
-    /// The member with the most advanced Progress, to ask for the model.
-    best_source: Option<(u64, PeerId)>,
-    /// Our parameters after our last round, served to nodes catching up.
-    served_state: Option<(u64, u64, Vec<f32>)>,
+    /// Our last states, served in chunks to nodes catching up.
+    served: sync::Served,
+    /// Which states members claim to hold, to pick the one the swarm vouches for.
+    vouches: Vouches,
+    /// The state download in progress, if any.
+    download: Option<Download>,
+    /// Members that answered our StateRequest.
+    state_answers: BTreeSet<NodeId>,
     /// Local steps per peer this run lasts, told to nodes that download our model.
     total_steps: u64,
-    /// Models received in answer to our StateRequests (bounded by the member count).
-    received_states: Vec<(PeerId, ModelState)>,
     /// We hold a model that went through an averaging round (or was downloaded).
     synced: bool,
     /// In a pipeline, the stage this node holds; `None` in data-parallel training.
@@ -413,10 +435,11 @@ impl Driver {
             finished: None,
             listen_addrs: Vec::new(),
             swarm_round: 0,
-            best_source: None,
-            served_state: None,
+            served: sync::Served::new(config.misbehave_state),
+            vouches: Vouches::default(),
+            download: None,
+            state_answers: BTreeSet::new(),
             total_steps: 0,
-            received_states: Vec::new(),
             synced: false,
             stage: None,
             pipe: pipeline::Inbox::default(),
@@ -498,7 +521,19 @@ impl Driver {
             }
             self.pump(compute.set_params(ckpt.params.clone())).await??;
             (step, round, samples) = (ckpt.meta.step, ckpt.meta.round, ckpt.meta.samples);
-            info!(round, step, "resumed from checkpoint");
+            // The moments only tune step sizes: a checkpoint without them (an
+            // older format) or with unusable ones resumes with fresh moments.
+            let optim_time = match &ckpt.optim {
+                Some(state) => match self.pump(compute.set_optim_state(state.clone())).await? {
+                    Ok(()) => Some(state.time),
+                    Err(e) => {
+                        warn!(error = %e, "checkpoint's optimizer state not restored; fresh moments");
+                        None
+                    }
+                },
+                None => None,
+            };
+            info!(round, step, ?optim_time, "resumed from checkpoint");
         }
         let mut train_time = Duration::ZERO;
         let mut last_loss = f32::NAN;
@@ -506,23 +541,32 @@ impl Driver {
         let mut averaging_total = 0.0f64;
         let mut total_steps = total_steps;
         self.total_steps = total_steps;
-        if config.resume.is_none() {
-            if let Some(synced) = self.initial_sync(compute, report).await? {
-                (round, total_steps) = synced;
-                self.total_steps = total_steps;
-            }
+        // A new node, or a restarted one whose checkpoint the swarm has
+        // moved past, starts from the model the swarm vouches for.
+        if let Some(synced) = self
+            .sync_with_swarm(compute, report, SYNC_WAIT, round)
+            .await?
+        {
+            (round, total_steps) = synced;
         }
         // The run ends at a round, not at a step count: a node that skipped
         // rounds to catch up with the swarm (it downloaded the swarm's model)
         // still stops together with the others, holding the same model.
         let every = config.schedule.average_every.max(1);
+        let mut sync_attempts = 0u32;
         while round < total_steps.div_ceil(every) {
             // Behind the swarm and never synced (a late joiner, a restarted
             // peer): fetch the swarm's current model before training on.
-            if !self.synced && self.swarm_round > round.saturating_add(1) {
-                if let Some(synced) = self.download_state(compute, report).await? {
+            if !self.synced
+                && self.swarm_round > round.saturating_add(1)
+                && sync_attempts < MAX_SYNC_ATTEMPTS
+            {
+                sync_attempts += 1;
+                if let Some(synced) = self
+                    .sync_with_swarm(compute, report, SYNC_WAIT, round)
+                    .await?
+                {
                     (round, total_steps) = synced;
-                    self.total_steps = total_steps;
                 }
             }
             // Number the round like the swarm does if we are behind.
@@ -565,7 +609,7 @@ impl Driver {
             let group = outcome.group.len();
             let dropped = outcome.dropped.len();
             let model_digest = checkpoint::params_digest(&outcome.values);
-            self.served_state = Some((round, step, outcome.values.clone()));
+            self.announce_state(round, &outcome.values)?;
             // Averaged with others: we hold the swarm's model now.
             self.synced |= group > 1;
             self.pump(compute.set_params(outcome.values)).await??;
@@ -597,6 +641,7 @@ impl Driver {
                 let last = round >= total_steps.div_ceil(every);
                 if round.is_multiple_of(policy.every_rounds.max(1)) || last {
                     let params = self.pump(compute.params()).await??;
+                    let optim = self.pump(compute.optim_state()).await??;
                     let meta = CheckpointMeta {
                         swarm: config.net.swarm.clone(),
                         model: policy.model.clone(),
@@ -606,8 +651,9 @@ impl Driver {
                         params_digest: checkpoint::params_digest(&params),
                     };
                     let dir = policy.dir.clone();
-                    let write =
-                        tokio::task::spawn_blocking(move || checkpoint::save(&dir, &meta, &params));
+                    let write = tokio::task::spawn_blocking(move || {
+                        checkpoint::save_with_optim(&dir, &meta, &params, optim.as_ref())
+                    });
                     let path = self.pump(write).await?.map_err(|e| {
                         NodeError::Checkpoint(CheckpointError::Io {
                             path: policy.dir.clone(),
@@ -750,127 +796,6 @@ impl Driver {
         }
     }
 
-    /// Sends our last averaged model to a member that asked for it.
-    fn serve_state(&mut self, to: PeerId) -> Result<(), NodeError> {
-        // Before our first round we answer "round 0, no model" so a peer
-        // starting a fresh swarm with us need not wait for a timeout.
-        let msg = Message::State(match &self.served_state {
-            Some((round, step, values)) => ModelState {
-                round: *round,
-                step: *step,
-                total_steps: self.total_steps,
-                payload: tensor::Payload::from_f32(values),
-            },
-            None => ModelState {
-                round: 0,
-                step: 0,
-                total_steps: self.total_steps,
-                payload: tensor::Payload::from_f32(&[]),
-            },
-        });
-        match wire::encode(&msg) {
-            Ok(bytes) => {
-                debug!(peer = %to, "answering a model request");
-                self.check_sent(self.net.send(to, bytes))
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot encode our model state");
-                Ok(())
-            }
-        }
-    }
-
-    /// Asks the most advanced member for its model and installs it; returns
-    /// the round it came from and the swarm's run length, or `None` (training goes on with our own
-    /// model) if no member answers in time or the answer does not fit.
-    async fn download_state(
-        &mut self,
-        compute: &Compute,
-        report: &mut Reporter,
-    ) -> Result<Option<(u64, u64)>, NodeError> {
-        let sources: Vec<PeerId> = match self.best_source {
-            Some((_, source)) => vec![source],
-            None => return Ok(None), // nobody to ask yet; try again next round
-        };
-        self.synced = true; // one attempt per run; averaging keeps us in step afterwards
-        self.fetch_state(compute, report, &sources, STATE_TIMEOUT)
-            .await
-    }
-
-    /// Asks every member for its model once, at start: joining a swarm that
-    /// is already training starts from its model instead of from scratch. In
-    /// a fresh swarm every member answers at once that it has none yet.
-    async fn initial_sync(
-        &mut self,
-        compute: &Compute,
-        report: &mut Reporter,
-    ) -> Result<Option<(u64, u64)>, NodeError> {
-        let sources: Vec<PeerId> = self.members.values().copied().collect();
-        if sources.is_empty() {
-            return Ok(None);
-        }
-        self.fetch_state(compute, report, &sources, INITIAL_SYNC_WAIT)
-            .await
-    }
-
-    /// Sends StateRequest to `sources`, waits for all answers (or `wait`),
-    /// and installs the most advanced model among them, if any is past round 0.
-    async fn fetch_state(
-        &mut self,
-        compute: &Compute,
-        report: &mut Reporter,
-        sources: &[PeerId],
-        wait: Duration,
-    ) -> Result<Option<(u64, u64)>, NodeError> {
-        let Ok(bytes) = wire::encode(&Message::StateRequest) else {
-            return Ok(None);
-        };
-        self.received_states.clear();
-        for peer in sources {
-            self.check_sent(self.net.send(*peer, bytes.clone()))?;
-        }
-        let mut timer = std::pin::pin!(tokio::time::sleep(wait));
-        while self.received_states.len() < sources.len() {
-            if self.pump_once(timer.as_mut()).await?.is_some() {
-                break;
-            }
-        }
-        let best = std::mem::take(&mut self.received_states)
-            .into_iter()
-            .filter(|(_, s)| s.round > 0 && s.total_steps > 0)
-            .max_by_key(|(_, s)| s.round);
-        let Some((from, state)) = best else {
-            debug!("no peer has a model to share yet");
-            return Ok(None);
-        };
-        // The payload's digest and finiteness were checked on receipt.
-        let values = match state.payload.decode() {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(peer = %from, error = %e, "bad model state; training on our own");
-                return Ok(None);
-            }
-        };
-        let digest = checkpoint::params_digest(&values);
-        if let Err(e) = self.pump(compute.set_params(values)).await? {
-            warn!(peer = %from, error = %e, "model state does not fit; training on our own");
-            return Ok(None);
-        }
-        self.synced = true;
-        info!(
-            peer = %from,
-            round = state.round,
-            total_steps = state.total_steps,
-            "downloaded the swarm's model; its run length is ours now"
-        );
-        report(&NodeEvent::Synced {
-            round: state.round,
-            from: from.to_string(),
-            model_digest: digest,
-        });
-        Ok(Some((state.round, state.total_steps)))
-    }
-
     /// Keeps serving peers (late retransmits of the last round) for `how_long`.
     async fn linger(&mut self, how_long: Duration) {
         let _ = tokio::time::timeout(how_long, async {
@@ -1001,6 +926,8 @@ impl Driver {
                 self.members
                     .remove(&NodeId::from_key_bytes(&peer.to_bytes()));
                 self.pipe.forget_peer(&peer);
+                self.vouches
+                    .forget(&NodeId::from_key_bytes(&peer.to_bytes()));
                 self.members_changed = true;
                 let ids = self.swarm_ids();
                 self.averager.set_peers(&ids);
@@ -1023,28 +950,23 @@ impl Driver {
                     Ok(Message::Avg(msg)) => {
                         if let AvgMessage::Join { round, .. } = &msg {
                             self.swarm_round = self.swarm_round.max(*round);
-                            // A peer ready for round r holds the model of round r-1.
-                            let done = round.saturating_sub(1);
-                            if done > 0 && self.best_source.is_none_or(|(r, _)| done > r) {
-                                self.best_source = Some((done, from));
-                            }
                         }
                         let now = self.now();
                         self.averager.handle_message(now, from_id, msg);
                     }
                     Ok(Message::Progress(p)) => {
                         self.swarm_round = self.swarm_round.max(p.round.saturating_add(1));
-                        if self.best_source.is_none_or(|(r, _)| p.round > r) {
-                            self.best_source = Some((p.round, from));
-                        }
                         debug!(peer = %from, round = p.round, loss = p.loss, "peer progress")
                     }
-                    Ok(Message::StateRequest) => self.serve_state(from)?,
-                    Ok(Message::State(state)) => {
-                        let fresh = !self.received_states.iter().any(|(p, _)| *p == from);
-                        if fresh && self.received_states.len() < self.members.len() {
-                            self.received_states.push((from, state));
-                        }
+                    Ok(
+                        m @ (Message::StateRequest
+                        | Message::StateAnnounce(_)
+                        | Message::ManifestRequest { .. }
+                        | Message::Manifest { .. }
+                        | Message::ChunkRequest { .. }
+                        | Message::Chunk { .. }),
+                    ) => {
+                        self.on_state_message(from, &m)?;
                     }
                     Ok(Message::StageHello(hello)) => {
                         if let Some(m) = &self.metrics {

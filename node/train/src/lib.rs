@@ -14,6 +14,7 @@ pub mod data;
 pub mod lm;
 pub mod mnist;
 pub mod model;
+pub mod optim_state;
 pub mod params;
 pub mod stage;
 pub mod task;

@@ -16,8 +16,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 
 use super::data::{MnistData, IMAGE_PIXELS, NUM_CLASSES};
 use super::model::{Model, ModelKind};
-use super::{panic_message, params, TrainError};
-use crate::task::{validate_params, EvalStats, Shard, StepStats, Task, TaskError};
+use super::{optim_state, panic_message, params, TrainError};
+use crate::task::{validate_params, EvalStats, OptimState, Shard, StepStats, Task, TaskError};
 use p2ptrain_protocol::rng::Rng;
 
 /// Test images per evaluation batch: large enough to amortise per-call
@@ -303,6 +303,16 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
             samples: total,
         })
     }
+
+    fn optim_state(&self) -> Option<OptimState> {
+        optim_state::export(&self.optim, &self.model)
+    }
+
+    fn set_optim_state(&mut self, state: &OptimState) -> Result<(), TaskError> {
+        let optim = std::mem::replace(&mut self.optim, AdamConfig::new().init());
+        self.optim = guarded(|| optim_state::import(optim, &self.model, state))??;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -373,6 +383,48 @@ mod tests {
         // Still trainable after an overwrite (the optimizer state keys on param ids).
         t.train_step().unwrap();
         assert_ne!(t.params(), values);
+    }
+
+    #[test]
+    fn optimizer_state_round_trips_into_a_new_task() {
+        let mut a = task(ModelKind::Mlp, 8, 4);
+        assert_eq!(a.optim_state(), None, "no state before the first step");
+        for _ in 0..3 {
+            a.train_step().unwrap();
+        }
+        let state = a.optim_state().unwrap();
+        assert_eq!(state.time, 3);
+        assert_eq!(state.moment_1.len(), a.num_params());
+        assert!(state.moment_2.iter().any(|v| *v > 0.0));
+        // A new task (new parameter ids, as after a restart) with the same
+        // parameters and moments takes exactly the same next step.
+        let mut b = task(ModelKind::Mlp, 8, 4);
+        let mut fresh = task(ModelKind::Mlp, 8, 4);
+        let trained = a.params();
+        for t in [&mut b, &mut fresh] {
+            for _ in 0..3 {
+                t.next_batch();
+            }
+            t.set_params(&trained).unwrap();
+        }
+        b.set_optim_state(&state).unwrap();
+        assert_eq!(b.optim_state().unwrap(), state);
+        a.train_step().unwrap();
+        b.train_step().unwrap();
+        fresh.train_step().unwrap();
+        assert_eq!(a.params(), b.params());
+        // Fresh moments take another step: the restored state mattered.
+        assert_ne!(a.params(), fresh.params());
+        // Bad states are refused with a clear error, and change nothing.
+        let mut bad = state.clone();
+        bad.moment_2[5] = -1.0;
+        assert!(b
+            .set_optim_state(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("moment 5"));
+        bad.moment_1.pop();
+        assert!(b.set_optim_state(&bad).is_err());
     }
 
     #[test]

@@ -66,6 +66,41 @@ pub struct Shard {
     pub peers: usize,
 }
 
+/// A local optimizer's state (Adam's moment estimates), flattened in the same
+/// order as the parameters, so it can be checkpointed and restored in
+/// another process whose model has new parameter ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimState {
+    /// Steps the moments have seen (Adam's bias correction depends on it).
+    pub time: u64,
+    /// First moments, one per parameter.
+    pub moment_1: Vec<f32>,
+    /// Second moments, one per parameter (never negative).
+    pub moment_2: Vec<f32>,
+}
+
+impl OptimState {
+    /// Checks the state fits a model of `num_params` parameters and holds
+    /// only finite moments, with no negative second moment.
+    pub fn validate(&self, num_params: usize) -> Result<(), TaskError> {
+        for (name, v) in [("first", &self.moment_1), ("second", &self.moment_2)] {
+            if v.len() != num_params {
+                return Err(TaskError::BadInput(format!(
+                    "optimizer state holds {} {name} moments but the model has {num_params} parameters",
+                    v.len()
+                )));
+            }
+        }
+        let bad = |v: &[f32], neg: bool| v.iter().position(|x| !x.is_finite() || (neg && *x < 0.0));
+        if let Some(i) = bad(&self.moment_1, false).or(bad(&self.moment_2, true)) {
+            return Err(TaskError::BadInput(format!(
+                "optimizer state moment {i} is not finite (or a second moment is negative)"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A local learner the driver can step, read and overwrite.
 ///
 /// Implementations own their model, optimizer and data; all of them run on a
@@ -85,6 +120,18 @@ pub trait Task: Send + 'static {
     fn train_step(&mut self) -> Result<StepStats, TaskError>;
     /// Evaluates the current parameters on the held-out set.
     fn evaluate(&mut self) -> Result<EvalStats, TaskError>;
+    /// The local optimizer's state, for checkpoints; `None` if the task keeps
+    /// none worth saving (or has not stepped yet).
+    fn optim_state(&self) -> Option<OptimState> {
+        None
+    }
+    /// Restores the optimizer's state from a checkpoint; validates it first.
+    fn set_optim_state(&mut self, state: &OptimState) -> Result<(), TaskError> {
+        let _ = state;
+        Err(TaskError::BadInput(
+            "this task keeps no optimizer state to restore".into(),
+        ))
+    }
 }
 
 /// Checks a parameter vector from the swarm before it touches a model.

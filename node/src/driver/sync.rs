@@ -1,0 +1,391 @@
+//! How a node serves its model state to joiners and downloads the swarm's.
+//!
+//! Serving: after every round the node cuts its averaged parameters into a
+//! [`Manifest`] of chunks, keeps its last two states (so a download of round
+//! r survives the swarm finishing r+1) and gossips a [`Claim`] for the newest.
+//!
+//! Downloading: a node that starts in a swarm already training, or falls
+//! behind without ever averaging, picks the state the swarm vouches for
+//! ([`Vouches::choose`]), runs the sans-IO [`Download`] against the peers that
+//! serve it, and installs the parameters only after every chunk and the whole
+//! digest verified. The local Adam moments are not downloaded: each peer's
+//! are its own (built from its own shard's gradients), so no quorum can vouch
+//! for them, and Adam's bias correction makes fresh moments a sound start.
+
+use super::{Driver, NodeError, NodeEvent, Reporter};
+use crate::checkpoint;
+use crate::compute::Compute;
+use libp2p::PeerId;
+use p2ptrain_protocol::statesync::{
+    Claim, Digest, Download, DownloadAction, DownloadConfig, DownloadEvent, Manifest, CHUNK_BYTES,
+};
+use p2ptrain_protocol::tensor::Bytes;
+use p2ptrain_protocol::wire::{self, Message};
+use p2ptrain_protocol::NodeId;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// States a node keeps serving: its newest and the one before.
+const SERVED_STATES: usize = 2;
+/// Peers that must vouch for a state before a joiner downloads it (fewer if
+/// fewer peers have announced any state).
+pub(super) const MIN_VOUCHERS: usize = 2;
+/// How long one manifest or chunk request may take before its peer is avoided.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Chunk requests in flight to one peer at a time.
+const PER_PEER: usize = 2;
+/// How long a whole download may take.
+const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Test-only misbehaviour, to check that joiners detect and avoid bad peers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Misbehave {
+    /// Serve honestly.
+    #[default]
+    None,
+    /// Flip one byte of every state chunk served (the manifest stays honest).
+    CorruptState,
+}
+
+/// The states this node serves.
+#[derive(Debug, Default)]
+pub(super) struct Served {
+    /// (root, manifest, bytes), oldest first.
+    states: VecDeque<(Digest, Manifest, Vec<u8>)>,
+    misbehave: Misbehave,
+}
+
+impl Served {
+    pub(super) fn new(misbehave: Misbehave) -> Served {
+        Served {
+            states: VecDeque::new(),
+            misbehave,
+        }
+    }
+
+    /// Makes `params`, the result of `round`, the newest served state; returns its claim.
+    pub(super) fn publish(&mut self, round: u64, total_steps: u64, params: &[f32]) -> Claim {
+        let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let manifest = Manifest::build(round, total_steps, &bytes, CHUNK_BYTES);
+        let claim = Claim {
+            round,
+            root: manifest.root(),
+        };
+        self.states.push_back((claim.root, manifest, bytes));
+        while self.states.len() > SERVED_STATES {
+            self.states.pop_front();
+        }
+        claim
+    }
+
+    /// The newest state's claim, if any.
+    pub(super) fn latest(&self) -> Option<Claim> {
+        self.states.back().map(|(root, m, _)| Claim {
+            round: m.round,
+            root: *root,
+        })
+    }
+
+    fn find(&self, root: &Digest) -> Option<(&Manifest, &[u8])> {
+        self.states
+            .iter()
+            .find(|(r, _, _)| r == root)
+            .map(|(_, m, b)| (m, b.as_slice()))
+    }
+
+    /// The manifest of a served state.
+    pub(super) fn manifest(&self, root: &Digest) -> Option<Manifest> {
+        self.find(root).map(|(m, _)| m.clone())
+    }
+
+    /// One chunk of a served state (corrupted under [`Misbehave::CorruptState`]).
+    pub(super) fn chunk(&self, root: &Digest, index: u32) -> Option<Vec<u8>> {
+        let (m, bytes) = self.find(root)?;
+        if index >= m.num_chunks() {
+            return None;
+        }
+        let mut data = bytes.get(m.chunk_range(index))?.to_vec();
+        if self.misbehave == Misbehave::CorruptState {
+            if let Some(b) = data.first_mut() {
+                *b ^= 0x5a;
+            }
+        }
+        Some(data)
+    }
+}
+
+/// Figures of one finished download, for the `synced` event.
+pub(super) struct SyncFigures {
+    pub(super) sources: BTreeMap<String, u32>,
+    pub(super) avoided: BTreeMap<String, String>,
+}
+
+impl Driver {
+    /// Sends `msg` to one peer, logging an encoding failure.
+    fn send_msg(&self, to: PeerId, msg: &Message) -> Result<(), NodeError> {
+        match wire::encode(msg) {
+            Ok(bytes) => self.check_sent(self.net.send(to, bytes)),
+            Err(e) => {
+                warn!(error = %e, "cannot encode a state-transfer message");
+                Ok(())
+            }
+        }
+    }
+
+    /// Publishes our parameters after `round` and gossips the claim.
+    pub(super) fn announce_state(&mut self, round: u64, params: &[f32]) -> Result<(), NodeError> {
+        let claim = self.served.publish(round, self.total_steps, params);
+        match wire::encode(&Message::StateAnnounce(Some(claim))) {
+            Ok(bytes) => self.check_sent(self.net.broadcast(bytes)),
+            Err(e) => {
+                warn!(error = %e, "cannot encode our state claim");
+                Ok(())
+            }
+        }
+    }
+
+    /// Handles a state-transfer message (others are ignored here).
+    pub(super) fn on_state_message(
+        &mut self,
+        from: PeerId,
+        msg: &Message,
+    ) -> Result<(), NodeError> {
+        let from_id = NodeId::from_key_bytes(&from.to_bytes());
+        match msg {
+            Message::StateRequest => {
+                self.send_msg(from, &Message::StateAnnounce(self.served.latest()))?
+            }
+            Message::StateAnnounce(claim) => {
+                self.state_answers.insert(from_id);
+                if let Some(c) = claim {
+                    self.swarm_round = self.swarm_round.max(c.round.saturating_add(1));
+                    self.vouches.record(from_id, *c);
+                }
+            }
+            Message::ManifestRequest { root } => {
+                let manifest = self.served.manifest(root);
+                self.send_msg(
+                    from,
+                    &Message::Manifest {
+                        root: *root,
+                        manifest,
+                    },
+                )?;
+            }
+            Message::Manifest { root, manifest } => {
+                let now = self.now();
+                if let Some(d) = self.download.as_mut().filter(|d| d.claim().root == *root) {
+                    d.handle_manifest(now, from_id, manifest.clone());
+                }
+            }
+            Message::ChunkRequest { root, index } => {
+                let data = self.served.chunk(root, *index).map(Bytes);
+                debug!(peer = %from, index, served = data.is_some(), "chunk request");
+                self.send_msg(
+                    from,
+                    &Message::Chunk {
+                        root: *root,
+                        index: *index,
+                        data,
+                    },
+                )?;
+            }
+            Message::Chunk { root, index, data } => {
+                let now = self.now();
+                if let Some(d) = self.download.as_mut().filter(|d| d.claim().root == *root) {
+                    d.handle_chunk(now, from_id, *index, data.as_ref().map(|b| b.0.as_slice()));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Asks every member which state it holds, waits for their answers (at
+    /// most `wait`), then downloads the vouched state if it is newer than
+    /// round `ours`. Used at start and whenever the node finds itself behind
+    /// without a model from the swarm (claims otherwise arrive only once per round).
+    pub(super) async fn sync_with_swarm(
+        &mut self,
+        compute: &Compute,
+        report: &mut Reporter,
+        wait: Duration,
+        ours: u64,
+    ) -> Result<Option<(u64, u64)>, NodeError> {
+        let members: Vec<PeerId> = self.members.values().copied().collect();
+        if members.is_empty() {
+            return Ok(None);
+        }
+        self.state_answers.clear();
+        for peer in &members {
+            self.send_msg(*peer, &Message::StateRequest)?;
+        }
+        let mut timer = std::pin::pin!(tokio::time::sleep(wait));
+        while members.iter().any(|p| {
+            !self
+                .state_answers
+                .contains(&NodeId::from_key_bytes(&p.to_bytes()))
+        }) {
+            if self.pump_once(timer.as_mut()).await?.is_some() {
+                break;
+            }
+        }
+        self.download_vouched(compute, report, ours).await
+    }
+
+    /// Downloads the state the swarm vouches for and installs it; returns its
+    /// round and the swarm's run length, or `None` (we train on with our own
+    /// model) if nothing is vouched for yet or the download fails.
+    async fn download_vouched(
+        &mut self,
+        compute: &Compute,
+        report: &mut Reporter,
+        ours: u64,
+    ) -> Result<Option<(u64, u64)>, NodeError> {
+        let Some(choice) = self.vouches.choose(MIN_VOUCHERS) else {
+            debug!("no state is vouched for yet");
+            return Ok(None);
+        };
+        if choice.claim.round <= ours {
+            debug!(
+                vouched = choice.claim.round,
+                ours, "our model is as recent as the swarm's"
+            );
+            return Ok(None);
+        }
+        let holders: Vec<NodeId> = choice
+            .vouchers
+            .iter()
+            .filter(|id| self.members.contains_key(id))
+            .copied()
+            .collect();
+        info!(
+            round = choice.claim.round,
+            holders = holders.len(),
+            "downloading the swarm's state"
+        );
+        let started = Instant::now();
+        let config = DownloadConfig {
+            request_timeout: REQUEST_TIMEOUT,
+            per_peer: PER_PEER,
+            deadline: DOWNLOAD_DEADLINE,
+            expect_bytes: Some(compute.num_params as u64 * 4),
+        };
+        self.download = Some(Download::new(self.now(), choice.claim, &holders, config));
+        let outcome = loop {
+            let Some(d) = self.download.as_mut() else {
+                return Ok(None);
+            };
+            let mut actions = Vec::new();
+            while let Some(a) = d.poll_action() {
+                actions.push(a);
+            }
+            while let Some(e) = d.poll_event() {
+                log_event(&e);
+            }
+            if let Some(outcome) = d.outcome() {
+                break outcome;
+            }
+            let wake = d.poll_timeout().unwrap_or(DOWNLOAD_DEADLINE);
+            for a in actions {
+                self.send_request(a)?;
+            }
+            let deadline = tokio::time::Instant::from_std(self.start + wake);
+            let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+            if self.pump_once(timer.as_mut()).await?.is_some() {
+                let now = self.now();
+                if let Some(d) = self.download.as_mut() {
+                    d.handle_timeout(now);
+                }
+            }
+        };
+        self.download = None;
+        let got = match outcome {
+            Ok(got) => got,
+            Err(e) => {
+                warn!(error = %e, "state download failed; training on our own model for now");
+                return Ok(None);
+            }
+        };
+        let values: Vec<f32> = got
+            .bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if let Err(e) = self.pump(compute.set_params(values.clone())).await? {
+            warn!(error = %e, "downloaded state does not fit this model; training on our own");
+            return Ok(None);
+        }
+        let name = |id: &NodeId| match self.members.get(id) {
+            Some(p) => p.to_string(),
+            None => id.to_hex(),
+        };
+        let figures = SyncFigures {
+            sources: got.served_by.iter().map(|(id, n)| (name(id), *n)).collect(),
+            avoided: got
+                .avoided
+                .iter()
+                .map(|(id, f)| (name(id), f.as_str().to_string()))
+                .collect(),
+        };
+        let (round, total_steps) = (got.manifest.round, got.manifest.total_steps);
+        self.synced = true;
+        self.total_steps = total_steps;
+        self.served.publish(round, total_steps, &values);
+        let secs = started.elapsed().as_secs_f64();
+        info!(
+            round,
+            total_steps,
+            chunks = got.manifest.num_chunks(),
+            peers = figures.sources.len(),
+            avoided = figures.avoided.len(),
+            secs,
+            "downloaded the swarm's model; its run length is ours now"
+        );
+        let from = got
+            .served_by
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(id, _)| name(id))
+            .unwrap_or_default();
+        report(&NodeEvent::Synced {
+            round,
+            from,
+            model_digest: checkpoint::params_digest(&values),
+            chunks: got.manifest.num_chunks(),
+            vouchers: choice.vouchers.len(),
+            sources: figures.sources,
+            avoided: figures.avoided,
+            secs,
+        });
+        Ok(Some((round, total_steps)))
+    }
+
+    fn send_request(&mut self, action: DownloadAction) -> Result<(), NodeError> {
+        let (peer, msg) = match action {
+            DownloadAction::RequestManifest { peer, root } => {
+                (peer, Message::ManifestRequest { root })
+            }
+            DownloadAction::RequestChunk { peer, root, index } => {
+                (peer, Message::ChunkRequest { root, index })
+            }
+        };
+        match self.members.get(&peer) {
+            Some(p) => self.send_msg(*p, &msg),
+            None => Ok(()), // it left; the request times out and goes elsewhere
+        }
+    }
+}
+
+fn log_event(event: &DownloadEvent) {
+    match event {
+        DownloadEvent::Manifest { from, chunks } => {
+            debug!(peer = %from, chunks, "state manifest verified")
+        }
+        DownloadEvent::Chunk { from, index } => debug!(peer = %from, index, "chunk verified"),
+        DownloadEvent::Avoided { peer, fault } => {
+            warn!(peer = %peer, fault = fault.as_str(), "peer avoided for the rest of the download")
+        }
+    }
+}

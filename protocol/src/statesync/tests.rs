@@ -1,0 +1,394 @@
+//! Chunked download against honest, corrupt, slow and departed peers, in virtual time.
+
+use super::*;
+use crate::NodeId;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn id(n: u8) -> NodeId {
+    NodeId([n; 32])
+}
+
+fn state(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    Honest,
+    /// Flips a byte of every chunk it serves.
+    Corrupt,
+    /// Never answers.
+    Silent,
+    /// Answers "not held".
+    Gone,
+    /// Sends a manifest of another state.
+    WrongManifest,
+}
+
+/// Runs a download against peers with the given behaviours; answers arrive
+/// `latency` after the request. Returns the outcome, the events and the
+/// virtual time it took.
+fn run(
+    bytes: &[u8],
+    chunk: u32,
+    peers: &[(NodeId, Behaviour)],
+    config: DownloadConfig,
+    latency: Duration,
+) -> (
+    Result<Downloaded, DownloadError>,
+    Vec<DownloadEvent>,
+    Duration,
+) {
+    let manifest = Manifest::build(7, 100, bytes, chunk);
+    let other = Manifest::build(7, 100, &bytes[1..], chunk);
+    let claim = Claim {
+        round: 7,
+        root: manifest.root(),
+    };
+    let holders: Vec<NodeId> = peers.iter().map(|p| p.0).collect();
+    let behaviour: BTreeMap<NodeId, Behaviour> = peers.iter().copied().collect();
+    let mut now = Duration::ZERO;
+    let mut d = Download::new(now, claim, &holders, config);
+    // (arrival time, answer)
+    let mut wire: Vec<(Duration, DownloadAction)> = Vec::new();
+    let mut events = Vec::new();
+    for _ in 0..10_000 {
+        while let Some(a) = d.poll_action() {
+            wire.push((now + latency, a));
+        }
+        while let Some(e) = d.poll_event() {
+            events.push(e);
+        }
+        if let Some(out) = d.outcome() {
+            return (out, events, now);
+        }
+        wire.sort_by_key(|(t, _)| *t);
+        let next_answer = wire
+            .iter()
+            .find(|(_, a)| {
+                let p = match a {
+                    DownloadAction::RequestManifest { peer, .. }
+                    | DownloadAction::RequestChunk { peer, .. } => peer,
+                };
+                behaviour[p] != Behaviour::Silent
+            })
+            .map(|(t, _)| *t);
+        let timeout = d.poll_timeout().expect("running downloads have a timeout");
+        match next_answer {
+            Some(t) if t <= timeout => {
+                let pos = wire.iter().position(|(at, _)| *at == t).unwrap();
+                let (_, action) = wire.remove(pos);
+                now = t;
+                match action {
+                    DownloadAction::RequestManifest { peer, root } => {
+                        assert_eq!(root, claim.root);
+                        let m = match behaviour[&peer] {
+                            Behaviour::Gone => None,
+                            Behaviour::WrongManifest => Some(other.clone()),
+                            _ => Some(manifest.clone()),
+                        };
+                        d.handle_manifest(now, peer, m);
+                    }
+                    DownloadAction::RequestChunk { peer, index, .. } => {
+                        let mut data = bytes[manifest.chunk_range(index)].to_vec();
+                        match behaviour[&peer] {
+                            Behaviour::Gone => d.handle_chunk(now, peer, index, None),
+                            Behaviour::Corrupt => {
+                                data[0] ^= 1;
+                                d.handle_chunk(now, peer, index, Some(&data))
+                            }
+                            _ => d.handle_chunk(now, peer, index, Some(&data)),
+                        }
+                    }
+                }
+            }
+            _ => {
+                wire.retain(|(t, _)| *t > timeout);
+                now = timeout;
+                d.handle_timeout(now);
+            }
+        }
+    }
+    panic!("download did not end");
+}
+
+fn fast() -> DownloadConfig {
+    DownloadConfig {
+        request_timeout: Duration::from_secs(2),
+        per_peer: 2,
+        deadline: Duration::from_secs(60),
+        expect_bytes: None,
+    }
+}
+
+const MS: Duration = Duration::from_millis(10);
+
+#[test]
+fn honest_peers_share_the_chunks() {
+    let bytes = state(10_000);
+    let peers = [
+        (id(1), Behaviour::Honest),
+        (id(2), Behaviour::Honest),
+        (id(3), Behaviour::Honest),
+    ];
+    let (out, _, took) = run(&bytes, 1000, &peers, fast(), MS);
+    let got = out.unwrap();
+    assert_eq!(got.bytes, bytes);
+    assert_eq!(got.manifest.round, 7);
+    assert_eq!(got.served_by.len(), 3, "{:?}", got.served_by);
+    assert_eq!(got.served_by.values().sum::<u32>(), 10);
+    assert!(got.avoided.is_empty());
+    // 10 chunks, 6 in flight at a time, 10 ms each way: a few round trips.
+    assert!(took <= MS * 4, "{took:?}");
+}
+
+#[test]
+fn a_corrupt_peer_is_avoided_and_its_chunks_come_from_others() {
+    let bytes = state(10_000);
+    let peers = [
+        (id(1), Behaviour::Honest),
+        (id(2), Behaviour::Corrupt),
+        (id(3), Behaviour::Honest),
+    ];
+    let (out, events, _) = run(&bytes, 1000, &peers, fast(), MS);
+    let got = out.unwrap();
+    assert_eq!(got.bytes, bytes);
+    assert_eq!(got.avoided.get(&id(2)), Some(&Fault::Corrupt));
+    assert!(!got.served_by.contains_key(&id(2)));
+    assert_eq!(got.served_by.len(), 2);
+    // Avoided once, and never asked again after that.
+    let avoided_at = events
+        .iter()
+        .position(|e| matches!(e, DownloadEvent::Avoided { peer, .. } if *peer == id(2)))
+        .unwrap();
+    assert!(!events[avoided_at..]
+        .iter()
+        .any(|e| matches!(e, DownloadEvent::Chunk { from, .. } if *from == id(2))));
+}
+
+#[test]
+fn a_silent_peer_costs_one_timeout() {
+    let bytes = state(10_000);
+    let peers = [
+        (id(1), Behaviour::Silent),
+        (id(2), Behaviour::Honest),
+        (id(3), Behaviour::Honest),
+    ];
+    let (out, _, took) = run(&bytes, 1000, &peers, fast(), MS);
+    let got = out.unwrap();
+    assert_eq!(got.bytes, bytes);
+    assert_eq!(got.avoided.get(&id(1)), Some(&Fault::Timeout));
+    // id(1) is asked for the manifest first: one timeout, then the rest is fast.
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn a_wrong_manifest_or_departed_peer_is_skipped() {
+    let bytes = state(5_000);
+    let peers = [
+        (id(1), Behaviour::WrongManifest),
+        (id(2), Behaviour::Gone),
+        (id(3), Behaviour::Honest),
+    ];
+    let (out, _, _) = run(&bytes, 1000, &peers, fast(), MS);
+    let got = out.unwrap();
+    assert_eq!(got.bytes, bytes);
+    assert_eq!(got.avoided.get(&id(1)), Some(&Fault::BadManifest));
+    assert_eq!(got.avoided.get(&id(2)), Some(&Fault::NotHeld));
+    assert_eq!(
+        got.served_by.keys().copied().collect::<Vec<_>>(),
+        vec![id(3)]
+    );
+}
+
+#[test]
+fn no_honest_peer_fails_with_no_peers() {
+    let bytes = state(5_000);
+    let peers = [(id(1), Behaviour::Corrupt), (id(2), Behaviour::Silent)];
+    let (out, _, took) = run(&bytes, 1000, &peers, fast(), MS);
+    assert!(
+        matches!(out, Err(DownloadError::NoPeers { avoided: 2 })),
+        "{out:?}"
+    );
+    assert!(took < Duration::from_secs(10));
+    let (out, _, _) = run(&bytes, 1000, &[], fast(), MS);
+    assert!(matches!(out, Err(DownloadError::NoPeers { avoided: 0 })));
+}
+
+#[test]
+fn the_deadline_bounds_a_slow_download() {
+    let bytes = state(5_000);
+    let peers = [(id(1), Behaviour::Honest)];
+    let config = DownloadConfig {
+        deadline: Duration::from_millis(50),
+        ..fast()
+    };
+    // 100 ms per answer: the manifest alone misses the 50 ms deadline.
+    let (out, _, took) = run(&bytes, 1000, &peers, config, MS * 10);
+    assert_eq!(out, Err(DownloadError::Deadline(Duration::from_millis(50))));
+    assert_eq!(took, Duration::from_millis(50));
+}
+
+#[test]
+fn a_manifest_of_the_wrong_size_is_refused() {
+    let bytes = state(5_000);
+    let config = DownloadConfig {
+        expect_bytes: Some(4_000),
+        ..fast()
+    };
+    let (out, _, _) = run(&bytes, 1000, &[(id(1), Behaviour::Honest)], config, MS);
+    assert!(matches!(out, Err(DownloadError::NoPeers { .. })));
+}
+
+#[test]
+fn answers_nobody_asked_for_are_ignored() {
+    let bytes = state(3_000);
+    let m = Manifest::build(2, 10, &bytes, 1000);
+    let claim = Claim {
+        round: 2,
+        root: m.root(),
+    };
+    let mut d = Download::new(Duration::ZERO, claim, &[id(1)], fast());
+    let first = d.poll_action().unwrap();
+    assert_eq!(
+        first,
+        DownloadAction::RequestManifest {
+            peer: id(1),
+            root: claim.root
+        }
+    );
+    // From a peer not asked: ignored, nobody avoided.
+    d.handle_manifest(MS, id(9), Some(m.clone()));
+    d.handle_chunk(MS, id(9), 0, Some(&bytes[..1000]));
+    assert!(d.poll_event().is_none());
+    d.handle_manifest(MS, id(1), Some(m));
+    assert!(matches!(
+        d.poll_event(),
+        Some(DownloadEvent::Manifest { chunks: 3, .. })
+    ));
+    // A chunk not requested from that peer (index 9 does not exist).
+    d.handle_chunk(MS, id(1), 9, Some(&[1, 2, 3]));
+    assert!(d.poll_event().is_none());
+}
+
+#[test]
+fn a_holder_that_leaves_hands_its_chunks_to_the_others_at_once() {
+    let bytes = state(4_000);
+    let m = Manifest::build(2, 10, &bytes, 1000);
+    let claim = Claim {
+        round: 2,
+        root: m.root(),
+    };
+    let mut d = Download::new(Duration::ZERO, claim, &[id(1), id(2)], fast());
+    assert!(matches!(
+        d.poll_action(),
+        Some(DownloadAction::RequestManifest { .. })
+    ));
+    d.handle_manifest(MS, id(1), Some(m.clone()));
+    let mut asked: Vec<(NodeId, u32)> = Vec::new();
+    while let Some(DownloadAction::RequestChunk { peer, index, .. }) = d.poll_action() {
+        asked.push((peer, index));
+    }
+    assert_eq!(asked.len(), 4, "two per peer");
+    // id(2) leaves: its two chunks go to id(1) as soon as it has room.
+    d.handle_peer_left(MS * 2, id(2));
+    assert!(d.poll_action().is_none(), "id(1) already has 2 in flight");
+    for (peer, index) in asked.iter().filter(|(p, _)| *p == id(1)) {
+        d.handle_chunk(MS * 3, *peer, *index, Some(&bytes[m.chunk_range(*index)]));
+    }
+    let mut again = Vec::new();
+    while let Some(DownloadAction::RequestChunk { peer, index, .. }) = d.poll_action() {
+        assert_eq!(peer, id(1));
+        again.push(index);
+    }
+    for index in again {
+        d.handle_chunk(MS * 4, id(1), index, Some(&bytes[m.chunk_range(index)]));
+    }
+    let got = d.outcome().unwrap().unwrap();
+    assert_eq!(got.bytes, bytes);
+    assert_eq!(got.avoided.get(&id(2)), Some(&Fault::Left));
+    // Well before any request timeout.
+    assert!(fast().request_timeout > MS * 4);
+}
+
+#[test]
+fn manifest_root_binds_every_field_and_validate_checks_sizes() {
+    let bytes = state(2_500);
+    let m = Manifest::build(3, 40, &bytes, 1000);
+    assert_eq!(m.num_chunks(), 3);
+    assert_eq!(m.chunk_range(2), 2000..2500);
+    assert!(m.validate().is_ok());
+    assert!(m.chunk_matches(2, &bytes[2000..]));
+    assert!(!m.chunk_matches(2, &bytes[1999..2499]));
+    assert!(!m.chunk_matches(3, &[]));
+    let root = m.root();
+    let mut variants = vec![m.clone(); 6];
+    variants[0].round += 1;
+    variants[1].total_steps += 1;
+    variants[2].total_bytes += 1;
+    variants[3].chunk_bytes += 1;
+    variants[4].state_digest[0] ^= 1;
+    variants[5].chunks[1][0] ^= 1;
+    for v in &variants {
+        assert_ne!(v.root(), root);
+    }
+    assert!(
+        matches!(variants[2].validate(), Ok(())),
+        "2501 bytes still 3 chunks"
+    );
+    let mut bad = m.clone();
+    bad.chunks.pop();
+    assert!(matches!(bad.validate(), Err(StateError::ChunkCount { .. })));
+    let mut bad = m.clone();
+    bad.chunk_bytes = 0;
+    assert!(matches!(bad.validate(), Err(StateError::ChunkSize { .. })));
+    let mut bad = m;
+    bad.chunk_bytes = MAX_CHUNK_BYTES + 1;
+    assert!(matches!(bad.validate(), Err(StateError::ChunkSize { .. })));
+}
+
+#[test]
+fn vouching_picks_the_majority_of_the_newest_round() {
+    let (a, b) = ([1u8; 32], [2u8; 32]);
+    let c = |round, root| Claim { round, root };
+    let mut v = Vouches::default();
+    assert_eq!(v.choose(2), None);
+    // One peer alone: it is the whole swarm, so it suffices.
+    v.record(id(1), c(3, a));
+    assert_eq!(v.choose(2).unwrap().claim, c(3, a));
+    // Two agree, one lies about the same round: the majority wins.
+    v.record(id(2), c(3, a));
+    v.record(id(3), c(3, b));
+    let ch = v.choose(2).unwrap();
+    assert_eq!(ch.claim, c(3, a));
+    assert_eq!(ch.vouchers, vec![id(1), id(2)]);
+    // A lone peer ahead does not reach the quorum of 2: round 3 still wins,
+    // and the peer that moved on still vouches for (serves) round 3.
+    v.record(id(1), c(4, b));
+    let ch = v.choose(2).unwrap();
+    assert_eq!(ch.claim, c(3, a));
+    assert_eq!(ch.vouchers, vec![id(1), id(2)]);
+    // A tie at the newest round is no decision; older rounds are tried.
+    let mut v = Vouches::default();
+    v.record(id(1), c(5, a));
+    v.record(id(2), c(5, b));
+    v.record(id(3), c(4, a));
+    v.record(id(4), c(4, a));
+    assert_eq!(v.choose(2).unwrap().claim, c(4, a));
+    // Two more liars for round 5's b: now b is the clear winner there.
+    v.record(id(5), c(5, b));
+    v.record(id(6), c(5, b));
+    assert_eq!(v.choose(2).unwrap().claim, c(5, b));
+    v.forget(&id(5));
+    v.forget(&id(6));
+    // Old claims are ignored; a peer that leaves takes its vote along.
+    v.record(id(3), c(2, b));
+    assert_eq!(v.newest_round(), 5);
+    v.forget(&id(3));
+    v.forget(&id(4));
+    assert_eq!(v.choose(2), None);
+}

@@ -89,6 +89,10 @@ pub struct StageState {
     pub step: u64,
     /// The stage's flat parameters.
     pub params: Payload,
+    /// The sender's final parameters for the run: the other replicas of its
+    /// stage adopt them, so a final averaging round one of them saw only in
+    /// part cannot leave the stage's replicas disagreeing.
+    pub last: bool,
 }
 
 /// A node taking over a stage asks the first stage's peers for its backup.
@@ -220,6 +224,7 @@ mod tests {
             round: 4,
             step: 20,
             params: Payload::from_f32(&[0.5, -1.0]),
+            last: false,
         };
         assert_eq!(ok.validate(), Ok(()));
         let bad_stage = StageState {

@@ -410,6 +410,7 @@ mod tests {
                 round: 8,
                 step: 40,
                 params: Payload::encode(&[0.25, -2.0, 3.5], Encoding::F32),
+                last: true,
             }),
             Message::StageStateRequest(StageStateRequest {
                 stage: 1,

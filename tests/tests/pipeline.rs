@@ -96,7 +96,7 @@ fn training_goes_on_when_a_stage_replica_is_killed() {
     let swarm = format!("pipe-kill-{}", std::process::id());
     let (tx, rx) = mpsc::channel();
     let mut nodes = Nodes(vec![spawn(0, &swarm, None, tx.clone())]);
-    let deadline = Instant::now() + Duration::from_secs(400);
+    let deadline = Instant::now() + Duration::from_secs(600);
     let boot = bootstrap_address(&rx, deadline);
     for i in 1..4 {
         nodes.0.push(spawn(i, &swarm, Some(&boot), tx.clone()));
@@ -164,7 +164,7 @@ fn a_new_peer_takes_over_a_stage_that_lost_every_replica() {
     let swarm = format!("pipe-takeover-{}", std::process::id());
     let (tx, rx) = mpsc::channel();
     let mut nodes = Nodes(vec![spawn_with(0, &swarm, "2", None, tx.clone())]);
-    let deadline = Instant::now() + Duration::from_secs(400);
+    let deadline = Instant::now() + Duration::from_secs(600);
     let boot = bootstrap_address(&rx, deadline);
     nodes
         .0
@@ -245,7 +245,7 @@ fn a_spare_replica_moves_to_a_stage_that_lost_every_replica() {
     let swarm = format!("pipe-spare-{}", std::process::id());
     let (tx, rx) = mpsc::channel();
     let mut nodes = Nodes(vec![spawn(0, &swarm, None, tx.clone())]);
-    let deadline = Instant::now() + Duration::from_secs(400);
+    let deadline = Instant::now() + Duration::from_secs(600);
     let boot = bootstrap_address(&rx, deadline);
     for i in 1..4 {
         nodes.0.push(spawn(i, &swarm, Some(&boot), tx.clone()));

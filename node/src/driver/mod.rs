@@ -382,6 +382,10 @@ struct Driver {
     misbehave: Option<crate::misbehave::Misbehave>,
     /// The live metrics registry, when `--metrics` serves one.
     metrics: Option<Metrics>,
+    /// How long a pipeline replica waits at the end of the run for its
+    /// stage's final parameters: the time a peer's final averaging round
+    /// may take beyond ours.
+    closing_wait: Duration,
 }
 
 /// Runs a node until its training budget is spent; returns its final report.
@@ -446,6 +450,9 @@ impl Driver {
             peer_wait: config.wait_for_peers,
             misbehave: config.misbehave,
             metrics: None,
+            closing_wait: config.averaging.group_timeout
+                + config.averaging.join_window
+                + config.averaging.reduce_timeout * 2,
         }
     }
 

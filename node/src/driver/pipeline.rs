@@ -131,6 +131,9 @@ pub(super) struct Inbox {
     may_move: bool,
     /// The stage this node decided to move to.
     move_to: Option<u32>,
+    /// Per stage, the final parameters a replica sent its stage at the end of
+    /// the run (see `close_stage`), with who sent them.
+    closing: BTreeMap<u32, (PeerId, StageState)>,
 }
 
 impl Inbox {
@@ -170,6 +173,9 @@ impl Inbox {
         if self.stages != 0 && state.stages != self.stages {
             debug!(peer = %from, "stage parameters for another stage count ignored");
             return;
+        }
+        if state.last {
+            self.closing.insert(state.stage, (from, state.clone()));
         }
         let newer = self
             .backups
@@ -642,6 +648,79 @@ impl Driver {
         }
     }
 
+    /// The run's last word within a stage. Its replicas can end the final
+    /// averaging round holding different parameters (a reduced part that
+    /// reached one replica too late), and nothing after it would mend that;
+    /// so the stage's lowest-id live replica sends its final parameters to
+    /// the others, which adopt them. A replica that hears nothing within the
+    /// averaging deadlines (the sender died) keeps its own, with a warning.
+    async fn close_stage(
+        &mut self,
+        stage: u32,
+        round: u64,
+        step: u64,
+        values: Vec<f32>,
+        num_params: usize,
+    ) -> Result<Vec<f32>, NodeError> {
+        let replicas = self.live_replicas(stage);
+        let Some(&closer) = replicas.first() else {
+            return Ok(values);
+        };
+        if closer == self.me {
+            let msg = Message::StageState(StageState {
+                stage,
+                stages: self.pipe.stages,
+                round,
+                step,
+                params: tensor::Payload::from_f32(&values),
+                last: true,
+            });
+            let others: Vec<PeerId> = self
+                .pipe
+                .peers_of_stage(stage)
+                .filter(|p| replicas.contains(&NodeId::from_key_bytes(&p.to_bytes())))
+                .collect();
+            match wire::encode(&msg) {
+                Ok(bytes) => {
+                    for to in others {
+                        self.check_sent(self.net.send(to, bytes.clone()))?;
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot encode the stage's final parameters"),
+            }
+            return Ok(values);
+        }
+        let deadline = Instant::now() + self.closing_wait;
+        loop {
+            if let Some((from, state)) = self.pipe.closing.get(&stage) {
+                if NodeId::from_key_bytes(&from.to_bytes()) == closer {
+                    match state.params.decode() {
+                        Ok(theirs) if theirs.len() == num_params => {
+                            if theirs != values {
+                                info!(stage, "adopted the stage's final parameters from its lowest-id replica");
+                            }
+                            return Ok(theirs);
+                        }
+                        _ => {
+                            warn!(peer = %from, "final stage parameters of the wrong size; keeping ours");
+                            return Ok(values);
+                        }
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    stage,
+                    "the stage's lowest-id replica sent no final parameters; keeping ours (replicas may disagree)"
+                );
+                return Ok(values);
+            }
+            let timer = tokio::time::sleep(Duration::from_millis(50));
+            let mut timer = std::pin::pin!(timer);
+            self.pump_once(timer.as_mut()).await?;
+        }
+    }
+
     /// After a later stage's averaging round, its lowest-id live replica
     /// sends the averaged parameters to the first stage's peers as the
     /// stage's backup.
@@ -662,6 +741,7 @@ impl Driver {
             round,
             step,
             params: tensor::Payload::from_f32(values),
+            last: false,
         });
         let holders: Vec<PeerId> = self.pipe.peers_of_stage(0).collect();
         match wire::encode(&msg) {
@@ -854,9 +934,17 @@ impl Driver {
             tally.micro as f64 / tally.busy.as_secs_f64().max(1e-9),
         )
         .coarse();
-        let model_digest = checkpoint::params_digest(&avg.values);
-        self.back_up_stage(compute.spec.index as u32, round, step, &avg.values)?;
-        self.pump(compute.set_params(avg.values)).await??;
+        let stage = compute.spec.index as u32;
+        let last = total_steps != 0 && step >= total_steps;
+        let values = if last {
+            self.close_stage(stage, round, step, avg.values, compute.num_params)
+                .await?
+        } else {
+            avg.values
+        };
+        let model_digest = checkpoint::params_digest(&values);
+        self.back_up_stage(stage, round, step, &values)?;
+        self.pump(compute.set_params(values)).await??;
         outcome.rounds = round;
         outcome.complete_rounds += u64::from(complete);
         outcome.averaging_s += averaging_s;
@@ -1542,6 +1630,7 @@ mod tests {
             round,
             step,
             params: tensor::Payload::from_f32(&[value]),
+            last: false,
         };
         let request = StageStateRequest {
             stage: 1,

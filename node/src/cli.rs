@@ -59,6 +59,26 @@ pub enum Command {
     Sample(SampleArgs),
     /// Draw a run's loss and accuracy curves (per node and averaged) to a PNG.
     Plot(PlotArgs),
+    /// Write a checkpoint's weights to a safetensors file PyTorch can load.
+    Export(ExportArgs),
+}
+
+/// Flags of `p2ptrain export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A checkpoint file, or a checkpoint directory (its newest checkpoint is
+    /// taken): an mlp or cnn checkpoint, or one char-lm pipeline stage's.
+    #[arg(value_name = "CHECKPOINT")]
+    pub checkpoint: PathBuf,
+    /// The safetensors file to write. Tensors are named like the PyTorch
+    /// modules (`fc1.weight`, `fc1.bias`, ...), Linear weights are
+    /// `[out, in]` as in torch.nn.Linear, and LayerNorm's gamma/beta are
+    /// `weight`/`bias`.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Flags of `p2ptrain plot`.
@@ -480,6 +500,16 @@ pub fn main_entry() -> ExitCode {
                     plotted.nodes,
                     plotted.width,
                     plotted.height
+                );
+                Ok(())
+            }
+            Command::Export(args) => {
+                let done = crate::export::export_file(&args.checkpoint, &args.out, args.force)?;
+                println!(
+                    "{} ({} tensors, {} values)",
+                    args.out.display(),
+                    done.tensors,
+                    done.values
                 );
                 Ok(())
             }

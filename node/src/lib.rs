@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod compute;
 pub mod driver;
+pub mod export;
 pub mod identity;
 pub mod metrics;
 pub mod misbehave;

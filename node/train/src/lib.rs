@@ -11,6 +11,7 @@
 
 pub mod backend;
 pub mod data;
+pub mod layout;
 pub mod lm;
 pub mod mnist;
 pub mod model;

@@ -2,9 +2,10 @@
 //! steps and take an outer Nesterov step, against per-step averaging.
 
 mod common;
-use common::binary;
-use std::process::Command;
-use std::time::Instant;
+use common::{binary, bootstrap_address, next_event, spawn_node, Events, Nodes};
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// Runs `p2ptrain testnet` on three nodes for 50 local steps with `extra`
 /// flags and returns its JSON summary.
@@ -92,5 +93,62 @@ fn bad_outer_flags_are_refused_by_name() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+}
+
+fn spawn_diloco(i: usize, swarm: &str, min_peers: &str, boot: Option<&str>, tx: Events) -> Child {
+    let mut args = vec!["--swarm", swarm, "--min-peers", min_peers, "--steps", "200"];
+    args.extend(["--sync-every", "10", "--outer-lr", "0.7"]);
+    args.extend(["--join-window-secs", "3", "--linger-secs", "1"]);
+    if let Some(b) = boot {
+        args.extend(["--bootstrap", b]);
+    }
+    spawn_node(i, &args, tx)
+}
+
+/// A node that joins a DiLoCo swarm mid-run downloads the parameters and
+/// the outer momentum together, so after further outer steps it still holds
+/// exactly the swarm's model (with a fresh momentum it would drift away).
+#[test]
+fn late_joiner_takes_on_the_outer_momentum() {
+    let swarm = format!("diloco-late-{}", std::process::id());
+    let (tx, rx) = mpsc::channel();
+    let mut nodes = Nodes(vec![spawn_diloco(0, &swarm, "2", None, tx.clone())]);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let boot = bootstrap_address(&rx, deadline);
+    nodes
+        .0
+        .push(spawn_diloco(1, &swarm, "2", Some(&boot), tx.clone()));
+    let (mut late_started, mut synced, mut late_grouped) = (false, None, 0);
+    let mut finals = Vec::new();
+    while finals.len() < 3 {
+        let (i, v) = next_event(&rx, deadline);
+        match v["event"].as_str() {
+            Some("round") if i == 0 && !late_started && v["round"].as_u64() == Some(3) => {
+                nodes
+                    .0
+                    .push(spawn_diloco(2, &swarm, "3", Some(&boot), tx.clone()));
+                late_started = true;
+            }
+            Some("synced") if i == 2 => synced = Some(v["round"].as_u64().unwrap()),
+            Some("round") if i == 2 && v["peers"] == 3 => late_grouped += 1,
+            Some("finished") => {
+                finals.push((v["rounds"].as_u64().unwrap(), v["model_digest"].clone()))
+            }
+            _ => {}
+        }
+    }
+    let synced = synced.expect("the late joiner never downloaded the swarm's state");
+    eprintln!("synced at round {synced}; grouped rounds {late_grouped}; {finals:?}");
+    assert!(
+        late_grouped >= 3,
+        "the joiner took part in {late_grouped} rounds of three"
+    );
+    assert!(
+        finals.iter().all(|f| *f == (20, finals[0].1.clone())),
+        "nodes ended with different models: {finals:?}"
+    );
+    for c in &mut nodes.0 {
+        assert!(c.wait().unwrap().success());
     }
 }

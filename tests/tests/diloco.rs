@@ -152,3 +152,31 @@ fn late_joiner_takes_on_the_outer_momentum() {
         assert!(c.wait().unwrap().success());
     }
 }
+
+/// Pseudo-gradients go through the same codecs and robust rules as
+/// parameters. Robust rules screen reduced parts in parameter space (around
+/// the round start): screened as raw pseudo-gradients, honest results would
+/// be refused and no round would complete.
+#[test]
+fn diloco_works_with_lossy_codecs_and_robust_rules() {
+    for (codec, rule) in [("int8", "trimmed-mean"), ("bf16", "centered-clip")] {
+        let s = testnet(&[
+            "--sync-every",
+            "10",
+            "--outer-lr",
+            "0.7",
+            "--compression",
+            codec,
+            "--aggregation",
+            rule,
+        ]);
+        let rounds = s["rounds"].as_u64().unwrap();
+        assert_eq!(
+            s["complete_rounds"].as_u64(),
+            Some(3 * rounds),
+            "{codec}/{rule}: some rounds refused or dropped parts: {s}"
+        );
+        let acc = s["test_accuracy"].as_f64().unwrap();
+        assert!(acc >= 0.8, "{codec}/{rule}: accuracy {acc}");
+    }
+}

@@ -38,6 +38,12 @@ impl Diloco {
         self.start = Some(params);
     }
 
+    /// The round-start parameters, if known (robust rules screen reduced
+    /// pseudo-gradients around them).
+    pub(super) fn start(&self) -> Option<&[f32]> {
+        self.start.as_deref()
+    }
+
     /// Forgets the snapshot: the model's parameters were replaced from outside.
     pub(super) fn forget_start(&mut self) {
         self.start = None;

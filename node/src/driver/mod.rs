@@ -628,12 +628,12 @@ impl Driver {
             let t1 = Instant::now();
             let params = self.pump(compute.params()).await??;
             // DiLoCo averages what the round moved the model, not the model.
-            let contribution = match &self.diloco {
-                Some(d) => d.pseudo_gradient(&params)?,
-                None => params.clone(),
+            let (contribution, reference) = match &self.diloco {
+                Some(d) => (d.pseudo_gradient(&params)?, d.start().map(<[f32]>::to_vec)),
+                None => (params.clone(), None),
             };
             let mut outcome = self
-                .average(round, contribution)
+                .average_around(round, contribution, reference)
                 .instrument(span.clone())
                 .await?;
             let new_params = match self.diloco.as_mut() {
@@ -813,9 +813,22 @@ impl Driver {
 
     /// Runs one averaging round to completion (the averager's deadlines bound it).
     async fn average(&mut self, round: u64, values: Vec<f32>) -> Result<RoundOutcome, NodeError> {
+        self.average_around(round, values, None).await
+    }
+
+    /// [`Driver::average`] of offsets from `reference` (DiLoCo's
+    /// pseudo-gradients from the round start), which robust rules screen in
+    /// parameter space.
+    async fn average_around(
+        &mut self,
+        round: u64,
+        values: Vec<f32>,
+        reference: Option<Vec<f32>>,
+    ) -> Result<RoundOutcome, NodeError> {
         let ids = self.swarm_ids();
         self.averager.set_peers(&ids);
-        self.averager.start_round(self.now(), round, values)?;
+        self.averager
+            .start_round_around(self.now(), round, values, reference)?;
         self.flush()?;
         let mut never = std::pin::pin!(std::future::pending::<()>());
         loop {

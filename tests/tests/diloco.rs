@@ -180,3 +180,87 @@ fn diloco_works_with_lossy_codecs_and_robust_rules() {
         assert!(acc >= 0.8, "{codec}/{rule}: accuracy {acc}");
     }
 }
+
+/// A lone node with checkpoints, for 30 local steps (3 rounds of 10).
+fn checkpointing_node(dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    Command::new(binary())
+        .args(["node", "--swarm", "diloco-ckpt", "--no-mdns", "--events"])
+        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .args([
+            "--sync-every",
+            "10",
+            "--checkpoint-every",
+            "1",
+            "--linger-secs",
+            "0",
+        ])
+        .arg("--checkpoint-dir")
+        .arg(dir)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the node starts")
+}
+
+/// The newest checkpoint's header (the JSON before the binary body).
+fn newest_header(dir: &std::path::Path) -> String {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "bin"))
+        .collect();
+    names.sort();
+    let bytes = std::fs::read(names.last().expect("a checkpoint")).unwrap();
+    let len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    String::from_utf8_lossy(&bytes[16..16 + len]).to_string()
+}
+
+/// DiLoCo checkpoints keep the outer momentum and `--resume` restores it;
+/// resuming DiLoCo from a checkpoint without momentum says so.
+#[test]
+fn checkpoints_keep_the_outer_momentum() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = checkpointing_node(dir.path(), &["--steps", "30", "--outer-lr", "0.7"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(newest_header(dir.path()).contains("\"outer\":{\"digest\""));
+    let out = Command::new(binary())
+        .args(["node", "--swarm", "diloco-ckpt", "--no-mdns", "--events"])
+        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .args(["--sync-every", "10", "--linger-secs", "0", "--steps", "50"])
+        .args(["--outer-lr", "0.7", "--resume"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("no DiLoCo momentum"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("\"round\":4") && stdout.contains("\"round\":5"),
+        "{stdout}"
+    );
+    assert!(newest_header(dir.path()).contains("\"outer\":{\"digest\""));
+
+    // A checkpoint from plain averaging resumes DiLoCo with a warning.
+    let plain = tempfile::tempdir().unwrap();
+    let first = checkpointing_node(plain.path(), &["--steps", "20"]);
+    assert!(first.status.success());
+    assert!(!newest_header(plain.path()).contains("\"outer\""));
+    let out = Command::new(binary())
+        .args(["node", "--swarm", "diloco-ckpt", "--no-mdns", "--events"])
+        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .args(["--sync-every", "10", "--linger-secs", "0", "--steps", "30"])
+        .args(["--outer-lr", "0.7", "--resume"])
+        .arg(plain.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("no DiLoCo momentum"), "{stderr}");
+}

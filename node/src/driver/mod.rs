@@ -628,17 +628,20 @@ impl Driver {
             let t1 = Instant::now();
             let params = self.pump(compute.params()).await??;
             // DiLoCo averages what the round moved the model, not the model.
-            let (contribution, reference) = match &self.diloco {
-                Some(d) => (d.pseudo_gradient(&params)?, d.start().map(<[f32]>::to_vec)),
-                None => (params.clone(), None),
+            let (contribution, reference, current) = match &self.diloco {
+                Some(d) => {
+                    let g = d.pseudo_gradient(&params)?;
+                    (g, d.start().map(<[f32]>::to_vec), Some(params))
+                }
+                None => (params, None, None),
             };
             let mut outcome = self
                 .average_around(round, contribution, reference)
                 .instrument(span.clone())
                 .await?;
-            let new_params = match self.diloco.as_mut() {
-                Some(d) => d.finish(&outcome.values, &params)?,
-                None => std::mem::take(&mut outcome.values),
+            let new_params = match (self.diloco.as_mut(), current) {
+                (Some(d), Some(current)) => d.finish(&outcome.values, &current)?,
+                _ => std::mem::take(&mut outcome.values),
             };
             let averaging_s = t1.elapsed().as_secs_f64();
             averaging_total += averaging_s;

@@ -183,6 +183,7 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
         resume: None,
         misbehave: None,
         misbehave_state: driver::StateMisbehave::None,
+        outer: None,
     };
     let reporter: driver::Reporter = Box::new(|event: &NodeEvent| {
         if let Ok(v) = serde_json::to_value(event) {

@@ -11,8 +11,11 @@
 //! header, then the parameters as little-endian f32. Version 2 adds the local
 //! optimizer's state when the header has an `optim` entry: Adam's first and
 //! then second moments, one f32 per parameter each, after the parameters
-//! (with their own digest in the header). Version 1 files still load, with
-//! no optimizer state; a file of a newer version is refused by name.
+//! (with their own digest in the header). Version 3 adds, when the header
+//! has an `outer` entry, DiLoCo's outer momentum (one f32 per parameter,
+//! with its digest in the header) after everything else. Version 1 and 2
+//! files still load, without what they lack; a file of a newer version is
+//! refused by name.
 
 use crate::task::OptimState;
 use serde::{Deserialize, Serialize};
@@ -21,7 +24,7 @@ use std::path::{Path, PathBuf};
 use tracing::warn;
 
 const MAGIC: &[u8; 8] = b"P2PTCKPT";
-const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION: u32 = 3;
 /// The oldest format this build still reads.
 const OLDEST_READABLE: u32 = 1;
 /// Checkpoints kept per directory; older ones are deleted after a new one lands.
@@ -55,13 +58,33 @@ struct OptimMeta {
     digest: String,
 }
 
-/// The JSON header: the run's metadata, plus the optimizer section if any.
+/// The DiLoCo section's description in the header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OuterMeta {
+    /// blake3 of the outer momentum's little-endian bytes, hex.
+    digest: String,
+}
+
+/// The JSON header: the run's metadata, plus the optimizer sections if any.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Header {
     #[serde(flatten)]
     meta: CheckpointMeta,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     optim: Option<OptimMeta>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    outer: Option<OuterMeta>,
+}
+
+/// What a checkpoint stores beside its metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct State<'a> {
+    /// Flat parameters.
+    pub params: &'a [f32],
+    /// The local (inner) optimizer's state, if any.
+    pub optim: Option<&'a OptimState>,
+    /// DiLoCo's outer momentum (one value per parameter), if the run uses it.
+    pub outer_momentum: Option<&'a [f32]>,
 }
 
 /// A loaded, verified checkpoint.
@@ -73,6 +96,8 @@ pub struct Checkpoint {
     pub params: Vec<f32>,
     /// The local optimizer's state, if the checkpoint holds one (format 2 and later).
     pub optim: Option<OptimState>,
+    /// DiLoCo's outer momentum, if the run used it (format 3 and later).
+    pub outer_momentum: Option<Vec<f32>>,
 }
 
 /// Checkpoint failures.
@@ -128,12 +153,20 @@ fn optim_digest(optim: &OptimState) -> String {
     hex(h.finalize().as_bytes())
 }
 
-fn encode(meta: &CheckpointMeta, params: &[f32], optim: Option<&OptimState>) -> Vec<u8> {
+fn encode(meta: &CheckpointMeta, state: State<'_>) -> Vec<u8> {
+    let State {
+        params,
+        optim,
+        outer_momentum,
+    } = state;
     let header = Header {
         meta: meta.clone(),
         optim: optim.map(|o| OptimMeta {
             time: o.time,
             digest: optim_digest(o),
+        }),
+        outer: outer_momentum.map(|m| OuterMeta {
+            digest: params_digest(m),
         }),
     };
     let header = serde_json::to_vec(&header).expect("checkpoint metadata always serialises");
@@ -146,6 +179,9 @@ fn encode(meta: &CheckpointMeta, params: &[f32], optim: Option<&OptimState>) -> 
     if let Some(o) = optim {
         out.extend_from_slice(&params_bytes(&o.moment_1));
         out.extend_from_slice(&params_bytes(&o.moment_2));
+    }
+    if let Some(m) = outer_momentum {
+        out.extend_from_slice(&params_bytes(m));
     }
     out
 }
@@ -178,11 +214,12 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
             "header length {header_len} does not fit the file"
         )));
     }
-    let Header { meta, optim } = serde_json::from_slice(&bytes[16..16 + header_len])
+    let Header { meta, optim, outer } = serde_json::from_slice(&bytes[16..16 + header_len])
         .map_err(|e| invalid(format!("header: {e}")))?;
     let body = &bytes[16 + header_len..];
-    // Parameters, then (with an optimizer section) two moment vectors of the same length.
-    let sections = if optim.is_some() { 3 } else { 1 };
+    // Parameters, then (with an optimizer section) two moment vectors of the
+    // same length, then (with an outer section) the outer momentum.
+    let sections = 1 + 2 * usize::from(optim.is_some()) + usize::from(outer.is_some());
     if !body.len().is_multiple_of(4 * sections) {
         return Err(invalid(format!(
             "body of {} bytes is not {sections} equal f32 sections",
@@ -196,7 +233,7 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
             let state = OptimState {
                 time: o.time,
                 moment_1: f32s(&body[len..2 * len]),
-                moment_2: f32s(&body[2 * len..]),
+                moment_2: f32s(&body[2 * len..3 * len]),
             };
             if optim_digest(&state) != o.digest {
                 return Err(invalid(
@@ -210,6 +247,21 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
         }
         None => None,
     };
+    let outer_momentum = match outer {
+        Some(o) => {
+            let m = f32s(&body[(sections - 1) * len..]);
+            if params_digest(&m) != o.digest {
+                return Err(invalid(
+                    "outer momentum digest does not match the header".into(),
+                ));
+            }
+            if let Some(i) = m.iter().position(|v| !v.is_finite()) {
+                return Err(invalid(format!("outer momentum {i} is not finite")));
+            }
+            Some(m)
+        }
+        None => None,
+    };
     if params_digest(&params) != meta.params_digest {
         return Err(invalid("parameter digest does not match the header".into()));
     }
@@ -220,6 +272,7 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
         meta,
         params,
         optim,
+        outer_momentum,
     })
 }
 
@@ -237,8 +290,23 @@ pub fn save_with_optim(
     params: &[f32],
     optim: Option<&OptimState>,
 ) -> Result<PathBuf, CheckpointError> {
+    let state = State {
+        params,
+        optim,
+        outer_momentum: None,
+    };
+    save_state(dir, meta, state)
+}
+
+/// Writes a checkpoint of `state` into `dir` atomically and prunes old
+/// ones; returns its path.
+pub fn save_state(
+    dir: &Path,
+    meta: &CheckpointMeta,
+    state: State<'_>,
+) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let bytes = encode(meta, params, optim);
+    let bytes = encode(meta, state);
     let hash = blake3::hash(&bytes);
     let name = format!(
         "ckpt-r{:08}-{}.bin",
@@ -382,7 +450,14 @@ mod tests {
         let p = vec![1.0f32; 8];
         let mut m = meta(7, &p);
         m.params_digest = "00".repeat(32);
-        let bytes = encode(&m, &p, None);
+        let bytes = encode(
+            &m,
+            State {
+                params: &p,
+                optim: None,
+                outer_momentum: None,
+            },
+        );
         let name = format!(
             "ckpt-r00000007-{}.bin",
             &hex(blake3::hash(&bytes).as_bytes())[..32]
@@ -390,6 +465,43 @@ mod tests {
         std::fs::write(dir.path().join(name), bytes).unwrap();
         let err = load_latest(dir.path()).unwrap_err();
         assert!(matches!(err, CheckpointError::NoneFound(_)), "{err}");
+    }
+
+    #[test]
+    fn outer_momentum_round_trips_beside_adam_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = vec![0.5f32; 16];
+        let m: Vec<f32> = (0..16).map(|i| i as f32 * 0.125).collect();
+        let a = adam(16, 3);
+        let state = State {
+            params: &p,
+            optim: Some(&a),
+            outer_momentum: Some(&m),
+        };
+        let path = save_state(dir.path(), &meta(1, &p), state).unwrap();
+        let c = load_latest(dir.path()).unwrap();
+        assert_eq!(c.params, p);
+        assert_eq!(c.optim, Some(a.clone()));
+        assert_eq!(c.outer_momentum, Some(m.clone()));
+        // Without Adam the momentum follows the parameters directly.
+        let dir2 = tempfile::tempdir().unwrap();
+        let state = State {
+            params: &p,
+            optim: None,
+            outer_momentum: Some(&m),
+        };
+        save_state(dir2.path(), &meta(1, &p), state).unwrap();
+        let c = load_latest(dir2.path()).unwrap();
+        assert_eq!((c.optim, c.outer_momentum), (None, Some(m)));
+        // A checkpoint without DiLoCo says so.
+        save(dir2.path(), &meta(2, &p), &p).unwrap();
+        assert_eq!(load_latest(dir2.path()).unwrap().outer_momentum, None);
+        // Damage inside the momentum (file renamed to its new hash) is caught by its digest.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        let err = decode(&path, &bytes).unwrap_err();
+        assert!(err.to_string().contains("outer momentum"), "{err}");
     }
 
     fn adam(n: usize, time: u64) -> OptimState {
@@ -435,7 +547,12 @@ mod tests {
         let mut short = adam(3, 3);
         short.moment_1.push(0.0);
         short.moment_2.push(0.0);
-        let bytes = encode(&meta(2, &p), &p[..3], Some(&short));
+        let state = State {
+            params: &p[..3],
+            optim: Some(&short),
+            outer_momentum: None,
+        };
+        let bytes = encode(&meta(2, &p), state);
         let name = format!(
             "ckpt-r00000002-{}.bin",
             &hex(blake3::hash(&bytes).as_bytes())[..32]
@@ -465,9 +582,10 @@ mod tests {
         let c = load_latest(dir.path()).unwrap();
         assert_eq!((c.meta.round, c.params, c.optim), (4, p.clone(), None));
         // A future version is refused by name.
-        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let future = FORMAT_VERSION + 1;
+        bytes[8..12].copy_from_slice(&future.to_le_bytes());
         let err = decode(Path::new("x.bin"), &bytes).unwrap_err().to_string();
-        assert!(err.contains("format version 3"), "{err}");
+        assert!(err.contains(&format!("format version {future}")), "{err}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 use p2ptrain_protocol::averaging::{Aggregation, AveragingConfig};
+use p2ptrain_protocol::outer::OuterConfig;
 use p2ptrain_protocol::tensor::Encoding;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -167,9 +168,21 @@ pub struct TrainArgs {
     /// Passes over the training set by the whole swarm.
     #[arg(long, default_value_t = 3.0, value_parser = parse_epochs, allow_negative_numbers = true)]
     pub epochs: f64,
-    /// Local steps between averaging rounds.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Local steps between averaging rounds (`--sync-every` is the same flag, the
+    /// name DiLoCo users know: H local steps between outer steps).
+    #[arg(long, visible_alias = "sync-every", value_name = "H", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub average_every: u64,
+    /// DiLoCo: with an outer learning rate, rounds average the pseudo-gradient
+    /// (round-start parameters minus current ones) instead of the parameters, and
+    /// every peer applies an outer Nesterov SGD step to the round-start parameters
+    /// (DiLoCo uses 0.7; 1.0 with --outer-momentum 0 is plain parameter averaging).
+    /// All peers of a swarm must use the same.
+    #[arg(long, value_name = "LR", value_parser = parse_outer_lr)]
+    pub outer_lr: Option<f32>,
+    /// DiLoCo: Nesterov momentum of the outer step, in [0, 1) (needs --outer-lr;
+    /// default 0.9, as in DiLoCo).
+    #[arg(long, value_name = "MU", value_parser = parse_outer_momentum)]
+    pub outer_momentum: Option<f32>,
     /// Seconds the round leader waits for stragglers before averaging without them.
     #[arg(long, default_value_t = 5.0, value_parser = parse_secs)]
     pub join_window_secs: f64,
@@ -324,6 +337,35 @@ fn parse_lr(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err(format!("learning rate must be in (0, 10), got {v}"))
+    }
+}
+
+/// DiLoCo's outer momentum when `--outer-momentum` is not given.
+pub const DEFAULT_OUTER_MOMENTUM: f32 = 0.9;
+
+fn parse_outer_lr(s: &str) -> Result<f32, String> {
+    let lr: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    OuterConfig { lr, momentum: 0.0 }
+        .validate()
+        .map_err(|e| e.to_string())?;
+    Ok(lr)
+}
+
+fn parse_outer_momentum(s: &str) -> Result<f32, String> {
+    let momentum: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    OuterConfig { lr: 1.0, momentum }
+        .validate()
+        .map_err(|e| e.to_string())?;
+    Ok(momentum)
+}
+
+impl TrainArgs {
+    /// The DiLoCo outer optimizer's settings, when `--outer-lr` turns it on.
+    pub fn outer(&self) -> Option<OuterConfig> {
+        self.outer_lr.map(|lr| OuterConfig {
+            lr,
+            momentum: self.outer_momentum.unwrap_or(DEFAULT_OUTER_MOMENTUM),
+        })
     }
 }
 
@@ -601,6 +643,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         checkpoints,
         resume,
         misbehave: args.train.misbehave,
+        outer: args.train.outer(),
         misbehave_state: match args.misbehave_state.as_deref() {
             Some("corrupt") => driver::StateMisbehave::CorruptState,
             _ => driver::StateMisbehave::None,
@@ -723,6 +766,14 @@ pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
         anyhow::bail!(
             "--stages {} needs --model char-lm: only the language model can be cut into pipeline stages",
             train.stages
+        );
+    }
+    if train.outer_momentum.is_some() && train.outer_lr.is_none() {
+        anyhow::bail!("--outer-momentum needs --outer-lr, which turns DiLoCo on");
+    }
+    if train.outer_lr.is_some() && train.model == ModelChoice::CharLm {
+        anyhow::bail!(
+            "--outer-lr (DiLoCo) works with the data-parallel MNIST models only; pipeline stages average their parameters"
         );
     }
     if train.model == ModelChoice::CharLm {

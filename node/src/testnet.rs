@@ -117,6 +117,14 @@ fn train_flags(t: &TrainArgs) -> Vec<String> {
         v.push("--steps".into());
         v.push(s.to_string());
     }
+    if let Some(lr) = t.outer_lr {
+        v.push("--outer-lr".into());
+        v.push(lr.to_string());
+    }
+    if let Some(mu) = t.outer_momentum {
+        v.push("--outer-momentum".into());
+        v.push(mu.to_string());
+    }
     if let Some(s) = t.seed {
         v.push("--seed".into());
         v.push(s.to_string());

@@ -13,6 +13,7 @@
 //! - [`wire`]: the versioned, size-limited, validating codec for every message.
 //! - [`shards`]: which peer trains on which sample (rendezvous hashing).
 //! - [`averaging`]: one averaging round: matchmaking and a butterfly all-reduce.
+//! - [`outer`]: DiLoCo's outer optimizer (Nesterov SGD on averaged pseudo-gradients).
 //! - [`stages`]: which peer holds which pipeline stage (balanced by throughput, stable under churn).
 //! - [`pipe`]: messages of pipeline (model-parallel) training.
 //! - [`statesync`]: how a joiner downloads the state the swarm vouches for, in verified chunks from several peers.
@@ -20,6 +21,7 @@
 
 pub mod averaging;
 pub mod id;
+pub mod outer;
 pub mod pipe;
 pub mod rng;
 pub mod shards;

@@ -267,6 +267,7 @@ pub async fn run_swarm(
         resume: None,
         misbehave: None,
         misbehave_state: driver::StateMisbehave::None,
+        outer: None,
     };
     let mut handles = Vec::new();
     let mut slots = Vec::new();

@@ -6,6 +6,7 @@
 //! averager's own timeouts bound each round, and joining the swarm is bounded
 //! by `wait_for_peers`.
 
+mod diloco;
 mod pipeline;
 mod sync;
 
@@ -24,6 +25,7 @@ use libp2p::{identity::Keypair, Multiaddr, PeerId};
 use p2ptrain_protocol::averaging::{
     Averager, AveragingConfig, AveragingError, AvgEvent, AvgMessage, Destination, RoundOutcome,
 };
+use p2ptrain_protocol::outer::{OuterConfig, OuterError};
 use p2ptrain_protocol::statesync::{Download, Vouches};
 use p2ptrain_protocol::wire::{self, Message, Progress};
 use p2ptrain_protocol::{shards, NodeId};
@@ -119,6 +121,9 @@ pub struct NodeConfig {
     pub misbehave: Option<crate::misbehave::Misbehave>,
     /// Test only: misbehave as a state server (see [`Misbehave`]).
     pub misbehave_state: StateMisbehave,
+    /// DiLoCo: average pseudo-gradients and take an outer Nesterov step with
+    /// these settings; `None` averages the parameters themselves.
+    pub outer: Option<OuterConfig>,
 }
 
 /// When and where a node writes checkpoints.
@@ -327,6 +332,9 @@ pub enum NodeError {
     /// The network event loop ended unexpectedly.
     #[error("the network event loop stopped unexpectedly")]
     NetworkStopped,
+    /// The DiLoCo outer step could not be taken.
+    #[error("DiLoCo outer step: {0}")]
+    Outer(#[from] OuterError),
 }
 
 impl From<ComputeGone> for NodeError {
@@ -386,6 +394,8 @@ struct Driver {
     /// stage's final parameters: the time a peer's final averaging round
     /// may take beyond ours.
     closing_wait: Duration,
+    /// DiLoCo's round-start snapshot and outer optimizer, when `--outer-lr` is set.
+    diloco: Option<diloco::Diloco>,
 }
 
 /// Runs a node until its training budget is spent; returns its final report.
@@ -453,6 +463,7 @@ impl Driver {
             closing_wait: config.averaging.group_timeout
                 + config.averaging.join_window
                 + config.averaging.reduce_timeout * 2,
+            diloco: None,
         }
     }
 
@@ -519,6 +530,10 @@ impl Driver {
         });
 
         let (mut step, mut round, mut samples) = (0u64, 0u64, 0u64);
+        self.diloco = config
+            .outer
+            .map(|c| diloco::Diloco::new(c, compute.num_params))
+            .transpose()?;
         if let Some(ckpt) = &config.resume {
             if ckpt.params.len() != compute.num_params {
                 return Err(NodeError::CheckpointMismatch {
@@ -540,6 +555,15 @@ impl Driver {
                 },
                 None => None,
             };
+            if let Some(d) = self.diloco.as_mut() {
+                match &ckpt.outer_momentum {
+                    Some(m) => d.set_momentum(m.clone())?,
+                    None => warn!(
+                        "checkpoint holds no DiLoCo momentum (written without --outer-lr); it starts at zero, \
+                         so this node's model drifts from a swarm that trained on with momentum"
+                    ),
+                }
+            }
             info!(round, step, ?optim_time, "resumed from checkpoint");
         }
         let mut train_time = Duration::ZERO;
@@ -592,6 +616,12 @@ impl Driver {
             let span = info_span!("round", round);
             // Steps of this round under the run's schedule (the last one may be short).
             let n = every.min(total_steps.saturating_sub((round - 1).saturating_mul(every)));
+            if self.diloco.as_ref().is_some_and(|d| d.needs_start()) {
+                let start = self.pump(compute.params()).await??;
+                if let Some(d) = self.diloco.as_mut() {
+                    d.begin(start);
+                }
+            }
             let t0 = Instant::now();
             let stats = self
                 .pump(compute.train(n))
@@ -604,7 +634,22 @@ impl Driver {
 
             let t1 = Instant::now();
             let params = self.pump(compute.params()).await??;
-            let outcome = self.average(round, params).instrument(span.clone()).await?;
+            // DiLoCo averages what the round moved the model, not the model.
+            let (contribution, reference, current) = match &self.diloco {
+                Some(d) => {
+                    let g = d.pseudo_gradient(&params)?;
+                    (g, d.start().map(<[f32]>::to_vec), Some(params))
+                }
+                None => (params, None, None),
+            };
+            let mut outcome = self
+                .average_around(round, contribution, reference)
+                .instrument(span.clone())
+                .await?;
+            let new_params = match (self.diloco.as_mut(), current) {
+                (Some(d), Some(current)) => d.finish(&outcome.values, &current)?,
+                _ => std::mem::take(&mut outcome.values),
+            };
             let averaging_s = t1.elapsed().as_secs_f64();
             averaging_total += averaging_s;
             let complete = outcome.group.len() > 1
@@ -615,11 +660,17 @@ impl Driver {
             complete_rounds += u64::from(complete);
             let group = outcome.group.len();
             let dropped = outcome.dropped.len();
-            let model_digest = checkpoint::params_digest(&outcome.values);
-            self.announce_state(round, &outcome.values)?;
+            let model_digest = checkpoint::params_digest(&new_params);
+            match &self.diloco {
+                Some(d) => {
+                    let state = d.served_state(&new_params);
+                    self.announce_state(round, &state)?;
+                }
+                None => self.announce_state(round, &new_params)?,
+            }
             // Averaged with others: we hold the swarm's model now.
             self.synced |= group > 1;
-            self.pump(compute.set_params(outcome.values)).await??;
+            self.pump(compute.set_params(new_params)).await??;
             let r = RoundReport {
                 round,
                 step,
@@ -658,8 +709,14 @@ impl Driver {
                         params_digest: checkpoint::params_digest(&params),
                     };
                     let dir = policy.dir.clone();
+                    let outer = self.diloco.as_ref().map(|d| d.momentum().to_vec());
                     let write = tokio::task::spawn_blocking(move || {
-                        checkpoint::save_with_optim(&dir, &meta, &params, optim.as_ref())
+                        let state = checkpoint::State {
+                            params: &params,
+                            optim: optim.as_ref(),
+                            outer_momentum: outer.as_deref(),
+                        };
+                        checkpoint::save_state(&dir, &meta, state)
                     });
                     let path = self.pump(write).await?.map_err(|e| {
                         NodeError::Checkpoint(CheckpointError::Io {
@@ -766,9 +823,22 @@ impl Driver {
 
     /// Runs one averaging round to completion (the averager's deadlines bound it).
     async fn average(&mut self, round: u64, values: Vec<f32>) -> Result<RoundOutcome, NodeError> {
+        self.average_around(round, values, None).await
+    }
+
+    /// [`Driver::average`] of offsets from `reference` (DiLoCo's
+    /// pseudo-gradients from the round start), which robust rules screen in
+    /// parameter space.
+    async fn average_around(
+        &mut self,
+        round: u64,
+        values: Vec<f32>,
+        reference: Option<Vec<f32>>,
+    ) -> Result<RoundOutcome, NodeError> {
         let ids = self.swarm_ids();
         self.averager.set_peers(&ids);
-        self.averager.start_round(self.now(), round, values)?;
+        self.averager
+            .start_round_around(self.now(), round, values, reference)?;
         self.flush()?;
         let mut never = std::pin::pin!(std::future::pending::<()>());
         loop {

@@ -11,6 +11,10 @@
 //! digest verified. The local Adam moments are not downloaded: each peer's
 //! are its own (built from its own shard's gradients), so no quorum can vouch
 //! for them, and Adam's bias correction makes fresh moments a sound start.
+//! Under DiLoCo the served state is the parameters followed by the outer
+//! momentum, which every member computes from the same averaged
+//! pseudo-gradients, so the vouched root covers both and a joiner continues
+//! with exactly the swarm's outer optimizer.
 
 use super::{Driver, NodeError, NodeEvent, Reporter};
 use crate::checkpoint;
@@ -270,7 +274,10 @@ impl Driver {
             request_timeout: REQUEST_TIMEOUT,
             per_peer: PER_PEER,
             deadline: DOWNLOAD_DEADLINE,
-            expect_bytes: Some(compute.num_params as u64 * 4),
+            // Under DiLoCo the state is the parameters and the outer momentum.
+            expect_bytes: Some(
+                compute.num_params as u64 * 4 * (1 + u64::from(self.diloco.is_some())),
+            ),
         };
         self.download = Some(Download::new(self.now(), choice.claim, &holders, config));
         let outcome = loop {
@@ -313,9 +320,18 @@ impl Driver {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        if let Err(e) = self.pump(compute.set_params(values.clone())).await? {
+        let params = values[..compute.num_params.min(values.len())].to_vec();
+        if let Err(e) = self.pump(compute.set_params(params.clone())).await? {
             warn!(error = %e, "downloaded state does not fit this model; training on our own");
             return Ok(None);
+        }
+        if let Some(d) = self.diloco.as_mut() {
+            if let Err(e) = d.install(values.clone()) {
+                // Our own momentum does not go with the swarm's parameters:
+                // the next round starts from the parameters just installed.
+                d.forget_start();
+                warn!(error = %e, "downloaded DiLoCo momentum unusable; keeping ours");
+            }
         }
         let name = |id: &NodeId| match self.members.get(id) {
             Some(p) => p.to_string(),
@@ -352,7 +368,7 @@ impl Driver {
         report(&NodeEvent::Synced {
             round,
             from,
-            model_digest: checkpoint::params_digest(&values),
+            model_digest: checkpoint::params_digest(&params),
             chunks: got.manifest.num_chunks(),
             vouchers: choice.vouchers.len(),
             sources: figures.sources,

@@ -62,6 +62,9 @@ pub(crate) struct AllReduce {
     reducer_deadline: Duration,
     deadline: Duration,
     next_retransmit: Duration,
+    /// When our values are offsets from this shared reference, received
+    /// reduced parts are screened as `reference - values` (parameter space).
+    pub(crate) reference: Option<Vec<f32>>,
 }
 
 impl AllReduce {
@@ -117,6 +120,7 @@ impl AllReduce {
             reducer_deadline: now.saturating_add(cfg.reducer_wait()),
             deadline: now.saturating_add(cfg.reduce_timeout),
             next_retransmit: now.saturating_add(cfg.retry()),
+            reference: None,
         }
     }
 
@@ -272,7 +276,14 @@ impl AllReduce {
             *slot = None; // acknowledged
         }
         let own = self.local.get(self.ranges[j].clone()).unwrap_or_default();
-        if !self.aggregation.plausible(own, &values) {
+        let plausible = match &self.reference {
+            Some(r) => {
+                let base = r.get(self.ranges[j].clone()).unwrap_or_default();
+                self.aggregation.plausible_around(base, own, &values)
+            }
+            None => self.aggregation.plausible(own, &values),
+        };
+        if !plausible {
             // A robust swarm keeps its own values for this part rather than a result far
             // from them: a hostile reducer can hold its part back, not steer it.
             if let Some(flag) = self.refused.get_mut(j) {

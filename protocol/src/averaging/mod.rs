@@ -121,6 +121,8 @@ pub struct Averager {
     /// (gossip and direct streams are not ordered): replayed once the group
     /// forms instead of waiting for the sender's retransmit.
     early_parts: Vec<(NodeId, u32, Payload)>,
+    /// The reference of the round in matchmaking (see [`Averager::start_round_around`]).
+    reference: Option<Vec<f32>>,
 }
 
 /// Early parts held per round: one per member and part at most.
@@ -143,6 +145,7 @@ impl Averager {
             last_now: Duration::ZERO,
             recheck: false,
             early_parts: Vec::new(),
+            reference: None,
         }
     }
 
@@ -189,7 +192,31 @@ impl Averager {
         round: u64,
         values: Vec<f32>,
     ) -> Result<(), AveragingError> {
+        self.start_round_around(now, round, values, None)
+    }
+
+    /// [`Averager::start_round`] for values that are offsets from a shared
+    /// `reference` (DiLoCo's pseudo-gradients `reference - params`): robust
+    /// aggregation then screens reduced parts in parameter space, comparing
+    /// `reference - reduced` with `reference - ours`, because offsets of
+    /// honest peers differ from their mean by a large fraction of their own
+    /// size while the parameters they imply do not.
+    pub fn start_round_around(
+        &mut self,
+        now: Duration,
+        round: u64,
+        values: Vec<f32>,
+        reference: Option<Vec<f32>>,
+    ) -> Result<(), AveragingError> {
         self.observe(now);
+        if let Some(r) = &reference {
+            if r.len() != values.len() {
+                return Err(AveragingError::ReferenceLength {
+                    want: values.len(),
+                    got: r.len(),
+                });
+            }
+        }
         if let Some(current) = self.in_flight() {
             return Err(AveragingError::InFlight { round: current });
         }
@@ -207,6 +234,7 @@ impl Averager {
         if let Some(index) = values.iter().position(|v| !v.is_finite()) {
             return Err(AveragingError::NonFinite { index });
         }
+        self.reference = reference;
         let mut mm = Matchmaking::new(round, values, now, &self.config);
         for (from, len) in self.joins.take(round) {
             if let Err(reason) = mm.add_joiner(self.me, from, len) {
@@ -475,6 +503,7 @@ impl Averager {
             &self.config,
             &mut self.out,
         );
+        ar.reference = self.reference.take();
         // The all-reduce validates each replayed part as if it had just arrived.
         for (from, part, payload) in std::mem::take(&mut self.early_parts) {
             ar.on_part(from, part, &payload, &mut self.out);

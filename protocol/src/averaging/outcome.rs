@@ -112,6 +112,14 @@ pub enum AveragingError {
         /// Position of the first bad value.
         index: usize,
     },
+    /// The plausibility reference does not match the vector averaged.
+    #[error("plausibility reference of {got} values for a vector of {want}")]
+    ReferenceLength {
+        /// The vector's length.
+        want: usize,
+        /// The reference's length.
+        got: usize,
+    },
 }
 
 /// The queues of outputs the driver polls.

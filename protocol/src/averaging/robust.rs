@@ -106,6 +106,18 @@ impl Aggregation {
     }
 }
 
+impl Aggregation {
+    /// [`Aggregation::plausible`] for offsets from a shared `base`: compares
+    /// the parameters they imply, `base - own` and `base - reduced`.
+    pub fn plausible_around(self, base: &[f32], own: &[f32], reduced: &[f32]) -> bool {
+        if base.len() != own.len() {
+            return !self.is_robust();
+        }
+        let implied = |v: &[f32]| -> Vec<f32> { base.iter().zip(v).map(|(b, x)| b - x).collect() };
+        self.plausible(&implied(own), &implied(reduced))
+    }
+}
+
 fn l2(values: impl Iterator<Item = f64>) -> f64 {
     values.map(|v| v * v).sum::<f64>().sqrt()
 }
@@ -253,6 +265,25 @@ mod tests {
         assert!(!rule.plausible(&own, &scaled));
         // The plain mean accepts anything of the right length.
         assert!(Aggregation::Mean.plausible(&own, &flipped));
+    }
+
+    /// Pseudo-gradients of honest peers differ from their mean by about their
+    /// own size (refused if screened as they are), but the parameters they
+    /// imply around the shared reference are close; a far result still is not.
+    #[test]
+    fn offsets_are_screened_in_parameter_space() {
+        let rule = Aggregation::TrimmedMean { trim: 0.2 };
+        let base: Vec<f32> = (0..16).map(|i| 0.1 * i as f32 - 0.7).collect();
+        let own: Vec<f32> = (0..16)
+            .map(|i| if i % 2 == 0 { 0.01 } else { -0.01 })
+            .collect();
+        let mean: Vec<f32> = own.iter().map(|v| -0.2 * v).collect();
+        assert!(!rule.plausible(&own, &mean));
+        assert!(rule.plausible_around(&base, &own, &mean));
+        let far: Vec<f32> = base.iter().map(|b| 2.0 * b).collect();
+        assert!(!rule.plausible_around(&base, &own, &far));
+        assert!(!rule.plausible_around(&base[..3], &own, &mean));
+        assert!(Aggregation::Mean.plausible_around(&base, &own, &far));
     }
 
     #[test]

@@ -1,0 +1,148 @@
+//! A data-parallel node's DiLoCo state: the round-start snapshot and the
+//! outer optimizer (see [`p2ptrain_protocol::outer`]).
+//!
+//! A round contributes the pseudo-gradient `start - current` to the
+//! all-reduce, and the averaged pseudo-gradient moves the round start by one
+//! outer Nesterov step. The momentum buffer is shared swarm state (every
+//! member computes it from the same averaged pseudo-gradients), so it travels
+//! with the parameters: the served state is `parameters ++ momentum`, and
+//! checkpoints keep it.
+
+use p2ptrain_protocol::outer::{pseudo_gradient, OuterConfig, OuterError, OuterOptimizer};
+
+/// The round-start parameters and the outer optimizer of one node.
+#[derive(Debug)]
+pub(super) struct Diloco {
+    outer: OuterOptimizer,
+    /// Parameters at the start of the current round; `None` until known
+    /// (at start, or after parameters were installed from elsewhere).
+    start: Option<Vec<f32>>,
+}
+
+impl Diloco {
+    /// Fresh state (zero momentum) for a model of `num_params` parameters.
+    pub(super) fn new(config: OuterConfig, num_params: usize) -> Result<Diloco, OuterError> {
+        Ok(Diloco {
+            outer: OuterOptimizer::new(config, num_params)?,
+            start: None,
+        })
+    }
+
+    /// Whether the round-start snapshot must be taken before training on.
+    pub(super) fn needs_start(&self) -> bool {
+        self.start.is_none()
+    }
+
+    /// Records `params` as the start of the coming round.
+    pub(super) fn begin(&mut self, params: Vec<f32>) {
+        self.start = Some(params);
+    }
+
+    /// The round-start parameters, if known (robust rules screen reduced
+    /// pseudo-gradients around them).
+    pub(super) fn start(&self) -> Option<&[f32]> {
+        self.start.as_deref()
+    }
+
+    /// Forgets the snapshot: the model's parameters were replaced from outside.
+    pub(super) fn forget_start(&mut self) {
+        self.start = None;
+    }
+
+    /// What this node contributes to the round: `start - current`.
+    pub(super) fn pseudo_gradient(&self, current: &[f32]) -> Result<Vec<f32>, OuterError> {
+        // Without a snapshot (never happens in the loop), the round start is
+        // the current model: a zero pseudo-gradient moves nobody.
+        let start = self.start.as_deref().unwrap_or(current);
+        pseudo_gradient(start, current)
+    }
+
+    /// Applies the swarm's averaged pseudo-gradient to the round start and
+    /// returns the new parameters, which also start the next round.
+    pub(super) fn finish(
+        &mut self,
+        averaged: &[f32],
+        current: &[f32],
+    ) -> Result<Vec<f32>, OuterError> {
+        let mut params = self.start.take().unwrap_or_else(|| current.to_vec());
+        self.outer.step(&mut params, averaged)?;
+        self.start = Some(params.clone());
+        Ok(params)
+    }
+
+    /// The momentum buffer (for checkpoints).
+    pub(super) fn momentum(&self) -> &[f32] {
+        self.outer.momentum()
+    }
+
+    /// Restores the momentum buffer (from a checkpoint).
+    pub(super) fn set_momentum(&mut self, momentum: Vec<f32>) -> Result<(), OuterError> {
+        self.outer.set_momentum(momentum)
+    }
+
+    /// The state served to joiners: `params` followed by the momentum.
+    pub(super) fn served_state(&self, params: &[f32]) -> Vec<f32> {
+        let mut state = Vec::with_capacity(params.len() * 2);
+        state.extend_from_slice(params);
+        state.extend_from_slice(self.outer.momentum());
+        state
+    }
+
+    /// Takes on a downloaded state (`params ++ momentum`): keeps the momentum
+    /// and returns the parameters, which start the next round.
+    pub(super) fn install(&mut self, mut state: Vec<f32>) -> Result<Vec<f32>, OuterError> {
+        let n = self.outer.momentum().len();
+        if state.len() != 2 * n {
+            return Err(OuterError::Length {
+                what: "downloaded DiLoCo state (parameters and momentum)",
+                want: 2 * n,
+                got: state.len(),
+            });
+        }
+        let momentum = state.split_off(n);
+        self.outer.set_momentum(momentum)?;
+        self.start = Some(state.clone());
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diloco(lr: f32, momentum: f32, n: usize) -> Diloco {
+        Diloco::new(OuterConfig { lr, momentum }, n).unwrap()
+    }
+
+    #[test]
+    fn a_round_steps_from_the_snapshot() {
+        let mut d = diloco(0.5, 0.9, 2);
+        assert!(d.needs_start());
+        d.begin(vec![2.0, 0.0]);
+        let g = d.pseudo_gradient(&[1.0, 1.0]).unwrap();
+        assert_eq!(g, vec![1.0, -1.0]);
+        let p = d.finish(&g, &[1.0, 1.0]).unwrap();
+        assert!(
+            (p[0] - 1.05).abs() < 1e-6 && (p[1] - 0.95).abs() < 1e-6,
+            "{p:?}"
+        );
+        // The new parameters start the next round.
+        assert!(!d.needs_start());
+        assert_eq!(d.pseudo_gradient(&p).unwrap(), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn served_state_round_trips_through_install() {
+        let mut a = diloco(0.7, 0.9, 2);
+        a.begin(vec![1.0, 1.0]);
+        let p = a.finish(&[0.5, -0.25], &[0.5, 1.25]).unwrap();
+        let state = a.served_state(&p);
+        assert_eq!(state.len(), 4);
+        let mut b = diloco(0.7, 0.9, 2);
+        assert_eq!(b.install(state).unwrap(), p);
+        assert_eq!(b.momentum(), a.momentum());
+        assert!(!b.needs_start());
+        // A state of the wrong size is refused.
+        assert!(b.install(vec![0.0; 3]).is_err());
+    }
+}

@@ -19,6 +19,7 @@ use libp2p::Multiaddr;
 use p2ptrain_protocol::averaging::{Aggregation, AveragingConfig};
 use p2ptrain_protocol::outer::OuterConfig;
 use p2ptrain_protocol::tensor::Encoding;
+use std::ffi::OsString;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +50,8 @@ pub enum LogFormat {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the node variant's size costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Join (or start) a swarm and train on this machine.
     Node(NodeArgs),
@@ -62,6 +65,23 @@ pub enum Command {
     Plot(PlotArgs),
     /// Write a checkpoint's weights to a safetensors file PyTorch can load.
     Export(ExportArgs),
+    /// Config files for `node --config`.
+    Config(ConfigArgs),
+}
+
+/// Flags of `p2ptrain config`.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: ConfigAction,
+}
+
+/// `p2ptrain config` actions.
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Print a commented example config with every node flag at its default.
+    Example,
 }
 
 /// Flags of `p2ptrain export`.
@@ -142,7 +162,7 @@ pub struct TrainArgs {
     pub model: ModelChoice,
     /// MNIST: a directory with the IDX files (train-images-idx3-ubyte[.gz], ...).
     /// char-lm: a UTF-8 text file. Default: the bundled subset.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "P2PTRAIN_DATA")]
     pub data: Option<PathBuf>,
     /// Pipeline stages to cut the model's layers into (char-lm only): each peer
     /// holds one stage, and the replicas of a stage average with each other.
@@ -246,6 +266,10 @@ impl std::fmt::Display for ModelChoice {
 /// Flags of `p2ptrain node`.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
+    /// Read flags from this TOML file (keys are the long flag names; see
+    /// `p2ptrain config example`). Flags and P2PTRAIN_* variables override it.
+    #[arg(long, value_name = "FILE", env = "P2PTRAIN_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Swarm name: only peers with the same name train together.
     #[arg(long, default_value = "p2ptrain-mnist")]
     pub swarm: String,
@@ -259,7 +283,7 @@ pub struct NodeArgs {
     #[arg(long)]
     pub no_mdns: bool,
     /// Identity key file, created if missing, so the peer id survives restarts (default: a new identity each run).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "P2PTRAIN_KEY")]
     pub key: Option<PathBuf>,
     /// Wait until this many peers (this one included) are in the swarm before training.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
@@ -274,12 +298,12 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 3)]
     pub linger_secs: u64,
     /// Write checkpoints (atomic, blake3-verified) into this directory.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "P2PTRAIN_CHECKPOINT_DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// File holding the swarm secret (at least 16 bytes, e.g. from
     /// `head -c 32 /dev/urandom`): only peers with the same file are members,
     /// and every message carries a MAC under it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "P2PTRAIN_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
     /// Write a checkpoint every this many averaging rounds (and after the last).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
@@ -293,7 +317,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
     /// Append per-round figures as JSON lines to DIR/metrics.jsonl, for `p2ptrain plot`.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "P2PTRAIN_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
     /// Test only: `corrupt` makes this node serve corrupted state chunks to
     /// joiners (its manifest stays honest), to test that they detect and avoid it.
@@ -496,11 +520,64 @@ fn init_logging(format: LogFormat) {
     };
 }
 
+/// A command line that could not be turned into a [`Cli`].
+#[derive(Debug)]
+pub enum CliError {
+    /// The flags themselves.
+    Clap(clap::Error),
+    /// The `--config` file.
+    Config(crate::config_file::ConfigError),
+}
+
+/// The `node` subcommand's definition, for config files.
+pub fn node_command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command()
+        .find_subcommand("node")
+        .cloned()
+        .expect("p2ptrain has a node subcommand")
+}
+
+/// Parses `argv`; for `node --config FILE`, adds the file's values for the
+/// flags that neither the command line nor the environment set, and parses
+/// again, so every value passes the flag's own checks.
+pub fn parse_with_config(argv: Vec<OsString>) -> Result<Cli, CliError> {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command()
+        .try_get_matches_from(argv.clone())
+        .map_err(CliError::Clap)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(CliError::Clap)?;
+    let path = match &cli.command {
+        Command::Node(NodeArgs {
+            config: Some(path), ..
+        }) => path.clone(),
+        _ => return Ok(cli),
+    };
+    let node = matches
+        .subcommand_matches("node")
+        .expect("parsed as the node subcommand");
+    let given = |id: &str| {
+        matches!(
+            node.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        )
+    };
+    let extra = crate::config_file::args_from_file(&path, &node_command(), given)
+        .map_err(CliError::Config)?;
+    let mut argv = argv;
+    argv.extend(extra);
+    Cli::try_parse_from(argv).map_err(CliError::Clap)
+}
+
 /// The binary's entry point: parses flags, runs, and turns errors into one line and exit code.
 pub fn main_entry() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_with_config(std::env::args_os().collect()) {
         Ok(cli) => cli,
-        Err(e) => {
+        Err(CliError::Config(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+        Err(CliError::Clap(e)) => {
             use clap::error::ErrorKind;
             if matches!(
                 e.kind(),
@@ -543,6 +620,12 @@ pub fn main_entry() -> ExitCode {
                     plotted.width,
                     plotted.height
                 );
+                Ok(())
+            }
+            Command::Config(ConfigArgs {
+                action: ConfigAction::Example,
+            }) => {
+                print!("{}", crate::config_file::example(&node_command()));
                 Ok(())
             }
             Command::Export(args) => {

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod compute;
+pub mod config_file;
 pub mod driver;
 pub mod export;
 pub mod identity;

@@ -172,6 +172,7 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
             budget: Budget::Steps(args.rounds),
             average_every: 1,
             samples_per_step: 1,
+            eval_every: 0,
         },
         averaging: AveragingConfig {
             compression,

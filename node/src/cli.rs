@@ -192,6 +192,11 @@ pub struct TrainArgs {
     /// name DiLoCo users know: H local steps between outer steps).
     #[arg(long, visible_alias = "sync-every", value_name = "H", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub average_every: u64,
+    /// Evaluate the model on held-out data every N averaging rounds (0: only
+    /// at the end), for the accuracy curve of `--run-dir`/`plot`, the status
+    /// page and time-to-accuracy. Data-parallel training only.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub eval_every: u64,
     /// DiLoCo: with an outer learning rate, rounds average the pseudo-gradient
     /// (round-start parameters minus current ones) instead of the parameters, and
     /// every peer applies an outer Nesterov SGD step to the round-start parameters
@@ -712,6 +717,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             },
             average_every: args.train.average_every,
             samples_per_step: args.train.batch_size,
+            eval_every: args.train.eval_every,
         },
         averaging: AveragingConfig {
             compression: args.train.compression,
@@ -845,6 +851,12 @@ fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
 
 /// Refuses flag combinations that cannot work, before any network starts.
 pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
+    if train.stages > 1 && train.eval_every > 0 {
+        anyhow::bail!(
+            "--eval-every works in data-parallel training only; a pipeline (--stages {}) evaluates at the end",
+            train.stages
+        );
+    }
     if train.stages > 1 && train.model != ModelChoice::CharLm {
         anyhow::bail!(
             "--stages {} needs --model char-lm: only the language model can be cut into pipeline stages",
@@ -932,6 +944,18 @@ fn print_human(e: &NodeEvent) {
             sources.len(),
             avoided.len()
         ),
+        NodeEvent::Evaluated {
+            round,
+            test_accuracy,
+            test_loss,
+            ..
+        } => match test_accuracy {
+            Some(a) => println!(
+                "evaluated after round {round}: test accuracy {:.2}%  test loss {test_loss:.4}",
+                a * 100.0
+            ),
+            None => println!("evaluated after round {round}: test loss {test_loss:.4}"),
+        },
         NodeEvent::Round(r) => println!(
             "round {:>4}  step {:>6}/{}  peers {:>2}  loss {:.4}  {:>8.0} samples/s  sent {:.1} MB",
             r.round,

@@ -122,6 +122,18 @@ impl RunRecorder {
                 samples: r.samples,
                 time_s,
             }),
+            NodeEvent::Evaluated {
+                round,
+                step,
+                test_accuracy,
+                test_loss,
+            } => Some(Record::Eval {
+                round: *round,
+                step: *step,
+                loss: finite(*test_loss),
+                accuracy: *test_accuracy,
+                time_s,
+            }),
             NodeEvent::Finished(f) => Some(Record::Eval {
                 round: f.rounds,
                 step: f.steps,

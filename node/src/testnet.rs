@@ -92,6 +92,8 @@ fn train_flags(t: &TrainArgs) -> Vec<String> {
         t.epochs.to_string(),
         "--average-every".into(),
         t.average_every.to_string(),
+        "--eval-every".into(),
+        t.eval_every.to_string(),
         "--join-window-secs".into(),
         t.join_window_secs.to_string(),
         "--reduce-timeout-secs".into(),
@@ -360,6 +362,17 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
                     } => {
                         eprintln!("testnet: node {i} holds pipeline stage {stage}");
                     }
+                    NodeEvent::Evaluated {
+                        round,
+                        test_accuracy: Some(a),
+                        ..
+                    } => {
+                        eprintln!(
+                            "testnet: node {i} after round {round}: test accuracy {:.2}%",
+                            a * 100.0
+                        );
+                    }
+                    NodeEvent::Evaluated { .. } => {}
                     NodeEvent::Synced { round, from, .. } => {
                         eprintln!(
                             "testnet: node {i} downloaded the model of round {round} from {from}"

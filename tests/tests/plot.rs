@@ -105,6 +105,8 @@ fn testnet_writes_run_records_and_loss_png() {
         "30",
         "--average-every",
         "5",
+        "--eval-every",
+        "2",
         "--timeout-secs",
         "240",
         "--run-dir",
@@ -122,9 +124,32 @@ fn testnet_writes_run_records_and_loss_png() {
         let eval = lines.last().unwrap();
         assert_eq!(eval["kind"], "eval");
         assert!(eval["accuracy"].as_f64().unwrap() > 0.1, "{eval}");
+        // --eval-every 2: after rounds 2 and 4, then the final evaluation.
+        let evals: Vec<u64> = lines
+            .iter()
+            .filter(|v| v["kind"] == "eval" && v["accuracy"].as_f64().is_some())
+            .map(|v| v["round"].as_u64().unwrap())
+            .collect();
+        assert_eq!(evals, vec![2, 4, 6], "{records}");
     }
     let (w, h, rgb) = decode(&run.path().join("loss.png"));
     assert_eq!((w, h), (WIDTH, 2 * PANEL_HEIGHT));
     assert!(pixels_of(&rgb, AVERAGE_COLOR) > 500);
     assert!(pixels_of(&rgb, NODE_COLORS[1]) > 50);
+}
+
+#[test]
+fn eval_every_is_refused_for_a_pipeline() {
+    let res = common::run(&[
+        "node",
+        "--model",
+        "char-lm",
+        "--stages",
+        "2",
+        "--eval-every",
+        "1",
+    ]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("--eval-every"), "{err}");
 }

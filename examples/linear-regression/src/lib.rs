@@ -256,6 +256,7 @@ pub async fn run_swarm(
             budget: Budget::Steps(steps),
             average_every: 1,
             samples_per_step: problem.n as u64,
+            eval_every: 0,
         },
         // Generous: debug builds of four swarms in one process on a busy CI
         // machine can be slow, and a straggler left out of a round would

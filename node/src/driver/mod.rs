@@ -54,6 +54,9 @@ pub struct Schedule {
     pub average_every: u64,
     /// Samples one local step consumes (the batch size), to turn epochs into steps.
     pub samples_per_step: u64,
+    /// Evaluate on held-out data every this many rounds, for an accuracy
+    /// curve and time-to-accuracy (0: only at the end).
+    pub eval_every: u64,
 }
 
 impl Schedule {
@@ -159,6 +162,17 @@ pub enum NodeEvent {
         /// In a pipeline, the stage this node holds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stage: Option<u32>,
+    },
+    /// The model was evaluated on held-out data during training (`--eval-every`).
+    Evaluated {
+        /// Rounds done.
+        round: u64,
+        /// Local steps done.
+        step: u64,
+        /// Held-out accuracy, for classifiers.
+        test_accuracy: Option<f32>,
+        /// Held-out loss.
+        test_loss: f32,
     },
     /// The node was behind and downloaded the model the swarm vouches for.
     Synced {
@@ -695,6 +709,25 @@ impl Driver {
             });
             report(&NodeEvent::Round(r));
             self.gossip_progress(round, step, last_loss, samples)?;
+            let eval_every = config.schedule.eval_every;
+            if eval_every > 0
+                && round.is_multiple_of(eval_every)
+                && round < total_steps.div_ceil(every)
+            {
+                let eval = self
+                    .pump(compute.evaluate())
+                    .instrument(span.clone())
+                    .await??;
+                span.in_scope(
+                    || info!(accuracy = ?eval.accuracy, test_loss = eval.loss, "evaluated"),
+                );
+                report(&NodeEvent::Evaluated {
+                    round,
+                    step,
+                    test_accuracy: eval.accuracy,
+                    test_loss: eval.loss,
+                });
+            }
             if let Some(policy) = &config.checkpoints {
                 let last = round >= total_steps.div_ceil(every);
                 if round.is_multiple_of(policy.every_rounds.max(1)) || last {

@@ -224,6 +224,14 @@ impl Metrics {
                 }
                 s.history.push_back(point);
             }
+            NodeEvent::Evaluated {
+                test_accuracy,
+                test_loss,
+                ..
+            } => {
+                s.accuracy = *test_accuracy;
+                s.test_loss = test_loss.is_finite().then_some(*test_loss);
+            }
             NodeEvent::Finished(f) => {
                 s.finished = true;
                 s.round = f.rounds;
@@ -352,7 +360,7 @@ impl Metrics {
         metric(
             "p2ptrain_accuracy",
             "gauge",
-            "Held-out accuracy of the final model (NaN until evaluated).",
+            "Held-out accuracy of the latest evaluation (NaN until evaluated; see --eval-every).",
             st.accuracy.map_or(f64::NAN, f64::from),
         );
         metric(
@@ -499,6 +507,14 @@ mod tests {
     #[test]
     fn finish_sets_accuracy_and_members_get_stage_and_shard() {
         let m = Metrics::new();
+        m.record(&NodeEvent::Evaluated {
+            round: 2,
+            step: 20,
+            test_accuracy: Some(0.8),
+            test_loss: 0.5,
+        });
+        assert_eq!(m.status().accuracy, Some(0.8), "a mid-run evaluation shows at once");
+        assert!(!m.status().finished);
         let (me, other) = (PeerId::random(), PeerId::random());
         m.peer_joined(other);
         m.peer_stage(other, 1);

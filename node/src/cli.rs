@@ -747,7 +747,12 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             }
         })
     } else {
-        Box::new(print_human)
+        {
+            use std::io::IsTerminal;
+            let live = std::io::stdout().is_terminal();
+            let mut human = crate::progress::HumanOutput::new(std::io::stdout(), live);
+            Box::new(move |e: &NodeEvent| human.report(e))
+        }
     };
     let reporter = match &args.run_dir {
         Some(dir) => crate::run_record::RunRecorder::create(dir)?.tap(reporter),
@@ -916,77 +921,3 @@ fn charlm_factory(train: &TrainArgs, text: Arc<TextData>, seed: u64) -> StageFac
     Arc::new(move |spec| build_stage(&config, spec, text.clone(), device))
 }
 
-fn print_human(e: &NodeEvent) {
-    match e {
-        NodeEvent::Listening { peer_id, addrs } => {
-            println!("peer id: {peer_id}");
-            for a in addrs {
-                println!("listening on {a}");
-            }
-        }
-        NodeEvent::Started {
-            peers,
-            shard,
-            total_steps,
-            ..
-        } => println!(
-            "training with {peers} peer(s): {shard} samples in my shard, {total_steps} steps"
-        ),
-        NodeEvent::Synced {
-            round,
-            chunks,
-            sources,
-            avoided,
-            secs,
-            ..
-        } => println!(
-            "downloaded the swarm's model (round {round}): {chunks} chunks from {} peers in {secs:.2} s, {} peers avoided",
-            sources.len(),
-            avoided.len()
-        ),
-        NodeEvent::Evaluated {
-            round,
-            test_accuracy,
-            test_loss,
-            ..
-        } => match test_accuracy {
-            Some(a) => println!(
-                "evaluated after round {round}: test accuracy {:.2}%  test loss {test_loss:.4}",
-                a * 100.0
-            ),
-            None => println!("evaluated after round {round}: test loss {test_loss:.4}"),
-        },
-        NodeEvent::Round(r) => println!(
-            "round {:>4}  step {:>6}/{}  peers {:>2}  loss {:.4}  {:>8.0} samples/s  sent {:.1} MB",
-            r.round,
-            r.step,
-            r.total_steps,
-            r.peers,
-            r.loss,
-            r.samples_per_s,
-            r.bytes_sent as f64 / 1e6
-        ),
-        NodeEvent::Finished(f) => {
-            if let Some(p) = &f.pipeline {
-                let val = p.val_bpc.map_or("evaluated by stage 0".to_string(), |b| {
-                    format!("validation {b:.3} bits/char")
-                });
-                println!(
-                    "finished stage {} of {}: {val}  bubble {:.0}%  {:.0} KB of activations per step",
-                    p.stage,
-                    p.stages,
-                    p.bubble * 100.0,
-                    p.activation_bytes_per_step / 1e3
-                );
-            } else if let Some(acc) = f.test_accuracy {
-                println!(
-                    "finished: test accuracy {:.2}%  test loss {:.4}",
-                    acc * 100.0,
-                    f.test_loss
-                );
-            } else {
-                println!("finished: test loss {:.4}", f.test_loss);
-            }
-        }
-    }
-}

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod misbehave;
 pub mod net;
 pub mod plot;
+pub mod progress;
 pub mod run_record;
 pub mod stage_compute;
 pub mod testnet;

@@ -920,4 +920,3 @@ fn charlm_factory(train: &TrainArgs, text: Arc<TextData>, seed: u64) -> StageFac
     let device = train.device;
     Arc::new(move |spec| build_stage(&config, spec, text.clone(), device))
 }
-

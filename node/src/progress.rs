@@ -194,11 +194,21 @@ mod tests {
         h.report_at(&evaluated(), t0 + Duration::from_secs(2));
         let out = String::from_utf8(h.into_inner()).unwrap();
         assert_eq!(out.matches(REDRAW).count(), 2, "{out:?}");
-        assert_eq!(out.lines().count(), 2, "one live line, then the event: {out:?}");
-        assert!(out.contains("peers  3") && out.contains("loss 0.5000"), "{out:?}");
+        assert_eq!(
+            out.lines().count(),
+            2,
+            "one live line, then the event: {out:?}"
+        );
+        assert!(
+            out.contains("peers  3") && out.contains("loss 0.5000"),
+            "{out:?}"
+        );
         // 2 MB in the second between the rounds.
         assert!(out.contains("(2.0 MB/s)"), "{out:?}");
-        assert!(out.ends_with("test accuracy 90.00%  test loss 0.3000\n"), "{out:?}");
+        assert!(
+            out.ends_with("test accuracy 90.00%  test loss 0.3000\n"),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -1658,4 +1658,39 @@ mod tests {
             })
             .is_none());
     }
+
+    #[test]
+    fn inbox_keeps_a_stage_closing_parameters_with_their_sender() {
+        let mut inbox = Inbox {
+            stages: 2,
+            ..Inbox::default()
+        };
+        let (closer, other) = (PeerId::random(), PeerId::random());
+        let state = |last, value| StageState {
+            stage: 1,
+            stages: 2,
+            round: 8,
+            step: 40,
+            params: tensor::Payload::from_f32(&[value]),
+            last,
+        };
+        inbox.on_stage_state(other, state(false, 1.0));
+        assert!(
+            inbox.closing.is_empty(),
+            "a round's backup is not a closing"
+        );
+        inbox.on_stage_state(closer, state(true, 2.0));
+        let (from, kept) = inbox.closing.get(&1).expect("the closing is kept");
+        assert_eq!(*from, closer);
+        assert_eq!(kept.params.decode().unwrap(), vec![2.0]);
+        // Another cut's closing is ignored.
+        inbox.on_stage_state(
+            other,
+            StageState {
+                stages: 3,
+                ..state(true, 3.0)
+            },
+        );
+        assert_eq!(inbox.closing.get(&1).map(|c| c.0), Some(closer));
+    }
 }

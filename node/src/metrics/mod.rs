@@ -513,7 +513,11 @@ mod tests {
             test_accuracy: Some(0.8),
             test_loss: 0.5,
         });
-        assert_eq!(m.status().accuracy, Some(0.8), "a mid-run evaluation shows at once");
+        assert_eq!(
+            m.status().accuracy,
+            Some(0.8),
+            "a mid-run evaluation shows at once"
+        );
         assert!(!m.status().finished);
         let (me, other) = (PeerId::random(), PeerId::random());
         m.peer_joined(other);

@@ -15,6 +15,10 @@ pub enum Misbehave {
     Flip,
     /// Sends NaN (refused by every receiver's validation).
     Nan,
+    /// Sends honestly but ignores the reduced parts it receives in this
+    /// round, so it ends the round on its own values for them: a node that
+    /// saw a round only in part, as a slow or briefly cut-off one does.
+    DeafInRound(u64),
 }
 
 impl std::str::FromStr for Misbehave {
@@ -24,10 +28,14 @@ impl std::str::FromStr for Misbehave {
         match s {
             "flip" => Ok(Misbehave::Flip),
             "nan" => Ok(Misbehave::Nan),
-            _ => match s.strip_prefix("scale:").map(str::parse::<f32>) {
-                Some(Ok(k)) if k.is_finite() => Ok(Misbehave::Scale(k)),
+            _ => match (
+                s.strip_prefix("scale:").map(str::parse::<f32>),
+                s.strip_prefix("deaf:").map(str::parse::<u64>),
+            ) {
+                (Some(Ok(k)), _) if k.is_finite() => Ok(Misbehave::Scale(k)),
+                (_, Some(Ok(round))) if round > 0 => Ok(Misbehave::DeafInRound(round)),
                 _ => Err(format!(
-                    "`{s}` is not a misbehaviour: use flip, nan or scale:FACTOR"
+                    "`{s}` is not a misbehaviour: use flip, nan, scale:FACTOR or deaf:ROUND"
                 )),
             },
         }
@@ -40,6 +48,7 @@ impl std::fmt::Display for Misbehave {
             Misbehave::Scale(k) => write!(f, "scale:{k}"),
             Misbehave::Flip => f.write_str("flip"),
             Misbehave::Nan => f.write_str("nan"),
+            Misbehave::DeafInRound(r) => write!(f, "deaf:{r}"),
         }
     }
 }
@@ -55,13 +64,22 @@ impl Misbehave {
                 Misbehave::Scale(k) => v * k,
                 Misbehave::Flip => -v,
                 Misbehave::Nan => f32::NAN,
+                Misbehave::DeafInRound(_) => *v,
             })
             .collect();
         Payload::encode(&bad, payload.encoding)
     }
 
+    /// Whether this node ignores `msg` on receipt.
+    pub fn ignores(self, msg: &AvgMessage) -> bool {
+        matches!((self, msg), (Misbehave::DeafInRound(deaf), AvgMessage::Reduced { round, .. }) if deaf == *round)
+    }
+
     /// Corrupts the tensor payload of an outgoing averaging message.
     pub fn apply(self, msg: AvgMessage) -> AvgMessage {
+        if let Misbehave::DeafInRound(_) = self {
+            return msg;
+        }
         match msg {
             AvgMessage::Part {
                 round,
@@ -95,7 +113,7 @@ mod tests {
 
     #[test]
     fn parses_and_prints_every_kind() {
-        for s in ["flip", "nan", "scale:-10"] {
+        for s in ["flip", "nan", "scale:-10", "deaf:3"] {
             let m: Misbehave = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
         }

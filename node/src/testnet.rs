@@ -277,7 +277,9 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
         hostile: match (args.hostile, args.train.misbehave) {
             (0, _) => None,
             (n, Some(how)) => Some((nodes - n.min(nodes as u64) as usize, how)),
-            (_, None) => bail!("--hostile needs --misbehave HOW (flip, nan or scale:FACTOR)"),
+            (_, None) => {
+                bail!("--hostile needs --misbehave HOW (flip, nan, scale:FACTOR or deaf:ROUND)")
+            }
         },
     };
     for i in 0..nodes {

@@ -283,3 +283,28 @@ fn checkpoints_keep_the_outer_momentum() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("no DiLoCo momentum"), "{stderr}");
 }
+
+/// A node that sees one round only in part (it ignores the reduced parts
+/// sent to it in round 2) ends that round on values of its own; averaging
+/// pseudo-gradients would never pull it back, so it notices that the rest
+/// of the swarm vouches for another state of that round and downloads it.
+/// The testnet helper checks that every node ends with the same model.
+#[test]
+fn a_node_that_saw_a_round_in_part_realigns_with_the_swarm() {
+    let _one = one_swarm();
+    let s = testnet(&[
+        "--sync-every",
+        "10",
+        "--outer-lr",
+        "0.7",
+        "--hostile",
+        "1",
+        "--misbehave",
+        "deaf:2",
+    ]);
+    let rounds = s["rounds"].as_u64().unwrap();
+    assert!(
+        s["complete_rounds"].as_u64().unwrap() < 3 * rounds,
+        "the deaf node's round 2 should have been incomplete: {s}"
+    );
+}

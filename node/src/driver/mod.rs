@@ -404,9 +404,9 @@ struct Driver {
     misbehave: Option<crate::misbehave::Misbehave>,
     /// The live metrics registry, when `--metrics` serves one.
     metrics: Option<Metrics>,
-    /// How long a pipeline replica waits at the end of the run for its
-    /// stage's final parameters: the time a peer's final averaging round
-    /// may take beyond ours.
+    /// How long a node waits at the end of the run for what its peers hold
+    /// (a pipeline stage's final parameters; data-parallel state claims):
+    /// the time a peer's final averaging round may take beyond ours.
     closing_wait: Duration,
     /// DiLoCo's round-start snapshot and outer optimizer, when `--outer-lr` is set.
     diloco: Option<diloco::Diloco>,
@@ -600,6 +600,13 @@ impl Driver {
         let every = config.schedule.average_every.max(1);
         let mut sync_attempts = 0u32;
         while round < total_steps.div_ceil(every) {
+            // Under DiLoCo a round seen only in part leaves a model apart
+            // from the swarm's for good: realign with the majority.
+            if self.diloco.is_some() && round > 0 {
+                if let Some(synced) = self.realign(compute, report, round).await? {
+                    (round, total_steps) = synced;
+                }
+            }
             // Behind the swarm and never synced (a late joiner, a restarted
             // peer): fetch the swarm's current model before training on.
             if !self.synced
@@ -765,6 +772,14 @@ impl Driver {
             }
         }
 
+        // Nothing after the last round would mend a node that saw it only in
+        // part: once every member has said what it holds, join the majority.
+        if round > 0 && !self.members.is_empty() {
+            self.wait_for_claims(round, self.closing_wait).await?;
+            if let Some(synced) = self.realign(compute, report, round).await? {
+                round = synced.0;
+            }
+        }
         let eval = self.pump(compute.evaluate()).await??;
         let params = self.pump(compute.params()).await??;
         let final_report = FinalReport {
@@ -1057,6 +1072,9 @@ impl Driver {
                     other => other,
                 };
                 match msg {
+                    Ok(Message::Avg(msg)) if self.misbehave.is_some_and(|m| m.ignores(&msg)) => {
+                        debug!(peer = %from, "test misbehaviour: averaging message ignored");
+                    }
                     Ok(Message::Avg(msg)) => {
                         if let AvgMessage::Join { round, .. } = &msg {
                             self.swarm_round = self.swarm_round.max(*round);

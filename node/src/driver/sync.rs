@@ -238,6 +238,48 @@ impl Driver {
         self.download_vouched(compute, report, ours).await
     }
 
+    /// After round `round`: if a strict majority of the swarm vouches for
+    /// another state of that round than ours (we saw the round only in part
+    /// and ended it on values of our own), download theirs. Returns the round
+    /// and run length installed, if any.
+    pub(super) async fn realign(
+        &mut self,
+        compute: &Compute,
+        report: &mut Reporter,
+        round: u64,
+    ) -> Result<Option<(u64, u64)>, NodeError> {
+        let Some(mine) = self.served.latest().filter(|c| c.round == round) else {
+            return Ok(None);
+        };
+        let swarm = self.members.len() + 1;
+        let Some(target) = self.vouches.realign_target(round, &mine.root, swarm) else {
+            return Ok(None);
+        };
+        warn!(
+            round,
+            vouchers = target.vouchers.len(),
+            "our model differs from the one most of the swarm holds after this round; downloading theirs"
+        );
+        self.download_vouched(compute, report, round.saturating_sub(1))
+            .await
+    }
+
+    /// Waits (at most `wait`) until every member has said which state it
+    /// holds after `round`, so [`Self::realign`] sees the whole swarm.
+    pub(super) async fn wait_for_claims(
+        &mut self,
+        round: u64,
+        wait: Duration,
+    ) -> Result<(), NodeError> {
+        let mut timer = std::pin::pin!(tokio::time::sleep(wait));
+        while self.vouches.voters_at(round) < self.members.len() {
+            if self.pump_once(timer.as_mut()).await?.is_some() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Downloads the state the swarm vouches for and installs it; returns its
     /// round and the swarm's run length, or `None` (we train on with our own
     /// model) if nothing is vouched for yet or the download fails.

@@ -392,3 +392,27 @@ fn vouching_picks_the_majority_of_the_newest_round() {
     v.forget(&id(4));
     assert_eq!(v.choose(2), None);
 }
+
+#[test]
+fn a_node_off_the_majority_of_its_round_realigns_and_a_tie_changes_nothing() {
+    let (mine, theirs) = ([1u8; 32], [2u8; 32]);
+    let c = |round, root| Claim { round, root };
+    let mut v = Vouches::default();
+    v.record(id(1), c(4, theirs));
+    // Two nodes (us and one peer) that differ: no majority, no swap.
+    assert_eq!(v.realign_target(4, &mine, 2), None);
+    // Three nodes: two vouch for another state of our round.
+    v.record(id(2), c(4, theirs));
+    assert_eq!(v.voters_at(4), 2);
+    let t = v.realign_target(4, &mine, 3).unwrap();
+    assert_eq!((t.claim, t.vouchers), (c(4, theirs), vec![id(1), id(2)]));
+    // Already on the majority's state, or asked about another round: nothing.
+    assert_eq!(v.realign_target(4, &theirs, 3), None);
+    assert_eq!(v.realign_target(3, &mine, 3), None);
+    // Five nodes, two vouchers: not a majority of the swarm.
+    assert_eq!(v.realign_target(4, &mine, 5), None);
+    // A peer that moved on still counts for the round it claimed before.
+    v.record(id(1), c(5, mine));
+    assert_eq!(v.voters_at(4), 2);
+    assert!(v.realign_target(4, &mine, 3).is_some());
+}

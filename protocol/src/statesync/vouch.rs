@@ -79,6 +79,34 @@ impl Vouches {
             .unwrap_or(0)
     }
 
+    /// The state of `round` that a node holding `ours` after that round
+    /// should switch to: the one a strict majority of the swarm (`swarm`
+    /// members, that node included) vouches for, if it is not `ours`. A node
+    /// that saw a round only in part ends it on a model of its own; under
+    /// DiLoCo nothing pulls it back, so it has to notice and download. A
+    /// tie, or no majority, changes nothing (two nodes never swap models).
+    pub fn realign_target(&self, round: u64, ours: &Digest, swarm: usize) -> Option<Choice> {
+        let mut votes: BTreeMap<Digest, Vec<NodeId>> = BTreeMap::new();
+        for (peer, q) in &self.claims {
+            if let Some(c) = q.iter().find(|c| c.round == round) {
+                votes.entry(c.root).or_default().push(*peer);
+            }
+        }
+        let (root, vouchers) = votes.into_iter().max_by_key(|(_, v)| v.len())?;
+        (root != *ours && vouchers.len() * 2 > swarm).then_some(Choice {
+            claim: Claim { round, root },
+            vouchers,
+        })
+    }
+
+    /// Peers whose claims include `round`.
+    pub fn voters_at(&self, round: u64) -> usize {
+        self.claims
+            .values()
+            .filter(|q| q.iter().any(|c| c.round == round))
+            .count()
+    }
+
     /// Picks the state to download by the rule in the module docs, or `None`
     /// if no round has a clear winner yet.
     pub fn choose(&self, min_vouchers: usize) -> Option<Choice> {

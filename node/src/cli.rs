@@ -513,9 +513,13 @@ pub fn load_data(data: Option<&PathBuf>) -> anyhow::Result<Arc<MnistData>> {
     Ok(Arc::new(d))
 }
 
-fn init_logging(format: LogFormat) {
+/// Sets up the diagnostic log on stderr. `live` (a node drawing its live
+/// progress line on a terminal) lowers the default level to warnings, whose
+/// lines would otherwise break the line every round; RUST_LOG still rules.
+fn init_logging(format: LogFormat, live: bool) {
+    let default = if live { "warn" } else { "info,libp2p=warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -599,7 +603,11 @@ pub fn main_entry() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cli.log_format);
+    let live = {
+        use std::io::IsTerminal;
+        matches!(&cli.command, Command::Node(a) if !a.events) && std::io::stdout().is_terminal()
+    };
+    init_logging(cli.log_format, live);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

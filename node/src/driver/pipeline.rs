@@ -593,11 +593,8 @@ impl Driver {
             }
             if asked.elapsed() >= HELLO_EVERY {
                 let holders: Vec<PeerId> = self.pipe.peers_of_stage(0).collect();
-                if let Ok(bytes) = wire::encode(&Message::StageStateRequest(request)) {
-                    for to in holders {
-                        self.check_sent(self.net.send(to, bytes.clone()))?;
-                    }
-                }
+                let ask = Message::StageStateRequest(request);
+                self.send_each(holders, &ask, "stage backup request")?;
                 asked = Instant::now();
             }
             let timer = tokio::time::sleep(Duration::from_millis(100));
@@ -636,16 +633,9 @@ impl Driver {
             debug!(peer = %to, stage = request.stage, "no backup of the requested stage");
             return Ok(());
         };
-        match wire::encode(&Message::StageState(backup.clone())) {
-            Ok(bytes) => {
-                info!(peer = %to, stage = request.stage, round = backup.round, "sending a stage backup");
-                self.check_sent(self.net.send(to, bytes))
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot encode a stage backup");
-                Ok(())
-            }
-        }
+        info!(peer = %to, stage = request.stage, round = backup.round, "sending a stage backup");
+        let msg = Message::StageState(backup.clone());
+        self.send_each([to], &msg, "stage backup")
     }
 
     /// The run's last word within a stage. Its replicas can end the final
@@ -680,14 +670,7 @@ impl Driver {
                 .peers_of_stage(stage)
                 .filter(|p| replicas.contains(&NodeId::from_key_bytes(&p.to_bytes())))
                 .collect();
-            match wire::encode(&msg) {
-                Ok(bytes) => {
-                    for to in others {
-                        self.check_sent(self.net.send(to, bytes.clone()))?;
-                    }
-                }
-                Err(e) => warn!(error = %e, "cannot encode the stage's final parameters"),
-            }
+            self.send_each(others, &msg, "stage's final parameters")?;
             return Ok(values);
         }
         let deadline = Instant::now() + self.closing_wait;
@@ -744,15 +727,7 @@ impl Driver {
             last: false,
         });
         let holders: Vec<PeerId> = self.pipe.peers_of_stage(0).collect();
-        match wire::encode(&msg) {
-            Ok(bytes) => {
-                for to in holders {
-                    self.check_sent(self.net.send(to, bytes.clone()))?;
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot encode the stage backup"),
-        }
-        Ok(())
+        self.send_each(holders, &msg, "stage backup")
     }
 
     /// Announces our stage and phase to the swarm; returns when.

@@ -128,10 +128,26 @@ pub(super) struct SyncFigures {
 impl Driver {
     /// Sends `msg` to one peer, logging an encoding failure.
     fn send_msg(&self, to: PeerId, msg: &Message) -> Result<(), NodeError> {
+        self.send_each([to], msg, "state-transfer message")
+    }
+
+    /// Encodes `msg` once and sends it to each of `peers`; a message that
+    /// cannot be encoded (`what` names it in the log) is not sent.
+    pub(super) fn send_each(
+        &self,
+        peers: impl IntoIterator<Item = PeerId>,
+        msg: &Message,
+        what: &str,
+    ) -> Result<(), NodeError> {
         match wire::encode(msg) {
-            Ok(bytes) => self.check_sent(self.net.send(to, bytes)),
+            Ok(bytes) => {
+                for to in peers {
+                    self.check_sent(self.net.send(to, bytes.clone()))?;
+                }
+                Ok(())
+            }
             Err(e) => {
-                warn!(error = %e, "cannot encode a state-transfer message");
+                warn!(error = %e, "cannot encode a {what}; not sent");
                 Ok(())
             }
         }

@@ -143,19 +143,20 @@ pub fn export_file(checkpoint: &Path, out: &Path, force: bool) -> Result<Exporte
     if out.exists() && !force {
         return Err(ExportError::Exists(out.to_path_buf()));
     }
-    let bytes = encode(&ckpt)?;
+    let (bytes, exported) = encode(&ckpt)?;
     write_atomically(out, &bytes)?;
-    let tensors = layout_of(&ckpt.meta.model)?.len();
-    Ok(Exported {
-        tensors,
-        values: ckpt.params.len(),
-    })
+    Ok(exported)
 }
 
-/// The safetensors bytes of a checkpoint, with its run's metadata.
-pub fn encode(ckpt: &Checkpoint) -> Result<Vec<u8>, ExportError> {
+/// The safetensors bytes of a checkpoint, with its run's metadata, and
+/// what they hold.
+pub fn encode(ckpt: &Checkpoint) -> Result<(Vec<u8>, Exported), ExportError> {
     let layout = layout_of(&ckpt.meta.model)?;
     let tensors = torch_tensors(&ckpt.meta.model, &layout, &ckpt.params)?;
+    let exported = Exported {
+        tensors: tensors.len(),
+        values: ckpt.params.len(),
+    };
     let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|t| {
@@ -182,8 +183,9 @@ pub fn encode(ckpt: &Checkpoint) -> Result<Vec<u8>, ExportError> {
             format!("p2ptrain {}", env!("CARGO_PKG_VERSION")),
         ),
     ]);
-    safetensors::tensor::serialize(views, Some(info))
-        .map_err(|e| ExportError::Encode(e.to_string()))
+    let bytes = safetensors::tensor::serialize(views, Some(info))
+        .map_err(|e| ExportError::Encode(e.to_string()))?;
+    Ok((bytes, exported))
 }
 
 fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {

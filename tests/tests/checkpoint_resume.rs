@@ -1,7 +1,7 @@
 //! A node killed mid-run resumes from its newest checkpoint that verifies.
 
 mod common;
-use common::binary;
+use common::{binary, checkpointing_node};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -24,22 +24,7 @@ fn checkpoints(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
 }
 
 fn node(dir: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(binary());
-    c.args(["node", "--swarm", "ckpt-test", "--no-mdns", "--events"])
-        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
-        .args([
-            "--average-every",
-            "10",
-            "--checkpoint-every",
-            "1",
-            "--linger-secs",
-            "0",
-        ])
-        .arg("--checkpoint-dir")
-        .arg(dir)
-        .args(extra)
-        .env("RUST_LOG", "warn");
-    c
+    checkpointing_node("ckpt-test", dir, extra)
 }
 
 #[test]

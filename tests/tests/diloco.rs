@@ -203,21 +203,7 @@ fn diloco_works_with_lossy_codecs_and_robust_rules() {
 
 /// A lone node with checkpoints, for 30 local steps (3 rounds of 10).
 fn checkpointing_node(dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    Command::new(binary())
-        .args(["node", "--swarm", "diloco-ckpt", "--no-mdns", "--events"])
-        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
-        .args([
-            "--sync-every",
-            "10",
-            "--checkpoint-every",
-            "1",
-            "--linger-secs",
-            "0",
-        ])
-        .arg("--checkpoint-dir")
-        .arg(dir)
-        .args(extra)
-        .env("RUST_LOG", "warn")
+    common::checkpointing_node("diloco-ckpt", dir, extra)
         .output()
         .expect("the node starts")
 }

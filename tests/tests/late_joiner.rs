@@ -1,7 +1,7 @@
 //! A node that joins a swarm already training takes part in its rounds.
 
 mod common;
-use common::{bootstrap_address, next_event, spawn_node, Events, Nodes};
+use common::{bootstrap_address, next_event, spawn_averaging_node, Events, Nodes};
 use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -14,19 +14,11 @@ fn spawn(
     boot: Option<&str>,
     tx: Events,
 ) -> Child {
-    let mut args = vec!["--swarm", swarm, "--min-peers", min_peers, "--steps", steps];
-    args.extend([
-        "--average-every",
-        "10",
-        "--join-window-secs",
-        "3",
-        "--linger-secs",
-        "1",
-    ]);
-    if let Some(b) = boot {
-        args.extend(["--bootstrap", b]);
-    }
-    spawn_node(i, &args, tx)
+    let extra = match boot {
+        Some(b) => vec!["--bootstrap", b],
+        None => vec![],
+    };
+    spawn_averaging_node(i, swarm, min_peers, steps, &extra, tx)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! the swarm vouches for and ends with the swarm's model.
 
 mod common;
-use common::{bootstrap_address, next_event, spawn_node, Events, Nodes};
+use common::{bootstrap_address, next_event, spawn_averaging_node, Events, Nodes};
 use std::path::Path;
 use std::process::Child;
 use std::sync::mpsc;
@@ -11,20 +11,9 @@ use std::time::{Duration, Instant};
 
 fn spawn(i: usize, swarm: &str, extra: &[&str], dir: &Path, tx: Events) -> Child {
     let key = dir.join(format!("node-{i}.key"));
-    let key = key.to_str().unwrap();
-    let mut args = vec!["--swarm", swarm, "--min-peers", "2", "--steps", "600"];
-    args.extend([
-        "--average-every",
-        "10",
-        "--join-window-secs",
-        "3",
-        "--linger-secs",
-        "1",
-        "--key",
-        key,
-    ]);
+    let mut args = vec!["--key", key.to_str().unwrap()];
     args.extend(extra);
-    spawn_node(i, &args, tx)
+    spawn_averaging_node(i, swarm, "2", "600", &args, tx)
 }
 
 #[test]

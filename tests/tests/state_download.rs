@@ -3,24 +3,14 @@
 //! swarm's model.
 
 mod common;
-use common::{bootstrap_address, next_event, spawn_node, Events, Nodes};
+use common::{bootstrap_address, next_event, spawn_averaging_node, Events, Nodes};
 use std::collections::HashMap;
 use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 fn spawn(i: usize, swarm: &str, min_peers: &str, extra: &[&str], tx: Events) -> Child {
-    let mut args = vec!["--swarm", swarm, "--min-peers", min_peers, "--steps", "300"];
-    args.extend([
-        "--average-every",
-        "10",
-        "--join-window-secs",
-        "3",
-        "--linger-secs",
-        "1",
-    ]);
-    args.extend(extra);
-    spawn_node(i, &args, tx)
+    spawn_averaging_node(i, swarm, min_peers, "300", extra, tx)
 }
 
 #[test]

@@ -60,6 +60,51 @@ pub fn spawn_node(index: usize, args: &[&str], tx: Events) -> std::process::Chil
     child
 }
 
+/// A lone node of `swarm` on loopback (JSON events on stdout) that
+/// checkpoints every round of 10 steps into `dir` and exits at once when
+/// done; `extra` flags follow.
+pub fn checkpointing_node(swarm: &str, dir: &std::path::Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(binary());
+    c.args(["node", "--swarm", swarm, "--no-mdns", "--events"])
+        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .args([
+            "--average-every",
+            "10",
+            "--checkpoint-every",
+            "1",
+            "--linger-secs",
+            "0",
+        ])
+        .arg("--checkpoint-dir")
+        .arg(dir)
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// Starts a data-parallel node with the settings the swarm tests share
+/// (rounds of 10 steps, a 3 s join window, 1 s linger), then `extra`.
+pub fn spawn_averaging_node(
+    index: usize,
+    swarm: &str,
+    min_peers: &str,
+    steps: &str,
+    extra: &[&str],
+    tx: Events,
+) -> std::process::Child {
+    let mut args = vec!["--swarm", swarm, "--min-peers", min_peers, "--steps", steps];
+    args.extend([
+        "--average-every",
+        "10",
+        "--join-window-secs",
+        "3",
+        "--linger-secs",
+        "1",
+    ]);
+    args.extend(extra);
+    spawn_node(index, &args, tx)
+}
+
 /// The next event from any node, failing the test at `deadline`.
 pub fn next_event(
     rx: &std::sync::mpsc::Receiver<(usize, serde_json::Value)>,

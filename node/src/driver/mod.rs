@@ -285,7 +285,7 @@ pub enum NodeError {
     Compute(#[from] ComputeError),
     /// The averaging state machine refused a round.
     #[error("averaging: {0}")]
-    Averaging(#[from] AveragingError),
+    Averaging(AveragingError),
     /// Not enough peers showed up.
     #[error("only {have} of the {want} peers needed joined within {waited:?}; check --bootstrap addresses, firewalls, and --swarm names")]
     NotEnoughPeers {
@@ -348,7 +348,21 @@ pub enum NodeError {
     NetworkStopped,
     /// The DiLoCo outer step could not be taken.
     #[error("DiLoCo outer step: {0}")]
-    Outer(#[from] OuterError),
+    Outer(OuterError),
+}
+
+// The inner errors are part of the message rather than a `source`, so
+// `{:#}` at the binary's edge does not print them twice.
+impl From<AveragingError> for NodeError {
+    fn from(e: AveragingError) -> Self {
+        NodeError::Averaging(e)
+    }
+}
+
+impl From<OuterError> for NodeError {
+    fn from(e: OuterError) -> Self {
+        NodeError::Outer(e)
+    }
 }
 
 impl From<ComputeGone> for NodeError {

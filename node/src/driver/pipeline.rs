@@ -464,6 +464,21 @@ impl Driver {
         Ok(())
     }
 
+    /// The number of this node's next averaging round after `round`: past
+    /// what the swarm has reached and past every round this node's averager
+    /// has finished, which may be ahead when the node served another stage
+    /// before a spare move (the averager refuses a round it has seen).
+    fn next_stage_round(&self, round: u64) -> u64 {
+        let after_finished = self
+            .averager
+            .last_finished()
+            .map_or(0, |r| r.saturating_add(1));
+        round
+            .saturating_add(1)
+            .max(self.swarm_round)
+            .max(after_finished)
+    }
+
     /// Live replicas of `stage` as this node sees them (itself included when
     /// it holds that stage), sorted: also a pipeline node's averaging group.
     pub(super) fn live_replicas(&self, stage: u32) -> Vec<NodeId> {
@@ -854,7 +869,7 @@ impl Driver {
             outcome.steps = step;
             self.pipe.step = step;
             if step % every == 0 || step == total_steps {
-                round = round.saturating_add(1).max(self.swarm_round);
+                round = self.next_stage_round(round);
                 let loss = mean(&round_losses);
                 round_losses.clear();
                 self.stage_round(
@@ -1417,7 +1432,7 @@ impl Driver {
                         step += 1;
                         micro = 0;
                     }
-                    round = round.saturating_add(1).max(self.swarm_round);
+                    round = self.next_stage_round(round);
                     let loss = if losses.is_empty() {
                         outcome.last_loss
                     } else {
@@ -1466,7 +1481,7 @@ impl Driver {
                 outcome.steps = step;
                 self.pipe.step = step;
                 if step % every == 0 {
-                    round = round.saturating_add(1).max(self.swarm_round);
+                    round = self.next_stage_round(round);
                     let loss = mean(&losses);
                     losses.clear();
                     self.stage_round(

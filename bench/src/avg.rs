@@ -165,6 +165,7 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
             mdns: false,
             request_timeout: Duration::from_secs(120),
             key: None,
+            relay: false,
         },
         min_peers: args.peers,
         wait_for_peers: Duration::from_secs(60),

@@ -287,6 +287,9 @@ pub struct NodeArgs {
     /// Do not discover peers on the local network with mDNS.
     #[arg(long)]
     pub no_mdns: bool,
+    /// Relay connections for swarm members behind NATs (give this to nodes others can reach).
+    #[arg(long)]
+    pub relay: bool,
     /// Identity key file, created if missing, so the peer id survives restarts (default: a new identity each run).
     #[arg(long, value_name = "FILE", env = "P2PTRAIN_KEY")]
     pub key: Option<PathBuf>,
@@ -715,6 +718,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             mdns: !args.no_mdns,
             request_timeout: Duration::from_secs(60),
             key,
+            relay: args.relay,
         },
         min_peers: args.min_peers as usize,
         wait_for_peers: Duration::from_secs(args.wait_peers_secs),

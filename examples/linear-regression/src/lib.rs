@@ -249,6 +249,7 @@ pub async fn run_swarm(
             mdns: false,
             request_timeout: Duration::from_secs(10),
             key: None,
+            relay: false,
         },
         min_peers: nodes,
         wait_for_peers: Duration::from_secs(60),

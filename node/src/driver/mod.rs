@@ -266,6 +266,14 @@ pub struct FinalReport {
     /// Pipeline figures, when the node held a stage of a model cut into stages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<PipelineReport>,
+    /// How this node reached each connected peer at the end (peer id →
+    /// `direct` or `relay`): traffic takes a relay only where no direct
+    /// connection exists.
+    #[serde(default)]
+    pub paths: std::collections::BTreeMap<String, crate::net::AddressKind>,
+    /// Whether AutoNAT found this node reachable by others.
+    #[serde(default)]
+    pub reachability: crate::net::nat::Reachability,
 }
 
 /// JSON has no NaN: serde_json writes it as `null`; read that back as NaN
@@ -811,6 +819,8 @@ impl Driver {
             averaging_s: averaging_total,
             training_s: train_time.as_secs_f64(),
             pipeline: None,
+            paths: self.net.stats().paths(),
+            reachability: self.net.stats().reachability().0,
         };
         info!(accuracy = ?eval.accuracy, test_loss = eval.loss, "training finished");
         report(&NodeEvent::Finished(final_report.clone()));

@@ -430,6 +430,8 @@ impl Driver {
             averaging_s: outcome.averaging_s,
             training_s: train_s,
             pipeline: Some(pipeline),
+            paths: self.net.stats().paths(),
+            reachability: self.net.stats().reachability().0,
         };
         info!(stage, val_bpc = ?val_bpc, "pipeline training finished");
         report(&NodeEvent::Finished(final_report.clone()));

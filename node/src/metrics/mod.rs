@@ -125,6 +125,10 @@ pub struct Status {
     pub dropped: u64,
     /// Members of the swarm this node sees, itself included.
     pub peers: usize,
+    /// Whether AutoNAT found this node reachable (`unknown` before the network is up).
+    pub reachability: crate::net::nat::Reachability,
+    /// Relays this node holds a reservation on (peer ids), when it is not reachable.
+    pub relays: Vec<String>,
     /// Training is over.
     pub finished: bool,
     /// Seconds since the node started.
@@ -285,6 +289,7 @@ impl Metrics {
     pub fn status(&self) -> Status {
         let s = self.state();
         let (sent, received) = s.net.as_ref().map_or((0, 0), |n| (n.sent(), n.received()));
+        let (reachability, relays) = s.net.as_ref().map(|n| n.reachability()).unwrap_or_default();
         let mut table = vec![PeerRow {
             peer_id: s.peer_id.clone().unwrap_or_default(),
             is_self: true,
@@ -319,6 +324,8 @@ impl Metrics {
             bytes_received: received,
             dropped: s.dropped_total,
             peers: s.members.len() + 1,
+            reachability,
+            relays: relays.iter().map(PeerId::to_string).collect(),
             finished: s.finished,
             uptime_s: s.created.elapsed().as_secs_f64(),
             peer_table: table,
@@ -538,6 +545,8 @@ mod tests {
             averaging_s: 0.0,
             training_s: 0.0,
             pipeline: None,
+            paths: Default::default(),
+            reachability: Default::default(),
         }));
         let st = m.status();
         assert_eq!(st.accuracy, Some(0.9));

@@ -1,13 +1,14 @@
 //! The composed libp2p behaviour and swarm construction.
 
 use super::codec::{FrameCodec, DIRECT_PROTOCOL};
+use super::nat::MembersOnly;
 use super::{NetConfig, NetError};
 use libp2p::{
-    gossipsub, identify,
+    autonat, dcutr, gossipsub, identify,
     identity::Keypair,
-    kad, mdns, request_response,
+    kad, mdns, noise, relay, request_response,
     swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
-    StreamProtocol, Swarm,
+    yamux, StreamProtocol, Swarm,
 };
 use std::time::Duration;
 
@@ -27,16 +28,57 @@ pub(super) struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub gossipsub: gossipsub::Behaviour,
     pub direct: request_response::Behaviour<FrameCodec>,
+    /// Tells us whether peers can dial us back (are we behind a NAT?).
+    pub autonat: autonat::Behaviour,
+    /// Reserves slots on relays and makes connections through them.
+    pub relay_client: relay::client::Behaviour,
+    /// Relays for other members: only on nodes started with `--relay`.
+    pub relay: Toggle<relay::Behaviour>,
+    /// Upgrades relayed connections to direct ones by hole punching.
+    pub dcutr: dcutr::Behaviour,
+}
+
+/// How AutoNAT probes: soon after start (a node behind a NAT needs its
+/// relay before training can reach it), again every half minute until sure.
+fn autonat_config() -> autonat::Config {
+    autonat::Config {
+        boot_delay: Duration::from_secs(2),
+        retry_interval: Duration::from_secs(20),
+        refresh_interval: Duration::from_secs(5 * 60),
+        throttle_server_period: Duration::from_secs(10),
+        timeout: Duration::from_secs(15),
+        // Volunteers on one LAN, or test namespaces, use private addresses.
+        only_global_ips: false,
+        ..autonat::Config::default()
+    }
+}
+
+/// A relay that carries training traffic: circuits last and carry as much
+/// as a run needs (libp2p's defaults, 2 minutes and 128 KiB, suit only
+/// hole-punch signalling), and only members of the swarm may use it.
+fn relay_config(members: &MembersOnly) -> relay::Config {
+    let mut c = relay::Config {
+        max_circuit_duration: Duration::from_secs(24 * 60 * 60),
+        max_circuit_bytes: 0, // unlimited
+        max_circuits: 64,
+        max_circuits_per_peer: 8,
+        ..relay::Config::default()
+    };
+    c.reservation_rate_limiters.push(Box::new(members.clone()));
+    c.circuit_src_rate_limiters.push(Box::new(members.clone()));
+    c
 }
 
 pub(super) fn build_swarm(
     config: &NetConfig,
     keypair: Keypair,
     topic: &gossipsub::IdentTopic,
+    members: &MembersOnly,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
     let mdns_on = config.mdns;
     let request_timeout = config.request_timeout;
+    let relay_server = config.relay;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic_config(|mut c| {
@@ -46,7 +88,11 @@ pub(super) fn build_swarm(
             c.keep_alive_interval = DEAD_PEER_TIMEOUT / 4;
             c
         })
-        .with_behaviour(|key| {
+        // Relayed connections are streams, not QUIC: they get their own
+        // encryption and multiplexing.
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key, relay_client| {
             let peer_id = key.public().to_peer_id();
             let gossip_config = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(Duration::from_millis(500))
@@ -74,11 +120,19 @@ pub(super) fn build_swarm(
             } else {
                 None
             };
+            let relay = relay_server.then(|| {
+                let mut r = relay::Behaviour::new(peer_id, relay_config(members));
+                // `--relay` says this node is reachable; do not wait for
+                // AutoNAT to confirm it before advertising the service.
+                r.set_status(Some(relay::Status::Enable));
+                r
+            });
             Ok(Behaviour {
-                identify: identify::Behaviour::new(identify::Config::new(
-                    PROTOCOL_VERSION.to_string(),
-                    key.public(),
-                )),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(PROTOCOL_VERSION.to_string(), key.public())
+                        // A relay reservation is a new address: tell peers at once.
+                        .with_push_listen_addr_updates(true),
+                ),
                 kad,
                 mdns: mdns.into(),
                 gossipsub,
@@ -87,6 +141,10 @@ pub(super) fn build_swarm(
                     [(DIRECT_PROTOCOL, request_response::ProtocolSupport::Full)],
                     request_response::Config::default().with_request_timeout(request_timeout),
                 ),
+                autonat: autonat::Behaviour::new(peer_id, autonat_config()),
+                relay_client,
+                relay: relay.into(),
+                dcutr: dcutr::Behaviour::new(peer_id),
             })
         })
         .map_err(|e| setup(&e))?

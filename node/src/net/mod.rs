@@ -8,14 +8,21 @@
 
 mod behaviour;
 pub mod codec;
+pub mod nat;
 pub mod secret;
 
 use behaviour::{Behaviour, BehaviourEvent};
 use futures::StreamExt;
 use libp2p::{
-    gossipsub, identify, identity::Keypair, kad, mdns, multiaddr::Protocol, request_response,
-    swarm::SwarmEvent, Multiaddr, PeerId, Swarm,
+    autonat, dcutr, gossipsub, identify,
+    identity::Keypair,
+    kad, mdns,
+    multiaddr::Protocol,
+    relay, request_response,
+    swarm::{ConnectionId, SwarmEvent},
+    Multiaddr, PeerId, Swarm,
 };
+use nat::{MembersOnly, Reachability, RelayState};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,6 +58,9 @@ pub struct NetConfig {
     pub request_timeout: Duration,
     /// The swarm secret's key: members only, every message authenticated.
     pub key: Option<secret::SwarmKey>,
+    /// Relay connections for members that cannot be reached directly
+    /// (`--relay`; only useful on a node others can reach).
+    pub relay: bool,
 }
 
 /// Failures that stop the network from starting.
@@ -87,9 +97,11 @@ pub struct NetStats {
     pub bytes_sent: AtomicU64,
     /// Application payload bytes this node received.
     pub bytes_received: AtomicU64,
-    /// The remote address of one open connection per connected peer, so the
+    /// The remote address of each open connection per connected peer, so the
     /// status page can tell direct connections from relayed ones.
-    remote_addrs: Mutex<HashMap<PeerId, Multiaddr>>,
+    remote_addrs: Mutex<HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>>,
+    /// AutoNAT's verdict and the relays we hold reservations on.
+    nat: Mutex<(Reachability, Vec<PeerId>)>,
 }
 
 impl NetStats {
@@ -103,21 +115,45 @@ impl NetStats {
         self.bytes_received.load(Ordering::Relaxed)
     }
 
-    /// The remote address of our connection to `peer`, if one is open.
+    /// The remote address of our connection to `peer`, a direct one where
+    /// there is one (that is the one traffic takes), if any is open.
     pub fn remote_addr(&self, peer: &PeerId) -> Option<Multiaddr> {
-        self.addrs().get(peer).cloned()
+        let addrs = self.addrs();
+        let conns = addrs.get(peer)?;
+        conns
+            .iter()
+            .find(|(_, a)| !nat::is_relayed(a))
+            .or(conns.first())
+            .map(|(_, a)| a.clone())
     }
 
-    fn addrs(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Multiaddr>> {
-        // The map stays consistent even if a holder panicked: every update is one insert or remove.
-        self.remote_addrs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// How each connected peer is reached (peer id → path), for reports.
+    pub fn paths(&self) -> std::collections::BTreeMap<String, AddressKind> {
+        let peers: Vec<PeerId> = self.addrs().keys().copied().collect();
+        peers
+            .into_iter()
+            .filter_map(|p| Some((p.to_string(), address_kind(&self.remote_addr(&p)?))))
+            .collect()
+    }
+
+    /// Whether AutoNAT found us reachable, and the relays we reserved on.
+    pub fn reachability(&self) -> (Reachability, Vec<PeerId>) {
+        lock(&self.nat).clone()
+    }
+
+    fn addrs(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>> {
+        lock(&self.remote_addrs)
     }
 }
 
+/// Every update under these locks is one assignment, insert or remove, so
+/// the data stays consistent even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How a connection reaches a peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AddressKind {
     /// Straight to the peer's own address.
@@ -227,7 +263,8 @@ impl Network {
             ),
             None => format!("p2ptrain/{}/control/1", config.swarm),
         });
-        let mut swarm = behaviour::build_swarm(&config, keypair, &topic)?;
+        let relay_members = MembersOnly::default();
+        let mut swarm = behaviour::build_swarm(&config, keypair, &topic, &relay_members)?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())
@@ -258,6 +295,10 @@ impl Network {
             connected: HashMap::new(),
             in_flight: HashMap::new(),
             last_bootstrap: None,
+            relay_server: config.relay,
+            loopback_only: config.listen.iter().all(nat::is_loopback),
+            relay_members,
+            relays: RelayState::default(),
         };
         let task = tokio::spawn(event_loop.run());
         Ok(Network {
@@ -301,6 +342,15 @@ struct EventLoop {
     in_flight: HashMap<request_response::OutboundRequestId, Outbound>,
     /// When the last Kademlia lookup started.
     last_bootstrap: Option<tokio::time::Instant>,
+    /// This node relays for others (`--relay`).
+    relay_server: bool,
+    /// Every listen address is loopback (a local testnet): a relay's
+    /// loopback addresses are then the ones to hand out.
+    loopback_only: bool,
+    /// Who may use our relay: the members, shared with the relay behaviour.
+    relay_members: MembersOnly,
+    /// Reachability and relay reservations.
+    relays: RelayState,
 }
 
 struct Outbound {
@@ -319,7 +369,11 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => return, // every handle dropped: the node is shutting down
                 },
-                _ = kad_tick.tick() => self.bootstrap(),
+                _ = kad_tick.tick() => {
+                    self.bootstrap();
+                    // Also retries reservations a relay refused or ended.
+                    self.reserve_relays();
+                }
             }
         }
     }
@@ -329,6 +383,25 @@ impl EventLoop {
         if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
             debug!(error = %e, "kademlia bootstrap skipped");
         }
+    }
+
+    /// Asks relays for reservations while AutoNAT says we are private and
+    /// we hold fewer than we want.
+    fn reserve_relays(&mut self) {
+        for (relay, addr) in self.relays.wanted() {
+            match self.swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    info!(%relay, %addr, "not reachable directly; asking a relay for a reservation");
+                    self.relays.reserving(relay, id);
+                }
+                Err(e) => warn!(%relay, %addr, error = %e, "cannot listen through relay"),
+            }
+        }
+        self.publish_nat();
+    }
+
+    fn publish_nat(&self) {
+        *lock(&self.stats.nat) = (self.relays.reachability(), self.relays.reserved_on());
     }
 
     fn send_direct(&mut self, peer: PeerId, bytes: Vec<u8>, attempts: u8) {
@@ -418,30 +491,95 @@ impl EventLoop {
     async fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
+                if self.relay_server
+                    && !nat::is_relayed(&address)
+                    && (!nat::is_loopback(&address) || self.loopback_only)
+                {
+                    // A relay's reservations hand its addresses to the
+                    // peers behind it; `--relay` vouches they are reachable.
+                    self.swarm.add_external_address(address.clone());
+                }
                 let local = *self.swarm.local_peer_id();
-                let full = address.with(Protocol::P2p(local));
+                let full = if matches!(address.iter().last(), Some(Protocol::P2p(_))) {
+                    address
+                } else {
+                    address.with(Protocol::P2p(local))
+                };
                 info!(addr = %full, "listening");
                 self.emit(NetEvent::Listening(full)).await;
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
                 *self.connected.entry(peer_id).or_default() += 1;
-                self.stats
-                    .addrs()
-                    .insert(peer_id, endpoint.get_remote_address().clone());
-                debug!(peer = %peer_id, "connected");
+                let addr = endpoint.get_remote_address().clone();
+                let relayed = nat::is_relayed(&addr);
+                let stale: Vec<ConnectionId> = {
+                    let mut addrs = self.stats.addrs();
+                    let conns = addrs.entry(peer_id).or_default();
+                    conns.push((connection_id, addr.clone()));
+                    if relayed {
+                        Vec::new()
+                    } else {
+                        conns
+                            .iter()
+                            .filter(|(_, a)| nat::is_relayed(a))
+                            .map(|(id, _)| *id)
+                            .collect()
+                    }
+                };
+                if relayed {
+                    info!(peer = %peer_id, %addr, "connected through a relay");
+                } else {
+                    debug!(peer = %peer_id, %addr, "connected");
+                }
+                // Tensors take a relay only while no direct path exists.
+                for id in stale {
+                    info!(peer = %peer_id, "direct connection open; closing the relayed one");
+                    self.swarm.close_connection(id);
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                self.connected.remove(&peer_id);
-                self.stats.addrs().remove(&peer_id);
-                if self.members.remove(&peer_id) {
-                    info!(peer = %peer_id, "member left");
-                    self.emit(NetEvent::PeerLeft(peer_id)).await;
+                {
+                    let mut addrs = self.stats.addrs();
+                    if let Some(conns) = addrs.get_mut(&peer_id) {
+                        conns.retain(|(id, _)| *id != connection_id);
+                    }
+                    if num_established == 0 {
+                        addrs.remove(&peer_id);
+                    }
+                }
+                if num_established == 0 {
+                    self.connected.remove(&peer_id);
+                    self.relays.peer_gone(&peer_id);
+                    if self.members.remove(&peer_id) {
+                        self.relay_members.remove(&peer_id);
+                        info!(peer = %peer_id, "member left");
+                        self.emit(NetEvent::PeerLeft(peer_id)).await;
+                    }
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(relay) = self.relays.listener_closed(listener_id) {
+                    match reason {
+                        Ok(()) => info!(%relay, "relay reservation closed"),
+                        Err(e) => {
+                            warn!(%relay, error = %e, "relay reservation ended; will look for another")
+                        }
+                    }
+                    self.publish_nat();
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -458,11 +596,13 @@ impl EventLoop {
                 if topic == self.topic.hash() && self.members.insert(peer_id) =>
             {
                 info!(peer = %peer_id, "member joined");
+                self.relay_members.insert(peer_id);
                 self.emit(NetEvent::PeerJoined(peer_id)).await;
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic })
                 if topic == self.topic.hash() && self.members.remove(&peer_id) =>
             {
+                self.relay_members.remove(&peer_id);
                 self.emit(NetEvent::PeerLeft(peer_id)).await;
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
@@ -519,10 +659,27 @@ impl EventLoop {
                 }
                 _ => warn!(%peer, %error, "direct message failed"),
             },
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                connection_id,
+            }) => {
                 if info.protocol_version != behaviour::PROTOCOL_VERSION {
                     debug!(peer = %peer_id, version = %info.protocol_version, "not a p2ptrain peer");
                     return;
+                }
+                if nat::serves_relay(&info.protocols) {
+                    let at = self.stats.addrs().get(&peer_id).and_then(|conns| {
+                        conns
+                            .iter()
+                            .find(|(id, _)| *id == connection_id)
+                            .map(|(_, a)| a.clone())
+                    });
+                    if let Some(addr) = at {
+                        debug!(relay = %peer_id, %addr, "peer offers to relay");
+                        self.relays.relay_seen(peer_id, addr);
+                        self.reserve_relays();
+                    }
                 }
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
@@ -554,6 +711,40 @@ impl EventLoop {
                     debug!(%peer, error = %e, "dial of discovered peer failed");
                 }
             }
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
+                let r = match new {
+                    autonat::NatStatus::Public(addr) => {
+                        info!(%addr, "reachable directly (AutoNAT)");
+                        Reachability::Public
+                    }
+                    autonat::NatStatus::Private => {
+                        info!("not reachable directly (AutoNAT): will use a relay");
+                        Reachability::Private
+                    }
+                    autonat::NatStatus::Unknown => Reachability::Unknown,
+                };
+                for listener in self.relays.set_reachability(r) {
+                    self.swarm.remove_listener(listener);
+                }
+                self.reserve_relays();
+            }
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal: false,
+                ..
+            }) => {
+                info!(relay = %relay_peer_id, "relay reservation accepted; reachable through it");
+            }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => info!(peer = %remote_peer_id, "hole punch succeeded: direct connection"),
+                Err(e) => {
+                    info!(peer = %remote_peer_id, error = %e, "hole punch failed; traffic stays on the relay")
+                }
+            },
+            BehaviourEvent::Relay(event) => debug!(?event, "relay service"),
             _ => {}
         }
     }

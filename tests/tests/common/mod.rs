@@ -35,13 +35,21 @@ impl Drop for Nodes {
 /// Starts `p2ptrain node --events` with `args` on loopback (no mDNS) and
 /// forwards its JSON event lines to `tx`. `TEST_LOG` sets its RUST_LOG.
 pub fn spawn_node(index: usize, args: &[&str], tx: Events) -> std::process::Child {
+    let mut c = Command::new(binary());
+    c.args(["node", "--no-mdns", "--events"])
+        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .args(args);
+    spawn_events(index, c, tx)
+}
+
+/// Starts `command` (a node run with `--events`, maybe under a wrapper
+/// such as `ip netns exec`) and forwards its JSON event lines to `tx`.
+/// `TEST_LOG` sets its RUST_LOG.
+pub fn spawn_events(index: usize, mut command: Command, tx: Events) -> std::process::Child {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let log = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into());
-    let mut child = Command::new(binary())
-        .args(["node", "--no-mdns", "--events"])
-        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
-        .args(args)
+    let mut child = command
         .env("RUST_LOG", log)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

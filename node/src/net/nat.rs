@@ -1,0 +1,290 @@
+//! Reachability behind home routers: what AutoNAT says about us, which
+//! relays we know, and where we hold (or want) a relay reservation.
+//!
+//! The event loop feeds this bookkeeping with libp2p events and asks it which
+//! relays to reserve on; it does no I/O itself, so its rules are unit-tested
+//! without a network. A node AutoNAT finds unreachable reserves a slot on up
+//! to [`MAX_RESERVATIONS`] relays, so peers behind other routers can reach it
+//! through a relay; DCUtR then tries to upgrade those relayed connections to
+//! direct ones, and the event loop closes a relayed connection as soon as a
+//! direct one to the same peer is open, so tensors take a relay only while no
+//! direct path exists.
+
+use libp2p::{
+    core::transport::ListenerId, multiaddr::Protocol, relay, Multiaddr, PeerId, StreamProtocol,
+};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+/// Relays a node behind a NAT reserves on at once: one more than needed, so
+/// losing a relay does not cut the node off while it finds another.
+pub const MAX_RESERVATIONS: usize = 2;
+
+/// What AutoNAT last concluded about this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reachability {
+    /// No probe has answered yet.
+    #[default]
+    Unknown,
+    /// Peers could dial us back: others can connect to us directly.
+    Public,
+    /// Dial-backs failed: we are behind a NAT or firewall and need a relay.
+    Private,
+}
+
+/// The relay bookkeeping of one node.
+#[derive(Debug, Default)]
+pub struct RelayState {
+    reachability: Reachability,
+    /// Relays we are directly connected to, with the address we reach them at.
+    relays: HashMap<PeerId, Multiaddr>,
+    /// Reservations asked for or held: relay → the circuit listener.
+    reservations: HashMap<PeerId, ListenerId>,
+}
+
+impl RelayState {
+    /// AutoNAT's latest verdict.
+    pub fn reachability(&self) -> Reachability {
+        self.reachability
+    }
+
+    /// Records AutoNAT's verdict; a node found public drops its reservations'
+    /// bookkeeping (the listeners are closed by the caller).
+    pub fn set_reachability(&mut self, r: Reachability) -> Vec<ListenerId> {
+        self.reachability = r;
+        if r == Reachability::Public {
+            self.reservations.drain().map(|(_, id)| id).collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// A peer told us (by identify) that it serves as a relay, and we reach it
+    /// at `addr`. Relayed addresses are not kept: a relay behind a relay is
+    /// no help.
+    pub fn relay_seen(&mut self, peer: PeerId, addr: Multiaddr) {
+        if !is_relayed(&addr) {
+            self.relays.insert(peer, strip_peer(addr));
+        }
+    }
+
+    /// Every connection to `peer` closed: it is no relay of ours any more.
+    pub fn peer_gone(&mut self, peer: &PeerId) {
+        self.relays.remove(peer);
+    }
+
+    /// The circuit listeners to open now: `(relay, address to listen on)`,
+    /// while we are private and hold fewer than [`MAX_RESERVATIONS`].
+    pub fn wanted(&self) -> Vec<(PeerId, Multiaddr)> {
+        if self.reachability != Reachability::Private {
+            return Vec::new();
+        }
+        let room = MAX_RESERVATIONS.saturating_sub(self.reservations.len());
+        let mut candidates: Vec<_> = self
+            .relays
+            .iter()
+            .filter(|(peer, _)| !self.reservations.contains_key(peer))
+            .collect();
+        // Deterministic choice, so tests and logs are reproducible.
+        candidates.sort_by_key(|(peer, _)| **peer);
+        candidates
+            .into_iter()
+            .take(room)
+            .map(|(peer, addr)| (*peer, circuit_listen_addr(addr, *peer)))
+            .collect()
+    }
+
+    /// A circuit listener on `relay` was opened.
+    pub fn reserving(&mut self, relay: PeerId, listener: ListenerId) {
+        self.reservations.insert(relay, listener);
+    }
+
+    /// A listener closed (the relay refused, expired or left): the relay's
+    /// slot is free to ask again or to take another relay. Returns the relay.
+    pub fn listener_closed(&mut self, listener: ListenerId) -> Option<PeerId> {
+        let relay = self
+            .reservations
+            .iter()
+            .find(|(_, id)| **id == listener)
+            .map(|(peer, _)| *peer)?;
+        self.reservations.remove(&relay);
+        Some(relay)
+    }
+
+    /// Relays we hold or are asking for a reservation on.
+    pub fn reserved_on(&self) -> Vec<PeerId> {
+        let mut v: Vec<PeerId> = self.reservations.keys().copied().collect();
+        v.sort();
+        v
+    }
+}
+
+/// The address that asks `relay` (reached at `addr`) for a reservation.
+pub fn circuit_listen_addr(addr: &Multiaddr, relay: PeerId) -> Multiaddr {
+    strip_peer(addr.clone())
+        .with(Protocol::P2p(relay))
+        .with(Protocol::P2pCircuit)
+}
+
+/// Whether `addr` goes through a relay.
+pub fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// Whether `addr` is on the loopback interface (useless to other machines).
+pub fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+/// Whether a peer's identify protocols say it relays for others.
+pub fn serves_relay(protocols: &[StreamProtocol]) -> bool {
+    protocols.contains(&relay::HOP_PROTOCOL_NAME)
+}
+
+fn strip_peer(mut addr: Multiaddr) -> Multiaddr {
+    while matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.pop();
+    }
+    addr
+}
+
+/// A relay serves the members of its swarm only (the peers the event loop
+/// counts as members), so a public `--relay` node is not an open relay for
+/// the whole internet.
+#[derive(Clone, Default)]
+pub struct MembersOnly(Arc<Mutex<HashSet<PeerId>>>);
+
+impl MembersOnly {
+    /// `peer` became a member.
+    pub fn insert(&self, peer: PeerId) {
+        self.set().insert(peer);
+    }
+
+    /// `peer` left.
+    pub fn remove(&self, peer: &PeerId) {
+        self.set().remove(peer);
+    }
+
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<PeerId>> {
+        // One insert or remove per holder: consistent even after a panic.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl relay::RateLimiter for MembersOnly {
+    fn try_next(&mut self, peer: PeerId, _addr: &Multiaddr, _now: std::time::Instant) -> bool {
+        self.set().contains(&peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> Multiaddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_private_node_reserves_on_known_relays_up_to_the_limit() {
+        let mut s = RelayState::default();
+        let relays: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+        for (i, r) in relays.iter().enumerate() {
+            s.relay_seen(
+                *r,
+                addr(&format!("/ip4/10.0.0.{i}/udp/4001/quic-v1/p2p/{r}")),
+            );
+        }
+        assert!(
+            s.wanted().is_empty(),
+            "unknown reachability reserves nothing"
+        );
+        s.set_reachability(Reachability::Private);
+        let wanted = s.wanted();
+        assert_eq!(wanted.len(), MAX_RESERVATIONS);
+        for (relay, a) in &wanted {
+            assert!(is_relayed(a));
+            assert!(
+                a.to_string()
+                    .ends_with(&format!("/p2p/{relay}/p2p-circuit")),
+                "{a}"
+            );
+            // The relay's own /p2p part appears once.
+            assert_eq!(a.to_string().matches("/p2p/").count(), 1, "{a}");
+        }
+        let mut ids = Vec::new();
+        for (relay, _) in &wanted {
+            let id = ListenerId::next();
+            s.reserving(*relay, id);
+            ids.push(id);
+        }
+        assert!(s.wanted().is_empty(), "full: nothing more to ask");
+        // A refused or expired reservation frees its slot for the third relay.
+        assert_eq!(s.listener_closed(ids[0]), Some(wanted[0].0));
+        let next = s.wanted();
+        assert_eq!(next.len(), 1);
+        assert!(!s.reserved_on().contains(&next[0].0));
+    }
+
+    #[test]
+    fn a_public_node_drops_its_reservations_and_relayed_addresses_are_no_relays() {
+        let mut s = RelayState::default();
+        let r = PeerId::random();
+        s.relay_seen(
+            PeerId::random(),
+            addr(&format!("/ip4/10.0.0.9/udp/1/quic-v1/p2p/{r}/p2p-circuit")),
+        );
+        s.set_reachability(Reachability::Private);
+        assert!(
+            s.wanted().is_empty(),
+            "a relay reached through a relay is no help"
+        );
+        s.relay_seen(r, addr("/ip4/10.0.0.1/udp/4001/quic-v1"));
+        let id = ListenerId::next();
+        s.reserving(r, id);
+        assert_eq!(s.set_reachability(Reachability::Public), vec![id]);
+        assert!(s.reserved_on().is_empty());
+        assert!(s.wanted().is_empty());
+        s.peer_gone(&r);
+        s.set_reachability(Reachability::Private);
+        assert!(s.wanted().is_empty(), "a departed relay is not asked");
+    }
+
+    #[test]
+    fn only_members_may_use_the_relay() {
+        use libp2p::relay::RateLimiter;
+        let members = MembersOnly::default();
+        let mut limiter = members.clone();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        members.insert(a);
+        let at = addr("/ip4/10.0.0.1/udp/1/quic-v1");
+        let now = std::time::Instant::now();
+        assert!(limiter.try_next(a, &at, now));
+        assert!(!limiter.try_next(b, &at, now));
+        members.remove(&a);
+        assert!(!limiter.try_next(a, &at, now));
+    }
+
+    #[test]
+    fn loopback_addresses_are_told_apart() {
+        assert!(is_loopback(&addr("/ip4/127.0.0.1/udp/1/quic-v1")));
+        assert!(is_loopback(&addr("/ip6/::1/udp/1/quic-v1")));
+        assert!(!is_loopback(&addr("/ip4/10.77.0.1/udp/1/quic-v1")));
+    }
+
+    #[test]
+    fn hop_protocol_marks_a_relay() {
+        assert!(serves_relay(&[
+            StreamProtocol::new("/ipfs/id/1.0.0"),
+            relay::HOP_PROTOCOL_NAME
+        ]));
+        assert!(!serves_relay(&[StreamProtocol::new("/ipfs/id/1.0.0")]));
+    }
+}

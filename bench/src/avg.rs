@@ -166,6 +166,7 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
             request_timeout: Duration::from_secs(120),
             key: None,
             relay: false,
+            misbehave_topic: None,
         },
         min_peers: args.peers,
         wait_for_peers: Duration::from_secs(60),

@@ -211,9 +211,15 @@ pub struct TrainArgs {
     /// Seconds the round leader waits for stragglers before averaging without them.
     #[arg(long, default_value_t = 5.0, value_parser = parse_secs)]
     pub join_window_secs: f64,
-    /// Seconds an all-reduce may take before silent members are dropped from the round.
+    /// Seconds an all-reduce may take before silent members are dropped from the round: the
+    /// ceiling of the deadline, which shrinks to 4x the slowest of the last 8 complete rounds
+    /// (not below 5 s) once 3 are measured, unless --fixed-deadline.
     #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
     pub reduce_timeout_secs: f64,
+    /// Always wait the full --reduce-timeout-secs for silent members instead of fitting the
+    /// deadline to measured rounds.
+    #[arg(long)]
+    pub fixed_deadline: bool,
     /// How peers encode parameters when averaging: f32 (exact), f16, bf16, int8 or int8:BLOCK
     /// (blockwise, ~1/4 of the bytes). All peers of a swarm should use the same.
     #[arg(long, default_value = "f32", value_parser = parse_compression)]
@@ -225,7 +231,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "mean", value_parser = parse_aggregation)]
     pub aggregation: Aggregation,
     /// Tests only: make this node hostile, corrupting every averaging payload it sends
-    /// (flip, nan or scale:FACTOR; deaf:ROUND ignores the reduced parts it gets in that round).
+    /// (flip, nan or scale:FACTOR; deaf:ROUND ignores the reduced parts it gets in that round; mute:ROUND sends no tensor from that round on).
     #[arg(long, hide = true, value_name = "HOW")]
     pub misbehave: Option<crate::misbehave::Misbehave>,
     /// Compute device: cpu, or cuda (needs a build with `--features cuda`).
@@ -290,6 +296,9 @@ pub struct NodeArgs {
     /// Relay connections for swarm members behind NATs (give this to nodes others can reach).
     #[arg(long)]
     pub relay: bool,
+    /// Tests only: subscribe to this gossip topic, as an outsider who copied a member's would.
+    #[arg(long, hide = true, value_name = "TOPIC")]
+    pub misbehave_topic: Option<String>,
     /// Identity key file, created if missing, so the peer id survives restarts (default: a new identity each run).
     #[arg(long, value_name = "FILE", env = "P2PTRAIN_KEY")]
     pub key: Option<PathBuf>,
@@ -719,6 +728,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             request_timeout: Duration::from_secs(60),
             key,
             relay: args.relay,
+            misbehave_topic: args.misbehave_topic.clone(),
         },
         min_peers: args.min_peers as usize,
         wait_for_peers: Duration::from_secs(args.wait_peers_secs),
@@ -734,6 +744,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         averaging: AveragingConfig {
             compression: args.train.compression,
             aggregation: args.train.aggregation,
+            adaptive_deadline: !args.train.fixed_deadline,
             ..driver::network_averaging(
                 Duration::from_secs_f64(args.train.join_window_secs),
                 Duration::from_secs_f64(args.train.reduce_timeout_secs),

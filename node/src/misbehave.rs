@@ -19,6 +19,10 @@ pub enum Misbehave {
     /// round, so it ends the round on its own values for them: a node that
     /// saw a round only in part, as a slow or briefly cut-off one does.
     DeafInRound(u64),
+    /// From this round on, joins groups but sends no tensor (no part, no
+    /// reduced part): a member that stalls mid-round, so the others wait
+    /// for the reduce deadline every round.
+    MuteFrom(u64),
 }
 
 impl std::str::FromStr for Misbehave {
@@ -31,11 +35,13 @@ impl std::str::FromStr for Misbehave {
             _ => match (
                 s.strip_prefix("scale:").map(str::parse::<f32>),
                 s.strip_prefix("deaf:").map(str::parse::<u64>),
+                s.strip_prefix("mute:").map(str::parse::<u64>),
             ) {
-                (Some(Ok(k)), _) if k.is_finite() => Ok(Misbehave::Scale(k)),
-                (_, Some(Ok(round))) if round > 0 => Ok(Misbehave::DeafInRound(round)),
+                (Some(Ok(k)), _, _) if k.is_finite() => Ok(Misbehave::Scale(k)),
+                (_, Some(Ok(round)), _) if round > 0 => Ok(Misbehave::DeafInRound(round)),
+                (_, _, Some(Ok(round))) if round > 0 => Ok(Misbehave::MuteFrom(round)),
                 _ => Err(format!(
-                    "`{s}` is not a misbehaviour: use flip, nan, scale:FACTOR or deaf:ROUND"
+                    "`{s}` is not a misbehaviour: use flip, nan, scale:FACTOR, deaf:ROUND or mute:ROUND"
                 )),
             },
         }
@@ -49,6 +55,7 @@ impl std::fmt::Display for Misbehave {
             Misbehave::Flip => f.write_str("flip"),
             Misbehave::Nan => f.write_str("nan"),
             Misbehave::DeafInRound(r) => write!(f, "deaf:{r}"),
+            Misbehave::MuteFrom(r) => write!(f, "mute:{r}"),
         }
     }
 }
@@ -64,7 +71,7 @@ impl Misbehave {
                 Misbehave::Scale(k) => v * k,
                 Misbehave::Flip => -v,
                 Misbehave::Nan => f32::NAN,
-                Misbehave::DeafInRound(_) => *v,
+                Misbehave::DeafInRound(_) | Misbehave::MuteFrom(_) => *v,
             })
             .collect();
         Payload::encode(&bad, payload.encoding)
@@ -75,9 +82,20 @@ impl Misbehave {
         matches!((self, msg), (Misbehave::DeafInRound(deaf), AvgMessage::Reduced { round, .. }) if deaf == *round)
     }
 
+    /// Whether this node withholds the outgoing `msg`.
+    pub fn withholds(self, msg: &AvgMessage) -> bool {
+        match (self, msg) {
+            (
+                Misbehave::MuteFrom(from),
+                AvgMessage::Part { round, .. } | AvgMessage::Reduced { round, .. },
+            ) => *round >= from,
+            _ => false,
+        }
+    }
+
     /// Corrupts the tensor payload of an outgoing averaging message.
     pub fn apply(self, msg: AvgMessage) -> AvgMessage {
-        if let Misbehave::DeafInRound(_) = self {
+        if let Misbehave::DeafInRound(_) | Misbehave::MuteFrom(_) = self {
             return msg;
         }
         match msg {
@@ -113,12 +131,27 @@ mod tests {
 
     #[test]
     fn parses_and_prints_every_kind() {
-        for s in ["flip", "nan", "scale:-10", "deaf:3"] {
+        for s in ["flip", "nan", "scale:-10", "deaf:3", "mute:2"] {
             let m: Misbehave = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
         }
         assert!("scale:x".parse::<Misbehave>().is_err());
         assert!("evil".parse::<Misbehave>().is_err());
+    }
+
+    #[test]
+    fn a_mute_node_withholds_tensors_from_its_round_on() {
+        let part = |round| AvgMessage::Part {
+            round,
+            part: 0,
+            payload: Payload::encode(&[1.0], Encoding::F32),
+        };
+        let m = Misbehave::MuteFrom(3);
+        assert!(!m.withholds(&part(2)));
+        assert!(m.withholds(&part(3)));
+        assert!(m.withholds(&part(9)));
+        assert_eq!(m.apply(part(3)), part(3), "what it sends is honest");
+        assert!(!Misbehave::Flip.withholds(&part(3)));
     }
 
     #[test]

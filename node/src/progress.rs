@@ -172,6 +172,7 @@ mod tests {
             bytes_sent: sent,
             dropped: 0,
             averaging_s: 0.1,
+            reduce_deadline_s: 5.0,
             model_digest: String::new(),
         })
     }

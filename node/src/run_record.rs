@@ -274,6 +274,7 @@ mod tests {
             bytes_sent: 0,
             dropped: 0,
             averaging_s: 0.0,
+            reduce_deadline_s: 5.0,
             model_digest: String::new(),
         }))
         .unwrap();

@@ -111,6 +111,9 @@ fn train_flags(t: &TrainArgs) -> Vec<String> {
         "--stage-timeout-secs".into(),
         t.stage_timeout_secs.to_string(),
     ];
+    if t.fixed_deadline {
+        v.push("--fixed-deadline".into());
+    }
     if let Some(d) = &t.data {
         v.push("--data".into());
         v.push(d.display().to_string());
@@ -278,7 +281,7 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
             (0, _) => None,
             (n, Some(how)) => Some((nodes - n.min(nodes as u64) as usize, how)),
             (_, None) => {
-                bail!("--hostile needs --misbehave HOW (flip, nan, scale:FACTOR or deaf:ROUND)")
+                bail!("--hostile needs --misbehave HOW (flip, nan, scale:FACTOR, deaf:ROUND or mute:ROUND)")
             }
         },
     };

@@ -71,3 +71,71 @@ fn survivors_finish_after_a_peer_is_killed_mid_run() {
         "{rounds_after_kill:?}"
     );
 }
+
+/// Three nodes with a generous 60 s reduce timeout; from round 6 on, node 2
+/// stalls mid-round (joins groups, sends no tensor). Once rounds are
+/// measured, the deadline fits them, so each stalled round costs the other
+/// two seconds rather than the configured minute; with `--fixed-deadline`
+/// (or a broken fit) every such round waits the full 60 s and this fails.
+#[test]
+fn a_stalled_member_costs_a_fitted_deadline_not_the_configured_one() {
+    let swarm = format!("stall-{}", std::process::id());
+    let (tx, rx) = mpsc::channel();
+    let args = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut v = vec!["--min-peers", "3", "--steps", "60", "--average-every", "5"];
+        v.extend(["--join-window-secs", "2", "--reduce-timeout-secs", "60"]);
+        v.extend(["--linger-secs", "1"]);
+        v.extend(extra);
+        v
+    };
+    let with = |extra: &[&'static str], boot: Option<&str>| -> Vec<String> {
+        let mut v: Vec<String> = ["--swarm", swarm.as_str()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(args(extra).iter().map(|s| s.to_string()));
+        if let Some(b) = boot {
+            v.extend(["--bootstrap".to_string(), b.to_string()]);
+        }
+        v
+    };
+    let first = with(&[], None);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    let mut nodes = Nodes(vec![spawn_node(0, &first, tx.clone())]);
+    let deadline = Instant::now() + Duration::from_secs(400);
+    let boot = bootstrap_address(&rx, deadline);
+    for (i, extra) in [(1, &[][..]), (2, &["--misbehave", "mute:6"][..])] {
+        let a = with(extra, Some(&boot));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        nodes.0.push(spawn_node(i, &a, tx.clone()));
+    }
+    // (round, seconds, deadline for the next round) of node 0's rounds.
+    let mut rounds = Vec::new();
+    while rounds.last().is_none_or(|r: &(u64, f64, f64)| r.0 < 9) {
+        let (i, v) = next_event(&rx, deadline);
+        if i == 0 && v["event"] == "round" {
+            rounds.push((
+                v["round"].as_u64().unwrap(),
+                v["averaging_s"].as_f64().unwrap(),
+                v["reduce_deadline_s"].as_f64().unwrap(),
+            ));
+        }
+    }
+    eprintln!("node 0's rounds (round, averaging s, next deadline s): {rounds:?}");
+    // Before the stall, rounds were measured and the deadline came down.
+    let fitted = rounds
+        .iter()
+        .find(|r| r.0 == 5)
+        .expect("round 5 reported")
+        .2;
+    assert!(
+        fitted < 60.0,
+        "the deadline never left the configured 60 s: {rounds:?}"
+    );
+    // Every stalled round cost about the fitted deadline: well under 60 s.
+    let stalled: Vec<_> = rounds.iter().filter(|r| r.0 >= 6).collect();
+    assert!(!stalled.is_empty());
+    for (round, secs, _) in &stalled {
+        assert!(*secs < 40.0, "round {round} took {secs} s: {rounds:?}");
+    }
+}

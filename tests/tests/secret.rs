@@ -52,3 +52,45 @@ fn peers_with_another_secret_never_become_members() {
     // The same secret: they train together to the end.
     assert_eq!(pair(&format!("{swarm}-b"), &s1, &s1), (true, true));
 }
+
+#[test]
+fn an_outsider_who_copies_the_topic_name_never_becomes_a_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let s1 = secret(dir.path(), "s1", 1);
+    let swarm = format!("secret-thief-{}", std::process::id());
+    // What an outsider reads off a member's gossip subscriptions.
+    let key = p2ptrain_node::net::secret::SwarmKey::from_secret(&[1u8; 32]);
+    let topic = p2ptrain_node::net::topic_name(&swarm, Some(&key));
+    let (tx, rx) = mpsc::channel();
+    let common = ["--swarm", &swarm, "--min-peers", "2", "--steps", "20"];
+    let mut member: Vec<&str> = common.to_vec();
+    member.extend(["--wait-peers-secs", "8", "--secret-file", &s1]);
+    let mut nodes = Nodes(vec![spawn_node(0, &member, tx.clone())]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let boot = bootstrap_address(&rx, deadline);
+    let mut thief: Vec<&str> = common.to_vec();
+    thief.extend(["--wait-peers-secs", "30", "--misbehave-topic", &topic]);
+    thief.extend(["--bootstrap", &boot]);
+    nodes.0.push(spawn_node(1, &thief, tx));
+    // The member never counts the outsider: it gives up waiting for a
+    // second member instead of training with it.
+    assert!(
+        !nodes.0[0].wait().unwrap().success(),
+        "the member accepted an outsider without the secret"
+    );
+    // The outsider did sit on the member's topic (it counted the member,
+    // which announced that topic to it, and started).
+    let mut outsider_started = false;
+    while let Ok((i, v)) = rx.recv_timeout(Duration::from_secs(1)) {
+        assert_ne!(
+            (i, v["event"].as_str()),
+            (0, Some("started")),
+            "the member started training with the outsider"
+        );
+        outsider_started |= i == 1 && v["event"] == "started";
+    }
+    assert!(
+        outsider_started,
+        "the outsider never joined the member's topic"
+    );
+}

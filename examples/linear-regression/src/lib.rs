@@ -250,6 +250,7 @@ pub async fn run_swarm(
             request_timeout: Duration::from_secs(10),
             key: None,
             relay: false,
+            misbehave_topic: None,
         },
         min_peers: nodes,
         wait_for_peers: Duration::from_secs(60),

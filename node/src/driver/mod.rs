@@ -86,6 +86,7 @@ pub fn network_averaging(join_window: Duration, reduce_timeout: Duration) -> Ave
         join_window,
         group_timeout: join_window * 2,
         reduce_timeout,
+        adaptive_deadline: true,
         retry_interval: (reduce_timeout / 3).max(Duration::from_millis(100)),
         join_retry_interval: Duration::from_secs(1),
         ..AveragingConfig::default()
@@ -228,6 +229,10 @@ pub struct RoundReport {
     pub dropped: usize,
     /// Seconds this round's averaging took.
     pub averaging_s: f64,
+    /// Seconds the next all-reduce may take before silent members are
+    /// dropped (fitted to measured rounds unless `--fixed-deadline`).
+    #[serde(default)]
+    pub reduce_deadline_s: f64,
     /// blake3 of the parameters after this round, hex.
     pub model_digest: String,
 }
@@ -725,6 +730,7 @@ impl Driver {
                 bytes_sent: self.net.stats().sent(),
                 dropped,
                 averaging_s,
+                reduce_deadline_s: self.averager.reduce_deadline().as_secs_f64(),
                 model_digest,
             };
             span.in_scope(|| {
@@ -1016,6 +1022,9 @@ impl Driver {
     fn flush(&mut self) -> Result<(), NodeError> {
         while let Some(mut t) = self.averager.poll_transmit() {
             if let Some(m) = self.misbehave {
+                if m.withholds(&t.msg) {
+                    continue;
+                }
                 t.msg = m.apply(t.msg);
             }
             let msg = match self.stage {

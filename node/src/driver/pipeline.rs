@@ -953,6 +953,7 @@ impl Driver {
             bytes_sent: self.net.stats().sent(),
             dropped: avg.dropped.len(),
             averaging_s,
+            reduce_deadline_s: self.averager.reduce_deadline().as_secs_f64(),
             model_digest,
         }));
         Ok(())

@@ -46,6 +46,8 @@ struct State {
     samples: u64,
     samples_per_s: f64,
     group: usize,
+    /// The all-reduce deadline the next round uses, in seconds.
+    reduce_deadline_s: f64,
     dropped_total: u64,
     round_seconds_sum: f64,
     rounds_timed: u64,
@@ -156,6 +158,7 @@ impl Metrics {
                 samples: 0,
                 samples_per_s: 0.0,
                 group: 0,
+                reduce_deadline_s: 0.0,
                 dropped_total: 0,
                 round_seconds_sum: 0.0,
                 rounds_timed: 0,
@@ -216,6 +219,7 @@ impl Metrics {
                 s.samples = r.samples;
                 s.samples_per_s = r.samples_per_s;
                 s.group = r.peers;
+                s.reduce_deadline_s = r.reduce_deadline_s;
                 s.dropped_total += r.dropped as u64;
                 let point = Point {
                     t: now.duration_since(s.created).as_secs_f64(),
@@ -336,9 +340,14 @@ impl Metrics {
     /// The registry in Prometheus' text exposition format (version 0.0.4).
     pub fn prometheus(&self) -> String {
         let st = self.status();
-        let (round_sum, round_count, group) = {
+        let (round_sum, round_count, group, deadline) = {
             let s = self.state();
-            (s.round_seconds_sum, s.rounds_timed, s.group)
+            (
+                s.round_seconds_sum,
+                s.rounds_timed,
+                s.group,
+                s.reduce_deadline_s,
+            )
         };
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
@@ -407,6 +416,12 @@ impl Metrics {
             group as f64,
         );
         metric(
+            "p2ptrain_reduce_deadline_seconds",
+            "gauge",
+            "How long the next all-reduce waits for silent members (fitted to measured rounds).",
+            deadline,
+        );
+        metric(
             "p2ptrain_dropped_members_total",
             "counter",
             "Group members dropped from averaging rounds for missing a deadline, summed over rounds.",
@@ -467,6 +482,7 @@ mod tests {
             bytes_sent: 0,
             dropped,
             averaging_s: 0.1,
+            reduce_deadline_s: 5.0,
             model_digest: String::new(),
         })
     }

@@ -42,6 +42,11 @@ const KAD_BOOTSTRAP_MIN_GAP: Duration = Duration::from_secs(1);
 const DIRECT_ATTEMPTS: u8 = 3;
 /// Direct messages kept for retry at once; beyond this, sends are not retried.
 const MAX_RETRYABLE: usize = 1024;
+/// How long a relayed connection stays open after a direct one to the same
+/// peer opened: both ends must see the direct connection before the relayed
+/// one closes, or the slower end takes the peer for gone (and gossip, which
+/// announces topics once per peer, would not tell it the peer's topics again).
+const RELAYED_GRACE: Duration = Duration::from_secs(3);
 
 /// What a node needs to join the network.
 #[derive(Debug, Clone)]
@@ -61,6 +66,9 @@ pub struct NetConfig {
     /// Relay connections for members that cannot be reached directly
     /// (`--relay`; only useful on a node others can reach).
     pub relay: bool,
+    /// Tests only: subscribe to this topic instead of our own, as an
+    /// outsider who copied a member's topic name would.
+    pub misbehave_topic: Option<String>,
 }
 
 /// Failures that stop the network from starting.
@@ -255,13 +263,9 @@ impl Network {
             }
         }
         let local_peer_id = keypair.public().to_peer_id();
-        let topic = gossipsub::IdentTopic::new(match &config.key {
-            Some(key) => format!(
-                "p2ptrain/{}/{}/control/1",
-                config.swarm,
-                key.topic_tag(&config.swarm)
-            ),
-            None => format!("p2ptrain/{}/control/1", config.swarm),
+        let topic = gossipsub::IdentTopic::new(match &config.misbehave_topic {
+            Some(stolen) => stolen.clone(),
+            None => topic_name(&config.swarm, config.key.as_ref()),
         });
         let relay_members = MembersOnly::default();
         let mut swarm = behaviour::build_swarm(&config, keypair, &topic, &relay_members)?;
@@ -292,6 +296,8 @@ impl Network {
             events: ev_tx,
             stats: stats.clone(),
             members: HashSet::new(),
+            candidates: HashSet::new(),
+            proven: HashSet::new(),
             connected: HashMap::new(),
             in_flight: HashMap::new(),
             last_bootstrap: None,
@@ -299,6 +305,7 @@ impl Network {
             loopback_only: config.listen.iter().all(nat::is_loopback),
             relay_members,
             relays: RelayState::default(),
+            relayed_to_close: Vec::new(),
         };
         let task = tokio::spawn(event_loop.run());
         Ok(Network {
@@ -318,6 +325,14 @@ impl Network {
     }
 }
 
+/// The gossip topic of a swarm: only peers on it can become members.
+pub fn topic_name(swarm: &str, key: Option<&secret::SwarmKey>) -> String {
+    match key {
+        Some(key) => format!("p2ptrain/{swarm}/{}/control/1", key.topic_tag(swarm)),
+        None => format!("p2ptrain/{swarm}/control/1"),
+    }
+}
+
 /// The peer id at the end of a multiaddr, if any.
 pub fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
     addr.iter().find_map(|p| match p {
@@ -334,8 +349,13 @@ struct EventLoop {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     stats: Arc<NetStats>,
-    /// Peers subscribed to our swarm topic.
+    /// Peers subscribed to our swarm topic (and, with a swarm secret, proven
+    /// to hold it).
     members: HashSet<PeerId>,
+    /// With a swarm secret: peers subscribed to our topic, not yet proven.
+    candidates: HashSet<PeerId>,
+    /// With a swarm secret: peers whose membership proof checked out.
+    proven: HashSet<PeerId>,
     /// Open connection count per peer.
     connected: HashMap<PeerId, u32>,
     /// Direct messages awaiting their acknowledgement, kept to retry them.
@@ -351,6 +371,9 @@ struct EventLoop {
     relay_members: MembersOnly,
     /// Reachability and relay reservations.
     relays: RelayState,
+    /// Relayed connections to close once their grace period ends, because
+    /// a direct connection to the same peer opened.
+    relayed_to_close: Vec<(tokio::time::Instant, PeerId, ConnectionId)>,
 }
 
 struct Outbound {
@@ -362,8 +385,10 @@ struct Outbound {
 impl EventLoop {
     async fn run(mut self) {
         let mut kad_tick = tokio::time::interval(KAD_BOOTSTRAP_EVERY);
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
+                _ = housekeeping.tick() => self.close_superseded_relayed(),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
                 command = self.commands.recv() => match command {
                     Some(c) => self.on_command(c),
@@ -382,6 +407,27 @@ impl EventLoop {
         self.last_bootstrap = Some(tokio::time::Instant::now());
         if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
             debug!(error = %e, "kademlia bootstrap skipped");
+        }
+    }
+
+    /// Closes relayed connections whose grace period is over, if a direct
+    /// connection to the same peer is still open.
+    fn close_superseded_relayed(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.relayed_to_close)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.relayed_to_close = later;
+        for (_, peer, id) in due {
+            let direct_open = self
+                .stats
+                .addrs()
+                .get(&peer)
+                .is_some_and(|conns| conns.iter().any(|(_, a)| !nat::is_relayed(a)));
+            if direct_open {
+                debug!(%peer, "closing a relayed connection superseded by a direct one");
+                self.swarm.close_connection(id);
+            }
         }
     }
 
@@ -461,6 +507,17 @@ impl EventLoop {
         }
     }
 
+    /// `peer` is a member now: subscribed to our topic and, with a swarm
+    /// secret, proven to hold it.
+    async fn admit(&mut self, peer: PeerId) {
+        self.candidates.remove(&peer);
+        if self.members.insert(peer) {
+            info!(%peer, "member joined");
+            self.relay_members.insert(peer);
+            self.emit(NetEvent::PeerJoined(peer)).await;
+        }
+    }
+
     /// Forwards a membership or address event to the driver. These are few
     /// (bounded by connections), so waiting for room is safe: the driver
     /// never waits on this loop (its sends are non-blocking).
@@ -515,8 +572,15 @@ impl EventLoop {
                 ..
             } => {
                 *self.connected.entry(peer_id).or_default() += 1;
-                let addr = endpoint.get_remote_address().clone();
-                let relayed = nat::is_relayed(&addr);
+                let relayed = endpoint.is_relayed();
+                let addr = match &endpoint {
+                    // An inbound relayed connection's remote address is just
+                    // `/p2p/PEER`; the circuit is in our local address.
+                    libp2p::core::ConnectedPoint::Listener { local_addr, .. } if relayed => {
+                        local_addr.clone().with(Protocol::P2p(peer_id))
+                    }
+                    _ => endpoint.get_remote_address().clone(),
+                };
                 let stale: Vec<ConnectionId> = {
                     let mut addrs = self.stats.addrs();
                     let conns = addrs.entry(peer_id).or_default();
@@ -537,9 +601,10 @@ impl EventLoop {
                     debug!(peer = %peer_id, %addr, "connected");
                 }
                 // Tensors take a relay only while no direct path exists.
+                let at = tokio::time::Instant::now() + RELAYED_GRACE;
                 for id in stale {
-                    info!(peer = %peer_id, "direct connection open; closing the relayed one");
-                    self.swarm.close_connection(id);
+                    info!(peer = %peer_id, "direct connection open; the relayed one closes shortly");
+                    self.relayed_to_close.push((at, peer_id, id));
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -560,6 +625,8 @@ impl EventLoop {
                 if num_established == 0 {
                     self.connected.remove(&peer_id);
                     self.relays.peer_gone(&peer_id);
+                    self.candidates.remove(&peer_id);
+                    self.proven.remove(&peer_id);
                     if self.members.remove(&peer_id) {
                         self.relay_members.remove(&peer_id);
                         info!(peer = %peer_id, "member left");
@@ -593,17 +660,29 @@ impl EventLoop {
     async fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
-                if topic == self.topic.hash() && self.members.insert(peer_id) =>
+                if topic == self.topic.hash() =>
             {
-                info!(peer = %peer_id, "member joined");
-                self.relay_members.insert(peer_id);
-                self.emit(NetEvent::PeerJoined(peer_id)).await;
+                let Some(key) = &self.key else {
+                    return self.admit(peer_id).await;
+                };
+                // Show the peer we hold the secret; admit it once it has
+                // shown us the same.
+                let me = self.swarm.local_peer_id().to_bytes();
+                let proof = key.membership_proof(&me, &peer_id.to_bytes());
+                self.candidates.insert(peer_id);
+                self.send_direct(peer_id, proof, 1);
+                if self.proven.contains(&peer_id) {
+                    self.admit(peer_id).await;
+                }
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic })
-                if topic == self.topic.hash() && self.members.remove(&peer_id) =>
+                if topic == self.topic.hash() =>
             {
-                self.relay_members.remove(&peer_id);
-                self.emit(NetEvent::PeerLeft(peer_id)).await;
+                self.candidates.remove(&peer_id);
+                if self.members.remove(&peer_id) {
+                    self.relay_members.remove(&peer_id);
+                    self.emit(NetEvent::PeerLeft(peer_id)).await;
+                }
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
                 let Some(from) = message.source else {
@@ -632,6 +711,23 @@ impl EventLoop {
                     .behaviour_mut()
                     .direct
                     .send_response(channel, Vec::new());
+                if let Some(key) = &self.key {
+                    let me = self.swarm.local_peer_id().to_bytes();
+                    match key.check_membership_proof(&request, &peer.to_bytes(), &me) {
+                        Some(true) => {
+                            self.proven.insert(peer);
+                            if self.candidates.contains(&peer) {
+                                self.admit(peer).await;
+                            }
+                            return;
+                        }
+                        Some(false) => {
+                            warn!(%peer, "membership proof does not check out: the peer lacks the swarm secret");
+                            return;
+                        }
+                        None => {}
+                    }
+                }
                 if !self.members.contains(&peer) {
                     debug!(%peer, "direct message from a non-member ignored");
                     return;
@@ -653,7 +749,10 @@ impl EventLoop {
                 request_id,
                 ..
             }) => match self.in_flight.remove(&request_id) {
-                Some(out) if out.attempts < DIRECT_ATTEMPTS && self.members.contains(&peer) => {
+                Some(out)
+                    if out.attempts < DIRECT_ATTEMPTS
+                        && (self.members.contains(&peer) || self.candidates.contains(&peer)) =>
+                {
                     debug!(%peer, %error, attempt = out.attempts, "direct message failed; retrying");
                     self.send_direct(out.peer, out.bytes, out.attempts + 1);
                 }

@@ -1,9 +1,11 @@
 //! The swarm secret: a key every member holds, so outsiders can neither
 //! join the swarm's gossip topic nor slip messages into it.
 //!
-//! The key names the topic (a peer without it subscribes to another topic
-//! and never becomes a member) and every message carries a blake3 keyed MAC
-//! of its bytes, checked before anything parses them. It keeps out peers
+//! The key names the topic (a peer without it subscribes to another topic),
+//! a peer becomes a member only once it has sent a membership proof (a MAC
+//! over both peer ids: copying the topic name off a member's subscriptions
+//! is not enough), and every message carries a blake3 keyed MAC of its
+//! bytes, checked before anything parses them. It keeps out peers
 //! that do not hold the secret; it does not stop a member from replaying or
 //! lying (that is robust aggregation's job).
 
@@ -11,6 +13,11 @@ use std::path::{Path, PathBuf};
 
 /// Bytes of the MAC appended to every sealed message.
 pub const MAC_LEN: usize = 32;
+/// Opens a membership proof on the direct channel (a sealed wire message
+/// never starts so: wire messages start with their own version header).
+const PROOF_TAG: &[u8; 16] = b"p2ptrain-member1";
+/// Bytes of a membership proof frame.
+pub const PROOF_LEN: usize = PROOF_TAG.len() + MAC_LEN;
 /// Fewest bytes a secret file must hold (128 bits).
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -74,6 +81,42 @@ impl SwarmKey {
         tag.to_hex()[..16].to_string()
     }
 
+    /// The frame by which `prover` shows `verifier` that it holds the key.
+    /// It binds both peer ids, which the transport authenticates, so it is
+    /// useless to anyone but `prover`, and only towards `verifier`: a peer
+    /// that read a member's topic name off its subscriptions cannot pass.
+    pub fn membership_proof(&self, prover: &[u8], verifier: &[u8]) -> Vec<u8> {
+        let mut frame = PROOF_TAG.to_vec();
+        frame.extend_from_slice(self.proof_mac(prover, verifier).as_bytes());
+        frame
+    }
+
+    /// `None` if `frame` is no membership proof (an ordinary message);
+    /// otherwise whether it proves that `prover` holds the key.
+    pub fn check_membership_proof(
+        &self,
+        frame: &[u8],
+        prover: &[u8],
+        verifier: &[u8],
+    ) -> Option<bool> {
+        if frame.len() != PROOF_LEN || !frame.starts_with(PROOF_TAG) {
+            return None;
+        }
+        let mac: [u8; MAC_LEN] = frame[PROOF_TAG.len()..].try_into().ok()?;
+        // blake3::Hash compares in constant time.
+        Some(self.proof_mac(prover, verifier) == blake3::Hash::from(mac))
+    }
+
+    fn proof_mac(&self, prover: &[u8], verifier: &[u8]) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(b"membership proof");
+        for id in [prover, verifier] {
+            h.update(&(id.len() as u64).to_le_bytes());
+            h.update(id);
+        }
+        h.finalize()
+    }
+
     /// Appends the MAC of `bytes`.
     pub fn seal(&self, mut bytes: Vec<u8>) -> Vec<u8> {
         let mac = blake3::keyed_hash(&self.0, &bytes);
@@ -112,6 +155,37 @@ mod tests {
         assert_ne!(key.topic_tag("s"), other.topic_tag("s"));
         assert_ne!(key.topic_tag("s"), key.topic_tag("t"));
         assert_eq!(format!("{key:?}"), "SwarmKey(…)");
+    }
+
+    #[test]
+    fn membership_proofs_bind_the_key_and_both_peers() {
+        let key = SwarmKey::from_secret(b"correct horse battery staple");
+        let other = SwarmKey::from_secret(b"another secret of enough bytes");
+        let (a, b, c) = (
+            b"peer-a".as_slice(),
+            b"peer-b".as_slice(),
+            b"peer-c".as_slice(),
+        );
+        let proof = key.membership_proof(a, b);
+        assert_eq!(proof.len(), PROOF_LEN);
+        assert_eq!(key.check_membership_proof(&proof, a, b), Some(true));
+        // Another key, a replay by another peer, or towards another verifier fails.
+        assert_eq!(other.check_membership_proof(&proof, a, b), Some(false));
+        assert_eq!(key.check_membership_proof(&proof, c, b), Some(false));
+        assert_eq!(key.check_membership_proof(&proof, a, c), Some(false));
+        assert_eq!(key.check_membership_proof(&proof, b, a), Some(false));
+        let mut flipped = proof.clone();
+        flipped[PROOF_LEN - 1] ^= 1;
+        assert_eq!(key.check_membership_proof(&flipped, a, b), Some(false));
+        // Ordinary sealed messages are not proofs.
+        assert_eq!(
+            key.check_membership_proof(&key.seal(vec![1; 16]), a, b),
+            None
+        );
+        assert_eq!(
+            key.check_membership_proof(&proof[..PROOF_LEN - 1], a, b),
+            None
+        );
     }
 
     #[test]

@@ -30,8 +30,12 @@ pub struct AveragingConfig {
     /// the round alone.
     pub group_timeout: Duration,
     /// How long after group formation the all-reduce may take; silent members are dropped
-    /// at this deadline instead of being waited for.
+    /// at this deadline instead of being waited for. With `adaptive_deadline`, the ceiling.
     pub reduce_timeout: Duration,
+    /// Fit the reduce deadline to the all-reduces measured so far (see
+    /// [`deadline`](super::deadline)), within `reduce_timeout`, instead of always waiting
+    /// `reduce_timeout` for a silent member.
+    pub adaptive_deadline: bool,
     /// How often unacknowledged `Part`s are re-sent (at least 1 ms is used). Parts are
     /// large: on a reliable transport keep this long.
     pub retry_interval: Duration,
@@ -74,6 +78,7 @@ impl Default for AveragingConfig {
             join_window: Duration::from_secs(2),
             group_timeout: Duration::from_secs(5),
             reduce_timeout: Duration::from_secs(10),
+            adaptive_deadline: false,
             retry_interval: Duration::from_millis(500),
             join_retry_interval: Duration::from_millis(500),
             max_group_size: 64,

@@ -63,6 +63,7 @@
 
 mod allreduce;
 mod config;
+pub mod deadline;
 mod matchmaking;
 mod messages;
 mod outcome;
@@ -123,6 +124,10 @@ pub struct Averager {
     early_parts: Vec<(NodeId, u32, Payload)>,
     /// The reference of the round in matchmaking (see [`Averager::start_round_around`]).
     reference: Option<Vec<f32>>,
+    /// The reduce deadline fitted to measured rounds, when `config.adaptive_deadline`.
+    deadline: deadline::ReduceDeadline,
+    /// When the all-reduce in flight began.
+    reduce_started: Duration,
 }
 
 /// Early parts held per round: one per member and part at most.
@@ -134,7 +139,6 @@ impl Averager {
     pub fn new(me: NodeId, config: AveragingConfig) -> Self {
         Averager {
             me,
-            config,
             peers: BTreeSet::new(),
             state: State::Idle,
             last_finished: None,
@@ -146,6 +150,19 @@ impl Averager {
             recheck: false,
             early_parts: Vec::new(),
             reference: None,
+            deadline: deadline::ReduceDeadline::new(config.reduce_timeout),
+            reduce_started: Duration::ZERO,
+            config,
+        }
+    }
+
+    /// The all-reduce deadline the next round uses: the configured one, or
+    /// with `adaptive_deadline` the one fitted to the rounds measured so far.
+    pub fn reduce_deadline(&self) -> Duration {
+        if self.config.adaptive_deadline {
+            self.deadline.current()
+        } else {
+            self.config.reduce_timeout
         }
     }
 
@@ -494,13 +511,18 @@ impl Averager {
             self.finish(solo_outcome(self.me, mm.round, mm.values));
             return;
         }
+        let cfg = AveragingConfig {
+            reduce_timeout: self.reduce_deadline(),
+            ..self.config.clone()
+        };
+        self.reduce_started = now;
         let mut ar = AllReduce::start(
             mm.round,
             members,
             me_idx,
             mm.values,
             now,
-            &self.config,
+            &cfg,
             &mut self.out,
         );
         ar.reference = self.reference.take();
@@ -526,6 +548,12 @@ impl Averager {
             let (outcome, last) = ar.finish();
             if last.is_some() {
                 self.last_reduced = last;
+            }
+            // Only a round every member finished measures the all-reduce;
+            // one that dropped someone ran into the deadline.
+            if outcome.dropped.is_empty() {
+                self.deadline
+                    .observe_complete(now.saturating_sub(self.reduce_started));
             }
             self.finish(outcome);
         }

@@ -92,12 +92,23 @@ fn forged(values: &[f32]) -> Payload {
 
 /// Delivers every transmit immediately (at `now`) until all nodes are quiet.
 fn pump(nodes: &mut [Averager], now: Duration) -> Vec<Vec<AvgEvent>> {
+    pump_losing(nodes, now, |_, _| false)
+}
+
+/// [`pump`], losing the transmits of node `i` for which `lost(i, t)` holds.
+fn pump_losing(
+    nodes: &mut [Averager],
+    now: Duration,
+    lost: impl Fn(usize, &Transmit) -> bool,
+) -> Vec<Vec<AvgEvent>> {
     let mut evs: Vec<Vec<AvgEvent>> = vec![Vec::new(); nodes.len()];
     loop {
         let mut pending = Vec::new();
         for (i, n) in nodes.iter_mut().enumerate() {
             for t in transmits(n) {
-                pending.push((i, t));
+                if !lost(i, &t) {
+                    pending.push((i, t));
+                }
             }
             evs[i].extend(events(n));
         }
@@ -727,6 +738,7 @@ fn random_traffic_never_panics_or_finishes_twice() {
                 join_window: ms(200),
                 group_timeout: ms(300),
                 reduce_timeout: ms(800),
+                adaptive_deadline: trial % 2 == 0,
                 retry_interval: ms(50),
                 join_retry_interval: ms(50),
                 max_group_size: 8,
@@ -1195,4 +1207,89 @@ fn an_excluded_member_is_not_waited_for() {
             }
         }
     }
+}
+
+#[test]
+fn the_reduce_deadline_fits_measured_rounds_when_adaptive() {
+    let config = AveragingConfig {
+        reduce_timeout: Duration::from_secs(30),
+        adaptive_deadline: true,
+        ..cfg()
+    };
+    let ids = [A, B, C];
+    let mut nodes: Vec<Averager> = ids
+        .iter()
+        .map(|&me| {
+            let mut a = Averager::new(id(me), config.clone());
+            a.set_peers(&ids.map(id));
+            a
+        })
+        .collect();
+    let mut now = ms(0);
+    // Three complete rounds, each taking some hundreds of ms of virtual time.
+    for round in 1..=super::deadline::MIN_SAMPLES as u64 {
+        assert_eq!(nodes[0].reduce_deadline(), Duration::from_secs(30));
+        for n in nodes.iter_mut() {
+            n.start_round(now, round, vec![round as f32; 6]).unwrap();
+        }
+        // Joins and the group travel at once; the first parts are lost.
+        pump_losing(&mut nodes, now, |_, t| {
+            matches!(t.msg, AvgMessage::Part { .. } | AvgMessage::Reduced { .. })
+        });
+        for n in nodes.iter_mut() {
+            n.handle_timeout(now + ms(300));
+        }
+        now += ms(300);
+        // Their retransmits complete the round.
+        while nodes.iter().any(|n| n.in_flight().is_some()) {
+            let evs = pump(&mut nodes, now);
+            for (i, e) in evs.iter().enumerate() {
+                for o in finished(e) {
+                    assert!(o.dropped.is_empty(), "node {i}: {o:?}");
+                }
+            }
+            if nodes.iter().any(|n| n.in_flight().is_some()) {
+                now = nodes
+                    .iter()
+                    .filter_map(Averager::poll_timeout)
+                    .min()
+                    .unwrap();
+                for n in nodes.iter_mut() {
+                    n.handle_timeout(now);
+                }
+            }
+        }
+        now += ms(1_000);
+    }
+    // 4 x the slowest round is under the floor: the deadline is the floor now.
+    assert_eq!(nodes[0].reduce_deadline(), super::deadline::FLOOR);
+    // C stalls after the group forms: the others drop it at the fitted deadline.
+    let round = super::deadline::MIN_SAMPLES as u64 + 1;
+    for n in nodes.iter_mut() {
+        n.start_round(now, round, vec![1.0; 6]).unwrap();
+    }
+    let formed = now;
+    pump_losing(&mut nodes, now, |i, t| {
+        i == 2 && matches!(t.msg, AvgMessage::Part { .. } | AvgMessage::Reduced { .. })
+    });
+    let survivors = &mut nodes[..2];
+    let mut done = Vec::new();
+    while done.len() < 2 {
+        now = survivors
+            .iter()
+            .filter_map(Averager::poll_timeout)
+            .min()
+            .unwrap();
+        for n in survivors.iter_mut() {
+            n.handle_timeout(now);
+        }
+        let evs = pump(survivors, now);
+        done.extend(evs.iter().flat_map(|e| finished(e)));
+    }
+    assert_eq!(
+        now - formed,
+        super::deadline::FLOOR,
+        "not the configured 30 s"
+    );
+    assert!(done.iter().all(|o| o.dropped == vec![id(C)]), "{done:?}");
 }

@@ -410,6 +410,8 @@ struct Driver {
     swarm_round: u64,
     /// Our last states, served in chunks to nodes catching up.
     served: sync::Served,
+    /// Chunks each peer may still ask us for (see [`p2ptrain_protocol::statesync::ServeBudget`]).
+    serve_budget: p2ptrain_protocol::statesync::ServeBudget,
     /// Which states members claim to hold, to pick the one the swarm vouches for.
     vouches: Vouches,
     /// The state download in progress, if any.
@@ -491,6 +493,7 @@ impl Driver {
             listen_addrs: Vec::new(),
             swarm_round: 0,
             served: sync::Served::new(config.misbehave_state),
+            serve_budget: p2ptrain_protocol::statesync::ServeBudget::new(sync::SERVE_WINDOW),
             vouches: Vouches::default(),
             download: None,
             state_answers: BTreeSet::new(),

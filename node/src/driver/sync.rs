@@ -52,6 +52,11 @@ pub enum Misbehave {
     CorruptState,
 }
 
+/// The window over which a peer's chunk budget refills.
+pub(super) const SERVE_WINDOW: Duration = Duration::from_secs(60);
+/// The smallest chunk budget per window, for small models.
+const MIN_CHUNK_BUDGET: u32 = 16;
+
 /// The states this node serves.
 #[derive(Debug, Default)]
 pub(super) struct Served {
@@ -81,6 +86,13 @@ impl Served {
             self.states.pop_front();
         }
         claim
+    }
+
+    /// Chunks one peer may ask for per [`SERVE_WINDOW`]: twice the newest
+    /// state (an honest joiner asks each server for a share of it once).
+    pub(super) fn chunks_per_window(&self) -> u32 {
+        let chunks = self.states.back().map_or(0, |(_, m, _)| m.num_chunks());
+        chunks.saturating_mul(2).max(MIN_CHUNK_BUDGET)
     }
 
     /// The newest state's claim, if any.
@@ -200,7 +212,14 @@ impl Driver {
                 }
             }
             Message::ChunkRequest { root, index } => {
-                let data = self.served.chunk(root, *index).map(Bytes);
+                let budget = self.served.chunks_per_window();
+                let now = self.now();
+                let data = if self.serve_budget.allow(from_id, now, budget) {
+                    self.served.chunk(root, *index).map(Bytes)
+                } else {
+                    warn!(peer = %from, index, budget, "chunk request over the peer's budget; refused");
+                    None
+                };
                 debug!(peer = %from, index, served = data.is_some(), "chunk request");
                 self.send_msg(
                     from,

@@ -8,9 +8,11 @@
 //!   chunks in parallel from every holder, checks each chunk against the
 //!   manifest, avoids peers that serve bad chunks or stall, and checks the
 //!   whole state before handing it over.
+//! - [`ServeBudget`]: how many chunks one peer may ask a server for.
 //!
 //! Nothing here does I/O or reads a clock; `node` carries out the requests.
 
+mod budget;
 mod download;
 mod manifest;
 mod vouch;
@@ -18,6 +20,7 @@ mod vouch;
 #[cfg(test)]
 mod tests;
 
+pub use budget::ServeBudget;
 pub use download::{
     Download, DownloadAction, DownloadConfig, DownloadError, DownloadEvent, Downloaded, Fault,
 };

@@ -513,6 +513,13 @@ mod tests {
         assert!(text.contains("\np2ptrain_loss 1.5\n"), "{text}");
         assert!(text.contains("\np2ptrain_accuracy NaN\n"), "{text}");
         assert!(text.contains("p2ptrain_round_duration_seconds_count 2\n"));
+        assert!(
+            text.contains("\np2ptrain_reduce_deadline_seconds 5\n"),
+            "{text}"
+        );
+        // No network attached: nothing is known about reachability yet.
+        assert_eq!(st.reachability, crate::net::nat::Reachability::Unknown);
+        assert!(st.relays.is_empty());
         assert!(text.contains("p2ptrain_node_info{peer_id=\"me\",stage=\"\"} 1"));
     }
 

@@ -848,3 +848,42 @@ impl EventLoop {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_path_shown_is_the_direct_one_while_one_is_open() {
+        let stats = NetStats::default();
+        let (peer, relay) = (PeerId::random(), PeerId::random());
+        let relayed: Multiaddr =
+            format!("/ip4/10.0.0.1/udp/4001/quic-v1/p2p/{relay}/p2p-circuit/p2p/{peer}")
+                .parse()
+                .unwrap();
+        let direct: Multiaddr = "/ip4/10.0.0.2/udp/4001/quic-v1".parse().unwrap();
+        let (r, d) = (
+            ConnectionId::new_unchecked(1),
+            ConnectionId::new_unchecked(2),
+        );
+        stats.addrs().insert(peer, vec![(r, relayed.clone())]);
+        assert_eq!(stats.remote_addr(&peer), Some(relayed.clone()));
+        assert_eq!(stats.paths()[&peer.to_string()], AddressKind::Relay);
+        stats
+            .addrs()
+            .get_mut(&peer)
+            .unwrap()
+            .push((d, direct.clone()));
+        assert_eq!(stats.remote_addr(&peer), Some(direct));
+        assert_eq!(stats.paths()[&peer.to_string()], AddressKind::Direct);
+        assert_eq!(stats.reachability(), (Reachability::Unknown, Vec::new()));
+    }
+
+    #[test]
+    fn topic_names_differ_with_the_secret() {
+        let key = secret::SwarmKey::from_secret(&[7; 32]);
+        assert_eq!(topic_name("s", None), "p2ptrain/s/control/1");
+        let keyed = topic_name("s", Some(&key));
+        assert!(keyed.starts_with("p2ptrain/s/") && keyed != topic_name("s", None));
+    }
+}

@@ -298,7 +298,6 @@ impl Network {
             members: HashSet::new(),
             candidates: HashSet::new(),
             proven: HashSet::new(),
-            connected: HashMap::new(),
             in_flight: HashMap::new(),
             last_bootstrap: None,
             relay_server: config.relay,
@@ -356,8 +355,6 @@ struct EventLoop {
     candidates: HashSet<PeerId>,
     /// With a swarm secret: peers whose membership proof checked out.
     proven: HashSet<PeerId>,
-    /// Open connection count per peer.
-    connected: HashMap<PeerId, u32>,
     /// Direct messages awaiting their acknowledgement, kept to retry them.
     in_flight: HashMap<request_response::OutboundRequestId, Outbound>,
     /// When the last Kademlia lookup started.
@@ -507,6 +504,11 @@ impl EventLoop {
         }
     }
 
+    /// Whether any connection to `peer` is open.
+    fn is_connected(&self, peer: &PeerId) -> bool {
+        self.stats.addrs().contains_key(peer)
+    }
+
     /// `peer` is a member now: subscribed to our topic and, with a swarm
     /// secret, proven to hold it.
     async fn admit(&mut self, peer: PeerId) {
@@ -571,7 +573,6 @@ impl EventLoop {
                 connection_id,
                 ..
             } => {
-                *self.connected.entry(peer_id).or_default() += 1;
                 let relayed = endpoint.is_relayed();
                 let addr = match &endpoint {
                     // An inbound relayed connection's remote address is just
@@ -623,7 +624,6 @@ impl EventLoop {
                     }
                 }
                 if num_established == 0 {
-                    self.connected.remove(&peer_id);
                     self.relays.peer_gone(&peer_id);
                     self.candidates.remove(&peer_id);
                     self.proven.remove(&peer_id);
@@ -796,7 +796,7 @@ impl EventLoop {
                         .behaviour_mut()
                         .kad
                         .add_address(&peer, addr.clone());
-                    if !self.connected.contains_key(&peer) {
+                    if !self.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
                     }
                 }
@@ -804,7 +804,7 @@ impl EventLoop {
             // Bootstrapping from one peer teaches us the rest: connect to
             // every peer Kademlia hears of so gossip reaches the whole swarm.
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. })
-                if !self.connected.contains_key(&peer) && peer != *self.swarm.local_peer_id() =>
+                if !self.is_connected(&peer) && peer != *self.swarm.local_peer_id() =>
             {
                 if let Err(e) = self.swarm.dial(peer) {
                     debug!(%peer, error = %e, "dial of discovered peer failed");

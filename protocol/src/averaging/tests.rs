@@ -130,6 +130,20 @@ fn pump_losing(
     }
 }
 
+/// Advances virtual time to the earliest timer of `nodes` and fires it on
+/// every node; returns that time.
+fn fire_next_timeout(nodes: &mut [Averager]) -> Duration {
+    let now = nodes
+        .iter()
+        .filter_map(Averager::poll_timeout)
+        .min()
+        .expect("a timer while a round is in flight");
+    for n in nodes.iter_mut() {
+        n.handle_timeout(now);
+    }
+    now
+}
+
 /// Node A (the smallest id) with peers B and C, grouped with both: returns A and the
 /// transmits of the group formation.
 fn leader_with_group(values: Vec<f32>) -> (Averager, Vec<Transmit>) {
@@ -1249,14 +1263,7 @@ fn the_reduce_deadline_fits_measured_rounds_when_adaptive() {
                 }
             }
             if nodes.iter().any(|n| n.in_flight().is_some()) {
-                now = nodes
-                    .iter()
-                    .filter_map(Averager::poll_timeout)
-                    .min()
-                    .unwrap();
-                for n in nodes.iter_mut() {
-                    n.handle_timeout(now);
-                }
+                now = fire_next_timeout(&mut nodes);
             }
         }
         now += ms(1_000);
@@ -1275,14 +1282,7 @@ fn the_reduce_deadline_fits_measured_rounds_when_adaptive() {
     let survivors = &mut nodes[..2];
     let mut done = Vec::new();
     while done.len() < 2 {
-        now = survivors
-            .iter()
-            .filter_map(Averager::poll_timeout)
-            .min()
-            .unwrap();
-        for n in survivors.iter_mut() {
-            n.handle_timeout(now);
-        }
+        now = fire_next_timeout(survivors);
         let evs = pump(survivors, now);
         done.extend(evs.iter().flat_map(|e| finished(e)));
     }

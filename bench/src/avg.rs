@@ -187,6 +187,7 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
         misbehave: None,
         misbehave_state: driver::StateMisbehave::None,
         outer: None,
+        top_k: None,
     };
     let reporter: driver::Reporter = Box::new(|event: &NodeEvent| {
         if let Ok(v) = serde_json::to_value(event) {

@@ -3,6 +3,7 @@
 //! This is the binary's edge, so errors become `anyhow` here and are printed
 //! as one line naming the problem.
 
+use crate::compression::Compression;
 use crate::driver::{self, Budget, NodeConfig, NodeEvent, PipelineConfig, Schedule};
 use crate::net::{peer_id_of, NetConfig};
 use crate::stage_compute::StageFactory;
@@ -18,7 +19,6 @@ use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 use p2ptrain_protocol::averaging::{Aggregation, AveragingConfig};
 use p2ptrain_protocol::outer::OuterConfig;
-use p2ptrain_protocol::tensor::Encoding;
 use std::ffi::OsString;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -220,10 +220,12 @@ pub struct TrainArgs {
     /// deadline to measured rounds.
     #[arg(long)]
     pub fixed_deadline: bool,
-    /// How peers encode parameters when averaging: f32 (exact), f16, bf16, int8 or int8:BLOCK
-    /// (blockwise, ~1/4 of the bytes). All peers of a swarm should use the same.
-    #[arg(long, default_value = "f32", value_parser = parse_compression)]
-    pub compression: Encoding,
+    /// How peers encode what they average: f32 (exact), f16, bf16, int8 or int8:BLOCK
+    /// (blockwise, ~1/4 of the bytes); with --outer-lr also topk:FRACTION, which sends that
+    /// share of each pseudo-gradient's entries (e.g. 0.01), the largest, and carries the
+    /// rest into later rounds (error feedback). All peers of a swarm must use the same.
+    #[arg(long, default_value = "f32")]
+    pub compression: Compression,
     /// How reducers combine peers' parameters: mean, trimmed-mean[:FRACTION] (default 0.2
     /// off each end per coordinate) or centered-clip[:RADIUS] (default 2, in multiples of
     /// the contributions' median spread). The robust rules also make peers refuse reduced
@@ -417,16 +419,6 @@ fn parse_epochs(s: &str) -> Result<f64, String> {
     } else {
         Err(format!("epochs must be in (0, 10000], got {v}"))
     }
-}
-
-fn parse_compression(s: &str) -> Result<Encoding, String> {
-    let encoding: Encoding = s.parse().map_err(|e| format!("{e}"))?;
-    let probe = AveragingConfig {
-        compression: encoding,
-        ..AveragingConfig::default()
-    };
-    probe.validate().map_err(|e| e.to_string())?;
-    Ok(encoding)
 }
 
 fn parse_aggregation(s: &str) -> Result<Aggregation, String> {
@@ -742,7 +734,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             eval_every: args.train.eval_every,
         },
         averaging: AveragingConfig {
-            compression: args.train.compression,
+            compression: args.train.compression.dense(),
             aggregation: args.train.aggregation,
             adaptive_deadline: !args.train.fixed_deadline,
             ..driver::network_averaging(
@@ -756,6 +748,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         resume,
         misbehave: args.train.misbehave,
         outer: args.train.outer(),
+        top_k: args.train.compression.top_k(),
         misbehave_state: match args.misbehave_state.as_deref() {
             Some("corrupt") => driver::StateMisbehave::CorruptState,
             _ => driver::StateMisbehave::None,
@@ -889,6 +882,13 @@ pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
         anyhow::bail!(
             "--stages {} needs --model char-lm: only the language model can be cut into pipeline stages",
             train.stages
+        );
+    }
+    if let (Some(_), None) = (train.compression.top_k(), train.outer_lr) {
+        anyhow::bail!(
+            "--compression {} needs --outer-lr (DiLoCo): top-k sends part of each pseudo-gradient and \
+             carries the rest into later rounds; averaged parameters would lose the dropped ones",
+            train.compression
         );
     }
     if train.outer_momentum.is_some() && train.outer_lr.is_none() {

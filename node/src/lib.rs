@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod compression;
 pub mod compute;
 pub mod config_file;
 pub mod driver;

@@ -194,3 +194,17 @@ fn bad_aggregation_rules() {
     assert_one_line_error(&["node", "--misbehave", "evil"], "misbehaviour");
     assert_one_line_error(&["testnet", "--hostile", "1"], "--misbehave");
 }
+
+#[test]
+fn bad_compression_settings() {
+    assert_one_line_error(&["node", "--compression", "zstd"], "unknown codec");
+    assert_one_line_error(&["node", "--compression", "int8:0"], "block");
+    assert_one_line_error(&["node", "--compression", "topk"], "share of entries");
+    assert_one_line_error(&["node", "--compression", "topk:2"], "(0, 1]");
+    // Top-k drops entries: only DiLoCo's error feedback sends them later.
+    assert_one_line_error(&["node", "--compression", "topk:0.01"], "--outer-lr");
+    assert_one_line_error(
+        &["testnet", "--compression", "topk:0.01", "--sync-every", "5"],
+        "--outer-lr",
+    );
+}

@@ -91,6 +91,39 @@ fn diloco_matches_per_step_averaging_with_a_fifth_of_the_traffic() {
     );
 }
 
+/// Top-k with error feedback (2% of the entries per round) cuts DiLoCo's
+/// traffic again, every part still counts (sparse parts are accepted, not
+/// refused), the swarm ends with one model, and it still learns. Measured
+/// over 50 steps: f32 DiLoCo 0.877 with 21.6 MB, top-k 0.846 with 1.6 MB.
+#[test]
+fn top_k_with_error_feedback_sends_a_fraction_of_dense_diloco() {
+    let _one = one_swarm();
+    let dense = testnet(&["--sync-every", "10", "--outer-lr", "0.7"]);
+    let sparse = testnet(&[
+        "--sync-every",
+        "10",
+        "--outer-lr",
+        "0.7",
+        "--compression",
+        "topk:0.02",
+    ]);
+    let rounds = sparse["rounds"].as_u64().unwrap();
+    assert_eq!(
+        sparse["complete_rounds"].as_u64(),
+        Some(3 * rounds),
+        "some sparse parts were refused or dropped: {sparse}"
+    );
+    let acc = sparse["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.75, "top-k DiLoCo reached only {acc}");
+    let bytes = |s: &serde_json::Value| s["bytes_sent"].as_u64().expect("bytes_sent");
+    let (b_dense, b_sparse) = (bytes(&dense), bytes(&sparse));
+    assert!(b_sparse > 0);
+    assert!(
+        b_sparse * 5 <= b_dense,
+        "top-k sent {b_sparse} bytes, dense DiLoCo {b_dense}: less than 5x fewer"
+    );
+}
+
 /// Bad DiLoCo flags stop the node with a message naming the flag.
 #[test]
 fn bad_outer_flags_are_refused_by_name() {

@@ -271,6 +271,7 @@ pub async fn run_swarm(
         misbehave: None,
         misbehave_state: driver::StateMisbehave::None,
         outer: None,
+        top_k: None,
     };
     let mut handles = Vec::new();
     let mut slots = Vec::new();

@@ -7,8 +7,15 @@
 //! member computes it from the same averaged pseudo-gradients), so it travels
 //! with the parameters: the served state is `parameters ++ momentum`, and
 //! checkpoints keep it.
+//!
+//! With top-k (`--compression topk:FRACTION`) a node sends only the largest
+//! entries of its pseudo-gradient each round and carries the rest in an
+//! error-feedback residual into the next one, so nothing it learned is lost,
+//! only delayed. The residual is local: it is not served, not checkpointed,
+//! and it is dropped when the model is replaced from outside.
 
 use p2ptrain_protocol::outer::{pseudo_gradient, OuterConfig, OuterError, OuterOptimizer};
+use p2ptrain_protocol::tensor::ErrorFeedback;
 
 /// The round-start parameters and the outer optimizer of one node.
 #[derive(Debug)]
@@ -17,14 +24,27 @@ pub(super) struct Diloco {
     /// Parameters at the start of the current round; `None` until known
     /// (at start, or after parameters were installed from elsewhere).
     start: Option<Vec<f32>>,
+    /// Top-k with error feedback: entries sent per round and the residual.
+    top_k: Option<(u32, ErrorFeedback)>,
 }
 
 impl Diloco {
-    /// Fresh state (zero momentum) for a model of `num_params` parameters.
-    pub(super) fn new(config: OuterConfig, num_params: usize) -> Result<Diloco, OuterError> {
+    /// Fresh state (zero momentum) for a model of `num_params` parameters;
+    /// with `top_k`, each round sends that fraction (in (0, 1]) of the
+    /// pseudo-gradient's entries, at least one.
+    pub(super) fn new(
+        config: OuterConfig,
+        num_params: usize,
+        top_k: Option<f64>,
+    ) -> Result<Diloco, OuterError> {
+        let entries = |fraction: f64| {
+            let k = (fraction.clamp(0.0, 1.0) * num_params as f64).ceil();
+            (k as u32).max(1)
+        };
         Ok(Diloco {
             outer: OuterOptimizer::new(config, num_params)?,
             start: None,
+            top_k: top_k.map(|f| (entries(f), ErrorFeedback::new())),
         })
     }
 
@@ -45,16 +65,36 @@ impl Diloco {
     }
 
     /// Forgets the snapshot: the model's parameters were replaced from outside.
+    /// The residual goes too: it was progress relative to a model that is gone.
     pub(super) fn forget_start(&mut self) {
         self.start = None;
+        self.forget_residual();
     }
 
-    /// What this node contributes to the round: `start - current`.
-    pub(super) fn pseudo_gradient(&self, current: &[f32]) -> Result<Vec<f32>, OuterError> {
+    /// What this node contributes to the round: `start - current`, or with
+    /// top-k its largest entries after adding what earlier rounds held back.
+    pub(super) fn pseudo_gradient(&mut self, current: &[f32]) -> Result<Vec<f32>, OuterError> {
         // Without a snapshot (never happens in the loop), the round start is
         // the current model: a zero pseudo-gradient moves nobody.
         let start = self.start.as_deref().unwrap_or(current);
-        pseudo_gradient(start, current)
+        let g = pseudo_gradient(start, current)?;
+        Ok(match self.top_k.as_mut() {
+            Some((k, feedback)) => feedback.sparsify(&g, *k),
+            None => g,
+        })
+    }
+
+    /// What top-k has held back and not sent yet (empty without top-k, or
+    /// before the first round).
+    #[cfg(test)]
+    pub(super) fn residual(&self) -> &[f32] {
+        self.top_k.as_ref().map_or(&[], |(_, f)| f.residual())
+    }
+
+    fn forget_residual(&mut self) {
+        if let Some((_, feedback)) = self.top_k.as_mut() {
+            feedback.reset();
+        }
     }
 
     /// Applies the swarm's averaged pseudo-gradient to the round start and
@@ -101,6 +141,7 @@ impl Diloco {
         }
         let momentum = state.split_off(n);
         self.outer.set_momentum(momentum)?;
+        self.forget_residual();
         self.start = Some(state.clone());
         Ok(state)
     }
@@ -111,7 +152,7 @@ mod tests {
     use super::*;
 
     fn diloco(lr: f32, momentum: f32, n: usize) -> Diloco {
-        Diloco::new(OuterConfig { lr, momentum }, n).unwrap()
+        Diloco::new(OuterConfig { lr, momentum }, n, None).unwrap()
     }
 
     #[test]
@@ -144,5 +185,41 @@ mod tests {
         assert!(!b.needs_start());
         // A state of the wrong size is refused.
         assert!(b.install(vec![0.0; 3]).is_err());
+    }
+
+    #[test]
+    fn top_k_sends_the_largest_entries_and_carries_the_rest() {
+        let outer = OuterConfig {
+            lr: 1.0,
+            momentum: 0.0,
+        };
+        // A quarter of 4 parameters: one entry per round.
+        let mut d = Diloco::new(outer, 4, Some(0.25)).unwrap();
+        d.begin(vec![0.0; 4]);
+        let g = d.pseudo_gradient(&[-3.0, -1.0, 0.0, 0.0]).unwrap();
+        assert_eq!(g, vec![3.0, 0.0, 0.0, 0.0]);
+        assert_eq!(d.residual(), &[0.0, 1.0, 0.0, 0.0]);
+        // lr 1, no momentum: the model moves by exactly what was sent.
+        let p = d.finish(&g, &[-3.0, -1.0, 0.0, 0.0]).unwrap();
+        assert_eq!(p, vec![-3.0, 0.0, 0.0, 0.0]);
+        // Next round: nothing new learned, so the held-back entry goes out.
+        assert_eq!(d.pseudo_gradient(&p).unwrap(), vec![0.0, 1.0, 0.0, 0.0]);
+        assert!(d.residual().iter().all(|r| *r == 0.0));
+        // A model installed from elsewhere drops the residual.
+        d.pseudo_gradient(&[5.0, 5.0, 5.0, 4.0]).unwrap();
+        assert!(d.residual().iter().any(|r| *r != 0.0));
+        d.forget_start();
+        assert!(d.residual().is_empty());
+        // Tiny fractions still send one entry; a fraction of 1 sends all of them.
+        let mut all = Diloco::new(outer, 4, Some(1.0)).unwrap();
+        all.begin(vec![0.0; 4]);
+        assert_eq!(
+            all.pseudo_gradient(&[1.0, 2.0, 3.0, 4.0]).unwrap(),
+            vec![-1.0, -2.0, -3.0, -4.0]
+        );
+        let mut one = Diloco::new(outer, 4, Some(1e-9)).unwrap();
+        one.begin(vec![0.0; 4]);
+        let g = one.pseudo_gradient(&[1.0, 2.0, 3.0, 4.0]).unwrap();
+        assert_eq!(g.iter().filter(|v| **v != 0.0).count(), 1);
     }
 }

@@ -128,6 +128,10 @@ pub struct NodeConfig {
     /// DiLoCo: average pseudo-gradients and take an outer Nesterov step with
     /// these settings; `None` averages the parameters themselves.
     pub outer: Option<OuterConfig>,
+    /// DiLoCo only: send this fraction (in (0, 1]) of each pseudo-gradient's
+    /// entries, the largest, carrying the rest into later rounds (top-k with
+    /// error feedback). Turns `averaging.sparse` on.
+    pub top_k: Option<f64>,
 }
 
 /// When and where a node writes checkpoints.
@@ -485,7 +489,13 @@ impl Driver {
             me,
             net,
             events,
-            averager: Averager::new(me, config.averaging.clone()),
+            averager: Averager::new(
+                me,
+                AveragingConfig {
+                    sparse: config.averaging.sparse || config.top_k.is_some(),
+                    ..config.averaging.clone()
+                },
+            ),
             start: Instant::now(),
             members: BTreeMap::new(),
             members_changed: true,
@@ -576,7 +586,7 @@ impl Driver {
         let (mut step, mut round, mut samples) = (0u64, 0u64, 0u64);
         self.diloco = config
             .outer
-            .map(|c| diloco::Diloco::new(c, compute.num_params))
+            .map(|c| diloco::Diloco::new(c, compute.num_params, config.top_k))
             .transpose()?;
         if let Some(ckpt) = &config.resume {
             if ckpt.params.len() != compute.num_params {
@@ -686,7 +696,7 @@ impl Driver {
             let t1 = Instant::now();
             let params = self.pump(compute.params()).await??;
             // DiLoCo averages what the round moved the model, not the model.
-            let (contribution, reference, current) = match &self.diloco {
+            let (contribution, reference, current) = match self.diloco.as_mut() {
                 Some(d) => {
                     let g = d.pseudo_gradient(&params)?;
                     (g, d.start().map(<[f32]>::to_vec), Some(params))

@@ -1,6 +1,6 @@
 //! The butterfly all-reduce inside a formed group: member k reduces part k.
 
-use super::config::AveragingConfig;
+use super::config::{part_encoding, AveragingConfig};
 use super::outcome::{Destination, Outbox, PartOutcome, RoundOutcome};
 use super::AvgMessage;
 use crate::tensor::{quantize, split_ranges, Encoding, Payload};
@@ -45,6 +45,9 @@ pub(crate) struct AllReduce {
     local: Vec<f32>,
     /// How our `Part`s and our `Reduced` are encoded.
     encoding: Encoding,
+    /// Whether parts may travel (and be accepted) as sparse entries
+    /// ([`AveragingConfig::sparse`]).
+    sparse: bool,
     /// How our part is reduced, and whether received parts are screened.
     aggregation: super::Aggregation,
     /// Parts whose reduced values we refused as implausible (they stay local; the round
@@ -83,16 +86,18 @@ impl AllReduce {
     ) -> Self {
         let n = group.len();
         let encoding = cfg.wire_encoding();
+        let sparse = cfg.sparse;
         let ranges = split_ranges(local.len(), n);
         let mut outgoing = vec![None; n];
         let mut contributions = vec![None; n];
         for (j, range) in ranges.iter().enumerate() {
             let values = local.get(range.clone()).unwrap_or_default();
+            let part_encoding = part_encoding(values, encoding, sparse);
             if j == me_idx {
-                contributions[j] = Some(quantize(values, encoding));
+                contributions[j] = Some(quantize(values, part_encoding));
                 continue;
             }
-            let payload = Payload::encode(values, encoding);
+            let payload = Payload::encode(values, part_encoding);
             out.send(
                 Destination::Peer(group[j]),
                 AvgMessage::Part {
@@ -111,6 +116,7 @@ impl AllReduce {
             ranges,
             local,
             encoding,
+            sparse,
             aggregation: cfg.aggregation,
             refused: vec![false; n],
             excluded: vec![false; n],
@@ -160,7 +166,7 @@ impl AllReduce {
             return; // duplicate: the first contribution wins
         }
         let want = self.part_len(self.me_idx);
-        let values = match decode_part(payload, want) {
+        let values = match decode_part(payload, want, self.sparse) {
             Ok(v) => v,
             Err(e) => {
                 out.reject(from, format!("Part {part} for round {round} {e}"));
@@ -265,7 +271,7 @@ impl AllReduce {
             );
             return;
         }
-        let values = match decode_part(payload, self.part_len(j)) {
+        let values = match decode_part(payload, self.part_len(j), self.sparse) {
             Ok(v) => v,
             Err(e) => {
                 out.reject(from, format!("Reduced part {part} for round {round} {e}"));
@@ -319,13 +325,14 @@ impl AllReduce {
             }
         }
         let mean = self.aggregation.reduce(&rows, len);
+        let encoding = part_encoding(&mean, self.encoding, self.sparse);
         let msg = AvgMessage::Reduced {
             round: self.round,
             part: self.me_idx as u32,
             contributors: contributors.clone(),
-            payload: Payload::encode(&mean, self.encoding),
+            payload: Payload::encode(&mean, encoding),
         };
-        let mean = quantize(&mean, self.encoding);
+        let mean = quantize(&mean, encoding);
         for (j, member) in self.group.iter().enumerate() {
             if j != self.me_idx {
                 out.send(Destination::Peer(*member), msg.clone());
@@ -442,11 +449,11 @@ impl AllReduce {
 }
 
 /// Decodes a received `Part` or `Reduced` payload that must carry `want` values, checking
-/// the cheap things first: a dense encoding (top-k would average dropped values as zeros)
-/// and the declared length (before decoding allocates it). The error reads after
-/// "Part k for round r".
-fn decode_part(payload: &Payload, want: usize) -> Result<Vec<f32>, String> {
-    if !payload.encoding.is_dense() {
+/// the cheap things first: a dense encoding unless the swarm's values are `sparse` (top-k
+/// would average dropped parameters as zeros) and the declared length (before decoding
+/// allocates it). The error reads after "Part k for round r".
+fn decode_part(payload: &Payload, want: usize, sparse: bool) -> Result<Vec<f32>, String> {
+    if !payload.encoding.is_dense() && !sparse {
         return Err(format!(
             "is {}-encoded; averaging needs dense values (f32, f16, bf16 or int8)",
             payload.encoding

@@ -51,6 +51,13 @@ pub struct AveragingConfig {
     /// block, and an [`Averager`](super::Averager) given one anyway sends `F32`. Received
     /// payloads are accepted in any dense encoding.
     pub compression: Encoding,
+    /// The values are sparse pseudo-gradients (top-k with error feedback upstream, see
+    /// [`ErrorFeedback::sparsify`](crate::tensor::ErrorFeedback::sparsify)): a part or reduced
+    /// part travels as exact `(index, value)` entries of its nonzero values whenever that is
+    /// smaller than `compression` (which stays the dense fallback), and sparse payloads are
+    /// accepted. Off, a sparse payload is refused: it would average dropped parameters as
+    /// zeros. All members of a swarm must agree.
+    pub sparse: bool,
     /// How a reducer combines its part's contributions (the swarm's `--aggregation`), and
     /// whether members screen the reduced parts they receive (robust rules only).
     pub aggregation: super::Aggregation,
@@ -83,6 +90,7 @@ impl Default for AveragingConfig {
             join_retry_interval: Duration::from_millis(500),
             max_group_size: 64,
             compression: Encoding::F32,
+            sparse: false,
             aggregation: super::Aggregation::Mean,
         }
     }
@@ -129,6 +137,25 @@ impl AveragingConfig {
     /// quarters of the reduce timeout, leaving the last quarter for `Reduced` to travel.
     pub(crate) fn reducer_wait(&self) -> Duration {
         self.reduce_timeout - self.reduce_timeout / 4
+    }
+}
+
+/// How a part of `values` travels: exact sparse entries of its nonzero values when the
+/// swarm's values are [`sparse`](AveragingConfig::sparse) and that is smaller than `dense`,
+/// else `dense`. Sparse entries cost 8 bytes each, so a part denser than half (a quarter
+/// against f16, an eighth against int8) goes dense.
+pub(crate) fn part_encoding(values: &[f32], dense: Encoding, sparse: bool) -> Encoding {
+    if !sparse {
+        return dense;
+    }
+    let Ok(len) = u32::try_from(values.len()) else {
+        return dense;
+    };
+    let nonzero = values.iter().filter(|v| **v != 0.0).count() as u32;
+    let entries = Encoding::TopK { k: nonzero };
+    match (entries.encoded_bytes(len), dense.encoded_bytes(len)) {
+        (Ok(s), Ok(d)) if s < d => entries,
+        _ => dense,
     }
 }
 

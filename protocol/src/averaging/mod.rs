@@ -48,9 +48,15 @@
 //! keeps the decoded mean, so the whole group still ends with identical values). With f32
 //! both steps are exact and the result is bit for bit the mean above. Top-k is refused by
 //! [`AveragingConfig::validate`] and, if configured anyway, replaced by f32: a sparse
-//! payload would average every dropped parameter as zero (top-k with
-//! [`ErrorFeedback`](crate::tensor::ErrorFeedback) is for pseudo-gradients). Received
-//! payloads may use any dense encoding; a top-k one is `Rejected`.
+//! payload would average every dropped parameter as zero. Received payloads may use any
+//! dense encoding; a top-k one is `Rejected`.
+//!
+//! Sparse pseudo-gradients are the exception ([`AveragingConfig::sparse`]): a caller that
+//! sparsifies its values with [`ErrorFeedback::sparsify`](crate::tensor::ErrorFeedback::sparsify)
+//! (what it drops is sent in later rounds) has each part, and each reduced part, travel as
+//! exact `(index, value)` entries of its nonzero values whenever that is smaller than the
+//! dense encoding, and accepts such payloads from others. Zeros are then real zeros, and
+//! the mean is exact.
 //!
 //! # Validation
 //! Messages are checked before use and never cause a panic: structurally invalid content,

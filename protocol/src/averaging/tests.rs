@@ -757,6 +757,7 @@ fn random_traffic_never_panics_or_finishes_twice() {
                 join_retry_interval: ms(50),
                 max_group_size: 8,
                 compression: ENCODINGS[trial % ENCODINGS.len()],
+                sparse: trial % 3 == 0,
                 aggregation: Aggregation::Mean,
             },
         );
@@ -1004,6 +1005,76 @@ fn top_k_compression_is_sent_as_f32() {
         })
         .expect("a Part");
     assert_eq!(part.encoding, Encoding::F32);
+}
+
+/// Runs one round of three sparse-mode averagers (dense fallback f32) over `vals` and returns
+/// each node's events and the encodings of every `Part` and `Reduced` sent.
+fn run_three_sparse(vals: &[Vec<f32>]) -> (Vec<Vec<AvgEvent>>, Vec<Encoding>) {
+    let mut nodes: Vec<Averager> = [A, B, C]
+        .iter()
+        .map(|&m| {
+            let config = AveragingConfig {
+                sparse: true,
+                ..cfg()
+            };
+            let mut a = Averager::new(id(m), config);
+            a.set_peers(&[id(A), id(B), id(C)]);
+            a
+        })
+        .collect();
+    for (n, v) in nodes.iter_mut().zip(vals) {
+        n.start_round(ms(0), 1, v.clone()).expect("start");
+    }
+    let sent = std::cell::RefCell::new(Vec::new());
+    let evs = pump_losing(&mut nodes, ms(1), |_, t| {
+        if let AvgMessage::Part { payload, .. } | AvgMessage::Reduced { payload, .. } = &t.msg {
+            sent.borrow_mut().push(payload.encoding);
+        }
+        false
+    });
+    (evs, sent.into_inner())
+}
+
+#[test]
+fn sparse_values_travel_as_exact_entries_and_average_exactly() {
+    let sparse_vec = |at: &[(usize, f32)]| {
+        let mut v = vec![0f32; 300];
+        for &(i, x) in at {
+            v[i] = x;
+        }
+        v
+    };
+    let vals = [
+        sparse_vec(&[(3, 1.5), (150, -2.0), (299, 1e-7)]),
+        sparse_vec(&[(3, 0.25), (101, 7.0)]),
+        sparse_vec(&[(0, -1.0), (250, 3.0), (251, 3.5), (299, 1e-7)]),
+    ];
+    let refs: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
+    let (evs, sent) = run_three_sparse(&vals);
+    // 2 parts sent by each of 3 members, then 2 reduced parts sent by each: all sparse.
+    assert_eq!(sent.len(), 12, "{sent:?}");
+    assert!(
+        sent.iter().all(|e| matches!(e, Encoding::TopK { .. })),
+        "{sent:?}"
+    );
+    for e in &evs {
+        assert!(rejections(e).is_empty(), "{:?}", rejections(e));
+        assert_eq!(bits(&finished(e)[0].values), bits(&mean(&refs)));
+    }
+
+    // A member whose values are dense sends dense parts; a mean that is no longer sparse
+    // travels dense; the result is still the exact mean.
+    let mut vals = vals;
+    vals[2] = (0..300).map(|i| i as f32 - 150.0).collect();
+    let refs: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
+    let (evs, sent) = run_three_sparse(&vals);
+    assert_eq!(sent.len(), 12, "{sent:?}");
+    let dense = sent.iter().filter(|e| **e == Encoding::F32).count();
+    assert_eq!(dense, 2 + 6, "C's parts and every reduced part: {sent:?}");
+    for e in &evs {
+        assert!(rejections(e).is_empty(), "{:?}", rejections(e));
+        assert_eq!(bits(&finished(e)[0].values), bits(&mean(&refs)));
+    }
 }
 
 #[test]

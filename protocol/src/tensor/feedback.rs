@@ -41,29 +41,56 @@ impl ErrorFeedback {
     /// giving a payload receivers refuse). A slice longer than `u32::MAX` values yields a
     /// payload that fails decode and leaves the residual untouched.
     pub fn compress(&mut self, values: &[f32], k: u32) -> Payload {
-        if u32::try_from(values.len()).is_err() {
+        let Some(kept) = self.take_top_k(values, k) else {
             return Payload::encode(values, Encoding::TopK { k });
+        };
+        let bytes = top_k_bytes(&kept.dense, &kept.indices);
+        Payload::sealed(
+            values.len() as u32,
+            Encoding::TopK {
+                k: kept.indices.len() as u32,
+            },
+            bytes,
+        )
+    }
+
+    /// [`ErrorFeedback::compress`] without the payload: the same selection and residual
+    /// update, returned as a dense vector that is zero outside the `k` entries sent. For a
+    /// caller whose transport packs nonzeros itself (sparse averaging, see
+    /// `AveragingConfig::sparse`). A slice longer than `u32::MAX` values comes back as it is
+    /// and leaves the residual untouched.
+    pub fn sparsify(&mut self, values: &[f32], k: u32) -> Vec<f32> {
+        match self.take_top_k(values, k) {
+            Some(kept) => kept.dense,
+            None => values.to_vec(),
         }
+    }
+
+    /// Adds `values` to the residual, picks its `k` largest-magnitude entries, moves them
+    /// out of the residual and returns them; `None` for a vector no payload can describe.
+    fn take_top_k(&mut self, values: &[f32], k: u32) -> Option<Kept> {
+        u32::try_from(values.len()).ok()?;
         if self.residual.len() != values.len() {
             self.residual = vec![0.0; values.len()];
         }
         for (r, v) in self.residual.iter_mut().zip(values) {
             *r += *v;
         }
-        let kept = top_k_indices(&self.residual, k);
-        let bytes = top_k_bytes(&self.residual, &kept);
-        for &i in &kept {
-            if let Some(r) = self.residual.get_mut(i as usize) {
-                *r = 0.0;
+        let indices = top_k_indices(&self.residual, k);
+        let mut dense = vec![0.0; values.len()];
+        for &i in &indices {
+            if let (Some(r), Some(d)) =
+                (self.residual.get_mut(i as usize), dense.get_mut(i as usize))
+            {
+                *d = std::mem::take(r);
             }
         }
-        let len = values.len() as u32;
-        Payload::sealed(
-            len,
-            Encoding::TopK {
-                k: kept.len() as u32,
-            },
-            bytes,
-        )
+        Some(Kept { indices, dense })
     }
+}
+
+/// The entries one round sends: their indices (ascending) and the vector with only them set.
+struct Kept {
+    indices: Vec<u32>,
+    dense: Vec<f32>,
 }

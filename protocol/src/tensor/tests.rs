@@ -524,6 +524,28 @@ fn error_feedback_is_deterministic_and_resets_on_length_change() {
 }
 
 #[test]
+fn sparsify_sends_what_compress_sends_and_keeps_the_same_residual() {
+    let mut rng = Rng::new(8);
+    let inputs: Vec<Vec<f32>> = (0..6).map(|_| spread(&mut rng, 500)).collect();
+    let mut packed = ErrorFeedback::new();
+    let mut dense = ErrorFeedback::new();
+    for x in &inputs {
+        let y = dense.sparsify(x, 25);
+        assert_eq!(y.iter().filter(|v| **v != 0.0).count(), 25);
+        assert_eq!(packed.compress(x, 25).decode(), Ok(y));
+        assert_eq!(packed, dense);
+    }
+    // What was sent plus what is left is what came in (here exactly: small integers).
+    let mut ef = ErrorFeedback::new();
+    let sent = ef.sparsify(&[4.0, -1.0, 2.0, 0.0], 2);
+    assert_eq!(sent, vec![4.0, 0.0, 2.0, 0.0]);
+    assert_eq!(ef.residual(), &[0.0, -1.0, 0.0, 0.0]);
+    let sent = ef.sparsify(&[0.0, -1.0, 0.5, 0.0], 1);
+    assert_eq!(sent, vec![0.0, -2.0, 0.0, 0.0]);
+    assert_eq!(ef.residual(), &[0.0, 0.0, 0.5, 0.0]);
+}
+
+#[test]
 fn hostile_payloads_are_refused_with_the_reason() {
     let f16 = |bits: &[u16]| -> Vec<u8> { bits.iter().flat_map(|b| b.to_le_bytes()).collect() };
     let int8 = |scales: &[f32], q: &[i8]| -> Vec<u8> {

@@ -171,11 +171,16 @@ done
 if [ "$TRAIN" = 1 ] && [ "$SWARM" = 1 ]; then
   for peers in 1 2 4; do
     log "training: $peers peers, ours (p2ptrain testnet, 3 epochs)"
-    record "train-ours-$peers" "$PYRUN" bench/py/train_ours.py "$BIN" "$peers" "$DATA"
+    record "train-ours-$peers" env PYTHONPATH=bench/py "$PYRUN" bench/py/train_ours.py "$BIN" "$peers" "$DATA"
     if [ "$SKIP_PY" = 0 ]; then
       log "training: $peers processes, PyTorch DDP (gloo, 3 epochs)"
       record "train-ddp-$peers" env PYTHONPATH=bench/py "$PY" bench/py/ddp_mnist.py \
         --peers "$peers" --data "$DATA"
+      if [ "$peers" -gt 1 ] && [ "$SKIP_HM" = 0 ] && [ ! -f "$VENV/hivemind-unavailable" ]; then
+        log "training: $peers processes, hivemind.Optimizer (local updates, average every 10 steps)"
+        record "train-hivemind-$peers" env PYTHONPATH=bench/py timeout 1800 "$PY" \
+          bench/py/hivemind_mnist.py --peers "$peers" --data "$DATA"
+      fi
     fi
   done
 fi

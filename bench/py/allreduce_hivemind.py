@@ -14,6 +14,8 @@ import traceback
 
 import torch.multiprocessing as mp
 
+from hivemind_procs import hivemind_or_report, run_workers
+
 
 def worker(rank, world, values, rounds, queue, addrs, barrier):
     try:
@@ -24,18 +26,10 @@ def worker(rank, world, values, rounds, queue, addrs, barrier):
         multiprocessing.set_start_method("fork", force=True)
         import torch
         import hivemind
+        from hivemind_procs import start_dht
 
         torch.set_num_threads(1)
-        if rank == 0:
-            dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-            maddrs = [str(a) for a in dht.get_visible_maddrs()]
-            for _ in range(world - 1):
-                addrs.put(maddrs)
-        else:
-            peers = addrs.get(timeout=120)
-            dht = hivemind.DHT(
-                host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers, start=True
-            )
+        dht = start_dht(rank, world, addrs)
         t = torch.full((values,), float(rank))
         averager = hivemind.averaging.DecentralizedAverager(
             [t],
@@ -77,33 +71,15 @@ def main():
         "values": a.values,
         "compression": "f32",
     }
-    try:
-        import hivemind
-
-        line["hivemind"] = hivemind.__version__
-    except Exception as e:
-        line.update(available=False, reason=f"hivemind does not import: {e}")
-        print(json.dumps(line), flush=True)
+    if not hivemind_or_report(line):
         return
     ctx = mp.get_context("spawn")
     queue, addrs, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(a.peers)
-    procs = [
-        ctx.Process(target=worker, args=(r, a.peers, a.values, a.rounds, queue, addrs, barrier))
-        for r in range(a.peers)
-    ]
-    for p in procs:
-        p.start()
-    results = []
-    try:
-        for _ in procs:
-            results.append(queue.get(timeout=900))
-    except Exception as e:
-        results.append((None, None, False, f"no result: {type(e).__name__}"))
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
-    errors = [err for _, _, _, err in results if err]
+    results = run_workers(
+        ctx, worker, lambda r: (r, a.peers, a.values, a.rounds, queue, addrs, barrier),
+        a.peers, queue, 900,
+    )
+    errors = [r[-1] for r in results if r[-1]]
     if errors or len(results) < a.peers:
         line.update(available=False, reason="; ".join(errors) or "a peer gave no result")
         print(json.dumps(line), flush=True)

@@ -886,8 +886,9 @@ pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
     }
     if let (Some(_), None) = (train.compression.top_k(), train.outer_lr) {
         anyhow::bail!(
-            "--compression {} needs --outer-lr (DiLoCo): top-k sends part of each pseudo-gradient and \
-             carries the rest into later rounds; averaged parameters would lose the dropped ones",
+            "--compression {} needs --outer-lr: top-k sends part of each pseudo-gradient and carries \
+             the rest into later rounds (averaged parameters would lose the dropped ones); \
+             --outer-lr 1 --outer-momentum 0 is local SGD on pseudo-gradients",
             train.compression
         );
     }

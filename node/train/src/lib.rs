@@ -9,6 +9,11 @@
 //! `cuda` feature). The driver sees only a `Box<dyn Task>` built by
 //! [`backend::build_mnist_task`], so it never learns which model or device runs.
 
+// Named only for its "std" feature (see the workspace Cargo.toml): burn's
+// CPU backend multiplies matrices through it, and with "std" it detects
+// AVX2/FMA or AVX-512 at run time instead of using SSE2 kernels.
+use matrixmultiply as _;
+
 pub mod backend;
 pub mod data;
 pub mod layout;

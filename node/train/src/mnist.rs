@@ -43,6 +43,9 @@ pub struct MnistTask<B: AutodiffBackend> {
     cursor: usize,
     /// Passes over the shard started so far (each gets its own shuffle).
     pass: u64,
+    /// Training steps taken, for the periodic
+    /// [`flush_tiny_moments`](optim_state::flush_tiny_moments).
+    steps: u64,
 }
 
 impl<B: AutodiffBackend> MnistTask<B> {
@@ -79,6 +82,7 @@ impl<B: AutodiffBackend> MnistTask<B> {
             order: Vec::new(),
             cursor: 0,
             pass: 0,
+            steps: 0,
         };
         task.start_pass();
         Ok(task)
@@ -273,6 +277,12 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
         })?;
         let loss = loss?.first().copied().unwrap_or(f32::NAN);
         self.model = model;
+        self.steps += 1;
+        if self.steps.is_multiple_of(optim_state::FLUSH_EVERY) {
+            let optim = std::mem::replace(&mut self.optim, AdamConfig::new().init());
+            let model = &self.model;
+            self.optim = guarded(|| optim_state::flush_tiny_moments(optim, model))??;
+        }
         Ok(StepStats { loss, samples })
     }
 
@@ -383,6 +393,44 @@ mod tests {
         // Still trainable after an overwrite (the optimizer state keys on param ids).
         t.train_step().unwrap();
         assert_ne!(t.params(), values);
+    }
+
+    #[test]
+    fn moments_near_the_subnormal_range_are_flushed_and_nothing_else_changes() {
+        let mut t = task(ModelKind::Mlp, 8, 4);
+        t.train_step().unwrap();
+        let mut state = t.optim_state().unwrap();
+        state.moment_1[0] = 1e-35;
+        state.moment_1[1] = -1e-31;
+        state.moment_1[2] = 1e-20;
+        state.moment_2[3] = f32::from_bits(1); // the smallest subnormal
+        t.set_optim_state(&state).unwrap();
+        let optim = std::mem::replace(&mut t.optim, AdamConfig::new().init());
+        t.optim = optim_state::flush_tiny_moments(optim, &t.model).unwrap();
+        let flushed = t.optim_state().unwrap();
+        let mut want = state.clone();
+        want.moment_1[0] = 0.0;
+        want.moment_1[1] = 0.0;
+        want.moment_2[3] = 0.0;
+        assert_eq!(flushed, want, "only the tiny moments became zero");
+        // Nothing tiny: the optimizer comes back as it was.
+        let optim = std::mem::replace(&mut t.optim, AdamConfig::new().init());
+        t.optim = optim_state::flush_tiny_moments(optim, &t.model).unwrap();
+        assert_eq!(t.optim_state().unwrap(), want);
+        // Training flushes on its own every FLUSH_EVERY steps. A parameter
+        // without gradient (a weight of an always-blank corner pixel) keeps
+        // a tiny first moment unless flushed.
+        let idle = state.moment_1.iter().position(|v| *v == 0.0).unwrap();
+        state.moment_1[idle] = 1e-35;
+        t.set_optim_state(&state).unwrap();
+        t.steps = optim_state::FLUSH_EVERY - 1;
+        t.train_step().unwrap();
+        let m1 = t.optim_state().unwrap().moment_1;
+        assert!(
+            m1.iter()
+                .all(|v| *v == 0.0 || v.abs() >= optim_state::TINY_MOMENT),
+            "a tiny first moment survived the periodic flush"
+        );
     }
 
     #[test]

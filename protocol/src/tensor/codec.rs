@@ -108,6 +108,17 @@ pub(super) fn top_k_indices(values: &[f32], k: u32) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
+    // Exactly k nonzero values (a sparsified part sent losslessly, see
+    // `AveragingConfig::sparse`): every zero ranks below them, so they are the selection.
+    let nonzero = || (0..n).filter(|&i| values.get(i as usize).is_some_and(|v| *v != 0.0));
+    if nonzero().count() == k {
+        return nonzero().collect();
+    }
+    select_top_k(values, n, k)
+}
+
+/// [`top_k_indices`] by selection over all `n` indices, for `0 < k <= n`.
+pub(super) fn select_top_k(values: &[f32], n: u32, k: usize) -> Vec<u32> {
     let magnitude = |i: u32| values.get(i as usize).map_or(0.0, |v| v.abs());
     let mut idx: Vec<u32> = (0..n).collect();
     if k < idx.len() {

@@ -451,6 +451,25 @@ fn top_k_keeps_the_largest_entries_exactly_and_zeroes_the_rest() {
 }
 
 #[test]
+fn top_k_of_exactly_the_nonzero_count_selects_what_the_full_selection_does() {
+    let mut rng = Rng::new(9);
+    for density in [1usize, 7, 50] {
+        let mut v: Vec<f32> = spread(&mut rng, 400);
+        for (i, x) in v.iter_mut().enumerate() {
+            if i % density != 0 {
+                *x = if i % 3 == 0 { -0.0 } else { 0.0 };
+            }
+        }
+        v[5] = f32::NAN;
+        v[6] = f32::from_bits(1); // subnormal, still nonzero
+        let k = v.iter().filter(|x| **x != 0.0).count();
+        let fast = super::codec::top_k_indices(&v, k as u32);
+        assert_eq!(fast, super::codec::select_top_k(&v, 400, k));
+        assert_eq!(fast.len(), k);
+    }
+}
+
+#[test]
 fn error_feedback_telescopes_sent_plus_residual_equals_inputs() {
     let mut rng = Rng::new(6);
     let n = 1000;

@@ -43,9 +43,8 @@ pub struct MnistTask<B: AutodiffBackend> {
     cursor: usize,
     /// Passes over the shard started so far (each gets its own shuffle).
     pass: u64,
-    /// Training steps taken, for the periodic
-    /// [`flush_tiny_moments`](optim_state::flush_tiny_moments).
-    steps: u64,
+    /// Clears Adam moments before they turn subnormal.
+    flush: optim_state::TinyMomentFlush,
 }
 
 impl<B: AutodiffBackend> MnistTask<B> {
@@ -82,7 +81,7 @@ impl<B: AutodiffBackend> MnistTask<B> {
             order: Vec::new(),
             cursor: 0,
             pass: 0,
-            steps: 0,
+            flush: optim_state::TinyMomentFlush::default(),
         };
         task.start_pass();
         Ok(task)
@@ -277,12 +276,7 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
         })?;
         let loss = loss?.first().copied().unwrap_or(f32::NAN);
         self.model = model;
-        self.steps += 1;
-        if self.steps.is_multiple_of(optim_state::FLUSH_EVERY) {
-            let optim = std::mem::replace(&mut self.optim, AdamConfig::new().init());
-            let model = &self.model;
-            self.optim = guarded(|| optim_state::flush_tiny_moments(optim, model))??;
-        }
+        guarded(|| self.flush.after_step(&mut self.optim, &self.model))??;
         Ok(StepStats { loss, samples })
     }
 
@@ -405,8 +399,7 @@ mod tests {
         state.moment_1[2] = 1e-20;
         state.moment_2[3] = f32::from_bits(1); // the smallest subnormal
         t.set_optim_state(&state).unwrap();
-        let optim = std::mem::replace(&mut t.optim, AdamConfig::new().init());
-        t.optim = optim_state::flush_tiny_moments(optim, &t.model).unwrap();
+        optim_state::flush_tiny_moments(&mut t.optim, &t.model).unwrap();
         let flushed = t.optim_state().unwrap();
         let mut want = state.clone();
         want.moment_1[0] = 0.0;
@@ -414,8 +407,7 @@ mod tests {
         want.moment_2[3] = 0.0;
         assert_eq!(flushed, want, "only the tiny moments became zero");
         // Nothing tiny: the optimizer comes back as it was.
-        let optim = std::mem::replace(&mut t.optim, AdamConfig::new().init());
-        t.optim = optim_state::flush_tiny_moments(optim, &t.model).unwrap();
+        optim_state::flush_tiny_moments(&mut t.optim, &t.model).unwrap();
         assert_eq!(t.optim_state().unwrap(), want);
         // Training flushes on its own every FLUSH_EVERY steps. A parameter
         // without gradient (a weight of an always-blank corner pixel) keeps
@@ -423,7 +415,7 @@ mod tests {
         let idle = state.moment_1.iter().position(|v| *v == 0.0).unwrap();
         state.moment_1[idle] = 1e-35;
         t.set_optim_state(&state).unwrap();
-        t.steps = optim_state::FLUSH_EVERY - 1;
+        t.flush = optim_state::TinyMomentFlush::after(optim_state::FLUSH_EVERY - 1);
         t.train_step().unwrap();
         let m1 = t.optim_state().unwrap().moment_1;
         assert!(

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::AdaptorRecord;
-use burn::optim::{Adam, AdamState, AdaptiveMomentumState, Optimizer};
+use burn::optim::{Adam, AdamConfig, AdamState, AdaptiveMomentumState, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 
@@ -79,8 +79,8 @@ pub const TINY_MOMENT: f32 = 1e-30;
 /// range, so none gets there.
 pub const FLUSH_EVERY: u64 = 100;
 
-/// Zeroes the Adam moments smaller than [`TINY_MOMENT`] and returns the
-/// optimizer (unchanged when there were none).
+/// Zeroes the Adam moments of `optim` smaller than [`TINY_MOMENT`] (nothing
+/// changes when there are none).
 ///
 /// Why: a parameter whose gradient stops (an MNIST pixel that is almost
 /// always blank) keeps a first moment that shrinks by 0.9 per step until it
@@ -89,17 +89,18 @@ pub const FLUSH_EVERY: u64 = 100;
 /// of the MLP's first moments were subnormal and a step took 1.5x as long.
 /// Flushing the CPU's subnormals would need `unsafe` MXCSR writes, which the
 /// workspace forbids (and Rust calls undefined behaviour), so the values are
-/// cleared here instead, every [`FLUSH_EVERY`] steps.
+/// cleared here instead, every [`FLUSH_EVERY`] steps ([`TinyMomentFlush`]).
+/// On an error `optim` is left with fresh moments.
 pub fn flush_tiny_moments<B, M>(
-    optim: OptimizerAdaptor<Adam, M, B>,
+    optim: &mut OptimizerAdaptor<Adam, M, B>,
     model: &M,
-) -> Result<OptimizerAdaptor<Adam, M, B>, TaskError>
+) -> Result<(), TaskError>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
 {
-    let Some(mut state) = export(&optim, model) else {
-        return Ok(optim);
+    let Some(mut state) = export(optim, model) else {
+        return Ok(());
     };
     let mut flushed = 0usize;
     for v in state.moment_1.iter_mut().chain(state.moment_2.iter_mut()) {
@@ -109,9 +110,43 @@ where
         }
     }
     if flushed == 0 {
-        return Ok(optim);
+        return Ok(());
     }
-    import(optim, model, &state)
+    let taken = std::mem::replace(optim, AdamConfig::new().init());
+    *optim = import(taken, model, &state)?;
+    Ok(())
+}
+
+/// Counts a learner's optimizer steps and runs [`flush_tiny_moments`] every
+/// [`FLUSH_EVERY`] of them.
+#[derive(Debug, Default)]
+pub struct TinyMomentFlush {
+    steps: u64,
+}
+
+impl TinyMomentFlush {
+    /// Starts as if `steps` optimizer steps had been taken (tests only).
+    #[cfg(test)]
+    pub(crate) fn after(steps: u64) -> Self {
+        TinyMomentFlush { steps }
+    }
+
+    /// Call after each optimizer step of `optim` on `model`.
+    pub fn after_step<B, M>(
+        &mut self,
+        optim: &mut OptimizerAdaptor<Adam, M, B>,
+        model: &M,
+    ) -> Result<(), TaskError>
+    where
+        B: AutodiffBackend,
+        M: AutodiffModule<B>,
+    {
+        self.steps += 1;
+        if self.steps.is_multiple_of(FLUSH_EVERY) {
+            flush_tiny_moments(optim, model)?;
+        }
+        Ok(())
+    }
 }
 
 struct Exporter<'a, B: AutodiffBackend> {

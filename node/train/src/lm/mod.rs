@@ -145,9 +145,8 @@ pub struct CharLmStage<B: AutodiffBackend> {
     optim: OptimizerAdaptor<Adam, LmStage<B>, B>,
     accumulator: GradientsAccumulator<LmStage<B>>,
     accumulated: usize,
-    /// Optimizer steps taken, for the periodic
-    /// [`flush_tiny_moments`](crate::optim_state::flush_tiny_moments).
-    steps: u64,
+    /// Clears Adam moments before they turn subnormal.
+    flush: crate::optim_state::TinyMomentFlush,
     in_flight: HashMap<u64, (Option<Tensor<B, 3>>, Tensor<B, 3>)>,
     text: Arc<TextData>,
     sampler: WindowSampler,
@@ -197,7 +196,7 @@ impl<B: AutodiffBackend> CharLmStage<B> {
             optim: AdamConfig::new().init(),
             accumulator: GradientsAccumulator::new(),
             accumulated: 0,
-            steps: 0,
+            flush: crate::optim_state::TinyMomentFlush::default(),
             in_flight: HashMap::new(),
             sampler: WindowSampler::new(text.train_windows(config.context), config.seed),
             text,
@@ -445,11 +444,7 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
         let grads = self.accumulator.grads();
         let model = self.model.take().expect("model present");
         let model = self.optim.step(self.config.lr, model, grads);
-        self.steps += 1;
-        if self.steps.is_multiple_of(crate::optim_state::FLUSH_EVERY) {
-            let optim = std::mem::replace(&mut self.optim, AdamConfig::new().init());
-            self.optim = crate::optim_state::flush_tiny_moments(optim, &model)?;
-        }
+        self.flush.after_step(&mut self.optim, &model)?;
         self.model = Some(model);
         Ok(std::mem::take(&mut self.accumulated))
     }

@@ -14,7 +14,7 @@ import traceback
 
 import torch.multiprocessing as mp
 
-from hivemind_procs import hivemind_or_report, run_workers
+from hivemind_procs import failure_reported, hivemind_or_report, run_workers
 
 
 def worker(rank, world, values, rounds, queue, addrs, barrier):
@@ -79,10 +79,7 @@ def main():
         ctx, worker, lambda r: (r, a.peers, a.values, a.rounds, queue, addrs, barrier),
         a.peers, queue, 900,
     )
-    errors = [r[-1] for r in results if r[-1]]
-    if errors or len(results) < a.peers:
-        line.update(available=False, reason="; ".join(errors) or "a peer gave no result")
-        print(json.dumps(line), flush=True)
+    if failure_reported(line, results, a.peers):
         return
     per_rank = [times for _, times, _, _ in sorted(results, key=lambda r: r[0])]
     per_round = []

@@ -17,7 +17,7 @@ import traceback
 
 import torch.multiprocessing as mp
 
-from hivemind_procs import hivemind_or_report, run_workers
+from hivemind_procs import failure_reported, hivemind_or_report, run_workers
 
 
 def worker(rank, a, queue, addrs):
@@ -118,10 +118,7 @@ def main():
     t0 = time.perf_counter()
     results = run_workers(ctx, worker, lambda r: (r, a, queue, addrs), a.peers, queue, 3600)
     wall_with_startup = time.perf_counter() - t0
-    errors = [r[-1] for r in results if r[-1]]
-    if errors or len(results) < a.peers:
-        line.update(available=False, reason="; ".join(errors) or "a peer gave no result")
-        print(json.dumps(line), flush=True)
+    if failure_reported(line, results, a.peers):
         return
     by_rank = {r: res for r, res, _ in results}
     first = by_rank[0]

@@ -55,3 +55,14 @@ def run_workers(ctx, target, args_of, world, queue, timeout):
         if p.is_alive():
             p.kill()
     return results
+
+
+def failure_reported(line, results, world):
+    """If a worker failed or gave no result, prints `line` as unavailable
+    with the reasons and returns True."""
+    errors = [r[-1] for r in results if r[-1]]
+    if not errors and len(results) >= world:
+        return False
+    line.update(available=False, reason="; ".join(errors) or "a peer gave no result")
+    print(json.dumps(line), flush=True)
+    return True

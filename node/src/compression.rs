@@ -5,7 +5,6 @@
 //! payload); a swarm needs a setting that holds for every round and every part, so top-k is
 //! given here as a fraction of the model's parameters.
 
-use p2ptrain_protocol::averaging::AveragingConfig;
 use p2ptrain_protocol::tensor::Encoding;
 use std::fmt;
 use std::str::FromStr;
@@ -76,12 +75,9 @@ impl FromStr for Compression {
                     .into(),
             );
         }
+        // Every `topk` spelling is handled above, so what parses here is a dense codec
+        // whose parameters `Encoding::from_str` has validated.
         let encoding: Encoding = s.parse().map_err(|e| format!("{e}"))?;
-        let probe = AveragingConfig {
-            compression: encoding,
-            ..AveragingConfig::default()
-        };
-        probe.validate().map_err(|e| e.to_string())?;
         Ok(Compression::Dense(encoding))
     }
 }

@@ -208,7 +208,10 @@ pub struct TrainArgs {
     /// default 0.9, as in DiLoCo).
     #[arg(long, value_name = "MU", value_parser = parse_outer_momentum)]
     pub outer_momentum: Option<f32>,
-    /// Seconds the round leader waits for stragglers before averaging without them.
+    /// Seconds the round leader waits for stragglers before averaging without them: the
+    /// ceiling of a window that shrinks to 4x the latest a whole swarm joined in the last 8
+    /// rounds (not below 2 s) once 3 are measured, unless --fixed-deadline. Members wait for
+    /// the leader up to 3x this (fitted likewise, at least their own window + 4 s).
     #[arg(long, default_value_t = 5.0, value_parser = parse_secs)]
     pub join_window_secs: f64,
     /// Seconds an all-reduce may take before silent members are dropped from the round: the
@@ -216,8 +219,8 @@ pub struct TrainArgs {
     /// (not below 5 s) once 3 are measured, unless --fixed-deadline.
     #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
     pub reduce_timeout_secs: f64,
-    /// Always wait the full --reduce-timeout-secs for silent members instead of fitting the
-    /// deadline to measured rounds.
+    /// Always wait the full --join-window-secs and --reduce-timeout-secs for silent peers
+    /// instead of fitting those deadlines to measured rounds.
     #[arg(long)]
     pub fixed_deadline: bool,
     /// How peers encode what they average: f32 (exact), f16, bf16, int8 or int8:BLOCK

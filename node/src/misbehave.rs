@@ -23,6 +23,11 @@ pub enum Misbehave {
     /// reduced part): a member that stalls mid-round, so the others wait
     /// for the reduce deadline every round.
     MuteFrom(u64),
+    /// From this round on, stays connected but takes no part in averaging
+    /// (sends and heeds no averaging message, so it finishes each round
+    /// alone): a peer stuck outside the protocol, which each round's
+    /// leader waits its join window for.
+    AbsentFrom(u64),
 }
 
 impl std::str::FromStr for Misbehave {
@@ -36,12 +41,15 @@ impl std::str::FromStr for Misbehave {
                 s.strip_prefix("scale:").map(str::parse::<f32>),
                 s.strip_prefix("deaf:").map(str::parse::<u64>),
                 s.strip_prefix("mute:").map(str::parse::<u64>),
+                s.strip_prefix("absent:").map(str::parse::<u64>),
             ) {
-                (Some(Ok(k)), _, _) if k.is_finite() => Ok(Misbehave::Scale(k)),
-                (_, Some(Ok(round)), _) if round > 0 => Ok(Misbehave::DeafInRound(round)),
-                (_, _, Some(Ok(round))) if round > 0 => Ok(Misbehave::MuteFrom(round)),
+                (Some(Ok(k)), _, _, _) if k.is_finite() => Ok(Misbehave::Scale(k)),
+                (_, Some(Ok(round)), _, _) if round > 0 => Ok(Misbehave::DeafInRound(round)),
+                (_, _, Some(Ok(round)), _) if round > 0 => Ok(Misbehave::MuteFrom(round)),
+                (_, _, _, Some(Ok(round))) if round > 0 => Ok(Misbehave::AbsentFrom(round)),
                 _ => Err(format!(
-                    "`{s}` is not a misbehaviour: use flip, nan, scale:FACTOR, deaf:ROUND or mute:ROUND"
+                    "`{s}` is not a misbehaviour: use flip, nan, scale:FACTOR, deaf:ROUND, \
+                     mute:ROUND or absent:ROUND"
                 )),
             },
         }
@@ -56,6 +64,7 @@ impl std::fmt::Display for Misbehave {
             Misbehave::Nan => f.write_str("nan"),
             Misbehave::DeafInRound(r) => write!(f, "deaf:{r}"),
             Misbehave::MuteFrom(r) => write!(f, "mute:{r}"),
+            Misbehave::AbsentFrom(r) => write!(f, "absent:{r}"),
         }
     }
 }
@@ -71,7 +80,7 @@ impl Misbehave {
                 Misbehave::Scale(k) => v * k,
                 Misbehave::Flip => -v,
                 Misbehave::Nan => f32::NAN,
-                Misbehave::DeafInRound(_) | Misbehave::MuteFrom(_) => *v,
+                Misbehave::DeafInRound(_) | Misbehave::MuteFrom(_) | Misbehave::AbsentFrom(_) => *v,
             })
             .collect();
         Payload::encode(&bad, payload.encoding)
@@ -79,7 +88,11 @@ impl Misbehave {
 
     /// Whether this node ignores `msg` on receipt.
     pub fn ignores(self, msg: &AvgMessage) -> bool {
-        matches!((self, msg), (Misbehave::DeafInRound(deaf), AvgMessage::Reduced { round, .. }) if deaf == *round)
+        match (self, msg) {
+            (Misbehave::DeafInRound(deaf), AvgMessage::Reduced { round, .. }) => deaf == *round,
+            (Misbehave::AbsentFrom(from), _) => msg.round() >= from,
+            _ => false,
+        }
     }
 
     /// Whether this node withholds the outgoing `msg`.
@@ -89,13 +102,15 @@ impl Misbehave {
                 Misbehave::MuteFrom(from),
                 AvgMessage::Part { round, .. } | AvgMessage::Reduced { round, .. },
             ) => *round >= from,
+            (Misbehave::AbsentFrom(from), _) => msg.round() >= from,
             _ => false,
         }
     }
 
     /// Corrupts the tensor payload of an outgoing averaging message.
     pub fn apply(self, msg: AvgMessage) -> AvgMessage {
-        if let Misbehave::DeafInRound(_) | Misbehave::MuteFrom(_) = self {
+        if let Misbehave::DeafInRound(_) | Misbehave::MuteFrom(_) | Misbehave::AbsentFrom(_) = self
+        {
             return msg;
         }
         match msg {
@@ -131,12 +146,30 @@ mod tests {
 
     #[test]
     fn parses_and_prints_every_kind() {
-        for s in ["flip", "nan", "scale:-10", "deaf:3", "mute:2"] {
+        for s in ["flip", "nan", "scale:-10", "deaf:3", "mute:2", "absent:4"] {
             let m: Misbehave = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
         }
         assert!("scale:x".parse::<Misbehave>().is_err());
         assert!("evil".parse::<Misbehave>().is_err());
+        assert!("absent:0".parse::<Misbehave>().is_err());
+    }
+
+    #[test]
+    fn an_absent_node_neither_sends_nor_heeds_averaging_from_its_round_on() {
+        let m = Misbehave::AbsentFrom(3);
+        let join = |round| AvgMessage::Join { round, len: 2 };
+        let group = AvgMessage::Group {
+            round: 3,
+            len: 2,
+            members: vec![],
+        };
+        assert!(!m.withholds(&join(2)) && !m.ignores(&join(2)));
+        for msg in [join(3), join(7), group] {
+            assert!(m.withholds(&msg), "{msg:?}");
+            assert!(m.ignores(&msg), "{msg:?}");
+        }
+        assert_eq!(m.apply(join(1)), join(1));
     }
 
     #[test]

@@ -173,6 +173,7 @@ mod tests {
             dropped: 0,
             averaging_s: 0.1,
             reduce_deadline_s: 5.0,
+            join_window_s: 2.0,
             model_digest: String::new(),
         })
     }

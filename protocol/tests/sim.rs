@@ -633,3 +633,72 @@ fn compressed_rounds_with_crashes_under_loss_keep_the_bounds() {
         }
     }
 }
+
+/// Ten rounds, 100 s apart, of 16 peers under 10% loss with generous
+/// configured waits; a third of the peers crash early in round 6 and stay in
+/// everyone's view (the simulator never removes them). Returns how long each
+/// survivor's rounds 7..=10 took, after checking every outcome.
+fn rounds_after_crashes(seed: u64, adaptive: bool) -> Vec<Duration> {
+    let averaging = AveragingConfig {
+        join_window: secs(20),
+        group_timeout: secs(40),
+        reduce_timeout: secs(30),
+        adaptive_deadline: adaptive,
+        ..AveragingConfig::default()
+    };
+    let cfg = SimConfig {
+        averaging,
+        ..lossy(seed, 0.1)
+    };
+    let mut sim = Sim::new(cfg.clone());
+    let ids = sim.ids().to_vec();
+    let start = |r: u64| secs(100 * (r - 1));
+    let initial: Vec<Vec<Vec<f32>>> = (1..=10)
+        .map(|r| initial_values(seed * 100 + r, 16))
+        .collect();
+    for (r, values) in (1..=10).zip(&initial) {
+        for (p, v) in values.iter().enumerate() {
+            sim.start_round(p, start(r), r, v.clone());
+        }
+    }
+    let mut rng = Rng::new(seed);
+    let mut crashed: Vec<usize> = (0..16).collect();
+    rng.shuffle(&mut crashed);
+    crashed.truncate(5);
+    for &p in &crashed {
+        sim.crash(start(6) + ms(rng.range(0..2_000)), p);
+    }
+    sim.run_until(round_bound(&cfg.averaging, start(10)));
+    let mut took = Vec::new();
+    for p in (0..16).filter(|p| !crashed.contains(p)) {
+        let outs = sim.outcomes(p);
+        let rounds: Vec<u64> = outs.iter().map(|o| o.round).collect();
+        assert_eq!(rounds, (1..=10).collect::<Vec<_>>(), "seed {seed} peer {p}");
+        for o in outs {
+            check_outcome(&ids, &initial[o.round as usize - 1], p, o);
+        }
+        for r in 7..=10 {
+            let done = finish_time(&sim, p, r).expect("finished");
+            took.push(done - start(r));
+        }
+    }
+    took
+}
+
+#[test]
+fn fitted_waits_keep_rounds_after_crashes_short_and_the_invariants_whole() {
+    for seed in [71, 72] {
+        let fitted = rounds_after_crashes(seed, true);
+        let slowest = fitted.iter().max().copied().unwrap_or_default();
+        assert!(
+            slowest < secs(10),
+            "seed {seed}: a round after the crashes took {slowest:?} with fitted waits"
+        );
+        let fixed = rounds_after_crashes(seed, false);
+        let quickest = fixed.iter().min().copied().unwrap_or_default();
+        assert!(
+            quickest >= secs(20),
+            "seed {seed}: fixed waits close on the configured 20 s window ({quickest:?})"
+        );
+    }
+}

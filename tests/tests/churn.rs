@@ -72,62 +72,84 @@ fn survivors_finish_after_a_peer_is_killed_mid_run() {
     );
 }
 
-/// Three nodes with a generous 60 s reduce timeout; from round 6 on, node 2
-/// stalls mid-round (joins groups, sends no tensor). Once rounds are
-/// measured, the deadline fits them, so each stalled round costs the other
-/// two seconds rather than the configured minute; with `--fixed-deadline`
-/// (or a broken fit) every such round waits the full 60 s and this fails.
-#[test]
-fn a_stalled_member_costs_a_fitted_deadline_not_the_configured_one() {
-    let swarm = format!("stall-{}", std::process::id());
+/// Three nodes of a fresh swarm, 60 steps averaging every 5 with `timing`
+/// (deadline flags), node 2 misbehaving as `misbehave` says: node 0's round
+/// events up to round 9, each as `pick` reads it.
+fn node0_rounds_with_node2<T: std::fmt::Debug>(
+    name: &str,
+    timing: &[&str],
+    misbehave: &str,
+    pick: impl Fn(&serde_json::Value) -> T,
+) -> Vec<(u64, T)> {
+    let swarm = format!("{name}-{}", std::process::id());
     let (tx, rx) = mpsc::channel();
-    let args = |extra: &[&'static str]| -> Vec<&'static str> {
-        let mut v = vec!["--min-peers", "3", "--steps", "60", "--average-every", "5"];
-        v.extend(["--join-window-secs", "2", "--reduce-timeout-secs", "60"]);
-        v.extend(["--linger-secs", "1"]);
+    let with = |extra: &[&str], boot: Option<&str>| -> Vec<String> {
+        let mut v = vec!["--swarm", swarm.as_str(), "--min-peers", "3"];
+        v.extend([
+            "--steps",
+            "60",
+            "--average-every",
+            "5",
+            "--linger-secs",
+            "1",
+        ]);
+        v.extend(timing);
         v.extend(extra);
-        v
-    };
-    let with = |extra: &[&'static str], boot: Option<&str>| -> Vec<String> {
-        let mut v: Vec<String> = ["--swarm", swarm.as_str()]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        v.extend(args(extra).iter().map(|s| s.to_string()));
         if let Some(b) = boot {
-            v.extend(["--bootstrap".to_string(), b.to_string()]);
+            v.extend(["--bootstrap", b]);
         }
-        v
+        v.into_iter().map(str::to_string).collect()
     };
     let first = with(&[], None);
     let first: Vec<&str> = first.iter().map(String::as_str).collect();
     let mut nodes = Nodes(vec![spawn_node(0, &first, tx.clone())]);
     let deadline = Instant::now() + Duration::from_secs(400);
     let boot = bootstrap_address(&rx, deadline);
-    for (i, extra) in [(1, &[][..]), (2, &["--misbehave", "mute:6"][..])] {
+    for (i, extra) in [(1, &[][..]), (2, &["--misbehave", misbehave][..])] {
         let a = with(extra, Some(&boot));
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         nodes.0.push(spawn_node(i, &a, tx.clone()));
     }
-    // (round, seconds, deadline for the next round) of node 0's rounds.
     let mut rounds = Vec::new();
-    while rounds.last().is_none_or(|r: &(u64, f64, f64)| r.0 < 9) {
+    while rounds.last().is_none_or(|r: &(u64, T)| r.0 < 9) {
         let (i, v) = next_event(&rx, deadline);
         if i == 0 && v["event"] == "round" {
-            rounds.push((
-                v["round"].as_u64().unwrap(),
-                v["averaging_s"].as_f64().unwrap(),
-                v["reduce_deadline_s"].as_f64().unwrap(),
-            ));
+            rounds.push((v["round"].as_u64().unwrap(), pick(&v)));
         }
     }
-    eprintln!("node 0's rounds (round, averaging s, next deadline s): {rounds:?}");
-    // Before the stall, rounds were measured and the deadline came down.
-    let fitted = rounds
+    eprintln!("node 0's rounds: {rounds:?}");
+    rounds
+}
+
+/// The value `pick` read from round 5's event: the fit before node 2 misbehaves.
+fn at_round_5<T: Copy>(rounds: &[(u64, T)]) -> T {
+    rounds
         .iter()
         .find(|r| r.0 == 5)
         .expect("round 5 reported")
-        .2;
+        .1
+}
+
+/// Three nodes with a generous 60 s reduce timeout; from round 6 on, node 2
+/// stalls mid-round (joins groups, sends no tensor). Once rounds are
+/// measured, the deadline fits them, so each stalled round costs the other
+/// two seconds rather than the configured minute; with `--fixed-deadline`
+/// (or a broken fit) every such round waits the full 60 s and this fails.
+/// After its second stalled round node 2 sits out rounds 8 and 9, which the
+/// other two finish as a pair without waiting for it.
+#[test]
+fn a_stalled_member_costs_a_fitted_deadline_not_the_configured_one() {
+    let timing = ["--join-window-secs", "2", "--reduce-timeout-secs", "60"];
+    // (averaging s, deadline for the next round, group size) per round.
+    let rounds = node0_rounds_with_node2("stall", &timing, "mute:6", |v| {
+        (
+            v["averaging_s"].as_f64().unwrap(),
+            v["reduce_deadline_s"].as_f64().unwrap(),
+            v["peers"].as_u64().unwrap(),
+        )
+    });
+    // Before the stall, rounds were measured and the deadline came down.
+    let fitted = at_round_5(&rounds).1;
     assert!(
         fitted < 60.0,
         "the deadline never left the configured 60 s: {rounds:?}"
@@ -135,7 +157,42 @@ fn a_stalled_member_costs_a_fitted_deadline_not_the_configured_one() {
     // Every stalled round cost about the fitted deadline: well under 60 s.
     let stalled: Vec<_> = rounds.iter().filter(|r| r.0 >= 6).collect();
     assert!(!stalled.is_empty());
-    for (round, secs, _) in &stalled {
+    for (round, (secs, _, _)) in &stalled {
         assert!(*secs < 40.0, "round {round} took {secs} s: {rounds:?}");
+    }
+    // Rounds 6 and 7 were its strikes; 8 and 9 it sits out.
+    for (round, (secs, _, group)) in rounds.iter().filter(|r| r.0 >= 8) {
+        assert_eq!(*group, 2, "round {round}: {rounds:?}");
+        assert!(*secs < 4.0, "round {round} took {secs} s: {rounds:?}");
+    }
+}
+
+/// Three nodes with a generous 20 s join window; from round 6 on, node 2
+/// stays connected but never joins a round (a peer stuck outside the
+/// protocol). Once rounds are measured the leader's window fits how late
+/// peers joined, so each round without node 2 costs the others about the
+/// 2 s floor; with `--fixed-deadline` (or a broken fit) every such round
+/// waits the full 20 s and this fails.
+#[test]
+fn an_absent_peer_costs_a_fitted_join_window_not_the_configured_one() {
+    let timing = ["--join-window-secs", "20", "--reduce-timeout-secs", "10"];
+    // (group size, averaging s, join window for the next round) per round.
+    let rounds = node0_rounds_with_node2("absent", &timing, "absent:6", |v| {
+        (
+            v["peers"].as_u64().unwrap(),
+            v["averaging_s"].as_f64().unwrap(),
+            v["join_window_s"].as_f64().unwrap(),
+        )
+    });
+    let window = at_round_5(&rounds).2;
+    assert!(
+        window < 20.0,
+        "the join window never left the configured 20 s: {rounds:?}"
+    );
+    let absent: Vec<_> = rounds.iter().filter(|r| r.0 >= 7).collect();
+    assert!(!absent.is_empty());
+    for (round, (group, secs, _)) in &absent {
+        assert_eq!(*group, 2, "round {round} without node 2: {rounds:?}");
+        assert!(*secs < 15.0, "round {round} took {secs} s: {rounds:?}");
     }
 }

@@ -237,6 +237,10 @@ pub struct RoundReport {
     /// dropped (fitted to measured rounds unless `--fixed-deadline`).
     #[serde(default)]
     pub reduce_deadline_s: f64,
+    /// Seconds the next round's leader waits for stragglers (fitted to
+    /// measured rounds unless `--fixed-deadline`).
+    #[serde(default)]
+    pub join_window_s: f64,
     /// blake3 of the parameters after this round, hex.
     pub model_digest: String,
 }
@@ -744,6 +748,7 @@ impl Driver {
                 dropped,
                 averaging_s,
                 reduce_deadline_s: self.averager.reduce_deadline().as_secs_f64(),
+                join_window_s: self.averager.join_window().as_secs_f64(),
                 model_digest,
             };
             span.in_scope(|| {

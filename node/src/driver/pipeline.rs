@@ -954,6 +954,7 @@ impl Driver {
             dropped: avg.dropped.len(),
             averaging_s,
             reduce_deadline_s: self.averager.reduce_deadline().as_secs_f64(),
+            join_window_s: self.averager.join_window().as_secs_f64(),
             model_digest,
         }));
         Ok(())

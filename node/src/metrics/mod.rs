@@ -48,6 +48,8 @@ struct State {
     group: usize,
     /// The all-reduce deadline the next round uses, in seconds.
     reduce_deadline_s: f64,
+    /// The join window the next round's leader uses, in seconds.
+    join_window_s: f64,
     dropped_total: u64,
     round_seconds_sum: f64,
     rounds_timed: u64,
@@ -159,6 +161,7 @@ impl Metrics {
                 samples_per_s: 0.0,
                 group: 0,
                 reduce_deadline_s: 0.0,
+                join_window_s: 0.0,
                 dropped_total: 0,
                 round_seconds_sum: 0.0,
                 rounds_timed: 0,
@@ -220,6 +223,7 @@ impl Metrics {
                 s.samples_per_s = r.samples_per_s;
                 s.group = r.peers;
                 s.reduce_deadline_s = r.reduce_deadline_s;
+                s.join_window_s = r.join_window_s;
                 s.dropped_total += r.dropped as u64;
                 let point = Point {
                     t: now.duration_since(s.created).as_secs_f64(),
@@ -340,13 +344,14 @@ impl Metrics {
     /// The registry in Prometheus' text exposition format (version 0.0.4).
     pub fn prometheus(&self) -> String {
         let st = self.status();
-        let (round_sum, round_count, group, deadline) = {
+        let (round_sum, round_count, group, deadline, window) = {
             let s = self.state();
             (
                 s.round_seconds_sum,
                 s.rounds_timed,
                 s.group,
                 s.reduce_deadline_s,
+                s.join_window_s,
             )
         };
         let mut out = String::new();
@@ -422,6 +427,12 @@ impl Metrics {
             deadline,
         );
         metric(
+            "p2ptrain_join_window_seconds",
+            "gauge",
+            "How long the next round's leader waits for stragglers (fitted to measured rounds).",
+            window,
+        );
+        metric(
             "p2ptrain_dropped_members_total",
             "counter",
             "Group members dropped from averaging rounds for missing a deadline, summed over rounds.",
@@ -483,6 +494,7 @@ mod tests {
             dropped,
             averaging_s: 0.1,
             reduce_deadline_s: 5.0,
+            join_window_s: 2.0,
             model_digest: String::new(),
         })
     }
@@ -514,7 +526,8 @@ mod tests {
         assert!(text.contains("\np2ptrain_accuracy NaN\n"), "{text}");
         assert!(text.contains("p2ptrain_round_duration_seconds_count 2\n"));
         assert!(
-            text.contains("\np2ptrain_reduce_deadline_seconds 5\n"),
+            text.contains("\np2ptrain_reduce_deadline_seconds 5\n")
+                && text.contains("\np2ptrain_join_window_seconds 2\n"),
             "{text}"
         );
         // No network attached: nothing is known about reachability yet.

@@ -394,9 +394,10 @@ impl AllReduce {
         t
     }
 
-    /// Assembles the round's outcome (averaged parts replaced, the rest local) and what to
-    /// keep for late re-acks.
-    pub(crate) fn finish(self) -> (RoundOutcome, Option<LastReduced>) {
+    /// Assembles the round's outcome (averaged parts replaced, the rest local), what to
+    /// keep for late re-acks, and the dropped members that made the round wait (not those
+    /// excluded for invalid data or whose reduced part we refused: that costs no time).
+    pub(crate) fn finish(self) -> (RoundOutcome, Option<LastReduced>, Vec<NodeId>) {
         let me = self.group[self.me_idx];
         let mut values = self.local;
         let mut parts = Vec::with_capacity(self.ranges.len());
@@ -431,6 +432,13 @@ impl AllReduce {
             }
         }
         dropped.remove(&me);
+        let stalled = self
+            .group
+            .iter()
+            .zip(self.excluded.iter().zip(&self.refused))
+            .filter(|(m, (excluded, refused))| dropped.contains(*m) && !**excluded && !**refused)
+            .map(|(m, _)| *m)
+            .collect();
         let last = self.reduced.map(|msg| LastReduced {
             round: self.round,
             group: self.group.clone(),
@@ -444,7 +452,7 @@ impl AllReduce {
             parts,
             dropped: dropped.into_iter().collect(),
         };
-        (outcome, last)
+        (outcome, last, stalled)
     }
 }
 

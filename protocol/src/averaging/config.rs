@@ -24,17 +24,18 @@ const MIN_RETRY: Duration = Duration::from_millis(1);
 #[derive(Clone, Debug, PartialEq)]
 pub struct AveragingConfig {
     /// How long the leader waits for `Join`s before closing the group (it closes earlier when
-    /// every peer of its live view has joined).
+    /// every peer of its live view has joined). With `adaptive_deadline`, the ceiling.
     pub join_window: Duration,
     /// How long, after the join window, a non-leader waits for a `Group` before finishing
-    /// the round alone.
+    /// the round alone. With `adaptive_deadline`, `join_window + group_timeout` is the
+    /// ceiling of that whole wait.
     pub group_timeout: Duration,
     /// How long after group formation the all-reduce may take; silent members are dropped
     /// at this deadline instead of being waited for. With `adaptive_deadline`, the ceiling.
     pub reduce_timeout: Duration,
-    /// Fit the reduce deadline to the all-reduces measured so far (see
-    /// [`deadline`](super::deadline)), within `reduce_timeout`, instead of always waiting
-    /// `reduce_timeout` for a silent member.
+    /// Fit the reduce deadline, the join window and the wait for a `Group` to the rounds
+    /// measured so far (see [`deadline`](super::deadline)), within the configured values,
+    /// instead of always waiting those for a silent member or leader.
     pub adaptive_deadline: bool,
     /// How often unacknowledged `Part`s are re-sent (at least 1 ms is used). Parts are
     /// large: on a reliable transport keep this long.

@@ -87,25 +87,69 @@ pub(crate) struct Matchmaking {
     /// Our values, handed to the all-reduce once a group forms.
     pub(crate) values: Vec<f32>,
     started: Duration,
+    /// When the leader closes at the latest (start + join window).
+    close_at: Duration,
+    /// When a non-leader stops waiting for a `Group` and finishes alone.
+    give_up_at: Duration,
     joined: BTreeSet<NodeId>,
+    /// When the latest new joiner was counted.
+    last_join: Duration,
     next_join: Duration,
+}
+
+/// How long a round's matchmaking may take, from its start: fitted or configured
+/// (see [`deadline`](super::deadline)).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Waits {
+    /// The leader's join window.
+    pub(crate) join_window: Duration,
+    /// A member's wait for the `Group`.
+    pub(crate) group_wait: Duration,
 }
 
 impl Matchmaking {
     /// Starts matchmaking at `now` (the caller broadcasts the first `Join`).
-    pub(crate) fn new(round: u64, values: Vec<f32>, now: Duration, cfg: &AveragingConfig) -> Self {
+    pub(crate) fn new(
+        round: u64,
+        values: Vec<f32>,
+        now: Duration,
+        waits: Waits,
+        cfg: &AveragingConfig,
+    ) -> Self {
         Matchmaking {
             round,
             len: values.len() as u64,
             values,
             started: now,
+            close_at: now.saturating_add(waits.join_window),
+            give_up_at: now.saturating_add(waits.group_wait),
             joined: BTreeSet::new(),
+            last_join: now,
             next_join: now.saturating_add(cfg.join_retry()),
         }
     }
 
+    /// How long after our start every peer of `peers` had joined, if all have.
+    pub(crate) fn all_joined_after(&self, peers: &BTreeSet<NodeId>) -> Option<Duration> {
+        peers
+            .iter()
+            .all(|p| self.joined.contains(p))
+            .then(|| self.last_join.saturating_sub(self.started))
+    }
+
+    /// Time since our start.
+    pub(crate) fn elapsed(&self, now: Duration) -> Duration {
+        now.saturating_sub(self.started)
+    }
+
     /// Counts `from` as joined if its vector length matches ours.
-    pub(crate) fn add_joiner(&mut self, me: NodeId, from: NodeId, len: u64) -> Result<(), String> {
+    pub(crate) fn add_joiner(
+        &mut self,
+        now: Duration,
+        me: NodeId,
+        from: NodeId,
+        len: u64,
+    ) -> Result<(), String> {
         if len != self.len {
             return Err(format!(
                 "Join for round {} with {len} values, ours has {}; not averaging different models",
@@ -122,6 +166,7 @@ impl Matchmaking {
             ));
         }
         self.joined.insert(from);
+        self.last_join = self.last_join.max(now);
         Ok(())
     }
 
@@ -130,26 +175,15 @@ impl Matchmaking {
         self.joined.first().map_or(me, |&first| first.min(me))
     }
 
-    /// When the leader closes the group at the latest.
-    pub(crate) fn close_at(&self, cfg: &AveragingConfig) -> Duration {
-        self.started.saturating_add(cfg.join_window)
-    }
-
     /// When a non-leader stops waiting for a `Group` and finishes alone.
-    pub(crate) fn give_up_at(&self, cfg: &AveragingConfig) -> Duration {
-        self.close_at(cfg).saturating_add(cfg.group_timeout)
+    pub(crate) fn give_up_at(&self) -> Duration {
+        self.give_up_at
     }
 
     /// Whether we lead and may close now: every live peer joined, or the window is over.
-    pub(crate) fn should_close(
-        &self,
-        me: NodeId,
-        peers: &BTreeSet<NodeId>,
-        now: Duration,
-        cfg: &AveragingConfig,
-    ) -> bool {
+    pub(crate) fn should_close(&self, me: NodeId, peers: &BTreeSet<NodeId>, now: Duration) -> bool {
         self.leader(me) == me
-            && (now >= self.close_at(cfg) || peers.iter().all(|p| self.joined.contains(p)))
+            && (now >= self.close_at || peers.iter().all(|p| self.joined.contains(p)))
     }
 
     /// The group the leader (`me`) forms: us and the joiners, ascending, at most `limit`
@@ -173,10 +207,10 @@ impl Matchmaking {
     }
 
     /// The earliest time something can happen in matchmaking.
-    pub(crate) fn next_timeout(&self, me: NodeId, cfg: &AveragingConfig) -> Duration {
-        let mut t = self.next_join.min(self.give_up_at(cfg));
+    pub(crate) fn next_timeout(&self, me: NodeId) -> Duration {
+        let mut t = self.next_join.min(self.give_up_at);
         if self.leader(me) == me {
-            t = t.min(self.close_at(cfg));
+            t = t.min(self.close_at);
         }
         t
     }
@@ -188,6 +222,13 @@ mod tests {
 
     fn id(n: u8) -> NodeId {
         NodeId([n; 32])
+    }
+
+    fn waits(cfg: &AveragingConfig) -> Waits {
+        Waits {
+            join_window: cfg.join_window,
+            group_wait: cfg.join_window + cfg.group_timeout,
+        }
     }
 
     #[test]
@@ -239,38 +280,53 @@ mod tests {
     #[test]
     fn leader_is_smallest_and_closing_follows_view_or_window() {
         let cfg = AveragingConfig::default();
-        let mut mm = Matchmaking::new(1, vec![0.0; 4], Duration::ZERO, &cfg);
+        let mut mm = Matchmaking::new(1, vec![0.0; 4], Duration::ZERO, waits(&cfg), &cfg);
         let me = id(5);
         let peers: BTreeSet<NodeId> = [id(3), id(7)].into_iter().collect();
         assert_eq!(mm.leader(me), me);
-        assert!(!mm.should_close(me, &peers, Duration::from_millis(10), &cfg));
-        assert!(mm.add_joiner(me, id(7), 4).is_ok());
+        assert!(!mm.should_close(me, &peers, Duration::from_millis(10)));
+        assert!(mm.add_joiner(Duration::ZERO, me, id(7), 4).is_ok());
         assert!(
-            mm.add_joiner(me, id(3), 3).is_err(),
+            mm.add_joiner(Duration::ZERO, me, id(3), 3).is_err(),
             "length mismatch is refused"
         );
         assert_eq!(mm.leader(me), me);
-        assert!(
-            mm.should_close(me, &peers, cfg.join_window, &cfg),
-            "window over"
-        );
-        assert!(mm.add_joiner(me, id(3), 4).is_ok());
+        assert!(mm.should_close(me, &peers, cfg.join_window), "window over");
+        assert!(mm.add_joiner(Duration::ZERO, me, id(3), 4).is_ok());
         assert_eq!(mm.leader(me), id(3));
-        assert!(
-            !mm.should_close(me, &peers, cfg.join_window, &cfg),
-            "not leader"
-        );
+        assert!(!mm.should_close(me, &peers, cfg.join_window), "not leader");
         assert_eq!(mm.members(me, 2), vec![id(3), id(5)]);
         assert_eq!(mm.members(me, 10), vec![id(3), id(5), id(7)]);
     }
 
     #[test]
+    fn the_join_spread_is_measured_only_when_the_whole_view_joined() {
+        let cfg = AveragingConfig::default();
+        let start = Duration::from_secs(10);
+        let mut mm = Matchmaking::new(1, vec![0.0; 4], start, waits(&cfg), &cfg);
+        let me = id(5);
+        let peers: BTreeSet<NodeId> = [id(3), id(7)].into_iter().collect();
+        assert_eq!(mm.all_joined_after(&peers), None);
+        let ms = Duration::from_millis;
+        assert!(mm.add_joiner(start + ms(40), me, id(7), 4).is_ok());
+        assert_eq!(mm.all_joined_after(&peers), None, "3 has not joined");
+        assert!(mm.add_joiner(start + ms(90), me, id(3), 4).is_ok());
+        assert!(
+            mm.add_joiner(start + ms(500), me, id(3), 4).is_ok(),
+            "a repeated Join"
+        );
+        assert_eq!(mm.all_joined_after(&peers), Some(ms(90)));
+        assert_eq!(mm.elapsed(start + ms(120)), ms(120));
+        assert_eq!(mm.give_up_at(), start + cfg.join_window + cfg.group_timeout);
+    }
+
+    #[test]
     fn rebroadcast_rearms() {
         let cfg = AveragingConfig::default();
-        let mut mm = Matchmaking::new(1, vec![], Duration::ZERO, &cfg);
+        let mut mm = Matchmaking::new(1, vec![], Duration::ZERO, waits(&cfg), &cfg);
         assert!(!mm.rebroadcast_due(Duration::from_millis(499), &cfg));
         assert!(mm.rebroadcast_due(Duration::from_millis(500), &cfg));
         assert!(!mm.rebroadcast_due(Duration::from_millis(999), &cfg));
-        assert_eq!(mm.next_timeout(id(9), &cfg), Duration::from_millis(1000));
+        assert_eq!(mm.next_timeout(id(9)), Duration::from_millis(1000));
     }
 }

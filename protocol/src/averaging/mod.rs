@@ -13,17 +13,25 @@
 //! - The leader is the smallest id among us and the senders of `Join` for this round with
 //!   the same `len` (a different `len` is `Rejected`).
 //! - The leader closes the group when every peer of the live view ([`Averager::set_peers`])
-//!   has joined, or at start + `join_window`, whichever comes first: members are the sorted
+//!   has joined, or at start + its join window, whichever comes first: members are the sorted
 //!   joiners plus itself, truncated to `max_group_size` (smallest ids kept, so the leader
 //!   stays), and it broadcasts `Group`. A `Join` for a round whose group we led and closed is
 //!   answered with that `Group` (to that peer), so lost `Group`s heal and latecomers learn
 //!   they are out.
 //! - A non-leader follows the first `Group` for its round that lists it, accepted only from
 //!   its leader (`members[0]` must be the sender; otherwise `Rejected`). A `Group` for the
-//!   round that does not list us, or no `Group` by start + `join_window` + `group_timeout`,
-//!   finishes the round alone: values unchanged, group `[me]`, nothing averaged. A leader
-//!   whose group is just itself still broadcasts it (waiting peers learn they are out),
-//!   emits `GroupFormed` and finishes at once with the same solo outcome.
+//!   round that does not list us, or no `Group` by start + its group wait, finishes the
+//!   round alone: values unchanged, group `[me]`, nothing averaged. A leader whose group is
+//!   just itself still broadcasts it (waiting peers learn they are out), emits
+//!   `GroupFormed` and finishes at once with the same solo outcome.
+//! - A peer that stalled our recent rounds (dropped at the deadline from two of them
+//!   without a complete round between) sits out the next ones, for ever longer
+//!   ([`sitout`]): its `Join` is not counted, the leader does not wait for it, and a
+//!   `Group` it sends is `Rejected`. Members excluded for invalid data, or whose reduced
+//!   part we refused, cost no waiting and earn no strike.
+//! - The join window is `join_window` and the group wait `join_window + group_timeout`;
+//!   with `adaptive_deadline` both are fitted to the rounds measured so far (see
+//!   [`deadline`]), with those as ceilings.
 //!
 //! # All-reduce in a group of n members (ascending ids)
 //! - The vector is cut with [`split_ranges`](crate::tensor::split_ranges)`(len, n)`; member k
@@ -74,6 +82,7 @@ mod matchmaking;
 mod messages;
 mod outcome;
 mod robust;
+pub mod sitout;
 #[cfg(test)]
 mod tests;
 
@@ -88,7 +97,7 @@ pub use robust::Aggregation;
 use crate::tensor::Payload;
 use crate::NodeId;
 use allreduce::{AllReduce, LastReduced};
-use matchmaking::{JoinBuffer, Matchmaking};
+use matchmaking::{JoinBuffer, Matchmaking, Waits};
 use outcome::{solo_outcome, Outbox};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -132,6 +141,10 @@ pub struct Averager {
     reference: Option<Vec<f32>>,
     /// The reduce deadline fitted to measured rounds, when `config.adaptive_deadline`.
     deadline: deadline::ReduceDeadline,
+    /// The join window and the wait for a `Group`, fitted likewise.
+    matchmaking_deadlines: deadline::MatchmakingDeadlines,
+    /// Members that stalled our rounds, and which rounds they sit out.
+    sit_outs: sitout::SitOuts,
     /// When the all-reduce in flight began.
     reduce_started: Duration,
 }
@@ -157,6 +170,11 @@ impl Averager {
             early_parts: Vec::new(),
             reference: None,
             deadline: deadline::ReduceDeadline::new(config.reduce_timeout),
+            matchmaking_deadlines: deadline::MatchmakingDeadlines::new(
+                config.join_window,
+                config.group_timeout,
+            ),
+            sit_outs: sitout::SitOuts::default(),
             reduce_started: Duration::ZERO,
             config,
         }
@@ -170,6 +188,57 @@ impl Averager {
         } else {
             self.config.reduce_timeout
         }
+    }
+
+    /// How long the next round's leader waits for the rest of its live view
+    /// (and, plus [`Averager::group_wait`]'s margin, a member for the
+    /// `Group`): the configured `join_window`, or with `adaptive_deadline`
+    /// the window fitted to how late peers joined in rounds they all did.
+    pub fn join_window(&self) -> Duration {
+        self.waits().join_window
+    }
+
+    /// How long after its start the next round waits for its leader's
+    /// `Group` before finishing alone: `join_window + group_timeout`, or
+    /// fitted with `adaptive_deadline`.
+    pub fn group_wait(&self) -> Duration {
+        self.waits().group_wait
+    }
+
+    fn waits(&self) -> Waits {
+        if self.config.adaptive_deadline {
+            Waits {
+                join_window: self.matchmaking_deadlines.join_window(),
+                group_wait: self.matchmaking_deadlines.group_wait(),
+            }
+        } else {
+            Waits {
+                join_window: self.config.join_window,
+                group_wait: self
+                    .config
+                    .join_window
+                    .saturating_add(self.config.group_timeout),
+            }
+        }
+    }
+
+    /// The peers of our view that sit out `round` for stalling earlier
+    /// rounds (see [`sitout`]): not counted, not waited for, not followed.
+    pub fn sitting_out(&self, round: u64) -> Vec<NodeId> {
+        self.peers
+            .iter()
+            .copied()
+            .filter(|p| self.sit_outs.sits_out(*p, round))
+            .collect()
+    }
+
+    /// The live view less the peers that sit out `round`: whom a leader waits for.
+    fn expected_peers(&self, round: u64) -> BTreeSet<NodeId> {
+        self.peers
+            .iter()
+            .copied()
+            .filter(|p| !self.sit_outs.sits_out(*p, round))
+            .collect()
     }
 
     /// Our id.
@@ -258,9 +327,12 @@ impl Averager {
             return Err(AveragingError::NonFinite { index });
         }
         self.reference = reference;
-        let mut mm = Matchmaking::new(round, values, now, &self.config);
+        let mut mm = Matchmaking::new(round, values, now, self.waits(), &self.config);
         for (from, len) in self.joins.take(round) {
-            if let Err(reason) = mm.add_joiner(self.me, from, len) {
+            if self.sit_outs.sits_out(from, round) {
+                continue;
+            }
+            if let Err(reason) = mm.add_joiner(now, self.me, from, len) {
                 self.out.reject(from, reason);
             }
         }
@@ -326,7 +398,7 @@ impl Averager {
         self.recheck = false;
         self.try_close(now);
         let give_up = match &mut self.state {
-            State::Matchmaking(mm) if now >= mm.give_up_at(&self.config) => true,
+            State::Matchmaking(mm) if now >= mm.give_up_at() => true,
             State::Matchmaking(mm) => {
                 if mm.rebroadcast_due(now, &self.config) {
                     let join = AvgMessage::Join {
@@ -359,7 +431,7 @@ impl Averager {
         match &self.state {
             State::Idle => None,
             State::Matchmaking(_) if self.recheck => Some(self.last_now),
-            State::Matchmaking(mm) => Some(mm.next_timeout(self.me, &self.config)),
+            State::Matchmaking(mm) => Some(mm.next_timeout(self.me)),
             State::Reducing(ar) => Some(ar.next_timeout()),
         }
     }
@@ -386,7 +458,10 @@ impl Averager {
         }
         if let State::Matchmaking(mm) = &mut self.state {
             if mm.round == round {
-                match mm.add_joiner(self.me, from, len) {
+                if self.sit_outs.sits_out(from, round) {
+                    return; // answered with our closed Group once we have one
+                }
+                match mm.add_joiner(now, self.me, from, len) {
                     Ok(()) => self.try_close(now),
                     Err(reason) => self.out.reject(from, reason),
                 }
@@ -418,6 +493,15 @@ impl Averager {
             );
             return;
         }
+        if self.sit_outs.sits_out(from, round) {
+            self.out.reject(
+                from,
+                format!(
+                    "Group for round {round} from a peer that sits out the round after stalling"
+                ),
+            );
+            return;
+        }
         let State::Matchmaking(mm) = &self.state else {
             return; // already grouped or idle: a stale or duplicate Group
         };
@@ -432,6 +516,8 @@ impl Averager {
             self.out.reject(from, reason);
             return;
         }
+        let waited = mm.elapsed(now);
+        self.matchmaking_deadlines.observe_group(waited);
         if members.binary_search(&self.me).is_ok() {
             self.form_group(now, members);
         } else {
@@ -483,7 +569,7 @@ impl Averager {
         let State::Matchmaking(mm) = &self.state else {
             return;
         };
-        if !mm.should_close(self.me, &self.peers, now, &self.config) {
+        if !mm.should_close(self.me, &self.expected_peers(mm.round), now) {
             return;
         }
         let members = mm.members(self.me, self.config.group_limit());
@@ -509,6 +595,7 @@ impl Averager {
             self.state = State::Matchmaking(mm);
             return;
         };
+        self.observe_joins(&mm);
         self.out.event(AvgEvent::GroupFormed {
             round: mm.round,
             members: members.clone(),
@@ -541,7 +628,20 @@ impl Averager {
 
     fn finish_alone(&mut self) {
         if let State::Matchmaking(mm) = std::mem::replace(&mut self.state, State::Idle) {
+            self.observe_joins(&mm);
             self.finish(solo_outcome(self.me, mm.round, mm.values));
+        }
+    }
+
+    /// Times the join spread of a matchmaking that ends, if the whole live
+    /// view joined (a round that closed on its window measures nothing).
+    fn observe_joins(&mut self, mm: &Matchmaking) {
+        let expected = self.expected_peers(mm.round);
+        if expected.is_empty() {
+            return;
+        }
+        if let Some(took) = mm.all_joined_after(&expected) {
+            self.matchmaking_deadlines.observe_joins(took);
         }
     }
 
@@ -551,7 +651,7 @@ impl Averager {
             return;
         }
         if let State::Reducing(ar) = std::mem::replace(&mut self.state, State::Idle) {
-            let (outcome, last) = ar.finish();
+            let (outcome, last, stalled) = ar.finish();
             if last.is_some() {
                 self.last_reduced = last;
             }
@@ -561,6 +661,8 @@ impl Averager {
                 self.deadline
                     .observe_complete(now.saturating_sub(self.reduce_started));
             }
+            self.sit_outs
+                .record(outcome.round, &outcome.group, &stalled);
             self.finish(outcome);
         }
     }

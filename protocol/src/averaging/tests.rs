@@ -36,6 +36,18 @@ fn node(me: u8, peers: &[u8]) -> Averager {
     a
 }
 
+/// One averager per id with `config`, each seeing all of them.
+fn swarm(ids: &[u8], config: &AveragingConfig) -> Vec<Averager> {
+    let view: Vec<NodeId> = ids.iter().map(|&p| id(p)).collect();
+    ids.iter()
+        .map(|&me| {
+            let mut a = Averager::new(id(me), config.clone());
+            a.set_peers(&view);
+            a
+        })
+        .collect()
+}
+
 fn transmits(a: &mut Averager) -> Vec<Transmit> {
     std::iter::from_fn(|| a.poll_transmit()).collect()
 }
@@ -1301,15 +1313,7 @@ fn the_reduce_deadline_fits_measured_rounds_when_adaptive() {
         adaptive_deadline: true,
         ..cfg()
     };
-    let ids = [A, B, C];
-    let mut nodes: Vec<Averager> = ids
-        .iter()
-        .map(|&me| {
-            let mut a = Averager::new(id(me), config.clone());
-            a.set_peers(&ids.map(id));
-            a
-        })
-        .collect();
+    let mut nodes = swarm(&[A, B, C], &config);
     let mut now = ms(0);
     // Three complete rounds, each taking some hundreds of ms of virtual time.
     for round in 1..=super::deadline::MIN_SAMPLES as u64 {
@@ -1363,4 +1367,218 @@ fn the_reduce_deadline_fits_measured_rounds_when_adaptive() {
         "not the configured 30 s"
     );
     assert!(done.iter().all(|o| o.dropped == vec![id(C)]), "{done:?}");
+}
+
+/// Four peers A..D whose rounds start 50 ms apart (A first): `rounds` healthy
+/// rounds from `now`, each delivered at once. Returns the time after them.
+fn staggered_rounds(nodes: &mut [Averager], rounds: std::ops::RangeInclusive<u64>) -> Duration {
+    let mut now = ms(0);
+    for round in rounds {
+        for i in 0..nodes.len() {
+            let t = now + ms(50 * i as u64);
+            nodes[i].start_round(t, round, vec![i as f32; 8]).unwrap();
+            let evs = pump(nodes, t);
+            assert!(evs
+                .iter()
+                .all(|e| finished(e).iter().all(|o| o.dropped.is_empty())));
+        }
+        assert!(
+            nodes.iter().all(|n| n.in_flight().is_none()),
+            "round {round}"
+        );
+        now += ms(1_000);
+    }
+    now
+}
+
+/// Fires timers on `nodes` until node `watch` has finished its round, losing
+/// every `Group` if `lose_groups`; returns when.
+fn run_until_finished(
+    nodes: &mut [Averager],
+    watch: usize,
+    lose_groups: bool,
+) -> (Duration, RoundOutcome) {
+    loop {
+        let now = fire_next_timeout(nodes);
+        let evs = pump_losing(nodes, now, |_, t| {
+            lose_groups && matches!(t.msg, AvgMessage::Group { .. })
+        });
+        if let Some(o) = finished(&evs[watch]).pop() {
+            return (now, o);
+        }
+    }
+}
+
+#[test]
+fn the_join_window_and_the_group_wait_fit_measured_rounds_when_adaptive() {
+    use super::deadline::{GROUP_MARGIN, JOIN_FLOOR, MIN_SAMPLES};
+    for adaptive in [true, false] {
+        let config = AveragingConfig {
+            join_window: Duration::from_secs(20),
+            group_timeout: Duration::from_secs(40),
+            adaptive_deadline: adaptive,
+            ..cfg()
+        };
+        let mut nodes = swarm(&[A, B, C, D], &config);
+        let mut now = staggered_rounds(&mut nodes, 1..=MIN_SAMPLES as u64);
+        let (window, wait) = if adaptive {
+            // Everyone joined within 150 ms and the Group came within 100 ms:
+            // 4x that is under the floors.
+            (JOIN_FLOOR, JOIN_FLOOR + GROUP_MARGIN)
+        } else {
+            (Duration::from_secs(20), Duration::from_secs(60))
+        };
+        assert_eq!(nodes[0].join_window(), window, "adaptive: {adaptive}");
+        assert_eq!(nodes[1].group_wait(), wait, "adaptive: {adaptive}");
+
+        // D has crashed but is still in everyone's view: the leader A closes
+        // the group without it at its (fitted) window.
+        let round = MIN_SAMPLES as u64 + 1;
+        for (i, n) in nodes[..3].iter_mut().enumerate() {
+            n.start_round(now + ms(50 * i as u64), round, vec![1.0; 8])
+                .unwrap();
+        }
+        pump(&mut nodes[..3], now + ms(100));
+        let (done, o) = run_until_finished(&mut nodes[..3], 0, false);
+        assert_eq!(done - now, window, "adaptive: {adaptive}");
+        assert_eq!(o.group, vec![id(A), id(B), id(C)]);
+        now = done + ms(1_000);
+
+        // A's Group is lost (it dies right after closing): B, which counts A
+        // as its leader, waits its group wait and finishes alone. That wait
+        // now covers B's last one: A's Group came a window less 50 ms after
+        // B's start.
+        let wait = if adaptive {
+            (4 * (window - ms(50))).max(JOIN_FLOOR + GROUP_MARGIN)
+        } else {
+            wait
+        };
+        assert_eq!(nodes[1].group_wait(), wait, "adaptive: {adaptive}");
+        let round = round + 1;
+        for (i, n) in nodes[..3].iter_mut().enumerate() {
+            n.start_round(now + ms(50 * i as u64), round, vec![1.0; 8])
+                .unwrap();
+        }
+        pump_losing(&mut nodes[..3], now + ms(100), |_, t| {
+            matches!(t.msg, AvgMessage::Group { .. })
+        });
+        let (done, o) = run_until_finished(&mut nodes[..3], 1, true);
+        assert_eq!(done - (now + ms(50)), wait, "adaptive: {adaptive}");
+        assert_eq!(o.group, vec![id(B)], "alone");
+    }
+}
+
+/// Rounds 1..=`rounds` of A, B and C in which the member at index `staller`
+/// joins (and, if it is the smallest id, leads) but never sends a tensor.
+/// Returns the swarm and, per round, what honest member `watch` finished
+/// with: (round, group, dropped, time it took).
+#[allow(clippy::type_complexity)]
+fn rounds_with_a_staller(
+    staller: usize,
+    watch: usize,
+    rounds: u64,
+) -> (
+    Vec<Averager>,
+    Vec<(u64, Vec<NodeId>, Vec<NodeId>, Duration)>,
+) {
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    let mute = |i: usize, t: &Transmit| {
+        i == staller && matches!(t.msg, AvgMessage::Part { .. } | AvgMessage::Reduced { .. })
+    };
+    let mut now = ms(0);
+    let mut took = Vec::new();
+    for round in 1..=rounds {
+        for n in nodes.iter_mut() {
+            n.start_round(now, round, vec![round as f32; 6]).unwrap();
+        }
+        let mut evs = pump_losing(&mut nodes, now, mute);
+        let mut t = now;
+        while finished(&evs[watch]).is_empty() {
+            t = fire_next_timeout(&mut nodes);
+            evs = pump_losing(&mut nodes, t, mute);
+        }
+        let o = finished(&evs[watch]).pop().unwrap();
+        took.push((round, o.group.clone(), o.dropped.clone(), t - now));
+        // Let every round end (the staller waits for parts nobody sends it).
+        while nodes.iter().any(|n| n.in_flight().is_some()) {
+            t = fire_next_timeout(&mut nodes);
+            pump_losing(&mut nodes, t, mute);
+        }
+        now = t + ms(1_000);
+    }
+    (nodes, took)
+}
+
+#[test]
+fn a_member_that_stalls_every_round_sits_out_ever_longer() {
+    let (nodes, took) = rounds_with_a_staller(2, 0, 5);
+    let deadline = cfg().reduce_timeout;
+    let abc = vec![id(A), id(B), id(C)];
+    let ab = vec![id(A), id(B)];
+    assert_eq!(
+        took,
+        vec![
+            (1, abc.clone(), vec![id(C)], deadline),
+            (2, abc.clone(), vec![id(C)], deadline),
+            (3, ab.clone(), vec![], ms(0)),
+            (4, ab, vec![], ms(0)),
+            (5, abc, vec![id(C)], deadline),
+        ],
+        "two strikes, two rounds out, back, out again"
+    );
+    for n in &nodes[..2] {
+        assert_eq!(n.sitting_out(6), vec![id(C)], "4 rounds this time");
+        assert_eq!(n.sitting_out(9), vec![id(C)]);
+        assert!(n.sitting_out(10).is_empty());
+    }
+}
+
+#[test]
+fn a_stalling_leader_sits_out_and_its_group_is_refused() {
+    // A is the smallest id: while it takes part it leads every round.
+    let (nodes, took) = rounds_with_a_staller(0, 1, 4);
+    let deadline = cfg().reduce_timeout;
+    let abc = vec![id(A), id(B), id(C)];
+    let bc = vec![id(B), id(C)];
+    assert_eq!(
+        took,
+        vec![
+            (1, abc.clone(), vec![id(A)], deadline),
+            (2, abc, vec![id(A)], deadline),
+            (3, bc.clone(), vec![], ms(0)),
+            (4, bc, vec![], ms(0)),
+        ],
+        "B and C average as a pair at once, though A sends them its Group"
+    );
+    let refused = |n: &Averager| n.sitting_out(4) == vec![id(A)];
+    assert!(refused(&nodes[1]) && refused(&nodes[2]));
+}
+
+#[test]
+fn only_members_that_made_the_round_wait_earn_strikes() {
+    // C's tensors never arrive. B excludes C at once (as if it had sent
+    // invalid data), A waits for C until the deadline: after two such
+    // rounds A sits C out, B does not.
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    let silent_c = |i: usize, t: &Transmit| {
+        i == 2 && matches!(t.msg, AvgMessage::Part { .. } | AvgMessage::Reduced { .. })
+    };
+    let mut now = ms(0);
+    for round in 1..=2u64 {
+        for n in nodes.iter_mut() {
+            n.start_round(now, round, vec![1.0; 6]).unwrap();
+        }
+        pump_losing(&mut nodes, now, silent_c);
+        nodes[1].exclude_member(now, id(C));
+        while nodes.iter().any(|n| n.in_flight().is_some()) {
+            now = fire_next_timeout(&mut nodes);
+            pump_losing(&mut nodes, now, silent_c);
+        }
+        now += ms(1_000);
+    }
+    assert_eq!(nodes[0].sitting_out(3), vec![id(C)]);
+    assert!(
+        nodes[1].sitting_out(3).is_empty(),
+        "an exclusion costs no wait"
+    );
 }

@@ -92,6 +92,9 @@ pub(crate) struct Matchmaking {
     /// When a non-leader stops waiting for a `Group` and finishes alone.
     give_up_at: Duration,
     joined: BTreeSet<NodeId>,
+    /// Peers in another leader's group for this round that left us out: we
+    /// regroup without them.
+    taken: BTreeSet<NodeId>,
     /// When the latest new joiner was counted.
     last_join: Duration,
     next_join: Duration,
@@ -124,6 +127,7 @@ impl Matchmaking {
             close_at: now.saturating_add(waits.join_window),
             give_up_at: now.saturating_add(waits.group_wait),
             joined: BTreeSet::new(),
+            taken: BTreeSet::new(),
             last_join: now,
             next_join: now.saturating_add(cfg.join_retry()),
         }
@@ -131,8 +135,7 @@ impl Matchmaking {
 
     /// How long after our start every peer of `peers` had joined, if all have.
     pub(crate) fn all_joined_after(&self, peers: &BTreeSet<NodeId>) -> Option<Duration> {
-        peers
-            .iter()
+        self.awaited(peers)
             .all(|p| self.joined.contains(p))
             .then(|| self.last_join.saturating_sub(self.started))
     }
@@ -156,7 +159,7 @@ impl Matchmaking {
                 self.round, self.len
             ));
         }
-        if from == me || self.joined.contains(&from) {
+        if from == me || self.joined.contains(&from) || self.taken.contains(&from) {
             return Ok(());
         }
         if self.joined.len() >= MAX_GROUP_MEMBERS {
@@ -183,7 +186,27 @@ impl Matchmaking {
     /// Whether we lead and may close now: every live peer joined, or the window is over.
     pub(crate) fn should_close(&self, me: NodeId, peers: &BTreeSet<NodeId>, now: Duration) -> bool {
         self.leader(me) == me
-            && (now >= self.close_at || peers.iter().all(|p| self.joined.contains(p)))
+            && (now >= self.close_at || self.awaited(peers).all(|p| self.joined.contains(p)))
+    }
+
+    /// The peers of `peers` we still wait for: not in a group that left us out.
+    fn awaited<'a>(&'a self, peers: &'a BTreeSet<NodeId>) -> impl Iterator<Item = &'a NodeId> {
+        peers.iter().filter(|p| !self.taken.contains(p))
+    }
+
+    /// Another leader's group left us out: its `members` are taken for this
+    /// round, so we regroup with the peers left. Refuses (and changes
+    /// nothing) once [`MAX_GROUP_MEMBERS`] peers are taken.
+    pub(crate) fn set_aside(&mut self, members: &[NodeId]) -> Result<(), ()> {
+        let new = members.iter().filter(|m| !self.taken.contains(m)).count();
+        if self.taken.len() + new > MAX_GROUP_MEMBERS {
+            return Err(());
+        }
+        for m in members {
+            self.joined.remove(m);
+            self.taken.insert(*m);
+        }
+        Ok(())
     }
 
     /// The group the leader (`me`) forms: us and the joiners, ascending, at most `limit`

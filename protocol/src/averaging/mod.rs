@@ -20,10 +20,14 @@
 //!   they are out.
 //! - A non-leader follows the first `Group` for its round that lists it, accepted only from
 //!   its leader (`members[0]` must be the sender; otherwise `Rejected`). A `Group` for the
-//!   round that does not list us, or no `Group` by start + its group wait, finishes the
-//!   round alone: values unchanged, group `[me]`, nothing averaged. A leader whose group is
-//!   just itself still broadcasts it (waiting peers learn they are out), emits
-//!   `GroupFormed` and finishes at once with the same solo outcome.
+//!   round that does not list us sets its members aside for the round: we regroup with
+//!   the peers left (a new leader among them closes when all of them in its view have
+//!   joined, so peers left out of a full group, or by a hostile leader, still average
+//!   together). With nobody left we lead ourselves and finish at once. No `Group` by
+//!   start + its group wait finishes the round alone: values unchanged, group `[me]`,
+//!   nothing averaged. A leader whose group is just itself still broadcasts it (waiting
+//!   peers learn they are out), emits `GroupFormed` and finishes at once with the same
+//!   solo outcome.
 //! - A peer that stalled our recent rounds (dropped at the deadline from two of them
 //!   without a complete round between) sits out the next ones, for ever longer
 //!   ([`sitout`]): its `Join` is not counted, the leader does not wait for it, and a
@@ -520,9 +524,19 @@ impl Averager {
         self.matchmaking_deadlines.observe_group(waited);
         if members.binary_search(&self.me).is_ok() {
             self.form_group(now, members);
-        } else {
-            self.finish_alone();
+            return;
         }
+        // Left out (we joined late, the group was full, or the leader is
+        // hostile): regroup with whoever else is left, and finish alone only
+        // if nobody is.
+        let State::Matchmaking(mm) = &mut self.state else {
+            return;
+        };
+        if mm.set_aside(&members).is_err() {
+            self.finish_alone();
+            return;
+        }
+        self.try_close(now);
     }
 
     fn on_part(&mut self, from: NodeId, round: u64, part: u32, payload: &Payload) {

@@ -313,6 +313,36 @@ fn group_not_listing_me_finishes_alone_at_once() {
 }
 
 #[test]
+fn peers_a_leader_leaves_out_regroup_without_it() {
+    // A (the smallest id) leads and sends a Group of itself alone, leaving
+    // out B and C though both joined: they average as a pair instead of
+    // each finishing alone.
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    for n in nodes.iter_mut() {
+        n.start_round(ms(0), 1, vec![1.0; 4]).unwrap();
+    }
+    let exclude_all = AvgMessage::Group {
+        round: 1,
+        len: 4,
+        members: vec![id(A)],
+    };
+    let (b, c) = (nodes[1].me(), nodes[2].me());
+    let mut rest = nodes.split_off(1);
+    // A's own Join and its hostile Group reach B and C; A hears nothing.
+    for n in rest.iter_mut() {
+        n.handle_message(ms(1), id(A), AvgMessage::Join { round: 1, len: 4 });
+        n.handle_message(ms(2), id(A), exclude_all.clone());
+    }
+    let evs = pump(&mut rest, ms(3));
+    for (i, e) in evs.iter().enumerate() {
+        let done = finished(e);
+        assert_eq!(done.len(), 1, "node {i}: {e:?}");
+        assert_eq!(done[0].group, vec![b, c]);
+        assert!(done[0].parts.iter().all(|p| p.averaged));
+    }
+}
+
+#[test]
 fn group_from_a_non_leader_or_with_other_len_is_rejected_and_ignored() {
     let mut c = node(C, &[A, B, C]);
     c.start_round(ms(0), 1, vec![1.0]).expect("start");

@@ -1612,3 +1612,48 @@ fn only_members_that_made_the_round_wait_earn_strikes() {
         "an exclusion costs no wait"
     );
 }
+
+#[test]
+fn a_member_replaying_its_old_messages_changes_nothing() {
+    // C records everything it sends in round 1 and replays it all to A and
+    // B during round 2, before and after its honest round-2 messages.
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    let sent = std::cell::RefCell::new(Vec::new());
+    for n in nodes.iter_mut() {
+        n.start_round(ms(0), 1, vec![1.0; 6]).unwrap();
+    }
+    pump_losing(&mut nodes, ms(0), |i, t| {
+        if i == 2 {
+            sent.borrow_mut().push(t.msg.clone());
+        }
+        false
+    });
+    assert!(nodes.iter().all(|n| n.last_finished() == Some(1)));
+    let old = sent.into_inner();
+    assert!(old.iter().any(|m| matches!(m, AvgMessage::Part { .. })));
+    let vals: Vec<Vec<f32>> = (0..3).map(|i| vec![2.0 + i as f32; 6]).collect();
+    let replay = |nodes: &mut [Averager], now| {
+        for n in nodes[..2].iter_mut() {
+            for m in &old {
+                n.handle_message(now, id(C), m.clone());
+            }
+        }
+    };
+    for (n, v) in nodes.iter_mut().zip(&vals) {
+        n.start_round(ms(10), 2, v.clone()).unwrap();
+    }
+    replay(&mut nodes, ms(10));
+    let mut evs = pump(&mut nodes, ms(11));
+    replay(&mut nodes, ms(12));
+    for (e, n) in evs.iter_mut().zip(nodes.iter_mut()) {
+        e.extend(events(n));
+    }
+    let want = mean(&[&vals[0], &vals[1], &vals[2]]);
+    for (i, e) in evs.iter().enumerate() {
+        let done = finished(e);
+        assert_eq!(done.len(), 1, "node {i}: {e:?}");
+        assert_eq!(done[0].round, 2);
+        assert!(done[0].dropped.is_empty());
+        assert_eq!(bits(&done[0].values), bits(&want), "node {i}");
+    }
+}

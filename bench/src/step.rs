@@ -90,7 +90,7 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
 pub fn breakdown(args: &StepArgs) -> anyhow::Result<()> {
     use burn::module::AutodiffModule;
     use burn::nn::loss::CrossEntropyLoss;
-    use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+    use burn::optim::{GradientsParams, Optimizer};
     use burn::tensor::{Distribution, Int, Tensor, TensorData};
 
     type Inner = burn::backend::NdArray;
@@ -98,7 +98,7 @@ pub fn breakdown(args: &StepArgs) -> anyhow::Result<()> {
     let device = Default::default();
     let batch = args.batch;
     let mut model = ModelKind::Mlp.init::<B>(&device, 1);
-    let mut optim = AdamConfig::new().init();
+    let mut optim = p2ptrain_train::adam::optimizer();
     let x = Tensor::<B, 2>::random([batch, 784], Distribution::Normal(0.0, 1.0), &device);
     let labels: Vec<i64> = (0..batch as i64).map(|i| i % 10).collect();
     let y = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [batch]), &device);

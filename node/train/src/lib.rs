@@ -14,6 +14,7 @@
 // AVX2/FMA or AVX-512 at run time instead of using SSE2 kernels.
 use matrixmultiply as _;
 
+pub mod adam;
 pub mod backend;
 pub mod data;
 pub mod layout;

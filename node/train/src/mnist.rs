@@ -10,7 +10,9 @@ use std::sync::Arc;
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLoss;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
+
+use crate::adam::FusedAdam;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -27,7 +29,7 @@ const EVAL_BATCH: usize = 500;
 /// An MNIST learner: a model, its Adam optimizer, the data and this peer's shard.
 pub struct MnistTask<B: AutodiffBackend> {
     model: Model<B>,
-    optim: OptimizerAdaptor<Adam, Model<B>, B>,
+    optim: OptimizerAdaptor<FusedAdam, Model<B>, B>,
     data: Arc<MnistData>,
     device: B::Device,
     batch_size: usize,
@@ -70,7 +72,7 @@ impl<B: AutodiffBackend> MnistTask<B> {
         let shard: Vec<usize> = (0..data.num_train()).collect();
         let mut task = Self {
             model,
-            optim: AdamConfig::new().init(),
+            optim: crate::adam::optimizer(),
             data,
             device: device.clone(),
             batch_size,
@@ -313,7 +315,7 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
     }
 
     fn set_optim_state(&mut self, state: &OptimState) -> Result<(), TaskError> {
-        let optim = std::mem::replace(&mut self.optim, AdamConfig::new().init());
+        let optim = std::mem::replace(&mut self.optim, crate::adam::optimizer());
         self.optim = guarded(|| optim_state::import(optim, &self.model, state))??;
         Ok(())
     }

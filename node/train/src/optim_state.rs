@@ -12,20 +12,22 @@ use std::collections::HashMap;
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::AdaptorRecord;
-use burn::optim::{Adam, AdamConfig, AdamState, AdaptiveMomentumState, Optimizer};
+use burn::optim::{AdamState, AdaptiveMomentumState, Optimizer};
+
+use crate::adam::FusedAdam;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 
 use crate::task::{OptimState, TaskError};
 
-type Records<B> = HashMap<ParamId, AdaptorRecord<Adam, B>>;
+type Records<B> = HashMap<ParamId, AdaptorRecord<FusedAdam, B>>;
 
 /// Reads the Adam moments of every parameter of `model` from `optim`, in
 /// visit order; `None` before the first step (the optimizer holds no state).
 ///
 /// # Panics
 /// If the backend cannot read a tensor back (a lost device), like `params::flatten`.
-pub fn export<B, M>(optim: &OptimizerAdaptor<Adam, M, B>, model: &M) -> Option<OptimState>
+pub fn export<B, M>(optim: &OptimizerAdaptor<FusedAdam, M, B>, model: &M) -> Option<OptimState>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
@@ -51,10 +53,10 @@ where
 /// Checks lengths and finiteness (and that second moments are not negative)
 /// first, so a damaged state never reaches the optimizer.
 pub fn import<B, M>(
-    optim: OptimizerAdaptor<Adam, M, B>,
+    optim: OptimizerAdaptor<FusedAdam, M, B>,
     model: &M,
     state: &OptimState,
-) -> Result<OptimizerAdaptor<Adam, M, B>, TaskError>
+) -> Result<OptimizerAdaptor<FusedAdam, M, B>, TaskError>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
@@ -92,7 +94,7 @@ pub const FLUSH_EVERY: u64 = 100;
 /// cleared here instead, every [`FLUSH_EVERY`] steps ([`TinyMomentFlush`]).
 /// On an error `optim` is left with fresh moments.
 pub fn flush_tiny_moments<B, M>(
-    optim: &mut OptimizerAdaptor<Adam, M, B>,
+    optim: &mut OptimizerAdaptor<FusedAdam, M, B>,
     model: &M,
 ) -> Result<(), TaskError>
 where
@@ -112,7 +114,7 @@ where
     if flushed == 0 {
         return Ok(());
     }
-    let taken = std::mem::replace(optim, AdamConfig::new().init());
+    let taken = std::mem::replace(optim, crate::adam::optimizer());
     *optim = import(taken, model, &state)?;
     Ok(())
 }
@@ -134,7 +136,7 @@ impl TinyMomentFlush {
     /// Call after each optimizer step of `optim` on `model`.
     pub fn after_step<B, M>(
         &mut self,
-        optim: &mut OptimizerAdaptor<Adam, M, B>,
+        optim: &mut OptimizerAdaptor<FusedAdam, M, B>,
         model: &M,
     ) -> Result<(), TaskError>
     where

@@ -19,7 +19,9 @@ use crate::task::{validate_params, Shard, TaskError};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLoss;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{Adam, AdamConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+
+use crate::adam::FusedAdam;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use model::{token_tensor, LmStage, Shape, VOCAB};
@@ -142,7 +144,7 @@ pub struct CharLmStage<B: AutodiffBackend> {
     spec: StageSpec,
     config: CharLmConfig,
     model: Option<LmStage<B>>,
-    optim: OptimizerAdaptor<Adam, LmStage<B>, B>,
+    optim: OptimizerAdaptor<FusedAdam, LmStage<B>, B>,
     accumulator: GradientsAccumulator<LmStage<B>>,
     accumulated: usize,
     /// Clears Adam moments before they turn subnormal.
@@ -193,7 +195,7 @@ impl<B: AutodiffBackend> CharLmStage<B> {
             spec,
             config: *config,
             model: Some(LmStage::new(&shape, layers, config.seed, device)),
-            optim: AdamConfig::new().init(),
+            optim: crate::adam::optimizer(),
             accumulator: GradientsAccumulator::new(),
             accumulated: 0,
             flush: crate::optim_state::TinyMomentFlush::default(),

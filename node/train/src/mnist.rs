@@ -9,10 +9,9 @@ use std::sync::Arc;
 
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLoss;
-use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsParams, Optimizer};
 
-use crate::adam::FusedAdam;
+use crate::adam::TrainOptimizer;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -29,7 +28,7 @@ const EVAL_BATCH: usize = 500;
 /// An MNIST learner: a model, its Adam optimizer, the data and this peer's shard.
 pub struct MnistTask<B: AutodiffBackend> {
     model: Model<B>,
-    optim: OptimizerAdaptor<FusedAdam, Model<B>, B>,
+    optim: TrainOptimizer<Model<B>, B>,
     data: Arc<MnistData>,
     device: B::Device,
     batch_size: usize,

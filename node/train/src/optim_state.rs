@@ -10,11 +10,10 @@
 use std::collections::HashMap;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
-use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::record::AdaptorRecord;
 use burn::optim::{AdamState, AdaptiveMomentumState, Optimizer};
 
-use crate::adam::FusedAdam;
+use crate::adam::{FusedAdam, TrainOptimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 
@@ -27,7 +26,7 @@ type Records<B> = HashMap<ParamId, AdaptorRecord<FusedAdam, B>>;
 ///
 /// # Panics
 /// If the backend cannot read a tensor back (a lost device), like `params::flatten`.
-pub fn export<B, M>(optim: &OptimizerAdaptor<FusedAdam, M, B>, model: &M) -> Option<OptimState>
+pub fn export<B, M>(optim: &TrainOptimizer<M, B>, model: &M) -> Option<OptimState>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
@@ -53,10 +52,10 @@ where
 /// Checks lengths and finiteness (and that second moments are not negative)
 /// first, so a damaged state never reaches the optimizer.
 pub fn import<B, M>(
-    optim: OptimizerAdaptor<FusedAdam, M, B>,
+    optim: TrainOptimizer<M, B>,
     model: &M,
     state: &OptimState,
-) -> Result<OptimizerAdaptor<FusedAdam, M, B>, TaskError>
+) -> Result<TrainOptimizer<M, B>, TaskError>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
@@ -94,7 +93,7 @@ pub const FLUSH_EVERY: u64 = 100;
 /// cleared here instead, every [`FLUSH_EVERY`] steps ([`TinyMomentFlush`]).
 /// On an error `optim` is left with fresh moments.
 pub fn flush_tiny_moments<B, M>(
-    optim: &mut OptimizerAdaptor<FusedAdam, M, B>,
+    optim: &mut TrainOptimizer<M, B>,
     model: &M,
 ) -> Result<(), TaskError>
 where
@@ -136,7 +135,7 @@ impl TinyMomentFlush {
     /// Call after each optimizer step of `optim` on `model`.
     pub fn after_step<B, M>(
         &mut self,
-        optim: &mut OptimizerAdaptor<FusedAdam, M, B>,
+        optim: &mut TrainOptimizer<M, B>,
         model: &M,
     ) -> Result<(), TaskError>
     where

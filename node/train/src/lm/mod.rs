@@ -18,10 +18,9 @@ use crate::stage::{Forward, StageSpec, StageTask};
 use crate::task::{validate_params, Shard, TaskError};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLoss;
-use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 
-use crate::adam::FusedAdam;
+use crate::adam::TrainOptimizer;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use model::{token_tensor, LmStage, Shape, VOCAB};
@@ -144,7 +143,7 @@ pub struct CharLmStage<B: AutodiffBackend> {
     spec: StageSpec,
     config: CharLmConfig,
     model: Option<LmStage<B>>,
-    optim: OptimizerAdaptor<FusedAdam, LmStage<B>, B>,
+    optim: TrainOptimizer<LmStage<B>, B>,
     accumulator: GradientsAccumulator<LmStage<B>>,
     accumulated: usize,
     /// Clears Adam moments before they turn subnormal.

@@ -17,7 +17,7 @@ use libp2p::Multiaddr;
 use p2ptrain_node::driver::{self, Budget, NodeConfig, NodeEvent, Schedule};
 use p2ptrain_node::net::NetConfig;
 use p2ptrain_node::task::{validate_params, EvalStats, Shard, StepStats, Task, TaskError};
-use p2ptrain_protocol::averaging::AveragingConfig;
+use p2ptrain_protocol::averaging::{AveragingConfig, DEFAULT_PART_VALUES};
 use p2ptrain_protocol::tensor::Encoding;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -44,6 +44,10 @@ pub struct AllreduceArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
+    /// Values per averaging part before a member's share is cut into several
+    /// (the protocol's `part_values`); a huge value sends one part per member.
+    #[arg(long, default_value_t = DEFAULT_PART_VALUES)]
+    pub part_values: usize,
 }
 
 /// Flags of `p2ptrain-bench avg-node` (one process of `allreduce`).
@@ -64,6 +68,9 @@ pub struct AvgNodeArgs {
     /// Averaging codec.
     #[arg(long)]
     pub compression: String,
+    /// Values per averaging part.
+    #[arg(long)]
+    pub part_values: usize,
     /// Swarm name (unique per run).
     #[arg(long)]
     pub swarm: String,
@@ -178,6 +185,7 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
         },
         averaging: AveragingConfig {
             compression,
+            part_values: args.part_values,
             ..driver::network_averaging(Duration::from_secs(10), Duration::from_secs(120))
         },
         seed: 1,
@@ -236,6 +244,7 @@ pub async fn run(args: AllreduceArgs) -> anyhow::Result<()> {
                 .args(["--values", &args.values.to_string()])
                 .args(["--rounds", &args.rounds.to_string()])
                 .args(["--compression", &args.compression])
+                .args(["--part-values", &args.part_values.to_string()])
                 .args(["--swarm", &swarm]);
             if let Some(b) = bootstrap {
                 cmd.args(["--bootstrap", &b]);
@@ -352,6 +361,7 @@ pub async fn run(args: AllreduceArgs) -> anyhow::Result<()> {
         "peers": args.peers,
         "values": args.values,
         "compression": args.compression,
+        "part_values": args.part_values,
         "rounds_timed": per_round.len(),
         "s_median": s,
         "s_min": per_round.iter().copied().fold(f64::INFINITY, f64::min),

@@ -150,7 +150,7 @@ fn same_len(what: &'static str, want: usize, got: usize) -> Result<(), OuterErro
 }
 
 fn finite(what: &'static str, values: &[f32]) -> Result<(), OuterError> {
-    match values.iter().position(|v| !v.is_finite()) {
+    match crate::tensor::first_non_finite(values) {
         Some(index) => Err(OuterError::NotFinite { what, index }),
         None => Ok(()),
     }

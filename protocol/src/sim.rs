@@ -354,7 +354,7 @@ impl Sim {
     fn send(&mut self, from: usize, to: usize, msg: AvgMessage) {
         self.messages_sent += 1;
         if let AvgMessage::Part { payload, .. } | AvgMessage::Reduced { payload, .. } = &msg {
-            self.payload_bytes_sent += payload.bytes.0.len() as u64;
+            self.payload_bytes_sent += payload.bytes.len() as u64;
         }
         let lost = self.rng.chance(self.cfg.loss);
         let (lo, hi) = self.cfg.latency;

@@ -226,9 +226,9 @@ impl Message {
             Message::Chunk { index, data, .. } => {
                 check_chunk_index(*index)?;
                 match data {
-                    Some(d) if d.0.len() > MAX_CHUNK_BYTES as usize => {
+                    Some(d) if d.len() > MAX_CHUNK_BYTES as usize => {
                         Err(StateError::ChunkTooLong {
-                            len: d.0.len(),
+                            len: d.len(),
                             max: MAX_CHUNK_BYTES,
                         }
                         .into())
@@ -451,7 +451,7 @@ mod tests {
             Message::Chunk {
                 root: [3; 32],
                 index: 2,
-                data: Some(Bytes(vec![5])),
+                data: Some(Bytes::from(vec![5])),
             },
             compressed(Encoding::F16),
             compressed(Encoding::Bf16),
@@ -475,7 +475,7 @@ mod tests {
             len,
             encoding,
             digest: *blake3::hash(&bytes).as_bytes(),
-            bytes: Bytes(bytes),
+            bytes: Bytes::from(bytes),
         }
     }
 
@@ -574,7 +574,7 @@ mod tests {
     #[test]
     fn content_validation_rejects_what_honest_peers_never_send() {
         let mut bad_digest = Payload::from_f32(&[1.0, 2.0]);
-        bad_digest.bytes.0[0] ^= 1;
+        bad_digest.bytes.make_mut()[0] ^= 1;
         let cases: Vec<(Message, ContentError)> = vec![
             (
                 Message::Avg(AvgMessage::Part {
@@ -693,7 +693,7 @@ mod tests {
                 Message::Chunk {
                     root: [1; 32],
                     index: 0,
-                    data: Some(Bytes(vec![0; MAX_CHUNK_BYTES as usize + 1])),
+                    data: Some(Bytes::from(vec![0; MAX_CHUNK_BYTES as usize + 1])),
                 },
                 ContentError::State(StateError::ChunkTooLong {
                     len: MAX_CHUNK_BYTES as usize + 1,
@@ -840,7 +840,7 @@ mod tests {
             Encoding::TopK { k: 2 },
         ] {
             let payload = Payload::encode(&[1.0, 2.0, 3.0, 4.0], encoding);
-            let body = payload.bytes.0.len();
+            let body = payload.bytes.len();
             let msg = Message::Avg(AvgMessage::Part {
                 round: 9,
                 part: 0,

@@ -65,7 +65,7 @@ fn codec_speed_10m_values() {
             encode.as_secs_f64() * 1e3,
             decode.as_secs_f64() * 1e3,
             validate.as_secs_f64() * 1e3,
-            p.bytes.0.len() as f64 / f32_bytes,
+            p.bytes.len() as f64 / f32_bytes,
             err
         );
     }
@@ -79,6 +79,6 @@ fn codec_speed_10m_values() {
         t.elapsed().as_secs_f64() * 1e3,
         "-",
         "-",
-        p.bytes.0.len() as f64 / f32_bytes
+        p.bytes.len() as f64 / f32_bytes
     );
 }

@@ -90,7 +90,12 @@ fn check_structure(ids: &[NodeId], peer: usize, o: &RoundOutcome) {
     assert!(o.group.contains(&me), "own group lacks me");
     assert_eq!(o.values.len(), LEN);
     let ranges: Vec<_> = o.parts.iter().map(|p| p.range.clone()).collect();
-    assert_eq!(ranges, split_ranges(LEN, o.group.len()));
+    assert_eq!(ranges, split_ranges(LEN, o.parts.len()));
+    assert_eq!(
+        o.parts.len() % o.group.len(),
+        0,
+        "parts not a multiple of members"
+    );
     for (k, part) in o.parts.iter().enumerate() {
         assert!(!part.contributors.is_empty());
         assert!(part.contributors.windows(2).all(|w| w[0] < w[1]));
@@ -311,6 +316,40 @@ fn a_third_of_the_peers_crash_at_random_times_under_thirty_percent_loss() {
             }
             assert_eq!(rejections(&sim, p), 0);
         }
+    }
+}
+
+#[test]
+fn several_parts_per_member_stay_exact_under_loss_and_crashes() {
+    for seed in [61, 62] {
+        let mut cfg = lossy(seed, 0.3);
+        // 1000 values among up to 16 members: 3 parts of ~20 values per member.
+        cfg.averaging.part_values = 20;
+        let (mut sim, ids, initial, crashed) = start_all_then_crash(&cfg, seed, 5);
+        sim.run_until(round_bound(&cfg.averaging, ms(0)));
+        let (mut averaged, mut total) = (0, 0);
+        for p in 0..16 {
+            let outs = sim.outcomes(p);
+            if !crashed.contains(&p) {
+                assert_eq!(outs.len(), 1, "seed {seed}: survivor {p} did not finish");
+            }
+            for o in outs {
+                check_outcome(&ids, &initial, p, o);
+                let n = o.group.len();
+                if n > 1 {
+                    assert_eq!(o.parts.len(), cfg.averaging.part_count(LEN, n));
+                    assert_eq!(o.parts.len(), 3 * n, "seed {seed}: peer {p}");
+                }
+                averaged += o.parts.iter().filter(|q| q.averaged).count();
+                total += o.parts.len();
+            }
+            assert_eq!(rejections(&sim, p), 0);
+        }
+        // 30% loss and 5 crashes in the first 3 s: most parts still get averaged.
+        assert!(
+            averaged * 2 >= total,
+            "seed {seed}: only {averaged} of {total} parts averaged"
+        );
     }
 }
 

@@ -49,9 +49,9 @@ fn any_payload() -> impl Strategy<Value = Payload> {
         (honest_payload(), 0u8..4, any::<u32>(), any::<u8>()).prop_map(|(mut p, how, n, byte)| {
             match how {
                 0 => p.len = n % 4096,
-                1 => p.bytes.0.push(byte),
+                1 => p.bytes.make_mut().push(byte),
                 2 => {
-                    if let Some(b) = p.bytes.0.first_mut() {
+                    if let Some(b) = p.bytes.make_mut().first_mut() {
                         *b ^= byte | 1;
                     }
                 }
@@ -152,7 +152,7 @@ fn any_message() -> impl Strategy<Value = Message> {
             .prop_map(|(root, index, data)| Message::Chunk {
                 root,
                 index,
-                data: data.map(Bytes),
+                data: data.map(Bytes::from),
             }),
         (
             any::<u64>(),

@@ -215,7 +215,7 @@ impl Driver {
                 let budget = self.served.chunks_per_window();
                 let now = self.now();
                 let data = if self.serve_budget.allow(from_id, now, budget) {
-                    self.served.chunk(root, *index).map(Bytes)
+                    self.served.chunk(root, *index).map(Bytes::from)
                 } else {
                     warn!(peer = %from, index, budget, "chunk request over the peer's budget; refused");
                     None
@@ -233,7 +233,7 @@ impl Driver {
             Message::Chunk { root, index, data } => {
                 let now = self.now();
                 if let Some(d) = self.download.as_mut().filter(|d| d.claim().root == *root) {
-                    d.handle_chunk(now, from_id, *index, data.as_ref().map(|b| b.0.as_slice()));
+                    d.handle_chunk(now, from_id, *index, data.as_deref());
                 }
             }
             _ => {}

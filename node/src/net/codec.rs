@@ -12,6 +12,7 @@ use p2ptrain_protocol::wire::MAX_MESSAGE_BYTES;
 /// Largest frame: a maximal message plus the swarm-secret MAC.
 const MAX_FRAME_BYTES: usize = MAX_MESSAGE_BYTES + super::secret::MAC_LEN;
 use std::io;
+use std::sync::Arc;
 
 /// The protocol name negotiated for direct messages.
 pub const DIRECT_PROTOCOL: StreamProtocol = StreamProtocol::new("/p2ptrain/direct/1");
@@ -52,14 +53,15 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> 
 
 impl libp2p::request_response::Codec for FrameCodec {
     type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
+    /// Shared, so the sender can keep it for a retry without copying it.
+    type Request = Arc<Vec<u8>>;
     type Response = Vec<u8>;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Arc<Vec<u8>>>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, MAX_FRAME_BYTES).await
+        read_frame(io, MAX_FRAME_BYTES).await.map(Arc::new)
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
@@ -74,7 +76,7 @@ impl libp2p::request_response::Codec for FrameCodec {
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Vec<u8>,
+        req: Arc<Vec<u8>>,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,

@@ -10,6 +10,7 @@ mod behaviour;
 pub mod codec;
 pub mod nat;
 pub mod secret;
+pub mod send_queue;
 
 use behaviour::{Behaviour, BehaviourEvent};
 use futures::StreamExt;
@@ -23,6 +24,7 @@ use libp2p::{
     Multiaddr, PeerId, Swarm,
 };
 use nat::{MembersOnly, Reachability, RelayState};
+use send_queue::{Pushed, SendQueues};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,8 +42,6 @@ const KAD_BOOTSTRAP_MIN_GAP: Duration = Duration::from_secs(1);
 /// Sends of one direct message before it is given up (a dropped duplicate
 /// connection or a redial can fail a send that a retry delivers).
 const DIRECT_ATTEMPTS: u8 = 3;
-/// Direct messages kept for retry at once; beyond this, sends are not retried.
-const MAX_RETRYABLE: usize = 1024;
 /// How long a relayed connection stays open after a direct one to the same
 /// peer opened: both ends must see the direct connection before the relayed
 /// one closes, or the slower end takes the peer for gone (and gossip, which
@@ -299,6 +299,7 @@ impl Network {
             candidates: HashSet::new(),
             proven: HashSet::new(),
             in_flight: HashMap::new(),
+            queues: SendQueues::default(),
             last_bootstrap: None,
             relay_server: config.relay,
             loopback_only: config.listen.iter().all(nat::is_loopback),
@@ -355,8 +356,11 @@ struct EventLoop {
     candidates: HashSet<PeerId>,
     /// With a swarm secret: peers whose membership proof checked out.
     proven: HashSet<PeerId>,
-    /// Direct messages awaiting their acknowledgement, kept to retry them.
+    /// Direct messages awaiting their acknowledgement, kept to retry them
+    /// (at most [`send_queue::MAX_IN_FLIGHT`] per peer).
     in_flight: HashMap<request_response::OutboundRequestId, Outbound>,
+    /// Direct messages held back so each peer receives them in order.
+    queues: SendQueues<PeerId, Outbound>,
     /// When the last Kademlia lookup started.
     last_bootstrap: Option<tokio::time::Instant>,
     /// This node relays for others (`--relay`).
@@ -375,7 +379,9 @@ struct EventLoop {
 
 struct Outbound {
     peer: PeerId,
-    bytes: Vec<u8>,
+    /// Shared with the request handed to the transport, so keeping it for a
+    /// retry copies nothing.
+    bytes: Arc<Vec<u8>>,
     attempts: u8,
 }
 
@@ -447,23 +453,36 @@ impl EventLoop {
         *lock(&self.stats.nat) = (self.relays.reachability(), self.relays.reserved_on());
     }
 
-    fn send_direct(&mut self, peer: PeerId, bytes: Vec<u8>, attempts: u8) {
-        if self.in_flight.len() < MAX_RETRYABLE {
-            let id = self
-                .swarm
-                .behaviour_mut()
-                .direct
-                .send_request(&peer, bytes.clone());
-            self.in_flight.insert(
-                id,
-                Outbound {
-                    peer,
-                    bytes,
-                    attempts,
-                },
-            );
-        } else {
-            self.swarm.behaviour_mut().direct.send_request(&peer, bytes);
+    /// Queues a direct message to `peer` behind those already on their way.
+    fn send_direct(&mut self, peer: PeerId, bytes: Vec<u8>) {
+        let out = Outbound {
+            peer,
+            bytes: Arc::new(bytes),
+            attempts: 1,
+        };
+        match self.queues.push(peer, out) {
+            Pushed::SendNow(out) => self.dispatch(out),
+            Pushed::Waiting => {}
+            Pushed::DroppedOldest(old) => {
+                warn!(peer = %old.peer, "too many direct messages waiting; the oldest is dropped")
+            }
+        }
+    }
+
+    /// Hands a direct message to the transport.
+    fn dispatch(&mut self, out: Outbound) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .direct
+            .send_request(&out.peer, Arc::clone(&out.bytes));
+        self.in_flight.insert(id, out);
+    }
+
+    /// A direct message to `peer` is done with: the next one waiting goes out.
+    fn dispatch_next(&mut self, peer: PeerId) {
+        if let Some(next) = self.queues.finished(&peer) {
+            self.dispatch(next);
         }
     }
 
@@ -499,7 +518,7 @@ impl EventLoop {
                 self.stats
                     .bytes_sent
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                self.send_direct(to, bytes, 1);
+                self.send_direct(to, bytes);
             }
         }
     }
@@ -624,6 +643,10 @@ impl EventLoop {
                     }
                 }
                 if num_established == 0 {
+                    let dropped = self.queues.forget(&peer_id);
+                    if dropped > 0 {
+                        debug!(peer = %peer_id, dropped, "peer disconnected; waiting direct messages dropped");
+                    }
                     self.relays.peer_gone(&peer_id);
                     self.candidates.remove(&peer_id);
                     self.proven.remove(&peer_id);
@@ -670,7 +693,7 @@ impl EventLoop {
                 let me = self.swarm.local_peer_id().to_bytes();
                 let proof = key.membership_proof(&me, &peer_id.to_bytes());
                 self.candidates.insert(peer_id);
-                self.send_direct(peer_id, proof, 1);
+                self.send_direct(peer_id, proof);
                 if self.proven.contains(&peer_id) {
                     self.admit(peer_id).await;
                 }
@@ -735,13 +758,17 @@ impl EventLoop {
                 self.stats
                     .bytes_received
                     .fetch_add(request.len() as u64, Ordering::Relaxed);
-                self.emit_message(peer, request);
+                // The transport handed the only reference over: no copy.
+                let bytes = Arc::try_unwrap(request).unwrap_or_else(|shared| (*shared).clone());
+                self.emit_message(peer, bytes);
             }
             BehaviourEvent::Direct(request_response::Event::Message {
                 message: request_response::Message::Response { request_id, .. },
                 ..
             }) => {
-                self.in_flight.remove(&request_id);
+                if let Some(out) = self.in_flight.remove(&request_id) {
+                    self.dispatch_next(out.peer);
+                }
             }
             BehaviourEvent::Direct(request_response::Event::OutboundFailure {
                 peer,
@@ -754,9 +781,16 @@ impl EventLoop {
                         && (self.members.contains(&peer) || self.candidates.contains(&peer)) =>
                 {
                     debug!(%peer, %error, attempt = out.attempts, "direct message failed; retrying");
-                    self.send_direct(out.peer, out.bytes, out.attempts + 1);
+                    self.dispatch(Outbound {
+                        attempts: out.attempts + 1,
+                        ..out
+                    });
                 }
-                _ => warn!(%peer, %error, "direct message failed"),
+                Some(out) => {
+                    warn!(%peer, %error, "direct message failed");
+                    self.dispatch_next(out.peer);
+                }
+                None => warn!(%peer, %error, "direct message failed"),
             },
             BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,

@@ -142,7 +142,7 @@ pub fn validate_params(expected: usize, values: &[f32]) -> Result<(), TaskError>
             got: values.len(),
         });
     }
-    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+    if let Some(index) = p2ptrain_protocol::tensor::first_non_finite(values) {
         return Err(TaskError::NonFinite { index });
     }
     Ok(())

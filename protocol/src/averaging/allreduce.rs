@@ -1,4 +1,8 @@
-//! The butterfly all-reduce inside a formed group: member k reduces part k.
+//! The butterfly all-reduce inside a formed group: the vector is cut into parts, and member
+//! `k mod n` of the `n` members reduces part k. Short vectors have one part per member; long
+//! ones several per member ([`AveragingConfig::part_count`]), so a reducer averages and
+//! returns its first parts while later ones are still arriving, and encryption, decoding
+//! and reduction overlap instead of running one after the other.
 
 use super::config::{part_encoding, AveragingConfig};
 use super::outcome::{Destination, Outbox, PartOutcome, RoundOutcome};
@@ -16,21 +20,24 @@ struct PartResult {
     values: Vec<f32>,
 }
 
-/// The part we reduced in the last finished round, kept so a member whose `Reduced` got lost
-/// and who keeps re-sending its `Part` still gets an answer.
+/// The parts we reduced in the last finished round, kept so a member whose `Reduced` got
+/// lost and who keeps re-sending its `Part` still gets an answer.
 #[derive(Debug)]
 pub(crate) struct LastReduced {
     round: u64,
     group: Vec<NodeId>,
-    part: u32,
-    msg: AvgMessage,
+    /// Our `Reduced` messages by part index.
+    parts: Vec<(u32, AvgMessage)>,
 }
 
 impl LastReduced {
     /// Answers a late `Part` of that round from one of its members with the stored result.
     pub(crate) fn reack(&self, round: u64, from: NodeId, part: u32, out: &mut Outbox) {
-        if round == self.round && part == self.part && self.group.binary_search(&from).is_ok() {
-            out.send(Destination::Peer(from), self.msg.clone());
+        if round != self.round || self.group.binary_search(&from).is_err() {
+            return;
+        }
+        if let Some((_, msg)) = self.parts.iter().find(|(p, _)| *p == part) {
+            out.send(Destination::Peer(from), msg.clone());
         }
     }
 }
@@ -41,6 +48,7 @@ pub(crate) struct AllReduce {
     round: u64,
     group: Vec<NodeId>,
     me_idx: usize,
+    /// The values of each part; part `j` is reduced by member `j % group.len()`.
     ranges: Vec<Range<usize>>,
     local: Vec<f32>,
     /// How our `Part`s and our `Reduced` are encoded.
@@ -48,20 +56,21 @@ pub(crate) struct AllReduce {
     /// Whether parts may travel (and be accepted) as sparse entries
     /// ([`AveragingConfig::sparse`]).
     sparse: bool,
-    /// How our part is reduced, and whether received parts are screened.
+    /// How our parts are reduced, and whether received parts are screened.
     aggregation: super::Aggregation,
-    /// Parts whose reduced values we refused as implausible (they stay local; the round
-    /// does not wait for them).
+    /// Parts whose reduced values we refused as implausible, or whose reducer we excluded
+    /// (they stay local; the round does not wait for them). By part.
     refused: Vec<bool>,
-    /// Members dropped from this round for sending invalid data.
+    /// Members dropped from this round for sending invalid data. By member.
     excluded: Vec<bool>,
     /// Our `Part` payload per part, until that part's `Reduced` arrives (ack).
     outgoing: Vec<Option<Payload>>,
-    /// Contributions to our part, by member index.
-    contributions: Vec<Option<Vec<f32>>>,
+    /// Contributions to the parts we reduce: by part, then by member (empty for the parts
+    /// others reduce, and once the part is reduced).
+    contributions: Vec<Vec<Option<Vec<f32>>>>,
     results: Vec<Option<PartResult>>,
-    /// Our `Reduced` message once our part is done.
-    reduced: Option<AvgMessage>,
+    /// Our `Reduced` message per part we reduce, once that part is done.
+    reduced: Vec<Option<AvgMessage>>,
     reducer_deadline: Duration,
     deadline: Duration,
     next_retransmit: Duration,
@@ -72,9 +81,10 @@ pub(crate) struct AllReduce {
 
 impl AllReduce {
     /// Enters the all-reduce at `now` as member `me_idx` of `group` (ascending), sending our
-    /// values of every other part to its reducer, encoded with the configured compression.
-    /// Our own contribution to our part goes through the same quantisation, so every
-    /// contribution is averaged as its reducer sees it.
+    /// values of every part others reduce to its reducer, encoded with the configured
+    /// compression, in part order (so the first parts arrive, and come back reduced,
+    /// first). Our own contribution to the parts we reduce goes through the same
+    /// quantisation, so every contribution is averaged as its reducer sees it.
     pub(crate) fn start(
         round: u64,
         group: Vec<NodeId>,
@@ -87,19 +97,23 @@ impl AllReduce {
         let n = group.len();
         let encoding = cfg.wire_encoding();
         let sparse = cfg.sparse;
-        let ranges = split_ranges(local.len(), n);
-        let mut outgoing = vec![None; n];
-        let mut contributions = vec![None; n];
+        let ranges = split_ranges(local.len(), cfg.part_count(local.len(), n));
+        let parts = ranges.len();
+        let mut outgoing = vec![None; parts];
+        let mut contributions = vec![Vec::new(); parts];
         for (j, range) in ranges.iter().enumerate() {
             let values = local.get(range.clone()).unwrap_or_default();
             let part_encoding = part_encoding(values, encoding, sparse);
-            if j == me_idx {
-                contributions[j] = Some(quantize(values, part_encoding));
+            let reducer = j % n;
+            if reducer == me_idx {
+                let mut slots = vec![None; n];
+                slots[me_idx] = Some(quantize(values, part_encoding));
+                contributions[j] = slots;
                 continue;
             }
             let payload = Payload::encode(values, part_encoding);
             out.send(
-                Destination::Peer(group[j]),
+                Destination::Peer(group[reducer]),
                 AvgMessage::Part {
                     round,
                     part: j as u32,
@@ -110,7 +124,8 @@ impl AllReduce {
         }
         AllReduce {
             round,
-            results: (0..n).map(|_| None).collect(),
+            results: (0..parts).map(|_| None).collect(),
+            reduced: vec![None; parts],
             group,
             me_idx,
             ranges,
@@ -118,11 +133,10 @@ impl AllReduce {
             encoding,
             sparse,
             aggregation: cfg.aggregation,
-            refused: vec![false; n],
+            refused: vec![false; parts],
             excluded: vec![false; n],
             outgoing,
             contributions,
-            reduced: None,
             reducer_deadline: now.saturating_add(cfg.reducer_wait()),
             deadline: now.saturating_add(cfg.reduce_timeout),
             next_retransmit: now.saturating_add(cfg.retry()),
@@ -140,59 +154,90 @@ impl AllReduce {
         self.ranges.get(j).map_or(0, |r| r.len())
     }
 
-    /// A member's values for our part.
+    /// The index (in the group) of the member that reduces part `j`.
+    fn reducer_of(&self, j: usize) -> usize {
+        j % self.group.len()
+    }
+
+    /// `part` as an index into this round's parts, or `None` (and a rejection of `from`'s
+    /// `what`) if the round has no such part.
+    fn part_index(&self, what: &str, from: NodeId, part: u32, out: &mut Outbox) -> Option<usize> {
+        let parts = self.ranges.len();
+        if (part as usize) < parts {
+            return Some(part as usize);
+        }
+        let round = self.round;
+        out.reject(
+            from,
+            format!("{what} {part} for round {round}, but the round has {parts} parts"),
+        );
+        None
+    }
+
+    /// The parts we reduce.
+    fn own_parts(&self) -> impl Iterator<Item = usize> {
+        (self.me_idx..self.ranges.len()).step_by(self.group.len())
+    }
+
     pub(crate) fn on_part(&mut self, from: NodeId, part: u32, payload: &Payload, out: &mut Outbox) {
         let round = self.round;
         let Ok(idx) = self.group.binary_search(&from) else {
             out.reject(from, format!("Part for round {round} from a non-member"));
             return;
         };
-        if part as usize != self.me_idx {
+        let Some(j) = self.part_index("Part", from, part, out) else {
+            return;
+        };
+        if self.reducer_of(j) != self.me_idx {
             out.reject(
                 from,
                 format!(
-                    "Part {part} for round {round} sent to us, but we reduce part {}",
-                    self.me_idx
+                    "Part {part} for round {round} sent to us, but member {} of the group \
+                     reduces it",
+                    self.reducer_of(j)
                 ),
             );
             return;
         }
-        if let Some(msg) = &self.reduced {
-            // Already reduced: a repeat means our Reduced was lost; answer it again.
+        if let Some(Some(msg)) = self.reduced.get(j) {
             out.send(Destination::Peer(from), msg.clone());
             return;
         }
-        if self.contributions.get(idx).is_some_and(Option::is_some) {
+        if self
+            .contributions
+            .get(j)
+            .and_then(|slots| slots.get(idx))
+            .is_some_and(Option::is_some)
+        {
             return; // duplicate: the first contribution wins
         }
-        let want = self.part_len(self.me_idx);
-        let values = match decode_part(payload, want, self.sparse) {
+        let values = match decode_part(payload, self.part_len(j), self.sparse) {
             Ok(v) => v,
             Err(e) => {
                 out.reject(from, format!("Part {part} for round {round} {e}"));
                 return;
             }
         };
-        if let Some(slot) = self.contributions.get_mut(idx) {
+        if let Some(slot) = self.contributions.get_mut(j).and_then(|s| s.get_mut(idx)) {
             *slot = Some(values);
         }
-        self.reduce_if_all_in(out);
+        self.reduce_if_all_in(j, out);
     }
 
-    /// Reduces our part once every member not excluded has contributed.
-    fn reduce_if_all_in(&mut self, out: &mut Outbox) {
-        let all_in = self
-            .contributions
+    /// Reduces our part `j` once every member not excluded has contributed to it.
+    fn reduce_if_all_in(&mut self, j: usize, out: &mut Outbox) {
+        let Some(slots) = self.contributions.get(j) else {
+            return;
+        };
+        let all_in = slots
             .iter()
             .zip(&self.excluded)
             .all(|(c, excluded)| c.is_some() || *excluded);
-        if all_in && self.reduced.is_none() {
-            self.reduce_own(out);
+        if all_in && self.reduced.get(j).is_some_and(Option::is_none) {
+            self.reduce_own(j, out);
         }
     }
 
-    /// Stops waiting for `member` in this round: neither its contribution to our part nor
-    /// its reduced part (which stays local) is waited for. Ourselves and strangers are ignored.
     pub(crate) fn exclude(&mut self, member: NodeId, out: &mut Outbox) {
         let Ok(idx) = self.group.binary_search(&member) else {
             return;
@@ -203,18 +248,23 @@ impl AllReduce {
         if let Some(flag) = self.excluded.get_mut(idx) {
             *flag = true;
         }
-        if self.results.get(idx).is_some_and(Option::is_none) {
-            if let Some(flag) = self.refused.get_mut(idx) {
-                *flag = true;
+        let n = self.group.len();
+        for j in (idx..self.ranges.len()).step_by(n) {
+            if self.results.get(j).is_some_and(Option::is_none) {
+                if let Some(flag) = self.refused.get_mut(j) {
+                    *flag = true;
+                }
             }
         }
-        if let Some(c) = self.contributions.get_mut(idx) {
-            *c = None;
+        let own: Vec<usize> = self.own_parts().collect();
+        for j in own {
+            if let Some(c) = self.contributions.get_mut(j).and_then(|s| s.get_mut(idx)) {
+                *c = None;
+            }
+            self.reduce_if_all_in(j, out);
         }
-        self.reduce_if_all_in(out);
     }
 
-    /// A reducer's result for its part.
     pub(crate) fn on_reduced(
         &mut self,
         from: NodeId,
@@ -224,17 +274,10 @@ impl AllReduce {
         out: &mut Outbox,
     ) {
         let round = self.round;
-        let j = part as usize;
-        let Some(&reducer) = self.group.get(j) else {
-            out.reject(
-                from,
-                format!(
-                    "Reduced part {part} for round {round}, but the group has {} parts",
-                    self.group.len()
-                ),
-            );
+        let Some(j) = self.part_index("Reduced part", from, part, out) else {
             return;
         };
+        let reducer = self.group[self.reducer_of(j)];
         if reducer != from {
             out.reject(
                 from,
@@ -244,7 +287,7 @@ impl AllReduce {
             );
             return;
         }
-        if j == self.me_idx {
+        if self.reducer_of(j) == self.me_idx {
             out.reject(
                 from,
                 format!("Reduced part {part} for round {round}, which we reduce"),
@@ -290,8 +333,6 @@ impl AllReduce {
             None => self.aggregation.plausible(own, &values),
         };
         if !plausible {
-            // A robust swarm keeps its own values for this part rather than a result far
-            // from them: a hostile reducer can hold its part back, not steer it.
             if let Some(flag) = self.refused.get_mut(j) {
                 *flag = true;
             }
@@ -309,16 +350,15 @@ impl AllReduce {
         }
     }
 
-    /// Averages the contributions we have into our part and sends the result to every other
-    /// member. The contributions are the decoded (quantised) values; the sum runs in f64 in
-    /// member (ascending id) order, then divides and casts to f32, so every peer can recompute
-    /// it bit for bit. The result is encoded with our compression, and we keep exactly what
-    /// the members decode from it, so the whole group ends with the same values.
-    fn reduce_own(&mut self, out: &mut Outbox) {
-        let len = self.part_len(self.me_idx);
+    /// Reduces our part `j` from the contributions in, and sends the result to every other
+    /// member.
+    fn reduce_own(&mut self, j: usize, out: &mut Outbox) {
+        let len = self.part_len(j);
+        let slots = self.contributions.get_mut(j).map(std::mem::take);
+        let slots = slots.unwrap_or_default();
         let mut contributors = Vec::new();
         let mut rows: Vec<&[f32]> = Vec::new();
-        for (member, contribution) in self.group.iter().zip(&self.contributions) {
+        for (member, contribution) in self.group.iter().zip(&slots) {
             if let Some(values) = contribution {
                 contributors.push(*member);
                 rows.push(values);
@@ -328,38 +368,55 @@ impl AllReduce {
         let encoding = part_encoding(&mean, self.encoding, self.sparse);
         let msg = AvgMessage::Reduced {
             round: self.round,
-            part: self.me_idx as u32,
+            part: j as u32,
             contributors: contributors.clone(),
             payload: Payload::encode(&mean, encoding),
         };
-        let mean = quantize(&mean, encoding);
-        for (j, member) in self.group.iter().enumerate() {
-            if j != self.me_idx {
+        // What the members decode; f32 decodes to itself, so no copy is needed then.
+        let mean = if encoding == Encoding::F32 {
+            mean
+        } else {
+            quantize(&mean, encoding)
+        };
+        for (k, member) in self.group.iter().enumerate() {
+            if k != self.me_idx {
                 out.send(Destination::Peer(*member), msg.clone());
             }
         }
-        self.contributions = Vec::new();
-        if let Some(slot) = self.results.get_mut(self.me_idx) {
+        if let Some(slot) = self.results.get_mut(j) {
             *slot = Some(PartResult {
                 contributors,
                 values: mean,
             });
         }
-        self.reduced = Some(msg);
+        if let Some(slot) = self.reduced.get_mut(j) {
+            *slot = Some(msg);
+        }
     }
 
-    /// Re-sends unacknowledged parts and reduces our part at its deadline.
+    /// Whether some part we reduce still waits for contributions.
+    fn reducing(&self) -> bool {
+        self.own_parts()
+            .any(|j| self.reduced.get(j).is_some_and(Option::is_none))
+    }
+
     pub(crate) fn on_timeout(&mut self, now: Duration, cfg: &AveragingConfig, out: &mut Outbox) {
-        if self.reduced.is_none() && now >= self.reducer_deadline {
-            self.reduce_own(out);
+        if now >= self.reducer_deadline {
+            let pending: Vec<usize> = self
+                .own_parts()
+                .filter(|&j| self.reduced.get(j).is_some_and(Option::is_none))
+                .collect();
+            for j in pending {
+                self.reduce_own(j, out);
+            }
         }
         if now >= self.next_retransmit {
             self.next_retransmit = now.saturating_add(cfg.retry());
             if now < self.deadline {
                 for (j, payload) in self.outgoing.iter().enumerate() {
-                    if let (Some(payload), Some(member)) = (payload, self.group.get(j)) {
+                    if let Some(payload) = payload {
                         out.send(
-                            Destination::Peer(*member),
+                            Destination::Peer(self.group[self.reducer_of(j)]),
                             AvgMessage::Part {
                                 round: self.round,
                                 part: j as u32,
@@ -372,7 +429,6 @@ impl AllReduce {
         }
     }
 
-    /// Whether the round is over: every part has its result, or the deadline passed.
     pub(crate) fn is_complete(&self, now: Duration) -> bool {
         now >= self.deadline
             || self
@@ -382,10 +438,9 @@ impl AllReduce {
                 .all(|(r, refused)| r.is_some() || *refused)
     }
 
-    /// The earliest time something can happen.
     pub(crate) fn next_timeout(&self) -> Duration {
         let mut t = self.deadline;
-        if self.reduced.is_none() {
+        if self.reducing() {
             t = t.min(self.reducer_deadline);
         }
         if self.outgoing.iter().any(Option::is_some) {
@@ -396,13 +451,21 @@ impl AllReduce {
 
     /// Assembles the round's outcome (averaged parts replaced, the rest local), what to
     /// keep for late re-acks, and the dropped members that made the round wait (not those
-    /// excluded for invalid data or whose reduced part we refused: that costs no time).
+    /// excluded for invalid data or one of whose reduced parts we refused: that costs no
+    /// time).
     pub(crate) fn finish(self) -> (RoundOutcome, Option<LastReduced>, Vec<NodeId>) {
+        let n = self.group.len();
         let me = self.group[self.me_idx];
         let mut values = self.local;
         let mut parts = Vec::with_capacity(self.ranges.len());
         let mut dropped = BTreeSet::new();
-        for ((range, result), reducer) in self.ranges.iter().zip(self.results).zip(&self.group) {
+        let mut refused_any = vec![false; n];
+        for (j, refused) in self.refused.iter().enumerate() {
+            if *refused {
+                refused_any[j % n] = true;
+            }
+        }
+        for (j, (range, result)) in self.ranges.iter().zip(self.results).enumerate() {
             match result {
                 Some(result) => {
                     if let Some(dst) = values.get_mut(range.clone()) {
@@ -422,7 +485,7 @@ impl AllReduce {
                     });
                 }
                 None => {
-                    dropped.insert(*reducer);
+                    dropped.insert(self.group[j % n]);
                     parts.push(PartOutcome {
                         range: range.clone(),
                         contributors: vec![me],
@@ -435,15 +498,20 @@ impl AllReduce {
         let stalled = self
             .group
             .iter()
-            .zip(self.excluded.iter().zip(&self.refused))
+            .zip(self.excluded.iter().zip(&refused_any))
             .filter(|(m, (excluded, refused))| dropped.contains(*m) && !**excluded && !**refused)
             .map(|(m, _)| *m)
             .collect();
-        let last = self.reduced.map(|msg| LastReduced {
+        let reduced: Vec<(u32, AvgMessage)> = self
+            .reduced
+            .into_iter()
+            .enumerate()
+            .filter_map(|(j, msg)| msg.map(|m| (j as u32, m)))
+            .collect();
+        let last = (!reduced.is_empty()).then(|| LastReduced {
             round: self.round,
             group: self.group.clone(),
-            part: self.me_idx as u32,
-            msg,
+            parts: reduced,
         });
         let outcome = RoundOutcome {
             round: self.round,

@@ -16,6 +16,11 @@ pub const MAX_ROUNDS_AHEAD: u64 = 4;
 /// How many future rounds' `Join`s are buffered at once.
 pub const MAX_BUFFERED_ROUNDS: usize = 4;
 
+/// Default [`AveragingConfig::part_values`]: 4 MB of f32, small enough that a 10M-value
+/// vector streams in several parts per member, large enough that per-message costs
+/// (a stream, an acknowledgement, a digest) stay negligible.
+pub const DEFAULT_PART_VALUES: usize = 1 << 20;
+
 /// Shortest retry interval actually used, so a zero setting cannot spin the driver.
 const MIN_RETRY: Duration = Duration::from_millis(1);
 
@@ -62,6 +67,11 @@ pub struct AveragingConfig {
     /// How a reducer combines its part's contributions (the swarm's `--aggregation`), and
     /// whether members screen the reduced parts they receive (robust rules only).
     pub aggregation: super::Aggregation,
+    /// Values per part above which a member's share of a long vector is cut into several
+    /// parts ([`AveragingConfig::part_count`]), so reduced parts stream back while later
+    /// ones still arrive. Changes how parts are numbered: all members of a swarm must agree
+    /// (members that do not refuse each other's parts with a message saying so).
+    pub part_values: usize,
 }
 
 /// Why an [`AveragingConfig`] cannot be used as given.
@@ -93,6 +103,7 @@ impl Default for AveragingConfig {
             compression: Encoding::F32,
             sparse: false,
             aggregation: super::Aggregation::Mean,
+            part_values: DEFAULT_PART_VALUES,
         }
     }
 }
@@ -134,6 +145,16 @@ impl AveragingConfig {
         self.max_group_size.clamp(1, MAX_GROUP_MEMBERS)
     }
 
+    /// How many parts a round over `len` values among `members` members has: one per
+    /// member, or several per member (the same number for each) when a member's share is
+    /// longer than [`AveragingConfig::part_values`], at most [`MAX_GROUP_MEMBERS`] in all.
+    /// Part `k` is reduced by member `k mod members`. Every member computes the same count.
+    pub fn part_count(&self, len: usize, members: usize) -> usize {
+        let members = members.clamp(1, MAX_GROUP_MEMBERS);
+        let per_member = len / members / self.part_values.max(1);
+        members * per_member.clamp(1, MAX_GROUP_MEMBERS / members)
+    }
+
     /// When, after group formation, a reducer stops waiting for contributions: three
     /// quarters of the reduce timeout, leaving the last quarter for `Reduced` to travel.
     pub(crate) fn reducer_wait(&self) -> Duration {
@@ -163,6 +184,30 @@ pub(crate) fn part_encoding(values: &[f32], dense: Encoding, sparse: bool) -> En
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_vectors_get_several_parts_per_member_within_the_limit() {
+        let cfg = AveragingConfig::default();
+        // Short vectors (every model we bundle): one part per member.
+        assert_eq!(cfg.part_count(269_322, 4), 4);
+        assert_eq!(cfg.part_count(3, 8), 8);
+        assert_eq!(cfg.part_count(0, 1), 1);
+        // 10M values: 5M per member of a pair, 4 parts of at least 1Mi values each.
+        assert_eq!(cfg.part_count(10_000_000, 2), 8);
+        assert_eq!(cfg.part_count(25_000_000, 4), 20);
+        // Never more parts than the wire allows, always a multiple of the members.
+        let tiny = AveragingConfig {
+            part_values: 1,
+            ..cfg
+        };
+        assert_eq!(tiny.part_count(1_000_000, 2), MAX_GROUP_MEMBERS);
+        assert_eq!(tiny.part_count(1_000_000, 3), 1023);
+        assert_eq!(
+            tiny.part_count(1_000_000, MAX_GROUP_MEMBERS),
+            MAX_GROUP_MEMBERS
+        );
+        assert_eq!(tiny.part_count(1_000_000, 5_000), MAX_GROUP_MEMBERS);
+    }
 
     #[test]
     fn effective_values_are_clamped() {

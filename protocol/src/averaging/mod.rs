@@ -38,15 +38,19 @@
 //!   [`deadline`]), with those as ceilings.
 //!
 //! # All-reduce in a group of n members (ascending ids)
-//! - The vector is cut with [`split_ranges`](crate::tensor::split_ranges)`(len, n)`; member k
-//!   reduces part k. Each member sends `Part{j}` (its values of range j) to member j and keeps
-//!   part k as its own contribution, re-sending every `retry_interval` until that part's
-//!   `Reduced` arrives (the ack) or the reduce deadline (formation + `reduce_timeout`) passes.
-//! - Reducer k finishes part k when all n contributions are in, or at formation + 3/4 of
+//! - The vector is cut with [`split_ranges`](crate::tensor::split_ranges)`(len, p)` into
+//!   `p =` [`AveragingConfig::part_count`] parts: n for short vectors, a multiple of n when a
+//!   member's share is longer than `part_values`. Member `j mod n` reduces part j. Each
+//!   member sends `Part{j}` (its values of range j) to part j's reducer, in part order, and
+//!   keeps the parts it reduces as its own contribution, re-sending every `retry_interval`
+//!   until that part's `Reduced` arrives (the ack) or the reduce deadline (formation +
+//!   `reduce_timeout`) passes.
+//! - A reducer finishes each of its parts when all n contributions are in (so early parts
+//!   travel back while later ones still arrive), or at formation + 3/4 of
 //!   `reduce_timeout` (so the result still has time to travel): the mean over the
 //!   contributions received (as decoded), summed in f64 in member order, divided, cast to
-//!   f32. It sends `Reduced{k, contributors, mean}` to every other member and answers any
-//!   later `Part` for k (also after the round, for the last finished round) with it again.
+//!   f32. It sends `Reduced{j, contributors, mean}` to every other member and answers any
+//!   later `Part` for j (also after the round, for the last finished round) with it again.
 //! - A member finishes when it has every part's result, or at the reduce deadline; parts it
 //!   never got keep its local values (`averaged = false`). Members missing from contributors,
 //!   and reducers that never answered, are listed in `dropped`.
@@ -91,8 +95,8 @@ pub mod sitout;
 mod tests;
 
 pub use config::{
-    AveragingConfig, AveragingConfigError, MAX_BUFFERED_ROUNDS, MAX_GROUP_MEMBERS,
-    MAX_ROUNDS_AHEAD, MAX_VECTOR_LEN,
+    AveragingConfig, AveragingConfigError, DEFAULT_PART_VALUES, MAX_BUFFERED_ROUNDS,
+    MAX_GROUP_MEMBERS, MAX_ROUNDS_AHEAD, MAX_VECTOR_LEN,
 };
 pub use messages::AvgMessage;
 pub use outcome::{AveragingError, AvgEvent, Destination, PartOutcome, RoundOutcome, Transmit};
@@ -327,7 +331,7 @@ impl Averager {
                 max: MAX_VECTOR_LEN,
             });
         }
-        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        if let Some(index) = crate::tensor::first_non_finite(&values) {
             return Err(AveragingError::NonFinite { index });
         }
         self.reference = reference;

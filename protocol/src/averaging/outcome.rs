@@ -48,7 +48,9 @@ pub struct RoundOutcome {
     pub group: Vec<NodeId>,
     /// The full vector after the round: averaged parts replaced, the rest local.
     pub values: Vec<f32>,
-    /// One entry per part, in order (`split_ranges(len, group.len())`).
+    /// One entry per part, in order (`split_ranges(len, part_count)`, see
+    /// [`AveragingConfig::part_count`](super::AveragingConfig::part_count)): one per member
+    /// for short vectors, part k reduced by member `k mod group.len()`.
     pub parts: Vec<PartOutcome>,
     /// Other members that failed us somewhere: missing from an averaged part's contributors,
     /// or the reducer of a part we never got. Ascending, never ourselves.

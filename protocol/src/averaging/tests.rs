@@ -98,7 +98,7 @@ fn forged(values: &[f32]) -> Payload {
         len: values.len() as u32,
         encoding: Encoding::F32,
         digest: *blake3::hash(&bytes).as_bytes(),
-        bytes: Bytes(bytes),
+        bytes: Bytes::from(bytes),
     }
 }
 
@@ -801,6 +801,7 @@ fn random_traffic_never_panics_or_finishes_twice() {
                 compression: ENCODINGS[trial % ENCODINGS.len()],
                 sparse: trial % 3 == 0,
                 aggregation: Aggregation::Mean,
+                part_values: [1, 2, DEFAULT_PART_VALUES][trial % 3],
             },
         );
         a.set_peers(&pool);
@@ -1134,7 +1135,7 @@ fn reducer_accepts_other_dense_encodings_and_rejects_top_k() {
         Payload {
             len: u32::MAX,
             encoding: Encoding::TopK { k: 0 },
-            bytes: Bytes(vec![]),
+            bytes: Bytes::from(vec![]),
             digest: *blake3::hash(&[]).as_bytes(),
         },
     ];
@@ -1146,8 +1147,8 @@ fn reducer_accepts_other_dense_encodings_and_rejects_top_k() {
     }
     // A corrupt int8 body (NaN scale) names the problem.
     let mut bad = Payload::encode(&[1.0, 2.0, 3.0], Encoding::Int8 { block: 4 });
-    bad.bytes.0[..4].copy_from_slice(&f32::NAN.to_le_bytes());
-    bad.digest = *blake3::hash(&bad.bytes.0).as_bytes();
+    bad.bytes.make_mut()[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    bad.digest = *blake3::hash(&bad.bytes).as_bytes();
     a.handle_message(ms(10), id(B), part(bad));
     let r = rejections(&events(&mut a));
     assert!(r.len() == 1 && r[0].contains("scale"), "{r:?}");
@@ -1656,4 +1657,149 @@ fn a_member_replaying_its_old_messages_changes_nothing() {
         assert!(done[0].dropped.is_empty());
         assert_eq!(bits(&done[0].values), bits(&want), "node {i}");
     }
+}
+
+/// Two members with `part_values` 2 over 8 values: 4 parts, A reduces 0 and 2, B 1 and 3.
+fn pair_with_small_parts(vals: &[Vec<f32>; 2]) -> Vec<Averager> {
+    let config = AveragingConfig {
+        part_values: 2,
+        ..cfg()
+    };
+    let mut nodes = swarm(&[A, B], &config);
+    assert_eq!(config.part_count(8, 2), 4);
+    for (n, v) in nodes.iter_mut().zip(vals) {
+        n.start_round(ms(0), 1, v.clone()).expect("start");
+    }
+    nodes
+}
+
+#[test]
+fn a_reducer_returns_each_part_as_soon_as_its_contributions_are_in() {
+    let vals = [
+        (0..8).map(|i| i as f32).collect::<Vec<f32>>(),
+        (0..8).map(|i| 10.0 + i as f32 * 0.5).collect(),
+    ];
+    let mut nodes = pair_with_small_parts(&vals);
+    // Form the group, losing A's Parts (B's arrive; A reduces parts 0 and 2 at once).
+    let evs = pump_losing(&mut nodes, ms(1), |i, t| {
+        i == 0 && matches!(t.msg, AvgMessage::Part { .. })
+    });
+    assert!(evs.iter().all(|e| rejections(e).is_empty()), "{evs:?}");
+    assert_eq!(
+        nodes[0].in_flight(),
+        Some(1),
+        "A still waits for parts 1 and 3"
+    );
+    // A re-sends its Parts in part order, each to that part's reducer.
+    let now = ms(501);
+    nodes[0].handle_timeout(now);
+    let parts: Vec<(Destination, u32, Payload)> = transmits(&mut nodes[0])
+        .into_iter()
+        .filter_map(|t| match t.msg {
+            AvgMessage::Part { part, payload, .. } => Some((t.to, part, payload)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        parts
+            .iter()
+            .map(|(to, p, _)| (to.clone(), *p))
+            .collect::<Vec<_>>(),
+        vec![(Destination::Peer(id(B)), 1), (Destination::Peer(id(B)), 3)]
+    );
+    // Part 1 alone: B sends Reduced{1} before part 3 has arrived.
+    let (_, _, first) = &parts[0];
+    nodes[1].handle_message(now, id(A), part_msg(1, first.clone()));
+    let sent = transmits(&mut nodes[1]);
+    let reduced: Vec<u32> = sent
+        .iter()
+        .filter_map(|t| match t.msg {
+            AvgMessage::Reduced { part, .. } => Some(part),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reduced, vec![1]);
+    for t in sent {
+        nodes[0].handle_message(now, id(B), t.msg);
+    }
+    let (_, _, second) = &parts[1];
+    nodes[1].handle_message(now, id(A), part_msg(3, second.clone()));
+    let evs = pump(&mut nodes, now);
+    let want = mean(&[&vals[0], &vals[1]]);
+    for e in &evs {
+        assert!(rejections(e).is_empty(), "{e:?}");
+        let done = finished(e);
+        assert_eq!(done.len(), 1);
+        let o = &done[0];
+        assert_eq!(bits(&o.values), bits(&want));
+        assert_eq!(
+            o.parts.iter().map(|p| p.range.clone()).collect::<Vec<_>>(),
+            split_ranges(8, 4)
+        );
+        assert!(o
+            .parts
+            .iter()
+            .all(|p| p.averaged && p.contributors == o.group));
+    }
+}
+
+fn part_msg(part: u32, payload: Payload) -> AvgMessage {
+    AvgMessage::Part {
+        round: 1,
+        part,
+        payload,
+    }
+}
+
+#[test]
+fn a_silent_member_leaves_every_part_it_reduces_local() {
+    let vals = [
+        (0..8).map(|i| i as f32).collect::<Vec<f32>>(),
+        (0..8).map(|i| -(i as f32)).collect(),
+    ];
+    let mut nodes = pair_with_small_parts(&vals);
+    // B forms the group with A, then nothing it sends after the Join arrives.
+    let evs = pump_losing(&mut nodes, ms(1), |i, t| {
+        i == 1 && !matches!(t.msg, AvgMessage::Join { .. })
+    });
+    assert!(rejections(&evs[0]).is_empty());
+    while nodes[0].in_flight().is_some() {
+        let now = nodes[0].poll_timeout().expect("timer");
+        nodes[0].handle_timeout(now);
+        transmits(&mut nodes[0]);
+    }
+    let done = finished(&events(&mut nodes[0]));
+    let o = &done[0];
+    assert_eq!(o.dropped, vec![id(B)]);
+    // A's own parts hold A's values (B never contributed): the mean over A alone.
+    assert_eq!(
+        o.parts.iter().map(|p| p.averaged).collect::<Vec<_>>(),
+        vec![true, false, true, false]
+    );
+    assert_eq!(bits(&o.values), bits(&vals[0]));
+    assert!(o.parts.iter().all(|p| p.contributors == vec![id(A)]));
+}
+
+#[test]
+fn members_cutting_parts_differently_are_refused_with_a_reason() {
+    let mut a = Averager::new(
+        id(A),
+        AveragingConfig {
+            part_values: 2,
+            ..cfg()
+        },
+    );
+    a.set_peers(&[id(A), id(B)]);
+    a.start_round(ms(0), 1, vec![1.0; 8]).expect("start");
+    a.handle_message(ms(1), id(B), AvgMessage::Join { round: 1, len: 8 });
+    transmits(&mut a);
+    events(&mut a);
+    // B cuts 8 values in 2 parts (one per member): its part 0 has 4 values, ours 2.
+    a.handle_message(ms(2), id(B), part_msg(0, Payload::from_f32(&[2.0; 4])));
+    // And a part index past our 4 parts.
+    a.handle_message(ms(3), id(B), part_msg(4, Payload::from_f32(&[2.0; 2])));
+    let why = rejections(&events(&mut a));
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(why[0].contains("has 4 values, the part has 2"), "{why:?}");
+    assert!(why[1].contains("the round has 4 parts"), "{why:?}");
 }

@@ -243,7 +243,7 @@ fn top_k_entries(bytes: &[u8], len: u32, mut put: impl FnMut(u32, f32)) -> Resul
 }
 
 /// The first non-finite value's index, if any.
-fn first_non_finite(values: impl Iterator<Item = f32>) -> Result<(), TensorError> {
+fn first_non_finite_of(values: impl Iterator<Item = f32>) -> Result<(), TensorError> {
     let mut values = values;
     match values.position(|v| !v.is_finite()) {
         Some(index) => Err(TensorError::NonFinite { index }),
@@ -256,15 +256,18 @@ pub(super) fn check(bytes: &[u8], len: u32, encoding: Encoding) -> Result<(), Te
     match encoding {
         Encoding::F32 => {
             let chunks = exact_chunks::<4>(bytes, len)?;
-            first_non_finite(chunks.iter().map(|c| f32::from_le_bytes(*c)))
+            match super::first_non_finite_le(chunks) {
+                Some(index) => Err(TensorError::NonFinite { index }),
+                None => Ok(()),
+            }
         }
         Encoding::F16 => {
             let chunks = exact_chunks::<2>(bytes, len)?;
-            first_non_finite(chunks.iter().map(|c| f16_to_f32(u16::from_le_bytes(*c))))
+            first_non_finite_of(chunks.iter().map(|c| f16_to_f32(u16::from_le_bytes(*c))))
         }
         Encoding::Bf16 => {
             let chunks = exact_chunks::<2>(bytes, len)?;
-            first_non_finite(chunks.iter().map(|c| bf16_to_f32(u16::from_le_bytes(*c))))
+            first_non_finite_of(chunks.iter().map(|c| bf16_to_f32(u16::from_le_bytes(*c))))
         }
         Encoding::Int8 { block } => {
             let (_, quants) = int8_parts(bytes, len, block)?;
@@ -321,8 +324,10 @@ pub(super) fn decode(bytes: &[u8], len: u32, encoding: Encoding) -> Result<Vec<f
             return Ok(out);
         }
     };
-    first_non_finite(out.iter().copied())?;
-    Ok(out)
+    match super::first_non_finite(&out) {
+        Some(index) => Err(TensorError::NonFinite { index }),
+        None => Ok(out),
+    }
 }
 
 /// The body as exactly `len` groups of `N` bytes.

@@ -39,6 +39,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 
 /// Largest int8 block: bounds the values one scale covers (larger blocks lose precision to
 /// one outlier) and keeps hostile block sizes out.
@@ -187,20 +188,66 @@ impl FromStr for Encoding {
 }
 
 /// Raw bytes that serialize as one length-prefixed blob (`serialize_bytes`), not element by
-/// element, so large tensors encode and decode with a single copy.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Bytes(pub Vec<u8>);
+/// element, so large tensors encode and decode with a single copy. Shared: a clone (a
+/// message kept for re-sending, one reduced part sent to every member) copies nothing.
+/// Their blake3 hash is computed once and remembered, so a receiver that validates a
+/// message and then decodes it hashes its bytes once.
+#[derive(Clone, Default)]
+pub struct Bytes {
+    data: Arc<Vec<u8>>,
+    hash: OnceLock<[u8; 32]>,
+}
+
+impl Bytes {
+    /// The bytes, writable (copied first if a clone shares them); forgets the hash.
+    pub fn make_mut(&mut self) -> &mut Vec<u8> {
+        self.hash = OnceLock::new();
+        Arc::make_mut(&mut self.data)
+    }
+
+    /// blake3 of the bytes, computed on first use.
+    pub fn blake3(&self) -> [u8; 32] {
+        *self
+            .hash
+            .get_or_init(|| *blake3::hash(&self.data).as_bytes())
+    }
+}
+
+impl PartialEq for Bytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.data == other.data
+    }
+}
+
+impl Eq for Bytes {}
+
+impl From<Vec<u8>> for Bytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        Bytes {
+            data: Arc::new(bytes),
+            hash: OnceLock::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
 
 impl fmt::Debug for Bytes {
     /// Prints only the length: a tensor's bytes in a log line help nobody.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Bytes({} bytes)", self.0.len())
+        write!(f, "Bytes({} bytes)", self.data.len())
     }
 }
 
 impl Serialize for Bytes {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.0)
+        serializer.serialize_bytes(&self.data)
     }
 }
 
@@ -222,11 +269,11 @@ impl<'de> Visitor<'de> for BytesVisitor {
     }
 
     fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
-        Ok(Bytes(v.to_vec()))
+        Ok(Bytes::from(v.to_vec()))
     }
 
     fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
-        Ok(Bytes(v))
+        Ok(Bytes::from(v))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
@@ -235,7 +282,7 @@ impl<'de> Visitor<'de> for BytesVisitor {
         while let Some(byte) = seq.next_element::<u8>()? {
             out.push(byte);
         }
-        Ok(Bytes(out))
+        Ok(Bytes::from(out))
     }
 }
 
@@ -364,11 +411,12 @@ impl Payload {
 
     /// Wraps encoded bytes with their digest.
     fn sealed(len: u32, encoding: Encoding, bytes: Vec<u8>) -> Payload {
-        let digest = *blake3::hash(&bytes).as_bytes();
+        let bytes = Bytes::from(bytes);
+        let digest = bytes.blake3();
         Payload {
             len,
             encoding,
-            bytes: Bytes(bytes),
+            bytes,
             digest,
         }
     }
@@ -379,7 +427,7 @@ impl Payload {
     /// top-k indices). Agrees with `decode` on every input.
     pub fn validate(&self) -> Result<(), TensorError> {
         self.check_envelope()?;
-        codec::check(&self.bytes.0, self.len, self.encoding)
+        codec::check(&self.bytes, self.len, self.encoding)
     }
 
     /// Decodes the values after the checks of [`Payload::validate`]. The result has `len`
@@ -389,17 +437,17 @@ impl Payload {
     /// so a receiver that knows how many values to expect compares `len` first.
     pub fn decode(&self) -> Result<Vec<f32>, TensorError> {
         self.check_envelope()?;
-        codec::decode(&self.bytes.0, self.len, self.encoding)
+        codec::decode(&self.bytes, self.len, self.encoding)
     }
 
     /// Encoding parameters, byte length against `len`, digest.
     fn check_envelope(&self) -> Result<(), TensorError> {
         let expected = self.encoding.encoded_bytes(self.len)?;
-        let got = self.bytes.0.len() as u64;
+        let got = self.bytes.len() as u64;
         if expected != got {
             return Err(TensorError::LengthMismatch { expected, got });
         }
-        if blake3::hash(&self.bytes.0).as_bytes() != &self.digest {
+        if self.bytes.blake3() != self.digest {
             return Err(TensorError::DigestMismatch);
         }
         Ok(())
@@ -418,6 +466,52 @@ pub fn quantize(values: &[f32], encoding: Encoding) -> Vec<f32> {
         return values.to_vec();
     }
     codec::quantize(values, encoding)
+}
+
+/// Values checked at a time by [`first_non_finite`]: a branch-free pass over a block
+/// vectorises, an early exit per value does not (10M values: ~10 ms before, ~1 ms after).
+const FINITE_BLOCK: usize = 1024;
+
+/// The index of the first NaN or infinity in `values`, if any. Every vector a peer
+/// averages, sends or installs goes through this, so it is built to be fast.
+pub fn first_non_finite(values: &[f32]) -> Option<usize> {
+    first_bad_bits(
+        values.len(),
+        |i| values[i].to_bits(),
+        values
+            .chunks(FINITE_BLOCK)
+            .map(|block| block.iter().fold(true, |ok, v| ok & v.is_finite())),
+    )
+}
+
+/// [`first_non_finite`] of little-endian f32 bytes, without decoding them first.
+pub(crate) fn first_non_finite_le(values: &[[u8; 4]]) -> Option<usize> {
+    first_bad_bits(
+        values.len(),
+        |i| u32::from_le_bytes(values[i]),
+        values.chunks(FINITE_BLOCK).map(|block| {
+            block
+                .iter()
+                .fold(true, |ok, b| ok & finite_bits(u32::from_le_bytes(*b)))
+        }),
+    )
+}
+
+/// Whether f32 `bits` encode a finite value (exponent not all ones).
+fn finite_bits(bits: u32) -> bool {
+    bits & 0x7f80_0000 != 0x7f80_0000
+}
+
+/// The first index whose bits are not finite, searching only the first block whose
+/// `blocks_ok` entry is false.
+fn first_bad_bits(
+    len: usize,
+    bits: impl Fn(usize) -> u32,
+    mut blocks_ok: impl Iterator<Item = bool>,
+) -> Option<usize> {
+    let block = blocks_ok.position(|ok| !ok)?;
+    let start = block * FINITE_BLOCK;
+    (start..len.min(start + FINITE_BLOCK)).find(|&i| !finite_bits(bits(i)))
 }
 
 /// blake3 of the little-endian bytes of `values`: the same digest [`Payload::from_f32`]

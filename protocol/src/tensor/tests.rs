@@ -15,9 +15,9 @@ fn payload_roundtrips_values_bitwise() {
     ];
     let p = Payload::from_f32(&values);
     assert_eq!(p.len, 7);
-    assert_eq!(p.bytes.0.len(), 28);
-    assert_eq!(p.bytes.0[..4], 0.0f32.to_le_bytes());
-    assert_eq!(p.digest, *blake3::hash(&p.bytes.0).as_bytes());
+    assert_eq!(p.bytes.len(), 28);
+    assert_eq!(p.bytes[..4], 0.0f32.to_le_bytes());
+    assert_eq!(p.digest, *blake3::hash(&p.bytes).as_bytes());
     let back = p.decode().expect("valid payload");
     let bits: Vec<u32> = back.iter().map(|v| v.to_bits()).collect();
     let want: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
@@ -37,8 +37,8 @@ fn decode_names_length_mismatch() {
         })
     );
     let mut p = Payload::from_f32(&[1.0, 2.0]);
-    p.bytes.0.push(0);
-    p.digest = *blake3::hash(&p.bytes.0).as_bytes();
+    p.bytes.make_mut().push(0);
+    p.digest = *blake3::hash(&p.bytes).as_bytes();
     assert!(matches!(
         p.decode(),
         Err(TensorError::LengthMismatch {
@@ -51,7 +51,7 @@ fn decode_names_length_mismatch() {
 #[test]
 fn decode_detects_a_flipped_bit() {
     let mut p = Payload::from_f32(&[1.0, 2.0, 3.0]);
-    p.bytes.0[5] ^= 0x10;
+    p.bytes.make_mut()[5] ^= 0x10;
     assert_eq!(p.decode(), Err(TensorError::DigestMismatch));
     assert_eq!(p.validate(), Err(TensorError::DigestMismatch));
     let mut p = Payload::from_f32(&[1.0]);
@@ -93,9 +93,9 @@ fn digest_f32_matches_payload_digest_across_batch_boundaries() {
 
 #[test]
 fn bytes_serialize_as_one_length_prefixed_blob() {
-    let encoded = postcard::to_allocvec(&Bytes(vec![9, 8, 7])).expect("encode");
+    let encoded = postcard::to_allocvec(&Bytes::from(vec![9, 8, 7])).expect("encode");
     assert_eq!(encoded, vec![3, 9, 8, 7]);
-    let big = Bytes(vec![0xAA; 300]);
+    let big = Bytes::from(vec![0xAA; 300]);
     let encoded = postcard::to_allocvec(&big).expect("encode");
     // varint(300) = [0xAC, 0x02], then the raw bytes.
     assert_eq!(encoded[..2], [0xAC, 0x02]);
@@ -162,7 +162,7 @@ fn forge(len: u32, encoding: Encoding, bytes: Vec<u8>) -> Payload {
         len,
         encoding,
         digest: *blake3::hash(&bytes).as_bytes(),
-        bytes: Bytes(bytes),
+        bytes: Bytes::from(bytes),
     }
 }
 
@@ -190,7 +190,7 @@ fn int8_scales(p: &Payload) -> Vec<f32> {
         panic!("not int8");
     };
     let blocks = (p.len as usize).div_ceil(block as usize);
-    p.bytes.0[..blocks * 4]
+    p.bytes[..blocks * 4]
         .chunks(4)
         .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
         .collect()
@@ -214,11 +214,11 @@ fn every_encoding_roundtrips_and_quantize_matches_decode_bitwise() {
             let p = Payload::encode(&values, enc);
             assert_eq!(p.len as usize, n);
             assert_eq!(
-                p.bytes.0.len() as u64,
+                p.bytes.len() as u64,
                 p.encoding.encoded_bytes(p.len).expect("valid"),
                 "{enc} n={n}"
             );
-            assert_eq!(p.digest, *blake3::hash(&p.bytes.0).as_bytes());
+            assert_eq!(p.digest, *blake3::hash(&p.bytes).as_bytes());
             assert_eq!(p.validate(), Ok(()), "{enc} n={n}");
             let back = p.decode().expect("honest payload decodes");
             assert_eq!(back.len(), n);
@@ -787,20 +787,19 @@ fn codec_fuzz_never_panics_and_validate_agrees_with_decode() {
             let mut p = Payload::encode(&values, enc);
             for _ in 0..rng.range(1..4) {
                 match rng.range(0..4) {
-                    0 if !p.bytes.0.is_empty() => {
-                        let at = rng.range(0..p.bytes.0.len() as u64) as usize;
-                        p.bytes.0[at] ^= 1 << rng.range(0..8);
+                    0 if !p.bytes.is_empty() => {
+                        let at = rng.range(0..p.bytes.len() as u64) as usize;
+                        p.bytes.make_mut()[at] ^= 1 << rng.range(0..8);
                     }
                     1 => p.len = (p.len + rng.range(0..3) as u32).saturating_sub(1),
                     2 => {
-                        p.bytes
-                            .0
-                            .truncate(rng.range(0..p.bytes.0.len() as u64 + 1) as usize);
+                        let keep = rng.range(0..p.bytes.len() as u64 + 1) as usize;
+                        p.bytes.make_mut().truncate(keep);
                     }
-                    _ => p.bytes.0.push(rng.next_u64() as u8),
+                    _ => p.bytes.make_mut().push(rng.next_u64() as u8),
                 }
             }
-            p.digest = *blake3::hash(&p.bytes.0).as_bytes();
+            p.digest = *blake3::hash(&p.bytes).as_bytes();
             p
         };
         let decoded = p.decode();
@@ -855,5 +854,51 @@ fn encodings_parse_and_print_their_cli_spelling() {
     ] {
         let err = bad.parse::<Encoding>().expect_err(bad);
         assert!(err.to_string().contains("expected f32, f16"), "{err}");
+    }
+}
+
+#[test]
+fn the_remembered_hash_never_hides_a_change() {
+    let mut p = Payload::from_f32(&[1.0, 2.0, 3.0]);
+    assert_eq!(p.validate(), Ok(()));
+    // A clone shares the bytes and the hash; changing the clone's bytes forgets it.
+    let mut changed = p.clone();
+    changed.bytes.make_mut()[0] ^= 1;
+    assert_eq!(changed.decode(), Err(TensorError::DigestMismatch));
+    assert_eq!(p.decode(), Ok(vec![1.0, 2.0, 3.0]));
+    // The hash belongs to the bytes, not to the declared digest.
+    p.digest[0] ^= 1;
+    assert_eq!(p.decode(), Err(TensorError::DigestMismatch));
+    assert_eq!(p.validate(), Err(TensorError::DigestMismatch));
+    // Decoded from the wire, the hash is computed afresh.
+    let wire = postcard::to_allocvec(&changed).expect("encode");
+    let back: Payload = postcard::from_bytes(&wire).expect("decode");
+    assert_eq!(back.validate(), Err(TensorError::DigestMismatch));
+}
+
+#[test]
+fn the_first_non_finite_value_is_found_wherever_it_is() {
+    let len = 3 * 1024 + 5;
+    let finite: Vec<f32> = (0..len)
+        .map(|i| match i % 4 {
+            0 => -0.0,
+            1 => f32::MIN_POSITIVE / 2.0, // subnormal
+            2 => f32::MAX,
+            _ => i as f32,
+        })
+        .collect();
+    assert_eq!(first_non_finite(&finite), None);
+    assert_eq!(first_non_finite(&[]), None);
+    let as_le = |v: &[f32]| -> Vec<[u8; 4]> { v.iter().map(|x| x.to_le_bytes()).collect() };
+    assert_eq!(super::first_non_finite_le(&as_le(&finite)), None);
+    for at in [0, 1, 1023, 1024, 2047, 3 * 1024, len - 1] {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut v = finite.clone();
+            v[at] = bad;
+            // A later bad value does not hide the first.
+            v[len - 1] = f32::NAN;
+            assert_eq!(first_non_finite(&v), Some(at), "{bad} at {at}");
+            assert_eq!(super::first_non_finite_le(&as_le(&v)), Some(at));
+        }
     }
 }

@@ -42,6 +42,17 @@ impl LastReduced {
     }
 }
 
+/// Where our `Part` for one part stands.
+#[derive(Debug, Clone)]
+enum Outgoing {
+    /// A part we reduce, or one whose `Reduced` arrived: nothing (more) to send.
+    Done,
+    /// Queued for the driver, not encoded yet.
+    Queued,
+    /// Encoded and sent; kept for re-sending until acknowledged.
+    Sent(Payload),
+}
+
 /// One member's view of a group all-reduce.
 #[derive(Debug)]
 pub(crate) struct AllReduce {
@@ -63,10 +74,11 @@ pub(crate) struct AllReduce {
     refused: Vec<bool>,
     /// Members dropped from this round for sending invalid data. By member.
     excluded: Vec<bool>,
-    /// Our `Part` payload per part, until that part's `Reduced` arrives (ack).
-    outgoing: Vec<Option<Payload>>,
-    /// Contributions to the parts we reduce: by part, then by member (empty for the parts
-    /// others reduce, and once the part is reduced).
+    /// Our `Part` per part, until that part's `Reduced` arrives (ack).
+    outgoing: Vec<Outgoing>,
+    /// Contributions of the other members to the parts we reduce: by part, then by member
+    /// (our own slot stays empty: our values are taken from `local` when reducing; empty
+    /// for the parts others reduce, and once the part is reduced).
     contributions: Vec<Vec<Option<Vec<f32>>>>,
     results: Vec<Option<PartResult>>,
     /// Our `Reduced` message per part we reduce, once that part is done.
@@ -80,11 +92,12 @@ pub(crate) struct AllReduce {
 }
 
 impl AllReduce {
-    /// Enters the all-reduce at `now` as member `me_idx` of `group` (ascending), sending our
-    /// values of every part others reduce to its reducer, encoded with the configured
-    /// compression, in part order (so the first parts arrive, and come back reduced,
-    /// first). Our own contribution to the parts we reduce goes through the same
-    /// quantisation, so every contribution is averaged as its reducer sees it.
+    /// Enters the all-reduce at `now` as member `me_idx` of `group` (ascending), queueing
+    /// our values of every part others reduce for its reducer, in part order (so the first
+    /// parts arrive, and come back reduced, first). Each is encoded with the configured
+    /// compression when the driver takes it ([`AllReduce::part_message`]). Our own
+    /// contribution to the parts we reduce goes through the same quantisation when we
+    /// reduce, so every contribution is averaged as its reducer sees it.
     pub(crate) fn start(
         round: u64,
         group: Vec<NodeId>,
@@ -99,28 +112,16 @@ impl AllReduce {
         let sparse = cfg.sparse;
         let ranges = split_ranges(local.len(), cfg.part_count(local.len(), n));
         let parts = ranges.len();
-        let mut outgoing = vec![None; parts];
+        let mut outgoing = vec![Outgoing::Done; parts];
         let mut contributions = vec![Vec::new(); parts];
-        for (j, range) in ranges.iter().enumerate() {
-            let values = local.get(range.clone()).unwrap_or_default();
-            let part_encoding = part_encoding(values, encoding, sparse);
+        for j in 0..parts {
             let reducer = j % n;
             if reducer == me_idx {
-                let mut slots = vec![None; n];
-                slots[me_idx] = Some(quantize(values, part_encoding));
-                contributions[j] = slots;
-                continue;
+                contributions[j] = vec![None; n];
+            } else {
+                out.send_part(group[reducer], round, j as u32);
+                outgoing[j] = Outgoing::Queued;
             }
-            let payload = Payload::encode(values, part_encoding);
-            out.send(
-                Destination::Peer(group[reducer]),
-                AvgMessage::Part {
-                    round,
-                    part: j as u32,
-                    payload: payload.clone(),
-                },
-            );
-            outgoing[j] = Some(payload);
         }
         AllReduce {
             round,
@@ -179,6 +180,28 @@ impl AllReduce {
         (self.me_idx..self.ranges.len()).step_by(self.group.len())
     }
 
+    /// Our `Part` message for part `j`, encoded now if it was only queued; `None` if there
+    /// is nothing to send for it (a part we reduce, or already acknowledged).
+    pub(crate) fn part_message(&mut self, part: u32) -> Option<AvgMessage> {
+        let j = part as usize;
+        let payload = match self.outgoing.get(j)? {
+            Outgoing::Done => return None,
+            Outgoing::Sent(payload) => payload.clone(),
+            Outgoing::Queued => {
+                let values = self.local.get(self.ranges[j].clone()).unwrap_or_default();
+                let encoding = part_encoding(values, self.encoding, self.sparse);
+                let payload = Payload::encode(values, encoding);
+                self.outgoing[j] = Outgoing::Sent(payload.clone());
+                payload
+            }
+        };
+        Some(AvgMessage::Part {
+            round: self.round,
+            part,
+            payload,
+        })
+    }
+
     pub(crate) fn on_part(&mut self, from: NodeId, part: u32, payload: &Payload, out: &mut Outbox) {
         let round = self.round;
         let Ok(idx) = self.group.binary_search(&from) else {
@@ -232,7 +255,8 @@ impl AllReduce {
         let all_in = slots
             .iter()
             .zip(&self.excluded)
-            .all(|(c, excluded)| c.is_some() || *excluded);
+            .enumerate()
+            .all(|(k, (c, excluded))| k == self.me_idx || c.is_some() || *excluded);
         if all_in && self.reduced.get(j).is_some_and(Option::is_none) {
             self.reduce_own(j, out);
         }
@@ -322,7 +346,7 @@ impl AllReduce {
             }
         };
         if let Some(slot) = self.outgoing.get_mut(j) {
-            *slot = None; // acknowledged
+            *slot = Outgoing::Done; // acknowledged
         }
         let own = self.local.get(self.ranges[j].clone()).unwrap_or_default();
         let plausible = match &self.reference {
@@ -356,10 +380,18 @@ impl AllReduce {
         let len = self.part_len(j);
         let slots = self.contributions.get_mut(j).map(std::mem::take);
         let slots = slots.unwrap_or_default();
+        // Our contribution as the others decode theirs: f32 decodes to itself (no copy).
+        let own = self.local.get(self.ranges[j].clone()).unwrap_or_default();
+        let own_encoding = part_encoding(own, self.encoding, self.sparse);
+        let own_quantized = (own_encoding != Encoding::F32).then(|| quantize(own, own_encoding));
+        let own: &[f32] = own_quantized.as_deref().unwrap_or(own);
         let mut contributors = Vec::new();
         let mut rows: Vec<&[f32]> = Vec::new();
-        for (member, contribution) in self.group.iter().zip(&slots) {
-            if let Some(values) = contribution {
+        for (k, (member, contribution)) in self.group.iter().zip(&slots).enumerate() {
+            if k == self.me_idx {
+                contributors.push(*member);
+                rows.push(own);
+            } else if let Some(values) = contribution {
                 contributors.push(*member);
                 rows.push(values);
             }
@@ -413,8 +445,9 @@ impl AllReduce {
         if now >= self.next_retransmit {
             self.next_retransmit = now.saturating_add(cfg.retry());
             if now < self.deadline {
-                for (j, payload) in self.outgoing.iter().enumerate() {
-                    if let Some(payload) = payload {
+                for (j, state) in self.outgoing.iter().enumerate() {
+                    // Queued parts have not gone out once yet; they are still in the outbox.
+                    if let Outgoing::Sent(payload) = state {
                         out.send(
                             Destination::Peer(self.group[self.reducer_of(j)]),
                             AvgMessage::Part {
@@ -443,7 +476,7 @@ impl AllReduce {
         if self.reducing() {
             t = t.min(self.reducer_deadline);
         }
-        if self.outgoing.iter().any(Option::is_some) {
+        if self.outgoing.iter().any(|o| !matches!(o, Outgoing::Done)) {
             t = t.min(self.next_retransmit);
         }
         t

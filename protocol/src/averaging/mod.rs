@@ -106,7 +106,7 @@ use crate::tensor::Payload;
 use crate::NodeId;
 use allreduce::{AllReduce, LastReduced};
 use matchmaking::{JoinBuffer, Matchmaking, Waits};
-use outcome::{solo_outcome, Outbox};
+use outcome::{solo_outcome, Outbox, Pending};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -431,7 +431,24 @@ impl Averager {
 
     /// The next message to send, oldest first.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.out.transmits.pop_front()
+        loop {
+            match self.out.transmits.pop_front()? {
+                Pending::Ready(t) => return Some(t),
+                Pending::Part { to, round, part } => {
+                    // A part of a round that ended, or acknowledged meanwhile, is not sent.
+                    if let State::Reducing(ar) = &mut self.state {
+                        if ar.round() == round {
+                            if let Some(msg) = ar.part_message(part) {
+                                return Some(Transmit {
+                                    to: Destination::Peer(to),
+                                    msg,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The earliest `now` at which [`Averager::handle_timeout`] must be called, if any.

@@ -124,17 +124,41 @@ pub enum AveragingError {
     },
 }
 
+/// A message waiting in the [`Outbox`].
+#[derive(Debug)]
+pub(crate) enum Pending {
+    /// Built already.
+    Ready(Transmit),
+    /// Our `Part` of the all-reduce in flight, encoded only when the driver takes it, so
+    /// the messages before it (the leader's `Group`, earlier parts) leave first and the
+    /// transport sends one part while the next is being encoded.
+    Part {
+        /// Its reducer.
+        to: NodeId,
+        /// The round.
+        round: u64,
+        /// The part index.
+        part: u32,
+    },
+}
+
 /// The queues of outputs the driver polls.
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
-    pub(crate) transmits: VecDeque<Transmit>,
+    pub(crate) transmits: VecDeque<Pending>,
     pub(crate) events: VecDeque<AvgEvent>,
 }
 
 impl Outbox {
     /// Queues a message.
     pub(crate) fn send(&mut self, to: Destination, msg: AvgMessage) {
-        self.transmits.push_back(Transmit { to, msg });
+        self.transmits
+            .push_back(Pending::Ready(Transmit { to, msg }));
+    }
+
+    /// Queues our `Part` `part` of `round` for `to`, to be encoded when polled.
+    pub(crate) fn send_part(&mut self, to: NodeId, round: u64, part: u32) {
+        self.transmits.push_back(Pending::Part { to, round, part });
     }
 
     /// Queues an event.

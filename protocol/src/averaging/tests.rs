@@ -1803,3 +1803,40 @@ fn members_cutting_parts_differently_are_refused_with_a_reason() {
     assert!(why[0].contains("has 4 values, the part has 2"), "{why:?}");
     assert!(why[1].contains("the round has 4 parts"), "{why:?}");
 }
+
+#[test]
+fn parts_are_encoded_when_taken_and_not_sent_once_moot() {
+    let kinds = |t: &[Transmit]| -> Vec<String> {
+        t.iter()
+            .map(|t| match &t.msg {
+                AvgMessage::Join { .. } => "join".to_string(),
+                AvgMessage::Group { .. } => "group".to_string(),
+                AvgMessage::Part { part, .. } => format!("part {part}"),
+                AvgMessage::Reduced { part, .. } => format!("reduced {part}"),
+            })
+            .collect()
+    };
+    // The leader's Group leaves before its parts, which follow in part order.
+    let (_, t) = leader_with_group((0..9).map(|i| i as f32).collect());
+    assert_eq!(kinds(&t), ["join", "group", "part 1", "part 2"]);
+
+    // A driver that takes nothing until the round has ended sends no part of it.
+    let config = AveragingConfig {
+        part_values: 2,
+        ..cfg()
+    };
+    let mut a = swarm(&[A, B], &config).remove(0);
+    a.start_round(ms(0), 1, vec![1.0; 8]).expect("start");
+    a.handle_message(ms(1), id(B), AvgMessage::Join { round: 1, len: 8 });
+    assert_eq!(a.in_flight(), Some(1));
+    while a.in_flight().is_some() {
+        let now = a.poll_timeout().expect("timer");
+        a.handle_timeout(now);
+    }
+    assert_eq!(
+        kinds(&transmits(&mut a)),
+        ["join", "group", "reduced 0", "reduced 2"],
+        "queued parts of a finished round must not be encoded and sent"
+    );
+    assert_eq!(finished(&events(&mut a)).len(), 1);
+}

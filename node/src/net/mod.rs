@@ -39,6 +39,10 @@ const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(10);
 /// A newly identified peer triggers a Kademlia lookup at most this often, so
 /// a joiner learns the rest of the swarm in seconds rather than at the next tick.
 const KAD_BOOTSTRAP_MIN_GAP: Duration = Duration::from_secs(1);
+/// Direct messages to a peer whose messages in flight have all been on their
+/// way this long are let out beside them (see `EventLoop::unstick_queues`).
+/// Longer than a 4 MB part takes at 1 MB/s.
+const STALLED_AFTER: Duration = Duration::from_secs(5);
 /// Sends of one direct message before it is given up (a dropped duplicate
 /// connection or a redial can fail a send that a retry delivers).
 const DIRECT_ATTEMPTS: u8 = 3;
@@ -383,6 +387,10 @@ struct Outbound {
     /// retry copies nothing.
     bytes: Arc<Vec<u8>>,
     attempts: u8,
+    /// It went through the peer's send queue (and holds one of its slots).
+    queued: bool,
+    /// When it was handed to the transport.
+    sent: tokio::time::Instant,
 }
 
 impl EventLoop {
@@ -391,7 +399,10 @@ impl EventLoop {
         let mut housekeeping = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
-                _ = housekeeping.tick() => self.close_superseded_relayed(),
+                _ = housekeeping.tick() => {
+                    self.close_superseded_relayed();
+                    self.unstick_queues();
+                }
                 event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
                 command = self.commands.recv() => match command {
                     Some(c) => self.on_command(c),
@@ -453,15 +464,34 @@ impl EventLoop {
         *lock(&self.stats.nat) = (self.relays.reachability(), self.relays.reserved_on());
     }
 
-    /// Queues a direct message to `peer` behind those already on their way.
+    /// Sends a direct message to `peer`, behind those already on their way.
     fn send_direct(&mut self, peer: PeerId, bytes: Vec<u8>) {
-        let out = Outbound {
+        self.send_outbound(Outbound {
             peer,
             bytes: Arc::new(bytes),
             attempts: 1,
-        };
-        match self.queues.push(peer, out) {
-            Pushed::SendNow(out) => self.dispatch(out),
+            queued: false,
+            sent: tokio::time::Instant::now(),
+        });
+    }
+
+    /// Queues `out` behind the messages on their way to a connected peer. To a
+    /// peer we are not connected to it goes out at once: its request waits for
+    /// a dial that may fail or time out, and must not hold back the messages
+    /// that a connection opened meanwhile (a relayed one, say) would carry.
+    fn send_outbound(&mut self, out: Outbound) {
+        if !self.is_connected(&out.peer) {
+            self.dispatch(Outbound {
+                queued: false,
+                ..out
+            });
+            return;
+        }
+        match self.queues.push(out.peer, out) {
+            Pushed::SendNow(out) => self.dispatch(Outbound {
+                queued: true,
+                ..out
+            }),
             Pushed::Waiting => {}
             Pushed::DroppedOldest(old) => {
                 warn!(peer = %old.peer, "too many direct messages waiting; the oldest is dropped")
@@ -476,13 +506,51 @@ impl EventLoop {
             .behaviour_mut()
             .direct
             .send_request(&out.peer, Arc::clone(&out.bytes));
-        self.in_flight.insert(id, out);
+        self.in_flight.insert(
+            id,
+            Outbound {
+                sent: tokio::time::Instant::now(),
+                ..out
+            },
+        );
     }
 
-    /// A direct message to `peer` is done with: the next one waiting goes out.
-    fn dispatch_next(&mut self, peer: PeerId) {
-        if let Some(next) = self.queues.finished(&peer) {
-            self.dispatch(next);
+    /// A queued direct message is done with (acknowledged or failed): the next
+    /// one waiting for its peer goes out.
+    fn release(&mut self, out: &Outbound) {
+        if !out.queued {
+            return;
+        }
+        if let Some(next) = self.queues.finished(&out.peer) {
+            self.dispatch(Outbound {
+                queued: true,
+                ..next
+            });
+        }
+    }
+
+    /// Lets more messages out to a peer whose messages in flight have all been
+    /// on their way for [`STALLED_AFTER`]: a stream stuck until its request
+    /// times out must not hold back everything queued behind it.
+    fn unstick_queues(&mut self) {
+        for peer in self.queues.peers_waiting() {
+            let moving = self
+                .in_flight
+                .values()
+                .filter(|o| o.queued && o.peer == peer && o.sent.elapsed() < STALLED_AFTER)
+                .count();
+            for _ in moving..send_queue::MAX_IN_FLIGHT {
+                match self.queues.take_next(&peer) {
+                    Some(next) => {
+                        debug!(%peer, "direct messages in flight look stuck; sending the next one beside them");
+                        self.dispatch(Outbound {
+                            queued: true,
+                            ..next
+                        });
+                    }
+                    None => break,
+                }
+            }
         }
     }
 
@@ -767,7 +835,7 @@ impl EventLoop {
                 ..
             }) => {
                 if let Some(out) = self.in_flight.remove(&request_id) {
-                    self.dispatch_next(out.peer);
+                    self.release(&out);
                 }
             }
             BehaviourEvent::Direct(request_response::Event::OutboundFailure {
@@ -776,19 +844,20 @@ impl EventLoop {
                 request_id,
                 ..
             }) => match self.in_flight.remove(&request_id) {
-                Some(out)
-                    if out.attempts < DIRECT_ATTEMPTS
-                        && (self.members.contains(&peer) || self.candidates.contains(&peer)) =>
-                {
-                    debug!(%peer, %error, attempt = out.attempts, "direct message failed; retrying");
-                    self.dispatch(Outbound {
-                        attempts: out.attempts + 1,
-                        ..out
-                    });
-                }
                 Some(out) => {
-                    warn!(%peer, %error, "direct message failed");
-                    self.dispatch_next(out.peer);
+                    self.release(&out);
+                    let retry = out.attempts < DIRECT_ATTEMPTS
+                        && (self.members.contains(&peer) || self.candidates.contains(&peer));
+                    if retry {
+                        debug!(%peer, %error, attempt = out.attempts, "direct message failed; retrying");
+                        // Back in line behind what is queued for the peer.
+                        self.send_outbound(Outbound {
+                            attempts: out.attempts + 1,
+                            ..out
+                        });
+                    } else {
+                        warn!(%peer, %error, "direct message failed");
+                    }
                 }
                 None => warn!(%peer, %error, "direct message failed"),
             },

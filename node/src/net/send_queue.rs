@@ -82,6 +82,25 @@ impl<P: Eq + Hash + Clone, M> SendQueues<P, M> {
         next
     }
 
+    /// Takes `peer`'s next waiting message past the in-flight limit, counting it in flight:
+    /// for when the messages in flight are stuck (a stalled stream must not hold back
+    /// everything behind it until the request times out).
+    pub fn take_next(&mut self, peer: &P) -> Option<M> {
+        let q = self.peers.get_mut(peer)?;
+        let next = q.waiting.pop_front()?;
+        q.in_flight += 1;
+        Some(next)
+    }
+
+    /// Peers with messages waiting.
+    pub fn peers_waiting(&self) -> Vec<P> {
+        self.peers
+            .iter()
+            .filter(|(_, q)| !q.waiting.is_empty())
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
     /// `peer` is gone: drops what waits for it; returns how many messages that was.
     pub fn forget(&mut self, peer: &P) -> usize {
         match self.peers.get_mut(peer) {
@@ -126,6 +145,27 @@ mod tests {
         assert_eq!(q.push("a", 6), Pushed::SendNow(6));
         assert_eq!(q.finished(&"b"), None);
         assert_eq!(q.finished(&"unknown"), None);
+    }
+
+    #[test]
+    fn a_stuck_peer_can_be_given_more_in_flight() {
+        let mut q = SendQueues::default();
+        q.push("a", 1);
+        q.push("a", 2);
+        q.push("a", 3);
+        q.push("b", 10);
+        assert_eq!(q.peers_waiting(), vec!["a"]);
+        assert_eq!(q.take_next(&"a"), Some(3));
+        assert_eq!(q.take_next(&"a"), None);
+        assert!(q.peers_waiting().is_empty());
+        // Three in flight now: a new message waits until fewer than two are.
+        assert_eq!(q.push("a", 4), Pushed::Waiting);
+        assert_eq!(q.finished(&"a"), Some(4));
+        assert_eq!(q.finished(&"a"), None);
+        assert_eq!(q.push("a", 5), Pushed::Waiting);
+        assert_eq!(q.finished(&"a"), Some(5));
+        assert_eq!(q.finished(&"a"), None);
+        assert_eq!(q.push("a", 6), Pushed::SendNow(6));
     }
 
     #[test]

@@ -534,12 +534,12 @@ impl EventLoop {
     /// times out must not hold back everything queued behind it.
     fn unstick_queues(&mut self) {
         for peer in self.queues.peers_waiting() {
-            let moving = self
+            let ages = self
                 .in_flight
                 .values()
-                .filter(|o| o.queued && o.peer == peer && o.sent.elapsed() < STALLED_AFTER)
-                .count();
-            for _ in moving..send_queue::MAX_IN_FLIGHT {
+                .filter(|o| o.queued && o.peer == peer)
+                .map(|o| o.sent.elapsed());
+            for _ in 0..send_queue::extra_slots(ages, STALLED_AFTER) {
                 match self.queues.take_next(&peer) {
                     Some(next) => {
                         debug!(%peer, "direct messages in flight look stuck; sending the next one beside them");

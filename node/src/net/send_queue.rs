@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
+use std::time::Duration;
 
 /// Direct messages per peer handed to the transport at once.
 pub const MAX_IN_FLIGHT: usize = 2;
@@ -16,6 +17,16 @@ pub const MAX_IN_FLIGHT: usize = 2;
 /// Messages held back per peer; beyond it the oldest waiting one is dropped (the
 /// averaging protocol re-sends what matters, and a peer this far behind is likely gone).
 pub const MAX_WAITING: usize = 1024;
+
+/// How many of a peer's waiting messages may go out beside those in flight (through
+/// [`SendQueues::take_next`]), given how long each of its queued messages in flight has
+/// been on its way: one in flight for `stalled_after` or longer no longer counts against
+/// [`MAX_IN_FLIGHT`], so a stuck stream cannot hold back the queue until its request times
+/// out.
+pub fn extra_slots(ages: impl Iterator<Item = Duration>, stalled_after: Duration) -> usize {
+    let moving = ages.filter(|age| *age < stalled_after).count();
+    MAX_IN_FLIGHT.saturating_sub(moving)
+}
 
 /// Per-peer order and in-flight limit of direct messages; `P` is the peer, `M` the message.
 #[derive(Debug)]
@@ -145,6 +156,19 @@ mod tests {
         assert_eq!(q.push("a", 6), Pushed::SendNow(6));
         assert_eq!(q.finished(&"b"), None);
         assert_eq!(q.finished(&"unknown"), None);
+    }
+
+    #[test]
+    fn only_messages_in_flight_for_too_long_free_their_slots() {
+        let s = Duration::from_secs;
+        let limit = s(5);
+        assert_eq!(extra_slots([s(1), s(2)].into_iter(), limit), 0);
+        assert_eq!(extra_slots([s(1), s(5)].into_iter(), limit), 1);
+        assert_eq!(extra_slots([s(6), s(60)].into_iter(), limit), 2);
+        // More in flight than the limit (after earlier releases): none is moving, two more.
+        assert_eq!(extra_slots([s(6), s(7), s(8)].into_iter(), limit), 2);
+        assert_eq!(extra_slots([s(1), s(1), s(9)].into_iter(), limit), 0);
+        assert_eq!(extra_slots(std::iter::empty(), limit), MAX_IN_FLIGHT);
     }
 
     #[test]

@@ -481,17 +481,11 @@ impl EventLoop {
     /// that a connection opened meanwhile (a relayed one, say) would carry.
     fn send_outbound(&mut self, out: Outbound) {
         if !self.is_connected(&out.peer) {
-            self.dispatch(Outbound {
-                queued: false,
-                ..out
-            });
+            self.dispatch(out, false);
             return;
         }
         match self.queues.push(out.peer, out) {
-            Pushed::SendNow(out) => self.dispatch(Outbound {
-                queued: true,
-                ..out
-            }),
+            Pushed::SendNow(out) => self.dispatch(out, true),
             Pushed::Waiting => {}
             Pushed::DroppedOldest(old) => {
                 warn!(peer = %old.peer, "too many direct messages waiting; the oldest is dropped")
@@ -499,8 +493,9 @@ impl EventLoop {
         }
     }
 
-    /// Hands a direct message to the transport.
-    fn dispatch(&mut self, out: Outbound) {
+    /// Hands a direct message to the transport; `queued` if it holds one of
+    /// its peer's send-queue slots.
+    fn dispatch(&mut self, out: Outbound, queued: bool) {
         let id = self
             .swarm
             .behaviour_mut()
@@ -509,6 +504,7 @@ impl EventLoop {
         self.in_flight.insert(
             id,
             Outbound {
+                queued,
                 sent: tokio::time::Instant::now(),
                 ..out
             },
@@ -522,10 +518,7 @@ impl EventLoop {
             return;
         }
         if let Some(next) = self.queues.finished(&out.peer) {
-            self.dispatch(Outbound {
-                queued: true,
-                ..next
-            });
+            self.dispatch(next, true);
         }
     }
 
@@ -543,10 +536,7 @@ impl EventLoop {
                 match self.queues.take_next(&peer) {
                     Some(next) => {
                         debug!(%peer, "direct messages in flight look stuck; sending the next one beside them");
-                        self.dispatch(Outbound {
-                            queued: true,
-                            ..next
-                        });
+                        self.dispatch(next, true);
                     }
                     None => break,
                 }

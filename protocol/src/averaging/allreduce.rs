@@ -175,9 +175,15 @@ impl AllReduce {
         None
     }
 
-    /// The parts we reduce.
-    fn own_parts(&self) -> impl Iterator<Item = usize> {
-        (self.me_idx..self.ranges.len()).step_by(self.group.len())
+    /// The parts group member `member` reduces.
+    fn parts_of(&self, member: usize) -> impl Iterator<Item = usize> {
+        (member..self.ranges.len()).step_by(self.group.len())
+    }
+
+    /// The parts we reduce whose result we have not sent yet.
+    fn unreduced_own_parts(&self) -> impl Iterator<Item = usize> + '_ {
+        self.parts_of(self.me_idx)
+            .filter(|&j| self.reduced.get(j).is_some_and(Option::is_none))
     }
 
     /// Our `Part` message for part `j`, encoded now if it was only queued; `None` if there
@@ -272,16 +278,14 @@ impl AllReduce {
         if let Some(flag) = self.excluded.get_mut(idx) {
             *flag = true;
         }
-        let n = self.group.len();
-        for j in (idx..self.ranges.len()).step_by(n) {
+        for j in self.parts_of(idx) {
             if self.results.get(j).is_some_and(Option::is_none) {
                 if let Some(flag) = self.refused.get_mut(j) {
                     *flag = true;
                 }
             }
         }
-        let own: Vec<usize> = self.own_parts().collect();
-        for j in own {
+        for j in self.parts_of(self.me_idx) {
             if let Some(c) = self.contributions.get_mut(j).and_then(|s| s.get_mut(idx)) {
                 *c = None;
             }
@@ -426,18 +430,9 @@ impl AllReduce {
         }
     }
 
-    /// Whether some part we reduce still waits for contributions.
-    fn reducing(&self) -> bool {
-        self.own_parts()
-            .any(|j| self.reduced.get(j).is_some_and(Option::is_none))
-    }
-
     pub(crate) fn on_timeout(&mut self, now: Duration, cfg: &AveragingConfig, out: &mut Outbox) {
         if now >= self.reducer_deadline {
-            let pending: Vec<usize> = self
-                .own_parts()
-                .filter(|&j| self.reduced.get(j).is_some_and(Option::is_none))
-                .collect();
+            let pending: Vec<usize> = self.unreduced_own_parts().collect();
             for j in pending {
                 self.reduce_own(j, out);
             }
@@ -473,7 +468,7 @@ impl AllReduce {
 
     pub(crate) fn next_timeout(&self) -> Duration {
         let mut t = self.deadline;
-        if self.reducing() {
+        if self.unreduced_own_parts().next().is_some() {
             t = t.min(self.reducer_deadline);
         }
         if self.outgoing.iter().any(|o| !matches!(o, Outgoing::Done)) {

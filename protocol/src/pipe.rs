@@ -75,8 +75,9 @@ pub struct StageHello {
 }
 
 /// A stage's parameters after one of its averaging rounds: kept by the
-/// first stage's peers as the backup a new peer loads when the stage has
-/// lost every replica (the payload's blake3 digest is checked on decode).
+/// peers of every other stage as the backup a new peer (or a spare) loads
+/// when the stage has lost every replica (the payload's blake3 digest is
+/// checked on decode).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct StageState {
     /// The stage these parameters belong to.
@@ -87,6 +88,10 @@ pub struct StageState {
     pub round: u64,
     /// The stage's optimizer step count at that round.
     pub step: u64,
+    /// The run's length in optimizer steps as the first stage planned it, so
+    /// a peer taking the first stage over ends the run where it was meant to
+    /// end; 0 from a later stage, which does not plan the run.
+    pub total_steps: u64,
     /// The stage's flat parameters.
     pub params: Payload,
     /// The sender's final parameters for the run: the other replicas of its
@@ -95,7 +100,7 @@ pub struct StageState {
     pub last: bool,
 }
 
-/// A node taking over a stage asks the first stage's peers for its backup.
+/// A node taking over a stage asks the peers of the other stages for its backup.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StageStateRequest {
     /// The stage wanted.
@@ -223,6 +228,7 @@ mod tests {
             stages: 2,
             round: 4,
             step: 20,
+            total_steps: 0,
             params: Payload::from_f32(&[0.5, -1.0]),
             last: false,
         };

@@ -502,7 +502,8 @@ fn balance_throughput(at: &mut [usize], t: &[u64], cost: &[Vec<i128>], k: usize)
 }
 
 /// Which replica should move, and where, when stages run empty mid-run: the first of `empty`
-/// (later stages that have been without a live replica long enough) is refilled by the
+/// (stages that have been without a live replica long enough; the first stage, which the
+/// run cannot go on without, sorts first) is refilled by the
 /// highest-id replica of the stage with the most replicas, at least two (the later stage on
 /// ties, so the first stage, which owns the data, gives last). `serving` lists
 /// `(peer, stage)`. Every peer evaluates this on its own view; views that agree name one
@@ -557,6 +558,21 @@ pub fn stage_to_join(
             .collect();
         (replicas.iter().sum::<u64>(), replicas.len(), *stage)
     })
+}
+
+/// The stage a peer joining a pipeline already in progress takes: the first stage when it
+/// has no replica left (nothing moves through the pipeline without it, and the peers of the
+/// other stages hold its backup), otherwise the later stage [`stage_to_join`] names. A
+/// joiner never adds itself to a first stage that is still served: the first stage's
+/// replicas plan the run and split its data among themselves from the start.
+pub fn stage_to_take(current: &[(usize, Throughput)], stages: usize) -> Option<usize> {
+    if stages == 0 {
+        return None;
+    }
+    if current.iter().all(|(stage, _)| *stage != 0) {
+        return Some(0);
+    }
+    stage_to_join(current, stages, 1..stages)
 }
 
 #[cfg(test)]
@@ -1011,5 +1027,24 @@ mod tests {
             spare_to_move(&[(id(1), 0), (id(2), 0)], &[1]),
             Some((id(2), 1))
         );
+        // The first stage emptied: a later stage's spare refills it before anything else.
+        let serving = [(id(3), 1), (id(8), 1), (id(5), 2)];
+        assert_eq!(spare_to_move(&serving, &[0, 2]), Some((id(8), 0)));
+        assert_eq!(spare_to_move(&[(id(3), 1)], &[0]), None);
+    }
+
+    #[test]
+    fn a_joiner_takes_the_first_stage_only_when_it_has_no_replica() {
+        let t = Throughput::from_milli;
+        // The first stage is gone: a joiner takes it, even with a later stage empty too.
+        assert_eq!(stage_to_take(&[(1, t(4000)), (1, t(100))], 3), Some(0));
+        assert_eq!(stage_to_take(&[], 2), Some(0));
+        // Served (however slowly): the joiner goes to the later bottleneck instead.
+        let current = [(0, t(100)), (1, t(4000)), (2, t(5000))];
+        assert_eq!(stage_to_take(&current, 3), Some(1));
+        assert_eq!(stage_to_take(&[(0, t(100))], 2), Some(1));
+        // One "stage": nothing later to join.
+        assert_eq!(stage_to_take(&[(0, t(100))], 1), None);
+        assert_eq!(stage_to_take(&[], 0), None);
     }
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
 /// refuse each other with a clear error instead of misreading bytes.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Hard limit on one encoded message (header included): bounds what a peer can make us
 /// buffer and parse.
@@ -419,6 +419,7 @@ mod tests {
                 stages: 2,
                 round: 8,
                 step: 40,
+                total_steps: 80,
                 params: Payload::encode(&[0.25, -2.0, 3.5], Encoding::F32),
                 last: true,
             }),

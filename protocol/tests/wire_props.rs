@@ -197,19 +197,21 @@ fn any_message() -> impl Strategy<Value = Message> {
             0u32..300,
             any::<u64>(),
             any::<u64>(),
+            any::<u64>(),
             any_payload(),
             any::<bool>()
         )
-            .prop_map(
-                |(stage, stages, round, step, params, last)| Message::StageState(StageState {
+            .prop_map(|(stage, stages, round, step, total_steps, params, last)| {
+                Message::StageState(StageState {
                     stage,
                     stages,
                     round,
                     step,
+                    total_steps,
                     params,
                     last,
                 })
-            ),
+            }),
         (0u32..300, 0u32..300).prop_map(|(stage, stages)| Message::StageStateRequest(
             StageStateRequest { stage, stages }
         )),

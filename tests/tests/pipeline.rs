@@ -140,16 +140,7 @@ fn training_goes_on_when_a_stage_replica_is_killed() {
         .collect();
     assert_eq!(first.len(), 2);
     for f in &first {
-        assert_eq!(f["steps"], 80, "{f}");
-        let p = &f["pipeline"];
-        let (initial, fin) = (
-            p["initial_val_bpc"].as_f64().unwrap(),
-            p["val_bpc"].as_f64().unwrap(),
-        );
-        assert!(
-            fin < initial - 1.0,
-            "loss fell only from {initial} to {fin}"
-        );
+        first_stage_learned(f);
     }
     // The victim's in-flight micro-batches were sent to the surviving replica.
     let resent: u64 = first
@@ -159,9 +150,24 @@ fn training_goes_on_when_a_stage_replica_is_killed() {
     eprintln!("micro-batches resent after the kill: {resent}");
 }
 
-#[test]
-fn a_new_peer_takes_over_a_stage_that_lost_every_replica() {
-    let swarm = format!("pipe-takeover-{}", std::process::id());
+/// What a run that lost every replica of one stage and refilled it ended with.
+struct Refilled {
+    /// The node that took the emptied stage over: its final report.
+    taker: serde_json::Value,
+    /// The stage it took.
+    taker_stage: Option<u64>,
+    /// The final report of a node that kept its stage throughout.
+    stayer: serde_json::Value,
+    /// First-stage rounds reported after the emptied stage was refilled.
+    first_rounds_after: usize,
+}
+
+/// Two nodes, one per stage; once the first stage reports round 2 the only
+/// replica of `stage` is killed and a new node is started (bootstrapping
+/// from the survivor), which must take the emptied stage over. Waits for the
+/// survivor and the new node to finish successfully.
+fn new_peer_after_losing_stage(tag: &str, stage: u64) -> Refilled {
+    let swarm = format!("pipe-{tag}-{}", std::process::id());
     let (tx, rx) = mpsc::channel();
     let mut nodes = Nodes(vec![spawn_with(0, &swarm, "2", None, tx.clone())]);
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -173,7 +179,7 @@ fn a_new_peer_takes_over_a_stage_that_lost_every_replica() {
     let mut stage_of = [None; 3];
     let mut victim = None;
     let mut finished: [Option<serde_json::Value>; 3] = [None, None, None];
-    let mut first_rounds_after_takeover = 0;
+    let mut first_rounds_after = 0;
     while finished.iter().filter(|f| f.is_some()).count() < 2 {
         let (i, v) = next_event(&rx, deadline);
         match v["event"].as_str() {
@@ -184,9 +190,7 @@ fn a_new_peer_takes_over_a_stage_that_lost_every_replica() {
             Some("round")
                 if victim.is_none() && stage_of[i] == Some(0) && v["round"].as_u64() >= Some(2) =>
             {
-                // Kill the only replica of the last stage, then start a
-                // new peer that must take the stage over.
-                let v = (0..2).find(|j| stage_of[*j] == Some(1)).unwrap();
+                let v = (0..2).find(|j| stage_of[*j] == Some(stage)).unwrap();
                 nodes.0[v].kill().unwrap();
                 victim = Some(v);
                 let survivor = addr_of[1 - v].clone().expect("the survivor's address");
@@ -195,54 +199,29 @@ fn a_new_peer_takes_over_a_stage_that_lost_every_replica() {
                     .push(spawn_with(2, &swarm, "2", Some(&survivor), tx.clone()));
             }
             Some("round") if stage_of[2].is_some() && stage_of[i] == Some(0) => {
-                first_rounds_after_takeover += 1
+                first_rounds_after += 1
             }
             Some("finished") if Some(i) != victim => finished[i] = Some(v),
             _ => {}
         }
     }
-    let victim = victim.expect("no first-stage round was reported");
-    let survivor = 1 - victim;
-    assert_eq!(
-        stage_of[2],
-        Some(1),
-        "the new peer took stage {:?}",
-        stage_of[2]
-    );
+    let survivor = 1 - victim.expect("no first-stage round was reported");
     for i in [survivor, 2] {
         assert!(nodes.0[i].wait().unwrap().success(), "node {i} failed");
     }
-    assert!(
-        first_rounds_after_takeover >= 4,
-        "{first_rounds_after_takeover}"
-    );
-    let first = finished[survivor].as_ref().unwrap();
-    assert_eq!(first["steps"], 80, "{first}");
-    let p = &first["pipeline"];
-    let (initial, fin) = (
-        p["initial_val_bpc"].as_f64().unwrap(),
-        p["val_bpc"].as_f64().unwrap(),
-    );
-    assert!(
-        fin < initial - 1.0,
-        "loss fell only from {initial} to {fin}"
-    );
-    // The new peer continued from the dead stage's backup, not from scratch.
-    let new = finished[2].as_ref().unwrap();
-    let resumed = new["pipeline"]["resumed_at_step"]
-        .as_u64()
-        .expect("a resumed step");
-    assert!(resumed >= 5, "resumed at step {resumed}");
-    assert!(
-        new["steps"].as_u64().unwrap() > resumed,
-        "the new peer took no step: {new}"
-    );
-    eprintln!("took over at step {resumed}: {new}");
+    Refilled {
+        taker: finished[2].take().unwrap(),
+        taker_stage: stage_of[2],
+        stayer: finished[survivor].take().unwrap(),
+        first_rounds_after,
+    }
 }
 
-#[test]
-fn a_spare_replica_moves_to_a_stage_that_lost_every_replica() {
-    let swarm = format!("pipe-spare-{}", std::process::id());
+/// Four nodes, two per stage; once the first stage reports round 2 every
+/// replica of `stage` is killed, and a replica of the other stage must move
+/// to the emptied one. Waits for the two survivors to finish successfully.
+fn spare_after_losing_stage(tag: &str, stage: u64) -> Refilled {
+    let swarm = format!("pipe-{tag}-{}", std::process::id());
     let (tx, rx) = mpsc::channel();
     let mut nodes = Nodes(vec![spawn(0, &swarm, None, tx.clone())]);
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -253,6 +232,7 @@ fn a_spare_replica_moves_to_a_stage_that_lost_every_replica() {
     let mut stage_of = [None; 4];
     let mut killed: Vec<usize> = Vec::new();
     let mut mover = None;
+    let mut first_rounds_after = 0;
     let mut finished: [Option<serde_json::Value>; 4] = [None, None, None, None];
     while finished.iter().filter(|f| f.is_some()).count() < 2 {
         let (i, v) = next_event(&rx, deadline);
@@ -269,29 +249,40 @@ fn a_spare_replica_moves_to_a_stage_that_lost_every_replica() {
                     && stage_of[i] == Some(0)
                     && v["round"].as_u64() >= Some(2) =>
             {
-                // Kill every replica of the last stage; node 0 bootstraps
-                // nobody any more, so a first-stage node must fill the gap.
-                for (j, stage) in stage_of.iter().enumerate() {
-                    if *stage == Some(1) {
+                // Node 0 may be among the dead: it bootstraps nobody any
+                // more, so the gap is filled from inside the swarm.
+                for (j, s) in stage_of.iter().enumerate() {
+                    if *s == Some(stage) {
                         nodes.0[j].kill().unwrap();
                         killed.push(j);
                     }
                 }
             }
+            Some("round") if mover.is_some() && stage_of[i] == Some(0) => first_rounds_after += 1,
             Some("finished") if !killed.contains(&i) => finished[i] = Some(v),
             _ => {}
         }
     }
     assert_eq!(killed.len(), 2, "stages were {stage_of:?}");
-    let mover = mover.expect("no first-stage replica moved to the emptied stage");
-    assert_eq!(stage_of[mover], Some(1));
+    let mover = mover.expect("no replica moved to the emptied stage");
     let stayer = (0..4).find(|j| !killed.contains(j) && *j != mover).unwrap();
     for i in [mover, stayer] {
         assert!(nodes.0[i].wait().unwrap().success(), "node {i} failed");
     }
-    let first = finished[stayer].as_ref().unwrap();
-    assert_eq!(first["steps"], 80, "{first}");
-    let p = &first["pipeline"];
+    Refilled {
+        taker: finished[mover].take().unwrap(),
+        taker_stage: stage_of[mover],
+        stayer: finished[stayer].take().unwrap(),
+        first_rounds_after,
+    }
+}
+
+/// Checks a first-stage node that kept its stage through the run: all 80
+/// steps, and the validation loss fell well below its start.
+fn first_stage_learned(report: &serde_json::Value) {
+    assert_eq!(report["pipeline"]["stage"], 0, "{report}");
+    assert_eq!(report["steps"], 80, "{report}");
+    let p = &report["pipeline"];
     let (initial, fin) = (
         p["initial_val_bpc"].as_f64().unwrap(),
         p["val_bpc"].as_f64().unwrap(),
@@ -300,12 +291,86 @@ fn a_spare_replica_moves_to_a_stage_that_lost_every_replica() {
         fin < initial - 1.0,
         "loss fell only from {initial} to {fin}"
     );
-    let moved = finished[mover].as_ref().unwrap();
-    assert_eq!(moved["pipeline"]["stage"], 1, "{moved}");
-    let resumed = moved["pipeline"]["resumed_at_step"]
+}
+
+/// The step a node that took its stage over resumed from; checks it loaded
+/// a backup taken after at least one averaging round and trained on from it.
+fn resumed_at(report: &serde_json::Value) -> u64 {
+    let resumed = report["pipeline"]["resumed_at_step"]
         .as_u64()
         .expect("a resumed step");
     assert!(resumed >= 5, "resumed at step {resumed}");
-    assert!(moved["steps"].as_u64().unwrap() > resumed, "{moved}");
-    eprintln!("node {mover} moved to stage 1 at step {resumed}: {moved}");
+    assert!(
+        report["steps"].as_u64().unwrap() > resumed,
+        "no step taken after the takeover: {report}"
+    );
+    resumed
+}
+
+/// Checks a node that took the first stage over mid-run: it finished the
+/// run as planned (80 steps) and the model it evaluated learned the text
+/// (uniform bytes cost 8 bits per character, the untrained model about 8).
+fn first_stage_taken_over(report: &serde_json::Value) -> u64 {
+    let p = &report["pipeline"];
+    assert_eq!(p["stage"], 0, "{report}");
+    assert_eq!(report["steps"], 80, "{report}");
+    assert!(p["initial_val_bpc"].is_null(), "{report}");
+    let fin = p["val_bpc"].as_f64().expect("a validation loss");
+    assert!(
+        fin < 6.5,
+        "validation loss {fin} bits/char after the takeover"
+    );
+    resumed_at(report)
+}
+
+#[test]
+fn a_new_peer_takes_over_a_stage_that_lost_every_replica() {
+    let run = new_peer_after_losing_stage("takeover", 1);
+    assert_eq!(
+        run.taker_stage,
+        Some(1),
+        "the new peer took {:?}",
+        run.taker_stage
+    );
+    assert!(run.first_rounds_after >= 4, "{}", run.first_rounds_after);
+    first_stage_learned(&run.stayer);
+    // The new peer continued from the dead stage's backup, not from scratch.
+    let resumed = resumed_at(&run.taker);
+    eprintln!("took over at step {resumed}: {}", run.taker);
+}
+
+#[test]
+fn a_new_peer_takes_over_the_first_stage_when_it_lost_every_replica() {
+    // The first stage owns the data and plans the run: the new peer takes
+    // both over from the backup the last stage holds.
+    let run = new_peer_after_losing_stage("first", 0);
+    assert_eq!(
+        run.taker_stage,
+        Some(0),
+        "the new peer took {:?}",
+        run.taker_stage
+    );
+    assert_eq!(run.stayer["pipeline"]["stage"], 1, "{}", run.stayer);
+    let resumed = first_stage_taken_over(&run.taker);
+    eprintln!("took the first stage over at step {resumed}: {}", run.taker);
+}
+
+#[test]
+fn a_spare_replica_moves_to_a_stage_that_lost_every_replica() {
+    let run = spare_after_losing_stage("spare", 1);
+    assert_eq!(run.taker_stage, Some(1));
+    first_stage_learned(&run.stayer);
+    assert_eq!(run.taker["pipeline"]["stage"], 1, "{}", run.taker);
+    let resumed = resumed_at(&run.taker);
+    eprintln!("moved to stage 1 at step {resumed}: {}", run.taker);
+}
+
+#[test]
+fn a_spare_replica_moves_to_the_first_stage_when_it_lost_every_replica() {
+    let run = spare_after_losing_stage("spare-first", 0);
+    assert_eq!(run.taker_stage, Some(0));
+    assert!(run.first_rounds_after >= 4, "{}", run.first_rounds_after);
+    assert_eq!(run.stayer["pipeline"]["stage"], 1, "{}", run.stayer);
+    let resumed = first_stage_taken_over(&run.taker);
+    eprintln!("moved to the first stage at step {resumed}: {}", run.taker);
 }

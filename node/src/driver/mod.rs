@@ -338,7 +338,7 @@ pub enum NodeError {
         stage: u32,
     },
     /// No first-stage peer answered with the backup of the stage to take over.
-    #[error("no peer sent a backup of pipeline stage {stage} to take over (the stage has not averaged yet, or the first stage's peers are gone)")]
+    #[error("no peer sent a backup of pipeline stage {stage} to take over (the stage has not averaged yet, or every peer of the other stages is gone)")]
     StageBackupUnavailable {
         /// The stage.
         stage: u32,

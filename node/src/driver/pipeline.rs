@@ -15,16 +15,21 @@
 //! Failure handling: a micro-batch whose answer does not come back within
 //! `stage_timeout` is sent again to another replica of the next stage, so a
 //! replica that dies costs its in-flight micro-batches one timeout. After
-//! each of its averaging rounds a later stage sends its parameters to the
-//! first stage's peers, which keep the newest as that stage's backup. A node
-//! that starts while the run is in progress (peers announce steps) takes the
-//! later stage with the least measured throughput, loads that backup (blake3-checked)
-//! and serves it, so a stage that lost every replica is taken over by a new
-//! peer without restarting the swarm: the first stage waits up to
+//! each of its averaging rounds a stage sends its parameters to the peers of
+//! every other stage, which keep the newest as that stage's backup (the
+//! first stage's backup also carries the run's planned length). A node that
+//! starts while the run is in progress (peers announce steps) takes the first
+//! stage if it has no replica left, otherwise the later stage with the least
+//! measured throughput; it loads that stage's backup (blake3-checked) and
+//! serves it, so a stage that lost every replica is taken over by a new peer
+//! without restarting the swarm: the other stages wait up to
 //! `wait_for_peers` for a replica to appear before giving up. Without a new
-//! peer, a spare moves: when a later stage has had no live replica for a
-//! stage timeout, the highest-id replica of the stage with the most replicas
-//! (at least two) leaves it and takes the emptied stage over the same way.
+//! peer, a spare moves: when a stage has had no live replica for a stage
+//! timeout, the highest-id replica of the stage with the most replicas (at
+//! least two) leaves it and takes the emptied stage over the same way. A
+//! node taking the first stage over continues the run from the backup's step
+//! to its planned end, re-splitting the training windows among the first
+//! stage's replicas it sees.
 
 use super::{Driver, FinalReport, NodeConfig, NodeError, NodeEvent, Reporter, RoundReport};
 use crate::checkpoint;
@@ -121,10 +126,10 @@ pub(super) struct Inbox {
     step: u64,
     /// Our measured compute throughput on our stage, announced in every hello.
     throughput: stages::Throughput,
-    /// The newest parameters heard of per stage (the first stage keeps them
-    /// as backups; a node taking over a stage loads one).
+    /// The newest parameters heard of per stage: backups of the stages this
+    /// node does not serve, one of which a node taking over a stage loads.
     backups: BTreeMap<u32, StageState>,
-    /// Since when each later stage has had no live replica.
+    /// Since when each stage has had no live replica.
     empty_since: BTreeMap<u32, Instant>,
     /// Whether this node may move to an emptied stage now (while training,
     /// not while evaluating or finishing).
@@ -206,6 +211,16 @@ impl Inbox {
             .map(|(p, _)| *p)
     }
 
+    /// Peers known to serve another stage than `stage`: the holders of
+    /// its backup.
+    pub(super) fn peers_not_of_stage(&self, stage: u32) -> Vec<PeerId> {
+        self.hellos
+            .iter()
+            .filter(|(_, h)| h.stage != stage)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
     fn phases_of_stage(&self, stage: u32) -> impl Iterator<Item = StagePhase> + '_ {
         self.hellos
             .values()
@@ -229,6 +244,16 @@ struct Relayed {
     upstream_id: u64,
     sent_at: Instant,
     train: bool,
+}
+
+/// What a stage's training loop works with: the run's settings, the
+/// stage's compute, and the backup it resumed from if it took the stage over.
+#[derive(Clone, Copy)]
+struct StageRun<'a> {
+    config: &'a NodeConfig,
+    pcfg: &'a PipelineConfig,
+    compute: &'a StageCompute,
+    resume: Option<&'a StageState>,
 }
 
 /// Running totals of one node's pipeline work.
@@ -340,9 +365,15 @@ impl Driver {
                 total_steps: 0,
                 stage: Some(stage),
             });
+            let run = StageRun {
+                config,
+                pcfg,
+                compute: &compute,
+                resume: resume.as_ref(),
+            };
             let (outcome, val_bpc) = if spec.is_first() {
                 let outcome = self
-                    .first_stage(config, pcfg, &compute, &mut last_hello, &mut tally, report)
+                    .first_stage(run, &mut last_hello, &mut tally, report)
                     .await?;
                 if let Some(to) = outcome.moved_to {
                     (stage, take_over) = (to, true);
@@ -359,15 +390,7 @@ impl Driver {
                 (outcome, Some(bpc))
             } else {
                 let outcome = self
-                    .later_stage(
-                        config,
-                        pcfg,
-                        &compute,
-                        resume.as_ref(),
-                        &mut last_hello,
-                        &mut tally,
-                        report,
-                    )
+                    .later_stage(run, &mut last_hello, &mut tally, report)
                     .await?;
                 if let Some(to) = outcome.moved_to {
                     (stage, take_over) = (to, true);
@@ -498,15 +521,15 @@ impl Driver {
         ids
     }
 
-    /// The stage this node should move to now, if any: when a later stage
-    /// has had no live replica for a stage timeout, the replica that
+    /// The stage this node should move to now, if any: when a stage has had
+    /// no live replica for a stage timeout, the replica that
     /// [`stages::spare_to_move`] names on this node's view moves there; the
-    /// stage's backup travels with the first stage.
+    /// peers of the other stages (the mover among them) hold its backup.
     fn spare_move(&mut self, pcfg: &PipelineConfig) -> Option<u32> {
         self.stage?;
         let now = Instant::now();
         let mut empty = Vec::new();
-        for s in 1..pcfg.stages {
+        for s in 0..pcfg.stages {
             if self.live_replicas(s).is_empty() {
                 let since = *self.pipe.empty_since.entry(s).or_insert(now);
                 if now.duration_since(since) >= pcfg.stage_timeout {
@@ -563,9 +586,9 @@ impl Driver {
     }
 
     /// The stage to take over when the run is already in progress (a peer
-    /// announces steps taken or training finished): the later stage with the
-    /// fewest replicas, so an emptied stage is filled first. `None` for a
-    /// fresh run, where every peer computes the same assignment instead.
+    /// announces steps taken or training finished): see
+    /// [`stages::stage_to_take`]. `None` for a fresh run, where every peer
+    /// computes the same assignment instead.
     fn stage_to_join(&self, stages: u32) -> Option<u32> {
         let hellos = &self.pipe.hellos;
         let in_progress = hellos
@@ -583,12 +606,13 @@ impl Driver {
                 )
             })
             .collect();
-        stages::stage_to_join(&current, stages as usize, 1..stages as usize).map(|s| s as u32)
+        stages::stage_to_take(&current, stages as usize).map(|s| s as u32)
     }
 
-    /// Loads stage `stage`'s newest backup from the first stage's peers into
-    /// `compute`, asking them once a second until one answers (bounded by
-    /// the peer wait). The payload's blake3 digest was checked on decode.
+    /// Loads stage `stage`'s newest backup into `compute`: this node's own if
+    /// it holds one (a spare that served another stage), else asking the
+    /// other stages' peers once a second until one answers (bounded by the
+    /// peer wait). The payload's blake3 digest was checked on decode.
     async fn take_over_stage(
         &mut self,
         stage: u32,
@@ -609,7 +633,7 @@ impl Driver {
                 return Err(NodeError::StageBackupUnavailable { stage });
             }
             if asked.elapsed() >= HELLO_EVERY {
-                let holders: Vec<PeerId> = self.pipe.peers_of_stage(0).collect();
+                let holders = self.pipe.peers_not_of_stage(stage);
                 let ask = Message::StageStateRequest(request);
                 self.send_each(holders, &ask, "stage backup request")?;
                 asked = Instant::now();
@@ -679,6 +703,7 @@ impl Driver {
                 stages: self.pipe.stages,
                 round,
                 step,
+                total_steps: 0,
                 params: tensor::Payload::from_f32(&values),
                 last: true,
             });
@@ -721,18 +746,19 @@ impl Driver {
         }
     }
 
-    /// After a later stage's averaging round, its lowest-id live replica
-    /// sends the averaged parameters to the first stage's peers as the
-    /// stage's backup.
+    /// After a stage's averaging round, its lowest-id live replica sends the
+    /// averaged parameters to the peers of every other stage as the stage's
+    /// backup, the first stage with the run's planned length (`total_steps`).
     fn back_up_stage(
         &mut self,
         stage: u32,
         round: u64,
         step: u64,
+        total_steps: u64,
         values: &[f32],
     ) -> Result<(), NodeError> {
         let lowest = self.swarm_ids().first().copied();
-        if stage == 0 || lowest != Some(self.me) {
+        if lowest != Some(self.me) {
             return Ok(());
         }
         let msg = Message::StageState(StageState {
@@ -740,10 +766,11 @@ impl Driver {
             stages: self.pipe.stages,
             round,
             step,
+            total_steps: if stage == 0 { total_steps } else { 0 },
             params: tensor::Payload::from_f32(values),
             last: false,
         });
-        let holders: Vec<PeerId> = self.pipe.peers_of_stage(0).collect();
+        let holders = self.pipe.peers_not_of_stage(stage);
         self.send_each(holders, &msg, "stage backup")
     }
 
@@ -816,36 +843,46 @@ impl Driver {
         choices.get(turn as usize % choices.len()).copied()
     }
 
-    /// The first stage's training loop.
+    /// The first stage's training loop. A node that took the stage over
+    /// (`resume`) continues from the backup's step and round to the run's
+    /// planned end, and does not measure the starting loss again.
     async fn first_stage(
         &mut self,
-        config: &NodeConfig,
-        pcfg: &PipelineConfig,
-        compute: &StageCompute,
+        run: StageRun<'_>,
         last_hello: &mut Instant,
         tally: &mut Tally,
         report: &mut Reporter,
     ) -> Result<StageOutcome, NodeError> {
+        let (config, pcfg, compute, resume) = (run.config, run.pcfg, run.compute, run.resume);
         let replicas = self.swarm_ids();
         self.set_window_shard(config, compute).await?;
-        let total_steps = config
-            .schedule
-            .total_steps(replicas.len(), compute.num_train_windows);
+        let planned = resume.map_or(0, |r| r.total_steps);
+        let total_steps = if planned > 0 {
+            planned
+        } else {
+            config
+                .schedule
+                .total_steps(replicas.len(), compute.num_train_windows)
+        };
         let every = config.schedule.average_every.max(1);
-        let initial_bpc = Some(
-            self.evaluate_pipeline(pcfg, compute, last_hello, tally)
-                .await?,
-        );
-        info!(total_steps, initial_bpc = ?initial_bpc, "pipeline training starts");
+        let initial_bpc = match resume {
+            Some(_) => None,
+            None => Some(
+                self.evaluate_pipeline(pcfg, compute, last_hello, tally)
+                    .await?,
+            ),
+        };
+        let (start, mut round) = resume.map_or((0, 0), |r| (r.step, r.round));
+        info!(total_steps, start, initial_bpc = ?initial_bpc, "pipeline training starts");
         let mut outcome = StageOutcome {
             initial_bpc,
+            steps: start,
             ..StageOutcome::default()
         };
-        let mut round = 0u64;
         let mut round_losses = Vec::new();
         let t0 = Instant::now();
         self.pipe.may_move = true;
-        for step in 1..=total_steps {
+        for step in start + 1..=total_steps {
             let mut batch = Vec::with_capacity(pcfg.micro_batches);
             for _ in 0..pcfg.micro_batches {
                 let t = Instant::now();
@@ -935,7 +972,7 @@ impl Driver {
             avg.values
         };
         let model_digest = checkpoint::params_digest(&values);
-        self.back_up_stage(stage, round, step, &values)?;
+        self.back_up_stage(stage, round, step, total_steps, &values)?;
         self.pump(compute.set_params(values)).await??;
         outcome.rounds = round;
         outcome.complete_rounds += u64::from(complete);
@@ -1266,17 +1303,14 @@ impl Driver {
     /// (passing them on, or computing the loss at the last stage), steps
     /// and averages like the first stage, and ends when the first stage's
     /// replicas are done (training and evaluation).
-    #[allow(clippy::too_many_arguments)]
     async fn later_stage(
         &mut self,
-        config: &NodeConfig,
-        pcfg: &PipelineConfig,
-        compute: &StageCompute,
-        resume: Option<&StageState>,
+        run: StageRun<'_>,
         last_hello: &mut Instant,
         tally: &mut Tally,
         report: &mut Reporter,
     ) -> Result<StageOutcome, NodeError> {
+        let (config, pcfg, compute, resume) = (run.config, run.pcfg, run.compute, run.resume);
         let stage = compute.spec.index as u32;
         let next = stage + 1;
         let every = config.schedule.average_every.max(1);
@@ -1594,9 +1628,12 @@ mod tests {
         };
         assert!(!inbox.on_hello(c, three));
         assert_eq!(inbox.peers_of_stage(1).collect::<Vec<_>>(), vec![b]);
-        assert_eq!(inbox.peers_of_stage(1).collect::<Vec<_>>(), vec![b]);
+        // Each stage's backup is held by the peers of the other stages.
+        assert_eq!(inbox.peers_not_of_stage(0), vec![b]);
+        assert_eq!(inbox.peers_not_of_stage(1), vec![a]);
         inbox.forget_peer(&b);
         assert_eq!(inbox.peers_of_stage(1).count(), 0);
+        assert!(inbox.peers_not_of_stage(0).is_empty());
         for id in 0..(INBOX_LIMIT as u64 + 10) {
             inbox.on_forward(
                 a,
@@ -1623,6 +1660,7 @@ mod tests {
             stages: 2,
             round,
             step,
+            total_steps: 0,
             params: tensor::Payload::from_f32(&[value]),
             last: false,
         };
@@ -1665,6 +1703,7 @@ mod tests {
             stages: 2,
             round: 8,
             step: 40,
+            total_steps: 0,
             params: tensor::Payload::from_f32(&[value]),
             last,
         };

@@ -137,7 +137,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 fn params_bytes(params: &[f32]) -> Vec<u8> {
-    params.iter().flat_map(|v| v.to_le_bytes()).collect()
+    p2ptrain_protocol::tensor::f32_le_bytes(params)
 }
 
 /// The parameter digest stored in checkpoints and reported by nodes (the

@@ -725,14 +725,16 @@ impl Driver {
             complete_rounds += u64::from(complete);
             let group = outcome.group.len();
             let dropped = outcome.dropped.len();
-            let model_digest = checkpoint::params_digest(&new_params);
-            match &self.diloco {
+            // The served state's manifest hashes the model anyway; DiLoCo
+            // serves more than the model, so its model is hashed apart.
+            let model_digest = match &self.diloco {
                 Some(d) => {
                     let state = d.served_state(&new_params);
                     self.announce_state(round, &state)?;
+                    checkpoint::params_digest(&new_params)
                 }
-                None => self.announce_state(round, &new_params)?,
-            }
+                None => checkpoint::hex(&self.announce_state(round, &new_params)?),
+            };
             // Averaged with others: we hold the swarm's model now.
             self.synced |= group > 1;
             self.pump(compute.set_params(new_params)).await??;

@@ -23,7 +23,7 @@ use libp2p::PeerId;
 use p2ptrain_protocol::statesync::{
     Claim, Digest, Download, DownloadAction, DownloadConfig, DownloadEvent, Manifest, CHUNK_BYTES,
 };
-use p2ptrain_protocol::tensor::Bytes;
+use p2ptrain_protocol::tensor::{self, Bytes};
 use p2ptrain_protocol::wire::{self, Message};
 use p2ptrain_protocol::NodeId;
 use std::collections::{BTreeMap, VecDeque};
@@ -73,10 +73,18 @@ impl Served {
         }
     }
 
-    /// Makes `params`, the result of `round`, the newest served state; returns its claim.
-    pub(super) fn publish(&mut self, round: u64, total_steps: u64, params: &[f32]) -> Claim {
-        let bytes: Vec<u8> = params.iter().flat_map(|v| v.to_le_bytes()).collect();
+    /// Makes `params`, the result of `round`, the newest served state; returns its claim
+    /// and the blake3 digest of `params` (their little-endian bytes, as
+    /// [`tensor::digest_f32`] computes it), which the manifest holds anyway.
+    pub(super) fn publish(
+        &mut self,
+        round: u64,
+        total_steps: u64,
+        params: &[f32],
+    ) -> (Claim, Digest) {
+        let bytes = tensor::f32_le_bytes(params);
         let manifest = Manifest::build(round, total_steps, &bytes, CHUNK_BYTES);
+        let digest = manifest.state_digest;
         let claim = Claim {
             round,
             root: manifest.root(),
@@ -85,7 +93,7 @@ impl Served {
         while self.states.len() > SERVED_STATES {
             self.states.pop_front();
         }
-        claim
+        (claim, digest)
     }
 
     /// Chunks one peer may ask for per [`SERVE_WINDOW`]: twice the newest
@@ -166,15 +174,19 @@ impl Driver {
     }
 
     /// Publishes our parameters after `round` and gossips the claim.
-    pub(super) fn announce_state(&mut self, round: u64, params: &[f32]) -> Result<(), NodeError> {
-        let claim = self.served.publish(round, self.total_steps, params);
+    /// Serves `params` as this node's state after `round` and announces its
+    /// claim; returns the digest of `params` (see [`Served::publish`]).
+    pub(super) fn announce_state(
+        &mut self,
+        round: u64,
+        params: &[f32],
+    ) -> Result<Digest, NodeError> {
+        let (claim, digest) = self.served.publish(round, self.total_steps, params);
         match wire::encode(&Message::StateAnnounce(Some(claim))) {
-            Ok(bytes) => self.check_sent(self.net.broadcast(bytes)),
-            Err(e) => {
-                warn!(error = %e, "cannot encode our state claim");
-                Ok(())
-            }
+            Ok(bytes) => self.check_sent(self.net.broadcast(bytes))?,
+            Err(e) => warn!(error = %e, "cannot encode our state claim"),
         }
+        Ok(digest)
     }
 
     /// Handles a state-transfer message (others are ignored here).
@@ -480,5 +492,24 @@ fn log_event(event: &DownloadEvent) {
         DownloadEvent::Avoided { peer, fault } => {
             warn!(peer = %peer, fault = fault.as_str(), "peer avoided for the rest of the download")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishing_a_state_gives_the_model_digest_nodes_report() {
+        let mut served = Served::new(Misbehave::None);
+        let params: Vec<f32> = (0..70_000).map(|i| (i as f32).sin()).collect();
+        let (claim, digest) = served.publish(3, 90, &params);
+        // Reports and checkpoints identify a model by this digest; it must
+        // not change because the node now takes it from the manifest.
+        assert_eq!(digest, tensor::digest_f32(&params));
+        assert_eq!(checkpoint::hex(&digest), checkpoint::params_digest(&params));
+        assert_eq!(served.latest(), Some(claim));
+        let manifest = served.manifest(&claim.root).expect("served");
+        assert_eq!(manifest.state_digest, digest);
     }
 }

@@ -12,13 +12,7 @@ use super::{Encoding, TensorError};
 /// check of the receiver.
 pub(super) fn encode(values: &[f32], encoding: Encoding) -> Vec<u8> {
     match encoding {
-        Encoding::F32 => {
-            let mut out = vec![0u8; values.len() * 4];
-            for (dst, v) in out.as_chunks_mut::<4>().0.iter_mut().zip(values) {
-                *dst = v.to_le_bytes();
-            }
-            out
-        }
+        Encoding::F32 => super::f32_le_bytes(values),
         Encoding::F16 => encode_u16(values, f32_to_f16),
         Encoding::Bf16 => encode_u16(values, f32_to_bf16),
         Encoding::Int8 { block } => {

@@ -514,10 +514,23 @@ fn first_bad_bits(
     (start..len.min(start + FINITE_BLOCK)).find(|&i| !finite_bits(bits(i)))
 }
 
+/// The little-endian bytes of `values` (the f32 wire encoding, and how models are
+/// stored and served): one pass that compiles to a plain copy on little-endian machines.
+pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; values.len() * 4];
+    for (dst, v) in out.as_chunks_mut::<4>().0.iter_mut().zip(values) {
+        *dst = v.to_le_bytes();
+    }
+    out
+}
+
 /// blake3 of the little-endian bytes of `values`: the same digest [`Payload::from_f32`]
 /// computes, used to compare whole models across peers without sending them.
 pub fn digest_f32(values: &[f32]) -> [u8; 32] {
-    const BATCH: usize = 1024;
+    // 16 KiB values (64 KiB) per update: wide enough for blake3 to hash 16 of its
+    // 1 KiB chunks side by side (at 4 KiB it ran at half width), small enough to
+    // stay in the L2 cache and on the stack.
+    const BATCH: usize = 16 * 1024;
     let mut hasher = blake3::Hasher::new();
     let mut buf = [[0u8; 4]; BATCH];
     for batch in values.chunks(BATCH) {

@@ -80,13 +80,19 @@ fn empty_payload_is_valid() {
 
 #[test]
 fn digest_f32_matches_payload_digest_across_batch_boundaries() {
-    for n in [0usize, 1, 1023, 1024, 1025, 5000] {
+    for n in [0usize, 1, 1023, 1024, 1025, 16383, 16384, 16385, 40000] {
         let values: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 7.0).collect();
         assert_eq!(
             digest_f32(&values),
             Payload::from_f32(&values).digest,
             "n={n}"
         );
+        let bytes = f32_le_bytes(&values);
+        assert_eq!(bytes.len(), n * 4);
+        assert_eq!(digest_f32(&values), *blake3::hash(&bytes).as_bytes());
+        if let Some(v) = values.last() {
+            assert_eq!(bytes[bytes.len() - 4..], v.to_le_bytes());
+        }
     }
     assert_ne!(digest_f32(&[1.0]), digest_f32(&[1.0, 0.0]));
 }

@@ -15,14 +15,15 @@
 //! Failure handling: a micro-batch whose answer does not come back within
 //! `stage_timeout` is sent again to another replica of the next stage, so a
 //! replica that dies costs its in-flight micro-batches one timeout. After
-//! each of its averaging rounds a stage sends its parameters to the peers of
-//! every other stage, which keep the newest as that stage's backup (the
-//! first stage's backup also carries the run's planned length). A node that
-//! starts while the run is in progress (peers announce steps) takes the first
-//! stage if it has no replica left, otherwise the later stage with the least
-//! measured throughput; it loads that stage's backup (blake3-checked) and
-//! serves it, so a stage that lost every replica is taken over by a new peer
-//! without restarting the swarm: the other stages wait up to
+//! each of its averaging rounds a later stage sends its parameters to the
+//! first stage's peers, and the first stage to the second stage's; they keep
+//! the newest as that stage's backup (the first stage's also carries the
+//! run's planned length). A node that starts while the run is in progress
+//! (peers announce steps) takes the first stage if it has no replica left,
+//! otherwise the later stage with the least measured throughput; it loads
+//! that stage's backup (blake3-checked) and serves it, so a stage that lost
+//! every replica is taken over by a new peer without restarting the swarm:
+//! the other stages wait up to
 //! `wait_for_peers` for a replica to appear before giving up. Without a new
 //! peer, a spare moves: when a stage has had no live replica for a stage
 //! timeout, the highest-id replica of the stage with the most replicas (at
@@ -211,8 +212,17 @@ impl Inbox {
             .map(|(p, _)| *p)
     }
 
-    /// Peers known to serve another stage than `stage`: the holders of
-    /// its backup.
+    /// The peers a stage's lowest-id replica sends its backup to: the first
+    /// stage's for a later stage, the second stage's for the first. One
+    /// stage's replicas, not every peer: a stage's parameters can be large,
+    /// and they go out after every averaging round.
+    pub(super) fn backup_holders(&self, stage: u32) -> Vec<PeerId> {
+        let holders = if stage == 0 { 1 } else { 0 };
+        self.peers_of_stage(holders).collect()
+    }
+
+    /// Peers known to serve another stage than `stage`: those that may hold
+    /// its backup (a replica that moved stages keeps what it held).
     pub(super) fn peers_not_of_stage(&self, stage: u32) -> Vec<PeerId> {
         self.hellos
             .iter()
@@ -523,8 +533,8 @@ impl Driver {
 
     /// The stage this node should move to now, if any: when a stage has had
     /// no live replica for a stage timeout, the replica that
-    /// [`stages::spare_to_move`] names on this node's view moves there; the
-    /// peers of the other stages (the mover among them) hold its backup.
+    /// [`stages::spare_to_move`] names on this node's view moves there and
+    /// loads the stage's backup (its own copy, or a holder's).
     fn spare_move(&mut self, pcfg: &PipelineConfig) -> Option<u32> {
         self.stage?;
         let now = Instant::now();
@@ -747,8 +757,8 @@ impl Driver {
     }
 
     /// After a stage's averaging round, its lowest-id live replica sends the
-    /// averaged parameters to the peers of every other stage as the stage's
-    /// backup, the first stage with the run's planned length (`total_steps`).
+    /// averaged parameters to the stage's [backup holders](Inbox::backup_holders),
+    /// the first stage with the run's planned length (`total_steps`).
     fn back_up_stage(
         &mut self,
         stage: u32,
@@ -770,7 +780,7 @@ impl Driver {
             params: tensor::Payload::from_f32(values),
             last: false,
         });
-        let holders = self.pipe.peers_not_of_stage(stage);
+        let holders = self.pipe.backup_holders(stage);
         self.send_each(holders, &msg, "stage backup")
     }
 
@@ -1582,6 +1592,7 @@ fn bits_per_char(nats: f64, predicted: u64, bytes: u64, chars: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn stage_model_names_round_trip() {
@@ -1628,9 +1639,8 @@ mod tests {
         };
         assert!(!inbox.on_hello(c, three));
         assert_eq!(inbox.peers_of_stage(1).collect::<Vec<_>>(), vec![b]);
-        // Each stage's backup is held by the peers of the other stages.
-        assert_eq!(inbox.peers_not_of_stage(0), vec![b]);
-        assert_eq!(inbox.peers_not_of_stage(1), vec![a]);
+        assert_eq!(inbox.backup_holders(0), vec![b]);
+        assert_eq!(inbox.backup_holders(1), vec![a]);
         inbox.forget_peer(&b);
         assert_eq!(inbox.peers_of_stage(1).count(), 0);
         assert!(inbox.peers_not_of_stage(0).is_empty());
@@ -1646,6 +1656,41 @@ mod tests {
             );
         }
         assert_eq!(inbox.forwards.len(), INBOX_LIMIT);
+    }
+
+    #[test]
+    fn a_stage_backs_up_to_one_other_stage_and_a_taker_asks_them_all() {
+        let mut inbox = Inbox {
+            stages: 3,
+            ..Inbox::default()
+        };
+        let peers: Vec<(PeerId, u32)> = [0, 1, 2, 2]
+            .into_iter()
+            .map(|s| (PeerId::random(), s))
+            .collect();
+        for (p, stage) in &peers {
+            let hello = StageHello {
+                stage: *stage,
+                stages: 3,
+                phase: StagePhase::Training,
+                step: 4,
+                throughput: 0,
+            };
+            inbox.on_hello(*p, hello);
+        }
+        let of = |stages: &[u32]| -> BTreeSet<PeerId> {
+            peers
+                .iter()
+                .filter(|(_, s)| stages.contains(s))
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        let set = |v: Vec<PeerId>| v.into_iter().collect::<BTreeSet<_>>();
+        assert_eq!(set(inbox.backup_holders(0)), of(&[1]));
+        assert_eq!(set(inbox.backup_holders(1)), of(&[0]));
+        assert_eq!(set(inbox.backup_holders(2)), of(&[0]));
+        assert_eq!(set(inbox.peers_not_of_stage(0)), of(&[1, 2]));
+        assert_eq!(set(inbox.peers_not_of_stage(2)), of(&[0, 1]));
     }
 
     #[test]

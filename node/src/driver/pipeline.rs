@@ -55,6 +55,9 @@ const INBOX_LIMIT: usize = 1024;
 /// How often a pipeline peer repeats which stage it serves, for peers that
 /// joined since and for gossip messages lost before the mesh formed.
 const HELLO_EVERY: Duration = Duration::from_secs(1);
+/// How long a node joining a run in progress listens for a first-stage
+/// replica before it concludes the first stage has none and takes it over.
+const FIRST_STAGE_CONFIRM: Duration = Duration::from_secs(5);
 /// A micro-batch sent this many times without an answer ends the run.
 const MAX_TRIES: u32 = 6;
 
@@ -329,7 +332,17 @@ impl Driver {
             .await?;
         self.pipe.stages = pcfg.stages;
         self.listen_for_hellos(pcfg.stages).await?;
-        let joining = self.stage_to_join(pcfg.stages);
+        let mut joining = self.stage_to_join(pcfg.stages);
+        // Announcements travel by gossip, which a node that has just
+        // connected may not get from every peer within one period: before
+        // taking the first stage over, listen longer for one of its replicas.
+        let confirm_until = Instant::now() + FIRST_STAGE_CONFIRM;
+        while joining == Some(0) && Instant::now() < confirm_until {
+            let timer = tokio::time::sleep(HELLO_EVERY / 4);
+            let mut timer = std::pin::pin!(timer);
+            self.pump_once(timer.as_mut()).await?;
+            joining = self.stage_to_join(pcfg.stages);
+        }
         let mut stage = match joining {
             Some(stage) => stage,
             None => self.choose_stage(pcfg.stages)?,

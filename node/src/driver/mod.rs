@@ -337,7 +337,7 @@ pub enum NodeError {
         /// The stage without replicas.
         stage: u32,
     },
-    /// No first-stage peer answered with the backup of the stage to take over.
+    /// No peer of the other stages answered with the backup of the stage to take over.
     #[error("no peer sent a backup of pipeline stage {stage} to take over (the stage has not averaged yet, or every peer of the other stages is gone)")]
     StageBackupUnavailable {
         /// The stage.

@@ -173,7 +173,6 @@ impl Driver {
         }
     }
 
-    /// Publishes our parameters after `round` and gossips the claim.
     /// Serves `params` as this node's state after `round` and announces its
     /// claim; returns the digest of `params` (see [`Served::publish`]).
     pub(super) fn announce_state(

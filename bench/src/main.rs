@@ -57,6 +57,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Every subcommand, the raw-quinn bound included, runs with the heap
+    // settings of the `p2ptrain` binary, so the comparisons stay like for like.
+    p2ptrain_heap::keep_large_buffers();
     // `testnet` starts `node` processes from this same executable.
     #[cfg(feature = "swarm")]
     if matches!(

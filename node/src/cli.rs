@@ -587,6 +587,7 @@ pub fn parse_with_config(argv: Vec<OsString>) -> Result<Cli, CliError> {
 
 /// The binary's entry point: parses flags, runs, and turns errors into one line and exit code.
 pub fn main_entry() -> ExitCode {
+    let heap = p2ptrain_heap::keep_large_buffers();
     let cli = match parse_with_config(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(CliError::Config(e)) => {
@@ -615,6 +616,7 @@ pub fn main_entry() -> ExitCode {
         matches!(&cli.command, Command::Node(a) if !a.events) && std::io::stdout().is_terminal()
     };
     init_logging(cli.log_format, live);
+    tracing::debug!(?heap, "allocator keeps large buffers in the heap");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -120,6 +120,27 @@ fn id_prints_a_stable_peer_id() {
     assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), id);
 }
 
+/// The binary sets the allocator up to keep large buffers (p2ptrain-heap)
+/// before it does anything else, and says so at debug level.
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn the_binary_keeps_large_buffers_in_the_heap() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.key");
+    let out = std::process::Command::new(common::binary())
+        .args(["--log-format", "json", "id", "--key", key.to_str().unwrap()])
+        .env("RUST_LOG", "p2ptrain_node=debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("keeps large buffers in the heap"))
+        .unwrap_or_else(|| panic!("no heap settings line in:\n{stderr}"));
+    assert!(line.contains("Set { mmap_threshold: "), "{line}");
+}
+
 #[test]
 fn bad_pipeline_settings() {
     assert_one_line_error(&["node", "--stages", "2"], "--model char-lm");

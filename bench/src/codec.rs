@@ -1,10 +1,11 @@
 //! CPU cost of one all-reduce part on its way through our stack, without the
 //! network: `Payload::encode` (codec and blake3 digest), `wire::encode`
-//! (postcard framing), `wire::decode` (parsing and validation: digest and
+//! (postcard framing), `wire::decode_shared` (parsing and validation: digest and
 //! finiteness) and `Payload::decode`. In a butterfly round among N peers
 //! each node goes through each of these about 2(N-1) times for parts of
 //! len/N values, so this shows how much of a round is spent off the wire.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use p2ptrain_protocol::averaging::AvgMessage;
@@ -48,7 +49,9 @@ pub fn run(args: &CodecArgs) -> anyhow::Result<()> {
             payload,
         }))?;
         let t2 = Instant::now();
-        let Message::Avg(AvgMessage::Part { payload, .. }) = wire::decode(&bytes)? else {
+        // As the node decodes a received frame.
+        let Message::Avg(AvgMessage::Part { payload, .. }) = wire::decode_shared(Arc::new(bytes))?
+        else {
             anyhow::bail!("decoded another message kind");
         };
         let t3 = Instant::now();

@@ -20,6 +20,7 @@ use crate::pipe::{
 use crate::statesync::{Claim, Digest, Manifest, StateError, MAX_CHUNKS, MAX_CHUNK_BYTES};
 use crate::tensor::{Bytes, TensorError};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
 /// refuse each other with a clear error instead of misreading bytes.
@@ -327,6 +328,13 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, WireError> {
     postcard::to_extend(msg, out).map_err(|e| WireError::Encode(e.to_string()))
 }
 
+/// [`decode`] of a received frame the message may keep: payload bytes in it stay where they
+/// lie in `frame` (shared, see [`Bytes`]) instead of being copied out, one copy fewer of
+/// every tensor part a node receives.
+pub fn decode_shared(frame: Arc<Vec<u8>>) -> Result<Message, WireError> {
+    crate::tensor::with_shared_frame(&frame, || decode(&frame))
+}
+
 /// Decodes and validates a message from untrusted bytes. See the module docs for what is
 /// refused; never panics.
 pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
@@ -559,6 +567,55 @@ mod tests {
                 max: MAX_MESSAGE_BYTES
             })
         );
+    }
+
+    #[test]
+    fn a_shared_decode_keeps_large_payloads_in_the_frame_and_checks_them_the_same() {
+        let values: Vec<f32> = (0..5000).map(|i| i as f32 * 0.5).collect();
+        let part = |values: &[f32]| {
+            Message::Avg(AvgMessage::Part {
+                round: 3,
+                part: 1,
+                payload: Payload::from_f32(values),
+            })
+        };
+        let payload_of = |msg: &Message| match msg {
+            Message::Avg(AvgMessage::Part { payload, .. }) => payload.clone(),
+            other => panic!("not a part: {other:?}"),
+        };
+        let frame = Arc::new(encode(&part(&values)).unwrap());
+        let shared = decode_shared(frame.clone()).unwrap();
+        assert_eq!(shared, decode(&frame).unwrap());
+        let payload = payload_of(&shared);
+        assert!(payload.bytes.is_view_of(&frame), "20 kB payload was copied");
+        assert_eq!(payload.decode().unwrap(), values);
+        // Writing to the bytes copies them out and leaves the frame as it was.
+        let mut changed = payload.clone();
+        changed.bytes.make_mut()[0] ^= 1;
+        assert!(!changed.bytes.is_view_of(&frame));
+        assert_eq!(changed.validate(), Err(TensorError::DigestMismatch));
+        assert_eq!(decode(&frame).unwrap(), shared);
+        // Nothing else holds the frame once the message and its copies are gone.
+        drop((shared, payload));
+        assert_eq!(Arc::strong_count(&frame), 1);
+
+        // A small payload is copied: it must not pin a large frame.
+        let small = Arc::new(encode(&part(&values[..8])).unwrap());
+        assert!(!payload_of(&decode_shared(small.clone()).unwrap())
+            .bytes
+            .is_view_of(&small));
+
+        // A corrupted payload is refused as by `decode`.
+        let mut bad = (*frame).clone();
+        let at = bad.len() - 40;
+        bad[at] ^= 1;
+        assert_eq!(
+            decode_shared(Arc::new(bad.clone())),
+            Err(WireError::Content(ContentError::Payload(
+                TensorError::DigestMismatch
+            )))
+        );
+        assert_eq!(decode_shared(Arc::new(bad.clone())), decode(&bad));
     }
 
     #[test]

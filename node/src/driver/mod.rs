@@ -32,6 +32,7 @@ use p2ptrain_protocol::{shards, NodeId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -1112,7 +1113,8 @@ impl Driver {
             }
             NetEvent::Message { from, bytes } => {
                 let from_id = NodeId::from_key_bytes(&from.to_bytes());
-                let msg = match wire::decode(&bytes) {
+                // Shared: a tensor part stays in the received frame, not copied out.
+                let msg = match wire::decode_shared(Arc::new(bytes)) {
                     // Replicas of our stage average among themselves only.
                     Ok(Message::StageAvg { stage, msg }) if self.stage == Some(stage) => {
                         Ok(Message::Avg(msg))

@@ -25,21 +25,22 @@
 //! Top-k is meant for pseudo-gradients with error feedback ([`ErrorFeedback`]), where what is
 //! dropped this round is sent later; it is no way to average parameters.
 
+mod bytes;
 mod codec;
 mod feedback;
 mod half;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use bytes::with_shared_frame;
+pub use bytes::Bytes;
 pub use feedback::ErrorFeedback;
 pub use half::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 
-use serde::de::{SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
 
 /// Largest int8 block: bounds the values one scale covers (larger blocks lose precision to
 /// one outlier) and keeps hostile block sizes out.
@@ -184,105 +185,6 @@ impl FromStr for Encoding {
         };
         encoding.validate().map_err(|e| err(e.to_string()))?;
         Ok(encoding)
-    }
-}
-
-/// Raw bytes that serialize as one length-prefixed blob (`serialize_bytes`), not element by
-/// element, so large tensors encode and decode with a single copy. Shared: a clone (a
-/// message kept for re-sending, one reduced part sent to every member) copies nothing.
-/// Their blake3 hash is computed once and remembered, so a receiver that validates a
-/// message and then decodes it hashes its bytes once.
-#[derive(Clone, Default)]
-pub struct Bytes {
-    data: Arc<Vec<u8>>,
-    hash: OnceLock<[u8; 32]>,
-}
-
-impl Bytes {
-    /// The bytes, writable (copied first if a clone shares them); forgets the hash.
-    pub fn make_mut(&mut self) -> &mut Vec<u8> {
-        self.hash = OnceLock::new();
-        Arc::make_mut(&mut self.data)
-    }
-
-    /// blake3 of the bytes, computed on first use.
-    pub fn blake3(&self) -> [u8; 32] {
-        *self
-            .hash
-            .get_or_init(|| *blake3::hash(&self.data).as_bytes())
-    }
-}
-
-impl PartialEq for Bytes {
-    fn eq(&self, other: &Self) -> bool {
-        self.data == other.data
-    }
-}
-
-impl Eq for Bytes {}
-
-impl From<Vec<u8>> for Bytes {
-    fn from(bytes: Vec<u8>) -> Self {
-        Bytes {
-            data: Arc::new(bytes),
-            hash: OnceLock::new(),
-        }
-    }
-}
-
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
-impl fmt::Debug for Bytes {
-    /// Prints only the length: a tensor's bytes in a log line help nobody.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Bytes({} bytes)", self.data.len())
-    }
-}
-
-impl Serialize for Bytes {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.data)
-    }
-}
-
-impl<'de> Deserialize<'de> for Bytes {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_byte_buf(BytesVisitor)
-    }
-}
-
-/// Accepts a byte string (binary formats) or a sequence of integers (self-describing formats
-/// such as JSON) as [`Bytes`].
-struct BytesVisitor;
-
-impl<'de> Visitor<'de> for BytesVisitor {
-    type Value = Bytes;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a byte string")
-    }
-
-    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
-        Ok(Bytes::from(v.to_vec()))
-    }
-
-    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
-        Ok(Bytes::from(v))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
-        // Never trust a claimed length for pre-allocation.
-        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
-        while let Some(byte) = seq.next_element::<u8>()? {
-            out.push(byte);
-        }
-        Ok(Bytes::from(out))
     }
 }
 

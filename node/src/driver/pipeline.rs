@@ -772,6 +772,9 @@ impl Driver {
     /// After a stage's averaging round, its lowest-id live replica sends the
     /// averaged parameters to the stage's [backup holders](Inbox::backup_holders),
     /// the first stage with the run's planned length (`total_steps`).
+    ///
+    /// Returns the blake3 of the parameters when it sent them (the payload's
+    /// digest, which is the stage's model digest), so they are hashed once.
     fn back_up_stage(
         &mut self,
         stage: u32,
@@ -779,22 +782,25 @@ impl Driver {
         step: u64,
         total_steps: u64,
         values: &[f32],
-    ) -> Result<(), NodeError> {
+    ) -> Result<Option<[u8; 32]>, NodeError> {
         let lowest = self.swarm_ids().first().copied();
         if lowest != Some(self.me) {
-            return Ok(());
+            return Ok(None);
         }
+        let params = tensor::Payload::from_f32(values);
+        let digest = params.digest;
         let msg = Message::StageState(StageState {
             stage,
             stages: self.pipe.stages,
             round,
             step,
             total_steps: if stage == 0 { total_steps } else { 0 },
-            params: tensor::Payload::from_f32(values),
+            params,
             last: false,
         });
         let holders = self.pipe.backup_holders(stage);
-        self.send_each(holders, &msg, "stage backup")
+        self.send_each(holders, &msg, "stage backup")?;
+        Ok(Some(digest))
     }
 
     /// Announces our stage and phase to the swarm; returns when.
@@ -994,8 +1000,10 @@ impl Driver {
         } else {
             avg.values
         };
-        let model_digest = checkpoint::params_digest(&values);
-        self.back_up_stage(stage, round, step, total_steps, &values)?;
+        let model_digest = match self.back_up_stage(stage, round, step, total_steps, &values)? {
+            Some(digest) => checkpoint::hex(&digest),
+            None => checkpoint::params_digest(&values),
+        };
         self.pump(compute.set_params(values)).await??;
         outcome.rounds = round;
         outcome.complete_rounds += u64::from(complete);

@@ -10,7 +10,8 @@
 //! and reduced values, the served state), so each round paid for hundreds
 //! of thousands of page faults: measured on the 2 peers / 10M values
 //! all-reduce, 668k page faults and 7.9 CPU seconds per 10-round run, against
-//! 225k and 6.7 s with the settings below (see BENCHMARKS.md).
+//! 225k and 6.7 s with these settings given through `GLIBC_TUNABLES` (see
+//! BENCHMARKS.md).
 //!
 //! The price: memory a node freed stays with the process (its resident size
 //! stays near its peak, which for a trainer is its steady state) rather than
@@ -40,10 +41,12 @@ pub enum HeapSettings {
     Set {
         /// The `M_MMAP_THRESHOLD` in force.
         mmap_threshold: usize,
-        /// The `M_TRIM_THRESHOLD` in force.
-        trim_threshold: usize,
+        /// The `M_TRIM_THRESHOLD` in force; `None` if glibc refused it (no
+        /// glibc version does) and kept its fixed 128 KiB default.
+        trim_threshold: Option<usize>,
     },
-    /// The C library refused the settings, or is not glibc: its defaults stay.
+    /// The C library refused the mmap threshold, or is not glibc: its
+    /// defaults stay.
     Unchanged,
 }
 
@@ -84,12 +87,9 @@ mod imp {
         let Some(mmap_threshold) = mmap_threshold else {
             return HeapSettings::Unchanged;
         };
-        if !set(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) {
-            return HeapSettings::Unchanged;
-        }
         HeapSettings::Set {
             mmap_threshold,
-            trim_threshold: TRIM_THRESHOLD,
+            trim_threshold: set(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD).then_some(TRIM_THRESHOLD),
         }
     }
 }
@@ -136,7 +136,7 @@ mod tests {
         let pages = (BYTES / 4096) as u64;
         assert!(matches!(
             keep_large_buffers(),
-            HeapSettings::Set { mmap_threshold, trim_threshold: TRIM_THRESHOLD }
+            HeapSettings::Set { mmap_threshold, trim_threshold: Some(TRIM_THRESHOLD) }
                 if mmap_threshold >= MMAP_THRESHOLD_CEILING
         ));
         // The first allocation faults its pages in; the next ones reuse them.

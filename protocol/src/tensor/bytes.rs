@@ -13,7 +13,8 @@ use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 /// Byte strings shorter than this are copied out of a shared frame: the copy
-/// is cheap, and a small value kept for long should not pin a large frame.
+/// is cheap. (Nor does one share less than half its frame: a small value kept
+/// for long should not pin a large frame.)
 const SHARE_FROM_BYTES: usize = 4096;
 
 /// Raw bytes that serialize as one length-prefixed blob (`serialize_bytes`), not element by
@@ -79,10 +80,12 @@ pub(crate) fn with_shared_frame<R>(frame: &Arc<Vec<u8>>, decode: impl FnOnce() -
     impl Drop for Restore {
         fn drop(&mut self) {
             let previous = self.0.take();
-            SHARED_FRAME.with(|f| *f.borrow_mut() = previous);
+            let _ = SHARED_FRAME.try_with(|f| *f.borrow_mut() = previous);
         }
     }
-    let _restore = Restore(SHARED_FRAME.with(|f| f.replace(Some(frame.clone()))));
+    // `try_with`: during thread teardown there is no slot, and bytes are copied.
+    let previous = SHARED_FRAME.try_with(|f| f.replace(Some(frame.clone())));
+    let _restore = previous.ok().map(Restore);
     decode()
 }
 
@@ -131,7 +134,9 @@ impl Serialize for Bytes {
 impl<'de> Deserialize<'de> for Bytes {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         // `deserialize_bytes`: postcard then lends the bytes in place (`visit_borrowed_bytes`),
-        // which a shared frame can keep without a copy.
+        // which a shared frame can keep without a copy. (A format whose `deserialize_bytes`
+        // limits lengths, such as ciborium's 4 KiB scratch buffer, would need
+        // `deserialize_byte_buf` here; only postcard and serde_json read `Bytes` today.)
         deserializer.deserialize_bytes(BytesVisitor)
     }
 }
@@ -149,7 +154,17 @@ impl<'de> Visitor<'de> for BytesVisitor {
 
     fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
         let shared = (v.len() >= SHARE_FROM_BYTES)
-            .then(|| SHARED_FRAME.with(|f| f.borrow().as_ref().and_then(|f| Bytes::view(f, v))))
+            .then(|| {
+                SHARED_FRAME
+                    .try_with(|f| {
+                        f.borrow()
+                            .as_ref()
+                            .filter(|f| v.len() >= f.len() / 2)
+                            .and_then(|f| Bytes::view(f, v))
+                    })
+                    .ok()
+                    .flatten()
+            })
             .flatten();
         Ok(shared.unwrap_or_else(|| Bytes::from(v.to_vec())))
     }
@@ -169,5 +184,29 @@ impl<'de> Visitor<'de> for BytesVisitor {
             out.push(byte);
         }
         Ok(Bytes::from(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_byte_strings_large_against_their_frame_share_it() {
+        // A 5000-byte string next to a 20000-byte one: the small one is under half
+        // the frame and is copied; the large one is shared; a short one is copied.
+        let small = Bytes::from(vec![1u8; 5000]);
+        let large = Bytes::from(vec![2u8; 20_000]);
+        let tiny = Bytes::from(vec![3u8; 100]);
+        let frame = Arc::new(postcard::to_allocvec(&(&small, &large, &tiny)).unwrap());
+        let (s, l, t): (Bytes, Bytes, Bytes) =
+            with_shared_frame(&frame, || postcard::from_bytes(&frame).unwrap());
+        assert_eq!((&s, &l, &t), (&small, &large, &tiny));
+        assert!(!s.is_view_of(&frame));
+        assert!(l.is_view_of(&frame));
+        assert!(!t.is_view_of(&frame));
+        // Outside `with_shared_frame` nothing is shared.
+        let (_, l2, _): (Bytes, Bytes, Bytes) = postcard::from_bytes(&frame).unwrap();
+        assert!(!l2.is_view_of(&frame));
     }
 }

@@ -207,12 +207,20 @@ impl Inbox {
         self.hellos.remove(peer);
     }
 
-    /// Peers known to serve `stage`, in a fixed order.
-    pub(super) fn peers_of_stage(&self, stage: u32) -> impl Iterator<Item = PeerId> + '_ {
+    /// Peers known to serve a stage `wanted` accepts, in a fixed order.
+    fn peers_serving<'a>(
+        &'a self,
+        wanted: impl Fn(u32) -> bool + 'a,
+    ) -> impl Iterator<Item = PeerId> + 'a {
         self.hellos
             .iter()
-            .filter(move |(_, h)| h.stage == stage)
+            .filter(move |(_, h)| wanted(h.stage))
             .map(|(p, _)| *p)
+    }
+
+    /// Peers known to serve `stage`, in a fixed order.
+    pub(super) fn peers_of_stage(&self, stage: u32) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers_serving(move |s| s == stage)
     }
 
     /// The peers a stage's lowest-id replica sends its backup to: the first
@@ -227,11 +235,7 @@ impl Inbox {
     /// Peers known to serve another stage than `stage`: those that may hold
     /// its backup (a replica that moved stages keeps what it held).
     pub(super) fn peers_not_of_stage(&self, stage: u32) -> Vec<PeerId> {
-        self.hellos
-            .iter()
-            .filter(|(_, h)| h.stage != stage)
-            .map(|(p, _)| *p)
-            .collect()
+        self.peers_serving(|s| s != stage).collect()
     }
 
     fn phases_of_stage(&self, stage: u32) -> impl Iterator<Item = StagePhase> + '_ {

@@ -101,8 +101,9 @@ impl Task for SyntheticTask {
         self.values.len()
     }
 
-    fn params(&self) -> Vec<f32> {
-        self.values.clone()
+    fn params_into(&self, out: &mut Vec<f32>) {
+        out.clear();
+        out.extend_from_slice(&self.values);
     }
 
     fn set_params(&mut self, values: &[f32]) -> Result<(), TaskError> {

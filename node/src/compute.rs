@@ -115,6 +115,11 @@ pub(crate) async fn request<C, T>(
 }
 
 fn serve(mut task: Box<dyn Task>, commands: std_mpsc::Receiver<Command>) {
+    // The last parameter vector the driver handed back: the next `Params`
+    // answer is written into it, so a round moves one model-sized buffer
+    // back and forth instead of allocating a fresh one (which, above glibc's
+    // mmap threshold, the kernel maps and zeroes page by page every time).
+    let mut spare: Vec<f32> = Vec::new();
     while let Ok(command) = commands.recv() {
         // A dropped reply receiver just means the driver stopped waiting.
         match command {
@@ -133,10 +138,13 @@ fn serve(mut task: Box<dyn Task>, commands: std_mpsc::Receiver<Command>) {
                 let _ = reply.send(result.map(|()| stats));
             }
             Command::Params(reply) => {
-                let _ = reply.send(task.params());
+                let mut values = std::mem::take(&mut spare);
+                task.params_into(&mut values);
+                let _ = reply.send(values);
             }
             Command::SetParams(values, reply) => {
                 let _ = reply.send(task.set_params(&values));
+                spare = values;
             }
             Command::SetShard(shard, reply) => {
                 task.set_shard(shard);

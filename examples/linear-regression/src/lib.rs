@@ -164,8 +164,8 @@ impl<B: AutodiffBackend> Task for LinearTask<B> {
         params::num_params(&self.model)
     }
 
-    fn params(&self) -> Vec<f32> {
-        params::flatten(&self.model)
+    fn params_into(&self, out: &mut Vec<f32>) {
+        params::flatten_into(&self.model, out);
     }
 
     fn set_params(&mut self, values: &[f32]) -> Result<(), TaskError> {

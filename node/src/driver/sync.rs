@@ -82,7 +82,17 @@ impl Served {
         total_steps: u64,
         params: &[f32],
     ) -> (Claim, Digest) {
-        let bytes = tensor::f32_le_bytes(params);
+        // The state that would be dropped lends its buffer: a model-sized
+        // allocation every round would be mapped and zeroed afresh.
+        let mut bytes = if self.states.len() >= SERVED_STATES {
+            self.states
+                .pop_front()
+                .map(|(_, _, b)| b)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        tensor::f32_le_bytes_into(params, &mut bytes);
         let manifest = Manifest::build(round, total_steps, &bytes, CHUNK_BYTES);
         let digest = manifest.state_digest;
         let claim = Claim {
@@ -510,5 +520,40 @@ mod tests {
         assert_eq!(served.latest(), Some(claim));
         let manifest = served.manifest(&claim.root).expect("served");
         assert_eq!(manifest.state_digest, digest);
+    }
+
+    #[test]
+    fn a_new_state_takes_over_the_buffer_of_the_one_it_retires() {
+        let mut served = Served::new(Misbehave::None);
+        let model = |round: u64| -> Vec<f32> {
+            (0..100_000)
+                .map(|i| (i as f32 + round as f32).cos())
+                .collect()
+        };
+        let mut claims = Vec::new();
+        for round in 1..=SERVED_STATES as u64 {
+            claims.push(served.publish(round, 90, &model(round)).0);
+        }
+        let oldest = served.states.front().map(|(_, _, b)| b.as_ptr());
+        let (newest, _) = served.publish(9, 90, &model(9));
+        // The oldest state is no longer served; the newest sits in its buffer.
+        assert_eq!(served.states.len(), SERVED_STATES);
+        assert_eq!(served.manifest(&claims[0].root), None);
+        assert_eq!(served.states.back().map(|(_, _, b)| b.as_ptr()), oldest);
+        // Every state still served hands out its own bytes, chunk by chunk.
+        for (round, claim) in [
+            (SERVED_STATES as u64, claims[SERVED_STATES - 1]),
+            (9, newest),
+        ] {
+            let want = tensor::f32_le_bytes(&model(round));
+            let manifest = served.manifest(&claim.root).expect("served");
+            let mut got = Vec::new();
+            for index in 0..manifest.num_chunks() {
+                let chunk = served.chunk(&claim.root, index).expect("chunk");
+                assert!(manifest.chunk_matches(index, &chunk));
+                got.extend_from_slice(&chunk);
+            }
+            assert_eq!(got, want, "round {round}");
+        }
     }
 }

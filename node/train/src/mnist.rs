@@ -211,8 +211,8 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
         self.num_params
     }
 
-    fn params(&self) -> Vec<f32> {
-        params::flatten(&self.model)
+    fn params_into(&self, out: &mut Vec<f32>) {
+        params::flatten_into(&self.model, out);
     }
 
     /// Overwrites the weights (after averaging). Adam's moment estimates are

@@ -23,11 +23,21 @@ pub fn num_params<B: Backend, M: Module<B>>(module: &M) -> usize {
 /// If the backend cannot read a tensor back (a lost device); there is no
 /// sensible way to continue training then.
 pub fn flatten<B: Backend, M: Module<B>>(module: &M) -> Vec<f32> {
-    let mut collector = Collector {
-        values: Vec::with_capacity(module.num_params()),
-    };
-    module.visit(&mut collector);
-    collector.values
+    let mut values = Vec::new();
+    flatten_into(module, &mut values);
+    values
+}
+
+/// [`flatten`] into `out`, replacing what it held: a caller that reads the
+/// parameters every round reuses one model-sized buffer instead of having
+/// the allocator map (and the kernel zero) a fresh one each time.
+///
+/// # Panics
+/// As [`flatten`].
+pub fn flatten_into<B: Backend, M: Module<B>>(module: &M, out: &mut Vec<f32>) {
+    out.clear();
+    out.reserve(module.num_params());
+    module.visit(&mut Collector { values: out });
 }
 
 /// Returns `module` with its float parameters replaced by `values` (same order
@@ -60,11 +70,11 @@ pub fn seeded_init<B: Backend, M: Module<B>>(module: M, seed: u64) -> M {
     })
 }
 
-struct Collector {
-    values: Vec<f32>,
+struct Collector<'a> {
+    values: &'a mut Vec<f32>,
 }
 
-impl<B: Backend> ModuleVisitor<B> for Collector {
+impl<B: Backend> ModuleVisitor<B> for Collector<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let data = param
             .val()

@@ -109,7 +109,15 @@ pub trait Task: Send + 'static {
     /// Length of the flat parameter vector exchanged with peers.
     fn num_params(&self) -> usize;
     /// Current parameters, flattened in a fixed, model-defined order.
-    fn params(&self) -> Vec<f32>;
+    fn params(&self) -> Vec<f32> {
+        let mut values = Vec::new();
+        self.params_into(&mut values);
+        values
+    }
+    /// [`Task::params`] into `out`, replacing what it held, so the compute
+    /// thread can hand the driver the same model-sized buffer every round
+    /// (a fresh one is mapped and zeroed by the kernel page by page).
+    fn params_into(&self, out: &mut Vec<f32>);
     /// Replaces the parameters (after averaging); validates length and finiteness first.
     fn set_params(&mut self, values: &[f32]) -> Result<(), TaskError>;
     /// Size of the whole training set, so the driver can compute shards.

@@ -417,13 +417,30 @@ fn first_bad_bits(
 }
 
 /// The little-endian bytes of `values` (the f32 wire encoding, and how models are
-/// stored and served): one pass that compiles to a plain copy on little-endian machines.
+/// stored and served).
 pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
-    let mut out = vec![0u8; values.len() * 4];
-    for (dst, v) in out.as_chunks_mut::<4>().0.iter_mut().zip(values) {
-        *dst = v.to_le_bytes();
-    }
+    let mut out = Vec::new();
+    f32_le_bytes_into(values, &mut out);
     out
+}
+
+/// [`f32_le_bytes`] into `out`, replacing what it held: a node serving its model
+/// after every round writes into the buffer of the state it stops serving
+/// instead of having a fresh one mapped and zeroed.
+///
+/// Values go through a small stack buffer that compiles to plain copies on
+/// little-endian machines, so `out` is written once and never zero-filled first.
+pub fn f32_le_bytes_into(values: &[f32], out: &mut Vec<u8>) {
+    const BATCH: usize = 1024;
+    out.clear();
+    out.reserve(values.len() * 4);
+    let mut staged = [[0u8; 4]; BATCH];
+    for batch in values.chunks(BATCH) {
+        for (dst, v) in staged.iter_mut().zip(batch) {
+            *dst = v.to_le_bytes();
+        }
+        out.extend_from_slice(staged[..batch.len()].as_flattened());
+    }
 }
 
 /// blake3 of the little-endian bytes of `values`: the same digest [`Payload::from_f32`]

@@ -98,6 +98,21 @@ fn digest_f32_matches_payload_digest_across_batch_boundaries() {
 }
 
 #[test]
+fn f32_le_bytes_into_replaces_what_the_buffer_held_and_keeps_its_allocation() {
+    let mut out = vec![0xaa_u8; 9000 * 4];
+    let kept = out.as_ptr();
+    for n in [9000usize, 1025, 1024, 1, 0, 2049] {
+        let values: Vec<f32> = (0..n).map(|i| (i as f32).sin() * 1e3 - 0.25).collect();
+        f32_le_bytes_into(&values, &mut out);
+        let want: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(out, want, "n={n}");
+        assert_eq!(out, f32_le_bytes(&values), "n={n}");
+        // Never more than the buffer already held: no new allocation.
+        assert_eq!(out.as_ptr(), kept, "n={n}");
+    }
+}
+
+#[test]
 fn bytes_serialize_as_one_length_prefixed_blob() {
     let encoded = postcard::to_allocvec(&Bytes::from(vec![9, 8, 7])).expect("encode");
     assert_eq!(encoded, vec![3, 9, 8, 7]);

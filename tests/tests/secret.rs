@@ -11,35 +11,42 @@ fn secret(dir: &std::path::Path, name: &str, byte: u8) -> String {
     path.to_str().unwrap().to_string()
 }
 
-/// Starts two nodes with the given secret files; returns whether each trained to the end.
-fn pair(swarm: &str, a: &str, b: &str) -> (bool, bool) {
+/// Starts one node per secret file, each waiting for all of them; returns
+/// whether each trained to the end, and the model digest each finished with.
+fn swarm_of(swarm: &str, secrets: &[&str]) -> Vec<(bool, Option<String>)> {
     let (tx, rx) = mpsc::channel();
-    let common = ["--swarm", swarm, "--min-peers", "2", "--steps", "20"];
+    let min_peers = secrets.len().to_string();
+    let common = ["--swarm", swarm, "--min-peers", &min_peers, "--steps", "20"];
     let wait = ["--wait-peers-secs", "8", "--linger-secs", "1"];
     let args = |s: &str| -> Vec<String> {
         let mut v: Vec<String> = common.iter().chain(&wait).map(|s| s.to_string()).collect();
         v.extend(["--secret-file".into(), s.to_string()]);
         v
     };
-    let first = args(a);
+    let first = args(secrets[0]);
     let first: Vec<&str> = first.iter().map(String::as_str).collect();
     let mut nodes = Nodes(vec![spawn_node(0, &first, tx.clone())]);
     let deadline = Instant::now() + Duration::from_secs(120);
     let boot = bootstrap_address(&rx, deadline);
-    let mut second = args(b);
-    second.extend(["--bootstrap".into(), boot]);
-    let second: Vec<&str> = second.iter().map(String::as_str).collect();
-    nodes.0.push(spawn_node(1, &second, tx));
-    let mut finished = [false; 2];
-    for (i, c) in nodes.0.iter_mut().enumerate() {
-        finished[i] = c.wait().unwrap().success();
+    for (i, s) in secrets.iter().enumerate().skip(1) {
+        let mut more = args(s);
+        more.extend(["--bootstrap".into(), boot.clone()]);
+        let more: Vec<&str> = more.iter().map(String::as_str).collect();
+        nodes.0.push(spawn_node(i, &more, tx.clone()));
     }
+    drop(tx);
+    let mut finished: Vec<(bool, Option<String>)> = nodes
+        .0
+        .iter_mut()
+        .map(|c| (c.wait().unwrap().success(), None))
+        .collect();
     while let Ok((i, v)) = rx.try_recv() {
         if v["event"] == "finished" {
-            assert!(finished[i], "node {i} reported finishing but failed");
+            assert!(finished[i].0, "node {i} reported finishing but failed");
+            finished[i].1 = v["model_digest"].as_str().map(str::to_string);
         }
     }
-    (finished[0], finished[1])
+    finished
 }
 
 #[test]
@@ -48,9 +55,16 @@ fn peers_with_another_secret_never_become_members() {
     let (s1, s2) = (secret(dir.path(), "s1", 1), secret(dir.path(), "s2", 2));
     let swarm = format!("secret-{}", std::process::id());
     // Different secrets: each waits for a second member that never comes.
-    assert_eq!(pair(&format!("{swarm}-a"), &s1, &s2), (false, false));
-    // The same secret: they train together to the end.
-    assert_eq!(pair(&format!("{swarm}-b"), &s1, &s1), (true, true));
+    let apart = swarm_of(&format!("{swarm}-a"), &[&s1, &s2]);
+    assert!(apart.iter().all(|(ok, _)| !ok), "{apart:?}");
+    // The same secret: they train together to the end and hold one model.
+    // Three of them, so each reduced part goes to two peers (sealed once
+    // for both).
+    let together = swarm_of(&format!("{swarm}-b"), &[&s1, &s1, &s1]);
+    assert!(together.iter().all(|(ok, _)| *ok), "{together:?}");
+    let digest = &together[0].1;
+    assert!(digest.is_some(), "{together:?}");
+    assert!(together.iter().all(|(_, d)| d == digest), "{together:?}");
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! by `wait_for_peers`.
 
 mod diloco;
+mod frames;
 mod pipeline;
 mod sync;
 
@@ -1041,6 +1042,7 @@ impl Driver {
 
     /// Sends what the averager wants sent and collects its events.
     fn flush(&mut self) -> Result<(), NodeError> {
+        let mut frames = frames::FrameOnce::default();
         while let Some(mut t) = self.averager.poll_transmit() {
             if let Some(m) = self.misbehave {
                 if m.withholds(&t.msg) {
@@ -1052,7 +1054,7 @@ impl Driver {
                 Some(stage) => Message::StageAvg { stage, msg: t.msg },
                 None => Message::Avg(t.msg),
             };
-            let bytes = match wire::encode(&msg) {
+            let bytes = match frames.encode(msg) {
                 Ok(b) => b,
                 Err(e) => {
                     warn!(error = %e, "cannot encode an averaging message; dropped");
@@ -1060,7 +1062,10 @@ impl Driver {
                 }
             };
             let sent = match t.to {
-                Destination::Broadcast => self.net.broadcast(bytes),
+                Destination::Broadcast => {
+                    frames.forget();
+                    self.net.broadcast(Arc::unwrap_or_clone(bytes))
+                }
                 Destination::Peer(id) => match self.members.get(&id) {
                     Some(peer) => self.net.send(*peer, bytes),
                     None => {

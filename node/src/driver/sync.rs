@@ -27,6 +27,7 @@ use p2ptrain_protocol::tensor::{self, Bytes};
 use p2ptrain_protocol::wire::{self, Message};
 use p2ptrain_protocol::NodeId;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -171,6 +172,7 @@ impl Driver {
     ) -> Result<(), NodeError> {
         match wire::encode(msg) {
             Ok(bytes) => {
+                let bytes = Arc::new(bytes);
                 for to in peers {
                     self.check_sent(self.net.send(to, bytes.clone()))?;
                 }

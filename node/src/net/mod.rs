@@ -203,7 +203,7 @@ pub enum NetEvent {
 
 enum Command {
     Broadcast(Vec<u8>),
-    Send { to: PeerId, bytes: Vec<u8> },
+    Send { to: PeerId, bytes: Arc<Vec<u8>> },
 }
 
 /// The driver's way to send through the event loop. Cheap to clone.
@@ -227,8 +227,14 @@ impl NetHandle {
 
     /// Sends `bytes` to one peer over a QUIC stream; never waits, like
     /// [`NetHandle::broadcast`]. Delivery is best effort.
-    pub fn send(&self, to: PeerId, bytes: Vec<u8>) -> Result<(), NetError> {
-        self.enqueue(Command::Send { to, bytes })
+    ///
+    /// One frame for several peers goes as clones of one `Arc`: it is then
+    /// neither copied per peer nor, with a swarm secret, sealed per peer.
+    pub fn send(&self, to: PeerId, bytes: impl Into<Arc<Vec<u8>>>) -> Result<(), NetError> {
+        self.enqueue(Command::Send {
+            to,
+            bytes: bytes.into(),
+        })
     }
 
     fn enqueue(&self, command: Command) -> Result<(), NetError> {
@@ -296,6 +302,7 @@ impl Network {
             swarm,
             topic,
             key: config.key.clone(),
+            sealer: config.key.clone().map(secret::Sealer::new),
             commands: cmd_rx,
             events: ev_tx,
             stats: stats.clone(),
@@ -350,6 +357,8 @@ struct EventLoop {
     topic: gossipsub::IdentTopic,
     /// Seals what we send and opens what we receive, when the swarm has a secret.
     key: Option<secret::SwarmKey>,
+    /// Seals direct messages with `key`, once per frame.
+    sealer: Option<secret::Sealer>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetEvent>,
     stats: Arc<NetStats>,
@@ -465,10 +474,10 @@ impl EventLoop {
     }
 
     /// Sends a direct message to `peer`, behind those already on their way.
-    fn send_direct(&mut self, peer: PeerId, bytes: Vec<u8>) {
+    fn send_direct(&mut self, peer: PeerId, bytes: Arc<Vec<u8>>) {
         self.send_outbound(Outbound {
             peer,
-            bytes: Arc::new(bytes),
+            bytes,
             attempts: 1,
             queued: false,
             sent: tokio::time::Instant::now(),
@@ -545,16 +554,12 @@ impl EventLoop {
     }
 
     fn on_command(&mut self, command: Command) {
-        let command = match (&self.key, command) {
-            (Some(key), Command::Broadcast(bytes)) => Command::Broadcast(key.seal(bytes)),
-            (Some(key), Command::Send { to, bytes }) => Command::Send {
-                to,
-                bytes: key.seal(bytes),
-            },
-            (None, command) => command,
-        };
         match command {
             Command::Broadcast(bytes) => {
+                let bytes = match &self.key {
+                    Some(key) => key.seal(bytes),
+                    None => bytes,
+                };
                 let len = bytes.len() as u64;
                 match self
                     .swarm
@@ -573,6 +578,10 @@ impl EventLoop {
                 }
             }
             Command::Send { to, bytes } => {
+                let bytes = match &mut self.sealer {
+                    Some(sealer) => sealer.seal(bytes),
+                    None => bytes,
+                };
                 self.stats
                     .bytes_sent
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -751,7 +760,7 @@ impl EventLoop {
                 let me = self.swarm.local_peer_id().to_bytes();
                 let proof = key.membership_proof(&me, &peer_id.to_bytes());
                 self.candidates.insert(peer_id);
-                self.send_direct(peer_id, proof);
+                self.send_direct(peer_id, Arc::new(proof));
                 if self.proven.contains(&peer_id) {
                     self.admit(peer_id).await;
                 }

@@ -10,6 +10,7 @@
 //! lying (that is robust aggregation's job).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
 
 /// Bytes of the MAC appended to every sealed message.
 pub const MAC_LEN: usize = 32;
@@ -137,6 +138,44 @@ impl SwarmKey {
     }
 }
 
+/// A frame, shared between the sends that carry it.
+type Frame = Arc<Vec<u8>>;
+
+/// Seals outgoing direct frames: a frame sent to several peers (a reduced
+/// part goes to every member of the group) is sealed, and copied, once.
+#[derive(Debug)]
+pub struct Sealer {
+    key: SwarmKey,
+    /// The last frame sealed while shared, and its sealed copy. The weak
+    /// reference keeps its address from going to another frame meanwhile.
+    last: Option<(Weak<Vec<u8>>, Frame)>,
+}
+
+impl Sealer {
+    /// Seals with `key`.
+    pub fn new(key: SwarmKey) -> Sealer {
+        Sealer { key, last: None }
+    }
+
+    /// `frame` with its MAC appended: in place when no one else holds the
+    /// frame, else a sealed copy made once however many times it is asked for.
+    pub fn seal(&mut self, frame: Frame) -> Frame {
+        if let Some((plain, sealed)) = &self.last {
+            if plain.as_ptr() == Arc::as_ptr(&frame) {
+                return sealed.clone();
+            }
+        }
+        match Arc::try_unwrap(frame) {
+            Ok(frame) => Arc::new(self.key.seal(frame)),
+            Err(shared) => {
+                let sealed = Arc::new(self.key.seal(shared.as_ref().clone()));
+                self.last = Some((Arc::downgrade(&shared), sealed.clone()));
+                sealed
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +194,35 @@ mod tests {
         assert_ne!(key.topic_tag("s"), other.topic_tag("s"));
         assert_ne!(key.topic_tag("s"), key.topic_tag("t"));
         assert_eq!(format!("{key:?}"), "SwarmKey(…)");
+    }
+
+    #[test]
+    fn a_frame_for_several_peers_is_sealed_once_and_a_lone_one_in_place() {
+        let key = SwarmKey::from_secret(b"correct horse battery staple");
+        let mut sealer = Sealer::new(key.clone());
+        let frame = Arc::new(vec![9u8; 1000]);
+        let first = sealer.seal(frame.clone());
+        let second = sealer.seal(frame.clone());
+        assert!(Arc::ptr_eq(&first, &second), "sealed once for both peers");
+        assert_eq!(key.open(first.as_ref().clone()), Some(vec![9u8; 1000]));
+        // Another frame with the same bytes is sealed anew.
+        let other = Arc::new(vec![9u8; 1000]);
+        let third = sealer.seal(other.clone());
+        assert!(!Arc::ptr_eq(&first, &third));
+        assert_eq!(first, third);
+        // The original frame's address stays taken while remembered, so a
+        // later frame can never be mistaken for it.
+        drop((frame, other));
+        let mut lone = Vec::with_capacity(64 + MAC_LEN);
+        lone.extend_from_slice(b"alone");
+        let at = lone.as_ptr();
+        let sealed = sealer.seal(Arc::new(lone));
+        assert_eq!(
+            sealed.as_ptr(),
+            at,
+            "a frame no one shares is sealed in place"
+        );
+        assert_eq!(key.open(sealed.as_ref().clone()), Some(b"alone".to_vec()));
     }
 
     #[test]

@@ -55,12 +55,18 @@ fn encode_u16(values: &[f32], convert: fn(f32) -> u16) -> Vec<u8> {
 /// capped so that `127 * scale` stays finite. NaN if the block holds a non-finite value,
 /// so the payload is refused like an `F32` one with NaN would be.
 pub(super) fn int8_scale(block: &[f32]) -> f32 {
+    // One branch-free pass (it vectorises); the finiteness verdict is taken after it.
     let mut max = 0f32;
+    let mut finite = true;
     for x in block {
-        if !x.is_finite() {
-            return f32::NAN;
+        finite &= x.is_finite();
+        let m = x.abs();
+        if m > max {
+            max = m;
         }
-        max = max.max(x.abs());
+    }
+    if !finite {
+        return f32::NAN;
     }
     let exact = f64::from(max) / 127.0;
     let mut scale = exact as f32;
@@ -80,15 +86,19 @@ fn scale_is_valid(scale: f32) -> bool {
 }
 
 /// `x / scale` rounded to the nearest integer (ties to even), in -127..=127.
+///
+/// Branch-free, so the loops around it vectorise: rounding is done by adding and taking
+/// away [`ROUNDING_SHIFT`] (exact for the clamped `|q| <= 127`; the FPU rounds the sum
+/// ties to even, where `round_ties_even` would call the C library's `rint` on baseline
+/// x86-64). An all-zero block has scale 0: `0 / 0` is NaN, which casts to 0.
+#[inline]
 fn int8_quantize(x: f32, scale: f32) -> i8 {
-    if scale == 0.0 {
-        return 0; // the whole block is zero
-    }
-    let q = (f64::from(x) / f64::from(scale))
-        .round_ties_even()
-        .clamp(-127.0, 127.0);
-    q as i8
+    let q = (f64::from(x) / f64::from(scale)).clamp(-127.0, 127.0);
+    ((q + ROUNDING_SHIFT) - ROUNDING_SHIFT) as i8
 }
+
+/// 1.5 * 2^52: adding it to a number below 2^51 in magnitude leaves no fraction bits.
+const ROUNDING_SHIFT: f64 = 6_755_399_441_055_744.0;
 
 /// Indices of the `k` largest-magnitude values, ascending. Ties in magnitude keep the lower
 /// index, so every peer selects the same entries; NaN ranks above every number (and so is
@@ -331,4 +341,71 @@ fn exact_chunks<const N: usize>(bytes: &[u8], len: u32) -> Result<&[[u8; N]], Te
         return Err(mismatch(bytes, len as usize * N));
     }
     Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// What int8 quantisation computed before it went branch-free: payloads must not change.
+    fn reference_quantize(x: f32, scale: f32) -> i8 {
+        if scale == 0.0 {
+            return 0;
+        }
+        (f64::from(x) / f64::from(scale))
+            .round_ties_even()
+            .clamp(-127.0, 127.0) as i8
+    }
+
+    #[test]
+    fn int8_rounding_matches_ties_to_even_exactly() {
+        let mut rng = Rng::new(7);
+        let scales = [1.0f32, 0.1, 3.0e-3, 1.0e-40, 2.5e36, f32::MAX / 127.0];
+        for &scale in &scales {
+            // Exact ties (k + 0.5) * scale where representable, their neighbours, and the ends.
+            for k in -128i32..=128 {
+                let tie = (f64::from(k) + 0.5) * f64::from(scale);
+                for x in [tie as f32, (tie as f32).next_up(), (tie as f32).next_down()] {
+                    if x.is_finite() {
+                        assert_eq!(
+                            int8_quantize(x, scale),
+                            reference_quantize(x, scale),
+                            "{x} / {scale}"
+                        );
+                    }
+                }
+            }
+            for _ in 0..20_000 {
+                let x = (rng.next_f64() * 2.0 - 1.0) as f32 * 127.0 * scale;
+                assert_eq!(
+                    int8_quantize(x, scale),
+                    reference_quantize(x, scale),
+                    "{x} / {scale}"
+                );
+            }
+        }
+        assert_eq!(int8_quantize(2.5, 1.0), 2);
+        assert_eq!(int8_quantize(-3.5, 1.0), -4);
+        assert_eq!(int8_quantize(0.0, 0.0), 0);
+        assert_eq!(int8_quantize(-0.0, 0.0), 0);
+        assert_eq!(int8_quantize(1e30, 1.0), 127);
+    }
+
+    #[test]
+    fn int8_scale_refuses_non_finite_blocks_wherever_they_sit() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0usize, 5, 63] {
+                let mut block = vec![0.5f32; 64];
+                block[at] = bad;
+                assert!(int8_scale(&block).is_nan(), "{bad} at {at}");
+            }
+        }
+        assert_eq!(int8_scale(&[0.0, -0.0]), 0.0);
+        let scale = int8_scale(&[1.0, -254.0, 3.0]);
+        assert!(
+            scale >= 2.0 && f64::from(scale.next_down()) < 254.0 / 127.0,
+            "{scale}"
+        );
+    }
 }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
 /// refuse each other with a clear error instead of misreading bytes.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Hard limit on one encoded message (header included): bounds what a peer can make us
 /// buffer and parse.
@@ -726,15 +726,15 @@ mod tests {
                 Message::Manifest {
                     root: [1; 32],
                     manifest: Some({
-                        let mut m = Manifest::build(1, 1, &[1, 2, 3], 2);
+                        let mut m = Manifest::build(1, 1, &[1, 2, 3], 1024);
                         m.chunks.push([0; 32]);
                         m
                     }),
                 },
                 ContentError::State(StateError::ChunkCount {
-                    listed: 3,
+                    listed: 2,
                     total_bytes: 3,
-                    chunk_bytes: 2,
+                    chunk_bytes: 1024,
                 }),
             ),
             (

@@ -132,7 +132,7 @@ fn honest_peers_share_the_chunks() {
         (id(2), Behaviour::Honest),
         (id(3), Behaviour::Honest),
     ];
-    let (out, _, took) = run(&bytes, 1000, &peers, fast(), MS);
+    let (out, _, took) = run(&bytes, 1024, &peers, fast(), MS);
     let got = out.unwrap();
     assert_eq!(got.bytes, bytes);
     assert_eq!(got.manifest.round, 7);
@@ -151,7 +151,7 @@ fn a_corrupt_peer_is_avoided_and_its_chunks_come_from_others() {
         (id(2), Behaviour::Corrupt),
         (id(3), Behaviour::Honest),
     ];
-    let (out, events, _) = run(&bytes, 1000, &peers, fast(), MS);
+    let (out, events, _) = run(&bytes, 1024, &peers, fast(), MS);
     let got = out.unwrap();
     assert_eq!(got.bytes, bytes);
     assert_eq!(got.avoided.get(&id(2)), Some(&Fault::Corrupt));
@@ -175,7 +175,7 @@ fn a_silent_peer_costs_one_timeout() {
         (id(2), Behaviour::Honest),
         (id(3), Behaviour::Honest),
     ];
-    let (out, _, took) = run(&bytes, 1000, &peers, fast(), MS);
+    let (out, _, took) = run(&bytes, 1024, &peers, fast(), MS);
     let got = out.unwrap();
     assert_eq!(got.bytes, bytes);
     assert_eq!(got.avoided.get(&id(1)), Some(&Fault::Timeout));
@@ -194,7 +194,7 @@ fn a_wrong_manifest_or_departed_peer_is_skipped() {
         (id(2), Behaviour::Gone),
         (id(3), Behaviour::Honest),
     ];
-    let (out, _, _) = run(&bytes, 1000, &peers, fast(), MS);
+    let (out, _, _) = run(&bytes, 1024, &peers, fast(), MS);
     let got = out.unwrap();
     assert_eq!(got.bytes, bytes);
     assert_eq!(got.avoided.get(&id(1)), Some(&Fault::BadManifest));
@@ -209,13 +209,13 @@ fn a_wrong_manifest_or_departed_peer_is_skipped() {
 fn no_honest_peer_fails_with_no_peers() {
     let bytes = state(5_000);
     let peers = [(id(1), Behaviour::Corrupt), (id(2), Behaviour::Silent)];
-    let (out, _, took) = run(&bytes, 1000, &peers, fast(), MS);
+    let (out, _, took) = run(&bytes, 1024, &peers, fast(), MS);
     assert!(
         matches!(out, Err(DownloadError::NoPeers { avoided: 2 })),
         "{out:?}"
     );
     assert!(took < Duration::from_secs(10));
-    let (out, _, _) = run(&bytes, 1000, &[], fast(), MS);
+    let (out, _, _) = run(&bytes, 1024, &[], fast(), MS);
     assert!(matches!(out, Err(DownloadError::NoPeers { avoided: 0 })));
 }
 
@@ -228,7 +228,7 @@ fn the_deadline_bounds_a_slow_download() {
         ..fast()
     };
     // 100 ms per answer: the manifest alone misses the 50 ms deadline.
-    let (out, _, took) = run(&bytes, 1000, &peers, config, MS * 10);
+    let (out, _, took) = run(&bytes, 1024, &peers, config, MS * 10);
     assert_eq!(out, Err(DownloadError::Deadline(Duration::from_millis(50))));
     assert_eq!(took, Duration::from_millis(50));
 }
@@ -240,14 +240,14 @@ fn a_manifest_of_the_wrong_size_is_refused() {
         expect_bytes: Some(4_000),
         ..fast()
     };
-    let (out, _, _) = run(&bytes, 1000, &[(id(1), Behaviour::Honest)], config, MS);
+    let (out, _, _) = run(&bytes, 1024, &[(id(1), Behaviour::Honest)], config, MS);
     assert!(matches!(out, Err(DownloadError::NoPeers { .. })));
 }
 
 #[test]
 fn answers_nobody_asked_for_are_ignored() {
     let bytes = state(3_000);
-    let m = Manifest::build(2, 10, &bytes, 1000);
+    let m = Manifest::build(2, 10, &bytes, 1024);
     let claim = Claim {
         round: 2,
         root: m.root(),
@@ -263,7 +263,7 @@ fn answers_nobody_asked_for_are_ignored() {
     );
     // From a peer not asked: ignored, nobody avoided.
     d.handle_manifest(MS, id(9), Some(m.clone()));
-    d.handle_chunk(MS, id(9), 0, Some(&bytes[..1000]));
+    d.handle_chunk(MS, id(9), 0, Some(&bytes[m.chunk_range(0)]));
     assert!(d.poll_event().is_none());
     d.handle_manifest(MS, id(1), Some(m));
     assert!(matches!(
@@ -278,7 +278,7 @@ fn answers_nobody_asked_for_are_ignored() {
 #[test]
 fn a_holder_that_leaves_hands_its_chunks_to_the_others_at_once() {
     let bytes = state(4_000);
-    let m = Manifest::build(2, 10, &bytes, 1000);
+    let m = Manifest::build(2, 10, &bytes, 1024);
     let claim = Claim {
         round: 2,
         root: m.root(),
@@ -318,19 +318,19 @@ fn a_holder_that_leaves_hands_its_chunks_to_the_others_at_once() {
 #[test]
 fn manifest_root_binds_every_field_and_validate_checks_sizes() {
     let bytes = state(2_500);
-    let m = Manifest::build(3, 40, &bytes, 1000);
+    let m = Manifest::build(3, 40, &bytes, 1024);
     assert_eq!(m.num_chunks(), 3);
-    assert_eq!(m.chunk_range(2), 2000..2500);
+    assert_eq!(m.chunk_range(2), 2048..2500);
     assert!(m.validate().is_ok());
-    assert!(m.chunk_matches(2, &bytes[2000..]));
-    assert!(!m.chunk_matches(2, &bytes[1999..2499]));
+    assert!(m.chunk_matches(2, &bytes[2048..]));
+    assert!(!m.chunk_matches(2, &bytes[2047..2499]));
     assert!(!m.chunk_matches(3, &[]));
     let root = m.root();
     let mut variants = vec![m.clone(); 6];
     variants[0].round += 1;
     variants[1].total_steps += 1;
     variants[2].total_bytes += 1;
-    variants[3].chunk_bytes += 1;
+    variants[3].chunk_bytes *= 2;
     variants[4].state_digest[0] ^= 1;
     variants[5].chunks[1][0] ^= 1;
     for v in &variants {
@@ -340,15 +340,66 @@ fn manifest_root_binds_every_field_and_validate_checks_sizes() {
         matches!(variants[2].validate(), Ok(())),
         "2501 bytes still 3 chunks"
     );
+    // Digests that do not make up the state digest, whichever side is off.
+    for v in &variants[4..] {
+        assert_eq!(v.validate(), Err(StateError::StateDigest));
+    }
     let mut bad = m.clone();
     bad.chunks.pop();
     assert!(matches!(bad.validate(), Err(StateError::ChunkCount { .. })));
-    let mut bad = m.clone();
-    bad.chunk_bytes = 0;
-    assert!(matches!(bad.validate(), Err(StateError::ChunkSize { .. })));
-    let mut bad = m;
-    bad.chunk_bytes = MAX_CHUNK_BYTES + 1;
-    assert!(matches!(bad.validate(), Err(StateError::ChunkSize { .. })));
+    for size in [0, 1000, 1025, MIN_CHUNK_BYTES / 2, MAX_CHUNK_BYTES * 2] {
+        let mut bad = m.clone();
+        bad.chunk_bytes = size;
+        assert!(
+            matches!(bad.validate(), Err(StateError::ChunkSize { .. })),
+            "{size}"
+        );
+        // Never a panic, whatever the declared size.
+        assert!(!bad.chunk_matches(0, &bytes[..1024]));
+    }
+}
+
+#[test]
+fn chunk_digests_make_up_the_blake3_of_the_whole_state() {
+    // One chunk, several, a power of two of them and one more, a short last one.
+    for (len, chunk) in [
+        (0usize, 1024u32),
+        (1, 1024),
+        (1024, 1024),
+        (1025, 1024),
+        (4096, 1024),
+        (5000, 1024),
+        (64 * 1024 + 3, 4096),
+        (300_000, CHUNK_BYTES),
+    ] {
+        let bytes = state(len);
+        let m = Manifest::build(1, 1, &bytes, chunk);
+        assert_eq!(
+            m.state_digest,
+            *blake3::hash(&bytes).as_bytes(),
+            "{len}/{chunk}"
+        );
+        assert!(m.validate().is_ok(), "{len}/{chunk}");
+        for index in 0..m.num_chunks() {
+            let data = &bytes[m.chunk_range(index)];
+            assert!(m.chunk_matches(index, data), "{len}/{chunk} chunk {index}");
+            // Another chunk's bytes, or these at another place, do not match.
+            if m.num_chunks() > 1 {
+                let other = (index + 1) % m.num_chunks();
+                assert!(!m.chunk_matches(other, data) || bytes[m.chunk_range(other)] == *data);
+            }
+        }
+    }
+    // Sizes off the power-of-two grid are rounded up to it.
+    assert_eq!(Manifest::build(1, 1, &state(10), 1000).chunk_bytes, 1024);
+    assert_eq!(
+        Manifest::build(1, 1, &state(10), 0).chunk_bytes,
+        MIN_CHUNK_BYTES
+    );
+    assert_eq!(
+        Manifest::build(1, 1, &state(10), u32::MAX).chunk_bytes,
+        MAX_CHUNK_BYTES
+    );
 }
 
 #[test]

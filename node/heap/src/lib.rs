@@ -19,9 +19,10 @@
 //!
 //! The limit: glibc gives threads other than the main one (the network's and
 //! the compute thread) arenas made of heaps of at most 64 MiB, and maps any
-//! larger request there afresh whatever the threshold. A model of more than
-//! 16M values still costs fresh pages on those threads each round (measured:
-//! no gain at 2 peers / 25M values, 7% at 4 / 25M).
+//! larger request there afresh whatever the threshold. So the one buffer of
+//! a whole model that crosses threads every round (the parameters the compute
+//! thread hands the driver) is reused rather than allocated anew: see
+//! `p2ptrain_node::compute`.
 //!
 //! Elsewhere than glibc on Linux [`keep_large_buffers`] changes nothing.
 

@@ -70,9 +70,12 @@ record() {
 
 # --- machine --------------------------------------------------------------
 CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//' || echo unknown)"
-printf '{"bench":"machine","cores":%s,"cpu":"%s","mem_gib":%s,"kernel":"%s","profile":"%s","quick":%s}\n' \
+# UDP receive buffers decide how often a QUIC burst loses packets (README,
+# "Running a node on real machines"); recorded, not changed.
+RMEM_DEFAULT="$(cat /proc/sys/net/core/rmem_default 2>/dev/null || echo null)"
+printf '{"bench":"machine","cores":%s,"cpu":"%s","mem_gib":%s,"kernel":"%s","rmem_default":%s,"profile":"%s","quick":%s}\n' \
   "$(nproc)" "$CPU_MODEL" "$(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo)" \
-  "$(uname -r)" "$PROFILE" "$([ "$QUICK" = 1 ] && echo true || echo false)" | tee -a "$RESULTS"
+  "$(uname -r)" "$RMEM_DEFAULT" "$PROFILE" "$([ "$QUICK" = 1 ] && echo true || echo false)" | tee -a "$RESULTS"
 
 # --- Python side -------------------------------------------------------------
 VENV="$ROOT/bench/.venv"

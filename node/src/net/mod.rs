@@ -11,6 +11,7 @@ pub mod codec;
 pub mod nat;
 pub mod secret;
 pub mod send_queue;
+pub mod udp_buffers;
 
 use behaviour::{Behaviour, BehaviourEvent};
 use futures::StreamExt;
@@ -278,6 +279,7 @@ impl Network {
             None => topic_name(&config.swarm, config.key.as_ref()),
         });
         let relay_members = MembersOnly::default();
+        udp_buffers::check();
         let mut swarm = behaviour::build_swarm(&config, keypair, &topic, &relay_members)?;
         for addr in &config.listen {
             swarm

@@ -111,12 +111,16 @@ fn any_manifest() -> impl Strategy<Value = Option<Manifest>> {
         (
             any::<u64>(),
             any::<u64>(),
-            prop::collection::vec(any::<u8>(), 0..3000),
-            prop_oneof![0u32..2048, Just(u32::MAX)],
+            prop::collection::vec(any::<u8>(), 0..5000),
+            // Mostly a valid size (a power of two: 1 or 2 KiB), sometimes any other.
+            prop_oneof![
+                3 => prop_oneof![Just(1024u32), Just(2048u32)],
+                1 => prop_oneof![0u32..4096, Just(u32::MAX)],
+            ],
             prop::collection::vec(any::<[u8; 32]>(), 0..4),
         )
             .prop_map(|(round, total_steps, bytes, chunk_bytes, extra)| {
-                let mut manifest = Manifest::build(round, total_steps, &bytes, chunk_bytes.max(1));
+                let mut manifest = Manifest::build(round, total_steps, &bytes, chunk_bytes);
                 manifest.chunk_bytes = chunk_bytes;
                 manifest.chunks.extend(extra);
                 manifest

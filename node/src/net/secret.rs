@@ -140,15 +140,18 @@ impl SwarmKey {
 
 /// A frame, shared between the sends that carry it.
 type Frame = Arc<Vec<u8>>;
+/// A frame remembered without keeping it alive.
+type Remembered = Weak<Vec<u8>>;
 
 /// Seals outgoing direct frames: a frame sent to several peers (a reduced
 /// part goes to every member of the group) is sealed, and copied, once.
 #[derive(Debug)]
 pub struct Sealer {
     key: SwarmKey,
-    /// The last frame sealed while shared, and its sealed copy. The weak
-    /// reference keeps its address from going to another frame meanwhile.
-    last: Option<(Weak<Vec<u8>>, Frame)>,
+    /// The last frame sealed while shared, and its sealed copy. Both weak:
+    /// the copy lives only as long as the sends that carry it, and the
+    /// frame's address cannot go to another frame while it is remembered.
+    last: Option<(Remembered, Remembered)>,
 }
 
 impl Sealer {
@@ -158,18 +161,22 @@ impl Sealer {
     }
 
     /// `frame` with its MAC appended: in place when no one else holds the
-    /// frame, else a sealed copy made once however many times it is asked for.
+    /// frame, else a sealed copy made once while any send still carries it.
     pub fn seal(&mut self, frame: Frame) -> Frame {
         if let Some((plain, sealed)) = &self.last {
             if plain.as_ptr() == Arc::as_ptr(&frame) {
-                return sealed.clone();
+                if let Some(sealed) = sealed.upgrade() {
+                    return sealed;
+                }
             }
         }
         match Arc::try_unwrap(frame) {
             Ok(frame) => Arc::new(self.key.seal(frame)),
             Err(shared) => {
-                let sealed = Arc::new(self.key.seal(shared.as_ref().clone()));
-                self.last = Some((Arc::downgrade(&shared), sealed.clone()));
+                let mut copy = Vec::with_capacity(shared.len() + MAC_LEN);
+                copy.extend_from_slice(&shared);
+                let sealed = Arc::new(self.key.seal(copy));
+                self.last = Some((Arc::downgrade(&shared), Arc::downgrade(&sealed)));
                 sealed
             }
         }
@@ -204,6 +211,13 @@ mod tests {
         let first = sealer.seal(frame.clone());
         let second = sealer.seal(frame.clone());
         assert!(Arc::ptr_eq(&first, &second), "sealed once for both peers");
+        assert_eq!(key.open(first.as_ref().clone()), Some(vec![9u8; 1000]));
+        // Nothing keeps the sealed copy once its sends are done: a later
+        // send of the same frame seals it again.
+        let weak = Arc::downgrade(&first);
+        drop((first, second));
+        assert!(weak.upgrade().is_none());
+        let first = sealer.seal(frame.clone());
         assert_eq!(key.open(first.as_ref().clone()), Some(vec![9u8; 1000]));
         // Another frame with the same bytes is sealed anew.
         let other = Arc::new(vec![9u8; 1000]);

@@ -7,17 +7,19 @@
 //! [`Download::poll_timeout`]; read the result from [`Download::outcome`].
 //!
 //! 1. It asks one holder for the manifest and accepts it only if its root is
-//!    the vouched root (and it fits the expected size). A holder that sends
+//!    the vouched root, it fits the expected size, and its chunk digests make
+//!    up its state digest ([`Manifest::check_digests`]). A holder that sends
 //!    another manifest, none, or none in time is avoided; the next is asked.
 //! 2. It requests every chunk, at most `per_peer` at a time from each
 //!    holder, spreading them over all holders (least loaded first, in
-//!    turn). A chunk whose length or blake3 does not match the manifest
+//!    turn). A chunk whose length or digest does not match the manifest
 //!    marks its sender [`Fault::Corrupt`]; a request unanswered within
 //!    `request_timeout` marks it [`Fault::Timeout`]; a "not held" answer
 //!    marks it [`Fault::NotHeld`]; a holder that leaves the swarm is
 //!    [`Fault::Left`] at once. An avoided peer gets no more requests in
 //!    this download, and its chunks go to the others.
-//! 3. With every chunk in, it checks the whole state's digest and finishes.
+//! 3. With every chunk in, it finishes: chunks that match digests which make
+//!    up the state digest are that state, so the whole is not hashed again.
 //!
 //! It fails when no usable holder is left or `deadline` passes. Answers to
 //! requests we did not send (or no longer wait for) are ignored, never trusted.
@@ -235,12 +237,14 @@ impl Download {
         self.progress(now);
     }
 
-    /// Whether a manifest is the vouched one and of the size we expect.
+    /// Whether a manifest is the vouched one, of the size we expect, and its chunk
+    /// digests make up its state digest (checked last: it hashes).
     fn fits(&self, m: &Manifest) -> bool {
         m.validate().is_ok()
             && m.root() == self.claim.root
             && m.round == self.claim.round
             && self.config.expect_bytes.is_none_or(|b| b == m.total_bytes)
+            && m.check_digests().is_ok()
     }
 
     /// An answer to a chunk request: `None` means the peer does not hold it.

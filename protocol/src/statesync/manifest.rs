@@ -27,8 +27,9 @@ pub const MAX_CHUNKS: usize = 65_536;
 const ROOT_DOMAIN: &[u8] = b"p2ptrain/state-manifest/1";
 
 /// The table of contents of one model state: who asks for it by
-/// [`Manifest::root`] can check each chunk on its own as it arrives, and the
-/// whole state once reassembled.
+/// [`Manifest::root`] can check each chunk on its own as it arrives, and,
+/// once [`Manifest::check_digests`] passed, every chunk matching means the
+/// whole state does.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Manifest {
     /// The averaging round the state is the result of.
@@ -88,9 +89,9 @@ impl Manifest {
     }
 
     /// Checks that the sizes add up and stay within the limits, so a
-    /// manifest from a peer cannot make us allocate or request without bound, and that
-    /// the chunk digests combine into the state digest, so chunks that match them make
-    /// up the state the digest names.
+    /// manifest from a peer cannot make us allocate or request without bound. Cheap:
+    /// it runs on every manifest message received; [`Manifest::check_digests`] is the
+    /// hashing half, for the manifest a node is about to download by.
     pub fn validate(&self) -> Result<(), StateError> {
         if !chunk_size_is_valid(self.chunk_bytes) {
             return Err(StateError::ChunkSize {
@@ -113,10 +114,17 @@ impl Manifest {
                 chunk_bytes: self.chunk_bytes,
             });
         }
-        if state_digest_of(&self.chunks) != self.state_digest {
-            return Err(StateError::StateDigest);
-        }
         Ok(())
+    }
+
+    /// Checks that the chunk digests make up the state digest, so chunks that match
+    /// them are the state the digest names (one blake3 compression per chunk).
+    pub fn check_digests(&self) -> Result<(), StateError> {
+        if state_digest_of(&self.chunks) == self.state_digest {
+            Ok(())
+        } else {
+            Err(StateError::StateDigest)
+        }
     }
 
     /// Number of chunks.

@@ -276,6 +276,37 @@ fn answers_nobody_asked_for_are_ignored() {
 }
 
 #[test]
+fn a_vouched_manifest_whose_chunks_do_not_make_up_its_digest_is_refused() {
+    // Peers vouched for this root, but its chunk digests belong to other
+    // bytes than its state digest: chunks matching them would not be the
+    // state the digest names.
+    let bytes = state(5_000);
+    let mut m = Manifest::build(2, 10, &bytes, 1024);
+    m.chunks[3][0] ^= 1;
+    assert!(m.validate().is_ok(), "sizes are all right");
+    let claim = Claim {
+        round: 2,
+        root: m.root(),
+    };
+    let mut d = Download::new(Duration::ZERO, claim, &[id(1)], fast());
+    assert!(matches!(
+        d.poll_action(),
+        Some(DownloadAction::RequestManifest { .. })
+    ));
+    d.handle_manifest(MS, id(1), Some(m));
+    assert!(d.poll_action().is_none(), "no chunk is asked for");
+    assert_eq!(
+        d.poll_event(),
+        Some(DownloadEvent::Avoided {
+            peer: id(1),
+            fault: Fault::BadManifest
+        })
+    );
+    let out = d.outcome().expect("ended");
+    assert_eq!(out, Err(DownloadError::NoPeers { avoided: 1 }));
+}
+
+#[test]
 fn a_holder_that_leaves_hands_its_chunks_to_the_others_at_once() {
     let bytes = state(4_000);
     let m = Manifest::build(2, 10, &bytes, 1024);
@@ -341,8 +372,9 @@ fn manifest_root_binds_every_field_and_validate_checks_sizes() {
         "2501 bytes still 3 chunks"
     );
     // Digests that do not make up the state digest, whichever side is off.
+    assert_eq!(m.check_digests(), Ok(()));
     for v in &variants[4..] {
-        assert_eq!(v.validate(), Err(StateError::StateDigest));
+        assert_eq!(v.check_digests(), Err(StateError::StateDigest));
     }
     let mut bad = m.clone();
     bad.chunks.pop();
@@ -354,8 +386,12 @@ fn manifest_root_binds_every_field_and_validate_checks_sizes() {
             matches!(bad.validate(), Err(StateError::ChunkSize { .. })),
             "{size}"
         );
-        // Never a panic, whatever the declared size.
-        assert!(!bad.chunk_matches(0, &bytes[..1024]));
+        // Never a panic, whatever the declared size: not even for data of the
+        // length that size gives each chunk (which would reach the hashing).
+        for index in 0..bad.num_chunks() {
+            let data = bytes.get(bad.chunk_range(index)).unwrap_or_default();
+            assert!(!bad.chunk_matches(index, data), "{size} chunk {index}");
+        }
     }
 }
 

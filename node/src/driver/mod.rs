@@ -195,6 +195,9 @@ pub enum NodeEvent {
         /// Peers that vouched for the state.
         #[serde(default)]
         vouchers: usize,
+        /// The vouchers still members when the download began: the peers it asked.
+        #[serde(default)]
+        holders: Vec<String>,
         /// Verified chunks each peer served.
         #[serde(default)]
         sources: BTreeMap<String, u32>,

@@ -152,6 +152,7 @@ impl Served {
 
 /// Figures of one finished download, for the `synced` event.
 pub(super) struct SyncFigures {
+    pub(super) holders: Vec<String>,
     pub(super) sources: BTreeMap<String, u32>,
     pub(super) avoided: BTreeMap<String, String>,
 }
@@ -438,6 +439,7 @@ impl Driver {
             None => id.to_hex(),
         };
         let figures = SyncFigures {
+            holders: holders.iter().map(name).collect(),
             sources: got.served_by.iter().map(|(id, n)| (name(id), *n)).collect(),
             avoided: got
                 .avoided
@@ -471,6 +473,7 @@ impl Driver {
             model_digest: checkpoint::params_digest(&params),
             chunks: got.manifest.num_chunks(),
             vouchers: choice.vouchers.len(),
+            holders: figures.holders,
             sources: figures.sources,
             avoided: figures.avoided,
             secs,

@@ -100,10 +100,8 @@ impl Served {
             round,
             root: manifest.root(),
         };
+        // At most SERVED_STATES: the oldest was taken out above when full.
         self.states.push_back((claim.root, manifest, bytes));
-        while self.states.len() > SERVED_STATES {
-            self.states.pop_front();
-        }
         (claim, digest)
     }
 

@@ -72,8 +72,14 @@ pub(crate) struct AllReduce {
     /// Parts whose reduced values we refused as implausible, or whose reducer we excluded
     /// (they stay local; the round does not wait for them). By part.
     refused: Vec<bool>,
-    /// Members dropped from this round for sending invalid data. By member.
+    /// Members dropped from this round for sending invalid data, or for
+    /// moving on to a later round without a word to us. By member.
     excluded: Vec<bool>,
+    /// Members that sent us a `Part` or a `Reduced` of this round. By member.
+    heard: Vec<bool>,
+    /// Members excluded for moving on without a word: unlike those excluded
+    /// for invalid data, they count as having stalled the round. By member.
+    moved_on: Vec<bool>,
     /// Our `Part` per part, until that part's `Reduced` arrives (ack).
     outgoing: Vec<Outgoing>,
     /// Contributions of the other members to the parts we reduce: by part, then by member
@@ -136,6 +142,8 @@ impl AllReduce {
             aggregation: cfg.aggregation,
             refused: vec![false; parts],
             excluded: vec![false; n],
+            heard: vec![false; n],
+            moved_on: vec![false; n],
             outgoing,
             contributions,
             reducer_deadline: now.saturating_add(cfg.reducer_wait()),
@@ -214,6 +222,9 @@ impl AllReduce {
             out.reject(from, format!("Part for round {round} from a non-member"));
             return;
         };
+        if let Some(flag) = self.heard.get_mut(idx) {
+            *flag = true;
+        }
         let Some(j) = self.part_index("Part", from, part, out) else {
             return;
         };
@@ -293,6 +304,26 @@ impl AllReduce {
         }
     }
 
+    /// `member` joined a later round. If it never sent us anything for this
+    /// one, it finished this round without us (alone, or in a group that
+    /// left us out: a member that averaged with us sent us its parts first),
+    /// so nothing of it is coming: the round stops waiting for it, as for an
+    /// excluded member (its parts stay local). It still counts as a member
+    /// that stalled the round (a strike), or a peer that joins groups and then
+    /// sends nothing would never sit out. A member we heard from keeps its
+    /// place: its `Reduced` may still be on the way, overtaken by its `Join`.
+    pub(crate) fn moved_on(&mut self, member: NodeId, out: &mut Outbox) {
+        let Ok(idx) = self.group.binary_search(&member) else {
+            return;
+        };
+        if self.heard.get(idx).is_some_and(|heard| !heard) {
+            self.exclude(member, out);
+            if let Some(flag) = self.moved_on.get_mut(idx) {
+                *flag = true;
+            }
+        }
+    }
+
     pub(crate) fn on_reduced(
         &mut self,
         from: NodeId,
@@ -305,7 +336,8 @@ impl AllReduce {
         let Some(j) = self.part_index("Reduced part", from, part, out) else {
             return;
         };
-        let reducer = self.group[self.reducer_of(j)];
+        let reducer_idx = self.reducer_of(j);
+        let reducer = self.group[reducer_idx];
         if reducer != from {
             out.reject(
                 from,
@@ -315,12 +347,15 @@ impl AllReduce {
             );
             return;
         }
-        if self.reducer_of(j) == self.me_idx {
+        if reducer_idx == self.me_idx {
             out.reject(
                 from,
                 format!("Reduced part {part} for round {round}, which we reduce"),
             );
             return;
+        }
+        if let Some(flag) = self.heard.get_mut(reducer_idx) {
+            *flag = true;
         }
         if self.results.get(j).is_some_and(Option::is_some) {
             return; // duplicate
@@ -480,7 +515,7 @@ impl AllReduce {
     /// Assembles the round's outcome (averaged parts replaced, the rest local), what to
     /// keep for late re-acks, and the dropped members that made the round wait (not those
     /// excluded for invalid data or one of whose reduced parts we refused: that costs no
-    /// time).
+    /// time; those that moved on without a word do count).
     pub(crate) fn finish(self) -> (RoundOutcome, Option<LastReduced>, Vec<NodeId>) {
         let n = self.group.len();
         let me = self.group[self.me_idx];
@@ -526,8 +561,10 @@ impl AllReduce {
         let stalled = self
             .group
             .iter()
-            .zip(self.excluded.iter().zip(&refused_any))
-            .filter(|(m, (excluded, refused))| dropped.contains(*m) && !**excluded && !**refused)
+            .zip(self.excluded.iter().zip(&refused_any).zip(&self.moved_on))
+            .filter(|(m, ((excluded, refused), moved_on))| {
+                dropped.contains(*m) && (**moved_on || (!**excluded && !**refused))
+            })
             .map(|(m, _)| *m)
             .collect();
         let reduced: Vec<(u32, AvgMessage)> = self

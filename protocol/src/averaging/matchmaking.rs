@@ -31,6 +31,19 @@ impl JoinBuffer {
                 ));
             }
         }
+        // A peer is in one round at a time: a `Join` for a later round means it
+        // finished the earlier ones, and one for an earlier round is a stale copy.
+        if self
+            .rounds
+            .range(round.saturating_add(1)..)
+            .any(|(_, senders)| senders.contains_key(&from))
+        {
+            return Ok(());
+        }
+        for (_, senders) in self.rounds.range_mut(..round) {
+            senders.remove(&from);
+        }
+        self.rounds.retain(|_, senders| !senders.is_empty());
         if !self.rounds.contains_key(&round) && self.rounds.len() >= MAX_BUFFERED_ROUNDS {
             // Keep the nearest rounds: they are the ones we will start next.
             match self.rounds.last_key_value() {
@@ -68,6 +81,15 @@ impl JoinBuffer {
     /// Forgets every round up to and including `round`.
     pub(crate) fn forget_through(&mut self, round: u64) {
         self.rounds.retain(|&r, _| r > round);
+    }
+
+    /// The peers that joined a round after `round`: they are past it, so a
+    /// round `round` of ours neither counts nor waits for them.
+    pub(crate) fn ahead_of(&self, round: u64) -> BTreeSet<NodeId> {
+        self.rounds
+            .range(round.saturating_add(1)..)
+            .flat_map(|(_, senders)| senders.keys().copied())
+            .collect()
     }
 
     /// Number of buffered rounds (for tests).
@@ -194,8 +216,9 @@ impl Matchmaking {
         peers.iter().filter(|p| !self.taken.contains(p))
     }
 
-    /// Another leader's group left us out: its `members` are taken for this
-    /// round, so we regroup with the peers left. Refuses (and changes
+    /// `members` will not average this round with us (another leader's group
+    /// left us out, or they already joined a later round): they are taken for
+    /// this round, so we regroup with the peers left. Refuses (and changes
     /// nothing) once [`MAX_GROUP_MEMBERS`] peers are taken.
     pub(crate) fn set_aside(&mut self, members: &[NodeId]) -> Result<(), ()> {
         let new = members.iter().filter(|m| !self.taken.contains(m)).count();
@@ -264,20 +287,43 @@ mod tests {
         assert!(buf.insert(Some(10), 14, id(1), 4).is_ok());
         // Fresh node (no base): any round, but at most MAX_BUFFERED_ROUNDS of them.
         let mut buf = JoinBuffer::default();
-        for r in [100, 200, 300, 400] {
-            assert!(buf.insert(None, r, id(1), 4).is_ok());
+        for (r, from) in [(100, 1), (200, 2), (300, 3), (400, 4)] {
+            assert!(buf.insert(None, r, id(from), 4).is_ok());
         }
         assert!(
-            buf.insert(None, 500, id(1), 4).is_err(),
+            buf.insert(None, 500, id(5), 4).is_err(),
             "beyond the nearest 4"
         );
         assert!(
-            buf.insert(None, 50, id(1), 4).is_ok(),
+            buf.insert(None, 50, id(5), 4).is_ok(),
             "nearer round evicts 400"
         );
         assert_eq!(buf.rounds(), MAX_BUFFERED_ROUNDS);
         assert!(buf.take(400).is_empty(), "400 was evicted");
         assert_eq!(buf.rounds(), 0, "take forgets every round up to it");
+    }
+
+    #[test]
+    fn a_later_join_replaces_a_peers_earlier_ones_and_marks_it_ahead() {
+        let mut buf = JoinBuffer::default();
+        assert!(buf.insert(Some(1), 2, id(1), 4).is_ok());
+        assert!(buf.insert(Some(1), 2, id(2), 4).is_ok());
+        assert!(buf.insert(Some(1), 3, id(1), 4).is_ok());
+        assert!(
+            buf.insert(Some(1), 2, id(1), 4).is_ok(),
+            "a stale copy is ignored"
+        );
+        assert_eq!(buf.ahead_of(2), [id(1)].into_iter().collect());
+        assert!(buf.ahead_of(3).is_empty());
+        let joiners = buf.take(2);
+        assert_eq!(joiners.keys().copied().collect::<Vec<_>>(), vec![id(2)]);
+        assert_eq!(buf.take(3).keys().copied().collect::<Vec<_>>(), vec![id(1)]);
+        // A peer moving on leaves no empty round behind to crowd out others.
+        let mut buf = JoinBuffer::default();
+        for r in 2..=5 {
+            assert!(buf.insert(Some(1), r, id(1), 4).is_ok());
+        }
+        assert_eq!(buf.rounds(), 1);
     }
 
     #[test]

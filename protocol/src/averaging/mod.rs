@@ -28,6 +28,10 @@
 //!   nothing averaged. A leader whose group is just itself still broadcasts it (waiting
 //!   peers learn they are out), emits `GroupFormed` and finishes at once with the same
 //!   solo outcome.
+//! - A peer is in one round at a time, so a `Join` for a later round shows its sender is
+//!   past ours: its buffered `Join`s for earlier rounds are dropped (a late copy of one is
+//!   ignored), and the round we start or are matchmaking sets it aside like a peer taken
+//!   by another group (not counted, not waited for, not followed as leader).
 //! - A peer that stalled our recent rounds (dropped at the deadline from two of them
 //!   without a complete round between) sits out the next ones, for ever longer
 //!   ([`sitout`]): its `Join` is not counted, the leader does not wait for it, and a
@@ -54,6 +58,11 @@
 //! - A member finishes when it has every part's result, or at the reduce deadline; parts it
 //!   never got keep its local values (`averaged = false`). Members missing from contributors,
 //!   and reducers that never answered, are listed in `dropped`.
+//! - A member that joins a later round without having sent us a `Part` or `Reduced` of
+//!   this one finished it without us (alone, or in a group that left us out): the round
+//!   stops waiting for it at once, as for an excluded member (its parts stay local), and
+//!   it earns a strike as a member dropped at the deadline does. A member we heard from
+//!   keeps its place: its `Join` may overtake its `Reduced`.
 //! - Exactly one `Finished` per started round; afterwards [`Averager::in_flight`] is `None`.
 //!
 //! # Compression
@@ -344,6 +353,10 @@ impl Averager {
                 self.out.reject(from, reason);
             }
         }
+        // Peers that already joined a later round are past this one: not
+        // waited for (too many to set aside: the join window bounds the wait).
+        let ahead: Vec<NodeId> = self.joins.ahead_of(round).into_iter().collect();
+        let _ = mm.set_aside(&ahead);
         self.out.send(
             Destination::Broadcast,
             AvgMessage::Join { round, len: mm.len },
@@ -481,8 +494,8 @@ impl Averager {
                 self.out.send(Destination::Peer(from), led.msg.clone());
             }
         }
-        if let State::Matchmaking(mm) = &mut self.state {
-            if mm.round == round {
+        match &mut self.state {
+            State::Matchmaking(mm) if mm.round == round => {
                 if self.sit_outs.sits_out(from, round) {
                     return; // answered with our closed Group once we have one
                 }
@@ -492,6 +505,15 @@ impl Averager {
                 }
                 return;
             }
+            // `from` is past our round: it will not average it with us.
+            State::Matchmaking(mm) if round > mm.round => {
+                let regrouped = mm.set_aside(&[from]).is_ok();
+                if regrouped {
+                    self.try_close(now);
+                }
+            }
+            State::Reducing(ar) if round > ar.round() => ar.moved_on(from, &mut self.out),
+            _ => {}
         }
         let base = self.base_round();
         if base.is_none_or(|b| round > b) {

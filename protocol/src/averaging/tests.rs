@@ -113,19 +113,32 @@ fn pump_losing(
     now: Duration,
     lost: impl Fn(usize, &Transmit) -> bool,
 ) -> Vec<Vec<AvgEvent>> {
+    pump_holding(nodes, now, lost).0
+}
+
+/// [`pump`], holding back the transmits of node `i` for which `hold(i, t)`
+/// holds; returns the events and what was held back (sender index first).
+fn pump_holding(
+    nodes: &mut [Averager],
+    now: Duration,
+    hold: impl Fn(usize, &Transmit) -> bool,
+) -> (Vec<Vec<AvgEvent>>, Vec<(usize, Transmit)>) {
     let mut evs: Vec<Vec<AvgEvent>> = vec![Vec::new(); nodes.len()];
+    let mut held = Vec::new();
     loop {
         let mut pending = Vec::new();
         for (i, n) in nodes.iter_mut().enumerate() {
             for t in transmits(n) {
-                if !lost(i, &t) {
+                if hold(i, &t) {
+                    held.push((i, t));
+                } else {
                     pending.push((i, t));
                 }
             }
             evs[i].extend(events(n));
         }
         if pending.is_empty() {
-            return evs;
+            return (evs, held);
         }
         for (from, t) in pending {
             let sender = nodes[from].me();
@@ -140,6 +153,16 @@ fn pump_losing(
             }
         }
     }
+}
+
+/// A, B and C, each seeing all three, matchmaking `round` at time 0 with
+/// `vals` (in that order).
+fn trio_in_round(round: u64, vals: &[Vec<f32>; 3]) -> Vec<Averager> {
+    let mut nodes: Vec<Averager> = [A, B, C].iter().map(|&m| node(m, &[A, B, C])).collect();
+    for (n, v) in nodes.iter_mut().zip(vals) {
+        n.start_round(ms(0), round, v.clone()).expect("start");
+    }
+    nodes
 }
 
 /// Advances virtual time to the earliest timer of `nodes` and fires it on
@@ -235,10 +258,7 @@ fn three_peers_average_exactly_and_each_finishes_once() {
         vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
         vec![-1.0, 1e-3, 3.3, 1e7, -5.5, 0.0, 2.25],
     ];
-    let mut nodes: Vec<Averager> = [A, B, C].iter().map(|&m| node(m, &[A, B, C])).collect();
-    for (n, v) in nodes.iter_mut().zip(&vals) {
-        n.start_round(ms(0), 7, v.clone()).expect("start");
-    }
+    let mut nodes = trio_in_round(7, &vals);
     let evs = pump(&mut nodes, ms(1));
     let refs: Vec<&[f32]> = vals.iter().map(Vec::as_slice).collect();
     let want = mean(&refs);
@@ -1274,37 +1294,11 @@ fn an_excluded_member_is_not_waited_for() {
         vec![3.0, 4.0, 5.0],
         vec![9.0, 9.0, 9.0],
     ];
-    let mut nodes: Vec<Averager> = [A, B, C].iter().map(|&m| node(m, &[A, B, C])).collect();
-    for (n, v) in nodes.iter_mut().zip(&vals) {
-        n.start_round(ms(0), 3, v.clone()).expect("start");
-    }
+    let mut nodes = trio_in_round(3, &vals);
     // Deliver everything except C's tensors (as if each failed validation on arrival).
-    let mut evs: Vec<Vec<AvgEvent>> = vec![Vec::new(); 3];
-    loop {
-        let mut pending = Vec::new();
-        for (i, n) in nodes.iter_mut().enumerate() {
-            pending.extend(transmits(n).into_iter().map(|t| (i, t)));
-            evs[i].extend(events(n));
-        }
-        pending.retain(|(from, t)| {
-            *from != 2 || !matches!(t.msg, AvgMessage::Part { .. } | AvgMessage::Reduced { .. })
-        });
-        if pending.is_empty() {
-            break;
-        }
-        for (from, t) in pending {
-            let sender = nodes[from].me();
-            for (to, n) in nodes.iter_mut().enumerate() {
-                let addressed = match t.to {
-                    Destination::Broadcast => to != from,
-                    Destination::Peer(p) => p == n.me(),
-                };
-                if addressed {
-                    n.handle_message(ms(1), sender, t.msg.clone());
-                }
-            }
-        }
-    }
+    let evs = pump_losing(&mut nodes, ms(1), |from, t| {
+        from == 2 && matches!(t.msg, AvgMessage::Part { .. } | AvgMessage::Reduced { .. })
+    });
     assert!(
         finished(&evs[0]).is_empty(),
         "A finished while still waiting for C"
@@ -1839,4 +1833,159 @@ fn parts_are_encoded_when_taken_and_not_sent_once_moot() {
         "queued parts of a finished round must not be encoded and sent"
     );
     assert_eq!(finished(&events(&mut a)).len(), 1);
+}
+
+/// B and C, who hold a `Join` of A for round 2 (A was ready for it before
+/// them), then see A join round 3: A finished round 2 without them.
+fn late_pair_behind_a() -> Vec<Averager> {
+    let mut nodes: Vec<Averager> = [B, C].iter().map(|&m| node(m, &[A, B, C])).collect();
+    for n in &mut nodes {
+        n.handle_message(ms(0), id(A), AvgMessage::Join { round: 2, len: 3 });
+    }
+    nodes
+}
+
+/// B's and C's values in [`late_pair_behind_a`]'s rounds.
+fn pair_values() -> [Vec<f32>; 2] {
+    [vec![1.0f32, 2.0, 3.0], vec![3.0, 4.0, 5.0]]
+}
+
+#[test]
+fn a_peer_past_our_round_is_not_waited_for_in_matchmaking() {
+    // A's later Join arrives before B and C start round 2: it replaces the
+    // buffered one, and the pair closes at once without A.
+    let mut nodes = late_pair_behind_a();
+    let vals = pair_values();
+    for n in &mut nodes {
+        n.handle_message(ms(1), id(A), AvgMessage::Join { round: 3, len: 3 });
+    }
+    for (n, v) in nodes.iter_mut().zip(&vals) {
+        n.start_round(ms(2), 2, v.clone()).expect("start");
+    }
+    let evs = pump(&mut nodes, ms(2));
+    let want = mean(&[&vals[0], &vals[1]]);
+    for e in &evs {
+        let done = finished(e);
+        assert_eq!(done.len(), 1, "finished without waiting: {e:?}");
+        assert_eq!(done[0].group, vec![id(B), id(C)]);
+        assert_eq!(bits(&done[0].values), bits(&want));
+    }
+
+    // A's later Join arrives while B and C are matchmaking round 2 with A,
+    // the smallest id, as their leader: they stop waiting for its Group.
+    let mut nodes = late_pair_behind_a();
+    for (n, v) in nodes.iter_mut().zip(&vals) {
+        n.start_round(ms(2), 2, v.clone()).expect("start");
+    }
+    let evs = pump(&mut nodes, ms(2));
+    assert!(evs.iter().all(|e| finished(e).is_empty()), "{evs:?}");
+    for n in &mut nodes {
+        n.handle_message(ms(3), id(A), AvgMessage::Join { round: 3, len: 3 });
+    }
+    let evs = pump(&mut nodes, ms(3));
+    for e in &evs {
+        let done = finished(e);
+        assert_eq!(done.len(), 1, "{e:?}");
+        assert_eq!(done[0].group, vec![id(B), id(C)]);
+        assert_eq!(bits(&done[0].values), bits(&want));
+    }
+}
+
+/// B and C reduce `round` in a group that A (the smallest id, so the
+/// leader) formed before finishing the round without them; then A's `Join`
+/// for the next round arrives, the only other thing they hear from it.
+fn round_that_a_moves_past(nodes: &mut [Averager], round: u64, vals: &[Vec<f32>; 2]) {
+    for (n, v) in nodes.iter_mut().zip(vals) {
+        n.start_round(ms(10 * round), round, v.clone())
+            .expect("start");
+    }
+    let group = AvgMessage::Group {
+        round,
+        len: 3,
+        members: vec![id(A), id(B), id(C)],
+    };
+    for n in nodes.iter_mut() {
+        n.handle_message(ms(10 * round + 1), id(A), group.clone());
+    }
+    let evs = pump(nodes, ms(10 * round + 1));
+    assert!(
+        evs.iter().all(|e| finished(e).is_empty()),
+        "waiting for A's part: {evs:?}"
+    );
+    let next = AvgMessage::Join {
+        round: round + 1,
+        len: 3,
+    };
+    for n in nodes.iter_mut() {
+        n.handle_message(ms(10 * round + 2), id(A), next.clone());
+    }
+    let evs = pump(nodes, ms(10 * round + 2));
+    let want = mean(&[&vals[0], &vals[1]]);
+    for (i, e) in evs.iter().enumerate() {
+        let done = finished(e);
+        assert_eq!(done.len(), 1, "round {round}, node {i}: {e:?}");
+        let o = &done[0];
+        assert_eq!(o.dropped, vec![id(A)]);
+        for p in &o.parts {
+            if p.averaged {
+                assert_eq!(p.contributors, vec![id(B), id(C)]);
+                assert_eq!(
+                    bits(&o.values[p.range.clone()]),
+                    bits(&want[p.range.clone()])
+                );
+            } else {
+                assert_eq!(o.values[p.range.clone()], vals[i][p.range.clone()]);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_member_that_moved_on_without_a_word_is_not_waited_for() {
+    let mut nodes = late_pair_behind_a();
+    let vals = pair_values();
+    round_that_a_moves_past(&mut nodes, 2, &vals);
+    for n in &nodes {
+        assert!(n.sitting_out(3).is_empty(), "one strike is not enough");
+    }
+    // It still stalled the round from their side: a peer that forms groups
+    // and then moves on without sending anything sits out like any staller.
+    round_that_a_moves_past(&mut nodes, 3, &vals);
+    for n in &nodes {
+        assert_eq!(n.sitting_out(4), vec![id(A)]);
+    }
+}
+
+#[test]
+fn a_member_we_heard_from_keeps_its_place_when_its_join_overtakes_its_results() {
+    let vals = [
+        vec![1.0f32, 2.0, 3.0],
+        vec![3.0, 4.0, 5.0],
+        vec![9.0, 9.0, 9.0],
+    ];
+    let mut nodes = trio_in_round(1, &vals);
+    // Everything arrives but A's Reduced messages, which are held back.
+    let (evs, held) = pump_holding(&mut nodes, ms(1), |from, t| {
+        from == 0 && matches!(t.msg, AvgMessage::Reduced { .. })
+    });
+    assert_eq!(finished(&evs[0]).len(), 1, "A has every result");
+    // A's Join for round 2 overtakes its results: B and C keep waiting.
+    for n in &mut nodes[1..] {
+        n.handle_message(ms(2), id(A), AvgMessage::Join { round: 2, len: 3 });
+        assert!(finished(&events(n)).is_empty());
+    }
+    for (_, t) in held {
+        for n in &mut nodes[1..] {
+            if t.to == Destination::Peer(n.me()) {
+                n.handle_message(ms(3), id(A), t.msg.clone());
+            }
+        }
+    }
+    let want = mean(&[&vals[0], &vals[1], &vals[2]]);
+    for n in &mut nodes[1..] {
+        let done = finished(&events(n));
+        assert_eq!(done.len(), 1);
+        assert!(done[0].dropped.is_empty());
+        assert_eq!(bits(&done[0].values), bits(&want));
+    }
 }

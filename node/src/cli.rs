@@ -236,7 +236,8 @@ pub struct TrainArgs {
     #[arg(long, default_value = "mean", value_parser = parse_aggregation)]
     pub aggregation: Aggregation,
     /// Tests only: make this node hostile, corrupting every averaging payload it sends
-    /// (flip, nan or scale:FACTOR; deaf:ROUND ignores the reduced parts it gets in that round; mute:ROUND sends no tensor from that round on).
+    /// (flip, nan or scale:FACTOR; deaf:ROUND ignores the reduced parts it gets in that round; mute:ROUND sends no tensor from that round on;
+    /// absent:ROUND takes no part in averaging from that round on; lag:ROUND:SECS stalls SECS seconds before training that round).
     #[arg(long, hide = true, value_name = "HOW")]
     pub misbehave: Option<crate::misbehave::Misbehave>,
     /// Compute device: cpu, or cuda (needs a build with `--features cuda`).

@@ -28,6 +28,10 @@ pub enum Misbehave {
     /// alone): a peer stuck outside the protocol, which each round's
     /// leader waits its join window for.
     AbsentFrom(u64),
+    /// Before training this round, stalls this many seconds (still connected
+    /// and answering peers): a node slowed down, as on a busy machine, that
+    /// the swarm may finish the run without.
+    LagBefore(u64, u64),
 }
 
 impl std::str::FromStr for Misbehave {
@@ -37,6 +41,7 @@ impl std::str::FromStr for Misbehave {
         match s {
             "flip" => Ok(Misbehave::Flip),
             "nan" => Ok(Misbehave::Nan),
+            _ if s.starts_with("lag:") => parse_lag(s),
             _ => match (
                 s.strip_prefix("scale:").map(str::parse::<f32>),
                 s.strip_prefix("deaf:").map(str::parse::<u64>),
@@ -47,12 +52,28 @@ impl std::str::FromStr for Misbehave {
                 (_, Some(Ok(round)), _, _) if round > 0 => Ok(Misbehave::DeafInRound(round)),
                 (_, _, Some(Ok(round)), _) if round > 0 => Ok(Misbehave::MuteFrom(round)),
                 (_, _, _, Some(Ok(round))) if round > 0 => Ok(Misbehave::AbsentFrom(round)),
-                _ => Err(format!(
-                    "`{s}` is not a misbehaviour: use flip, nan, scale:FACTOR, deaf:ROUND, \
-                     mute:ROUND or absent:ROUND"
-                )),
+                _ => Err(not_a_misbehaviour(s)),
             },
         }
+    }
+}
+
+fn not_a_misbehaviour(s: &str) -> String {
+    format!(
+        "`{s}` is not a misbehaviour: use flip, nan, scale:FACTOR, deaf:ROUND, mute:ROUND, \
+         absent:ROUND or lag:ROUND:SECS"
+    )
+}
+
+/// `lag:ROUND:SECS`, both positive.
+fn parse_lag(s: &str) -> Result<Misbehave, String> {
+    let mut fields = s.trim_start_matches("lag:").split(':');
+    match (fields.next(), fields.next(), fields.next()) {
+        (Some(round), Some(secs), None) => match (round.parse(), secs.parse()) {
+            (Ok(round), Ok(secs)) if round > 0 && secs > 0 => Ok(Misbehave::LagBefore(round, secs)),
+            _ => Err(not_a_misbehaviour(s)),
+        },
+        _ => Err(not_a_misbehaviour(s)),
     }
 }
 
@@ -65,6 +86,7 @@ impl std::fmt::Display for Misbehave {
             Misbehave::DeafInRound(r) => write!(f, "deaf:{r}"),
             Misbehave::MuteFrom(r) => write!(f, "mute:{r}"),
             Misbehave::AbsentFrom(r) => write!(f, "absent:{r}"),
+            Misbehave::LagBefore(r, secs) => write!(f, "lag:{r}:{secs}"),
         }
     }
 }
@@ -80,10 +102,23 @@ impl Misbehave {
                 Misbehave::Scale(k) => v * k,
                 Misbehave::Flip => -v,
                 Misbehave::Nan => f32::NAN,
-                Misbehave::DeafInRound(_) | Misbehave::MuteFrom(_) | Misbehave::AbsentFrom(_) => *v,
+                Misbehave::DeafInRound(_)
+                | Misbehave::MuteFrom(_)
+                | Misbehave::AbsentFrom(_)
+                | Misbehave::LagBefore(..) => *v,
             })
             .collect();
         Payload::encode(&bad, payload.encoding)
+    }
+
+    /// How long this node stalls before training `round`.
+    pub fn lag_before(self, round: u64) -> Option<std::time::Duration> {
+        match self {
+            Misbehave::LagBefore(r, secs) if r == round => {
+                Some(std::time::Duration::from_secs(secs))
+            }
+            _ => None,
+        }
     }
 
     /// Whether this node ignores `msg` on receipt.
@@ -109,7 +144,10 @@ impl Misbehave {
 
     /// Corrupts the tensor payload of an outgoing averaging message.
     pub fn apply(self, msg: AvgMessage) -> AvgMessage {
-        if let Misbehave::DeafInRound(_) | Misbehave::MuteFrom(_) | Misbehave::AbsentFrom(_) = self
+        if let Misbehave::DeafInRound(_)
+        | Misbehave::MuteFrom(_)
+        | Misbehave::AbsentFrom(_)
+        | Misbehave::LagBefore(..) = self
         {
             return msg;
         }
@@ -146,10 +184,26 @@ mod tests {
 
     #[test]
     fn parses_and_prints_every_kind() {
-        for s in ["flip", "nan", "scale:-10", "deaf:3", "mute:2", "absent:4"] {
+        for s in [
+            "flip",
+            "nan",
+            "scale:-10",
+            "deaf:3",
+            "mute:2",
+            "absent:4",
+            "lag:5:20",
+        ] {
             let m: Misbehave = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
         }
+        for bad in ["lag:5", "lag:0:20", "lag:5:0", "lag:5:20:1", "lag:x:1"] {
+            let e = bad.parse::<Misbehave>().unwrap_err();
+            assert!(e.contains(bad) && e.contains("lag:ROUND:SECS"), "{e}");
+        }
+        let lag = Misbehave::LagBefore(5, 20);
+        assert_eq!(lag.lag_before(5), Some(std::time::Duration::from_secs(20)));
+        assert_eq!(lag.lag_before(4), None);
+        assert_eq!(Misbehave::Flip.lag_before(5), None);
         assert!("scale:x".parse::<Misbehave>().is_err());
         assert!("evil".parse::<Misbehave>().is_err());
         assert!("absent:0".parse::<Misbehave>().is_err());

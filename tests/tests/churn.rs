@@ -72,6 +72,73 @@ fn survivors_finish_after_a_peer_is_killed_mid_run() {
     );
 }
 
+/// Node 2 stalls 10 s before its round 5 (a busy machine) while the other
+/// two finish the run's 6 rounds without it. It must end on the swarm's
+/// final model, downloaded, not on its own of round 4: no later round would
+/// average that in. (The others wait for its claim at the end, so they are
+/// still there to serve it.)
+#[test]
+fn a_node_the_swarm_finished_without_ends_on_the_swarms_model() {
+    let swarm = format!("lag-{}", std::process::id());
+    let (tx, rx) = mpsc::channel();
+    let args = |extra: &[&str], boot: Option<&str>| -> Vec<String> {
+        let mut v = vec!["--swarm", swarm.as_str(), "--min-peers", "3"];
+        v.extend(["--steps", "60", "--average-every", "10"]);
+        v.extend(["--join-window-secs", "2", "--reduce-timeout-secs", "6"]);
+        v.extend(["--linger-secs", "1"]);
+        v.extend(extra);
+        if let Some(b) = boot {
+            v.extend(["--bootstrap", b]);
+        }
+        v.into_iter().map(str::to_string).collect()
+    };
+    let spawn_with = |i: usize, extra: &[&str], boot: Option<&str>, tx: Events| {
+        let a = args(extra, boot);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        spawn_node(i, &a, tx)
+    };
+    let mut nodes = Nodes(vec![spawn_with(0, &[], None, tx.clone())]);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let boot = bootstrap_address(&rx, deadline);
+    nodes.0.push(spawn_with(1, &[], Some(&boot), tx.clone()));
+    nodes.0.push(spawn_with(
+        2,
+        &["--misbehave", "lag:5:10"],
+        Some(&boot),
+        tx.clone(),
+    ));
+    let mut finished: [Option<serde_json::Value>; 3] = [None, None, None];
+    let mut synced_to = Vec::new();
+    while finished.iter().any(Option::is_none) {
+        let (i, v) = next_event(&rx, deadline);
+        match v["event"].as_str() {
+            Some("finished") => finished[i] = Some(v),
+            Some("synced") if i == 2 => synced_to.push(v["round"].as_u64().unwrap()),
+            _ => {}
+        }
+    }
+    for (i, c) in nodes.0.iter_mut().enumerate() {
+        assert!(c.wait().unwrap().success(), "node {i} failed");
+    }
+    let finished: Vec<serde_json::Value> = finished.into_iter().map(Option::unwrap).collect();
+    assert!(
+        synced_to.contains(&6),
+        "node 2 never downloaded the final model: synced to {synced_to:?}; {finished:?}"
+    );
+    for f in &finished {
+        assert_eq!(f["rounds"], 6, "{f}");
+        assert_eq!(
+            f["model_digest"], finished[0]["model_digest"],
+            "models differ: {finished:?}"
+        );
+    }
+    assert!(
+        finished[2]["steps"].as_u64().unwrap() < 60,
+        "node 2 did not miss the last rounds: {}",
+        finished[2]
+    );
+}
+
 /// Three nodes of a fresh swarm, 60 steps averaging every 5 with `timing`
 /// (deadline flags), node 2 misbehaving as `misbehave` says: node 0's round
 /// events up to round 9, each as `pick` reads it.

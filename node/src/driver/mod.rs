@@ -649,6 +649,13 @@ impl Driver {
         let every = config.schedule.average_every.max(1);
         let mut sync_attempts = 0u32;
         while round < total_steps.div_ceil(every) {
+            if let Some(lag) = self.misbehave.and_then(|m| m.lag_before(round + 1)) {
+                warn!(
+                    secs = lag.as_secs(),
+                    "test misbehaviour: stalling before the round"
+                );
+                self.pump(tokio::time::sleep(lag)).await?;
+            }
             // Under DiLoCo a round seen only in part leaves a model apart
             // from the swarm's for good: realign with the majority.
             if self.diloco.is_some() && round > 0 {
@@ -680,7 +687,18 @@ impl Driver {
             }
             let next = round.saturating_add(1).max(self.swarm_round);
             if next > total_steps.div_ceil(every) {
-                break; // the swarm is past the end of our run
+                // The swarm finished the run while we were behind (a slow or
+                // cut-off node): end on its final model, not on ours of
+                // rounds ago, which no later round will average in.
+                if self.swarm_round > round.saturating_add(1) {
+                    if let Some(synced) = self
+                        .sync_with_swarm(compute, report, SYNC_WAIT, round)
+                        .await?
+                    {
+                        round = synced.0;
+                    }
+                }
+                break;
             }
             round = next;
             let span = info_span!("round", round);

@@ -31,7 +31,12 @@ pub enum Misbehave {
     /// Before training this round, stalls this many seconds (still connected
     /// and answering peers): a node slowed down, as on a busy machine, that
     /// the swarm may finish the run without.
-    LagBefore(u64, u64),
+    LagBefore {
+        /// The round it is late for.
+        round: u64,
+        /// How long it stalls.
+        secs: u64,
+    },
 }
 
 impl std::str::FromStr for Misbehave {
@@ -67,10 +72,15 @@ fn not_a_misbehaviour(s: &str) -> String {
 
 /// `lag:ROUND:SECS`, both positive.
 fn parse_lag(s: &str) -> Result<Misbehave, String> {
-    let mut fields = s.trim_start_matches("lag:").split(':');
+    let Some(rest) = s.strip_prefix("lag:") else {
+        return Err(not_a_misbehaviour(s));
+    };
+    let mut fields = rest.split(':');
     match (fields.next(), fields.next(), fields.next()) {
         (Some(round), Some(secs), None) => match (round.parse(), secs.parse()) {
-            (Ok(round), Ok(secs)) if round > 0 && secs > 0 => Ok(Misbehave::LagBefore(round, secs)),
+            (Ok(round), Ok(secs)) if round > 0 && secs > 0 => {
+                Ok(Misbehave::LagBefore { round, secs })
+            }
             _ => Err(not_a_misbehaviour(s)),
         },
         _ => Err(not_a_misbehaviour(s)),
@@ -86,7 +96,7 @@ impl std::fmt::Display for Misbehave {
             Misbehave::DeafInRound(r) => write!(f, "deaf:{r}"),
             Misbehave::MuteFrom(r) => write!(f, "mute:{r}"),
             Misbehave::AbsentFrom(r) => write!(f, "absent:{r}"),
-            Misbehave::LagBefore(r, secs) => write!(f, "lag:{r}:{secs}"),
+            Misbehave::LagBefore { round, secs } => write!(f, "lag:{round}:{secs}"),
         }
     }
 }
@@ -105,7 +115,7 @@ impl Misbehave {
                 Misbehave::DeafInRound(_)
                 | Misbehave::MuteFrom(_)
                 | Misbehave::AbsentFrom(_)
-                | Misbehave::LagBefore(..) => *v,
+                | Misbehave::LagBefore { .. } => *v,
             })
             .collect();
         Payload::encode(&bad, payload.encoding)
@@ -114,7 +124,7 @@ impl Misbehave {
     /// How long this node stalls before training `round`.
     pub fn lag_before(self, round: u64) -> Option<std::time::Duration> {
         match self {
-            Misbehave::LagBefore(r, secs) if r == round => {
+            Misbehave::LagBefore { round: r, secs } if r == round => {
                 Some(std::time::Duration::from_secs(secs))
             }
             _ => None,
@@ -147,7 +157,7 @@ impl Misbehave {
         if let Misbehave::DeafInRound(_)
         | Misbehave::MuteFrom(_)
         | Misbehave::AbsentFrom(_)
-        | Misbehave::LagBefore(..) = self
+        | Misbehave::LagBefore { .. } = self
         {
             return msg;
         }
@@ -196,11 +206,18 @@ mod tests {
             let m: Misbehave = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
         }
-        for bad in ["lag:5", "lag:0:20", "lag:5:0", "lag:5:20:1", "lag:x:1"] {
+        for bad in [
+            "lag:5",
+            "lag:0:20",
+            "lag:5:0",
+            "lag:5:20:1",
+            "lag:x:1",
+            "lag:lag:5:20",
+        ] {
             let e = bad.parse::<Misbehave>().unwrap_err();
             assert!(e.contains(bad) && e.contains("lag:ROUND:SECS"), "{e}");
         }
-        let lag = Misbehave::LagBefore(5, 20);
+        let lag = Misbehave::LagBefore { round: 5, secs: 20 };
         assert_eq!(lag.lag_before(5), Some(std::time::Duration::from_secs(20)));
         assert_eq!(lag.lag_before(4), None);
         assert_eq!(Misbehave::Flip.lag_before(5), None);

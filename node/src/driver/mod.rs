@@ -648,6 +648,7 @@ impl Driver {
         // still stops together with the others, holding the same model.
         let every = config.schedule.average_every.max(1);
         let mut sync_attempts = 0u32;
+        let mut end_syncs = 0u32;
         while round < total_steps.div_ceil(every) {
             if let Some(lag) = self.misbehave.and_then(|m| m.lag_before(round + 1)) {
                 warn!(
@@ -686,16 +687,25 @@ impl Driver {
                 );
             }
             let next = round.saturating_add(1).max(self.swarm_round);
-            if next > total_steps.div_ceil(every) {
-                // The swarm finished the run while we were behind (a slow or
-                // cut-off node): end on its final model, not on ours of
-                // rounds ago, which no later round will average in.
-                if self.swarm_round > round.saturating_add(1) {
+            let last = total_steps.div_ceil(every);
+            if next > last {
+                // The swarm is past the end of our run while we are behind
+                // (a slow or cut-off node; `next` can only pass `last` by
+                // following the swarm): end on the swarm's final model, not
+                // on ours of rounds ago, which no later round will average in.
+                if end_syncs < MAX_SYNC_ATTEMPTS {
+                    end_syncs += 1;
+                    // Members still finishing the last round claim it soon:
+                    // wait, so as not to take the round before for the end.
+                    self.wait_for_claims(last, SYNC_WAIT).await?;
                     if let Some(synced) = self
                         .sync_with_swarm(compute, report, SYNC_WAIT, round)
                         .await?
                     {
-                        round = synced.0;
+                        // Its run length is ours now: train on if it holds more.
+                        (round, total_steps) = synced;
+                        self.broadcast_claim()?;
+                        continue;
                     }
                 }
                 break;

@@ -191,12 +191,21 @@ impl Driver {
         round: u64,
         params: &[f32],
     ) -> Result<Digest, NodeError> {
-        let (claim, digest) = self.served.publish(round, self.total_steps, params);
-        match wire::encode(&Message::StateAnnounce(Some(claim))) {
-            Ok(bytes) => self.check_sent(self.net.broadcast(bytes))?,
-            Err(e) => warn!(error = %e, "cannot encode our state claim"),
-        }
+        let (_, digest) = self.served.publish(round, self.total_steps, params);
+        self.broadcast_claim()?;
         Ok(digest)
+    }
+
+    /// Tells every member which state we hold now (members wait for these
+    /// claims at the end of a run, and joiners choose what to download by them).
+    pub(super) fn broadcast_claim(&mut self) -> Result<(), NodeError> {
+        match wire::encode(&Message::StateAnnounce(self.served.latest())) {
+            Ok(bytes) => self.check_sent(self.net.broadcast(bytes)),
+            Err(e) => {
+                warn!(error = %e, "cannot encode our state claim");
+                Ok(())
+            }
+        }
     }
 
     /// Handles a state-transfer message (others are ignored here).

@@ -72,14 +72,16 @@ pub(crate) struct AllReduce {
     /// Parts whose reduced values we refused as implausible, or whose reducer we excluded
     /// (they stay local; the round does not wait for them). By part.
     refused: Vec<bool>,
-    /// Members dropped from this round for sending invalid data, or for
-    /// moving on to a later round without a word to us. By member.
+    /// Members whose contributions the round no longer waits for: dropped
+    /// for sending invalid data, or moved on to a later round. By member.
     excluded: Vec<bool>,
     /// Members that sent us a `Part` or a `Reduced` of this round. By member.
     heard: Vec<bool>,
-    /// Members excluded for moving on without a word: unlike those excluded
-    /// for invalid data, they count as having stalled the round. By member.
-    moved_on: Vec<bool>,
+    /// Members that joined a later round without a word to us, and until
+    /// when we still take their `Reduced` parts (see [`AllReduce::moved_on`]).
+    /// Unlike those excluded for invalid data, they count as having stalled
+    /// the round. By member.
+    moved_on: Vec<Option<Duration>>,
     /// Our `Part` per part, until that part's `Reduced` arrives (ack).
     outgoing: Vec<Outgoing>,
     /// Contributions of the other members to the parts we reduce: by part, then by member
@@ -143,7 +145,7 @@ impl AllReduce {
             refused: vec![false; parts],
             excluded: vec![false; n],
             heard: vec![false; n],
-            moved_on: vec![false; n],
+            moved_on: vec![None; n],
             outgoing,
             contributions,
             reducer_deadline: now.saturating_add(cfg.reducer_wait()),
@@ -304,22 +306,49 @@ impl AllReduce {
         }
     }
 
-    /// `member` joined a later round. If it never sent us anything for this
-    /// one, it finished this round without us (alone, or in a group that
-    /// left us out: a member that averaged with us sent us its parts first),
-    /// so nothing of it is coming: the round stops waiting for it, as for an
-    /// excluded member (its parts stay local). It still counts as a member
-    /// that stalled the round (a strike), or a peer that joins groups and then
-    /// sends nothing would never sit out. A member we heard from keeps its
-    /// place: its `Reduced` may still be on the way, overtaken by its `Join`.
-    pub(crate) fn moved_on(&mut self, member: NodeId, out: &mut Outbox) {
+    /// `member` joined a later round at `now`. If it never sent us anything
+    /// for this one, it most likely finished this round without us (alone,
+    /// or in a group that left us out): the round stops waiting for its
+    /// contributions at once, and for the parts it reduces after one
+    /// `retry` interval (they then stay local). The interval is for the one
+    /// other case: it did average with us, our reducer deadline reduced our
+    /// parts without its lost `Part`, and its `Reduced` is still on the way,
+    /// overtaken by its `Join`. It counts as a member that stalled the round
+    /// (a strike), or a peer that joins groups and then sends nothing would
+    /// never sit out. Members we heard from, or excluded already, are left
+    /// as they are.
+    pub(crate) fn moved_on(
+        &mut self,
+        member: NodeId,
+        now: Duration,
+        cfg: &AveragingConfig,
+        out: &mut Outbox,
+    ) {
         let Ok(idx) = self.group.binary_search(&member) else {
             return;
         };
-        if self.heard.get(idx).is_some_and(|heard| !heard) {
-            self.exclude(member, out);
-            if let Some(flag) = self.moved_on.get_mut(idx) {
-                *flag = true;
+        let silent = self.heard.get(idx).is_some_and(|heard| !heard);
+        let waited_for = self.excluded.get(idx).is_some_and(|excluded| !excluded);
+        if idx == self.me_idx || !silent || !waited_for {
+            return;
+        }
+        self.excluded[idx] = true;
+        self.moved_on[idx] = Some(now.saturating_add(cfg.retry()).min(self.deadline));
+        for j in self.parts_of(self.me_idx) {
+            self.reduce_if_all_in(j, out);
+        }
+    }
+
+    /// Refuses the parts still missing from members that moved on, once
+    /// their grace is over.
+    fn give_up_on_moved_on(&mut self, now: Duration) {
+        for idx in 0..self.group.len() {
+            if self.moved_on[idx].is_some_and(|until| now >= until) {
+                for j in self.parts_of(idx) {
+                    if self.results.get(j).is_some_and(Option::is_none) {
+                        self.refused[j] = true;
+                    }
+                }
             }
         }
     }
@@ -466,6 +495,7 @@ impl AllReduce {
     }
 
     pub(crate) fn on_timeout(&mut self, now: Duration, cfg: &AveragingConfig, out: &mut Outbox) {
+        self.give_up_on_moved_on(now);
         if now >= self.reducer_deadline {
             let pending: Vec<usize> = self.unreduced_own_parts().collect();
             for j in pending {
@@ -503,6 +533,14 @@ impl AllReduce {
 
     pub(crate) fn next_timeout(&self) -> Duration {
         let mut t = self.deadline;
+        for (idx, until) in self.moved_on.iter().enumerate() {
+            let missing = self
+                .parts_of(idx)
+                .any(|j| self.results.get(j).is_some_and(Option::is_none) && !self.refused[j]);
+            if let Some(until) = until.filter(|_| missing) {
+                t = t.min(until);
+            }
+        }
         if self.unreduced_own_parts().next().is_some() {
             t = t.min(self.reducer_deadline);
         }
@@ -563,7 +601,7 @@ impl AllReduce {
             .iter()
             .zip(self.excluded.iter().zip(&refused_any).zip(&self.moved_on))
             .filter(|(m, ((excluded, refused), moved_on))| {
-                dropped.contains(*m) && (**moved_on || (!**excluded && !**refused))
+                dropped.contains(*m) && (moved_on.is_some() || (!**excluded && !**refused))
             })
             .map(|(m, _)| *m)
             .collect();

@@ -16,6 +16,9 @@ pub(crate) struct JoinBuffer {
 impl JoinBuffer {
     /// Records that `from` is ready for `round` with a vector of `len` values. `base` is our
     /// current or last finished round, if any. Errors explain why the join was dropped.
+    /// A peer is in one round at a time, so its earlier buffered `Join`s go first (even if
+    /// this one is then dropped: it is past those rounds), and a late copy of an earlier
+    /// `Join` than one already buffered changes nothing.
     pub(crate) fn insert(
         &mut self,
         base: Option<u64>,
@@ -23,14 +26,6 @@ impl JoinBuffer {
         from: NodeId,
         len: u64,
     ) -> Result<(), String> {
-        if let Some(base) = base {
-            if round > base.saturating_add(MAX_ROUNDS_AHEAD) {
-                return Err(format!(
-                    "Join for round {round} is more than {MAX_ROUNDS_AHEAD} rounds ahead of our \
-                     round {base}; dropped"
-                ));
-            }
-        }
         // A peer is in one round at a time: a `Join` for a later round means it
         // finished the earlier ones, and one for an earlier round is a stale copy.
         if self
@@ -44,6 +39,14 @@ impl JoinBuffer {
             senders.remove(&from);
         }
         self.rounds.retain(|_, senders| !senders.is_empty());
+        if let Some(base) = base {
+            if round > base.saturating_add(MAX_ROUNDS_AHEAD) {
+                return Err(format!(
+                    "Join for round {round} is more than {MAX_ROUNDS_AHEAD} rounds ahead of our \
+                     round {base}; dropped"
+                ));
+            }
+        }
         if !self.rounds.contains_key(&round) && self.rounds.len() >= MAX_BUFFERED_ROUNDS {
             // Keep the nearest rounds: they are the ones we will start next.
             match self.rounds.last_key_value() {

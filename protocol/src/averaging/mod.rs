@@ -58,11 +58,13 @@
 //! - A member finishes when it has every part's result, or at the reduce deadline; parts it
 //!   never got keep its local values (`averaged = false`). Members missing from contributors,
 //!   and reducers that never answered, are listed in `dropped`.
-//! - A member that joins a later round without having sent us a `Part` or `Reduced` of
-//!   this one finished it without us (alone, or in a group that left us out): the round
-//!   stops waiting for it at once, as for an excluded member (its parts stay local), and
-//!   it earns a strike as a member dropped at the deadline does. A member we heard from
-//!   keeps its place: its `Join` may overtake its `Reduced`.
+//! - A member that joins a later round (or had joined one when our group formed) without
+//!   having sent us a `Part` or `Reduced` of this one most likely finished it without us
+//!   (alone, or in a group that left us out): the round stops waiting for its
+//!   contributions at once and for its `Reduced` parts one `retry_interval` later (its
+//!   `Join` may have overtaken them after our reducer deadline reduced without its lost
+//!   `Part`); parts still missing then stay local, and it earns a strike as a member
+//!   dropped at the deadline does. A member we heard from keeps its place.
 //! - Exactly one `Finished` per started round; afterwards [`Averager::in_flight`] is `None`.
 //!
 //! # Compression
@@ -355,8 +357,11 @@ impl Averager {
         }
         // Peers that already joined a later round are past this one: not
         // waited for (too many to set aside: the join window bounds the wait).
-        let ahead: Vec<NodeId> = self.joins.ahead_of(round).into_iter().collect();
-        let _ = mm.set_aside(&ahead);
+        for peer in self.joins.ahead_of(round) {
+            if mm.set_aside(&[peer]).is_err() {
+                break;
+            }
+        }
         self.out.send(
             Destination::Broadcast,
             AvgMessage::Join { round, len: mm.len },
@@ -512,7 +517,9 @@ impl Averager {
                     self.try_close(now);
                 }
             }
-            State::Reducing(ar) if round > ar.round() => ar.moved_on(from, &mut self.out),
+            State::Reducing(ar) if round > ar.round() => {
+                ar.moved_on(from, now, &self.config, &mut self.out);
+            }
             _ => {}
         }
         let base = self.base_round();
@@ -679,6 +686,11 @@ impl Averager {
         // The all-reduce validates each replayed part as if it had just arrived.
         for (from, part, payload) in std::mem::take(&mut self.early_parts) {
             ar.on_part(from, part, &payload, &mut self.out);
+        }
+        // Members that joined a later round while we were matchmaking (the
+        // `Group` reached us late) may never say so again.
+        for member in self.joins.ahead_of(mm.round) {
+            ar.moved_on(member, now, &self.config, &mut self.out);
         }
         self.state = State::Reducing(Box::new(ar));
     }

@@ -715,7 +715,7 @@ fn joins_for_future_rounds_are_buffered_and_bounded() {
     assert!(events(&mut a)
         .iter()
         .all(|e| !matches!(e, AvgEvent::Rejected { .. })));
-    a.handle_message(ms(2), id(B), AvgMessage::Join { round: 6, len: 2 });
+    a.handle_message(ms(2), id(C), AvgMessage::Join { round: 6, len: 2 });
     assert_eq!(rejections(&events(&mut a)).len(), 1);
     // Joins for the current or older rounds are not buffered (and not rejected).
     a.handle_message(ms(3), id(B), AvgMessage::Join { round: 1, len: 2 });
@@ -1893,11 +1893,13 @@ fn a_peer_past_our_round_is_not_waited_for_in_matchmaking() {
 
 /// B and C reduce `round` in a group that A (the smallest id, so the
 /// leader) formed before finishing the round without them; then A's `Join`
-/// for the next round arrives, the only other thing they hear from it.
+/// for the next round arrives, the only other thing they hear from it. They
+/// stop waiting for it one retry interval later (its `Reduced` parts could
+/// still have been on the way).
 fn round_that_a_moves_past(nodes: &mut [Averager], round: u64, vals: &[Vec<f32>; 2]) {
+    let at = |ms_in: u64| Duration::from_secs(10 * round) + ms(ms_in);
     for (n, v) in nodes.iter_mut().zip(vals) {
-        n.start_round(ms(10 * round), round, v.clone())
-            .expect("start");
+        n.start_round(at(0), round, v.clone()).expect("start");
     }
     let group = AvgMessage::Group {
         round,
@@ -1905,9 +1907,9 @@ fn round_that_a_moves_past(nodes: &mut [Averager], round: u64, vals: &[Vec<f32>;
         members: vec![id(A), id(B), id(C)],
     };
     for n in nodes.iter_mut() {
-        n.handle_message(ms(10 * round + 1), id(A), group.clone());
+        n.handle_message(at(1), id(A), group.clone());
     }
-    let evs = pump(nodes, ms(10 * round + 1));
+    let evs = pump(nodes, at(1));
     assert!(
         evs.iter().all(|e| finished(e).is_empty()),
         "waiting for A's part: {evs:?}"
@@ -1917,9 +1919,21 @@ fn round_that_a_moves_past(nodes: &mut [Averager], round: u64, vals: &[Vec<f32>;
         len: 3,
     };
     for n in nodes.iter_mut() {
-        n.handle_message(ms(10 * round + 2), id(A), next.clone());
+        n.handle_message(at(2), id(A), next.clone());
     }
-    let evs = pump(nodes, ms(10 * round + 2));
+    let mut evs = pump(nodes, at(2));
+    assert!(evs.iter().all(|e| finished(e).is_empty()), "{evs:?}");
+    // Timers fire (re-sends) until A's grace is over, not the reduce deadline.
+    while evs.iter().any(|e| finished(e).is_empty()) {
+        let now = fire_next_timeout(nodes);
+        assert!(
+            now <= at(2) + cfg().retry_interval,
+            "round {round} at {now:?}"
+        );
+        for (e, more) in evs.iter_mut().zip(pump(nodes, now)) {
+            e.extend(more);
+        }
+    }
     let want = mean(&[&vals[0], &vals[1]]);
     for (i, e) in evs.iter().enumerate() {
         let done = finished(e);
@@ -1987,5 +2001,87 @@ fn a_member_we_heard_from_keeps_its_place_when_its_join_overtakes_its_results() 
         assert_eq!(done.len(), 1);
         assert!(done[0].dropped.is_empty());
         assert_eq!(bits(&done[0].values), bits(&want));
+    }
+}
+
+/// A's `Part` to B is lost, so B's reducer deadline reduces B's part without
+/// it; A still gets every result, finishes and joins round 2, and that
+/// `Join` overtakes A's `Reduced` to B. B must still take A's result (within
+/// A's grace) and end like C, not keep A's part local.
+#[test]
+fn a_join_overtaking_a_reduced_after_our_reducer_deadline_costs_no_divergence() {
+    let vals = [
+        vec![1.0f32, 2.0, 3.0],
+        vec![3.0, 4.0, 5.0],
+        vec![9.0, 9.0, 9.0],
+    ];
+    let mut nodes = trio_in_round(1, &vals);
+    let to_b = |from: usize, t: &Transmit| from == 0 && t.to == Destination::Peer(id(B));
+    let (mut evs, mut held) = pump_holding(&mut nodes, ms(1), to_b);
+    let mut now = ms(1);
+    while finished(&evs[0]).is_empty() {
+        now = fire_next_timeout(&mut nodes);
+        let (more, more_held) = pump_holding(&mut nodes, now, to_b);
+        for (e, m) in evs.iter_mut().zip(more) {
+            e.extend(m);
+        }
+        held.extend(more_held);
+    }
+    let a_done = finished(&evs[0]).remove(0);
+    nodes[1].handle_message(now, id(A), AvgMessage::Join { round: 2, len: 3 });
+    // B's timers run on while A's Reduced is still on the way.
+    nodes[1].handle_timeout(now + ms(100));
+    for (_, t) in held {
+        if matches!(t.msg, AvgMessage::Reduced { .. }) {
+            nodes[1].handle_message(now + ms(100), id(A), t.msg);
+        }
+    }
+    let mut b = evs[1].clone();
+    let mut c = evs[2].clone();
+    b.extend(events(&mut nodes[1]));
+    while finished(&b).is_empty() || finished(&c).is_empty() {
+        let now = fire_next_timeout(&mut nodes[1..]);
+        let more = pump(&mut nodes[1..], now);
+        b.extend(more[0].iter().cloned());
+        c.extend(more[1].iter().cloned());
+    }
+    let (b, c) = (finished(&b).remove(0), finished(&c).remove(0));
+    assert_eq!(bits(&b.values), bits(&c.values), "B {b:?}\nC {c:?}");
+    assert_eq!(bits(&b.values), bits(&a_done.values));
+}
+
+/// B hears A join round 3 while B is still matchmaking round 2, then A's
+/// (late, re-sent) `Group` for round 2 lists A: B follows it, but does not
+/// wait for A, which will not say again that it moved on.
+#[test]
+fn a_group_listing_a_peer_already_past_the_round_does_not_wait_for_it() {
+    let mut nodes = late_pair_behind_a();
+    let vals = pair_values();
+    nodes[0].handle_message(ms(1), id(A), AvgMessage::Join { round: 3, len: 3 });
+    for (n, v) in nodes.iter_mut().zip(&vals) {
+        n.start_round(ms(2), 2, v.clone()).expect("start");
+    }
+    let group = AvgMessage::Group {
+        round: 2,
+        len: 3,
+        members: vec![id(A), id(B), id(C)],
+    };
+    for n in nodes.iter_mut() {
+        n.handle_message(ms(3), id(A), group.clone());
+    }
+    // C hears A's next Join only now, while reducing.
+    nodes[1].handle_message(ms(3), id(A), AvgMessage::Join { round: 3, len: 3 });
+    let mut evs = pump(&mut nodes, ms(3));
+    while evs.iter().any(|e| finished(e).is_empty()) {
+        let now = fire_next_timeout(&mut nodes);
+        assert!(now <= ms(3) + cfg().retry_interval, "waited until {now:?}");
+        for (e, more) in evs.iter_mut().zip(pump(&mut nodes, now)) {
+            e.extend(more);
+        }
+    }
+    for e in &evs {
+        let o = finished(e).remove(0);
+        assert_eq!(o.group, vec![id(A), id(B), id(C)]);
+        assert_eq!(o.dropped, vec![id(A)]);
     }
 }

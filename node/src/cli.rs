@@ -328,7 +328,7 @@ pub struct NodeArgs {
     /// and every message carries a MAC under it.
     #[arg(long, value_name = "FILE", env = "P2PTRAIN_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
-    /// Write a checkpoint every this many averaging rounds (and after the last).
+    /// Write a checkpoint every this many averaging rounds (and of the model the run ends on).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint_every: u64,
     /// Continue from the newest valid checkpoint in DIR (and keep checkpointing there

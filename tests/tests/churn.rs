@@ -75,8 +75,8 @@ fn survivors_finish_after_a_peer_is_killed_mid_run() {
 /// Node 2 stalls 10 s before its round 5 (a busy machine) while the other
 /// two finish the run's 6 rounds without it. It must end on the swarm's
 /// final model, downloaded, not on its own of round 4: no later round would
-/// average that in. (The others wait for its claim at the end, so they are
-/// still there to serve it.)
+/// average that in, and checkpoint it. (The others wait for its claim at
+/// the end, so they are still there to serve it.)
 #[test]
 fn a_node_the_swarm_finished_without_ends_on_the_swarms_model() {
     let swarm = format!("lag-{}", std::process::id());
@@ -101,12 +101,12 @@ fn a_node_the_swarm_finished_without_ends_on_the_swarms_model() {
     let deadline = Instant::now() + Duration::from_secs(240);
     let boot = bootstrap_address(&rx, deadline);
     nodes.0.push(spawn_with(1, &[], Some(&boot), tx.clone()));
-    nodes.0.push(spawn_with(
-        2,
-        &["--misbehave", "lag:5:10"],
-        Some(&boot),
-        tx.clone(),
-    ));
+    let ckpt = tempfile::tempdir().unwrap();
+    let ckpt_dir = ckpt.path().to_str().unwrap();
+    let lagging = ["--misbehave", "lag:5:10", "--checkpoint-dir", ckpt_dir];
+    nodes
+        .0
+        .push(spawn_with(2, &lagging, Some(&boot), tx.clone()));
     let mut finished: [Option<serde_json::Value>; 3] = [None, None, None];
     let mut synced_to = Vec::new();
     while finished.iter().any(Option::is_none) {
@@ -136,6 +136,13 @@ fn a_node_the_swarm_finished_without_ends_on_the_swarms_model() {
         finished[2]["steps"].as_u64().unwrap() < 60,
         "node 2 did not miss the last rounds: {}",
         finished[2]
+    );
+    // A restart resumes from the model it ended on, not its own of round 4.
+    let last = p2ptrain_node::checkpoint::load_latest(ckpt.path()).unwrap();
+    assert_eq!(last.meta.round, 6);
+    assert_eq!(
+        serde_json::Value::from(last.meta.params_digest),
+        finished[2]["model_digest"]
     );
 }
 

@@ -147,6 +147,14 @@ pub struct CheckpointPolicy {
     pub model: String,
 }
 
+/// Where a run stands: what a checkpoint records beside the model.
+#[derive(Debug, Clone, Copy)]
+struct RunPoint {
+    round: u64,
+    step: u64,
+    samples: u64,
+}
+
 /// Progress reports, in the order they happen. Serialized as JSON event lines.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -649,6 +657,8 @@ impl Driver {
         let every = config.schedule.average_every.max(1);
         let mut sync_attempts = 0u32;
         let mut end_syncs = 0u32;
+        // The round of the last checkpoint written, if any.
+        let mut checkpointed = None;
         while round < total_steps.div_ceil(every) {
             if let Some(lag) = self.misbehave.and_then(|m| m.lag_before(round + 1)) {
                 warn!(
@@ -819,33 +829,13 @@ impl Driver {
             if let Some(policy) = &config.checkpoints {
                 let last = round >= total_steps.div_ceil(every);
                 if round.is_multiple_of(policy.every_rounds.max(1)) || last {
-                    let params = self.pump(compute.params()).await??;
-                    let optim = self.pump(compute.optim_state()).await??;
-                    let meta = CheckpointMeta {
-                        swarm: config.net.swarm.clone(),
-                        model: policy.model.clone(),
+                    let at = RunPoint {
                         round,
                         step,
                         samples,
-                        params_digest: checkpoint::params_digest(&params),
                     };
-                    let dir = policy.dir.clone();
-                    let outer = self.diloco.as_ref().map(|d| d.momentum().to_vec());
-                    let write = tokio::task::spawn_blocking(move || {
-                        let state = checkpoint::State {
-                            params: &params,
-                            optim: optim.as_ref(),
-                            outer_momentum: outer.as_deref(),
-                        };
-                        checkpoint::save_state(&dir, &meta, state)
-                    });
-                    let path = self.pump(write).await?.map_err(|e| {
-                        NodeError::Checkpoint(CheckpointError::Io {
-                            path: policy.dir.clone(),
-                            source: std::io::Error::other(e),
-                        })
-                    })??;
-                    debug!(path = %path.display(), "checkpoint written");
+                    self.save_checkpoint(config, policy, compute, at).await?;
+                    checkpointed = Some(round);
                 }
             }
             if self.members_changed {
@@ -855,10 +845,24 @@ impl Driver {
 
         // Nothing after the last round would mend a node that saw it only in
         // part: once every member has said what it holds, join the majority.
+        let mut downloaded_at_end = false;
         if round > 0 && !self.members.is_empty() {
             self.wait_for_claims(round, self.closing_wait).await?;
             if let Some(synced) = self.realign(compute, report, round).await? {
                 round = synced.0;
+                downloaded_at_end = true;
+            }
+        }
+        // The model we end on is the one a restart should resume from, also
+        // when it came from the swarm (an end-of-run sync or realignment).
+        if let Some(policy) = &config.checkpoints {
+            if round > 0 && (checkpointed != Some(round) || downloaded_at_end) {
+                let at = RunPoint {
+                    round,
+                    step,
+                    samples,
+                };
+                self.save_checkpoint(config, policy, compute, at).await?;
             }
         }
         let eval = self.pump(compute.evaluate()).await??;
@@ -884,6 +888,45 @@ impl Driver {
         info!(accuracy = ?eval.accuracy, test_loss = eval.loss, "training finished");
         report(&NodeEvent::Finished(final_report.clone()));
         Ok(final_report)
+    }
+
+    /// Writes the model, the optimizer state and (under DiLoCo) the outer
+    /// momentum as the checkpoint of `at`, off the event loop.
+    async fn save_checkpoint(
+        &mut self,
+        config: &NodeConfig,
+        policy: &CheckpointPolicy,
+        compute: &Compute,
+        at: RunPoint,
+    ) -> Result<(), NodeError> {
+        let params = self.pump(compute.params()).await??;
+        let optim = self.pump(compute.optim_state()).await??;
+        let meta = CheckpointMeta {
+            swarm: config.net.swarm.clone(),
+            model: policy.model.clone(),
+            round: at.round,
+            step: at.step,
+            samples: at.samples,
+            params_digest: checkpoint::params_digest(&params),
+        };
+        let dir = policy.dir.clone();
+        let outer = self.diloco.as_ref().map(|d| d.momentum().to_vec());
+        let write = tokio::task::spawn_blocking(move || {
+            let state = checkpoint::State {
+                params: &params,
+                optim: optim.as_ref(),
+                outer_momentum: outer.as_deref(),
+            };
+            checkpoint::save_state(&dir, &meta, state)
+        });
+        let path = self.pump(write).await?.map_err(|e| {
+            NodeError::Checkpoint(CheckpointError::Io {
+                path: policy.dir.clone(),
+                source: std::io::Error::other(e),
+            })
+        })??;
+        debug!(path = %path.display(), "checkpoint written");
+        Ok(())
     }
 
     /// Waits for the first listen address and reports it.

@@ -43,10 +43,12 @@ impl std::str::FromStr for Misbehave {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(fields) = s.strip_prefix("lag:") {
+            return parse_lag(s, fields);
+        }
         match s {
             "flip" => Ok(Misbehave::Flip),
             "nan" => Ok(Misbehave::Nan),
-            _ if s.starts_with("lag:") => parse_lag(s),
             _ => match (
                 s.strip_prefix("scale:").map(str::parse::<f32>),
                 s.strip_prefix("deaf:").map(str::parse::<u64>),
@@ -70,12 +72,9 @@ fn not_a_misbehaviour(s: &str) -> String {
     )
 }
 
-/// `lag:ROUND:SECS`, both positive.
-fn parse_lag(s: &str) -> Result<Misbehave, String> {
-    let Some(rest) = s.strip_prefix("lag:") else {
-        return Err(not_a_misbehaviour(s));
-    };
-    let mut fields = rest.split(':');
+/// `lag:ROUND:SECS` (`fields` is what follows `lag:` in `s`), both positive.
+fn parse_lag(s: &str, fields: &str) -> Result<Misbehave, String> {
+    let mut fields = fields.split(':');
     match (fields.next(), fields.next(), fields.next()) {
         (Some(round), Some(secs), None) => match (round.parse(), secs.parse()) {
             (Ok(round), Ok(secs)) if round > 0 && secs > 0 => {

@@ -291,13 +291,7 @@ impl AllReduce {
         if let Some(flag) = self.excluded.get_mut(idx) {
             *flag = true;
         }
-        for j in self.parts_of(idx) {
-            if self.results.get(j).is_some_and(Option::is_none) {
-                if let Some(flag) = self.refused.get_mut(j) {
-                    *flag = true;
-                }
-            }
-        }
+        self.refuse_missing_parts_of(idx);
         for j in self.parts_of(self.me_idx) {
             if let Some(c) = self.contributions.get_mut(j).and_then(|s| s.get_mut(idx)) {
                 *c = None;
@@ -344,12 +338,25 @@ impl AllReduce {
     fn give_up_on_moved_on(&mut self, now: Duration) {
         for idx in 0..self.group.len() {
             if self.moved_on[idx].is_some_and(|until| now >= until) {
-                for j in self.parts_of(idx) {
-                    if self.results.get(j).is_some_and(Option::is_none) {
-                        self.refused[j] = true;
-                    }
-                }
+                self.refuse_missing_parts_of(idx);
             }
+        }
+    }
+
+    /// The parts member `idx` reduces that we still wait for: no result, not refused.
+    fn missing_parts_of(&self, idx: usize) -> impl Iterator<Item = usize> + '_ {
+        self.parts_of(idx).filter(|&j| {
+            self.results.get(j).is_some_and(Option::is_none)
+                && self.refused.get(j).is_some_and(|refused| !refused)
+        })
+    }
+
+    /// Stops waiting for the parts member `idx` reduces: those without a
+    /// result stay local.
+    fn refuse_missing_parts_of(&mut self, idx: usize) {
+        let missing: Vec<usize> = self.missing_parts_of(idx).collect();
+        for j in missing {
+            self.refused[j] = true;
         }
     }
 
@@ -534,10 +541,7 @@ impl AllReduce {
     pub(crate) fn next_timeout(&self) -> Duration {
         let mut t = self.deadline;
         for (idx, until) in self.moved_on.iter().enumerate() {
-            let missing = self
-                .parts_of(idx)
-                .any(|j| self.results.get(j).is_some_and(Option::is_none) && !self.refused[j]);
-            if let Some(until) = until.filter(|_| missing) {
+            if let Some(until) = until.filter(|_| self.missing_parts_of(idx).next().is_some()) {
                 t = t.min(until);
             }
         }

@@ -179,6 +179,18 @@ fn fire_next_timeout(nodes: &mut [Averager]) -> Duration {
     now
 }
 
+/// Fires timers on `nodes` until each has finished a round, adding what
+/// they emit to `evs` (one list per node); every timer must fire by `latest`.
+fn fire_until_all_finished(nodes: &mut [Averager], evs: &mut [Vec<AvgEvent>], latest: Duration) {
+    while evs.iter().any(|e| finished(e).is_empty()) {
+        let now = fire_next_timeout(nodes);
+        assert!(now <= latest, "a timer at {now:?}, after {latest:?}");
+        for (e, more) in evs.iter_mut().zip(pump(nodes, now)) {
+            e.extend(more);
+        }
+    }
+}
+
 /// Node A (the smallest id) with peers B and C, grouped with both: returns A and the
 /// transmits of the group formation.
 fn leader_with_group(values: Vec<f32>) -> (Averager, Vec<Transmit>) {
@@ -1924,16 +1936,7 @@ fn round_that_a_moves_past(nodes: &mut [Averager], round: u64, vals: &[Vec<f32>;
     let mut evs = pump(nodes, at(2));
     assert!(evs.iter().all(|e| finished(e).is_empty()), "{evs:?}");
     // Timers fire (re-sends) until A's grace is over, not the reduce deadline.
-    while evs.iter().any(|e| finished(e).is_empty()) {
-        let now = fire_next_timeout(nodes);
-        assert!(
-            now <= at(2) + cfg().retry_interval,
-            "round {round} at {now:?}"
-        );
-        for (e, more) in evs.iter_mut().zip(pump(nodes, now)) {
-            e.extend(more);
-        }
-    }
+    fire_until_all_finished(nodes, &mut evs, at(2) + cfg().retry_interval);
     let want = mean(&[&vals[0], &vals[1]]);
     for (i, e) in evs.iter().enumerate() {
         let done = finished(e);
@@ -2036,16 +2039,10 @@ fn a_join_overtaking_a_reduced_after_our_reducer_deadline_costs_no_divergence() 
             nodes[1].handle_message(now + ms(100), id(A), t.msg);
         }
     }
-    let mut b = evs[1].clone();
-    let mut c = evs[2].clone();
-    b.extend(events(&mut nodes[1]));
-    while finished(&b).is_empty() || finished(&c).is_empty() {
-        let now = fire_next_timeout(&mut nodes[1..]);
-        let more = pump(&mut nodes[1..], now);
-        b.extend(more[0].iter().cloned());
-        c.extend(more[1].iter().cloned());
-    }
-    let (b, c) = (finished(&b).remove(0), finished(&c).remove(0));
+    let mut bc = evs[1..].to_vec();
+    bc[0].extend(events(&mut nodes[1]));
+    fire_until_all_finished(&mut nodes[1..], &mut bc, Duration::MAX);
+    let (b, c) = (finished(&bc[0]).remove(0), finished(&bc[1]).remove(0));
     assert_eq!(bits(&b.values), bits(&c.values), "B {b:?}\nC {c:?}");
     assert_eq!(bits(&b.values), bits(&a_done.values));
 }
@@ -2072,13 +2069,7 @@ fn a_group_listing_a_peer_already_past_the_round_does_not_wait_for_it() {
     // C hears A's next Join only now, while reducing.
     nodes[1].handle_message(ms(3), id(A), AvgMessage::Join { round: 3, len: 3 });
     let mut evs = pump(&mut nodes, ms(3));
-    while evs.iter().any(|e| finished(e).is_empty()) {
-        let now = fire_next_timeout(&mut nodes);
-        assert!(now <= ms(3) + cfg().retry_interval, "waited until {now:?}");
-        for (e, more) in evs.iter_mut().zip(pump(&mut nodes, now)) {
-            e.extend(more);
-        }
-    }
+    fire_until_all_finished(&mut nodes, &mut evs, ms(3) + cfg().retry_interval);
     for e in &evs {
         let o = finished(e).remove(0);
         assert_eq!(o.group, vec![id(A), id(B), id(C)]);

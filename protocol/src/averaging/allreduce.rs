@@ -473,17 +473,13 @@ impl AllReduce {
         }
         let mean = self.aggregation.reduce(&rows, len);
         let encoding = part_encoding(&mean, self.encoding, self.sparse);
+        // We keep what the members decode.
+        let (payload, mean) = Payload::encode_and_decoded(mean, encoding);
         let msg = AvgMessage::Reduced {
             round: self.round,
             part: j as u32,
             contributors: contributors.clone(),
-            payload: Payload::encode(&mean, encoding),
-        };
-        // What the members decode; f32 decodes to itself, so no copy is needed then.
-        let mean = if encoding == Encoding::F32 {
-            mean
-        } else {
-            quantize(&mean, encoding)
+            payload,
         };
         for (k, member) in self.group.iter().enumerate() {
             if k != self.me_idx {

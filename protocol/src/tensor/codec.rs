@@ -55,19 +55,31 @@ fn encode_u16(values: &[f32], convert: fn(f32) -> u16) -> Vec<u8> {
 /// capped so that `127 * scale` stays finite. NaN if the block holds a non-finite value,
 /// so the payload is refused like an `F32` one with NaN would be.
 pub(super) fn int8_scale(block: &[f32]) -> f32 {
-    // One branch-free pass (it vectorises); the finiteness verdict is taken after it.
-    let mut max = 0f32;
-    let mut finite = true;
-    for x in block {
-        finite &= x.is_finite();
-        let m = x.abs();
-        if m > max {
-            max = m;
+    // One branch-free pass over the bit patterns, eight lanes at a time so it vectorises:
+    // with the sign bit cleared, finite values order like their magnitudes and every
+    // infinity or NaN lies above them all, so one maximum gives both the largest magnitude
+    // and the finiteness verdict.
+    const MAGNITUDE: u32 = 0x7fff_ffff;
+    let mut lanes = [0u32; 8];
+    let (chunks, rest) = block.as_chunks::<8>();
+    for chunk in chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk) {
+            *lane = (*lane).max(x.to_bits() & MAGNITUDE);
         }
     }
-    if !finite {
+    let max_bits = rest
+        .iter()
+        .fold(lanes.into_iter().max().unwrap_or(0), |m, x| {
+            m.max(x.to_bits() & MAGNITUDE)
+        });
+    if max_bits >= f32::INFINITY.to_bits() {
         return f32::NAN;
     }
+    scale_for_max(f32::from_bits(max_bits))
+}
+
+/// The int8 scale of a block whose largest magnitude is `max` (finite, not negative).
+fn scale_for_max(max: f32) -> f32 {
     let exact = f64::from(max) / 127.0;
     let mut scale = exact as f32;
     if f64::from(scale) < exact {
@@ -87,17 +99,22 @@ fn scale_is_valid(scale: f32) -> bool {
 
 /// `x / scale` rounded to the nearest integer (ties to even), in -127..=127.
 ///
-/// Branch-free, so the loops around it vectorise: rounding is done by adding and taking
-/// away [`ROUNDING_SHIFT`] (exact for the clamped `|q| <= 127`; the FPU rounds the sum
-/// ties to even, where `round_ties_even` would call the C library's `rint` on baseline
-/// x86-64). An all-zero block has scale 0: `0 / 0` is NaN, which casts to 0.
+/// Branch-free, so the loops around it vectorise. The quotient is exact enough in f64 that
+/// rounding it decides ties as the exact quotient would. Adding [`ROUNDING_SHIFT`] rounds it
+/// (the FPU rounds the sum ties to even, where `round_ties_even` would call the C library's
+/// `rint` on baseline x86-64) and leaves the integer in the sum's low mantissa bits, in two's
+/// complement: the low byte is the result, with no float-to-int conversion (whose
+/// saturation kept these loops ~2x slower). An all-zero block has scale 0: `0 / 0` is NaN,
+/// whose low byte is 0.
 #[inline]
 fn int8_quantize(x: f32, scale: f32) -> i8 {
     let q = (f64::from(x) / f64::from(scale)).clamp(-127.0, 127.0);
-    ((q + ROUNDING_SHIFT) - ROUNDING_SHIFT) as i8
+    let [low, ..] = (q + ROUNDING_SHIFT).to_bits().to_le_bytes();
+    i8::from_le_bytes([low])
 }
 
-/// 1.5 * 2^52: adding it to a number below 2^51 in magnitude leaves no fraction bits.
+/// 1.5 * 2^52: the sum with any `|q| <= 127` lies in [2^52, 2^53), where f64 holds integers
+/// exactly and nothing finer, so its bit pattern is `0x4338...` plus `2^51 + round(q)`.
 const ROUNDING_SHIFT: f64 = 6_755_399_441_055_744.0;
 
 /// Indices of the `k` largest-magnitude values, ascending. Ties in magnitude keep the lower
@@ -213,11 +230,23 @@ fn int8_parts(bytes: &[u8], len: u32, block: u32) -> Result<(&[[u8; 4]], &[u8]),
 
 /// The first int8 value of -128, if any.
 fn int8_range(quants: &[u8]) -> Result<(), TensorError> {
-    match quants.iter().position(|&q| q == 0x80) {
-        Some(index) => Err(TensorError::Int8OutOfRange { index }),
-        None => Ok(()),
+    // Honest payloads have none: a branch-free pass per block vectorises (the early exit of
+    // a plain `position` tested one byte at a time, half of an int8 decode), and only a
+    // block with one is searched.
+    let has_min = |block: &[u8]| block.iter().fold(false, |seen, &q| seen | (q == 0x80));
+    for (b, block) in quants.chunks(INT8_RANGE_BLOCK).enumerate() {
+        if has_min(block) {
+            let at = block.iter().position(|&q| q == 0x80).unwrap_or(0);
+            return Err(TensorError::Int8OutOfRange {
+                index: b * INT8_RANGE_BLOCK + at,
+            });
+        }
     }
+    Ok(())
 }
+
+/// Bytes [`int8_range`] checks at a time.
+const INT8_RANGE_BLOCK: usize = 4096;
 
 /// Walks a top-k body, checking each entry in order, and hands the valid ones to `put`.
 fn top_k_entries(bytes: &[u8], len: u32, mut put: impl FnMut(u32, f32)) -> Result<(), TensorError> {
@@ -393,10 +422,61 @@ mod tests {
     }
 
     #[test]
+    fn int8_scale_follows_the_largest_magnitude_in_every_lane_and_the_tail() {
+        let mut rng = Rng::new(11);
+        for len in 1..=70usize {
+            for _ in 0..50 {
+                let block: Vec<f32> = (0..len)
+                    .map(|_| {
+                        let x = (rng.next_f64() * 2.0 - 1.0) as f32;
+                        // Some subnormal and some large values, both signs.
+                        match rng.next_u64() % 4 {
+                            0 => x * 1.0e-39,
+                            1 => x * 3.0e38,
+                            _ => x,
+                        }
+                    })
+                    .collect();
+                let max = block.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert_eq!(
+                    int8_scale(&block).to_bits(),
+                    scale_for_max(max).to_bits(),
+                    "len {len}: {block:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn int8_range_names_the_first_minus_128_wherever_it_sits() {
+        let n = 3 * INT8_RANGE_BLOCK + 17;
+        assert_eq!(int8_range(&vec![0x7f; n]), Ok(()));
+        for at in [
+            0,
+            5,
+            INT8_RANGE_BLOCK - 1,
+            INT8_RANGE_BLOCK,
+            2 * INT8_RANGE_BLOCK + 3,
+            n - 1,
+        ] {
+            let mut quants = vec![0x81u8; n];
+            quants[at] = 0x80;
+            if at + 1 < n {
+                quants[n - 1] = 0x80; // a later one is not the one named
+            }
+            assert_eq!(
+                int8_range(&quants),
+                Err(TensorError::Int8OutOfRange { index: at }),
+                "at {at}"
+            );
+        }
+    }
+
+    #[test]
     fn int8_scale_refuses_non_finite_blocks_wherever_they_sit() {
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for at in [0usize, 5, 63] {
-                let mut block = vec![0.5f32; 64];
+        for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0usize, 5, 63, 64, 66] {
+                let mut block = vec![0.5f32; 67];
                 block[at] = bad;
                 assert!(int8_scale(&block).is_nan(), "{bad} at {at}");
             }

@@ -247,6 +247,9 @@ fn every_encoding_roundtrips_and_quantize_matches_decode_bitwise() {
             let q = quantize(&values, enc);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&q), bits(&back), "quantize != decode for {enc} n={n}");
+            let (same, kept) = Payload::encode_and_decoded(values.clone(), enc);
+            assert_eq!(same, p, "{enc} n={n}");
+            assert_eq!(bits(&kept), bits(&back), "kept != decode for {enc} n={n}");
             // Floating-point codecs and top-k are idempotent: re-encoding decoded values
             // changes nothing. (Int8 is not: the scale of a decoded block may move by an ulp.)
             if !matches!(enc, Encoding::Int8 { .. }) {
@@ -753,6 +756,9 @@ fn non_finite_input_gives_payloads_that_are_refused() {
             let p = Payload::encode(&[1.0, bad, 2.0], enc);
             assert!(p.decode().is_err(), "{enc} accepted {bad}");
             assert_eq!(p.validate(), p.decode().map(|_| ()));
+            let (same, kept) = Payload::encode_and_decoded(vec![1.0, bad, 2.0], enc);
+            assert_eq!(same, p, "{enc} with {bad}");
+            assert_eq!(kept.len(), 3, "{enc} with {bad}");
         }
     }
     // An invalid int8 block gives a payload that names the problem.

@@ -319,7 +319,8 @@ impl Payload {
         if encoding == Encoding::F32 {
             return (payload, values);
         }
-        // Non-finite input (which receivers refuse anyway) fails decoding: quantise then.
+        // Bytes that do not decode (non-finite input, f16/bf16 overflow of finite input, an
+        // int8 block out of range) are refused by receivers too: keep `quantize`'s answer.
         let decoded = codec::decode(&payload.bytes, payload.len, payload.encoding)
             .unwrap_or_else(|_| quantize(&values, encoding));
         (payload, decoded)

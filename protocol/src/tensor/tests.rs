@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// Bit patterns, so comparisons tell -0.0 from 0.0 and compare NaNs.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 #[test]
 fn payload_roundtrips_values_bitwise() {
     let values = vec![
@@ -19,9 +24,7 @@ fn payload_roundtrips_values_bitwise() {
     assert_eq!(p.bytes[..4], 0.0f32.to_le_bytes());
     assert_eq!(p.digest, *blake3::hash(&p.bytes).as_bytes());
     let back = p.decode().expect("valid payload");
-    let bits: Vec<u32> = back.iter().map(|v| v.to_bits()).collect();
-    let want: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
-    assert_eq!(bits, want);
+    assert_eq!(bits(&back), bits(&values));
     assert_eq!(p.validate(), Ok(()));
 }
 
@@ -245,7 +248,6 @@ fn every_encoding_roundtrips_and_quantize_matches_decode_bitwise() {
             assert_eq!(back.len(), n);
             assert!(back.iter().all(|v| v.is_finite()));
             let q = quantize(&values, enc);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&q), bits(&back), "quantize != decode for {enc} n={n}");
             let (same, kept) = Payload::encode_and_decoded(values.clone(), enc);
             assert_eq!(same, p, "{enc} n={n}");
@@ -758,7 +760,6 @@ fn non_finite_input_gives_payloads_that_are_refused() {
             assert_eq!(p.validate(), p.decode().map(|_| ()));
             let (same, kept) = Payload::encode_and_decoded(vec![1.0, bad, 2.0], enc);
             assert_eq!(same, p, "{enc} with {bad}");
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let quantized = quantize(&[1.0, bad, 2.0], enc);
             assert_eq!(bits(&kept), bits(&quantized), "{enc} with {bad}");
         }

@@ -81,8 +81,11 @@ impl Drop for Topology {
 
 /// The "internet" (a bridge in namespace `pub` holding the relay at
 /// 10.77.0.1) and two homes, each behind a router that masquerades and
-/// firewalls like a home router: `home1` 192.168.1.2 behind `nat1`
-/// (10.77.0.2), `home2` 192.168.2.2 behind `nat2` (10.77.0.3). With
+/// firewalls like a home router: `home1` behind `nat1` (10.77.0.2) and
+/// `home2` behind `nat2` (10.77.0.3). Like two routers with the same factory
+/// settings, both homes are 192.168.1.2 on 192.168.1.0/24, and every node
+/// keeps the same port: the address one home announces is, seen from the
+/// other, its own socket (a dial there reaches itself). With
 /// `punchable` false the routers also drop traffic between the two homes'
 /// public addresses, so no direct path can exist between them.
 fn build(tag: &str, punchable: bool) -> Topology {
@@ -139,40 +142,16 @@ fn build(tag: &str, punchable: bool) -> Topology {
         );
         sh("ip", &["link", "set", &lan, "netns", &nat]);
         sh("ip", &["link", "set", &inner, "netns", &home]);
-        exec(
-            &nat,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("192.168.{i}.1/24"),
-                "dev",
-                &lan,
-            ],
-        );
+        exec(&nat, &["ip", "addr", "add", "192.168.1.1/24", "dev", &lan]);
         exec(&nat, &["ip", "link", "set", &lan, "up"]);
         exec(
             &home,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("192.168.{i}.2/24"),
-                "dev",
-                &inner,
-            ],
+            &["ip", "addr", "add", "192.168.1.2/24", "dev", &inner],
         );
         exec(&home, &["ip", "link", "set", &inner, "up"]);
         exec(
             &home,
-            &[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("192.168.{i}.1"),
-            ],
+            &["ip", "route", "add", "default", "via", "192.168.1.1"],
         );
         exec(&nat, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let ipt = |rule: &[&str]| {

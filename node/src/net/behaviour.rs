@@ -2,6 +2,7 @@
 
 use super::codec::{FrameCodec, DIRECT_PROTOCOL};
 use super::nat::MembersOnly;
+use super::self_dial::NoSelfDial;
 use super::{NetConfig, NetError};
 use libp2p::{
     autonat, dcutr, gossipsub, identify,
@@ -81,13 +82,15 @@ pub(super) fn build_swarm(
     let relay_server = config.relay;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_quic_config(|mut c| {
+        .with_other_transport(|key| {
+            let mut c = libp2p::quic::Config::new(key);
             // Notice a crashed peer within seconds, not QUIC's default 10 s:
             // until then rounds wait for it at the join window.
             c.max_idle_timeout = DEAD_PEER_TIMEOUT.as_millis() as u32;
             c.keep_alive_interval = DEAD_PEER_TIMEOUT / 4;
-            c
+            NoSelfDial::new(libp2p::quic::tokio::Transport::new(c))
         })
+        .map_err(|e| setup(&e))?
         // Relayed connections are streams, not QUIC: they get their own
         // encryption and multiplexing.
         .with_relay_client(noise::Config::new, yamux::Config::default)

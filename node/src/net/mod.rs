@@ -10,6 +10,7 @@ mod behaviour;
 pub mod codec;
 pub mod nat;
 pub mod secret;
+mod self_dial;
 pub mod send_queue;
 pub mod udp_buffers;
 
@@ -871,20 +872,21 @@ impl EventLoop {
                     debug!(peer = %peer_id, version = %info.protocol_version, "not a p2ptrain peer");
                     return;
                 }
+                let at = self.stats.addrs().get(&peer_id).and_then(|conns| {
+                    conns
+                        .iter()
+                        .find(|(id, _)| *id == connection_id)
+                        .map(|(_, a)| a.clone())
+                });
                 if nat::serves_relay(&info.protocols) {
-                    let at = self.stats.addrs().get(&peer_id).and_then(|conns| {
-                        conns
-                            .iter()
-                            .find(|(id, _)| *id == connection_id)
-                            .map(|(_, a)| a.clone())
-                    });
-                    if let Some(addr) = at {
+                    if let Some(addr) = at.clone() {
                         debug!(relay = %peer_id, %addr, "peer offers to relay");
                         self.relays.relay_seen(peer_id, addr);
                         self.reserve_relays();
                     }
                 }
-                for addr in info.listen_addrs {
+                let via_loopback = at.as_ref().is_some_and(nat::is_loopback);
+                for addr in nat::addresses_to_share(info.listen_addrs, via_loopback) {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
                 let due = self

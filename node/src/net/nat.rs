@@ -141,6 +141,18 @@ pub fn is_loopback(addr: &Multiaddr) -> bool {
     })
 }
 
+/// The listen addresses a peer announced that are worth keeping and handing
+/// on to others through the DHT. A peer's loopback addresses reach it only
+/// from its own machine: kept when we reach it over loopback ourselves (a
+/// local testnet), dropped otherwise, since to anyone else they name their
+/// own machine, often their own socket.
+pub fn addresses_to_share(announced: Vec<Multiaddr>, via_loopback: bool) -> Vec<Multiaddr> {
+    announced
+        .into_iter()
+        .filter(|a| via_loopback || !is_loopback(a))
+        .collect()
+}
+
 /// Whether a peer's identify protocols say it relays for others.
 pub fn serves_relay(protocols: &[StreamProtocol]) -> bool {
     protocols.contains(&relay::HOP_PROTOCOL_NAME)
@@ -277,6 +289,21 @@ mod tests {
         assert!(is_loopback(&addr("/ip4/127.0.0.1/udp/1/quic-v1")));
         assert!(is_loopback(&addr("/ip6/::1/udp/1/quic-v1")));
         assert!(!is_loopback(&addr("/ip4/10.77.0.1/udp/1/quic-v1")));
+    }
+
+    #[test]
+    fn loopback_addresses_are_shared_only_among_loopback_peers() {
+        let announced = vec![
+            addr("/ip4/127.0.0.1/udp/4001/quic-v1"),
+            addr("/ip6/::1/udp/4001/quic-v1"),
+            addr("/ip4/192.168.1.2/udp/4001/quic-v1"),
+            addr("/ip4/10.77.0.1/udp/4001/quic-v1/p2p-circuit"),
+        ];
+        assert_eq!(
+            addresses_to_share(announced.clone(), false),
+            announced[2..].to_vec()
+        );
+        assert_eq!(addresses_to_share(announced.clone(), true), announced);
     }
 
     #[test]

@@ -11,6 +11,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 QUICK=0
 TRAIN=0
@@ -34,12 +36,7 @@ done
 
 log() { echo "[bench] $*" >&2; }
 
-if [ -d "$DATA" ]; then
-  DATA="$(cd "$DATA" && pwd)"
-else
-  log "no MNIST directory at $DATA; using the bundled subset (node/train/data/mnist)"
-  DATA="$ROOT/node/train/data/mnist"
-fi
+DATA="$(mnist_dir "$DATA")"
 
 if [ "$QUICK" = 1 ]; then
   VALUES="1000000 10000000"; ROUNDS=4; STEPS=100
@@ -51,22 +48,6 @@ PEERS="2 4"
 mkdir -p bench/results
 RESULTS="bench/results/$(date -u +%Y%m%dT%H%M%SZ).jsonl"
 : > "$RESULTS"
-
-# Prints and records the JSON lines a command writes on stdout; a failing
-# command becomes an {"error": ...} line instead of ending the run.
-record() {
-  local what="$1"; shift
-  local out rc=0
-  out="$("$@")" || rc=$?
-  local lines
-  lines="$(printf '%s\n' "$out" | grep '^{' || true)"
-  if [ -n "$lines" ]; then
-    printf '%s\n' "$lines" | tee -a "$RESULTS"
-  fi
-  if [ "$rc" != 0 ]; then
-    printf '{"bench":"error","what":"%s","exit_code":%s}\n' "$what" "$rc" | tee -a "$RESULTS"
-  fi
-}
 
 # --- machine --------------------------------------------------------------
 CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//' || echo unknown)"

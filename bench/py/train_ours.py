@@ -3,7 +3,7 @@ its JSON summary as a time_to_accuracy line, with the time to the target
 accuracy from its --run-dir evaluations (every --eval-every rounds, i.e.
 every 50 local steps at the default 10 steps per round, as the PyTorch and
 hivemind counterparts evaluate). Usage:
-train_ours.py BIN PEERS DATA [EPOCHS] [TARGET]"""
+train_ours.py BIN PEERS DATA [EPOCHS] [TARGET] [DEVICE]"""
 
 import json
 import subprocess
@@ -22,12 +22,13 @@ def main():
     binary, peers, data = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     epochs = sys.argv[4] if len(sys.argv) > 4 else "3"
     target = float(sys.argv[5]) if len(sys.argv) > 5 else 0.97
+    device = sys.argv[6] if len(sys.argv) > 6 else "cpu"
     with tempfile.TemporaryDirectory(prefix="p2ptrain-bench-") as run_dir:
         t0 = time.perf_counter()
         out = subprocess.run(
             [binary, "testnet", "--nodes", str(peers), "--data", data, "--epochs", epochs,
              "--average-every", str(AVERAGE_EVERY), "--eval-every", str(EVAL_EVERY_ROUNDS),
-             "--run-dir", run_dir],
+             "--run-dir", run_dir, "--device", device],
             check=True, stdout=subprocess.PIPE, text=True,
         ).stdout
         hit = first_crossing(Path(run_dir), target)
@@ -36,6 +37,7 @@ def main():
         "bench": "time_to_accuracy",
         "impl": "p2ptrain",
         "peers": peers,
+        "device": device,
         "epochs": float(epochs),
         "batch": 64,
         "lr": 0.003,

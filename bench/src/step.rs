@@ -1,6 +1,7 @@
 //! Local step speed: the MNIST MLP (784-256-256-10) stepped through the same
 //! `MnistTask` that `p2ptrain node` trains with (batch gather, forward,
-//! cross-entropy, backward, Adam, loss read back), on burn's ndarray backend.
+//! cross-entropy, backward, Adam, loss read back), on burn's ndarray backend
+//! or, with `--device cuda`, its CUDA backend.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +33,10 @@ pub struct StepArgs {
     /// Which model (`mlp` or `cnn`).
     #[arg(long, default_value = "mlp")]
     pub model: String,
+    /// Where `step` runs the step: cpu, or cuda (needs `--features cuda`).
+    /// `step-breakdown` always measures the CPU path.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceKind,
 }
 
 /// Runs the step benchmark and prints one JSON line.
@@ -47,7 +52,7 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
         batch_size: args.batch,
         lr: 1e-3,
         seed: 1,
-        device: DeviceKind::Cpu,
+        device: args.device,
     })?;
     for _ in 0..args.warmup {
         task.train_step()?;
@@ -69,7 +74,11 @@ pub fn run(args: &StepArgs) -> anyhow::Result<()> {
     };
     emit(&json!({
         "bench": "step",
-        "impl": "p2ptrain-burn-ndarray",
+        "impl": match args.device {
+            DeviceKind::Cpu => "p2ptrain-burn-ndarray",
+            DeviceKind::Cuda => "p2ptrain-burn-cuda",
+        },
+        "device": args.device.to_string(),
         "model": model.name(),
         "batch": args.batch,
         "steps": args.steps,

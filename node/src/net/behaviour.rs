@@ -1,15 +1,15 @@
 //! The composed libp2p behaviour and swarm construction.
 
 use super::codec::{FrameCodec, DIRECT_PROTOCOL};
+use super::dial_guard::{check_dialed_peer, NoSelfDial};
 use super::nat::MembersOnly;
-use super::self_dial::NoSelfDial;
 use super::{NetConfig, NetError};
 use libp2p::{
     autonat, dcutr, gossipsub, identify,
     identity::Keypair,
     kad, mdns, noise, relay, request_response,
     swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
-    yamux, StreamProtocol, Swarm,
+    yamux, StreamProtocol, Swarm, Transport,
 };
 use std::time::Duration;
 
@@ -88,7 +88,7 @@ pub(super) fn build_swarm(
             // until then rounds wait for it at the join window.
             c.max_idle_timeout = DEAD_PEER_TIMEOUT.as_millis() as u32;
             c.keep_alive_interval = DEAD_PEER_TIMEOUT / 4;
-            NoSelfDial::new(libp2p::quic::tokio::Transport::new(c))
+            NoSelfDial::new(libp2p::quic::tokio::Transport::new(c)).and_then(check_dialed_peer)
         })
         .map_err(|e| setup(&e))?
         // Relayed connections are streams, not QUIC: they get their own

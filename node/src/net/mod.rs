@@ -8,9 +8,9 @@
 
 mod behaviour;
 pub mod codec;
+mod dial_guard;
 pub mod nat;
 pub mod secret;
-mod self_dial;
 pub mod send_queue;
 pub mod udp_buffers;
 

@@ -1,18 +1,25 @@
-//! Keeps a node from dialing its own listen addresses.
+//! Keeps a dial to a peer from failing because one of its addresses leads
+//! somewhere else.
 //!
-//! Peers advertise every address they listen on, loopback and LAN ones
+//! Peers announce every address they listen on, loopback and LAN ones
 //! included, and volunteers mostly keep the default port. So a peer behind
-//! another home router can advertise `192.168.1.2:4001` or `127.0.0.1:4001`,
-//! which from here is our own socket. libp2p dials a peer's addresses
-//! concurrently and settles on the first connection that opens; a dial to
-//! ourselves opens at once, fails the peer-id check, and with it the whole
-//! dial, cancelling the relayed address that would have worked. Refusing
-//! those addresses up front turns them into one failed address among the
-//! peer's others.
+//! another home router can announce `192.168.1.2:4001` or `127.0.0.1:4001`,
+//! which from here is our own socket, or another machine on our own LAN.
+//! libp2p dials a peer's addresses concurrently, settles on the first
+//! connection that opens and only then checks whose it is: a wrong one
+//! failed the whole dial, cancelling the relayed address that would have
+//! worked. (The swarm drops dial addresses equal to its listen addresses,
+//! but not the same ones with the peer's `/p2p/…` appended, as identify's
+//! address cache offers them.) Two guards turn such an address into one
+//! failed address among the peer's others:
+//! - [`NoSelfDial`] refuses our own listen addresses before any packet;
+//! - [`check_dialed_peer`] fails a connection that opened to another peer
+//!   than the one the address names, before the swarm settles on it.
 
 use libp2p::core::transport::{DialOpts, ListenerId, Transport, TransportError, TransportEvent};
+use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -114,12 +121,53 @@ impl<T: Transport> NoSelfDial<T> {
     }
 }
 
+/// A dialed address led to another peer than the one it names.
+#[derive(Debug, thiserror::Error)]
+#[error("{address} reached peer {obtained}, not the peer it names")]
+pub struct WrongPeer {
+    /// The address dialed, with the `/p2p/…` part naming the peer we wanted.
+    pub address: Multiaddr,
+    /// Whom the connection reached.
+    pub obtained: PeerId,
+}
+
+/// For [`Transport::and_then`]: an outbound connection whose address names a
+/// peer (`…/p2p/PEER`, as the swarm dials) must have reached that peer.
+/// Failing here makes it one failed address of the dial instead of the
+/// dial's outcome; inbound connections and addresses naming no peer pass.
+pub fn check_dialed_peer<M>(
+    (peer, connection): (PeerId, M),
+    endpoint: ConnectedPoint,
+) -> futures::future::Ready<Result<(PeerId, M), WrongPeer>> {
+    let wanted = match &endpoint {
+        ConnectedPoint::Dialer { address, .. } => named_peer(address).map(|p| (p, address)),
+        ConnectedPoint::Listener { .. } => None,
+    };
+    futures::future::ready(match wanted {
+        Some((want, address)) if want != peer => {
+            tracing::debug!(%address, obtained = %peer, "address led to another peer");
+            Err(WrongPeer {
+                address: address.clone(),
+                obtained: peer,
+            })
+        }
+        _ => Ok((peer, connection)),
+    })
+}
+
+/// The peer a `…/p2p/PEER` address names, if it ends so.
+fn named_peer(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use libp2p::core::transport::{MemoryTransport, PortUse};
     use libp2p::core::Endpoint;
-    use libp2p::PeerId;
 
     type Event = TransportEvent<
         <MemoryTransport as Transport>::ListenerUpgrade,
@@ -217,5 +265,37 @@ mod tests {
             reason: Ok(()),
         });
         assert!(!t.is_own(&lo) && t.is_own(&other));
+    }
+
+    #[test]
+    fn a_dialed_connection_must_reach_the_peer_its_address_names() {
+        use futures::FutureExt;
+        let (want, other) = (PeerId::random(), PeerId::random());
+        let base: Multiaddr = "/ip4/192.168.1.3/udp/4001/quic-v1".parse().unwrap();
+        let named = base.clone().with(Protocol::P2p(want));
+        let dialer = |address: &Multiaddr| ConnectedPoint::Dialer {
+            address: address.clone(),
+            role_override: Endpoint::Dialer,
+            port_use: PortUse::Reuse,
+        };
+        let check = |peer, endpoint| {
+            check_dialed_peer((peer, ()), endpoint)
+                .now_or_never()
+                .expect("decided at once")
+        };
+        let wrong = check(other, dialer(&named)).unwrap_err();
+        assert_eq!(
+            (wrong.address.clone(), wrong.obtained),
+            (named.clone(), other)
+        );
+        assert!(wrong.to_string().contains("192.168.1.3"), "{wrong}");
+        assert_eq!(check(want, dialer(&named)).unwrap().0, want);
+        // No peer named (a bootstrap address given without one): any peer.
+        assert_eq!(check(other, dialer(&base)).unwrap().0, other);
+        let inbound = ConnectedPoint::Listener {
+            local_addr: base.clone(),
+            send_back_addr: base,
+        };
+        assert_eq!(check(other, inbound).unwrap().0, other);
     }
 }

@@ -14,28 +14,32 @@
 #   PYTHON a Python with PyTorch (default python3); PyTorch rows are left out
 #          when it has none.
 #   STEPS  timed local steps (default 300). TRAIN=0 skips the training runs.
-# Prints JSON lines on stdout: the machine, the local step (ours on CUDA and
-# CPU, PyTorch on CUDA and CPU), time to 97% MNIST test accuracy for 1 and 4
-# peers of ours on CUDA and on the CPU, then ratio lines.
+# Prints JSON lines on stdout (tee them to keep them): the machine, the local
+# step (ours on CUDA and CPU, PyTorch on CUDA and CPU), time to 97% MNIST
+# test accuracy for 1 and 4 peers of ours on CUDA and on the CPU, then ratio
+# lines. Relative paths are taken from where it is started.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+[ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ] && { sed -n '2,20p' "$SELF"; exit 0; }
+BIN="${BIN:+$(realpath "$BIN")}"
+DATA="${DATA:+$(realpath "$DATA")}"
+ROOT="$(dirname "$SELF")/.."
+ROOT="$(cd "$ROOT" && pwd)"
 cd "$ROOT"
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
-[ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ] && { sed -n '2,19p' "$0"; exit 0; }
 
 PY="${PYTHON:-python3}"
 STEPS="${STEPS:-300}"
 DATA="$(mnist_dir "${DATA:-$ROOT/../shared/data/mnist}")"
 log() { echo "[gpu-bench] $*" >&2; }
 
-BIN="${BIN:-}"
 if [ -z "$BIN" ]; then
   log "building p2ptrain-bench (bench-opt) with the cuda feature"
   cargo build --quiet --config bench/profile.toml --profile bench-opt \
     -p p2ptrain-bench --features cuda >&2
-  BIN="$ROOT/target/bench-opt/p2ptrain-bench"
+  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/bench-opt/p2ptrain-bench"
 fi
 [ -x "$BIN" ] || { echo "no executable at $BIN" >&2; exit 2; }
 
@@ -44,7 +48,8 @@ trap 'rm -f "$RESULTS"' EXIT
 
 GPU="$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1 || true)"
 printf '{"bench":"machine","cores":%s,"cpu":"%s","gpu":"%s"}\n' "$(nproc)" \
-  "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')" "${GPU:-none}" | tee -a "$RESULTS"
+  "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//' || echo unknown)" \
+  "${GPU:-none}" | tee -a "$RESULTS"
 
 log "local step: MLP 784-256-256-10, batch 128, $STEPS steps"
 for device in cuda cpu; do

@@ -1,4 +1,4 @@
-"""PyTorch CPU counterpart of `p2ptrain-bench step`: one training step of the
+"""PyTorch counterpart of `p2ptrain-bench step`: one training step of the
 MNIST MLP 784-256-256-10 (batch gather, forward, cross-entropy, backward,
 Adam, loss read back), timed per step. Prints one JSON line. With
 `--device cuda` the data and model live on the GPU, the loss read back is the

@@ -33,7 +33,7 @@ def phase_breakdown(a, model, opt, loss_fn, x_all, y_all):
             fwd.append((t1 - t0) * 1e3)
             bwd.append((t2 - t1) * 1e3)
             adam.append((t3 - t2) * 1e3)
-    breakdown = {
+    return {
         "bench": "step_breakdown",
         "impl": "pytorch",
         "threads": a.threads,
@@ -43,7 +43,6 @@ def phase_breakdown(a, model, opt, loss_fn, x_all, y_all):
         "backward_ms": statistics.median(bwd),
         "adam_ms": statistics.median(adam),
     }
-    return breakdown
 
 
 def main():

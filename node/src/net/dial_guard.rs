@@ -16,6 +16,7 @@
 //! - [`check_dialed_peer`] fails a connection that opened to another peer
 //!   than the one the address names, before the swarm settles on it.
 
+use super::nat::strip_peer;
 use libp2p::core::transport::{DialOpts, ListenerId, Transport, TransportError, TransportEvent};
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
@@ -40,18 +41,9 @@ impl<T> NoSelfDial<T> {
     }
 
     fn is_own(&self, addr: &Multiaddr) -> bool {
-        let addr = without_peer(addr);
+        let addr = strip_peer(addr.clone());
         self.own.iter().any(|(_, a)| *a == addr)
     }
-}
-
-/// `addr` without its trailing `/p2p/…` parts, as listen addresses are written.
-fn without_peer(addr: &Multiaddr) -> Multiaddr {
-    let mut addr = addr.clone();
-    while matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
-        addr.pop();
-    }
-    addr
 }
 
 impl<T: Transport + Unpin> Transport for NoSelfDial<T> {
@@ -104,12 +96,14 @@ impl<T: Transport> NoSelfDial<T> {
             TransportEvent::NewAddress {
                 listener_id,
                 listen_addr,
-            } => self.own.push((*listener_id, without_peer(listen_addr))),
+            } => self
+                .own
+                .push((*listener_id, strip_peer(listen_addr.clone()))),
             TransportEvent::AddressExpired {
                 listener_id,
                 listen_addr,
             } => {
-                let gone = without_peer(listen_addr);
+                let gone = strip_peer(listen_addr.clone());
                 self.own
                     .retain(|(id, a)| !(id == listener_id && *a == gone));
             }

@@ -158,7 +158,8 @@ pub fn serves_relay(protocols: &[StreamProtocol]) -> bool {
     protocols.contains(&relay::HOP_PROTOCOL_NAME)
 }
 
-fn strip_peer(mut addr: Multiaddr) -> Multiaddr {
+/// `addr` without its trailing `/p2p/…` parts, as listen addresses are written.
+pub(super) fn strip_peer(mut addr: Multiaddr) -> Multiaddr {
     while matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
         addr.pop();
     }

@@ -524,7 +524,12 @@ fn codec_error(encoding: Encoding, values: &[f64]) -> Vec<f64> {
                 let max = chunk.iter().fold(0f64, |m, x| m.max(x.abs()));
                 // The scale is max/127 rounded up to an f32: at most one f32 ulp above.
                 let scale = max / 127.0 * (1.0 + 2f64.powi(-23));
-                out.extend(chunk.iter().map(|x| scale / 2.0 + half_ulp(*x)));
+                // Half a scale, plus the encoder's f32-reciprocal slack of 2^-16 scales.
+                out.extend(
+                    chunk
+                        .iter()
+                        .map(|x| scale * (0.5 + 2f64.powi(-16)) + half_ulp(*x)),
+                );
             }
             out
         }

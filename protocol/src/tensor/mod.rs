@@ -15,7 +15,7 @@
 //! | [`Encoding::F32`] | `4 len` | none (bit-exact) |
 //! | [`Encoding::F16`] | `2 len` | `\|y-x\| <= 2^-11 \|x\|` for `2^-14 <= \|x\| <= 65504`; `<= 2^-25` below; saturates at ±65504 |
 //! | [`Encoding::Bf16`] | `2 len` | `\|y-x\| <= 2^-8 \|x\|` for normal `x` (saturates at ±3.39e38) |
-//! | [`Encoding::Int8`] | `len + 4 ceil(len/block)` | `\|y-x\| <= scale/2` (+ half an ulp of `y`); `scale`: the block's `max\|x\|/127` rounded up to an f32 |
+//! | [`Encoding::Int8`] | `len + 4 ceil(len/block)` | `\|y-x\| <= scale (1/2 + 2^-16)` (+ half an ulp of `y`); `scale`: the block's `max\|x\|/127` rounded up to an f32 |
 //! | [`Encoding::TopK`] | `8 k` | kept entries exact, every other entry decodes to 0 |
 //!
 //! Finite input never decodes to a non-finite value (f16/bf16 saturate instead of

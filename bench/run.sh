@@ -52,11 +52,13 @@ RESULTS="bench/results/$(date -u +%Y%m%dT%H%M%SZ).jsonl"
 # --- machine --------------------------------------------------------------
 CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ *//' || echo unknown)"
 # UDP receive buffers decide how often a QUIC burst loses packets (README,
-# "Running a node on real machines"); recorded, not changed.
+# "Running a node on real machines"): nodes and the raw-quinn processes raise
+# their sockets' buffers up to rmem_max. Recorded, not changed.
 RMEM_DEFAULT="$(cat /proc/sys/net/core/rmem_default 2>/dev/null || echo null)"
-printf '{"bench":"machine","cores":%s,"cpu":"%s","mem_gib":%s,"kernel":"%s","rmem_default":%s,"profile":"%s","quick":%s}\n' \
+RMEM_MAX="$(cat /proc/sys/net/core/rmem_max 2>/dev/null || echo null)"
+printf '{"bench":"machine","cores":%s,"cpu":"%s","mem_gib":%s,"kernel":"%s","rmem_default":%s,"rmem_max":%s,"profile":"%s","quick":%s}\n' \
   "$(nproc)" "$CPU_MODEL" "$(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo)" \
-  "$(uname -r)" "$RMEM_DEFAULT" "$PROFILE" "$([ "$QUICK" = 1 ] && echo true || echo false)" | tee -a "$RESULTS"
+  "$(uname -r)" "$RMEM_DEFAULT" "$RMEM_MAX" "$PROFILE" "$([ "$QUICK" = 1 ] && echo true || echo false)" | tee -a "$RESULTS"
 
 # --- Python side -------------------------------------------------------------
 VENV="$ROOT/bench/.venv"

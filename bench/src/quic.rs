@@ -79,6 +79,17 @@ fn endpoint() -> anyhow::Result<quinn::Endpoint> {
     client.transport_config(transport);
     let mut ep = quinn::Endpoint::server(server, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
     ep.set_default_client_config(client);
+    // The receive buffer a node gives its QUIC socket, so the bound is set
+    // against the same socket settings (without the node, the benchmark has
+    // nothing to set against it).
+    #[cfg(feature = "swarm")]
+    {
+        use p2ptrain_node::net::udp_buffers;
+        let port = ep.local_addr()?.port();
+        if let Err(e) = udp_buffers::raise_receive_buffers(port, udp_buffers::WANTED_BYTES) {
+            eprintln!("quinn-node: receive buffer left at the default: {e}");
+        }
+    }
     Ok(ep)
 }
 

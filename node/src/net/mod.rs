@@ -280,7 +280,6 @@ impl Network {
             None => topic_name(&config.swarm, config.key.as_ref()),
         });
         let relay_members = MembersOnly::default();
-        udp_buffers::check();
         let mut swarm = behaviour::build_swarm(&config, keypair, &topic, &relay_members)?;
         for addr in &config.listen {
             swarm
@@ -320,6 +319,7 @@ impl Network {
             relay_members,
             relays: RelayState::default(),
             relayed_to_close: Vec::new(),
+            raised_ports: HashSet::new(),
         };
         let task = tokio::spawn(event_loop.run());
         Ok(Network {
@@ -391,6 +391,8 @@ struct EventLoop {
     /// Relayed connections to close once their grace period ends, because
     /// a direct connection to the same peer opened.
     relayed_to_close: Vec<(tokio::time::Instant, PeerId, ConnectionId)>,
+    /// UDP ports whose sockets' receive buffers have been raised.
+    raised_ports: HashSet<u16>,
 }
 
 struct Outbound {
@@ -654,6 +656,12 @@ impl EventLoop {
                     address.with(Protocol::P2p(local))
                 };
                 info!(addr = %full, "listening");
+                // One socket per port, reported once per interface address.
+                if let Some(port) = udp_buffers::quic_port(&full) {
+                    if self.raised_ports.insert(port) {
+                        udp_buffers::raise_and_report(port);
+                    }
+                }
                 self.emit(NetEvent::Listening(full)).await;
             }
             SwarmEvent::ConnectionEstablished {

@@ -1,4 +1,4 @@
-//! Whether the system's UDP receive buffers can take a tensor part's burst.
+//! Larger receive buffers for the node's own QUIC sockets.
 //!
 //! libp2p's QUIC transport leaves its socket's receive buffer at the system's
 //! default (on Linux `net.core.rmem_default`, often 208 KiB) and offers no way
@@ -8,36 +8,226 @@
 //! 2 cores, all-reduce of 1M values: with 208 KiB a third of the rounds took
 //! 47-57 ms instead of 18-25 ms (a 2 MB transfer 33-37 ms instead of 7 ms), and
 //! 4 peers took 95 ms a round; with 4 MiB the drops stopped and 4 peers took
-//! 60-63 ms (see BENCHMARKS.md). A node tells its user so at start.
+//! 60-63 ms (see BENCHMARKS.md).
+//!
+//! So once the transport reports a listening port, the node finds its own
+//! UDP sockets bound to that port and raises their receive buffers itself, as
+//! quic-go does for its sockets. It reaches a socket libp2p owns through a
+//! duplicate of its descriptor (`pidfd_getfd` on this process, Linux 5.6 and
+//! later), which shares the socket, so no unsafe code touches libp2p's
+//! descriptor. An unprivileged process may ask for at most
+//! `net.core.rmem_max`; a node with `CAP_NET_ADMIN` goes past it. Where that
+//! cap leaves the buffer small, the node says which setting to raise.
 
-use tracing::info;
+use std::fmt;
 
-/// Default receive buffer below which a node advises raising it.
-pub const ADVISED_BYTES: u64 = 4 * 1024 * 1024;
+use libp2p::multiaddr::Protocol;
+use libp2p::Multiaddr;
+use tracing::{debug, info};
 
-/// Where Linux keeps the default receive buffer size of a socket.
-const RMEM_DEFAULT: &str = "/proc/sys/net/core/rmem_default";
+/// Receive buffer a node asks for on each of its QUIC sockets: a couple of
+/// tensor parts in flight fit in it.
+pub const WANTED_BYTES: usize = 4 * 1024 * 1024;
 
-/// What to tell the user of a system whose default UDP receive buffer is
-/// `rmem_default` bytes; `None` when it is large enough.
-pub fn advice(rmem_default: u64) -> Option<String> {
-    (rmem_default < ADVISED_BYTES).then(|| {
+/// One socket's receive buffer before and after [`raise_receive_buffers`], as
+/// the kernel reports it (Linux reports twice what was asked for, the extra
+/// half being its own bookkeeping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Raised {
+    /// Reported size before.
+    pub before: usize,
+    /// Reported size after.
+    pub after: usize,
+}
+
+impl Raised {
+    /// Whether the socket ended with at least `want` bytes of its own.
+    pub fn reached(&self, want: usize) -> bool {
+        self.after >= want.saturating_mul(2)
+    }
+}
+
+/// Why the buffers could not be raised; the node goes on with the defaults.
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    /// No UDP socket of this process is bound to the port.
+    #[error("no UDP socket of this process is bound to port {0}")]
+    NoSocket(u16),
+    /// The process cannot duplicate its own descriptors (an older kernel, or
+    /// a sandbox that filters the system call).
+    #[error("cannot reach this process's own sockets: {0}")]
+    Unreachable(std::io::Error),
+    /// Not Linux: nothing is done.
+    #[error("raising UDP receive buffers is only done on Linux")]
+    Unsupported,
+}
+
+/// Raises the receive buffer of every UDP socket of this process bound to
+/// `port` to `want` bytes where the system allows it, never lowering one.
+/// Returns what each socket had before and has now.
+pub fn raise_receive_buffers(port: u16, want: usize) -> Result<Vec<Raised>, BufferError> {
+    imp::raise_receive_buffers(port, want)
+}
+
+/// What to tell the user when a socket's buffer stayed below what the node
+/// asked for; `None` when it got it.
+pub fn advice(port: u16, raised: Raised, want: usize) -> Option<String> {
+    (!raised.reached(want)).then(|| {
         format!(
-            "UDP receive buffers default to {} KiB (net.core.rmem_default): bursts of \
-             tensor parts overflow them and QUIC stalls to resend what was dropped; \
-             averaging is faster with `sudo sysctl -w net.core.rmem_default={ADVISED_BYTES}`",
-            rmem_default / 1024
+            "the UDP receive buffer of the QUIC socket on port {port} stays at {} \
+             as the kernel counts it, short of the {} it counts for the {} asked \
+             (net.core.rmem_max caps what a process may ask for): bursts of tensor \
+             parts overflow it and QUIC stalls to resend what was dropped; averaging \
+             is faster with `sudo sysctl -w net.core.rmem_max={want}`",
+            Kib(raised.after),
+            Kib(want.saturating_mul(2)),
+            Kib(want)
         )
     })
 }
 
-/// Logs [`advice`] for this system, where it can read the setting (Linux).
-pub fn check() {
-    let Ok(text) = std::fs::read_to_string(RMEM_DEFAULT) else {
-        return;
+/// Raises the buffers of the sockets on `port` to [`WANTED_BYTES`] and logs
+/// the outcome; any failure leaves the defaults and is only logged.
+pub fn raise_and_report(port: u16) {
+    match raise_receive_buffers(port, WANTED_BYTES) {
+        Ok(sockets) => {
+            for raised in sockets {
+                match advice(port, raised, WANTED_BYTES) {
+                    Some(advice) => info!("{advice}"),
+                    None => debug!(
+                        port,
+                        before = %Kib(raised.before),
+                        after = %Kib(raised.after),
+                        "QUIC socket receive buffer raised (as the kernel counts it)"
+                    ),
+                }
+            }
+        }
+        Err(BufferError::Unsupported) => {}
+        Err(e) => info!(
+            port,
+            error = %e,
+            "cannot raise the QUIC socket's UDP receive buffer; on Linux, averaging is \
+             faster with `sudo sysctl -w net.core.rmem_default={WANTED_BYTES}`"
+        ),
+    }
+}
+
+/// The UDP port of a QUIC listen address of our own, where a socket of ours
+/// is bound; `None` for other transports and for relayed addresses (whose
+/// port is the relay's).
+pub fn quic_port(addr: &Multiaddr) -> Option<u16> {
+    let mut parts = addr.iter().skip(1);
+    let (Some(Protocol::Udp(port)), Some(Protocol::QuicV1)) = (parts.next(), parts.next()) else {
+        return None;
     };
-    if let Some(advice) = text.trim().parse().ok().and_then(advice) {
-        info!("{advice}");
+    match parts.next() {
+        None | Some(Protocol::P2p(_)) if parts.next().is_none() => Some(port),
+        _ => None,
+    }
+}
+
+/// Bytes shown in KiB.
+struct Kib(usize);
+
+impl fmt::Display for Kib {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} KiB", self.0 / 1024)
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod imp {
+    use std::net::SocketAddr;
+    use std::os::fd::OwnedFd;
+
+    use rustix::net::sockopt;
+    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
+
+    use super::{BufferError, Raised};
+
+    pub(super) fn raise_receive_buffers(
+        port: u16,
+        want: usize,
+    ) -> Result<Vec<Raised>, BufferError> {
+        let unreachable = |e: std::io::Error| BufferError::Unreachable(e);
+        let pidfd = pidfd_open(getpid(), PidfdFlags::empty()).map_err(|e| unreachable(e.into()))?;
+        let mut raised = Vec::new();
+        let mut refused = None;
+        for entry in std::fs::read_dir("/proc/self/fd").map_err(unreachable)? {
+            let Ok(entry) = entry else { continue };
+            let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let is_socket = std::fs::read_link(entry.path())
+                .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+            if !is_socket {
+                continue;
+            }
+            // A duplicate shares the socket (and its buffer) and is closed on
+            // drop. Should the number have been closed and reused meanwhile,
+            // the checks below see whatever it is now.
+            match pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) {
+                Ok(socket) if is_udp_on(&socket, port) => raised.push(raise(&socket, want)),
+                Ok(_) => {}
+                Err(e) => refused = Some(e),
+            }
+        }
+        match (raised.is_empty(), refused) {
+            (true, Some(e)) => Err(unreachable(e.into())),
+            (true, None) => Err(BufferError::NoSocket(port)),
+            (false, _) => Ok(raised),
+        }
+    }
+
+    /// Whether `socket` is a UDP socket bound to `port`.
+    fn is_udp_on(socket: &OwnedFd, port: u16) -> bool {
+        let datagram = sockopt::socket_type(socket) == Ok(rustix::net::SocketType::DGRAM);
+        let bound = rustix::net::getsockname(socket)
+            .ok()
+            .and_then(|addr| SocketAddr::try_from(addr).ok())
+            .is_some_and(|addr| addr.port() == port);
+        datagram && bound
+    }
+
+    /// Asks for `want` bytes, past `net.core.rmem_max` where privileged.
+    fn raise(socket: &OwnedFd, want: usize) -> Raised {
+        let size = || sockopt::socket_recv_buffer_size(socket).unwrap_or(0);
+        let before = size();
+        let wanted = Raised {
+            before,
+            after: before,
+        };
+        if wanted.reached(want) {
+            return wanted;
+        }
+        // Failures leave the size as it was, which is what gets reported.
+        let _ = sockopt::set_socket_recv_buffer_size(socket, want);
+        if !(Raised {
+            before,
+            after: size(),
+        })
+        .reached(want)
+        {
+            // Refused without CAP_NET_ADMIN.
+            let _ = sockopt::set_socket_recv_buffer_size_force(socket, want);
+        }
+        Raised {
+            before,
+            after: size().max(before),
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod imp {
+    use super::{BufferError, Raised};
+
+    pub(super) fn raise_receive_buffers(
+        _port: u16,
+        _want: usize,
+    ) -> Result<Vec<Raised>, BufferError> {
+        Err(BufferError::Unsupported)
     }
 }
 
@@ -46,14 +236,79 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_default_buffers_get_advice_that_names_the_fix() {
-        let text = advice(212_992).expect("208 KiB is too small");
-        assert!(text.contains("208 KiB"), "{text}");
+    fn a_capped_buffer_gets_advice_that_names_the_setting() {
+        let capped = Raised {
+            before: 425_984,
+            after: 425_984,
+        };
+        let text = advice(4001, capped, WANTED_BYTES).expect("208 KiB is short of 4 MiB");
+        assert!(text.contains("port 4001"), "{text}");
+        assert!(text.contains("stays at 416 KiB"), "{text}");
+        assert!(text.contains("short of the 8192 KiB"), "{text}");
         assert!(
-            text.contains("sysctl -w net.core.rmem_default=4194304"),
+            text.contains("sysctl -w net.core.rmem_max=4194304"),
             "{text}"
         );
-        assert_eq!(advice(ADVISED_BYTES), None);
-        assert_eq!(advice(16 << 20), None);
+        let full = Raised {
+            before: 425_984,
+            after: 2 * WANTED_BYTES,
+        };
+        assert_eq!(advice(4001, full, WANTED_BYTES), None);
+    }
+
+    #[test]
+    fn only_direct_quic_addresses_name_a_port_of_ours() {
+        let port = |s: &str| quic_port(&s.parse().expect("multiaddr"));
+        let peer = "12D3KooWEYHJFFxmDWdZUMns8bYir6Q9L9Sn3ianwVLH6pbuoBFb";
+        assert_eq!(port("/ip4/127.0.0.1/udp/4001/quic-v1"), Some(4001));
+        assert_eq!(
+            port(&format!("/ip6/::1/udp/4002/quic-v1/p2p/{peer}")),
+            Some(4002)
+        );
+        assert_eq!(port("/ip4/127.0.0.1/tcp/4001"), None);
+        assert_eq!(port("/ip4/127.0.0.1/udp/4001"), None);
+        assert_eq!(
+            port(&format!(
+                "/ip4/10.0.0.1/udp/4001/quic-v1/p2p/{peer}/p2p-circuit/p2p/{peer}"
+            )),
+            None
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_socket_on_the_port_is_raised_and_no_other() {
+        use rustix::net::sockopt::{set_socket_recv_buffer_size, socket_recv_buffer_size};
+
+        let ours = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        // Shrunk first, so that raising it to 64 KiB is within any system's
+        // net.core.rmem_max (208 KiB by default) and must happen.
+        for s in [&ours, &other] {
+            set_socket_recv_buffer_size(s, 16 * 1024).expect("shrink");
+        }
+        let other_before = socket_recv_buffer_size(&other).expect("size");
+        let port = ours.local_addr().expect("addr").port();
+        let want = 64 * 1024;
+
+        let raised = raise_receive_buffers(port, want).expect("own sockets are reachable");
+        assert_eq!(raised.len(), 1, "{raised:?}");
+        assert!(raised[0].reached(want), "{raised:?}");
+        assert!(raised[0].before < raised[0].after, "{raised:?}");
+        assert_eq!(
+            socket_recv_buffer_size(&ours).expect("size"),
+            raised[0].after
+        );
+        assert_eq!(socket_recv_buffer_size(&other).expect("size"), other_before);
+
+        // Never lowered: asking for less leaves it.
+        let again = raise_receive_buffers(port, 1024).expect("reachable");
+        assert_eq!(again[0].after, raised[0].after);
+
+        drop(ours);
+        assert!(matches!(
+            raise_receive_buffers(port, want),
+            Err(BufferError::NoSocket(p)) if p == port
+        ));
     }
 }

@@ -119,10 +119,13 @@ step_torch() {
   record "step-torch-$1" env PYTHONPATH=bench/py "$PY" bench/py/step_torch.py \
     --data "$DATA" --threads "$1" --batch 128 --steps "$STEPS"
 }
-for _ in $(seq "$STEP_PAIRS"); do
+for pair in $(seq "$STEP_PAIRS"); do
+  # Marks which runs belong together, should one of them fail.
+  printf '{"bench":"step_pair","pair":%s}\n' "$pair" | tee -a "$RESULTS"
   record step-ours "$BIN" step --data "$DATA" --batch 128 --steps "$STEPS"
   if [ "$SKIP_PY" = 0 ]; then step_torch 1; fi
 done
+printf '{"bench":"step_pair","pair":null}\n' | tee -a "$RESULTS"
 record step-breakdown-ours "$BIN" step-breakdown --batch 128 --steps "$STEPS"
 if [ "$SKIP_PY" = 0 ] && [ "$(nproc)" != 1 ]; then step_torch "$(nproc)"; fi
 

@@ -48,28 +48,40 @@ def summarise():
 
 def main():
     lines = load(sys.argv[1])
-    steps = [l for l in lines if l.get("bench") == "step"]
-    ours_steps = [l for l in steps if l["impl"].startswith("p2ptrain")]
+    # Step lines with the pair they were taken in (bench/run.sh marks each
+    # pair of turns with a {"bench":"step_pair"} line; None outside pairs).
+    steps, pair = [], None
+    for l in lines:
+        if l.get("bench") == "step_pair":
+            pair = l.get("pair")
+        elif l.get("bench") == "step":
+            steps.append((pair, l))
+    ours_steps = [l for _, l in steps if l["impl"].startswith("p2ptrain")]
+    ours_by_pair = {p: l for p, l in steps if p is not None and l["impl"].startswith("p2ptrain")}
     torch_steps = {}
-    for l in steps:
+    for p, l in steps:
         if l["impl"] == "pytorch":
-            torch_steps.setdefault(l["threads"], []).append(l)
+            torch_steps.setdefault(l["threads"], []).append((p, l))
     if ours_steps:
         # The thread count our step really uses (CPU time / wall time).
         our_threads = max(1, round(median([l.get("cores_busy") or 1 for l in ours_steps])))
+        ours_ms = median([l["ms_median"] for l in ours_steps])
         verdict = None
         for threads, ts in sorted(torch_steps.items()):
-            # Runs taken in turns pair up in order; the median of the pairs'
-            # ratios is what counts (see bench/run.sh).
-            pairs = [o["ms_median"] / t["ms_median"] for o, t in zip(ours_steps, ts)]
-            r = median(pairs)
-            emit({
-                "bench": "ratio", "what": "step_ms",
-                "ours": median([l["ms_median"] for l in ours_steps]),
-                "theirs": median([t["ms_median"] for t in ts]),
-                "vs": f"pytorch-{threads}-thread", "ratio": r, "pair_ratios": pairs,
+            # Runs taken in turns: the median of each pair's ratio is what counts.
+            # Runs outside pairs: our median over theirs.
+            pairs = [ours_by_pair[p]["ms_median"] / t["ms_median"]
+                     for p, t in ts if p is not None and p in ours_by_pair]
+            theirs_ms = median([t["ms_median"] for _, t in ts])
+            r = median(pairs) if pairs else ours_ms / theirs_ms
+            line = {
+                "bench": "ratio", "what": "step_ms", "ours": ours_ms, "theirs": theirs_ms,
+                "vs": f"pytorch-{threads}-thread", "ratio": r,
                 "same_threads": threads == our_threads,
-            })
+            }
+            if pairs:
+                line["pair_ratios"] = pairs
+            emit(line)
             if threads == our_threads:
                 verdict = r
         if verdict is not None:

@@ -64,7 +64,8 @@ pub enum BufferError {
 
 /// Raises the receive buffer of every UDP socket of this process bound to
 /// `port` to `want` bytes where the system allows it, never lowering one.
-/// Returns what each socket had before and has now.
+/// Returns what each socket had before and has now. Each port is tried once
+/// per node (the caller keeps track), refused or not.
 pub fn raise_receive_buffers(port: u16, want: usize) -> Result<Vec<Raised>, BufferError> {
     imp::raise_receive_buffers(port, want)
 }
@@ -78,7 +79,8 @@ pub fn advice(port: u16, raised: Raised, want: usize) -> Option<String> {
              as the kernel counts it, short of the {} it counts for the {} asked \
              (net.core.rmem_max caps what a process may ask for): bursts of tensor \
              parts overflow it and QUIC stalls to resend what was dropped; averaging \
-             is faster with `sudo sysctl -w net.core.rmem_max={want}`",
+             is faster after `sudo sysctl -w net.core.rmem_max={want}` and a restart \
+             of the node",
             Kib(raised.after),
             Kib(want.saturating_mul(2)),
             Kib(want)
@@ -104,11 +106,13 @@ pub fn raise_and_report(port: u16) {
             }
         }
         Err(BufferError::Unsupported) => {}
+        // The socket keeps the system default, so that is the setting to name.
         Err(e) => info!(
             port,
             error = %e,
-            "cannot raise the QUIC socket's UDP receive buffer; on Linux, averaging is \
-             faster with `sudo sysctl -w net.core.rmem_default={WANTED_BYTES}`"
+            "cannot raise the QUIC socket's UDP receive buffer; averaging is faster \
+             with `sudo sysctl -w net.core.rmem_default={WANTED_BYTES}` and a restart \
+             of the node"
         ),
     }
 }
@@ -144,7 +148,7 @@ mod imp {
     use rustix::net::sockopt;
     use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
 
-    use super::{BufferError, Raised};
+    use super::{plain_request_raises, BufferError, Raised};
 
     pub(super) fn raise_receive_buffers(
         port: u16,
@@ -190,33 +194,57 @@ mod imp {
         datagram && bound
     }
 
-    /// Asks for `want` bytes, past `net.core.rmem_max` where privileged.
+    /// Asks for `want` bytes: past `net.core.rmem_max` where privileged,
+    /// else up to it, and only where that is more than the socket has.
     fn raise(socket: &OwnedFd, want: usize) -> Raised {
         let size = || sockopt::socket_recv_buffer_size(socket).unwrap_or(0);
         let before = size();
-        let wanted = Raised {
+        if (Raised {
             before,
             after: before,
-        };
-        if wanted.reached(want) {
-            return wanted;
-        }
-        // Failures leave the size as it was, which is what gets reported.
-        let _ = sockopt::set_socket_recv_buffer_size(socket, want);
-        if !(Raised {
-            before,
-            after: size(),
         })
         .reached(want)
         {
-            // Refused without CAP_NET_ADMIN.
-            let _ = sockopt::set_socket_recv_buffer_size_force(socket, want);
+            return Raised {
+                before,
+                after: before,
+            };
+        }
+        // Refused without CAP_NET_ADMIN, which changes nothing.
+        let _ = sockopt::set_socket_recv_buffer_size_force(socket, want);
+        let forced = size();
+        if !(Raised {
+            before,
+            after: forced,
+        })
+        .reached(want)
+            && plain_request_raises(forced, want, rmem_max())
+        {
+            // A failure leaves the size as it was, which is what gets reported.
+            let _ = sockopt::set_socket_recv_buffer_size(socket, want);
         }
         Raised {
             before,
-            after: size().max(before),
+            after: size(),
         }
     }
+
+    /// `net.core.rmem_max`, the most an unprivileged request gets.
+    fn rmem_max() -> Option<usize> {
+        std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+/// Whether an unprivileged request for `want` bytes raises a socket that
+/// has `current` (as the kernel counts it): the kernel grants
+/// `2 min(want, rmem_max)` and would shrink a socket already above that
+/// (say one given a large `net.core.rmem_default`). Unknown cap: no.
+pub fn plain_request_raises(current: usize, want: usize, rmem_max: Option<usize>) -> bool {
+    rmem_max.is_some_and(|cap| want.min(cap).saturating_mul(2) > current)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -257,6 +285,27 @@ mod tests {
     }
 
     #[test]
+    fn an_unprivileged_request_is_made_only_where_it_raises() {
+        let cap = Some(212_992);
+        // Default 208 KiB, cap 208 KiB: the kernel would grant 416 KiB.
+        assert!(plain_request_raises(212_992, WANTED_BYTES, cap));
+        // A large rmem_default (4 MiB) under the default cap: asking would
+        // shrink it to 416 KiB.
+        assert!(!plain_request_raises(4_194_304, WANTED_BYTES, cap));
+        assert!(plain_request_raises(
+            4_194_304,
+            WANTED_BYTES,
+            Some(WANTED_BYTES)
+        ));
+        assert!(!plain_request_raises(
+            2 * WANTED_BYTES,
+            WANTED_BYTES,
+            Some(usize::MAX)
+        ));
+        assert!(!plain_request_raises(0, WANTED_BYTES, None));
+    }
+
+    #[test]
     fn only_direct_quic_addresses_name_a_port_of_ours() {
         let port = |s: &str| quic_port(&s.parse().expect("multiaddr"));
         let peer = "12D3KooWEYHJFFxmDWdZUMns8bYir6Q9L9Sn3ianwVLH6pbuoBFb";
@@ -291,7 +340,16 @@ mod tests {
         let port = ours.local_addr().expect("addr").port();
         let want = 64 * 1024;
 
-        let raised = raise_receive_buffers(port, want).expect("own sockets are reachable");
+        let raised = match raise_receive_buffers(port, want) {
+            // A sandbox (Docker's default seccomp profile without
+            // CAP_SYS_PTRACE) or a kernel before 5.6 refuses pidfd_getfd:
+            // the node then logs and keeps the defaults.
+            Err(BufferError::Unreachable(e)) => {
+                eprintln!("skipped: this process cannot duplicate its own descriptors: {e}");
+                return;
+            }
+            other => other.expect("the socket on the port is found"),
+        };
         assert_eq!(raised.len(), 1, "{raised:?}");
         assert!(raised[0].reached(want), "{raised:?}");
         assert!(raised[0].before < raised[0].after, "{raised:?}");

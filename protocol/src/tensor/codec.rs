@@ -217,11 +217,16 @@ pub(super) fn quantize(values: &[f32], encoding: Encoding) -> Vec<f32> {
             .map(|v| bf16_to_f32(f32_to_bf16(*v)))
             .collect(),
         Encoding::Int8 { block } => {
-            // Through the bytes, so it is the decoder's answer by construction.
+            // Through the bytes, so it is the decoder's answer by construction. An invalid
+            // block encodes to no bytes (callers check first): the values stay as they are.
             let bytes = encode(values, encoding);
             let blocks = values.len().div_ceil(block.max(1) as usize);
-            let (scales, quants) = bytes.split_at(blocks * 4);
-            int8_dequantize(scales.as_chunks::<4>().0, quants, block as usize)
+            match bytes.split_at_checked(blocks * 4) {
+                Some((scales, quants)) if quants.len() == values.len() => {
+                    int8_dequantize(scales.as_chunks::<4>().0, quants, block as usize)
+                }
+                _ => values.to_vec(),
+            }
         }
         Encoding::TopK { k } => {
             let mut out = vec![0f32; values.len()];

@@ -372,8 +372,9 @@ impl Payload {
 }
 
 /// The values a receiver decodes from [`Payload::encode`]`(values, encoding)`, bit for bit,
-/// without building bytes or hashing: a reducer quantises its own contribution and its
-/// result with it so that it averages and keeps exactly what the other members see.
+/// without hashing or checking (int8 goes through its bytes, the other encodings value by
+/// value): a reducer quantises its own contribution with it so that it averages what the
+/// members would decode of it.
 ///
 /// Meant for finite values (for which the equality above holds). An encoding that cannot
 /// describe `values` (int8 block out of range, more than `u32::MAX` values) leaves them

@@ -43,8 +43,14 @@ pub struct Raised {
 impl Raised {
     /// Whether the socket ended with at least `want` bytes of its own.
     pub fn reached(&self, want: usize) -> bool {
-        self.after >= want.saturating_mul(2)
+        holds(self.after, want)
     }
+}
+
+/// Whether a buffer the kernel counts as `size` holds `want` bytes of data
+/// (it counts twice what was asked for).
+fn holds(size: usize, want: usize) -> bool {
+    size >= want.saturating_mul(2)
 }
 
 /// Why the buffers could not be raised; the node goes on with the defaults.
@@ -148,7 +154,7 @@ mod imp {
     use rustix::net::sockopt;
     use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
 
-    use super::{plain_request_raises, BufferError, Raised};
+    use super::{holds, plain_request_raises, BufferError, Raised};
 
     pub(super) fn raise_receive_buffers(
         port: u16,
@@ -199,29 +205,14 @@ mod imp {
     fn raise(socket: &OwnedFd, want: usize) -> Raised {
         let size = || sockopt::socket_recv_buffer_size(socket).unwrap_or(0);
         let before = size();
-        if (Raised {
-            before,
-            after: before,
-        })
-        .reached(want)
-        {
-            return Raised {
-                before,
-                after: before,
-            };
-        }
-        // Refused without CAP_NET_ADMIN, which changes nothing.
-        let _ = sockopt::set_socket_recv_buffer_size_force(socket, want);
-        let forced = size();
-        if !(Raised {
-            before,
-            after: forced,
-        })
-        .reached(want)
-            && plain_request_raises(forced, want, rmem_max())
-        {
-            // A failure leaves the size as it was, which is what gets reported.
-            let _ = sockopt::set_socket_recv_buffer_size(socket, want);
+        if !holds(before, want) {
+            // Refused without CAP_NET_ADMIN, which changes nothing.
+            let _ = sockopt::set_socket_recv_buffer_size_force(socket, want);
+            let forced = size();
+            if !holds(forced, want) && plain_request_raises(forced, want, rmem_max()) {
+                // A failure leaves the size as it was, which is what gets reported.
+                let _ = sockopt::set_socket_recv_buffer_size(socket, want);
+            }
         }
         Raised {
             before,

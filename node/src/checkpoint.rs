@@ -120,8 +120,11 @@ pub enum CheckpointError {
         reason: String,
     },
     /// No checkpoint in the directory verifies.
-    #[error("no valid checkpoint in {0}; start without --resume to train from scratch")]
+    #[error("no valid checkpoint in {0}")]
     NoneFound(PathBuf),
+    /// A checkpoint directory was given that is a file.
+    #[error("checkpoint directory {0} is a file, not a directory")]
+    NotADirectory(PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -305,7 +308,7 @@ pub fn save_state(
     meta: &CheckpointMeta,
     state: State<'_>,
 ) -> Result<PathBuf, CheckpointError> {
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    make_dir(dir)?;
     let bytes = encode(meta, state);
     let hash = blake3::hash(&bytes);
     let name = format!(
@@ -327,6 +330,25 @@ pub fn save_state(
     }
     prune(dir, KEEP);
     Ok(path)
+}
+
+/// Creates `dir` (and its parents) unless it exists, naming a file in its
+/// place plainly rather than as the OS's "File exists".
+fn make_dir(dir: &Path) -> Result<(), CheckpointError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(CheckpointError::NotADirectory(dir.to_owned()));
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir))
+}
+
+/// Creates `dir` if needed and writes (then removes) a file in it, so a node
+/// given a directory it cannot use says so before it trains, not at its
+/// first checkpoint rounds later.
+pub fn check_writable(dir: &Path) -> Result<(), CheckpointError> {
+    make_dir(dir)?;
+    let probe = dir.join(format!(".write-test-{}.tmp", std::process::id()));
+    std::fs::write(&probe, b"").map_err(io_err(&probe))?;
+    std::fs::remove_file(&probe).map_err(io_err(&probe))
 }
 
 /// Checkpoint files in `dir`, newest round first.
@@ -586,6 +608,32 @@ mod tests {
         bytes[8..12].copy_from_slice(&future.to_le_bytes());
         let err = decode(Path::new("x.bin"), &bytes).unwrap_err().to_string();
         assert!(err.contains(&format!("format version {future}")), "{err}");
+    }
+
+    #[test]
+    fn unusable_directories_are_named_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b");
+        check_writable(&nested).unwrap();
+        assert!(nested.is_dir());
+        assert_eq!(
+            std::fs::read_dir(&nested).unwrap().count(),
+            0,
+            "probe left behind"
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = check_writable(&file).unwrap_err();
+        assert!(matches!(err, CheckpointError::NotADirectory(_)), "{err}");
+        assert!(err.to_string().contains("is a file"), "{err}");
+        let state = State {
+            params: &[1.0],
+            optim: None,
+            outer_momentum: None,
+        };
+        let err = save_state(&file, &meta(1, &[1.0]), state).unwrap_err();
+        assert!(matches!(err, CheckpointError::NotADirectory(_)), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! This is the binary's edge, so errors become `anyhow` here and are printed
 //! as one line naming the problem.
 
+use crate::checkpoint::CheckpointError;
 use crate::compression::Compression;
 use crate::driver::{self, Budget, NodeConfig, NodeEvent, PipelineConfig, Schedule};
 use crate::net::{peer_id_of, NetConfig};
@@ -671,10 +672,27 @@ pub fn main_entry() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `e` and its causes joined by ": ", leaving out a cause whose text the
+/// message before it already holds: many errors print their source in their
+/// own message and also expose it as their cause, and anyhow's `{:#}` would
+/// repeat it ("No such file or directory (os error 2): No such file or
+/// directory (os error 2)").
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
@@ -704,7 +722,12 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         None
     };
     let resume = match &args.resume {
-        Some(dir) => Some(crate::checkpoint::load_latest(dir)?),
+        Some(dir) => Some(crate::checkpoint::load_latest(dir).map_err(|e| match e {
+            CheckpointError::NoneFound(_) => {
+                anyhow::anyhow!("{e}; start without --resume to train from scratch")
+            }
+            other => other.into(),
+        })?),
         None => None,
     };
     let checkpoints = args
@@ -717,6 +740,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             every_rounds: args.checkpoint_every,
             model: args.train.model.to_string(),
         });
+    for dir in checkpoints.iter().map(|p| &p.dir).chain(&save_dir) {
+        crate::checkpoint::check_writable(dir)?;
+    }
     let config = NodeConfig {
         net: NetConfig {
             swarm: args.swarm.clone(),
@@ -949,4 +975,30 @@ fn charlm_factory(train: &TrainArgs, text: Arc<TextData>, seed: u64) -> StageFac
     };
     let device = train.device;
     Arc::new(move |spec| build_stage(&config, spec, text.clone(), device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render_error;
+    use anyhow::Context;
+
+    #[test]
+    fn errors_print_each_cause_once() {
+        let missing = std::path::Path::new("/nonexistent/p2ptrain-secret");
+        let e = crate::net::secret::SwarmKey::from_file(missing).unwrap_err();
+        let text = render_error(&anyhow::Error::new(e));
+        assert!(
+            text.starts_with("cannot read the swarm secret /nonexistent"),
+            "{text}"
+        );
+        assert_eq!(text.matches("os error 2").count(), 1, "{text}");
+        // A cause the message does not hold is still printed.
+        let chained = Err::<(), _>(std::io::Error::other("disk on fire"))
+            .context("writing the run record")
+            .unwrap_err();
+        assert_eq!(
+            render_error(&chained),
+            "writing the run record: disk on fire"
+        );
+    }
 }

@@ -122,3 +122,68 @@ fn resume_from_empty_directory_fails_clearly() {
     assert!(stderr.contains("no valid checkpoint"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// A checkpoint that cannot be written mid-run (the directory was taken away
+/// here; a full disk in life) is reported and training goes on; only the
+/// run's final checkpoint failing fails the run.
+#[test]
+fn failed_checkpoint_mid_run_does_not_stop_training() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("ckpt");
+    let mut child = Command::new(binary())
+        .args(["node", "--swarm", "ckpt-fail-test", "--no-mdns", "--events"])
+        .args([
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--linger-secs",
+            "0",
+        ])
+        .args([
+            "--steps",
+            "50",
+            "--average-every",
+            "10",
+            "--checkpoint-every",
+            "2",
+        ])
+        .arg("--checkpoint-dir")
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rounds = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if v["event"].as_str() == Some("round") {
+            let round = v["round"].as_u64().unwrap();
+            if round == 1 {
+                // No checkpoint is due at round 1: none is being written.
+                std::fs::remove_dir_all(&dir).unwrap();
+                std::fs::write(&dir, b"in the way").unwrap();
+            }
+            rounds.push(round);
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        rounds,
+        vec![1, 2, 3, 4, 5],
+        "training stopped early: {stderr}"
+    );
+    assert!(
+        stderr.contains("checkpoint not written; training goes on"),
+        "the failed checkpoints were not reported: {stderr}"
+    );
+    assert!(
+        !out.status.success(),
+        "the final checkpoint failed: {stderr}"
+    );
+    assert!(
+        stderr.contains("is a file, not a directory"),
+        "the final error does not say why: {stderr}"
+    );
+    assert_eq!(std::fs::read(&dir).unwrap(), b"in the way");
+}

@@ -202,6 +202,28 @@ fn bad_secret_file() {
         &["node", "--secret-file", "/nonexistent/swarm.secret"],
         "/nonexistent/swarm.secret",
     );
+    // The OS's reason is printed once, not again as the error's cause.
+    let out = run(&["node", "--secret-file", "/nonexistent/swarm.secret"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
+}
+
+#[test]
+fn unusable_checkpoint_directory_fails_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ckpt");
+    std::fs::write(&file, b"not a directory").unwrap();
+    // Refused at start: it used to train until the first checkpoint was due.
+    assert_one_line_error(
+        &[
+            "node",
+            "--no-mdns",
+            "--checkpoint-dir",
+            file.to_str().unwrap(),
+        ],
+        "is a file, not a directory",
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
 }
 
 #[test]

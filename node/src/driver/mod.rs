@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 /// How much training a node does before it stops.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -834,8 +834,18 @@ impl Driver {
                         step,
                         samples,
                     };
-                    self.save_checkpoint(config, policy, compute, at).await?;
-                    checkpointed = Some(round);
+                    // A failed write (a full disk, say) must not end hours of
+                    // training: say so and try again at the next one. The
+                    // run's final checkpoint, after the loop, still fails the run.
+                    match self.save_checkpoint(config, policy, compute, at).await {
+                        Ok(()) => checkpointed = Some(round),
+                        Err(NodeError::Checkpoint(e)) => {
+                            span.in_scope(|| {
+                                error!(error = %e, "checkpoint not written; training goes on and the next checkpoint tries again")
+                            });
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             if self.members_changed {

@@ -45,7 +45,9 @@ pub enum SecretError {
         source: std::io::Error,
     },
     /// The file is too short to be a secret.
-    #[error("the swarm secret {} holds {got} bytes; use at least {MIN_SECRET_BYTES} random bytes, e.g. `head -c 32 /dev/urandom > {}`", path.display(), path.display())]
+    // The advice names a new file rather than `path`: the short file may be
+    // something else given by mistake, and must not be overwritten.
+    #[error("the swarm secret {} holds {got} bytes; a secret needs at least {MIN_SECRET_BYTES} random bytes: make one with `head -c 32 /dev/urandom > swarm.secret`, copy it to every member, and pass --secret-file swarm.secret", path.display())]
     TooShort {
         /// The file.
         path: PathBuf,
@@ -277,6 +279,12 @@ mod tests {
         std::fs::write(&short, b"abc").unwrap();
         let e = SwarmKey::from_file(&short).unwrap_err();
         assert!(e.to_string().contains("at least 16"), "{e}");
+        // It names the file, and never advises overwriting it.
+        assert!(e.to_string().contains(&*short.to_string_lossy()), "{e}");
+        assert!(
+            !e.to_string().contains(&format!("> {}", short.display())),
+            "{e}"
+        );
         let e = SwarmKey::from_file(&dir.path().join("missing")).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
         let good = dir.path().join("good");

@@ -127,13 +127,13 @@ pub struct SampleArgs {
     #[arg(long, default_value = "It is a truth universally acknowledged")]
     pub prompt: String,
     /// Bytes to generate.
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=100_000), allow_negative_numbers = true)]
     pub chars: u64,
     /// Sampling temperature: lower is more conservative.
-    #[arg(long, default_value_t = 0.8, value_parser = parse_temperature)]
+    #[arg(long, default_value_t = 0.8, value_parser = parse_temperature, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Seed of the sampling.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub seed: u64,
 }
 
@@ -167,16 +167,16 @@ pub struct TrainArgs {
     pub data: Option<PathBuf>,
     /// Pipeline stages to cut the model's layers into (char-lm only): each peer
     /// holds one stage, and the replicas of a stage average with each other.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256), allow_negative_numbers = true)]
     pub stages: u32,
     /// Micro-batches per optimizer step in a pipeline; --batch-size is split among them.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
     pub micro_batches: u64,
     /// Seconds a micro-batch may take to come back before it goes to another replica.
-    #[arg(long, default_value_t = 20.0, value_parser = parse_secs)]
+    #[arg(long, default_value_t = 20.0, value_parser = parse_secs, allow_negative_numbers = true)]
     pub stage_timeout_secs: f64,
     /// Samples per local step (MNIST images, or char-lm text windows).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536), allow_negative_numbers = true)]
     pub batch_size: u64,
     /// Learning rate of the local Adam optimizer (above the usual 0.001: averaging
     /// every few steps shrinks each peer's effective step).
@@ -184,41 +184,46 @@ pub struct TrainArgs {
     pub lr: f64,
     /// Local steps per node (overrides --epochs). A node that joins mid-run
     /// and downloads the swarm's model ends with the swarm instead.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     pub steps: Option<u64>,
     /// Passes over the training set by the whole swarm.
     #[arg(long, default_value_t = 3.0, value_parser = parse_epochs, allow_negative_numbers = true)]
     pub epochs: f64,
     /// Local steps between averaging rounds (`--sync-every` is the same flag, the
     /// name DiLoCo users know: H local steps between outer steps).
-    #[arg(long, visible_alias = "sync-every", value_name = "H", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, visible_alias = "sync-every", value_name = "H", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     pub average_every: u64,
     /// Evaluate the model on held-out data every N averaging rounds (0: only
     /// at the end), for the accuracy curve of `--run-dir`/`plot`, the status
     /// page and time-to-accuracy. Data-parallel training only.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
     pub eval_every: u64,
     /// DiLoCo: with an outer learning rate, rounds average the pseudo-gradient
     /// (round-start parameters minus current ones) instead of the parameters, and
     /// every peer applies an outer Nesterov SGD step to the round-start parameters
     /// (DiLoCo uses 0.7; 1.0 with --outer-momentum 0 is plain parameter averaging).
     /// All peers of a swarm must use the same.
-    #[arg(long, value_name = "LR", value_parser = parse_outer_lr)]
+    #[arg(long, value_name = "LR", value_parser = parse_outer_lr, allow_negative_numbers = true)]
     pub outer_lr: Option<f32>,
     /// DiLoCo: Nesterov momentum of the outer step, in [0, 1) (needs --outer-lr;
     /// default 0.9, as in DiLoCo).
-    #[arg(long, value_name = "MU", value_parser = parse_outer_momentum)]
+    #[arg(long, value_name = "MU", value_parser = parse_outer_momentum, allow_negative_numbers = true)]
     pub outer_momentum: Option<f32>,
     /// Seconds the round leader waits for stragglers before averaging without them: the
     /// ceiling of a window that shrinks to 4x the latest a whole swarm joined in the last 8
     /// rounds (not below 2 s) once 3 are measured, unless --fixed-deadline. Members wait for
     /// the leader up to 3x this (fitted likewise, at least their own window + 4 s).
-    #[arg(long, default_value_t = 5.0, value_parser = parse_secs)]
+    #[arg(long, default_value_t = 5.0, value_parser = parse_secs, allow_negative_numbers = true)]
     pub join_window_secs: f64,
     /// Seconds an all-reduce may take before silent members are dropped from the round: the
     /// ceiling of the deadline, which shrinks to 4x the slowest of the last 8 complete rounds
     /// (not below 5 s) once 3 are measured, unless --fixed-deadline.
-    #[arg(long, default_value_t = 30.0, value_parser = parse_secs)]
+    #[arg(long, default_value_t = 30.0, value_parser = parse_secs, allow_negative_numbers = true)]
     pub reduce_timeout_secs: f64,
     /// Always wait the full --join-window-secs and --reduce-timeout-secs for silent peers
     /// instead of fitting those deadlines to measured rounds.
@@ -245,7 +250,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
     /// Seed for model initialisation and data order (default: derived from the swarm name; all peers must agree).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
 }
 
@@ -310,16 +315,16 @@ pub struct NodeArgs {
     #[arg(long, value_name = "FILE", env = "P2PTRAIN_KEY")]
     pub key: Option<PathBuf>,
     /// Wait until this many peers (this one included) are in the swarm before training.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
     pub min_peers: u64,
     /// Give up if --min-peers are not there after this many seconds.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, allow_negative_numbers = true)]
     pub wait_peers_secs: u64,
     /// Print progress as JSON event lines on stdout (for scripts and `testnet`).
     #[arg(long)]
     pub events: bool,
     /// Seconds to keep serving peers after training ends, so they can finish the last round.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     pub linger_secs: u64,
     /// Write checkpoints (atomic, blake3-verified) into this directory.
     #[arg(long, value_name = "DIR", env = "P2PTRAIN_CHECKPOINT_DIR")]
@@ -330,7 +335,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "FILE", env = "P2PTRAIN_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
     /// Write a checkpoint every this many averaging rounds (and of the model the run ends on).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     pub checkpoint_every: u64,
     /// Continue from the newest valid checkpoint in DIR (and keep checkpointing there
     /// unless --checkpoint-dir says otherwise).
@@ -356,10 +361,10 @@ pub struct NodeArgs {
 #[derive(Debug, Args)]
 pub struct TestnetArgs {
     /// Number of node processes.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64), allow_negative_numbers = true)]
     pub nodes: u64,
     /// Abort (and exit non-zero) if training takes longer than this many seconds.
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
     pub timeout_secs: u64,
     /// Give node i `--checkpoint-dir DIR/node-i` (char-lm: each node's final
     /// stage, for `p2ptrain sample --from DIR`).
@@ -372,7 +377,13 @@ pub struct TestnetArgs {
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
     /// Tests only: make the last N nodes hostile (with `--misbehave HOW`).
-    #[arg(long, hide = true, default_value_t = 0, value_name = "N")]
+    #[arg(
+        long,
+        hide = true,
+        default_value_t = 0,
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
     pub hostile: u64,
     /// Training settings, passed to every node.
     #[command(flatten)]
@@ -460,7 +471,7 @@ fn parse_secs(s: &str) -> Result<f64, String> {
     if v.is_finite() && v > 0.0 && v <= 86_400.0 {
         Ok(v)
     } else {
-        Err(format!("must be between 0 and 86400 seconds, got {v}"))
+        Err(format!("must be more than 0 and at most 86400 seconds, got {v}"))
     }
 }
 

@@ -117,21 +117,21 @@ pub fn args_from_str(
                 }
             }
             _ if is_switch(arg) => return Err(bad("expected true or false".into())),
+            // `--flag=value`, one argument: a value starting with `-` (a
+            // negative number, say) is then taken as the value, and its
+            // parser says what is wrong with it.
             toml::Value::Array(items) if is_list(arg) => {
                 for item in items {
-                    args.push(flag.clone());
-                    args.push(
-                        scalar(item)
-                            .ok_or_else(|| bad("list items must be strings or numbers".into()))?,
-                    );
+                    let value = scalar(item)
+                        .ok_or_else(|| bad("list items must be strings or numbers".into()))?;
+                    args.push(format!("{flag}={value}"));
                 }
             }
             toml::Value::Array(_) => return Err(bad("takes one value, not a list".into())),
             other => {
-                args.push(flag.clone());
-                args.push(
-                    scalar(other).ok_or_else(|| bad("expected a string or a number".into()))?,
-                );
+                let value =
+                    scalar(other).ok_or_else(|| bad("expected a string or a number".into()))?;
+                args.push(format!("{flag}={value}"));
             }
         }
         // The flag's own parser, on this key alone.
@@ -250,11 +250,11 @@ mod tests {
         ))
         .unwrap();
         let joined = a.join(" ");
-        assert!(joined.contains("--min-peers 3"), "{joined}");
-        assert!(joined.contains("--lr 0.01"), "{joined}");
+        assert!(joined.contains("--min-peers=3"), "{joined}");
+        assert!(joined.contains("--lr=0.01"), "{joined}");
         assert!(joined.contains("--no-mdns"), "{joined}");
         assert!(!joined.contains("--events"), "{joined}");
-        assert_eq!(a.iter().filter(|s| *s == "--bootstrap").count(), 2);
+        assert_eq!(a.iter().filter(|s| s.starts_with("--bootstrap=")).count(), 2);
     }
 
     #[test]
@@ -263,7 +263,7 @@ mod tests {
             id == "min_peers"
         })
         .unwrap();
-        assert_eq!(a, vec![OsString::from("--lr"), OsString::from("0.5")]);
+        assert_eq!(a, vec![OsString::from("--lr=0.5")]);
     }
 
     #[test]
@@ -285,6 +285,12 @@ mod tests {
         assert!(e.contains("`config`"), "{e}");
         let e = args("min-peers = ").unwrap_err().to_string();
         assert!(e.contains("not valid TOML"), "{e}");
+        // A negative value reaches the flag's parser, which names it (it
+        // used to read as an unknown flag `-5`).
+        let e = args("steps = -5").unwrap_err().to_string();
+        assert!(e.contains("`steps`") && e.contains("'-5'"), "{e}");
+        let e = args("outer-lr = -0.5").unwrap_err().to_string();
+        assert!(e.contains("outer learning rate"), "{e}");
     }
 
     #[test]

@@ -29,6 +29,10 @@ fn unknown_flag() {
 fn bad_numbers() {
     assert_one_line_error(&["node", "--batch-size", "0"], "--batch-size");
     assert_one_line_error(&["node", "--lr", "-1"], "learning rate");
+    // Negative numbers are values the flag's parser refuses, not unknown flags.
+    assert_one_line_error(&["node", "--outer-lr", "-1"], "outer learning rate");
+    assert_one_line_error(&["node", "--steps", "-5"], "'-5' for '--steps");
+    assert_one_line_error(&["node", "--join-window-secs", "0"], "more than 0");
     assert_one_line_error(&["testnet", "--nodes", "abc"], "--nodes");
     assert_one_line_error(&["node", "--model", "resnet"], "resnet");
     assert_one_line_error(&["node", "--device", "tpu"], "tpu");

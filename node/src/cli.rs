@@ -471,7 +471,9 @@ fn parse_secs(s: &str) -> Result<f64, String> {
     if v.is_finite() && v > 0.0 && v <= 86_400.0 {
         Ok(v)
     } else {
-        Err(format!("must be more than 0 and at most 86400 seconds, got {v}"))
+        Err(format!(
+            "must be more than 0 and at most 86400 seconds, got {v}"
+        ))
     }
 }
 

@@ -79,7 +79,24 @@ impl Compute {
 
     /// Replaces the parameters after an averaging round.
     pub async fn set_params(&self, values: Vec<f32>) -> Result<(), ComputeError> {
-        Ok(self.call(|r| Command::SetParams(values, r)).await??)
+        self.start_set_params(values).await
+    }
+
+    /// [`Compute::set_params`], handed to the compute thread before this
+    /// returns, not when the future is first polled: the driver hashes the
+    /// new model for serving while the thread copies it in, and awaits the
+    /// future for the outcome afterwards.
+    pub fn start_set_params(
+        &self,
+        values: Vec<f32>,
+    ) -> impl std::future::Future<Output = Result<(), ComputeError>> {
+        let (tx, rx) = oneshot::channel();
+        // The queue is tiny and the driver awaits each answer, so this never blocks for long.
+        let sent = self.commands.send(Command::SetParams(values, tx));
+        async move {
+            sent.map_err(|_| ComputeGone)?;
+            Ok(rx.await.map_err(|_| ComputeGone)??)
+        }
     }
 
     /// Sets this peer's data shard.
@@ -160,5 +177,75 @@ fn serve(mut task: Box<dyn Task>, commands: std_mpsc::Receiver<Command>) {
                 let _ = reply.send(task.set_optim_state(&state));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Holds `values`; every `set_params` is reported on `seen`.
+    struct Recorder {
+        values: Vec<f32>,
+        seen: mpsc::Sender<Vec<f32>>,
+    }
+
+    impl Task for Recorder {
+        fn num_params(&self) -> usize {
+            self.values.len()
+        }
+        fn params_into(&self, out: &mut Vec<f32>) {
+            out.clear();
+            out.extend_from_slice(&self.values);
+        }
+        fn set_params(&mut self, values: &[f32]) -> Result<(), TaskError> {
+            crate::task::validate_params(self.values.len(), values)?;
+            self.values.copy_from_slice(values);
+            let _ = self.seen.send(values.to_vec());
+            Ok(())
+        }
+        fn num_train_samples(&self) -> usize {
+            1
+        }
+        fn set_shard(&mut self, _: Shard) {}
+        fn train_step(&mut self) -> Result<StepStats, TaskError> {
+            Ok(StepStats {
+                loss: 0.0,
+                samples: 1,
+            })
+        }
+        fn evaluate(&mut self) -> Result<EvalStats, TaskError> {
+            Ok(EvalStats {
+                loss: 0.0,
+                accuracy: None,
+                samples: 0,
+            })
+        }
+    }
+
+    #[test]
+    fn new_parameters_go_to_the_thread_before_the_future_is_polled() {
+        let (seen_tx, seen) = mpsc::channel();
+        let task = Recorder {
+            values: vec![0.0; 3],
+            seen: seen_tx,
+        };
+        let compute = Compute::spawn(Box::new(task), "compute-test".into()).unwrap();
+        let setting = compute.start_set_params(vec![1.0, 2.0, 3.0]);
+        // Not polled yet, and the thread has them already.
+        let got = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(got, vec![1.0, 2.0, 3.0]);
+        futures::executor::block_on(setting).unwrap();
+        let params = futures::executor::block_on(compute.params()).unwrap();
+        assert_eq!(params, vec![1.0, 2.0, 3.0]);
+        // A refused vector comes back as the task's error, still eagerly sent.
+        let bad = compute.start_set_params(vec![1.0, f32::NAN, 3.0]);
+        let err = futures::executor::block_on(bad).unwrap_err();
+        assert!(
+            matches!(err, ComputeError::Task(TaskError::NonFinite { index: 1 })),
+            "{err}"
+        );
     }
 }

@@ -254,7 +254,10 @@ mod tests {
         assert!(joined.contains("--lr=0.01"), "{joined}");
         assert!(joined.contains("--no-mdns"), "{joined}");
         assert!(!joined.contains("--events"), "{joined}");
-        assert_eq!(a.iter().filter(|s| s.starts_with("--bootstrap=")).count(), 2);
+        assert_eq!(
+            a.iter().filter(|s| s.starts_with("--bootstrap=")).count(),
+            2
+        );
     }
 
     #[test]

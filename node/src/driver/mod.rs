@@ -769,18 +769,29 @@ impl Driver {
             let group = outcome.group.len();
             let dropped = outcome.dropped.len();
             // The served state's manifest hashes the model anyway; DiLoCo
-            // serves more than the model, so its model is hashed apart.
-            let model_digest = match &self.diloco {
+            // serves more than the model, so its model is hashed apart. The
+            // compute thread takes the new model in while the state to serve
+            // is hashed here (both cost about a pass over the model).
+            let (model_digest, setting) = match &self.diloco {
                 Some(d) => {
                     let state = d.served_state(&new_params);
+                    let digest = checkpoint::params_digest(&new_params);
+                    let setting = compute.start_set_params(new_params);
                     self.announce_state(round, &state)?;
-                    checkpoint::params_digest(&new_params)
+                    (digest, setting)
                 }
-                None => checkpoint::hex(&self.announce_state(round, &new_params)?),
+                None => {
+                    let bytes = self.served.stage(&new_params);
+                    let setting = compute.start_set_params(new_params);
+                    (
+                        checkpoint::hex(&self.announce_staged(round, bytes)?),
+                        setting,
+                    )
+                }
             };
+            self.pump(setting).await??;
             // Averaged with others: we hold the swarm's model now.
             self.synced |= group > 1;
-            self.pump(compute.set_params(new_params)).await??;
             let r = RoundReport {
                 round,
                 step,

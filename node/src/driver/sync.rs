@@ -83,6 +83,15 @@ impl Served {
         total_steps: u64,
         params: &[f32],
     ) -> (Claim, Digest) {
+        let bytes = self.stage(params);
+        self.publish_staged(round, total_steps, bytes)
+    }
+
+    /// The first half of [`Served::publish`]: `params` as the bytes to serve,
+    /// so the caller can hand `params` on before [`Served::publish_staged`]
+    /// hashes them. When the served states are full, the oldest stops being
+    /// served here and lends its buffer.
+    pub(super) fn stage(&mut self, params: &[f32]) -> Vec<u8> {
         // The state that would be dropped lends its buffer: a model-sized
         // allocation every round would be mapped and zeroed afresh.
         let mut bytes = if self.states.len() >= SERVED_STATES {
@@ -94,6 +103,16 @@ impl Served {
             Vec::new()
         };
         tensor::f32_le_bytes_into(params, &mut bytes);
+        bytes
+    }
+
+    /// The second half of [`Served::publish`], on the bytes [`Served::stage`] gave.
+    pub(super) fn publish_staged(
+        &mut self,
+        round: u64,
+        total_steps: u64,
+        bytes: Vec<u8>,
+    ) -> (Claim, Digest) {
         let manifest = Manifest::build(round, total_steps, &bytes, CHUNK_BYTES);
         let digest = manifest.state_digest;
         let claim = Claim {
@@ -191,7 +210,17 @@ impl Driver {
         round: u64,
         params: &[f32],
     ) -> Result<Digest, NodeError> {
-        let (_, digest) = self.served.publish(round, self.total_steps, params);
+        let bytes = self.served.stage(params);
+        self.announce_staged(round, bytes)
+    }
+
+    /// [`Driver::announce_state`] of bytes from [`Served::stage`].
+    pub(super) fn announce_staged(
+        &mut self,
+        round: u64,
+        bytes: Vec<u8>,
+    ) -> Result<Digest, NodeError> {
+        let (_, digest) = self.served.publish_staged(round, self.total_steps, bytes);
         self.broadcast_claim()?;
         Ok(digest)
     }

@@ -100,15 +100,30 @@ def main():
                       "theirs": torch_bd[phase], "vs": f"pytorch-{our_threads}-thread",
                       "ratio": ours_bd[phase] / torch_bd[phase]})
 
-    ar = [l for l in lines if l.get("bench") == "allreduce"]
+    # All-reduce lines with the pair they were taken in (bench/run.sh has raw
+    # quinn and ours take turns, marking each pair with an
+    # {"bench":"allreduce_pair"} line; None outside pairs).
+    ar, ar_pairs, pair = [], [], None
+    for l in lines:
+        if l.get("bench") == "allreduce_pair":
+            pair = l.get("pair")
+        elif l.get("bench") == "allreduce":
+            ar.append(l)
+            ar_pairs.append(pair)
+
+    def runs(impl, peers, values, compression="f32"):
+        """(pair, line) of every measured run of one implementation and size."""
+        return [(p, l) for p, l in zip(ar_pairs, ar)
+                if l["impl"] == impl and l["peers"] == peers and l["values"] == values
+                and l.get("compression", "f32") == compression
+                and l.get("available", True) and l.get("s_median") is not None]
 
     def find(impl, peers, values, compression="f32"):
-        for l in ar:
-            if (l["impl"] == impl and l["peers"] == peers and l["values"] == values
-                    and l.get("compression", "f32") == compression
-                    and l.get("available", True) and l.get("s_median") is not None):
-                return l
-        return None
+        """One figure per implementation and size: the median over its runs."""
+        found = runs(impl, peers, values, compression)
+        if not found:
+            return None
+        return {**found[0][1], "s_median": median([l["s_median"] for _, l in found])}
 
     configs = sorted({(l["peers"], l["values"]) for l in ar})
     for peers, values in configs:
@@ -127,9 +142,19 @@ def main():
                           "ours": ours["s_median"], "theirs": other["s_median"],
                           "ratio": ours["s_median"] / other["s_median"]})
         if ours and quinn:
-            frac = quinn["s_median"] / ours["s_median"]
-            emit({"bench": "target", "name": "allreduce_f32_at_least_60pct_of_raw_quinn",
-                  **key, "fraction_of_bound": frac, "met": frac >= 0.6})
+            # Runs taken in turns: the median of each pair's fraction is what
+            # counts. Runs outside pairs: the medians' fraction.
+            ours_by_pair = {p: l["s_median"] for p, l in runs("p2ptrain", peers, values)
+                            if p is not None}
+            fractions = [l["s_median"] / ours_by_pair[p]
+                         for p, l in runs("raw-quinn-pattern", peers, values)
+                         if p is not None and p in ours_by_pair]
+            frac = median(fractions) if fractions else quinn["s_median"] / ours["s_median"]
+            line = {"bench": "target", "name": "allreduce_f32_at_least_60pct_of_raw_quinn",
+                    **key, "fraction_of_bound": frac, "met": frac >= 0.6}
+            if fractions:
+                line["pair_fractions"] = fractions
+            emit(line)
         if ours and hm:
             speedup = hm["s_median"] / ours["s_median"]
             emit({"bench": "target", "name": "allreduce_f32_3x_faster_than_hivemind",

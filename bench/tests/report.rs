@@ -1,0 +1,93 @@
+//! `bench/py/report.py` judges the harness's targets from runs taken in turns:
+//! the 60%-of-raw-quinn verdict is the median of each pair's fraction, not
+//! the fraction of the medians, which runs minutes apart on a shared machine
+//! can push either way.
+
+use std::path::Path;
+use std::process::Command;
+
+fn allreduce(impl_: &str, s: f64) -> String {
+    format!(
+        r#"{{"bench":"allreduce","impl":"{impl_}","peers":2,"values":1000000,"compression":"f32","s_median":{s}}}"#
+    )
+}
+
+fn pair(p: &str) -> String {
+    format!(r#"{{"bench":"allreduce_pair","pair":{p}}}"#)
+}
+
+/// A name for `text`'s file, distinct per input.
+fn text_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// The target lines `report.py` prints for `results`, or `None` where
+/// Python 3 is missing.
+fn targets(results: &str) -> Option<Vec<serde_json::Value>> {
+    // Cargo's scratch directory for integration tests; one file per input.
+    let name = format!("report-{}.jsonl", text_hash(results));
+    let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&file, results).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/report.py");
+    let out = match Command::new("python3").arg(script).arg(&file).output() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("skipped: python3 cannot run here ({e})");
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "report.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["bench"] == "target")
+            .collect(),
+    )
+}
+
+#[test]
+fn the_raw_quinn_verdict_is_the_median_of_the_pairs() {
+    // Pair fractions 0.5, 0.75, 0.667: median 0.667, met. The medians'
+    // fraction would be 0.020 / 0.040 = 0.5, not met.
+    let mut lines = Vec::new();
+    for (p, quinn, ours) in [
+        ("1", 0.020, 0.040),
+        ("2", 0.030, 0.040),
+        ("3", 0.020, 0.030),
+    ] {
+        lines.push(pair(p));
+        lines.push(allreduce("raw-quinn-pattern", quinn));
+        lines.push(allreduce("p2ptrain", ours));
+    }
+    lines.push(pair("null"));
+    let Some(found) = targets(&lines.join("\n")) else {
+        return;
+    };
+    let t = found
+        .iter()
+        .find(|t| t["name"] == "allreduce_f32_at_least_60pct_of_raw_quinn")
+        .expect("a raw-quinn verdict");
+    let frac = t["fraction_of_bound"].as_f64().unwrap();
+    assert!((frac - 0.02 / 0.03).abs() < 1e-9, "{t}");
+    assert_eq!(t["met"], true, "{t}");
+    assert_eq!(t["pair_fractions"].as_array().unwrap().len(), 3, "{t}");
+
+    // A file without pair markers (older runs): the medians' fraction.
+    let unpaired = [
+        allreduce("raw-quinn-pattern", 0.020),
+        allreduce("p2ptrain", 0.040),
+    ]
+    .join("\n");
+    let found = targets(&unpaired).unwrap();
+    let t = &found[0];
+    assert_eq!(t["fraction_of_bound"].as_f64().unwrap(), 0.5, "{t}");
+    assert_eq!(t["met"], false, "{t}");
+}

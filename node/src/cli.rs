@@ -293,8 +293,8 @@ pub struct NodeArgs {
     /// `p2ptrain config example`). Flags and P2PTRAIN_* variables override it.
     #[arg(long, value_name = "FILE", env = "P2PTRAIN_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Swarm name: only peers with the same name train together.
-    #[arg(long, default_value = "p2ptrain-mnist")]
+    /// Swarm name: only peers with the same name train together (letters, digits, '-', '_', '.'; at most 64).
+    #[arg(long, default_value = "p2ptrain-mnist", value_parser = parse_swarm)]
     pub swarm: String,
     /// Address to listen on (repeatable); QUIC only.
     #[arg(long, value_name = "MULTIADDR", default_value = "/ip4/0.0.0.0/udp/0/quic-v1", value_parser = parse_listen)]
@@ -474,6 +474,31 @@ fn parse_secs(s: &str) -> Result<f64, String> {
         Err(format!(
             "must be more than 0 and at most 86400 seconds, got {v}"
         ))
+    }
+}
+
+/// Longest swarm name accepted.
+const MAX_SWARM_NAME: usize = 64;
+
+/// A swarm name goes into the gossip topic (`p2ptrain/NAME/...`) and into
+/// checkpoints: an empty one, or one with `/` that could read as another
+/// swarm's topic, is refused rather than joined.
+fn parse_swarm(s: &str) -> Result<String, String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if s.is_empty() {
+        return Err("the swarm name is empty; peers with the same name train together".into());
+    }
+    if s.len() > MAX_SWARM_NAME {
+        return Err(format!(
+            "the swarm name is {} characters long; at most {MAX_SWARM_NAME}",
+            s.len()
+        ));
+    }
+    match s.chars().find(|c| !allowed(*c)) {
+        Some(c) => Err(format!(
+            "the swarm name `{s}` holds {c:?}; use letters, digits, '-', '_' and '.' only"
+        )),
+        None => Ok(s.to_string()),
     }
 }
 
@@ -992,8 +1017,23 @@ fn charlm_factory(train: &TrainArgs, text: Arc<TextData>, seed: u64) -> StageFac
 
 #[cfg(test)]
 mod tests {
-    use super::render_error;
+    use super::{parse_swarm, render_error};
     use anyhow::Context;
+
+    #[test]
+    fn swarm_names_are_plain_and_bounded() {
+        for good in ["p2ptrain-mnist", "a", "Run_2.b", &"x".repeat(64)] {
+            assert_eq!(parse_swarm(good).unwrap(), good);
+        }
+        assert!(parse_swarm("").unwrap_err().contains("empty"));
+        assert!(parse_swarm(&"x".repeat(65))
+            .unwrap_err()
+            .contains("at most 64"));
+        for bad in ["a/b", "my swarm", "é", "a\n"] {
+            let e = parse_swarm(bad).unwrap_err();
+            assert!(e.contains("letters, digits"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn errors_print_each_cause_once() {

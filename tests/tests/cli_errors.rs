@@ -39,6 +39,12 @@ fn bad_numbers() {
 }
 
 #[test]
+fn bad_swarm_names() {
+    assert_one_line_error(&["node", "--swarm", ""], "empty");
+    assert_one_line_error(&["node", "--swarm", "a/b"], "letters, digits");
+}
+
+#[test]
 fn bad_multiaddrs() {
     assert_one_line_error(
         &["node", "--bootstrap", "not-an-addr"],

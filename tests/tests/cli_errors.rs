@@ -39,6 +39,19 @@ fn bad_numbers() {
 }
 
 #[test]
+fn busy_listen_port_names_the_reason() {
+    // Held for the test: the node's QUIC socket cannot bind it.
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let addr = format!("/ip4/127.0.0.1/udp/{port}/quic-v1");
+    // libp2p's error printed nothing of its own, so this read "cannot listen on ADDR: ".
+    assert_one_line_error(
+        &["node", "--no-mdns", "--listen", &addr],
+        "in use (os error",
+    );
+}
+
+#[test]
 fn bad_swarm_names() {
     assert_one_line_error(&["node", "--swarm", ""], "empty");
     assert_one_line_error(&["node", "--swarm", "a/b"], "letters, digits");

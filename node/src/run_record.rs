@@ -95,14 +95,16 @@ impl RunRecorder {
             source,
         })?;
         let path = dir.join(FILE_NAME);
+        let io = |source| RunRecordError::Io {
+            path: path.clone(),
+            source,
+        };
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|source| RunRecordError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(io)?;
+        drop_partial_line(&path, &file).map_err(io)?;
         Ok(RunRecorder {
             path,
             file,
@@ -179,7 +181,26 @@ impl RunRecorder {
     }
 }
 
-/// Reads one record file; an unreadable line is an error naming file and line.
+/// Cuts a last line that lacks its newline (a node killed, or a disk filled,
+/// while writing it) off the end of `file`, so the records appended next
+/// start on a line of their own instead of running into it.
+fn drop_partial_line(path: &Path, file: &File) -> std::io::Result<()> {
+    let bytes = std::fs::read(path)?;
+    if bytes.last().is_none_or(|b| *b == b'\n') {
+        return Ok(());
+    }
+    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    warn!(
+        path = %path.display(),
+        bytes = bytes.len() - keep,
+        "run record ends in a partial line (a write cut short); dropped"
+    );
+    file.set_len(keep as u64)
+}
+
+/// Reads one record file; an unreadable line is an error naming file and
+/// line, except a last line without its newline that does not parse: that
+/// is a write cut short (a node killed mid-line), skipped with a warning.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, RunRecordError> {
     let io = |source| RunRecordError::Io {
         path: path.to_path_buf(),
@@ -187,17 +208,30 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, RunRecordError> {
     };
     let file = File::open(path).map_err(io)?;
     let mut records = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(io)?;
+    let mut reader = BufReader::new(file);
+    let mut line = String::new();
+    for i in 0.. {
+        line.clear();
+        if reader.read_line(&mut line).map_err(io)? == 0 {
+            break;
+        }
+        let complete = line.ends_with('\n');
         if line.trim().is_empty() {
             continue;
         }
-        let record = serde_json::from_str(&line).map_err(|e| RunRecordError::Malformed {
-            path: path.to_path_buf(),
-            line: i + 1,
-            reason: e.to_string(),
-        })?;
-        records.push(record);
+        match serde_json::from_str(line.trim_end()) {
+            Ok(record) => records.push(record),
+            Err(e) if !complete => {
+                warn!(path = %path.display(), line = i + 1, error = %e, "partial last line skipped");
+            }
+            Err(e) => {
+                return Err(RunRecordError::Malformed {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    reason: e.to_string(),
+                })
+            }
+        }
     }
     Ok(records)
 }
@@ -297,6 +331,53 @@ mod tests {
             }] => assert_eq!(*l, 1.25),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn round(round: u64) -> NodeEvent {
+        NodeEvent::Round(RoundReport {
+            round,
+            step: round * 10,
+            total_steps: 100,
+            peers: 1,
+            loss: 1.0,
+            samples: round * 640,
+            samples_per_s: 1.0,
+            bytes_sent: 0,
+            dropped: 0,
+            averaging_s: 0.0,
+            reduce_deadline_s: 5.0,
+            join_window_s: 2.0,
+            model_digest: String::new(),
+        })
+    }
+
+    #[test]
+    fn a_line_cut_short_is_skipped_and_cut_before_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rec = RunRecorder::create(dir.path()).unwrap();
+        rec.record(&round(1)).unwrap();
+        rec.record(&round(2)).unwrap();
+        drop(rec);
+        // A node killed halfway through its third line.
+        let path = dir.path().join(FILE_NAME);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"kind\":\"round\",\"round\":3,\"st");
+        std::fs::write(&path, &text).unwrap();
+        let rounds = |records: &[Record]| -> Vec<u64> {
+            records
+                .iter()
+                .map(|r| match r {
+                    Record::Round { round, .. } | Record::Eval { round, .. } => *round,
+                })
+                .collect()
+        };
+        assert_eq!(rounds(&read_records(&path).unwrap()), [1, 2]);
+        // Resumed into the same directory: the partial line goes, the new
+        // record starts a line of its own, and the file reads whole.
+        let mut rec = RunRecorder::create(dir.path()).unwrap();
+        rec.record(&round(3)).unwrap();
+        assert_eq!(rounds(&read_records(&path).unwrap()), [1, 2, 3]);
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("\"st{"));
     }
 
     #[test]

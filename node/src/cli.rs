@@ -6,6 +6,7 @@
 use crate::checkpoint::CheckpointError;
 use crate::compression::Compression;
 use crate::driver::{self, Budget, NodeConfig, NodeEvent, PipelineConfig, Schedule};
+use crate::error_text::error_text;
 use crate::net::{peer_id_of, NetConfig};
 use crate::stage_compute::StageFactory;
 use crate::testnet;
@@ -710,27 +711,10 @@ pub fn main_entry() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", render_error(&e));
+            eprintln!("error: {}", error_text(e.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// `e` and its causes joined by ": ", leaving out a cause whose text the
-/// message before it already holds: many errors print their source in their
-/// own message and also expose it as their cause, and anyhow's `{:#}` would
-/// repeat it ("No such file or directory (os error 2): No such file or
-/// directory (os error 2)").
-fn render_error(e: &anyhow::Error) -> String {
-    let mut out = e.to_string();
-    for cause in e.chain().skip(1) {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-    }
-    out
 }
 
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
@@ -1017,7 +1001,7 @@ fn charlm_factory(train: &TrainArgs, text: Arc<TextData>, seed: u64) -> StageFac
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_swarm, render_error};
+    use super::{error_text, parse_swarm};
     use anyhow::Context;
 
     #[test]
@@ -1039,7 +1023,7 @@ mod tests {
     fn errors_print_each_cause_once() {
         let missing = std::path::Path::new("/nonexistent/p2ptrain-secret");
         let e = crate::net::secret::SwarmKey::from_file(missing).unwrap_err();
-        let text = render_error(&anyhow::Error::new(e));
+        let text = error_text(anyhow::Error::new(e).as_ref());
         assert!(
             text.starts_with("cannot read the swarm secret /nonexistent"),
             "{text}"
@@ -1050,7 +1034,7 @@ mod tests {
             .context("writing the run record")
             .unwrap_err();
         assert_eq!(
-            render_error(&chained),
+            error_text(chained.as_ref()),
             "writing the run record: disk on fire"
         );
     }

@@ -10,6 +10,7 @@ pub mod compression;
 pub mod compute;
 pub mod config_file;
 pub mod driver;
+pub mod error_text;
 pub mod export;
 pub mod identity;
 pub mod metrics;

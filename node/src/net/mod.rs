@@ -286,7 +286,7 @@ impl Network {
                 .listen_on(addr.clone())
                 .map_err(|e| NetError::Listen {
                     addr: addr.clone(),
-                    reason: error_text(&e),
+                    reason: crate::error_text::error_text(&e),
                 })?;
         }
         for addr in &config.bootstrap {
@@ -337,29 +337,6 @@ impl Network {
     pub fn shutdown(self) {
         self.task.abort();
     }
-}
-
-/// `e` and its sources joined by ": ", skipping empty messages and ones
-/// already said: libp2p's `TransportError::Other` prints nothing itself and
-/// keeps the reason (an OS error, say) as its source, so its `to_string()`
-/// alone read "cannot listen on ADDR: ".
-pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = String::new();
-    let mut next = Some(e);
-    while let Some(err) = next {
-        let part = err.to_string();
-        if !part.is_empty() && !text.contains(&part) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&part);
-        }
-        next = err.source();
-    }
-    if text.is_empty() {
-        text.push_str("the transport gave no reason");
-    }
-    text
 }
 
 /// The gossip topic of a swarm: only peers on it can become members.
@@ -1022,10 +999,10 @@ mod tests {
         let e: libp2p::core::transport::TransportError<std::io::Error> =
             libp2p::core::transport::TransportError::Other(os);
         assert_eq!(e.to_string(), "", "libp2p's Display hides the reason");
-        let text = error_text(&e);
+        let text = crate::error_text::error_text(&e);
         assert!(text.to_lowercase().contains("address in use"), "{text}");
         let plain = std::io::Error::other("no route");
-        assert_eq!(error_text(&plain), "no route");
+        assert_eq!(crate::error_text::error_text(&plain), "no route");
     }
 
     #[test]

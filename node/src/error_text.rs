@@ -1,0 +1,27 @@
+//! One line from an error and its sources.
+
+use std::error::Error;
+
+/// `e` and its sources joined by ": ", skipping empty messages and ones the
+/// line already holds. Many errors print their source in their own message
+/// and also expose it as their source (anyhow's `{:#}` then repeats it), and
+/// libp2p's `TransportError::Other` prints nothing itself and keeps the
+/// reason (an OS error, say) only as its source.
+pub fn error_text(e: &(dyn Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let part = err.to_string();
+        if !part.is_empty() && !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+        next = err.source();
+    }
+    if text.is_empty() {
+        text.push_str("no reason given");
+    }
+    text
+}

@@ -297,22 +297,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let node = dir.path().join("node-0");
         let mut rec = RunRecorder::create(&node).unwrap();
-        rec.record(&NodeEvent::Round(RoundReport {
-            round: 1,
-            step: 10,
-            total_steps: 20,
-            peers: 2,
-            loss: 1.25,
-            samples: 640,
-            samples_per_s: 1.0,
-            bytes_sent: 0,
-            dropped: 0,
-            averaging_s: 0.0,
-            reduce_deadline_s: 5.0,
-            join_window_s: 2.0,
-            model_digest: String::new(),
-        }))
-        .unwrap();
+        rec.record(&round(1, 1.25)).unwrap();
         rec.record(&NodeEvent::Listening {
             peer_id: String::new(),
             addrs: vec![],
@@ -333,13 +318,14 @@ mod tests {
         }
     }
 
-    fn round(round: u64) -> NodeEvent {
+    /// The report of round `round` (10 steps and 640 samples a round).
+    fn round(round: u64, loss: f32) -> NodeEvent {
         NodeEvent::Round(RoundReport {
             round,
             step: round * 10,
             total_steps: 100,
-            peers: 1,
-            loss: 1.0,
+            peers: 2,
+            loss,
             samples: round * 640,
             samples_per_s: 1.0,
             bytes_sent: 0,
@@ -355,8 +341,8 @@ mod tests {
     fn a_line_cut_short_is_skipped_and_cut_before_appending() {
         let dir = tempfile::tempdir().unwrap();
         let mut rec = RunRecorder::create(dir.path()).unwrap();
-        rec.record(&round(1)).unwrap();
-        rec.record(&round(2)).unwrap();
+        rec.record(&round(1, 1.0)).unwrap();
+        rec.record(&round(2, 1.0)).unwrap();
         drop(rec);
         // A node killed halfway through its third line.
         let path = dir.path().join(FILE_NAME);
@@ -375,7 +361,7 @@ mod tests {
         // Resumed into the same directory: the partial line goes, the new
         // record starts a line of its own, and the file reads whole.
         let mut rec = RunRecorder::create(dir.path()).unwrap();
-        rec.record(&round(3)).unwrap();
+        rec.record(&round(3, 1.0)).unwrap();
         assert_eq!(rounds(&read_records(&path).unwrap()), [1, 2, 3]);
         assert!(!std::fs::read_to_string(&path).unwrap().contains("\"st{"));
     }

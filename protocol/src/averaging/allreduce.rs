@@ -7,7 +7,7 @@
 use super::config::{part_encoding, AveragingConfig};
 use super::outcome::{Destination, Outbox, PartOutcome, RoundOutcome};
 use super::AvgMessage;
-use crate::tensor::{quantize, split_ranges, Encoding, Payload};
+use crate::tensor::{split_ranges, Encoding, Payload};
 use crate::NodeId;
 use std::collections::BTreeSet;
 use std::ops::Range;
@@ -455,11 +455,9 @@ impl AllReduce {
         let len = self.part_len(j);
         let slots = self.contributions.get_mut(j).map(std::mem::take);
         let slots = slots.unwrap_or_default();
-        // Our contribution as the others decode theirs: f32 decodes to itself (no copy).
+        // Our contribution as it is (no copy): it never crosses the wire, so it loses
+        // nothing to the codec, and quantising it would only add error and a pass.
         let own = self.local.get(self.ranges[j].clone()).unwrap_or_default();
-        let own_encoding = part_encoding(own, self.encoding, self.sparse);
-        let own_quantized = (own_encoding != Encoding::F32).then(|| quantize(own, own_encoding));
-        let own: &[f32] = own_quantized.as_deref().unwrap_or(own);
         let mut contributors = Vec::new();
         let mut rows: Vec<&[f32]> = Vec::new();
         for (k, (member, contribution)) in self.group.iter().zip(&slots).enumerate() {

@@ -70,8 +70,8 @@
 //! # Compression
 //! `Part`s and `Reduced` are encoded with [`AveragingConfig::compression`] (f32 by default;
 //! f16, bf16 or blockwise int8 to cut traffic 2–4x). Values are then quantised twice: each
-//! contribution when its member encodes it (the reducer quantises its own contribution the
-//! same way, so all count alike), and the mean when the reducer encodes it (the reducer
+//! contribution when its member sends it (the reducer's own contribution never crosses the
+//! wire and counts at full precision), and the mean when the reducer encodes it (the reducer
 //! keeps the decoded mean, so the whole group still ends with identical values). With f32
 //! both steps are exact and the result is bit for bit the mean above. Top-k is refused by
 //! [`AveragingConfig::validate`] and, if configured anyway, replaced by f32: a sparse

@@ -373,8 +373,8 @@ impl Payload {
 
 /// The values a receiver decodes from [`Payload::encode`]`(values, encoding)`, bit for bit,
 /// without hashing or checking (int8 goes through its bytes, the other encodings value by
-/// value): a reducer quantises its own contribution with it so that it averages what the
-/// members would decode of it.
+/// value): what a reducer keeps when its encoded result cannot be read back, and the
+/// reference that codec tests and simulations compare against.
 ///
 /// Meant for finite values (for which the equality above holds). An encoding that cannot
 /// describe `values` (int8 block out of range, more than `u32::MAX` values) leaves them

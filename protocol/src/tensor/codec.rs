@@ -23,20 +23,40 @@ pub(super) fn encode(values: &[f32], encoding: Encoding) -> Vec<u8> {
             let blocks = values.len().div_ceil(block);
             let mut out = vec![0u8; blocks * 4 + values.len()];
             let (scales, quants) = out.split_at_mut(blocks * 4);
-            for ((chunk, scale_dst), quant_dst) in values
-                .chunks(block)
-                .zip(scales.as_chunks_mut::<4>().0)
-                .zip(quants.chunks_mut(block))
+            // The scales of a group of blocks first, then their values: each scale ends in
+            // two divisions, and side by side they overlap instead of stalling every block
+            // (int8 encoding ~25% faster at the default block). A group stays in L1.
+            let group = (INT8_GROUP_VALUES / block).clamp(1, INT8_GROUP_BLOCKS);
+            let mut group_scales = [0f32; INT8_GROUP_BLOCKS];
+            for ((group_values, scale_dst), quant_dst) in values
+                .chunks(block * group)
+                .zip(scales.as_chunks_mut::<4>().0.chunks_mut(group))
+                .zip(quants.chunks_mut(block * group))
             {
-                let scale = int8_scale(chunk);
-                *scale_dst = scale.to_le_bytes();
-                int8_quantize_block(chunk, scale, quant_dst);
+                for (scale, chunk) in group_scales.iter_mut().zip(group_values.chunks(block)) {
+                    *scale = int8_scale(chunk);
+                }
+                for (((chunk, quant), scale), dst) in group_values
+                    .chunks(block)
+                    .zip(quant_dst.chunks_mut(block))
+                    .zip(&group_scales)
+                    .zip(scale_dst)
+                {
+                    *dst = scale.to_le_bytes();
+                    int8_quantize_block(chunk, *scale, quant);
+                }
             }
             out
         }
         Encoding::TopK { k } => top_k_bytes(values, &top_k_indices(values, k)),
     }
 }
+
+/// Values per group of int8 blocks whose scales [`encode`] computes together (16 KiB).
+const INT8_GROUP_VALUES: usize = 4096;
+
+/// The most blocks in such a group.
+const INT8_GROUP_BLOCKS: usize = 64;
 
 /// One u16 bit pattern per value.
 fn encode_u16(values: &[f32], convert: fn(f32) -> u16) -> Vec<u8> {
@@ -52,25 +72,16 @@ fn encode_u16(values: &[f32], convert: fn(f32) -> u16) -> Vec<u8> {
 /// capped so that `127 * scale` stays finite. NaN if the block holds a non-finite value,
 /// so the payload is refused like an `F32` one with NaN would be.
 pub(super) fn int8_scale(block: &[f32]) -> f32 {
-    // One branch-free pass over the bit patterns, eight lanes at a time so it vectorises:
-    // with the sign bit cleared, finite values order like their magnitudes and every
-    // infinity or NaN lies above them all, so one maximum gives both the largest magnitude
-    // and the finiteness verdict. Cleared of the sign bit, the patterns are non-negative as
-    // i32 too, and a signed maximum is what baseline x86-64 (SSE2) compares natively; an
-    // unsigned one costs it a bias on every comparison (~15% slower here).
-    let magnitude = |x: &f32| (x.to_bits() & 0x7fff_ffff) as i32;
-    let mut lanes = [0i32; 8];
-    let (chunks, rest) = block.as_chunks::<8>();
-    for chunk in chunks {
-        for (lane, x) in lanes.iter_mut().zip(chunk) {
-            *lane = (*lane).max(magnitude(x));
-        }
-    }
-    let max_bits = rest
+    // One branch-free pass over the bit patterns: with the sign bit cleared, finite values
+    // order like their magnitudes and every infinity or NaN lies above them all, so one
+    // maximum gives both the largest magnitude and the finiteness verdict. Cleared of the
+    // sign bit, the patterns are non-negative as i32 too, and a signed comparison is what
+    // baseline x86-64 (SSE2) has natively. Written as one plain fold, which the loop
+    // vectoriser takes (about 2x faster here than eight hand-kept lanes, which it left scalar).
+    let max_bits = block
         .iter()
-        .fold(lanes.into_iter().max().unwrap_or(0), |m, x| {
-            m.max(magnitude(x))
-        });
+        .map(|x| (x.to_bits() & 0x7fff_ffff) as i32)
+        .fold(0, i32::max);
     // Non-negative, so the conversion back is lossless.
     let max_bits = max_bits.unsigned_abs();
     if max_bits >= f32::INFINITY.to_bits() {

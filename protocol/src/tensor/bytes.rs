@@ -12,6 +12,8 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
+use super::Encoding;
+
 /// Byte strings shorter than this are copied out of a shared frame: the copy
 /// is cheap. (Nor does one share less than half its frame: a small value kept
 /// for long should not pin a large frame.)
@@ -20,8 +22,9 @@ const SHARE_FROM_BYTES: usize = 4096;
 /// Raw bytes that serialize as one length-prefixed blob (`serialize_bytes`), not element by
 /// element, so large tensors encode and decode with a single copy, or none (see the module
 /// docs). Shared: a clone (a message kept for re-sending, one reduced part sent to every
-/// member) copies nothing. Their blake3 hash is computed once and remembered, so a receiver
-/// that validates a message and then decodes it hashes its bytes once.
+/// member) copies nothing. Their blake3 hash is computed once and remembered, and so is a
+/// passed content check, so a receiver that validates a message and then decodes it hashes
+/// and checks its bytes once.
 #[derive(Clone, Default)]
 pub struct Bytes {
     data: Arc<Vec<u8>>,
@@ -29,13 +32,16 @@ pub struct Bytes {
     /// `None`: all of `data`.
     range: Option<Range<usize>>,
     hash: OnceLock<[u8; 32]>,
+    /// The value count and encoding these bytes passed the content checks for.
+    checked_as: OnceLock<(u32, Encoding)>,
 }
 
 impl Bytes {
     /// The bytes, writable (copied first if a clone or the rest of a frame shares them);
-    /// forgets the hash.
+    /// forgets the hash and any passed content check.
     pub fn make_mut(&mut self) -> &mut Vec<u8> {
         self.hash = OnceLock::new();
+        self.checked_as = OnceLock::new();
         if let Some(range) = self.range.take() {
             self.data = Arc::new(self.data[range].to_vec());
         }
@@ -45,6 +51,17 @@ impl Bytes {
     /// blake3 of the bytes, computed on first use.
     pub fn blake3(&self) -> [u8; 32] {
         *self.hash.get_or_init(|| *blake3::hash(self).as_bytes())
+    }
+
+    /// Remembers that the bytes passed the content checks as `len` values in `encoding`.
+    pub(super) fn mark_checked(&self, len: u32, encoding: Encoding) {
+        // A second, different verdict is not kept: the first still holds for its own key.
+        let _ = self.checked_as.set((len, encoding));
+    }
+
+    /// Whether the bytes passed the content checks as `len` values in `encoding`.
+    pub(super) fn checked_as(&self, len: u32, encoding: Encoding) -> bool {
+        self.checked_as.get() == Some(&(len, encoding))
     }
 
     /// Whether these bytes are a view into `frame` rather than a buffer of their own, so
@@ -62,6 +79,7 @@ impl Bytes {
             data: frame.clone(),
             range: Some(start..end),
             hash: OnceLock::new(),
+            checked_as: OnceLock::new(),
         })
     }
 }
@@ -104,6 +122,7 @@ impl From<Vec<u8>> for Bytes {
             data: Arc::new(bytes),
             range: None,
             hash: OnceLock::new(),
+            checked_as: OnceLock::new(),
         }
     }
 }

@@ -321,7 +321,7 @@ impl Payload {
         }
         // Bytes that do not decode (non-finite input, f16/bf16 overflow of finite input, an
         // int8 block out of range) are refused by receivers too: keep `quantize`'s answer.
-        let decoded = codec::decode(&payload.bytes, payload.len, payload.encoding)
+        let decoded = codec::decode(&payload.bytes, payload.len, payload.encoding, false)
             .unwrap_or_else(|_| quantize(&values, encoding));
         (payload, decoded)
     }
@@ -344,7 +344,11 @@ impl Payload {
     /// top-k indices). Agrees with `decode` on every input.
     pub fn validate(&self) -> Result<(), TensorError> {
         self.check_envelope()?;
-        codec::check(&self.bytes, self.len, self.encoding)
+        if !self.bytes.checked_as(self.len, self.encoding) {
+            codec::check(&self.bytes, self.len, self.encoding)?;
+            self.bytes.mark_checked(self.len, self.encoding);
+        }
+        Ok(())
     }
 
     /// Decodes the values after the checks of [`Payload::validate`]. The result has `len`
@@ -352,9 +356,13 @@ impl Payload {
     ///
     /// It allocates `len` values; a top-k payload can declare a large `len` in few bytes,
     /// so a receiver that knows how many values to expect compares `len` first.
+    ///
+    /// Bytes that passed [`Payload::validate`] for this `len` and encoding (a received
+    /// message was) are not checked for content a second time.
     pub fn decode(&self) -> Result<Vec<f32>, TensorError> {
         self.check_envelope()?;
-        codec::decode(&self.bytes, self.len, self.encoding)
+        let checked = self.bytes.checked_as(self.len, self.encoding);
+        codec::decode(&self.bytes, self.len, self.encoding, checked)
     }
 
     /// Encoding parameters, byte length against `len`, digest.

@@ -62,6 +62,48 @@ fn decode_detects_a_flipped_bit() {
     assert_eq!(p.decode(), Err(TensorError::DigestMismatch));
 }
 
+/// `validate` remembers a passed content check so `decode` skips it, but only for the same
+/// bytes, value count and encoding: bytes changed afterwards, or read as another encoding,
+/// are checked again.
+#[test]
+fn a_passed_content_check_holds_only_for_what_it_checked() {
+    let values = [1.0f32, -2.0, 3.5, 0.25];
+    let p = Payload::from_f32(&values);
+    assert!(!p.bytes.checked_as(4, Encoding::F32));
+    assert_eq!(p.validate(), Ok(()));
+    assert!(p.bytes.checked_as(4, Encoding::F32));
+    assert!(!p.bytes.checked_as(4, Encoding::F16));
+    assert_eq!(bits(&p.decode().expect("valid")), bits(&values));
+    // A clone shares the bytes and the verdict.
+    assert!(p.clone().bytes.checked_as(4, Encoding::F32));
+
+    // Changed after the check: a NaN (with a matching digest) is refused again.
+    let mut bad = p.clone();
+    bad.bytes.make_mut()[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    bad.digest = *blake3::hash(&bad.bytes).as_bytes();
+    assert!(!bad.bytes.checked_as(4, Encoding::F32));
+    assert_eq!(bad.decode(), Err(TensorError::NonFinite { index: 1 }));
+
+    // Checked as f32, read as int8: 16 bytes are 8 int8 values in blocks of 4 (two scales).
+    // Their own content check finds the -128 the f32 check never looked for.
+    let mut bytes = Vec::new();
+    bytes.extend(1.0f32.to_le_bytes());
+    bytes.extend(1.0f32.to_le_bytes());
+    bytes.extend([1, 2, 0x80, 3, 4, 5, 6, 7]);
+    let mut relabelled = forge(4, Encoding::F32, bytes);
+    assert_eq!(relabelled.validate(), Ok(()));
+    relabelled.len = 8;
+    relabelled.encoding = Encoding::Int8 { block: 4 };
+    assert_eq!(
+        relabelled.decode(),
+        Err(TensorError::Int8OutOfRange { index: 2 })
+    );
+    assert_eq!(
+        relabelled.validate(),
+        Err(TensorError::Int8OutOfRange { index: 2 })
+    );
+}
+
 #[test]
 fn decode_rejects_nan_and_infinity_even_with_a_correct_digest() {
     for (values, index) in [

@@ -104,8 +104,8 @@ impl AllReduce {
     /// our values of every part others reduce for its reducer, in part order (so the first
     /// parts arrive, and come back reduced, first). Each is encoded with the configured
     /// compression when the driver takes it ([`AllReduce::part_message`]). Our own
-    /// contribution to the parts we reduce goes through the same quantisation when we
-    /// reduce, so every contribution is averaged as its reducer sees it.
+    /// contribution to the parts we reduce never crosses the wire and is averaged as it
+    /// is.
     pub(crate) fn start(
         round: u64,
         group: Vec<NodeId>,

@@ -90,13 +90,8 @@ impl Compute {
         &self,
         values: Vec<f32>,
     ) -> impl std::future::Future<Output = Result<(), ComputeError>> {
-        let (tx, rx) = oneshot::channel();
-        // The queue is tiny and the driver awaits each answer, so this never blocks for long.
-        let sent = self.commands.send(Command::SetParams(values, tx));
-        async move {
-            sent.map_err(|_| ComputeGone)?;
-            Ok(rx.await.map_err(|_| ComputeGone)??)
-        }
+        let reply = request(&self.commands, |r| Command::SetParams(values, r));
+        async move { Ok(reply.await??) }
     }
 
     /// Sets this peer's data shard.
@@ -120,15 +115,20 @@ impl Compute {
     }
 }
 
-/// Sends a command carrying a reply channel to a compute thread and awaits the answer.
-pub(crate) async fn request<C, T>(
+/// Sends a command carrying a reply channel to a compute thread now, and
+/// returns the future of its answer: a caller can do other work while the
+/// thread runs the command (see [`Compute::start_set_params`]).
+pub(crate) fn request<C, T>(
     commands: &std_mpsc::SyncSender<C>,
     make: impl FnOnce(oneshot::Sender<T>) -> C,
-) -> Result<T, ComputeGone> {
+) -> impl std::future::Future<Output = Result<T, ComputeGone>> {
     let (tx, rx) = oneshot::channel();
     // The queue is tiny and the driver awaits each answer, so this never blocks for long.
-    commands.send(make(tx)).map_err(|_| ComputeGone)?;
-    rx.await.map_err(|_| ComputeGone)
+    let sent = commands.send(make(tx));
+    async move {
+        sent.map_err(|_| ComputeGone)?;
+        rx.await.map_err(|_| ComputeGone)
+    }
 }
 
 fn serve(mut task: Box<dyn Task>, commands: std_mpsc::Receiver<Command>) {

@@ -775,8 +775,10 @@ impl Driver {
             let (model_digest, setting) = match &self.diloco {
                 Some(d) => {
                     let state = d.served_state(&new_params);
-                    let digest = checkpoint::params_digest(&new_params);
+                    let n = new_params.len();
                     let setting = compute.start_set_params(new_params);
+                    // The served state begins with the model.
+                    let digest = checkpoint::params_digest(&state[..n]);
                     self.announce_state(round, &state)?;
                     (digest, setting)
                 }

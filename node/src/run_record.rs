@@ -9,7 +9,7 @@
 use crate::driver::{NodeEvent, Reporter};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tracing::warn;
@@ -185,10 +185,20 @@ impl RunRecorder {
 /// while writing it) off the end of `file`, so the records appended next
 /// start on a line of their own instead of running into it.
 fn drop_partial_line(path: &Path, file: &File) -> std::io::Result<()> {
-    let bytes = std::fs::read(path)?;
-    if bytes.last().is_none_or(|b| *b == b'\n') {
+    // Only the last byte is read unless it shows a partial line: a long
+    // run's record is not read whole on every start.
+    let len = file.metadata()?.len();
+    let Some(last_at) = len.checked_sub(1) else {
+        return Ok(());
+    };
+    let mut last = [0u8];
+    let mut reader = File::open(path)?;
+    reader.seek(SeekFrom::Start(last_at))?;
+    reader.read_exact(&mut last)?;
+    if last[0] == b'\n' {
         return Ok(());
     }
+    let bytes = std::fs::read(path)?;
     let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
     warn!(
         path = %path.display(),

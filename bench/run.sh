@@ -147,6 +147,11 @@ for peers in $PEERS; do
       fi
     done
     printf '{"bench":"allreduce_pair","pair":null}\n' | tee -a "$RESULTS"
+    # For context, not a target: the same pattern with the packets a
+    # jumbo-frame LAN allows (MTU 9000 less the IPv4 and UDP headers), which
+    # libp2p-quic 0.14 cannot be set to send (bench/src/quic.rs).
+    record "quinn-larger-packets-$peers-$values" "$BIN" quinn --peers "$peers" \
+      --values "$values" --rounds "$ROUNDS" --max-udp-payload 8972
     if [ "$SWARM" = 1 ]; then
       record "ours-int8-$peers-$values" "$BIN" allreduce --peers "$peers" --values "$values" \
         --rounds "$ROUNDS" --compression int8

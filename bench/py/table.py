@@ -27,7 +27,8 @@ def main():
         print()
     ar = [l for l in lines if l.get("bench") == "allreduce"]
     if ar:
-        impls = ["raw-quinn-pattern", "p2ptrain", "p2ptrain int8", "torch-gloo", "hivemind"]
+        impls = ["raw-quinn-pattern", "p2ptrain", "p2ptrain int8", "torch-gloo", "hivemind",
+                 "raw-quinn-pattern-larger-packets"]
         print("| peers | values | " + " | ".join(impls) + " | bound bytes/peer |")
         print("| --- | --- |" + " --- |" * (len(impls) + 1))
         for peers, values in sorted({(l["peers"], l["values"]) for l in ar}):

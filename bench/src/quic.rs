@@ -9,6 +9,12 @@
 //! unidirectional stream and receives as much from each. No reduction, no
 //! encoding, no hashing: only the transport, so our all-reduce can be set
 //! against it.
+//!
+//! `--max-udp-payload` shows what larger packets would buy. libp2p-quic 0.14
+//! keeps quinn's packet-size defaults (endpoints accept at most 1472-byte UDP
+//! payloads; path-MTU discovery stops at 1452) and offers no setting that
+//! raises the first, so our node's packets stay that size even on loopback's
+//! 64 KiB MTU. Without the flag this bound keeps the same defaults.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -40,7 +46,18 @@ pub struct QuinnArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
+    /// Largest UDP payload the endpoints accept and path-MTU discovery may
+    /// reach. Unset, quinn's defaults, which libp2p-quic (and so our node)
+    /// uses; set, the run measures the transport with larger packets, which
+    /// is not the bound our node is held to.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1200..=65527))]
+    pub max_udp_payload: Option<u16>,
 }
+
+/// quinn 0.11 batches up to 10 packets into one segmentation-offload send,
+/// and the kernel refuses a batch over 64 KiB: above this payload size the
+/// connection would stall, so offload is turned off.
+const LARGEST_OFFLOADED_PAYLOAD: u16 = 6500;
 
 /// Flags of `p2ptrain-bench quinn-node` (one process of `quinn`).
 #[derive(Debug, clap::Args)]
@@ -57,10 +74,13 @@ pub struct QuinnNodeArgs {
     /// Rounds.
     #[arg(long)]
     pub rounds: u32,
+    /// As for `quinn`.
+    #[arg(long)]
+    pub max_udp_payload: Option<u16>,
 }
 
 /// An endpoint that both accepts and dials with libp2p's TLS setup.
-fn endpoint() -> anyhow::Result<quinn::Endpoint> {
+fn endpoint(max_udp_payload: Option<u16>) -> anyhow::Result<quinn::Endpoint> {
     let keypair = libp2p::identity::Keypair::generate_ed25519();
     let server_tls = libp2p_tls::make_server_config(&keypair)?;
     let client_tls = libp2p_tls::make_client_config(&keypair, None)?;
@@ -71,13 +91,28 @@ fn endpoint() -> anyhow::Result<quinn::Endpoint> {
     transport.max_concurrent_uni_streams(256u32.into());
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
     transport.allow_spin(false);
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    if let Some(payload) = max_udp_payload {
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(payload);
+        transport.mtu_discovery_config(Some(mtu));
+        transport.enable_segmentation_offload(payload <= LARGEST_OFFLOADED_PAYLOAD);
+        endpoint_config.max_udp_payload_size(payload)?;
+    }
     let transport = Arc::new(transport);
     let mut server =
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
     server.transport_config(transport.clone());
     let mut client = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
     client.transport_config(transport);
-    let mut ep = quinn::Endpoint::server(server, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    let socket = std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    socket.set_nonblocking(true)?;
+    let mut ep = quinn::Endpoint::new(
+        endpoint_config,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
     ep.set_default_client_config(client);
     // The receive buffer a node gives its QUIC socket, so the bound is set
     // against the same socket settings (without the node, the benchmark has
@@ -108,7 +143,7 @@ async fn read_stdin_line() -> anyhow::Result<String> {
 /// runs the rounds, prints `{"round": r, "s": seconds}` per round, then waits
 /// for a line on stdin before closing (so no peer loses data in flight).
 pub async fn run_node(args: QuinnNodeArgs) -> anyhow::Result<()> {
-    let ep = endpoint()?;
+    let ep = endpoint(args.max_udp_payload)?;
     let port = ep.local_addr()?.port();
     emit(&json!({ "port": port }));
     let ports: Vec<u16> = read_stdin_line()
@@ -184,7 +219,10 @@ pub async fn run_node(args: QuinnNodeArgs) -> anyhow::Result<()> {
         }
         emit(&json!({ "round": round, "s": started.elapsed().as_secs_f64() }));
     }
-    emit(&json!({ "done": true }));
+    // The packet size the connections reached, so a run shows whether path-MTU
+    // discovery took `--max-udp-payload` up.
+    let path_mtu = conns.values().map(|c| c.stats().path.current_mtu).min();
+    emit(&json!({ "done": true, "path_mtu": path_mtu }));
     let _ = read_stdin_line().await;
     ep.close(0u32.into(), b"done");
     Ok(())
@@ -208,6 +246,12 @@ pub async fn run(args: QuinnArgs) -> anyhow::Result<()> {
             .args(["--peers", &args.peers.to_string()])
             .args(["--chunk", &chunk.to_string()])
             .args(["--rounds", &args.rounds.to_string()])
+            .args(
+                args.max_udp_payload
+                    .map(|p| ["--max-udp-payload".to_string(), p.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -231,6 +275,7 @@ pub async fn run(args: QuinnArgs) -> anyhow::Result<()> {
     let mut ports = vec![None; args.peers];
     let mut times: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
     let mut done = 0;
+    let mut path_mtu: Option<u64> = None;
     while done < args.peers {
         let (i, line) = match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(x)) => x,
@@ -256,6 +301,9 @@ pub async fn run(args: QuinnArgs) -> anyhow::Result<()> {
             times.entry(r).or_default().push(s);
         } else if v.get("done").is_some() {
             done += 1;
+            if let Some(m) = v.get("path_mtu").and_then(|m| m.as_u64()) {
+                path_mtu = Some(path_mtu.map_or(m, |p| p.min(m)));
+            }
         }
     }
     for c in &mut children {
@@ -275,7 +323,14 @@ pub async fn run(args: QuinnArgs) -> anyhow::Result<()> {
     let sent_per_peer = 2.0 * (args.peers as f64 - 1.0) * chunk as f64;
     emit(&json!({
         "bench": "allreduce",
-        "impl": "raw-quinn-pattern",
+        // Only the default packet size is the bound our node is held to.
+        "impl": if args.max_udp_payload.is_none() {
+            "raw-quinn-pattern"
+        } else {
+            "raw-quinn-pattern-larger-packets"
+        },
+        "max_udp_payload": args.max_udp_payload,
+        "path_mtu": path_mtu,
         "peers": args.peers,
         "values": args.values,
         "compression": "f32",

@@ -27,6 +27,18 @@ fn text_hash(text: &str) -> u64 {
 /// The target lines `report.py` prints for `results`, or `None` where
 /// Python 3 is missing.
 fn targets(results: &str) -> Option<Vec<serde_json::Value>> {
+    let lines = report(results)?;
+    Some(
+        lines
+            .into_iter()
+            .filter(|v| v["bench"] == "target")
+            .collect(),
+    )
+}
+
+/// Every line `report.py` prints for `results`, or `None` where Python 3 is
+/// missing.
+fn report(results: &str) -> Option<Vec<serde_json::Value>> {
     // Cargo's scratch directory for integration tests; one file per input.
     let name = format!("report-{}.jsonl", text_hash(results));
     let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
@@ -48,7 +60,6 @@ fn targets(results: &str) -> Option<Vec<serde_json::Value>> {
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["bench"] == "target")
             .collect(),
     )
 }
@@ -90,4 +101,30 @@ fn the_raw_quinn_verdict_is_the_median_of_the_pairs() {
     let t = &found[0];
     assert_eq!(t["fraction_of_bound"].as_f64().unwrap(), 0.5, "{t}");
     assert_eq!(t["met"], false, "{t}");
+}
+
+#[test]
+fn larger_packets_are_context_and_not_the_bound() {
+    let results = [
+        allreduce("raw-quinn-pattern", 0.020),
+        allreduce("p2ptrain", 0.030),
+        allreduce("raw-quinn-pattern-larger-packets", 0.010),
+    ]
+    .join("\n");
+    let Some(lines) = report(&results) else {
+        return;
+    };
+    let verdict = lines
+        .iter()
+        .find(|t| t["name"] == "allreduce_f32_at_least_60pct_of_raw_quinn")
+        .expect("a raw-quinn verdict");
+    // 0.020 / 0.030, not 0.010 / 0.030.
+    let frac = verdict["fraction_of_bound"].as_f64().unwrap();
+    assert!((frac - 2.0 / 3.0).abs() < 1e-9, "{verdict}");
+    assert_eq!(verdict["met"], true, "{verdict}");
+    let gain = lines
+        .iter()
+        .find(|l| l["what"] == "raw_quinn_s_with_larger_packets")
+        .expect("a larger-packets ratio");
+    assert_eq!(gain["ratio"].as_f64().unwrap(), 0.5, "{gain}");
 }

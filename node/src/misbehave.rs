@@ -37,6 +37,10 @@ pub enum Misbehave {
         /// How long it stalls.
         secs: u64,
     },
+    /// Trains and averages honestly but tells the swarm, in every Progress
+    /// message, that it has reached the last possible round: a peer trying
+    /// to end everyone's run, or to make them skip rounds.
+    ClaimsAhead,
 }
 
 impl std::str::FromStr for Misbehave {
@@ -49,6 +53,7 @@ impl std::str::FromStr for Misbehave {
         match s {
             "flip" => Ok(Misbehave::Flip),
             "nan" => Ok(Misbehave::Nan),
+            "claim-ahead" => Ok(Misbehave::ClaimsAhead),
             _ => match (
                 s.strip_prefix("scale:").map(str::parse::<f32>),
                 s.strip_prefix("deaf:").map(str::parse::<u64>),
@@ -68,7 +73,7 @@ impl std::str::FromStr for Misbehave {
 fn not_a_misbehaviour(s: &str) -> String {
     format!(
         "`{s}` is not a misbehaviour: use flip, nan, scale:FACTOR, deaf:ROUND, mute:ROUND, \
-         absent:ROUND or lag:ROUND:SECS"
+         absent:ROUND, lag:ROUND:SECS or claim-ahead"
     )
 }
 
@@ -96,6 +101,7 @@ impl std::fmt::Display for Misbehave {
             Misbehave::MuteFrom(r) => write!(f, "mute:{r}"),
             Misbehave::AbsentFrom(r) => write!(f, "absent:{r}"),
             Misbehave::LagBefore { round, secs } => write!(f, "lag:{round}:{secs}"),
+            Misbehave::ClaimsAhead => f.write_str("claim-ahead"),
         }
     }
 }
@@ -114,7 +120,8 @@ impl Misbehave {
                 Misbehave::DeafInRound(_)
                 | Misbehave::MuteFrom(_)
                 | Misbehave::AbsentFrom(_)
-                | Misbehave::LagBefore { .. } => *v,
+                | Misbehave::LagBefore { .. }
+                | Misbehave::ClaimsAhead => *v,
             })
             .collect();
         Payload::encode(&bad, payload.encoding)
@@ -127,6 +134,15 @@ impl Misbehave {
                 Some(std::time::Duration::from_secs(secs))
             }
             _ => None,
+        }
+    }
+
+    /// The round this node tells the swarm it has reached, when it has
+    /// reached `round`.
+    pub fn claimed_round(self, round: u64) -> u64 {
+        match self {
+            Misbehave::ClaimsAhead => u64::MAX - 1,
+            _ => round,
         }
     }
 
@@ -156,7 +172,8 @@ impl Misbehave {
         if let Misbehave::DeafInRound(_)
         | Misbehave::MuteFrom(_)
         | Misbehave::AbsentFrom(_)
-        | Misbehave::LagBefore { .. } = self
+        | Misbehave::LagBefore { .. }
+        | Misbehave::ClaimsAhead = self
         {
             return msg;
         }
@@ -201,6 +218,7 @@ mod tests {
             "mute:2",
             "absent:4",
             "lag:5:20",
+            "claim-ahead",
         ] {
             let m: Misbehave = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
@@ -223,6 +241,8 @@ mod tests {
         assert!("scale:x".parse::<Misbehave>().is_err());
         assert!("evil".parse::<Misbehave>().is_err());
         assert!("absent:0".parse::<Misbehave>().is_err());
+        assert_eq!(Misbehave::ClaimsAhead.claimed_round(3), u64::MAX - 1);
+        assert_eq!(Misbehave::Flip.claimed_round(3), 3);
     }
 
     #[test]

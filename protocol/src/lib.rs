@@ -17,6 +17,7 @@
 //! - [`stages`]: which peer holds which pipeline stage (balanced by throughput, stable under churn).
 //! - [`pipe`]: messages of pipeline (model-parallel) training.
 //! - [`statesync`]: how a joiner downloads the state the swarm vouches for, in verified chunks from several peers.
+//! - [`swarm_round`]: the round the swarm has reached, which no single member can move alone.
 //! - [`sim`]: a deterministic swarm simulator that drives many [`averaging::Averager`]s.
 
 pub mod averaging;
@@ -28,6 +29,7 @@ pub mod shards;
 pub mod sim;
 pub mod stages;
 pub mod statesync;
+pub mod swarm_round;
 pub mod tensor;
 pub mod wire;
 

@@ -126,13 +126,29 @@ impl OuterOptimizer {
 
     /// One outer step: `params` holds the round-start parameters on entry and
     /// the new parameters on return; `grad` is the swarm's averaged
-    /// pseudo-gradient. Nothing changes if an input is malformed.
+    /// pseudo-gradient. Nothing changes if an input is malformed, or if the
+    /// step would take a parameter or the momentum out of f32's range (finite
+    /// but huge averaged values, as a hostile member can send).
     pub fn step(&mut self, params: &mut [f32], grad: &[f32]) -> Result<(), OuterError> {
         let n = self.momentum.len();
         same_len("round-start parameters", n, params.len())?;
         same_len("pseudo-gradient", n, grad.len())?;
         finite("pseudo-gradient", grad)?;
         let OuterConfig { lr, momentum: mu } = self.config;
+        let overflow = params
+            .iter()
+            .zip(&self.momentum)
+            .zip(grad)
+            .position(|((p, v), g)| {
+                let v = mu * v + g;
+                !(v.is_finite() && (p - lr * (g + mu * v)).is_finite())
+            });
+        if let Some(index) = overflow {
+            return Err(OuterError::NotFinite {
+                what: "outer step's result",
+                index,
+            });
+        }
         for ((p, v), g) in params.iter_mut().zip(&mut self.momentum).zip(grad) {
             *v = mu * *v + g;
             *p -= lr * (g + mu * *v);
@@ -197,6 +213,33 @@ mod tests {
         assert!((p[1] - 1.355).abs() < 1e-6, "{p:?}");
         assert!((o.momentum()[0] - 2.9).abs() < 1e-6);
         assert!((o.momentum()[1] - -0.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_step_that_would_overflow_changes_nothing() {
+        let mut o = opt(1.0, 0.9, 2);
+        let mut p = vec![1.0, 2.0];
+        o.step(&mut p, &[0.5, 0.5]).unwrap();
+        let (before_p, before_v) = (p.clone(), o.momentum().to_vec());
+        // Finite, but momentum plus gradient, or the move, leaves f32's range.
+        for grad in [[0.0, f32::MAX], [-f32::MAX, 0.0]] {
+            let err = o.step(&mut p, &grad).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    OuterError::NotFinite {
+                        what: "outer step's result",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert_eq!(p, before_p);
+            assert_eq!(o.momentum(), &before_v[..]);
+        }
+        // A non-finite gradient is refused before anything is computed.
+        assert!(o.step(&mut p, &[f32::INFINITY, 0.0]).is_err());
+        assert_eq!(p, before_p);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! ordinary averaging protocol, wrapped in [`crate::wire::Message::StageAvg`]
 //! so that only replicas of the same stage take part.
 
-use crate::tensor::{Payload, TensorError};
+use crate::tensor::{Encoding, Payload, TensorError};
 use serde::{Deserialize, Serialize};
 
 /// Most token ids one micro-batch may carry (bounds what a peer can make us hold).
@@ -137,6 +137,27 @@ pub enum PipeError {
     /// A payload that fails its own checks.
     #[error(transparent)]
     Payload(#[from] TensorError),
+    /// A sparse (top-k) payload. Pipeline tensors are dense; a sparse one's
+    /// length is not backed by the bytes sent, so a few bytes could claim
+    /// gigabytes of values for the receiver to allocate.
+    #[error("a pipeline {what} must be dense, not {encoding:?}")]
+    SparsePayload {
+        /// Which tensor.
+        what: &'static str,
+        /// Its encoding.
+        encoding: Encoding,
+    },
+}
+
+/// Checks a pipeline tensor: its own checks, and dense.
+fn check_dense(what: &'static str, payload: &Payload) -> Result<(), PipeError> {
+    if !payload.encoding.is_dense() {
+        return Err(PipeError::SparsePayload {
+            what,
+            encoding: payload.encoding,
+        });
+    }
+    Ok(payload.validate()?)
 }
 
 impl PipeForward {
@@ -148,7 +169,7 @@ impl PipeForward {
                 max: MAX_TOKENS,
             });
         }
-        Ok(self.activations.validate()?)
+        check_dense("activation", &self.activations)
     }
 }
 
@@ -158,7 +179,7 @@ impl PipeBackward {
         if !self.loss.is_finite() {
             return Err(PipeError::NonFiniteLoss { loss: self.loss });
         }
-        Ok(self.grad.validate()?)
+        check_dense("gradient", &self.grad)
     }
 }
 
@@ -181,7 +202,7 @@ impl StageState {
     /// Checks the stage and the parameters' digest and content.
     pub fn validate(&self) -> Result<(), PipeError> {
         check_stage(self.stage, self.stages)?;
-        Ok(self.params.validate()?)
+        check_dense("stage state", &self.params)
     }
 }
 
@@ -293,5 +314,59 @@ mod tests {
             grad: payload,
         };
         assert!(matches!(back.validate(), Err(PipeError::Payload(_))));
+    }
+
+    #[test]
+    fn sparse_tensors_are_refused_in_every_pipeline_message() {
+        // Sixty-odd bytes that pass the payload's own checks yet claim four
+        // billion values: decoding it would allocate 16 GiB.
+        let mut sparse = Payload::encode(&[], Encoding::TopK { k: 0 });
+        sparse.len = u32::MAX;
+        assert_eq!(sparse.validate(), Ok(()));
+        let fwd = PipeForward {
+            id: 1,
+            train: true,
+            tokens: vec![],
+            activations: sparse.clone(),
+        };
+        assert!(matches!(
+            fwd.validate(),
+            Err(PipeError::SparsePayload {
+                what: "activation",
+                ..
+            })
+        ));
+        let back = PipeBackward {
+            id: 1,
+            loss: 1.0,
+            predicted: 1,
+            grad: sparse.clone(),
+        };
+        assert!(matches!(
+            back.validate(),
+            Err(PipeError::SparsePayload {
+                what: "gradient",
+                ..
+            })
+        ));
+        let state = StageState {
+            stage: 0,
+            stages: 2,
+            round: 1,
+            step: 1,
+            total_steps: 0,
+            params: sparse,
+            last: true,
+        };
+        let err = state.validate().unwrap_err();
+        assert!(err.to_string().contains("must be dense"), "{err}");
+        // Dense codecs, whose length the bytes carry, still pass.
+        for encoding in [Encoding::F16, Encoding::Bf16, Encoding::Int8 { block: 64 }] {
+            let fwd = PipeForward {
+                activations: Payload::encode(&[1.0, -2.0], encoding),
+                ..fwd.clone()
+            };
+            assert_eq!(fwd.validate(), Ok(()), "{encoding:?}");
+        }
     }
 }

@@ -6,8 +6,8 @@ mod common;
 use common::run;
 
 /// Runs a 4-node testnet on the bundled data with the last node hostile;
-/// returns the lowest test accuracy over the nodes.
-fn hostile_testnet(aggregation: &str, misbehave: &str) -> f64 {
+/// returns its summary line.
+fn testnet_with_hostile(aggregation: &str, misbehave: &str) -> serde_json::Value {
     let out = run(&[
         "testnet",
         "--nodes",
@@ -30,7 +30,14 @@ fn hostile_testnet(aggregation: &str, misbehave: &str) -> f64 {
     let summary: serde_json::Value =
         serde_json::from_str(stdout.lines().last().expect("a summary line")).unwrap();
     eprintln!("{aggregation} against {misbehave}: {summary}");
-    summary["test_accuracy_min"].as_f64().unwrap()
+    summary
+}
+
+/// The lowest test accuracy over the nodes of [`testnet_with_hostile`].
+fn hostile_testnet(aggregation: &str, misbehave: &str) -> f64 {
+    testnet_with_hostile(aggregation, misbehave)["test_accuracy_min"]
+        .as_f64()
+        .unwrap()
 }
 
 #[test]
@@ -60,5 +67,22 @@ fn robust_aggregation_keeps_training_through_a_hostile_peer() {
     assert!(
         clipped >= 0.80,
         "centered clip under a scaling peer: {clipped}"
+    );
+}
+
+#[test]
+fn one_peer_claiming_a_far_round_does_not_end_the_others_run() {
+    // The hostile node's Progress says it reached round 2^64 - 2. Believed,
+    // that ends every other node's run after its first round (the swarm
+    // "is past the end"); a single member's claim must not move the swarm.
+    let summary = testnet_with_hostile("mean", "claim-ahead");
+    // Every node trains its whole shard of the bundled ~30,000 images (a
+    // run ended after one round of 10 steps would train a tenth of that).
+    let samples = summary["samples"].as_u64().unwrap();
+    assert!(samples >= 27_000, "{summary}");
+    assert_eq!(summary["models_agree"], true, "{summary}");
+    assert!(
+        summary["test_accuracy_min"].as_f64().unwrap() >= 0.85,
+        "{summary}"
     );
 }

@@ -16,6 +16,7 @@
 
 use p2ptrain_protocol::outer::{pseudo_gradient, OuterConfig, OuterError, OuterOptimizer};
 use p2ptrain_protocol::tensor::ErrorFeedback;
+use tracing::warn;
 
 /// The round-start parameters and the outer optimizer of one node.
 #[derive(Debug)]
@@ -99,13 +100,24 @@ impl Diloco {
 
     /// Applies the swarm's averaged pseudo-gradient to the round start and
     /// returns the new parameters, which also start the next round.
+    ///
+    /// An average that is not finite, or whose step would overflow, can only
+    /// come from a hostile or broken member: the round is skipped (the round
+    /// start carries on, momentum unchanged) rather than the model lost.
+    /// Every member that got the same average skips alike, so models agree.
     pub(super) fn finish(
         &mut self,
         averaged: &[f32],
         current: &[f32],
     ) -> Result<Vec<f32>, OuterError> {
         let mut params = self.start.take().unwrap_or_else(|| current.to_vec());
-        self.outer.step(&mut params, averaged)?;
+        match self.outer.step(&mut params, averaged) {
+            Ok(()) => {}
+            Err(e @ OuterError::NotFinite { .. }) => {
+                warn!(error = %e, "outer step skipped: the averaged pseudo-gradient is unusable");
+            }
+            Err(e) => return Err(e),
+        }
         self.start = Some(params.clone());
         Ok(params)
     }
@@ -170,6 +182,23 @@ mod tests {
         // The new parameters start the next round.
         assert!(!d.needs_start());
         assert_eq!(d.pseudo_gradient(&p).unwrap(), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn an_unusable_average_skips_the_round() {
+        let mut d = diloco(1.0, 0.9, 2);
+        d.begin(vec![2.0, 0.0]);
+        let momentum = d.momentum().to_vec();
+        // Finite, but the step would overflow: the round start carries on.
+        let p = d.finish(&[f32::MAX, -f32::MAX], &[1.0, 1.0]).unwrap();
+        assert_eq!(p, vec![2.0, 0.0]);
+        assert_eq!(d.momentum(), &momentum[..]);
+        assert_eq!(d.start(), Some(&[2.0, 0.0][..]));
+        // Not finite at all: skipped the same way.
+        let p = d.finish(&[f32::NAN, 0.0], &[1.0, 1.0]).unwrap();
+        assert_eq!(p, vec![2.0, 0.0]);
+        // A gradient of the wrong size is a bug, not a peer's doing: an error.
+        assert!(d.finish(&[1.0], &[1.0, 1.0]).is_err());
     }
 
     #[test]

@@ -28,6 +28,7 @@ use p2ptrain_protocol::averaging::{
 };
 use p2ptrain_protocol::outer::{OuterConfig, OuterError};
 use p2ptrain_protocol::statesync::{Download, Vouches};
+use p2ptrain_protocol::swarm_round::SwarmRound;
 use p2ptrain_protocol::wire::{self, Message, Progress};
 use p2ptrain_protocol::{shards, NodeId};
 use serde::{Deserialize, Serialize};
@@ -425,10 +426,10 @@ struct Driver {
     members_changed: bool,
     finished: Option<RoundOutcome>,
     listen_addrs: Vec<Multiaddr>,
-    /// The highest round a member is known to be ready for (from its Join,
-    /// or one past its Progress), so a node that is behind joins the swarm's
-    /// current round instead of rounds nobody else runs any more.
-    swarm_round: u64,
+    /// The rounds members are known to be ready for (from their Joins, or one
+    /// past their Progress or state claims), so a node that is behind joins
+    /// the swarm's current round instead of rounds nobody else runs any more.
+    swarm_round: SwarmRound,
     /// Our last states, served in chunks to nodes catching up.
     served: sync::Served,
     /// Chunks each peer may still ask us for (see [`p2ptrain_protocol::statesync::ServeBudget`]).
@@ -488,6 +489,7 @@ pub async fn run_with_metrics(
             Compute::spawn(task, format!("compute-{peer_id}")).map_err(NodeError::Spawn)?;
         let Network { handle, events, .. } = network;
         let mut driver = Driver::new(&config, handle, events);
+        driver.pipe.data_parallel = true;
         driver.observe(metrics);
         let result = driver.train(&config, &compute, &mut report).await;
         if result.is_ok() {
@@ -518,7 +520,7 @@ impl Driver {
             members_changed: true,
             finished: None,
             listen_addrs: Vec::new(),
-            swarm_round: 0,
+            swarm_round: SwarmRound::default(),
             served: sync::Served::new(config.misbehave_state),
             serve_budget: p2ptrain_protocol::statesync::ServeBudget::new(sync::SERVE_WINDOW),
             vouches: Vouches::default(),
@@ -677,7 +679,7 @@ impl Driver {
             // Behind the swarm and never synced (a late joiner, a restarted
             // peer): fetch the swarm's current model before training on.
             if !self.synced
-                && self.swarm_round > round.saturating_add(1)
+                && self.swarm_round.round() > round.saturating_add(1)
                 && sync_attempts < MAX_SYNC_ATTEMPTS
             {
                 sync_attempts += 1;
@@ -689,14 +691,14 @@ impl Driver {
                 }
             }
             // Number the round like the swarm does if we are behind.
-            if self.swarm_round > round.saturating_add(1) {
+            if self.swarm_round.round() > round.saturating_add(1) {
                 info!(
                     from = round + 1,
-                    to = self.swarm_round,
+                    to = self.swarm_round.round(),
                     "joining the swarm's current round"
                 );
             }
-            let next = round.saturating_add(1).max(self.swarm_round);
+            let next = round.saturating_add(1).max(self.swarm_round.round());
             let last = total_steps.div_ceil(every);
             if next > last {
                 // The swarm is past the end of our run while we are behind
@@ -1055,6 +1057,7 @@ impl Driver {
         loss: f32,
         samples: u64,
     ) -> Result<(), NodeError> {
+        let round = self.misbehave.map_or(round, |m| m.claimed_round(round));
         let msg = Message::Progress(Progress {
             round,
             step,
@@ -1209,6 +1212,8 @@ impl Driver {
                 self.pipe.forget_peer(&peer);
                 self.vouches
                     .forget(&NodeId::from_key_bytes(&peer.to_bytes()));
+                self.swarm_round
+                    .forget(&NodeId::from_key_bytes(&peer.to_bytes()));
                 self.members_changed = true;
                 let ids = self.swarm_ids();
                 self.averager.set_peers(&ids);
@@ -1234,13 +1239,13 @@ impl Driver {
                     }
                     Ok(Message::Avg(msg)) => {
                         if let AvgMessage::Join { round, .. } = &msg {
-                            self.swarm_round = self.swarm_round.max(*round);
+                            self.swarm_round.record(from_id, *round);
                         }
                         let now = self.now();
                         self.averager.handle_message(now, from_id, msg);
                     }
                     Ok(Message::Progress(p)) => {
-                        self.swarm_round = self.swarm_round.max(p.round.saturating_add(1));
+                        self.swarm_round.record(from_id, p.round.saturating_add(1));
                         debug!(peer = %from, round = p.round, loss = p.loss, "peer progress")
                     }
                     Ok(

@@ -120,6 +120,10 @@ pub struct PipelineReport {
 /// Pipeline messages waiting for the pipeline loop, and who serves which stage.
 #[derive(Default)]
 pub(super) struct Inbox {
+    /// Set on a data-parallel node, which has no use for activations,
+    /// gradients or stage backups: nothing would ever take them out of the
+    /// inbox, so a peer sending them could pin memory without bound.
+    pub(super) data_parallel: bool,
     /// Stages our model is cut into (0 until the pipeline starts); peers
     /// announcing another count cannot exchange activations with us.
     stages: u32,
@@ -161,7 +165,19 @@ impl Inbox {
         before.is_none_or(|b| b.stage != hello.stage)
     }
 
+    /// Whether a pipeline message from `from` is dropped because this node
+    /// trains data-parallel.
+    fn not_a_pipeline(&self, from: PeerId, what: &str) -> bool {
+        if self.data_parallel {
+            debug!(peer = %from, what, "pipeline message to a data-parallel node dropped");
+        }
+        self.data_parallel
+    }
+
     pub(super) fn on_forward(&mut self, from: PeerId, f: PipeForward) {
+        if self.not_a_pipeline(from, "activations") {
+            return;
+        }
         if self.forwards.len() >= INBOX_LIMIT {
             warn!(peer = %from, "pipeline inbox full; micro-batch dropped");
             return;
@@ -170,6 +186,9 @@ impl Inbox {
     }
 
     pub(super) fn on_backward(&mut self, from: PeerId, b: PipeBackward) {
+        if self.not_a_pipeline(from, "gradient") {
+            return;
+        }
         if self.backwards.len() >= INBOX_LIMIT {
             warn!(peer = %from, "pipeline inbox full; gradient dropped");
             return;
@@ -179,6 +198,9 @@ impl Inbox {
 
     /// Keeps `state` as its stage's backup if it is newer than the one held.
     pub(super) fn on_stage_state(&mut self, from: PeerId, state: StageState) {
+        if self.not_a_pipeline(from, "stage parameters") {
+            return;
+        }
         if self.stages != 0 && state.stages != self.stages {
             debug!(peer = %from, "stage parameters for another stage count ignored");
             return;
@@ -527,7 +549,7 @@ impl Driver {
             .map_or(0, |r| r.saturating_add(1));
         round
             .saturating_add(1)
-            .max(self.swarm_round)
+            .max(self.swarm_round.round())
             .max(after_finished)
     }
 
@@ -1681,6 +1703,48 @@ mod tests {
             );
         }
         assert_eq!(inbox.forwards.len(), INBOX_LIMIT);
+    }
+
+    #[test]
+    fn a_data_parallel_inbox_keeps_no_pipeline_tensors() {
+        let mut inbox = Inbox {
+            data_parallel: true,
+            ..Inbox::default()
+        };
+        let a = PeerId::random();
+        let payload = tensor::Payload::from_f32(&[1.0; 16]);
+        inbox.on_forward(
+            a,
+            PipeForward {
+                id: 1,
+                train: true,
+                tokens: vec![],
+                activations: payload.clone(),
+            },
+        );
+        inbox.on_backward(
+            a,
+            PipeBackward {
+                id: 1,
+                loss: 1.0,
+                predicted: 1,
+                grad: payload.clone(),
+            },
+        );
+        inbox.on_stage_state(
+            a,
+            StageState {
+                stage: 0,
+                stages: 2,
+                round: 1,
+                step: 1,
+                total_steps: 10,
+                params: payload,
+                last: true,
+            },
+        );
+        assert!(inbox.forwards.is_empty() && inbox.backwards.is_empty());
+        assert!(inbox.backups.is_empty() && inbox.closing.is_empty());
     }
 
     #[test]

@@ -251,7 +251,7 @@ impl Driver {
             Message::StateAnnounce(claim) => {
                 self.state_answers.insert(from_id);
                 if let Some(c) = claim {
-                    self.swarm_round = self.swarm_round.max(c.round.saturating_add(1));
+                    self.swarm_round.record(from_id, c.round.saturating_add(1));
                     self.vouches.record(from_id, *c);
                 }
             }

@@ -328,7 +328,7 @@ pub fn save_state(
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    prune(dir, KEEP);
+    prune(dir, KEEP, &meta.swarm);
     Ok(path)
 }
 
@@ -373,14 +373,39 @@ fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     Ok(found)
 }
 
-fn prune(dir: &Path, keep: usize) {
+/// Deletes all but the newest `keep` checkpoints of `swarm` in `dir`.
+/// Checkpoints of other swarms (a directory shared by mistake) and files
+/// whose header cannot be read are someone else's: left alone.
+fn prune(dir: &Path, keep: usize, swarm: &str) {
     if let Ok(found) = list(dir) {
-        for (_, old) in found.into_iter().skip(keep) {
+        let ours = found
+            .into_iter()
+            .filter(|(_, path)| swarm_of(path).as_deref() == Some(swarm));
+        for (_, old) in ours.skip(keep) {
             if let Err(e) = std::fs::remove_file(&old) {
                 warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint");
             }
         }
     }
+}
+
+/// The swarm named in a checkpoint's header, reading the header only.
+fn swarm_of(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut head = [0u8; 16];
+    file.read_exact(&mut head).ok()?;
+    if &head[..8] != MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(head[12..16].try_into().ok()?) as usize;
+    if len > MAX_HEADER {
+        return None;
+    }
+    let mut header = vec![0u8; len];
+    file.read_exact(&mut header).ok()?;
+    let header: Header = serde_json::from_slice(&header).ok()?;
+    Some(header.meta.swarm)
 }
 
 /// Reads and verifies one checkpoint file (its hash must match its name).
@@ -442,6 +467,31 @@ mod tests {
         assert_eq!(c.params, vec![5.0; 100]);
         // Only the newest KEEP survive.
         assert_eq!(list(dir.path()).unwrap().len(), KEEP);
+    }
+
+    #[test]
+    fn pruning_leaves_other_swarms_checkpoints_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = |r: u64| CheckpointMeta {
+            swarm: "other".into(),
+            ..meta(r, &[0.0])
+        };
+        for r in 1..=2u64 {
+            save(dir.path(), &theirs(r), &[0.0]).unwrap();
+        }
+        std::fs::write(dir.path().join("ckpt-r00000000-00.bin"), b"not ours").unwrap();
+        for r in 3..=(3 + KEEP as u64) {
+            save(dir.path(), &meta(r, &[1.0]), &[1.0]).unwrap();
+        }
+        let swarms: Vec<Option<String>> = list(dir.path())
+            .unwrap()
+            .iter()
+            .map(|(_, p)| swarm_of(p))
+            .collect();
+        let count = |s: Option<&str>| swarms.iter().filter(|x| x.as_deref() == s).count();
+        assert_eq!(count(Some("s")), KEEP);
+        assert_eq!(count(Some("other")), 2);
+        assert_eq!(count(None), 1, "an unreadable file was deleted");
     }
 
     #[test]

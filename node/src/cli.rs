@@ -111,9 +111,13 @@ pub struct PlotArgs {
     /// subdirectories hold one node's records each.
     #[arg(value_name = "RUN_DIR")]
     pub run_dir: PathBuf,
-    /// Where to write the PNG (default: RUN_DIR/loss.png).
+    /// Where to write the PNG (default: RUN_DIR/loss.png). A plot drawn
+    /// before is replaced; any other file there only with --force.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Replace the --out file even if it is not a PNG.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Flags of `p2ptrain sample`.
@@ -244,7 +248,8 @@ pub struct TrainArgs {
     pub aggregation: Aggregation,
     /// Tests only: make this node hostile, corrupting every averaging payload it sends
     /// (flip, nan or scale:FACTOR; deaf:ROUND ignores the reduced parts it gets in that round; mute:ROUND sends no tensor from that round on;
-    /// absent:ROUND takes no part in averaging from that round on; lag:ROUND:SECS stalls SECS seconds before training that round).
+    /// absent:ROUND takes no part in averaging from that round on; lag:ROUND:SECS stalls SECS seconds before training that round;
+    /// claim-ahead tells the swarm it has reached the last possible round).
     #[arg(long, hide = true, value_name = "HOW")]
     pub misbehave: Option<crate::misbehave::Misbehave>,
     /// Compute device: cpu, or cuda (needs a build with `--features cuda`).
@@ -318,14 +323,14 @@ pub struct NodeArgs {
     /// Wait until this many peers (this one included) are in the swarm before training.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
     pub min_peers: u64,
-    /// Give up if --min-peers are not there after this many seconds.
-    #[arg(long, default_value_t = 120, allow_negative_numbers = true)]
+    /// Give up if --min-peers are not there after this many seconds (at most a week).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=MAX_WAIT_SECS), allow_negative_numbers = true)]
     pub wait_peers_secs: u64,
     /// Print progress as JSON event lines on stdout (for scripts and `testnet`).
     #[arg(long)]
     pub events: bool,
-    /// Seconds to keep serving peers after training ends, so they can finish the last round.
-    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
+    /// Seconds to keep serving peers after training ends, so they can finish the last round (at most 86400).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=86_400), allow_negative_numbers = true)]
     pub linger_secs: u64,
     /// Write checkpoints (atomic, blake3-verified) into this directory.
     #[arg(long, value_name = "DIR", env = "P2PTRAIN_CHECKPOINT_DIR")]
@@ -364,8 +369,8 @@ pub struct TestnetArgs {
     /// Number of node processes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64), allow_negative_numbers = true)]
     pub nodes: u64,
-    /// Abort (and exit non-zero) if training takes longer than this many seconds.
-    #[arg(long, default_value_t = 3600, allow_negative_numbers = true)]
+    /// Abort (and exit non-zero) if training takes longer than this many seconds (at most a week).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=MAX_WAIT_SECS), allow_negative_numbers = true)]
     pub timeout_secs: u64,
     /// Give node i `--checkpoint-dir DIR/node-i` (char-lm: each node's final
     /// stage, for `p2ptrain sample --from DIR`).
@@ -464,6 +469,11 @@ fn parse_aggregation(s: &str) -> Result<Aggregation, String> {
     rule.validate()?;
     Ok(rule)
 }
+
+/// The longest a node waits for peers, or a testnet for its nodes: a week.
+/// Durations are added to the clock, so they need some bound, and a week
+/// is beyond any real wait.
+const MAX_WAIT_SECS: u64 = 7 * 86_400;
 
 fn parse_secs(s: &str) -> Result<f64, String> {
     let v: f64 = s
@@ -626,6 +636,50 @@ pub fn parse_with_config(argv: Vec<OsString>) -> Result<Cli, CliError> {
     Cli::try_parse_from(argv).map_err(CliError::Clap)
 }
 
+/// A checkpoint resumes only the swarm and model that wrote it: another
+/// swarm's would mix runs in one directory, another model's cannot load.
+fn check_resumable(
+    dir: &std::path::Path,
+    meta: &crate::checkpoint::CheckpointMeta,
+    swarm: &str,
+    model: &str,
+) -> anyhow::Result<()> {
+    if meta.swarm != swarm {
+        anyhow::bail!(
+            "the newest checkpoint in {} is of swarm `{}`, not `{swarm}`: pass --swarm {} to resume it, or another --resume directory",
+            dir.display(),
+            meta.swarm,
+            meta.swarm
+        );
+    }
+    if meta.model != model {
+        anyhow::bail!(
+            "the newest checkpoint in {} is of model `{}`, not `{model}`: pass --model {} to resume it",
+            dir.display(),
+            meta.model,
+            meta.model
+        );
+    }
+    Ok(())
+}
+
+/// clap's error as one line: its message with the arguments it names and its
+/// tip (`a similar argument exists: …`), without the usage block after them.
+fn one_line(rendered: &str) -> String {
+    let line = rendered
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if line.is_empty() {
+        "error: invalid arguments".to_string()
+    } else {
+        line
+    }
+}
+
 /// The binary's entry point: parses flags, runs, and turns errors into one line and exit code.
 pub fn main_entry() -> ExitCode {
     let heap = p2ptrain_heap::keep_large_buffers();
@@ -637,18 +691,20 @@ pub fn main_entry() -> ExitCode {
         }
         Err(CliError::Clap(e)) => {
             use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
-            let rendered = e.render().to_string();
-            let line = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{line} (see `p2ptrain --help`)");
+            // No subcommand: the help, but on stderr and as a failure, so a
+            // script that forgot the command does not pass.
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(2);
+            }
+            eprintln!(
+                "{} (see `p2ptrain --help`)",
+                one_line(&e.render().to_string())
+            );
             return ExitCode::from(2);
         }
     };
@@ -675,7 +731,7 @@ pub fn main_entry() -> ExitCode {
             Command::Sample(args) => run_sample(args),
             Command::Plot(args) => {
                 let out = args.out.unwrap_or_else(|| args.run_dir.join("loss.png"));
-                let plotted = crate::plot::plot_run_dir(&args.run_dir, &out)?;
+                let plotted = crate::plot::plot_run_dir(&args.run_dir, &out, args.force)?;
                 println!(
                     "{} ({} node(s), {}x{})",
                     out.display(),
@@ -744,12 +800,16 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         None
     };
     let resume = match &args.resume {
-        Some(dir) => Some(crate::checkpoint::load_latest(dir).map_err(|e| match e {
-            CheckpointError::NoneFound(_) => {
-                anyhow::anyhow!("{e}; start without --resume to train from scratch")
-            }
-            other => other.into(),
-        })?),
+        Some(dir) => {
+            let ckpt = crate::checkpoint::load_latest(dir).map_err(|e| match e {
+                CheckpointError::NoneFound(_) => {
+                    anyhow::anyhow!("{e}; start without --resume to train from scratch")
+                }
+                other => other.into(),
+            })?;
+            check_resumable(dir, &ckpt.meta, &args.swarm, &args.train.model.to_string())?;
+            Some(ckpt)
+        }
         None => None,
     };
     let checkpoints = args

@@ -141,7 +141,8 @@ fn serve(mut task: Box<dyn Task>, commands: std_mpsc::Receiver<Command>) {
         // A dropped reply receiver just means the driver stopped waiting.
         match command {
             Command::Train(steps, reply) => {
-                let mut stats = Vec::with_capacity(steps as usize);
+                // Grown as steps finish: `steps` is the user's, unbounded.
+                let mut stats = Vec::with_capacity((steps as usize).min(1024));
                 let mut result = Ok(());
                 for _ in 0..steps {
                     match task.train_step() {

@@ -35,24 +35,35 @@ pub enum IdentityError {
 
 /// Loads the key at `path`, or creates one there if the file does not exist.
 ///
-/// A new key is written to a temporary file and renamed into place, so an
-/// interrupted start never leaves a truncated key behind.
+/// A new key is written to a temporary file of its own and linked into
+/// place only if nothing is there yet, so an interrupted start never leaves
+/// a truncated key behind, no other file is touched, and of two nodes
+/// starting on one key file at once both end with the one key written.
 pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
     match std::fs::read(path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| IdentityError::Decode {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        }),
+        Ok(bytes) => decode(path, &bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = Keypair::generate_ed25519();
             let bytes = key
                 .to_protobuf_encoding()
                 .expect("ed25519 keys always encode");
-            write_atomically(path, &bytes).map_err(|source| IdentityError::Write {
+            let write_error = |source| IdentityError::Write {
                 path: path.to_owned(),
                 source,
-            })?;
-            Ok(key)
+            };
+            match create_new(path, &bytes) {
+                Ok(()) => Ok(key),
+                // Another process created it first: use its key.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    match std::fs::read(path) {
+                        Ok(bytes) => decode(path, &bytes),
+                        // Something is there that cannot be read: a link to
+                        // nowhere, left as it is.
+                        Err(_) => Err(write_error(e)),
+                    }
+                }
+                Err(e) => Err(write_error(e)),
+            }
         }
         Err(source) => Err(IdentityError::Read {
             path: path.to_owned(),
@@ -61,21 +72,43 @@ pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
     }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+fn decode(path: &Path, bytes: &[u8]) -> Result<Keypair, IdentityError> {
+    let error = |reason: String| IdentityError::Decode {
+        path: path.to_owned(),
+        reason,
+    };
+    if bytes.is_empty() {
+        return Err(error("the file is empty".into()));
+    }
+    Keypair::from_protobuf_encoding(bytes).map_err(|e| error(e.to_string()))
+}
+
+/// Writes `bytes` to `path` unless something already exists there (then
+/// `AlreadyExists`, and `path` is untouched).
+fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    name.push(format!(".{}-{nanos}.tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let written = (|| {
         let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        // A fresh file, private from its creation.
+        opts.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
         let mut f = opts.open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+        // A hard link fails if `path` exists, where a rename would replace it.
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    written
 }
 
 #[cfg(test)]
@@ -103,5 +136,64 @@ mod tests {
         );
         // The bad file is left untouched: we never destroy a user's data.
         assert_eq!(std::fs::read(&path).unwrap(), b"not a key");
+    }
+
+    #[test]
+    fn an_empty_key_file_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        std::fs::write(&path, b"").unwrap();
+        let err = load_or_create(&path).unwrap_err().to_string();
+        assert!(err.contains("the file is empty"), "{err}");
+    }
+
+    #[test]
+    fn creating_a_key_touches_no_other_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // `node.key`'s old temporary name, holding something of the user's.
+        let notes = dir.path().join("node.tmp");
+        std::fs::write(&notes, b"my notes").unwrap();
+        let path = dir.path().join("node.key");
+        load_or_create(&path).unwrap();
+        assert_eq!(std::fs::read(&notes).unwrap(), b"my notes");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["node.key", "node.tmp"]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn nodes_creating_one_key_at_once_all_get_the_written_one() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("race.key");
+            let ids: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| s.spawn(|| load_or_create(&path).unwrap().public().to_peer_id()))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let on_disk = load_or_create(&path).unwrap().public().to_peer_id();
+            assert!(ids.iter().all(|id| *id == on_disk), "{ids:?} vs {on_disk}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_to_nowhere_is_left_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        std::os::unix::fs::symlink(dir.path().join("missing.key"), &path).unwrap();
+        let err = load_or_create(&path).unwrap_err().to_string();
+        assert!(err.contains("cannot write key file"), "{err}");
+        assert!(std::fs::read_link(&path).is_ok(), "the link was replaced");
     }
 }

@@ -46,6 +46,10 @@ pub enum PlotError {
     /// The records hold no finite loss to draw.
     #[error("the run records in {} hold no round with a loss to plot", .0.display())]
     NoData(PathBuf),
+    /// The output exists and is not a PNG (a plot drawn before), and
+    /// `--force` was not given.
+    #[error("{} exists and is not a PNG; pass --force to replace it", .0.display())]
+    WouldReplace(PathBuf),
     /// The PNG could not be written.
     #[error("cannot write {}: {source}", path.display())]
     Write {
@@ -371,6 +375,17 @@ fn legend(img: &mut Image, nodes: usize) {
     }
 }
 
+/// Whether `path` is a regular file that starts like a PNG.
+fn is_png(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && path.is_file()
+        && head == *b"\x89PNG\r\n\x1a\n"
+}
+
 /// What [`plot_run_dir`] drew.
 #[derive(Debug, Clone)]
 pub struct Plotted {
@@ -382,8 +397,12 @@ pub struct Plotted {
     pub height: u32,
 }
 
-/// Reads the records under `dir` and writes their plot to `out`.
-pub fn plot_run_dir(dir: &Path, out: &Path) -> Result<Plotted, PlotError> {
+/// Reads the records under `dir` and writes their plot to `out`. A plot
+/// drawn before is replaced; any other file at `out` only with `force`.
+pub fn plot_run_dir(dir: &Path, out: &Path, force: bool) -> Result<Plotted, PlotError> {
+    if !force && out.symlink_metadata().is_ok() && !is_png(out) {
+        return Err(PlotError::WouldReplace(out.to_path_buf()));
+    }
     let runs = read_run_dir(dir)?;
     let img = render(&runs, dir)?;
     let write_err = |source| PlotError::Write {

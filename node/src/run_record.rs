@@ -104,6 +104,7 @@ impl RunRecorder {
             .append(true)
             .open(&path)
             .map_err(io)?;
+        check_first_line(&path)?;
         drop_partial_line(&path, &file).map_err(io)?;
         Ok(RunRecorder {
             path,
@@ -181,9 +182,36 @@ impl RunRecorder {
     }
 }
 
+/// Refuses to append to a file that is not a run record (a `--run-dir`
+/// pointing at some other `metrics.jsonl`): its first whole line must be a
+/// record. Only that line is read.
+fn check_first_line(path: &Path) -> Result<(), RunRecordError> {
+    let io = |source| RunRecordError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut first = String::new();
+    BufReader::new(File::open(path).map_err(io)?)
+        .take(1 << 20)
+        .read_line(&mut first)
+        .map_err(io)?;
+    if !first.ends_with('\n') || first.trim().is_empty() {
+        return Ok(());
+    }
+    match serde_json::from_str::<Record>(first.trim_end()) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(RunRecordError::Malformed {
+            path: path.to_path_buf(),
+            line: 1,
+            reason: format!("{e}; not appending to a file that is not a run record"),
+        }),
+    }
+}
+
 /// Cuts a last line that lacks its newline (a node killed, or a disk filled,
 /// while writing it) off the end of `file`, so the records appended next
-/// start on a line of their own instead of running into it.
+/// start on a line of their own instead of running into it. A whole record
+/// that only lacks its newline is kept, and its line ended.
 fn drop_partial_line(path: &Path, file: &File) -> std::io::Result<()> {
     // Only the last byte is read unless it shows a partial line: a long
     // run's record is not read whole on every start.
@@ -200,6 +228,10 @@ fn drop_partial_line(path: &Path, file: &File) -> std::io::Result<()> {
     }
     let bytes = std::fs::read(path)?;
     let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if serde_json::from_slice::<Record>(&bytes[keep..]).is_ok() {
+        let mut file = file;
+        return file.write_all(b"\n");
+    }
     warn!(
         path = %path.display(),
         bytes = bytes.len() - keep,
@@ -347,26 +379,35 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_line_cut_short_is_skipped_and_cut_before_appending() {
+    /// The round of each record.
+    fn rounds(records: &[Record]) -> Vec<u64> {
+        records
+            .iter()
+            .map(|r| match r {
+                Record::Round { round, .. } | Record::Eval { round, .. } => *round,
+            })
+            .collect()
+    }
+
+    /// A directory whose record file holds rounds 1 and 2; its file, and
+    /// that file's text.
+    fn two_rounds_recorded() -> (tempfile::TempDir, std::path::PathBuf, String) {
         let dir = tempfile::tempdir().unwrap();
         let mut rec = RunRecorder::create(dir.path()).unwrap();
         rec.record(&round(1, 1.0)).unwrap();
         rec.record(&round(2, 1.0)).unwrap();
         drop(rec);
-        // A node killed halfway through its third line.
         let path = dir.path().join(FILE_NAME);
-        let mut text = std::fs::read_to_string(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        (dir, path, text)
+    }
+
+    #[test]
+    fn a_line_cut_short_is_skipped_and_cut_before_appending() {
+        let (dir, path, mut text) = two_rounds_recorded();
+        // A node killed halfway through its third line.
         text.push_str("{\"kind\":\"round\",\"round\":3,\"st");
         std::fs::write(&path, &text).unwrap();
-        let rounds = |records: &[Record]| -> Vec<u64> {
-            records
-                .iter()
-                .map(|r| match r {
-                    Record::Round { round, .. } | Record::Eval { round, .. } => *round,
-                })
-                .collect()
-        };
         assert_eq!(rounds(&read_records(&path).unwrap()), [1, 2]);
         // Resumed into the same directory: the partial line goes, the new
         // record starts a line of its own, and the file reads whole.
@@ -374,6 +415,27 @@ mod tests {
         rec.record(&round(3, 1.0)).unwrap();
         assert_eq!(rounds(&read_records(&path).unwrap()), [1, 2, 3]);
         assert!(!std::fs::read_to_string(&path).unwrap().contains("\"st{"));
+    }
+
+    #[test]
+    fn a_whole_last_record_without_its_newline_is_kept() {
+        let (dir, path, mut text) = two_rounds_recorded();
+        text.pop();
+        std::fs::write(&path, &text).unwrap();
+        let mut rec = RunRecorder::create(dir.path()).unwrap();
+        rec.record(&round(3, 1.0)).unwrap();
+        assert_eq!(rounds(&read_records(&path).unwrap()), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_run_record_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let notes = "my own notes\nline two without newline";
+        std::fs::write(&path, notes).unwrap();
+        let err = RunRecorder::create(dir.path()).err().expect("refused");
+        assert!(err.to_string().contains("not a run record"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), notes);
     }
 
     #[test]

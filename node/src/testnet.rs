@@ -281,7 +281,7 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
             (0, _) => None,
             (n, Some(how)) => Some((nodes - n.min(nodes as u64) as usize, how)),
             (_, None) => {
-                bail!("--hostile needs --misbehave HOW (flip, nan, scale:FACTOR, deaf:ROUND or mute:ROUND)")
+                bail!("--hostile needs --misbehave HOW (flip, nan, scale:FACTOR, deaf:ROUND, mute:ROUND, absent:ROUND, lag:ROUND:SECS or claim-ahead)")
             }
         },
     };
@@ -416,7 +416,7 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let summary = summarize(nodes, &finals, started.elapsed());
     if let Some(dir) = &args.run_dir {
         let out = dir.join("loss.png");
-        crate::plot::plot_run_dir(dir, &out)?;
+        crate::plot::plot_run_dir(dir, &out, false)?;
         eprintln!("testnet: wrote {}", out.display());
     }
     println!("{}", serde_json::to_string(&summary)?);

@@ -187,3 +187,33 @@ fn failed_checkpoint_mid_run_does_not_stop_training() {
     );
     assert_eq!(std::fs::read(&dir).unwrap(), b"in the way");
 }
+
+#[test]
+fn another_swarms_checkpoints_are_neither_resumed_nor_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    // Swarm `ckpt-test` writes checkpoints of rounds 1 to 3.
+    let out = node(dir.path(), &["--steps", "30"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ours = checkpoints(dir.path());
+    assert_eq!(ours.len(), 3, "{ours:?}");
+    // Resuming them as another swarm is refused, naming both swarms.
+    let out = checkpointing_node("other-swarm", dir.path(), &["--steps", "30"])
+        .arg("--resume")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("of swarm `ckpt-test`, not `other-swarm`"),
+        "{err}"
+    );
+    // Another swarm checkpointing into the same directory prunes only its own.
+    let out = checkpointing_node("other-swarm", dir.path(), &["--steps", "60"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for (_, path) in &ours {
+        assert!(path.exists(), "{} was deleted", path.display());
+    }
+}

@@ -274,3 +274,30 @@ fn bad_compression_settings() {
         "--outer-lr",
     );
 }
+
+#[test]
+fn durations_beyond_any_real_wait_are_refused() {
+    // Added to the clock, these overflowed it: a panic, or a node that never exits.
+    let max = u64::MAX.to_string();
+    assert_one_line_error(&["node", "--wait-peers-secs", &max], "--wait-peers-secs");
+    assert_one_line_error(&["node", "--linger-secs", &max], "--linger-secs");
+    assert_one_line_error(&["node", "--linger-secs", "86401"], "--linger-secs");
+    assert_one_line_error(&["testnet", "--timeout-secs", &max], "--timeout-secs");
+    assert_one_line_error(&["testnet", "--timeout-secs", "0"], "--timeout-secs");
+}
+
+#[test]
+fn missing_arguments_and_typos_are_named() {
+    // The names follow clap's first line; only the first line was printed.
+    assert_one_line_error(&["id"], "--key");
+    assert_one_line_error(&["node", "--min-peer", "3"], "--min-peers");
+    // No subcommand: the help, as a failure.
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Usage"),
+        "{out:?}"
+    );
+    let out = run(&["config"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

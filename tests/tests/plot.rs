@@ -153,3 +153,35 @@ fn eval_every_is_refused_for_a_pipeline() {
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(err.contains("--eval-every"), "{err}");
 }
+
+#[test]
+fn plot_replaces_an_earlier_plot_but_no_other_file() {
+    let run = tempfile::tempdir().unwrap();
+    write_node(&run.path().join("node-0"), 0.0, 0.91, 10);
+    let dir = run.path().to_str().unwrap();
+    let plot = |out: &Path, force: bool| {
+        let mut args = vec!["plot", dir, "--out", out.to_str().unwrap()];
+        if force {
+            args.push("--force");
+        }
+        common::run(&args)
+    };
+    // A plot drawn before is simply redrawn.
+    let png = run.path().join("curves.png");
+    assert!(plot(&png, false).status.success());
+    assert!(plot(&png, false).status.success());
+    assert_eq!(decode(&png).0, WIDTH);
+    // The run's own records, named by mistake, are kept.
+    let records = run.path().join("node-0/metrics.jsonl");
+    let before = std::fs::read(&records).unwrap();
+    let res = plot(&records, false);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("is not a PNG; pass --force"), "{err}");
+    assert_eq!(std::fs::read(&records).unwrap(), before);
+    // --force replaces it.
+    let notes = run.path().join("notes.txt");
+    std::fs::write(&notes, "mine").unwrap();
+    assert!(plot(&notes, true).status.success());
+    assert_eq!(decode(&notes).0, WIDTH);
+}

@@ -277,8 +277,28 @@ struct InFlight {
     tries: u32,
 }
 
+/// Whether an answer to micro-batch `id` from `from` counts: the batch must
+/// still wait for one (`sent_to`), and only the replica it was sent to may
+/// give it; any other member's would be trained on in its place.
+fn answered_by(sent_to: Option<PeerId>, from: PeerId, id: u64) -> bool {
+    match sent_to {
+        None => {
+            debug!(peer = %from, id, "late or duplicate answer ignored");
+            false
+        }
+        Some(to) if to != from => {
+            warn!(peer = %from, id, expected = %to, "answer from a peer the micro-batch was not sent to; ignored");
+            false
+        }
+        Some(_) => true,
+    }
+}
+
 /// A middle-stage micro-batch passed on, waiting for its gradient.
 struct Relayed {
+    /// The replica of the next stage it went to, the only peer whose
+    /// answer counts.
+    downstream: PeerId,
     upstream: PeerId,
     upstream_id: u64,
     sent_at: Instant,
@@ -1113,8 +1133,10 @@ impl Driver {
         }
         while !pending.is_empty() {
             while let Some((from, b)) = self.pipe.backwards.pop_front() {
+                if !answered_by(pending.get(&b.id).map(|p| p.to), from, b.id) {
+                    continue;
+                }
                 let Some(p) = pending.remove(&b.id) else {
-                    debug!(peer = %from, id = b.id, "late or duplicate answer ignored");
                     continue;
                 };
                 if train {
@@ -1437,6 +1459,7 @@ impl Driver {
                         relayed.insert(
                             local,
                             Relayed {
+                                downstream: to,
                                 upstream: from,
                                 upstream_id: f.id,
                                 sent_at: Instant::now(),
@@ -1446,8 +1469,10 @@ impl Driver {
                     }
                 }
             } else if let Some((from, b)) = self.pipe.backwards.pop_front() {
+                if !answered_by(relayed.get(&b.id).map(|r| r.downstream), from, b.id) {
+                    continue;
+                }
                 let Some(r) = relayed.remove(&b.id) else {
-                    debug!(peer = %from, id = b.id, "late answer ignored");
                     continue;
                 };
                 let grad_input = if r.train {
@@ -1703,6 +1728,14 @@ mod tests {
             );
         }
         assert_eq!(inbox.forwards.len(), INBOX_LIMIT);
+    }
+
+    #[test]
+    fn only_the_replica_a_micro_batch_went_to_answers_it() {
+        let (to, other) = (PeerId::random(), PeerId::random());
+        assert!(answered_by(Some(to), to, 1));
+        assert!(!answered_by(Some(to), other, 1));
+        assert!(!answered_by(None, to, 1));
     }
 
     #[test]

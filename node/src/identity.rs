@@ -89,11 +89,11 @@ fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
+    // Unique to this process and call: never a file someone else has.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    name.push(format!(".{}-{nanos}.tmp", std::process::id()));
+    name.push(format!(".{}-{call}.tmp", std::process::id()));
     let tmp = path.with_file_name(name);
     let written = (|| {
         let mut opts = std::fs::OpenOptions::new();
@@ -105,7 +105,16 @@ fn create_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
         // A hard link fails if `path` exists, where a rename would replace it.
-        std::fs::hard_link(&tmp, path)
+        match std::fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                // A file system without hard links: rename, if still free.
+                if path.symlink_metadata().is_ok() {
+                    return Err(std::io::ErrorKind::AlreadyExists.into());
+                }
+                std::fs::rename(&tmp, path)
+            }
+            linked => linked,
+        }
     })();
     let _ = std::fs::remove_file(&tmp);
     written

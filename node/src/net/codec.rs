@@ -31,10 +31,23 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io
             format!("frame of {len} bytes exceeds the limit of {limit} bytes"),
         ));
     }
-    let mut buf = vec![0u8; len];
+    // Memory follows the bytes that arrive, not the length claimed: a peer
+    // (not yet known to be a member) that announces 256 MiB and sends
+    // nothing more costs one default part's worth, and past that the buffer
+    // at most doubles what was received. Default-sized parts come in one read.
+    let mut buf = vec![0u8; len.min(FIRST_READ_BYTES)];
     io.read_exact(&mut buf).await?;
+    while buf.len() < len {
+        let have = buf.len();
+        buf.resize(len.min(have * 2), 0);
+        io.read_exact(&mut buf[have..]).await?;
+    }
     Ok(buf)
 }
+
+/// What a frame's buffer starts at before its bytes arrive: an averaging
+/// part of the default size (2^20 values) in f32, with its header.
+const FIRST_READ_BYTES: usize = (4 << 20) + 4096;
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
     let len = u32::try_from(bytes.len())
@@ -118,6 +131,22 @@ mod tests {
 
             let mut truncated = Cursor::new(vec![10, 0, 0, 0, 1, 2]);
             assert!(read_frame(&mut truncated, 16).await.is_err());
+
+            // Frames longer than the first read arrive whole, through the
+            // growing buffer.
+            let long: Vec<u8> = (0..FIRST_READ_BYTES * 3 + 5).map(|i| i as u8).collect();
+            let mut buf = Cursor::new(Vec::new());
+            write_frame(&mut buf, &long).await.unwrap();
+            let mut rd = Cursor::new(buf.into_inner());
+            assert_eq!(read_frame(&mut rd, usize::MAX).await.unwrap(), long);
+            // A claimed length with too few bytes behind it is an error.
+            let mut short = Cursor::new(Vec::new());
+            write_frame(&mut short, &long).await.unwrap();
+            let mut bytes = short.into_inner();
+            bytes.truncate(FIRST_READ_BYTES * 2);
+            assert!(read_frame(&mut Cursor::new(bytes), usize::MAX)
+                .await
+                .is_err());
         });
     }
 }

@@ -75,10 +75,14 @@ pub fn args_from_file(
     node: &Command,
     given: impl Fn(&str) -> bool,
 ) -> Result<Vec<OsString>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let read = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let bytes =
+        crate::small_file::read_capped(path, crate::small_file::SMALL_FILE_LIMIT).map_err(read)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| read(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     args_from_str(&text, path, node, given)
 }
 
@@ -120,6 +124,16 @@ pub fn args_from_str(
             // `--flag=value`, one argument: a value starting with `-` (a
             // negative number, say) is then taken as the value, and its
             // parser says what is wrong with it.
+            // An empty list would silently mean the flag's default (for
+            // `listen`, every interface), not "none".
+            toml::Value::Array(items)
+                if is_list(arg) && items.is_empty() && !arg.get_default_values().is_empty() =>
+            {
+                return Err(bad(
+                    "an empty list would mean the default; give at least one value, or leave the key out"
+                        .into(),
+                ));
+            }
             toml::Value::Array(items) if is_list(arg) => {
                 for item in items {
                     let value = scalar(item)
@@ -286,6 +300,11 @@ mod tests {
         assert!(e.contains("`swarm`") && e.contains("list"), "{e}");
         let e = args("config = \"x.toml\"").unwrap_err().to_string();
         assert!(e.contains("`config`"), "{e}");
+        // `listen = []` meant every interface (the default), not "none".
+        let e = args("listen = []").unwrap_err().to_string();
+        assert!(e.contains("`listen`") && e.contains("empty list"), "{e}");
+        // Without a default, an empty list is just none.
+        assert!(args("bootstrap = []").unwrap().is_empty());
         let e = args("min-peers = ").unwrap_err().to_string();
         assert!(e.contains("not valid TOML"), "{e}");
         // A negative value reaches the flag's parser, which names it (it

@@ -40,7 +40,7 @@ pub enum IdentityError {
 /// a truncated key behind, no other file is touched, and of two nodes
 /// starting on one key file at once both end with the one key written.
 pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
-    match std::fs::read(path) {
+    match read_key(path) {
         Ok(bytes) => decode(path, &bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = Keypair::generate_ed25519();
@@ -55,7 +55,7 @@ pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
                 Ok(()) => Ok(key),
                 // Another process created it first: use its key.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    match std::fs::read(path) {
+                    match read_key(path) {
                         Ok(bytes) => decode(path, &bytes),
                         // Something is there that cannot be read: a link to
                         // nowhere, left as it is.
@@ -70,6 +70,11 @@ pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
             source,
         }),
     }
+}
+
+/// A key file's bytes (a key is under 100 bytes; a larger file is not one).
+fn read_key(path: &Path) -> std::io::Result<Vec<u8>> {
+    crate::small_file::read_capped(path, 4096)
 }
 
 fn decode(path: &Path, bytes: &[u8]) -> Result<Keypair, IdentityError> {

@@ -19,6 +19,7 @@ pub mod net;
 pub mod plot;
 pub mod progress;
 pub mod run_record;
+pub mod small_file;
 pub mod stage_compute;
 pub mod testnet;
 

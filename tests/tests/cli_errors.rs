@@ -301,3 +301,15 @@ fn missing_arguments_and_typos_are_named() {
     let out = run(&["config"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+#[cfg(unix)]
+#[test]
+fn endless_key_secret_and_config_files_are_refused() {
+    // Read whole, /dev/zero filled memory before anything looked at it.
+    assert_one_line_error(&["id", "--key", "/dev/zero"], "larger than");
+    assert_one_line_error(&["node", "--config", "/dev/zero"], "larger than");
+    assert_one_line_error(
+        &["node", "--no-mdns", "--secret-file", "/dev/zero"],
+        "larger than",
+    );
+}

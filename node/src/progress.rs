@@ -101,6 +101,13 @@ pub fn event_lines(e: &NodeEvent) -> Vec<String> {
             .collect(),
         NodeEvent::Started {
             peers,
+            stage: Some(stage),
+            ..
+        } => vec![format!(
+            "training with {peers} peer(s): pipeline stage {stage} (the first stage sets the steps)"
+        )],
+        NodeEvent::Started {
+            peers,
             shard,
             total_steps,
             ..
@@ -225,5 +232,23 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert!(lines[0].ends_with("(-)"), "{out:?}");
         assert!(lines[1].ends_with("(25.0 kB/s)"), "{out:?}");
+    }
+
+    #[test]
+    fn a_pipeline_start_names_its_stage_not_an_empty_shard() {
+        let started = |stage| NodeEvent::Started {
+            peers: 4,
+            shard: 0,
+            total_steps: 0,
+            stage,
+        };
+        assert_eq!(
+            event_lines(&started(Some(1))),
+            ["training with 4 peer(s): pipeline stage 1 (the first stage sets the steps)"]
+        );
+        assert_eq!(
+            event_lines(&started(None)),
+            ["training with 4 peer(s): 0 samples in my shard, 0 steps"]
+        );
     }
 }

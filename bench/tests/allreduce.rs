@@ -3,29 +3,28 @@
 //! the exact mean must come back in every round, and the per-peer send queue must not
 //! stall a round.
 
-use std::process::Command;
+mod common;
 
 /// Runs `p2ptrain-bench allreduce` and returns its result line.
 fn allreduce(peers: usize, values: usize, part_values: usize) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_p2ptrain-bench"))
-        .args(["allreduce", "--rounds", "3", "--timeout-secs", "120"])
-        .args(["--peers", &peers.to_string()])
-        .args(["--values", &values.to_string()])
-        .args(["--part-values", &part_values.to_string()])
-        .output()
-        .expect("run p2ptrain-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "allreduce failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (peers, values, part_values) = (
+        peers.to_string(),
+        values.to_string(),
+        part_values.to_string(),
     );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.contains("\"bench\":\"allreduce\""))
-        .expect("a result line");
-    serde_json::from_str(line).expect("JSON")
+    common::allreduce_line(&[
+        "allreduce",
+        "--rounds",
+        "3",
+        "--timeout-secs",
+        "120",
+        "--peers",
+        &peers,
+        "--values",
+        &values,
+        "--part-values",
+        &part_values,
+    ])
 }
 
 #[test]

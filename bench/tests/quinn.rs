@@ -3,30 +3,23 @@
 //! path-MTU discovery reaches the larger size and the line says it is not that
 //! bound.
 
-use std::process::Command;
+mod common;
 
 /// Runs `p2ptrain-bench quinn` on two processes and returns its result line.
 fn quinn(extra: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_p2ptrain-bench"))
-        .args([
-            "quinn", "--peers", "2", "--values", "300000", "--rounds", "3",
-        ])
-        .args(["--timeout-secs", "120"])
-        .args(extra)
-        .output()
-        .expect("run p2ptrain-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "quinn failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.contains("\"bench\":\"allreduce\""))
-        .expect("a result line");
-    serde_json::from_str(line).expect("JSON")
+    let mut args = vec![
+        "quinn",
+        "--peers",
+        "2",
+        "--values",
+        "300000",
+        "--rounds",
+        "3",
+        "--timeout-secs",
+        "120",
+    ];
+    args.extend_from_slice(extra);
+    common::allreduce_line(&args)
 }
 
 #[test]

@@ -135,13 +135,14 @@ impl OuterOptimizer {
         same_len("pseudo-gradient", n, grad.len())?;
         finite("pseudo-gradient", grad)?;
         let OuterConfig { lr, momentum: mu } = self.config;
+        // Checked before anything is written, with the same arithmetic.
         let overflow = params
             .iter()
             .zip(&self.momentum)
             .zip(grad)
             .position(|((p, v), g)| {
-                let v = mu * v + g;
-                !(v.is_finite() && (p - lr * (g + mu * v)).is_finite())
+                let (p, v) = nesterov(lr, mu, *p, *v, *g);
+                !(p.is_finite() && v.is_finite())
             });
         if let Some(index) = overflow {
             return Err(OuterError::NotFinite {
@@ -150,11 +151,16 @@ impl OuterOptimizer {
             });
         }
         for ((p, v), g) in params.iter_mut().zip(&mut self.momentum).zip(grad) {
-            *v = mu * *v + g;
-            *p -= lr * (g + mu * *v);
+            (*p, *v) = nesterov(lr, mu, *p, *v, *g);
         }
         Ok(())
     }
+}
+
+/// One parameter's Nesterov step: its new value and momentum.
+fn nesterov(lr: f32, mu: f32, p: f32, v: f32, g: f32) -> (f32, f32) {
+    let v = mu * v + g;
+    (p - lr * (g + mu * v), v)
 }
 
 fn same_len(what: &'static str, want: usize, got: usize) -> Result<(), OuterError> {

@@ -277,21 +277,25 @@ struct InFlight {
     tries: u32,
 }
 
-/// Whether an answer to micro-batch `id` from `from` counts: the batch must
-/// still wait for one (`sent_to`), and only the replica it was sent to may
-/// give it; any other member's would be trained on in its place.
-fn answered_by(sent_to: Option<PeerId>, from: PeerId, id: u64) -> bool {
-    match sent_to {
-        None => {
-            debug!(peer = %from, id, "late or duplicate answer ignored");
-            false
-        }
-        Some(to) if to != from => {
-            warn!(peer = %from, id, expected = %to, "answer from a peer the micro-batch was not sent to; ignored");
-            false
-        }
-        Some(_) => true,
+/// Takes micro-batch `id` out of `waiting` for its answer from `from`, if it
+/// still waits for one and `from` is the replica it was sent to (`sent_to`):
+/// any other member's answer would be trained on in its place.
+fn take_answered<T>(
+    waiting: &mut BTreeMap<u64, T>,
+    sent_to: impl Fn(&T) -> PeerId,
+    from: PeerId,
+    id: u64,
+) -> Option<T> {
+    let std::collections::btree_map::Entry::Occupied(entry) = waiting.entry(id) else {
+        debug!(peer = %from, id, "late or duplicate answer ignored");
+        return None;
+    };
+    let to = sent_to(entry.get());
+    if to != from {
+        warn!(peer = %from, id, expected = %to, "answer from a peer the micro-batch was not sent to; ignored");
+        return None;
     }
+    Some(entry.remove())
 }
 
 /// A middle-stage micro-batch passed on, waiting for its gradient.
@@ -1133,10 +1137,7 @@ impl Driver {
         }
         while !pending.is_empty() {
             while let Some((from, b)) = self.pipe.backwards.pop_front() {
-                if !answered_by(pending.get(&b.id).map(|p| p.to), from, b.id) {
-                    continue;
-                }
-                let Some(p) = pending.remove(&b.id) else {
+                let Some(p) = take_answered(&mut pending, |p| p.to, from, b.id) else {
                     continue;
                 };
                 if train {
@@ -1469,10 +1470,7 @@ impl Driver {
                     }
                 }
             } else if let Some((from, b)) = self.pipe.backwards.pop_front() {
-                if !answered_by(relayed.get(&b.id).map(|r| r.downstream), from, b.id) {
-                    continue;
-                }
-                let Some(r) = relayed.remove(&b.id) else {
+                let Some(r) = take_answered(&mut relayed, |r| r.downstream, from, b.id) else {
                     continue;
                 };
                 let grad_input = if r.train {
@@ -1733,9 +1731,11 @@ mod tests {
     #[test]
     fn only_the_replica_a_micro_batch_went_to_answers_it() {
         let (to, other) = (PeerId::random(), PeerId::random());
-        assert!(answered_by(Some(to), to, 1));
-        assert!(!answered_by(Some(to), other, 1));
-        assert!(!answered_by(None, to, 1));
+        let mut waiting = BTreeMap::from([(1u64, to)]);
+        assert_eq!(take_answered(&mut waiting, |t| *t, other, 1), None);
+        assert_eq!(waiting.len(), 1, "another peer's answer took the batch");
+        assert_eq!(take_answered(&mut waiting, |t| *t, to, 1), Some(to));
+        assert_eq!(take_answered(&mut waiting, |t| *t, to, 1), None);
     }
 
     #[test]

@@ -663,23 +663,6 @@ fn check_resumable(
     Ok(())
 }
 
-/// clap's error as one line: its message with the arguments it names and its
-/// tip (`a similar argument exists: …`), without the usage block after them.
-fn one_line(rendered: &str) -> String {
-    let line = rendered
-        .lines()
-        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
-    if line.is_empty() {
-        "error: invalid arguments".to_string()
-    } else {
-        line
-    }
-}
-
 /// The binary's entry point: parses flags, runs, and turns errors into one line and exit code.
 pub fn main_entry() -> ExitCode {
     let heap = p2ptrain_heap::keep_large_buffers();
@@ -703,7 +686,8 @@ pub fn main_entry() -> ExitCode {
             }
             eprintln!(
                 "{} (see `p2ptrain --help`)",
-                one_line(&e.render().to_string())
+                crate::error_text::clap_one_line(&e)
+                    .unwrap_or_else(|| "error: invalid arguments".into())
             );
             return ExitCode::from(2);
         }

@@ -152,8 +152,8 @@ pub fn args_from_str(
         let mut check = vec![OsString::from("node")];
         check.extend(args.iter().map(OsString::from));
         if let Err(e) = node.clone().try_get_matches_from(check) {
-            let rendered = e.render().to_string();
-            let line = rendered.lines().next().unwrap_or("invalid value");
+            let line =
+                crate::error_text::clap_one_line(&e).unwrap_or_else(|| "invalid value".into());
             return Err(bad(line.trim_start_matches("error: ").to_string()));
         }
         if !given(arg.get_id().as_str()) {

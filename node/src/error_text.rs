@@ -2,6 +2,21 @@
 
 use std::error::Error;
 
+/// clap's error as one line: its message with the arguments it names and its
+/// tip (`a similar argument exists: …`), without the usage block after them
+/// (`None` if it renders nothing).
+pub fn clap_one_line(e: &clap::Error) -> Option<String> {
+    let rendered = e.render().to_string();
+    let line = rendered
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    (!line.is_empty()).then_some(line)
+}
+
 /// `e` and its sources joined by ": ", skipping empty messages and ones the
 /// line already holds. Many errors print their source in their own message
 /// and also expose it as their source (anyhow's `{:#}` then repeats it), and

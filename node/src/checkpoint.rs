@@ -196,30 +196,34 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// A checkpoint's header and the body after it, from its first bytes (the
+/// whole file, or as much as holds the header); the reason if they are not one.
+fn split_header(bytes: &[u8]) -> Result<(Header, &[u8]), String> {
+    if bytes.len() < 16 || &bytes[..8] != MAGIC {
+        return Err("missing the P2PTCKPT header".into());
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
+        return Err(format!(
+            "format version {version}, this build reads {OLDEST_READABLE} to {FORMAT_VERSION}; \
+             resume with the p2ptrain version that wrote it"
+        ));
+    }
+    let header_len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+    if header_len > MAX_HEADER || 16 + header_len > bytes.len() {
+        return Err(format!("header length {header_len} does not fit the file"));
+    }
+    let header =
+        serde_json::from_slice(&bytes[16..16 + header_len]).map_err(|e| format!("header: {e}"))?;
+    Ok((header, &bytes[16 + header_len..]))
+}
+
 fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
     let invalid = |reason: String| CheckpointError::Invalid {
         path: path.to_owned(),
         reason,
     };
-    if bytes.len() < 16 || &bytes[..8] != MAGIC {
-        return Err(invalid("missing the P2PTCKPT header".into()));
-    }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
-        return Err(invalid(format!(
-            "format version {version}, this build reads {OLDEST_READABLE} to {FORMAT_VERSION}; \
-             resume with the p2ptrain version that wrote it"
-        )));
-    }
-    let header_len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
-    if header_len > MAX_HEADER || 16 + header_len > bytes.len() {
-        return Err(invalid(format!(
-            "header length {header_len} does not fit the file"
-        )));
-    }
-    let Header { meta, optim, outer } = serde_json::from_slice(&bytes[16..16 + header_len])
-        .map_err(|e| invalid(format!("header: {e}")))?;
-    let body = &bytes[16 + header_len..];
+    let (Header { meta, optim, outer }, body) = split_header(bytes).map_err(invalid)?;
     // Parameters, then (with an optimizer section) two moment vectors of the
     // same length, then (with an outer section) the outer momentum.
     let sections = 1 + 2 * usize::from(optim.is_some()) + usize::from(outer.is_some());
@@ -389,22 +393,16 @@ fn prune(dir: &Path, keep: usize, swarm: &str) {
     }
 }
 
-/// The swarm named in a checkpoint's header, reading the header only.
+/// The swarm named in a checkpoint's header, reading no more than a header.
 fn swarm_of(path: &Path) -> Option<String> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).ok()?;
-    let mut head = [0u8; 16];
-    file.read_exact(&mut head).ok()?;
-    if &head[..8] != MAGIC {
-        return None;
-    }
-    let len = u32::from_le_bytes(head[12..16].try_into().ok()?) as usize;
-    if len > MAX_HEADER {
-        return None;
-    }
-    let mut header = vec![0u8; len];
-    file.read_exact(&mut header).ok()?;
-    let header: Header = serde_json::from_slice(&header).ok()?;
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take((16 + MAX_HEADER) as u64)
+        .read_to_end(&mut head)
+        .ok()?;
+    let (header, _) = split_header(&head).ok()?;
     Some(header.meta.swarm)
 }
 

@@ -97,6 +97,7 @@
 mod allreduce;
 mod config;
 pub mod deadline;
+mod early;
 mod matchmaking;
 mod messages;
 mod outcome;
@@ -155,7 +156,7 @@ pub struct Averager {
     /// `Part`s for our matchmaking round that overtook the `Group` message
     /// (gossip and direct streams are not ordered): replayed once the group
     /// forms instead of waiting for the sender's retransmit.
-    early_parts: Vec<(NodeId, u32, Payload)>,
+    early_parts: early::EarlyParts,
     /// The reference of the round in matchmaking (see [`Averager::start_round_around`]).
     reference: Option<Vec<f32>>,
     /// The reduce deadline fitted to measured rounds, when `config.adaptive_deadline`.
@@ -167,9 +168,6 @@ pub struct Averager {
     /// When the all-reduce in flight began.
     reduce_started: Duration,
 }
-
-/// Early parts held per round: one per member and part at most.
-const MAX_EARLY_PARTS: usize = MAX_GROUP_MEMBERS;
 
 impl Averager {
     /// Creates the state machine for peer `me`. Call [`Averager::set_peers`] before the
@@ -186,7 +184,7 @@ impl Averager {
             out: Outbox::default(),
             last_now: Duration::ZERO,
             recheck: false,
-            early_parts: Vec::new(),
+            early_parts: early::EarlyParts::default(),
             reference: None,
             deadline: deadline::ReduceDeadline::new(config.reduce_timeout),
             matchmaking_deadlines: deadline::MatchmakingDeadlines::new(
@@ -570,6 +568,34 @@ impl Averager {
             self.out.reject(from, reason);
             return;
         }
+        // Every member must be someone we know: a live peer of our view, or
+        // one whose Join for this round reached us. A leader listing others
+        // (hostile) would make every member wait the reduce deadline for
+        // parts nobody sends, and fill the sit-out list with made-up ids:
+        // regroup without it instead.
+        let strangers = members
+            .iter()
+            .filter(|m| **m != self.me && **m != from)
+            .filter(|m| !self.peers.contains(m) && !mm.has_joined(m))
+            .count();
+        if strangers > 0 {
+            self.out.reject(
+                from,
+                format!(
+                    "Group for round {round} lists {strangers} members this peer neither \
+                     sees nor heard join; regrouping without its leader"
+                ),
+            );
+            let State::Matchmaking(mm) = &mut self.state else {
+                return;
+            };
+            if mm.set_aside(&[from]).is_err() {
+                self.finish_alone();
+                return;
+            }
+            self.try_close(now);
+            return;
+        }
         let waited = mm.elapsed(now);
         self.matchmaking_deadlines.observe_group(waited);
         if members.binary_search(&self.me).is_ok() {
@@ -597,13 +623,7 @@ impl Averager {
             // Our group has not formed yet: keep the part (bounded, first
             // copy wins) and feed it in when it does.
             State::Matchmaking(mm) if mm.round == round => {
-                let seen = self
-                    .early_parts
-                    .iter()
-                    .any(|(f, p, _)| *f == from && *p == part);
-                if !seen && self.early_parts.len() < MAX_EARLY_PARTS {
-                    self.early_parts.push((from, part, payload.clone()));
-                }
+                self.early_parts.keep(from, part, payload, mm.values.len());
             }
             _ => {
                 if let Some(last) = &self.last_reduced {
@@ -684,7 +704,7 @@ impl Averager {
         );
         ar.reference = self.reference.take();
         // The all-reduce validates each replayed part as if it had just arrived.
-        for (from, part, payload) in std::mem::take(&mut self.early_parts) {
+        for (from, part, payload) in self.early_parts.take() {
             ar.on_part(from, part, &payload, &mut self.out);
         }
         // Members that joined a later round while we were matchmaking (the

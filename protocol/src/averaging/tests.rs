@@ -375,6 +375,65 @@ fn peers_a_leader_leaves_out_regroup_without_it() {
 }
 
 #[test]
+fn a_group_listing_unknown_members_is_refused_and_the_rest_regroup() {
+    // A leads B and C, but its Group also lists E and F, which nobody sees
+    // and which never joined: B and C refuse it and average as a pair,
+    // instead of waiting the reduce deadline for parts nobody sends.
+    const E: u8 = 5;
+    const F: u8 = 6;
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    for n in nodes.iter_mut() {
+        n.start_round(ms(0), 1, vec![1.0; 4]).unwrap();
+    }
+    let padded = AvgMessage::Group {
+        round: 1,
+        len: 4,
+        members: vec![id(A), id(B), id(C), id(E), id(F)],
+    };
+    let (b, c) = (nodes[1].me(), nodes[2].me());
+    let mut rest = nodes.split_off(1);
+    let mut refused = Vec::new();
+    for n in rest.iter_mut() {
+        n.handle_message(ms(1), id(A), AvgMessage::Join { round: 1, len: 4 });
+        n.handle_message(ms(2), id(A), padded.clone());
+        refused.push(rejections(&events(n)));
+    }
+    for r in &refused {
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].contains("lists 2 members"), "{r:?}");
+    }
+    let evs = pump(&mut rest, ms(3));
+    for (i, e) in evs.iter().enumerate() {
+        let done = finished(e);
+        assert_eq!(done.len(), 1, "node {i}: {e:?}");
+        assert_eq!(done[0].group, vec![b, c]);
+        assert!(done[0].parts.iter().all(|p| p.averaged));
+    }
+}
+
+#[test]
+fn a_group_may_list_a_member_known_only_by_its_join() {
+    // D is not (yet) in C's view, but its Join for the round reached C:
+    // A's Group listing it is followed.
+    let mut c = node(C, &[A, B]);
+    c.start_round(ms(0), 1, vec![1.0]).expect("start");
+    c.handle_message(ms(1), id(D), AvgMessage::Join { round: 1, len: 1 });
+    let members = vec![id(A), id(C), id(D)];
+    c.handle_message(
+        ms(2),
+        id(A),
+        AvgMessage::Group {
+            round: 1,
+            len: 1,
+            members: members.clone(),
+        },
+    );
+    let evs = events(&mut c);
+    assert!(rejections(&evs).is_empty(), "{evs:?}");
+    assert!(evs.contains(&AvgEvent::GroupFormed { round: 1, members }));
+}
+
+#[test]
 fn group_from_a_non_leader_or_with_other_len_is_rejected_and_ignored() {
     let mut c = node(C, &[A, B, C]);
     c.start_round(ms(0), 1, vec![1.0]).expect("start");

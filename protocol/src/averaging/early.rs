@@ -1,0 +1,132 @@
+//! `Part`s that arrive before our `Group` message, held for replay.
+//!
+//! Gossip and direct streams are not ordered, so a member's part can overtake
+//! the `Group` that tells us we reduce it. Replaying it once the group forms
+//! saves waiting for the sender's retransmit. Until then nothing about the
+//! part can be checked against a group, so what is held is bounded by what
+//! an honest round could send us: each sender sends us one part per group
+//! (two if the round regroups), and all parts of a round together cover the
+//! model once. A hostile member cannot fill our memory, nor crowd out the
+//! honest members' parts, by sending many or large ones.
+
+use crate::tensor::Payload;
+use crate::NodeId;
+
+use super::config::MAX_GROUP_MEMBERS;
+
+/// Parts held per sender: its part of the first group, and of one regroup.
+const PER_SENDER: usize = 2;
+
+/// Bytes held per value of the model: every part twice (a regroup), each
+/// value in the widest encoding (top-k's index and value, 8 bytes).
+const BYTES_PER_VALUE: usize = 2 * 8;
+
+/// Bytes held in any case, so tiny models still get their parts' headers.
+const MIN_BYTES: usize = 64 * 1024;
+
+/// The early parts of the round in matchmaking.
+#[derive(Debug, Default)]
+pub(crate) struct EarlyParts {
+    parts: Vec<(NodeId, u32, Payload)>,
+    bytes: usize,
+}
+
+impl EarlyParts {
+    /// Holds `payload` for a model of `values` values unless it is a copy of
+    /// one held (the first copy wins), longer than the model, or over the
+    /// sender's or the round's share. Returns whether it was kept.
+    pub(crate) fn keep(
+        &mut self,
+        from: NodeId,
+        part: u32,
+        payload: &Payload,
+        values: usize,
+    ) -> bool {
+        let budget = values.saturating_mul(BYTES_PER_VALUE).max(MIN_BYTES);
+        let from_sender = self.parts.iter().filter(|(f, _, _)| *f == from).count();
+        let fits = payload.len as usize <= values
+            && from_sender < PER_SENDER
+            && self.parts.len() < PER_SENDER * MAX_GROUP_MEMBERS
+            && self.bytes.saturating_add(payload.bytes.len()) <= budget;
+        let seen = self.parts.iter().any(|(f, p, _)| *f == from && *p == part);
+        if seen || !fits {
+            return false;
+        }
+        self.bytes += payload.bytes.len();
+        self.parts.push((from, part, payload.clone()));
+        true
+    }
+
+    /// Hands over every part held, in arrival order, and forgets them.
+    pub(crate) fn take(&mut self) -> Vec<(NodeId, u32, Payload)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.parts)
+    }
+
+    /// Forgets every part held (the round ended).
+    pub(crate) fn clear(&mut self) {
+        self.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    fn payload(values: usize) -> Payload {
+        Payload::from_f32(&vec![1.0; values])
+    }
+
+    #[test]
+    fn first_copy_of_each_part_is_kept_and_handed_over_in_order() {
+        let mut early = EarlyParts::default();
+        assert!(early.keep(id(1), 0, &payload(10), 40));
+        assert!(!early.keep(id(1), 0, &payload(10), 40), "a copy");
+        assert!(early.keep(id(2), 1, &payload(10), 40));
+        let held: Vec<(NodeId, u32)> = early.take().iter().map(|(f, p, _)| (*f, *p)).collect();
+        assert_eq!(held, [(id(1), 0), (id(2), 1)]);
+        assert!(early.take().is_empty());
+    }
+
+    #[test]
+    fn one_sender_gets_at_most_two_parts() {
+        let mut early = EarlyParts::default();
+        assert!(early.keep(id(7), 0, &payload(4), 40));
+        assert!(early.keep(id(7), 1, &payload(4), 40), "a regroup's part");
+        for part in 2..100 {
+            assert!(!early.keep(id(7), part, &payload(4), 40));
+        }
+        assert!(
+            early.keep(id(8), 2, &payload(4), 40),
+            "others keep their room"
+        );
+    }
+
+    #[test]
+    fn parts_longer_than_the_model_or_over_the_round_budget_are_refused() {
+        let mut early = EarlyParts::default();
+        assert!(
+            !early.keep(id(1), 0, &payload(41), 40),
+            "longer than the model"
+        );
+        // A model of 100k values: 1.6 MB of early parts in all, four whole models.
+        let values = 100_000;
+        let big = payload(values); // 400 kB of f32
+        for sender in 0..4 {
+            assert!(early.keep(id(sender), 0, &big, values));
+        }
+        assert!(
+            !early.keep(id(4), 0, &big, values),
+            "a fifth whole model is over budget"
+        );
+        early.clear();
+        assert!(
+            early.keep(id(4), 0, &big, values),
+            "the budget is per round"
+        );
+    }
+}

@@ -120,11 +120,23 @@ pub enum PipeError {
         /// The limit.
         max: usize,
     },
-    /// A NaN or infinite loss.
-    #[error("micro-batch loss {loss} is not finite")]
-    NonFiniteLoss {
+    /// A NaN, infinite or negative loss (cross-entropy is never negative).
+    #[error("micro-batch loss {loss} is not a finite, non-negative number")]
+    BadLoss {
         /// The loss.
         loss: f32,
+    },
+    /// An answer claiming its loss covers no tokens, or more than the
+    /// micro-batch sent: the loss would weigh nothing, or too much, in the
+    /// mean a first stage reports.
+    #[error(
+        "answer says its loss covers {predicted} tokens; the micro-batch sent {sent} token ids"
+    )]
+    PredictedOutOfRange {
+        /// Tokens the answer claims.
+        predicted: u32,
+        /// Token ids the micro-batch carried.
+        sent: usize,
     },
     /// A stage index outside the model's stages, or a stage count out of range.
     #[error("stage {stage} of {stages} is out of range (at most {MAX_STAGES} stages)")]
@@ -176,10 +188,23 @@ impl PipeForward {
 impl PipeBackward {
     /// Checks the loss and the payload.
     pub fn validate(&self) -> Result<(), PipeError> {
-        if !self.loss.is_finite() {
-            return Err(PipeError::NonFiniteLoss { loss: self.loss });
+        if !self.loss.is_finite() || self.loss < 0.0 {
+            return Err(PipeError::BadLoss { loss: self.loss });
         }
         check_dense("gradient", &self.grad)
+    }
+
+    /// Checks that the answer can belong to a micro-batch of `sent` token
+    /// ids: each window of `context + 1` ids predicts `context` of them, so
+    /// an honest count is at least one and below `sent`.
+    pub fn fits(&self, sent: usize) -> Result<(), PipeError> {
+        if self.predicted == 0 || self.predicted as usize >= sent {
+            return Err(PipeError::PredictedOutOfRange {
+                predicted: self.predicted,
+                sent,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -273,17 +298,16 @@ mod tests {
     }
 
     #[test]
-    fn non_finite_loss_and_oversized_token_lists_are_refused() {
-        let back = PipeBackward {
-            id: 1,
-            loss: f32::NAN,
-            predicted: 8,
-            grad: Payload::from_f32(&[1.0]),
-        };
-        assert!(matches!(
-            back.validate(),
-            Err(PipeError::NonFiniteLoss { .. })
-        ));
+    fn bad_losses_and_oversized_token_lists_are_refused() {
+        for loss in [f32::NAN, f32::INFINITY, -0.5] {
+            let back = PipeBackward {
+                id: 1,
+                loss,
+                predicted: 8,
+                grad: Payload::from_f32(&[1.0]),
+            };
+            assert!(matches!(back.validate(), Err(PipeError::BadLoss { .. })));
+        }
         let fwd = PipeForward {
             id: 1,
             train: true,
@@ -294,6 +318,32 @@ mod tests {
             fwd.validate(),
             Err(PipeError::TooManyTokens { .. })
         ));
+    }
+
+    #[test]
+    fn an_answer_must_cover_some_but_not_all_of_the_tokens_sent() {
+        let back = |predicted| PipeBackward {
+            id: 1,
+            loss: 2.0,
+            predicted,
+            grad: Payload::from_f32(&[]),
+        };
+        // Two windows of context 4: 10 ids sent, 8 predicted.
+        assert_eq!(back(8).fits(10), Ok(()));
+        assert_eq!(back(1).fits(10), Ok(()));
+        for predicted in [0, 10, u32::MAX] {
+            assert_eq!(
+                back(predicted).fits(10),
+                Err(PipeError::PredictedOutOfRange {
+                    predicted,
+                    sent: 10
+                })
+            );
+        }
+        assert!(
+            back(0).validate().is_ok(),
+            "validate alone cannot know the batch"
+        );
     }
 
     #[test]

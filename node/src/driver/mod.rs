@@ -432,8 +432,8 @@ struct Driver {
     swarm_round: SwarmRound,
     /// Our last states, served in chunks to nodes catching up.
     served: sync::Served,
-    /// Chunks each peer may still ask us for (see [`p2ptrain_protocol::statesync::ServeBudget`]).
-    serve_budget: p2ptrain_protocol::statesync::ServeBudget,
+    /// What each peer may still ask us to send (states and stage backups).
+    serve_limits: sync::ServeLimits,
     /// Which states members claim to hold, to pick the one the swarm vouches for.
     vouches: Vouches,
     /// The state download in progress, if any.
@@ -522,7 +522,7 @@ impl Driver {
             listen_addrs: Vec::new(),
             swarm_round: SwarmRound::default(),
             served: sync::Served::new(config.misbehave_state),
-            serve_budget: p2ptrain_protocol::statesync::ServeBudget::new(sync::SERVE_WINDOW),
+            serve_limits: sync::ServeLimits::new(),
             vouches: Vouches::default(),
             download: None,
             state_answers: BTreeSet::new(),

@@ -144,9 +144,13 @@ pub(super) struct Inbox {
     may_move: bool,
     /// The stage this node decided to move to.
     move_to: Option<u32>,
-    /// Per stage, the final parameters a replica sent its stage at the end of
-    /// the run (see `close_stage`), with who sent them.
-    closing: BTreeMap<u32, (PeerId, StageState)>,
+    /// The final parameters replicas sent their stage at the end of the run
+    /// (see `close_stage`), per stage and sender: kept apart, so one replica
+    /// cannot overwrite the closer's.
+    closing: BTreeMap<(u32, PeerId), StageState>,
+    /// The stage whose backup this node is asking for (taking it over), if
+    /// any: only then may peers of other stages hand one on.
+    asking_backup: Option<u32>,
 }
 
 impl Inbox {
@@ -197,6 +201,10 @@ impl Inbox {
     }
 
     /// Keeps `state` as its stage's backup if it is newer than the one held.
+    /// A stage's parameters count only from one of its replicas (as announced
+    /// in their hellos), or from any peer while we ask for that stage's
+    /// backup: otherwise any member could replace a stage's backup, or its
+    /// closing parameters, with its own.
     pub(super) fn on_stage_state(&mut self, from: PeerId, state: StageState) {
         if self.not_a_pipeline(from, "stage parameters") {
             return;
@@ -205,8 +213,17 @@ impl Inbox {
             debug!(peer = %from, "stage parameters for another stage count ignored");
             return;
         }
+        let replica = self
+            .hellos
+            .get(&from)
+            .is_some_and(|h| h.stage == state.stage);
+        let asked = self.asking_backup == Some(state.stage) && !state.last;
+        if !replica && !asked {
+            warn!(peer = %from, stage = state.stage, "stage parameters from a peer that does not serve the stage; ignored");
+            return;
+        }
         if state.last {
-            self.closing.insert(state.stage, (from, state.clone()));
+            self.closing.insert((state.stage, from), state.clone());
         }
         let newer = self
             .backups
@@ -378,8 +395,10 @@ impl Driver {
         report: &mut Reporter,
     ) -> Result<FinalReport, NodeError> {
         self.announce_listening(report).await?;
-        self.wait_for_peers(config.min_peers, config.wait_for_peers)
-            .await?;
+        // Each stage needs a peer: a run cannot start with fewer, whatever
+        // --min-peers says (a node joining a run in progress sees its peers).
+        let want = config.min_peers.max(pcfg.stages as usize);
+        self.wait_for_peers(want, config.wait_for_peers).await?;
         self.pipe.stages = pcfg.stages;
         self.listen_for_hellos(pcfg.stages).await?;
         let mut joining = self.stage_to_join(pcfg.stages);
@@ -698,11 +717,13 @@ impl Driver {
         };
         let deadline = Instant::now() + self.peer_wait;
         let mut asked = Instant::now() - HELLO_EVERY;
+        self.pipe.asking_backup = Some(stage);
         let backup = loop {
             if let Some(b) = self.pipe.backup_for(request) {
                 break b.clone();
             }
             if Instant::now() > deadline {
+                self.pipe.asking_backup = None;
                 return Err(NodeError::StageBackupUnavailable { stage });
             }
             if asked.elapsed() >= HELLO_EVERY {
@@ -715,6 +736,8 @@ impl Driver {
             let mut timer = std::pin::pin!(timer);
             self.pump_once(timer.as_mut()).await?;
         };
+        // (An error above ends the node, so it does not reset this.)
+        self.pipe.asking_backup = None;
         let values = backup
             .params
             .decode()
@@ -747,6 +770,14 @@ impl Driver {
             debug!(peer = %to, stage = request.stage, "no backup of the requested stage");
             return Ok(());
         };
+        let now = self.now();
+        if !self
+            .serve_limits
+            .allow_backup(NodeId::from_key_bytes(&to.to_bytes()), now)
+        {
+            warn!(peer = %to, stage = request.stage, "stage backup request over the peer's budget; refused");
+            return Ok(());
+        }
         info!(peer = %to, stage = request.stage, round = backup.round, "sending a stage backup");
         let msg = Message::StageState(backup.clone());
         self.send_each([to], &msg, "stage backup")
@@ -790,19 +821,23 @@ impl Driver {
         }
         let deadline = Instant::now() + self.closing_wait;
         loop {
-            if let Some((from, state)) = self.pipe.closing.get(&stage) {
-                if NodeId::from_key_bytes(&from.to_bytes()) == closer {
-                    match state.params.decode() {
-                        Ok(theirs) if theirs.len() == num_params => {
-                            if theirs != values {
-                                info!(stage, "adopted the stage's final parameters from its lowest-id replica");
-                            }
-                            return Ok(theirs);
+            let sent = self.pipe.closing.iter().find(|((s, from), _)| {
+                *s == stage && NodeId::from_key_bytes(&from.to_bytes()) == closer
+            });
+            if let Some(((_, from), state)) = sent {
+                match state.params.decode() {
+                    Ok(theirs) if theirs.len() == num_params => {
+                        if theirs != values {
+                            info!(
+                                stage,
+                                "adopted the stage's final parameters from its lowest-id replica"
+                            );
                         }
-                        _ => {
-                            warn!(peer = %from, "final stage parameters of the wrong size; keeping ours");
-                            return Ok(values);
-                        }
+                        return Ok(theirs);
+                    }
+                    _ => {
+                        warn!(peer = %from, "final stage parameters of the wrong size; keeping ours");
+                        return Ok(values);
                     }
                 }
             }
@@ -1140,29 +1175,32 @@ impl Driver {
                 let Some(p) = take_answered(&mut pending, |p| p.to, from, b.id) else {
                     continue;
                 };
+                // A bad answer sends the micro-batch to another replica now.
+                let mut retry = |p: InFlight| {
+                    pending.insert(
+                        b.id,
+                        InFlight {
+                            deadline: Instant::now(),
+                            ..p
+                        },
+                    );
+                };
+                if let Err(e) = b.fits(p.tokens.len()) {
+                    warn!(peer = %from, error = %e, "answer does not fit its micro-batch; sending the micro-batch elsewhere");
+                    retry(p);
+                    continue;
+                }
                 if train {
                     let grad = match b.grad.decode() {
                         Ok(g) if g.len() == p.activations.len() => g,
                         Ok(g) => {
                             warn!(peer = %from, got = g.len(), want = p.activations.len(), "gradient of the wrong size; sending the micro-batch elsewhere");
-                            pending.insert(
-                                b.id,
-                                InFlight {
-                                    deadline: Instant::now(),
-                                    ..p
-                                },
-                            );
+                            retry(p);
                             continue;
                         }
                         Err(e) => {
                             warn!(peer = %from, error = %e, "undecodable gradient; sending the micro-batch elsewhere");
-                            pending.insert(
-                                b.id,
-                                InFlight {
-                                    deadline: Instant::now(),
-                                    ..p
-                                },
-                            );
+                            retry(p);
                             continue;
                         }
                     };
@@ -1815,6 +1853,16 @@ mod tests {
         assert_eq!(set(inbox.peers_not_of_stage(2)), of(&[0, 1]));
     }
 
+    fn hello(stage: u32, stages: u32) -> StageHello {
+        StageHello {
+            stage,
+            stages,
+            phase: StagePhase::Training,
+            step: 0,
+            throughput: 0,
+        }
+    }
+
     #[test]
     fn inbox_keeps_the_newest_backup_per_stage() {
         let mut inbox = Inbox {
@@ -1822,6 +1870,7 @@ mod tests {
             ..Inbox::default()
         };
         let peer = PeerId::random();
+        inbox.on_hello(peer, hello(1, 2));
         let state = |round, step, value| StageState {
             stage: 1,
             stages: 2,
@@ -1865,6 +1914,8 @@ mod tests {
             ..Inbox::default()
         };
         let (closer, other) = (PeerId::random(), PeerId::random());
+        inbox.on_hello(closer, hello(1, 2));
+        inbox.on_hello(other, hello(1, 2));
         let state = |last, value| StageState {
             stage: 1,
             stages: 2,
@@ -1880,17 +1931,67 @@ mod tests {
             "a round's backup is not a closing"
         );
         inbox.on_stage_state(closer, state(true, 2.0));
-        let (from, kept) = inbox.closing.get(&1).expect("the closing is kept");
-        assert_eq!(*from, closer);
+        let kept = inbox
+            .closing
+            .get(&(1, closer))
+            .expect("the closing is kept");
+        assert_eq!(kept.params.decode().unwrap(), vec![2.0]);
+        // Another replica's closing is kept beside it, not over it.
+        inbox.on_stage_state(other, state(true, 3.0));
+        assert_eq!(inbox.closing.len(), 2);
+        let kept = &inbox.closing[&(1, closer)];
         assert_eq!(kept.params.decode().unwrap(), vec![2.0]);
         // Another cut's closing is ignored.
         inbox.on_stage_state(
-            other,
+            closer,
             StageState {
                 stages: 3,
-                ..state(true, 3.0)
+                ..state(true, 4.0)
             },
         );
-        assert_eq!(inbox.closing.get(&1).map(|c| c.0), Some(closer));
+        assert_eq!(
+            inbox.closing[&(1, closer)].params.decode().unwrap(),
+            vec![2.0]
+        );
+    }
+
+    #[test]
+    fn stage_parameters_count_only_from_the_stage_or_when_asked_for() {
+        let mut inbox = Inbox {
+            stages: 2,
+            ..Inbox::default()
+        };
+        let (replica, outsider, stranger) = (PeerId::random(), PeerId::random(), PeerId::random());
+        inbox.on_hello(replica, hello(1, 2));
+        inbox.on_hello(outsider, hello(0, 2));
+        let state = |round, last| StageState {
+            stage: 1,
+            stages: 2,
+            round,
+            step: round.saturating_mul(5),
+            total_steps: 0,
+            params: tensor::Payload::from_f32(&[round as f32]),
+            last,
+        };
+        let request = StageStateRequest {
+            stage: 1,
+            stages: 2,
+        };
+        // A peer of another stage, or one never heard of, sets nothing.
+        for p in [outsider, stranger] {
+            inbox.on_stage_state(p, state(u64::MAX, false));
+            inbox.on_stage_state(p, state(9, true));
+        }
+        assert!(inbox.backup_for(request).is_none());
+        assert!(inbox.closing.is_empty());
+        inbox.on_stage_state(replica, state(2, false));
+        assert_eq!(inbox.backup_for(request).map(|b| b.round), Some(2));
+        // While we ask for the stage's backup, any peer may hand one on
+        // (a holder of another stage), but not close the stage.
+        inbox.asking_backup = Some(1);
+        inbox.on_stage_state(outsider, state(3, false));
+        inbox.on_stage_state(outsider, state(4, true));
+        assert_eq!(inbox.backup_for(request).map(|b| b.round), Some(3));
+        assert!(inbox.closing.is_empty());
     }
 }

@@ -21,7 +21,8 @@ use crate::checkpoint;
 use crate::compute::Compute;
 use libp2p::PeerId;
 use p2ptrain_protocol::statesync::{
-    Claim, Digest, Download, DownloadAction, DownloadConfig, DownloadEvent, Manifest, CHUNK_BYTES,
+    Claim, Digest, Download, DownloadAction, DownloadConfig, DownloadEvent, Manifest, ServeBudget,
+    CHUNK_BYTES,
 };
 use p2ptrain_protocol::tensor::{self, Bytes};
 use p2ptrain_protocol::wire::{self, Message};
@@ -57,6 +58,44 @@ pub enum Misbehave {
 pub(super) const SERVE_WINDOW: Duration = Duration::from_secs(60);
 /// The smallest chunk budget per window, for small models.
 const MIN_CHUNK_BUDGET: u32 = 16;
+
+/// Stage backups one peer may have per [`SERVE_WINDOW`]. A node taking over
+/// a stage asks every second until a backup arrives, and a backup is a whole
+/// stage's parameters: a few answers cover a slow first transfer, and a peer
+/// asking forever gets one every ten seconds, not one per request.
+const BACKUPS_PER_WINDOW: u32 = 6;
+
+/// What one peer may ask this node to send, per [`SERVE_WINDOW`]: each
+/// answer costs our upload, so a peer that keeps asking must not turn a few
+/// bytes of requests into an unbounded stream of answers.
+#[derive(Debug)]
+pub(super) struct ServeLimits {
+    /// Chunks and manifests of our states, sized to the newest state.
+    states: ServeBudget,
+    /// Pipeline stage backups.
+    backups: ServeBudget,
+}
+
+impl ServeLimits {
+    pub(super) fn new() -> ServeLimits {
+        ServeLimits {
+            states: ServeBudget::new(SERVE_WINDOW),
+            backups: ServeBudget::new(SERVE_WINDOW),
+        }
+    }
+
+    /// Whether `peer` may have one more chunk or manifest of our states,
+    /// given the per-window budget `Served::chunks_per_window`. A manifest
+    /// costs as much as a chunk: an honest joiner asks for one per server.
+    pub(super) fn allow_state(&mut self, peer: NodeId, now: Duration, budget: u32) -> bool {
+        self.states.allow(peer, now, budget)
+    }
+
+    /// Whether `peer` may have one more stage backup.
+    pub(super) fn allow_backup(&mut self, peer: NodeId, now: Duration) -> bool {
+        self.backups.allow(peer, now, BACKUPS_PER_WINDOW)
+    }
+}
 
 /// The states this node serves.
 #[derive(Debug, Default)]
@@ -256,7 +295,14 @@ impl Driver {
                 }
             }
             Message::ManifestRequest { root } => {
-                let manifest = self.served.manifest(root);
+                let budget = self.served.chunks_per_window();
+                let now = self.now();
+                let manifest = if self.serve_limits.allow_state(from_id, now, budget) {
+                    self.served.manifest(root)
+                } else {
+                    warn!(peer = %from, budget, "manifest request over the peer's budget; refused");
+                    None
+                };
                 self.send_msg(
                     from,
                     &Message::Manifest {
@@ -274,7 +320,7 @@ impl Driver {
             Message::ChunkRequest { root, index } => {
                 let budget = self.served.chunks_per_window();
                 let now = self.now();
-                let data = if self.serve_budget.allow(from_id, now, budget) {
+                let data = if self.serve_limits.allow_state(from_id, now, budget) {
                     self.served.chunk(root, *index).map(Bytes::from)
                 } else {
                     warn!(peer = %from, index, budget, "chunk request over the peer's budget; refused");
@@ -548,6 +594,29 @@ fn log_event(event: &DownloadEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn manifests_and_chunks_share_a_budget_and_backups_have_their_own() {
+        let mut limits = ServeLimits::new();
+        let (peer, other) = (NodeId([1; 32]), NodeId([2; 32]));
+        let t0 = Duration::from_secs(100);
+        for _ in 0..16 {
+            assert!(limits.allow_state(peer, t0, 16));
+        }
+        assert!(
+            !limits.allow_state(peer, t0, 16),
+            "a 17th chunk or manifest"
+        );
+        assert!(limits.allow_state(other, t0, 16), "budgets are per peer");
+        for _ in 0..BACKUPS_PER_WINDOW {
+            assert!(limits.allow_backup(peer, t0));
+        }
+        assert!(!limits.allow_backup(peer, t0 + Duration::from_secs(1)));
+        // One backup's share of the window later, one more.
+        let later = t0 + SERVE_WINDOW / BACKUPS_PER_WINDOW;
+        assert!(limits.allow_backup(peer, later));
+        assert!(!limits.allow_backup(peer, later));
+    }
 
     #[test]
     fn publishing_a_state_gives_the_model_digest_nodes_report() {

@@ -172,6 +172,7 @@ pub struct TrainArgs {
     pub data: Option<PathBuf>,
     /// Pipeline stages to cut the model's layers into (char-lm only): each peer
     /// holds one stage, and the replicas of a stage average with each other.
+    /// A node waits for at least this many peers (itself included).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256), allow_negative_numbers = true)]
     pub stages: u32,
     /// Micro-batches per optimizer step in a pipeline; --batch-size is split among them.
@@ -599,8 +600,11 @@ pub enum CliError {
 /// The `node` subcommand's definition, for config files.
 pub fn node_command() -> clap::Command {
     use clap::CommandFactory;
-    Cli::command()
-        .find_subcommand("node")
+    let mut cli = Cli::command();
+    // Built, so the global flags (`--log-format`) are the node's too and a
+    // config file may set them.
+    cli.build();
+    cli.find_subcommand("node")
         .cloned()
         .expect("p2ptrain has a node subcommand")
 }
@@ -696,7 +700,8 @@ pub fn main_entry() -> ExitCode {
         use std::io::IsTerminal;
         matches!(&cli.command, Command::Node(a) if !a.events) && std::io::stdout().is_terminal()
     };
-    init_logging(cli.log_format, live);
+    let log_format = cli.log_format;
+    init_logging(log_format, live);
     tracing::debug!(?heap, "allocator keeps large buffers in the heap");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -751,9 +756,25 @@ pub fn main_entry() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_text(e.as_ref()));
+            eprintln!("{}", final_error_line(log_format, &error_text(e.as_ref())));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The line a failed command ends with on stderr: in the log format asked
+/// for, so a script reading JSON logs gets the error as one more JSON line.
+/// Printed directly, not through the logger, so `RUST_LOG=off` cannot hide
+/// why the command failed.
+fn final_error_line(format: LogFormat, text: &str) -> String {
+    match format {
+        LogFormat::Text => format!("error: {text}"),
+        LogFormat::Json => serde_json::json!({
+            "level": "ERROR",
+            "fields": { "message": text },
+            "target": "p2ptrain",
+        })
+        .to_string(),
     }
 }
 
@@ -777,6 +798,15 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             "--resume works with the MNIST models only; char-lm stages are not resumed yet"
         );
     }
+    // Checked before the node joins a swarm: a text too short to train on
+    // must not cost the peers a member that leaves once its stage starts.
+    let text = if pipeline {
+        let text = load_text(args.train.data.as_ref())?;
+        text.check_context(CharLmConfig::default().context)?;
+        Some(text)
+    } else {
+        None
+    };
     // A pipeline node writes its stage once, at the end (for `p2ptrain sample`).
     let save_dir = if pipeline {
         args.checkpoint_dir.clone()
@@ -898,7 +928,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             driver::run_with_metrics(config, keypair, task, reporter, metrics).await?;
         }
         ModelChoice::CharLm => {
-            let text = load_text(args.train.data.as_ref())?;
+            let text = text.context("char-lm text loaded above")?;
             let factory = charlm_factory(&args.train, text, seed);
             let pipeline = PipelineConfig {
                 stages: args.train.stages,
@@ -1047,6 +1077,32 @@ fn charlm_factory(train: &TrainArgs, text: Arc<TextData>, seed: u64) -> StageFac
 mod tests {
     use super::{error_text, parse_swarm};
     use anyhow::Context;
+
+    #[test]
+    fn a_config_file_sets_the_log_format_unless_the_command_line_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, "log-format = \"json\"\n").unwrap();
+        let parse = |argv: &[&str]| {
+            let mut all = vec!["p2ptrain"];
+            all.extend_from_slice(argv);
+            all.extend_from_slice(&["--config", file.to_str().unwrap()]);
+            super::parse_with_config(all.into_iter().map(Into::into).collect())
+                .map(|cli| cli.log_format)
+                .map_err(|e| format!("{e:?}"))
+        };
+        assert!(matches!(parse(&["node"]), Ok(super::LogFormat::Json)));
+        for given in [
+            &["--log-format", "text", "node"][..],
+            &["node", "--log-format", "text"][..],
+        ] {
+            let got = parse(given);
+            assert!(
+                matches!(got, Ok(super::LogFormat::Text)),
+                "{given:?}: {got:?}"
+            );
+        }
+    }
 
     #[test]
     fn swarm_names_are_plain_and_bounded() {

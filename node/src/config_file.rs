@@ -239,13 +239,9 @@ fn toml_scalar(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     fn node() -> Command {
-        crate::cli::Cli::command()
-            .find_subcommand("node")
-            .cloned()
-            .expect("a node subcommand")
+        crate::cli::node_command()
     }
 
     fn args(text: &str) -> Result<Vec<String>, ConfigError> {
@@ -272,6 +268,16 @@ mod tests {
             a.iter().filter(|s| s.starts_with("--bootstrap=")).count(),
             2
         );
+    }
+
+    #[test]
+    fn the_global_log_format_may_be_set_in_the_file() {
+        assert_eq!(
+            args("log-format = \"json\"").unwrap(),
+            ["--log-format=json"]
+        );
+        let e = args("log-format = \"xml\"").unwrap_err().to_string();
+        assert!(e.contains("`log-format`") && e.contains("xml"), "{e}");
     }
 
     #[test]

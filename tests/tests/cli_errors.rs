@@ -164,6 +164,42 @@ fn the_binary_keeps_large_buffers_in_the_heap() {
     assert!(line.contains("Set { mmap_threshold: "), "{line}");
 }
 
+/// Under `--log-format json` the error a command fails with is one more JSON
+/// line, so a script reading the log stream does not meet plain text; with
+/// text logs it stays `error: ...`.
+#[test]
+fn a_failed_command_reports_its_error_in_the_log_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-checkpoints");
+    let out_file = dir.path().join("model.safetensors");
+    let export = |format: &str| {
+        run(&[
+            "--log-format",
+            format,
+            "export",
+            missing.to_str().unwrap(),
+            "--out",
+            out_file.to_str().unwrap(),
+        ])
+    };
+    let json = export("json");
+    assert!(!json.status.success());
+    let stderr = String::from_utf8_lossy(&json.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    let line: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: not JSON: {stderr}"));
+    assert_eq!(line["level"], "ERROR", "{line}");
+    let message = line["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("no-such-checkpoints"), "{line}");
+    let text = export("text");
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains("no-such-checkpoints"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn bad_pipeline_settings() {
     assert_one_line_error(&["node", "--stages", "2"], "--model char-lm");
@@ -210,6 +246,96 @@ fn bad_pipeline_settings() {
         &["sample", "--from", "/nonexistent/dir"],
         "/nonexistent/dir",
     );
+}
+
+/// A text too short for one window is refused before the node joins a
+/// swarm (it used to listen, take a stage, and fail there).
+#[test]
+fn char_lm_text_too_short_is_refused_before_the_node_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = dir.path().join("tiny.txt");
+    std::fs::write(&tiny, "too short").unwrap();
+    let args = [
+        "node",
+        "--model",
+        "char-lm",
+        "--data",
+        tiny.to_str().unwrap(),
+        "--no-mdns",
+        "--swarm",
+        "too-short-text-test",
+    ];
+    assert_one_line_error(&args, "tiny.txt has 9 bytes");
+    let out = run(&args);
+    assert!(
+        out.stdout.is_empty(),
+        "the node started: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// A pipeline cannot start with fewer peers than stages: the node waits for
+/// them as for --min-peers, and says so when they do not come.
+#[test]
+fn a_pipeline_node_waits_for_a_peer_per_stage() {
+    assert_one_line_error(
+        &[
+            "node",
+            "--model",
+            "char-lm",
+            "--stages",
+            "2",
+            "--wait-peers-secs",
+            "1",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--swarm",
+            "pipeline-wait-test",
+        ],
+        "only 1 of the 2 peers needed",
+    );
+}
+
+/// A listen address naming another peer is refused; one naming this node
+/// (its --key) is fine.
+#[test]
+fn a_listen_address_naming_another_peer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("node.key");
+    let other = dir.path().join("other.key");
+    let id_of = |key: &std::path::Path| {
+        let out = run(&["id", "--key", key.to_str().unwrap()]);
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (mine, theirs) = (id_of(&key), id_of(&other));
+    let listen = |id: &str| {
+        run(&[
+            "node",
+            "--key",
+            key.to_str().unwrap(),
+            "--listen",
+            &format!("/ip4/127.0.0.1/udp/0/quic-v1/p2p/{id}"),
+            "--no-mdns",
+            "--wait-peers-secs",
+            "0",
+            "--min-peers",
+            "2",
+            "--swarm",
+            "listen-peer-id-test",
+        ])
+    };
+    let refused = listen(&theirs);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains(&format!("names peer {theirs}")),
+        "{stderr}"
+    );
+    // Its own id gets past listening, to the peer wait that follows.
+    let own = listen(&mine);
+    let stderr = String::from_utf8_lossy(&own.stderr);
+    assert!(stderr.contains("only 1 of the 2 peers"), "{stderr}");
 }
 
 #[test]

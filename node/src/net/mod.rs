@@ -282,6 +282,16 @@ impl Network {
         let relay_members = MembersOnly::default();
         let mut swarm = behaviour::build_swarm(&config, keypair, &topic, &relay_members)?;
         for addr in &config.listen {
+            // An address naming another peer would be printed for others to
+            // bootstrap from, and every dial of it would fail the peer check.
+            if let Some(named) = peer_id_of(addr).filter(|p| *p != local_peer_id) {
+                return Err(NetError::Listen {
+                    addr: addr.clone(),
+                    reason: format!(
+                        "it names peer {named}, but this node is {local_peer_id} (drop the /p2p part, or pass that peer's --key)"
+                    ),
+                });
+            }
             swarm
                 .listen_on(addr.clone())
                 .map_err(|e| NetError::Listen {

@@ -136,7 +136,8 @@ pub(super) struct Inbox {
     throughput: stages::Throughput,
     /// The newest parameters heard of per stage: backups of the stages this
     /// node does not serve, one of which a node taking over a stage loads.
-    backups: BTreeMap<u32, StageState>,
+    /// Each with who sent it.
+    backups: BTreeMap<u32, (PeerId, StageState)>,
     /// Since when each stage has had no live replica.
     empty_since: BTreeMap<u32, Instant>,
     /// Whether this node may move to an emptied stage now (while training,
@@ -200,11 +201,13 @@ impl Inbox {
         self.backwards.push_back((from, b));
     }
 
-    /// Keeps `state` as its stage's backup if it is newer than the one held.
-    /// A stage's parameters count only from one of its replicas (as announced
-    /// in their hellos), or from any peer while we ask for that stage's
-    /// backup: otherwise any member could replace a stage's backup, or its
-    /// closing parameters, with its own.
+    /// Keeps a stage's parameters: a replica's closing parameters (per
+    /// sender), and a backup of the stage. Backups count only from the
+    /// stage's lowest-id replica as our hellos show it, the one peer that
+    /// sends them, whose backup replaces any other sender's; or, while we
+    /// ask for that stage's backup, from any peer holding one (newest wins).
+    /// Otherwise any member could replace a stage's backup, or pin it with a
+    /// made-up far round that no honest backup would ever be newer than.
     pub(super) fn on_stage_state(&mut self, from: PeerId, state: StageState) {
         if self.not_a_pipeline(from, "stage parameters") {
             return;
@@ -217,28 +220,43 @@ impl Inbox {
             .hellos
             .get(&from)
             .is_some_and(|h| h.stage == state.stage);
+        let designated = self.lowest_replica(state.stage) == Some(from);
         let asked = self.asking_backup == Some(state.stage) && !state.last;
-        if !replica && !asked {
-            warn!(peer = %from, stage = state.stage, "stage parameters from a peer that does not serve the stage; ignored");
+        if !designated && !asked && !(replica && state.last) {
+            warn!(peer = %from, stage = state.stage, "stage parameters from a peer that does not back the stage up; ignored");
             return;
         }
         if state.last {
             self.closing.insert((state.stage, from), state.clone());
         }
-        let newer = self
-            .backups
-            .get(&state.stage)
-            .is_none_or(|held| (state.round, state.step) > (held.round, held.step));
-        if newer {
-            debug!(peer = %from, stage = state.stage, round = state.round, "stage backup kept");
-            self.backups.insert(state.stage, state);
+        if !designated && !asked {
+            return;
         }
+        let keep = match self.backups.get(&state.stage) {
+            None => true,
+            Some((held_from, held)) => {
+                (designated && *held_from != from)
+                    || (state.round, state.step) > (held.round, held.step)
+            }
+        };
+        if keep {
+            debug!(peer = %from, stage = state.stage, round = state.round, "stage backup kept");
+            self.backups.insert(state.stage, (from, state));
+        }
+    }
+
+    /// The replica of `stage` with the lowest node id among those whose
+    /// hellos we hold: the one that backs the stage up.
+    fn lowest_replica(&self, stage: u32) -> Option<PeerId> {
+        self.peers_of_stage(stage)
+            .min_by_key(|p| NodeId::from_key_bytes(&p.to_bytes()))
     }
 
     /// The backup to answer a request with, if we hold one.
     pub(super) fn backup_for(&self, request: StageStateRequest) -> Option<&StageState> {
         self.backups
             .get(&request.stage)
+            .map(|(_, b)| b)
             .filter(|b| b.stages == request.stages)
     }
 
@@ -1961,8 +1979,12 @@ mod tests {
             stages: 2,
             ..Inbox::default()
         };
-        let (replica, outsider, stranger) = (PeerId::random(), PeerId::random(), PeerId::random());
-        inbox.on_hello(replica, hello(1, 2));
+        let mut replicas = [PeerId::random(), PeerId::random()];
+        replicas.sort_by_key(|p| NodeId::from_key_bytes(&p.to_bytes()));
+        let [low, high] = replicas;
+        let (outsider, stranger) = (PeerId::random(), PeerId::random());
+        inbox.on_hello(low, hello(1, 2));
+        inbox.on_hello(high, hello(1, 2));
         inbox.on_hello(outsider, hello(0, 2));
         let state = |round, last| StageState {
             stage: 1,
@@ -1977,21 +1999,40 @@ mod tests {
             stage: 1,
             stages: 2,
         };
-        // A peer of another stage, or one never heard of, sets nothing.
-        for p in [outsider, stranger] {
+        let held = |inbox: &Inbox| inbox.backup_for(request).map(|b| b.round);
+        // A peer of another stage, one never heard of, or a replica that is
+        // not the stage's lowest-id one, sets no backup.
+        for p in [outsider, stranger, high] {
             inbox.on_stage_state(p, state(u64::MAX, false));
+        }
+        assert_eq!(held(&inbox), None);
+        // Only replicas close the stage, each kept apart.
+        for p in [outsider, stranger] {
             inbox.on_stage_state(p, state(9, true));
         }
-        assert!(inbox.backup_for(request).is_none());
         assert!(inbox.closing.is_empty());
-        inbox.on_stage_state(replica, state(2, false));
-        assert_eq!(inbox.backup_for(request).map(|b| b.round), Some(2));
+        inbox.on_stage_state(high, state(9, true));
+        assert_eq!(
+            held(&inbox),
+            None,
+            "a closing from a non-designated replica"
+        );
+        assert!(inbox.closing.contains_key(&(1, high)));
+        inbox.on_stage_state(low, state(2, false));
+        assert_eq!(held(&inbox), Some(2));
+        inbox.on_stage_state(low, state(1, false));
+        assert_eq!(held(&inbox), Some(2), "an older copy from the same sender");
+        // The lowest-id replica leaves: the next one's backup replaces its
+        // predecessor's, even with an older round.
+        inbox.forget_peer(&low);
+        inbox.on_stage_state(high, state(1, false));
+        assert_eq!(held(&inbox), Some(1));
         // While we ask for the stage's backup, any peer may hand one on
-        // (a holder of another stage), but not close the stage.
+        // (a holder of another stage), newest wins, but not close the stage.
         inbox.asking_backup = Some(1);
         inbox.on_stage_state(outsider, state(3, false));
         inbox.on_stage_state(outsider, state(4, true));
-        assert_eq!(inbox.backup_for(request).map(|b| b.round), Some(3));
-        assert!(inbox.closing.is_empty());
+        assert_eq!(held(&inbox), Some(3));
+        assert_eq!(inbox.closing.len(), 1);
     }
 }

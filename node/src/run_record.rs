@@ -195,11 +195,20 @@ fn check_first_line(path: &Path) -> Result<(), RunRecordError> {
         .take(1 << 20)
         .read_line(&mut first)
         .map_err(io)?;
-    if !first.ends_with('\n') || first.trim().is_empty() {
+    if first.trim().is_empty() {
         return Ok(());
     }
     match serde_json::from_str::<Record>(first.trim_end()) {
         Ok(_) => Ok(()),
+        // A lone line without its newline: nothing in the file shows it is a
+        // run record cut short, so it is neither appended to nor cut.
+        Err(_) if !first.ends_with('\n') => Err(RunRecordError::Malformed {
+            path: path.to_path_buf(),
+            line: 1,
+            reason: "its only line has no end, and nothing shows it is a record cut short; \
+                     not appending to it or cutting it (move it away)"
+                .into(),
+        }),
         Err(e) => Err(RunRecordError::Malformed {
             path: path.to_path_buf(),
             line: 1,
@@ -431,11 +440,17 @@ mod tests {
     fn a_file_that_is_not_a_run_record_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
-        let notes = "my own notes\nline two without newline";
-        std::fs::write(&path, notes).unwrap();
-        let err = RunRecorder::create(dir.path()).err().expect("refused");
-        assert!(err.to_string().contains("not a run record"), "{err}");
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), notes);
+        // Two lines, and one line with no newline at all (which was cut to
+        // nothing as a "partial last line").
+        for notes in [
+            "my own notes\nline two without newline",
+            "single line, no newline",
+        ] {
+            std::fs::write(&path, notes).unwrap();
+            let err = RunRecorder::create(dir.path()).err().expect("refused");
+            assert!(err.to_string().contains("not a run record"), "{err}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), notes);
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
+use std::borrow::Cow;
 
 use super::TrainError;
 
@@ -90,27 +91,52 @@ impl MnistData {
 /// names, each either plain or with a `.gz` suffix (the plain name wins when
 /// both exist).
 pub fn load_dir(dir: &Path) -> Result<MnistData, TrainError> {
+    let bad = |path: &Path, problem: &str| TrainError::BadPath {
+        path: path.to_path_buf(),
+        problem: problem.to_string(),
+    };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(bad(
+                dir,
+                "does not exist; --data takes the directory holding the MNIST IDX files",
+            ));
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(bad(dir, "is not a directory; --data takes the directory holding the four MNIST IDX files, not one of them"));
+        }
+        _ => {}
+    }
     let mut paths: Vec<PathBuf> = Vec::with_capacity(4);
     for name in FILE_NAMES {
         let plain = dir.join(name);
         let gz = dir.join(format!("{name}.gz"));
-        if plain.is_file() {
-            paths.push(plain);
-        } else if gz.is_file() {
-            paths.push(gz);
-        } else {
+        let Some(path) = [plain, gz].into_iter().find(|p| p.exists()) else {
             return Err(TrainError::MissingFile {
                 dir: dir.to_path_buf(),
                 name: name.to_string(),
             });
+        };
+        // Not opened unless a regular file: a named pipe would block.
+        match std::fs::metadata(&path) {
+            Ok(m) if !m.is_file() => {
+                return Err(bad(&path, "is not a regular file (a directory, device or pipe); put the IDX file itself there"));
+            }
+            Ok(m) if m.len() > MAX_DECOMPRESSED => {
+                return Err(bad(&path, &format!("holds {} bytes, more than any MNIST file ({MAX_DECOMPRESSED} at most); not an MNIST IDX file", m.len())));
+            }
+            _ => paths.push(path),
         }
     }
     let mut contents = Vec::with_capacity(4);
     for path in &paths {
-        let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_DECOMPRESSED + 1).read_to_end(&mut bytes))
+            .map_err(|source| TrainError::Io {
+                path: path.clone(),
+                source,
+            })?;
         contents.push(bytes);
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
@@ -154,13 +180,15 @@ fn load_pair(
     Ok((normalize(&images), labels))
 }
 
-/// Returns the file's bytes, gunzipped when they start with the gzip magic `1f 8b`.
-pub fn decompress(name: &str, bytes: &[u8]) -> Result<Vec<u8>, TrainError> {
+/// Returns the file's bytes, gunzipped when they start with the gzip magic
+/// `1f 8b` (every member of the stream, as `zcat` reads it), borrowed
+/// otherwise so a large plain file is not copied.
+pub fn decompress<'a>(name: &str, bytes: &'a [u8]) -> Result<Cow<'a, [u8]>, TrainError> {
     if !bytes.starts_with(&[0x1f, 0x8b]) {
-        return Ok(bytes.to_vec());
+        return Ok(Cow::Borrowed(bytes));
     }
     let mut out = Vec::new();
-    let mut reader = GzDecoder::new(bytes).take(MAX_DECOMPRESSED + 1);
+    let mut reader = MultiGzDecoder::new(bytes).take(MAX_DECOMPRESSED + 1);
     reader.read_to_end(&mut out).map_err(|e| {
         format_error(
             name,
@@ -173,7 +201,7 @@ pub fn decompress(name: &str, bytes: &[u8]) -> Result<Vec<u8>, TrainError> {
             &format!("it decompresses to more than {MAX_DECOMPRESSED} bytes"),
         ));
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
 }
 
 /// Parses a decompressed IDX image file into raw pixels (0..=255), checking
@@ -417,6 +445,36 @@ pub(crate) mod tests {
         assert!(err
             .to_string()
             .contains("ti holds 3 images but tl holds 2 labels"));
+    }
+
+    #[test]
+    fn every_member_of_a_multi_member_gzip_is_read() {
+        let images = idx_images(3);
+        let (head, tail) = images.split_at(100);
+        let mut two = gzip(head);
+        two.extend(gzip(tail));
+        let got = parse_images("two.gz", &decompress("two.gz", &two).unwrap()).unwrap();
+        assert_eq!(got.len(), 3 * IMAGE_PIXELS);
+        // Bytes after the stream that are no gzip member are refused.
+        let mut trailing = gzip(&images);
+        trailing.extend_from_slice(b"garbage!");
+        assert!(decompress("t.gz", &trailing).is_err());
+    }
+
+    #[test]
+    fn data_paths_that_are_not_a_directory_of_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nowhere");
+        let msg = load_dir(&missing).unwrap_err().to_string();
+        assert!(msg.contains("nowhere does not exist"), "{msg}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let msg = load_dir(&file).unwrap_err().to_string();
+        assert!(msg.contains("is not a directory"), "{msg}");
+        // A directory under a file's name (or a pipe, which would block).
+        std::fs::create_dir(dir.path().join(FILE_NAMES[0])).unwrap();
+        let msg = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("is not a regular file"), "{msg}");
     }
 
     #[test]

@@ -56,6 +56,14 @@ pub enum TrainError {
         /// The base name of the missing file.
         name: String,
     },
+    /// The `--data` path, or a file in it, is not what it must be.
+    #[error("{} {problem}", path.display())]
+    BadPath {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead, and what to pass.
+        problem: String,
+    },
     /// A data file is not a valid IDX file of the expected kind.
     #[error("{file} is not a valid MNIST IDX file: {problem}; download it again")]
     Format {

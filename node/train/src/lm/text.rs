@@ -78,29 +78,40 @@ pub fn load_bundled() -> Result<TextData, TextError> {
     TextData::new(bytes, &name)
 }
 
-/// Any UTF-8 text file (gzipped if its name ends in `.gz`).
+/// Any UTF-8 text file, gzipped or not (told by its content, every member
+/// of a gzip stream read, as `zcat` does).
 pub fn load_file(path: &Path) -> Result<TextData, TextError> {
     let io = |source| TextError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
-    if file.metadata().map_err(io)?.len() > MAX_TEXT_BYTES {
+    // Checked before opening: a named pipe would block.
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a directory, device or pipe); pass a UTF-8 text file",
+        )));
+    }
+    if meta.len() > MAX_TEXT_BYTES {
         return Err(TextError::TooLarge {
             path: path.to_path_buf(),
         });
     }
-    let mut bytes = Vec::new();
-    let limited = file.take(MAX_TEXT_BYTES + 1);
-    if path.extension().is_some_and(|e| e == "gz") {
-        flate2::read::GzDecoder::new(limited)
+    let mut raw = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TEXT_BYTES + 1).read_to_end(&mut raw))
+        .map_err(io)?;
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut bytes = Vec::new();
+        flate2::read::MultiGzDecoder::new(&raw[..])
             .take(MAX_TEXT_BYTES + 1)
             .read_to_end(&mut bytes)
             .map_err(io)?;
+        bytes
     } else {
-        let mut limited = limited;
-        limited.read_to_end(&mut bytes).map_err(io)?;
-    }
+        raw
+    };
     if bytes.len() as u64 > MAX_TEXT_BYTES {
         return Err(TextError::TooLarge {
             path: path.to_path_buf(),
@@ -244,6 +255,38 @@ mod tests {
         let t = load_file(&short).unwrap();
         let e = t.check_context(128).unwrap_err();
         assert!(e.to_string().contains("at least"), "{e}");
+        let e = load_file(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        #[cfg(unix)]
+        {
+            // A pipe blocked the node forever on opening it.
+            let fifo = dir.path().join("pipe.txt");
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+            assert!(made.is_ok_and(|s| s.success()));
+            let e = load_file(&fifo).unwrap_err();
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+    }
+
+    #[test]
+    fn gzipped_text_is_told_by_content_and_read_whole() {
+        use std::io::Write;
+        let gzip = |text: &[u8]| {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            enc.write_all(text).unwrap();
+            enc.finish().unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        // Two gzip members (as `cat a.gz b.gz` makes), under a name without `.gz`.
+        let mut two = gzip(b"It is a truth universally acknowledged, ");
+        two.extend(gzip(b"that a single man in possession of a good fortune"));
+        let path = dir.path().join("austen.txt");
+        std::fs::write(&path, &two).unwrap();
+        let t = load_file(&path).unwrap();
+        assert_eq!(
+            t.bytes,
+            b"It is a truth universally acknowledged, that a single man in possession of a good fortune"
+        );
     }
 
     #[test]

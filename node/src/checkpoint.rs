@@ -31,6 +31,10 @@ const OLDEST_READABLE: u32 = 1;
 pub const KEEP: usize = 3;
 /// Longest JSON header we accept, so a corrupt length cannot make us allocate wildly.
 const MAX_HEADER: usize = 64 * 1024;
+/// Largest checkpoint file read: 64M parameters with both Adam moments and
+/// DiLoCo's momentum, far above the models here. A larger file (or
+/// `/dev/zero` named like a checkpoint) is refused by its size.
+pub const MAX_CHECKPOINT_BYTES: u64 = 1 << 30;
 
 /// What a checkpoint says about the run, beside the parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,6 +51,11 @@ pub struct CheckpointMeta {
     pub samples: u64,
     /// blake3 of the parameters' little-endian bytes, hex.
     pub params_digest: String,
+    /// Local steps per averaging round of the run that wrote it (absent in
+    /// files of older versions): rounds count in these periods, so a resume
+    /// with another period would end at another step than planned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub average_every: Option<u64>,
 }
 
 /// The optimizer section's description in the header.
@@ -120,8 +129,8 @@ pub enum CheckpointError {
         reason: String,
     },
     /// No checkpoint in the directory verifies.
-    #[error("no valid checkpoint in {0}")]
-    NoneFound(PathBuf),
+    #[error("no valid checkpoint in {}{}", .0.display(), .1.as_ref().map(|why| format!(" (the newest: {why})")).unwrap_or_default())]
+    NoneFound(PathBuf, Option<String>),
     /// A checkpoint directory was given that is a file.
     #[error("checkpoint directory {0} is a file, not a directory")]
     NotADirectory(PathBuf),
@@ -224,6 +233,13 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
         reason,
     };
     let (Header { meta, optim, outer }, body) = split_header(bytes).map_err(invalid)?;
+    let max = crate::task::MAX_OPTIM_STEPS;
+    if meta.round > max || meta.step > max {
+        return Err(invalid(format!(
+            "round {} and step {} are beyond any run (at most {max})",
+            meta.round, meta.step
+        )));
+    }
     // Parameters, then (with an optimizer section) two moment vectors of the
     // same length, then (with an outer section) the outer momentum.
     let sections = 1 + 2 * usize::from(optim.is_some()) + usize::from(outer.is_some());
@@ -355,11 +371,16 @@ pub fn check_writable(dir: &Path) -> Result<(), CheckpointError> {
     std::fs::remove_file(&probe).map_err(io_err(&probe))
 }
 
-/// Checkpoint files in `dir`, newest round first.
+/// Checkpoint files in `dir`, newest round first: regular files named as a
+/// checkpoint (a pipe or device so named is no checkpoint, and opening a
+/// pipe would block).
 fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let path = entry.map_err(io_err(dir))?.path();
+        if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
@@ -377,20 +398,40 @@ fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     Ok(found)
 }
 
-/// Deletes all but the newest `keep` checkpoints of `swarm` in `dir`.
-/// Checkpoints of other swarms (a directory shared by mistake) and files
-/// whose header cannot be read are someone else's: left alone.
+/// Deletes the checkpoints of `swarm` in `dir` older than its newest `keep`
+/// that verify. Only verified checkpoints count: a damaged file (a
+/// truncated copy, say) named with a later round must not push the good
+/// ones out. Damaged files, and checkpoints of other swarms (a directory
+/// shared by mistake), are left alone. Verifying reads the newest files
+/// whole, newest first, until `keep` verify.
 fn prune(dir: &Path, keep: usize, swarm: &str) {
-    if let Ok(found) = list(dir) {
-        let ours = found
-            .into_iter()
-            .filter(|(_, path)| swarm_of(path).as_deref() == Some(swarm));
-        for (_, old) in ours.skip(keep) {
-            if let Err(e) = std::fs::remove_file(&old) {
-                warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint");
-            }
+    let Ok(found) = list(dir) else {
+        return;
+    };
+    let mut verified = 0;
+    for (_, path) in found
+        .into_iter()
+        .filter(|(_, path)| swarm_of(path).as_deref() == Some(swarm))
+    {
+        if verified < keep {
+            verified += usize::from(load_file(&path).is_ok());
+            continue;
+        }
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!(path = %path.display(), error = %e, "cannot delete an old checkpoint");
         }
     }
+}
+
+/// The newest round among `swarm`'s checkpoint files in `dir` (damaged or
+/// not), if any: a new run (not resuming) into `dir` would mix its rounds
+/// with theirs.
+pub fn newest_round_of(dir: &Path, swarm: &str) -> Option<u64> {
+    list(dir)
+        .ok()?
+        .into_iter()
+        .find(|(_, path)| swarm_of(path).as_deref() == Some(swarm))
+        .map(|(round, _)| round)
 }
 
 /// The swarm named in a checkpoint's header, reading no more than a header.
@@ -408,34 +449,56 @@ fn swarm_of(path: &Path) -> Option<String> {
 
 /// Reads and verifies one checkpoint file (its hash must match its name).
 pub fn load_file(path: &Path) -> Result<Checkpoint, CheckpointError> {
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let invalid = |reason: &str| CheckpointError::Invalid {
+        path: path.to_owned(),
+        reason: reason.into(),
+    };
+    let bytes = crate::small_file::read_capped(path, MAX_CHECKPOINT_BYTES, "a p2ptrain checkpoint")
+        .map_err(io_err(path))?;
+    if !bytes.starts_with(MAGIC) {
+        return Err(invalid("not a p2ptrain checkpoint (no P2PTCKPT header)"));
+    }
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
     let want = name
-        .strip_suffix(".bin")
-        .and_then(|n| n.rsplit('-').next())
-        .unwrap_or_default();
+        .strip_prefix("ckpt-r")
+        .and_then(|n| n.strip_suffix(".bin"))
+        .and_then(|n| n.rsplit_once('-'))
+        .map(|(_, hash)| hash)
+        .filter(|hash| hash.len() == 32)
+        .ok_or_else(|| {
+            invalid(
+                "its name is not the ckpt-r<round>-<hash>.bin it was saved under, \
+                 which carries the hash that verifies it; give it back that name",
+            )
+        })?;
     let got = hex(blake3::hash(&bytes).as_bytes());
-    if want.is_empty() || !got.starts_with(want) {
-        return Err(CheckpointError::Invalid {
-            path: path.to_owned(),
-            reason: "content hash does not match the file name (truncated or altered)".into(),
-        });
+    if !got.starts_with(want) {
+        return Err(invalid(
+            "content hash does not match the file name (truncated or altered)",
+        ));
     }
     decode(path, &bytes)
 }
 
 /// The newest checkpoint in `dir` that verifies; bad ones are skipped with a warning.
 pub fn load_latest(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+    if !dir.is_dir() && dir.exists() {
+        return Err(CheckpointError::NotADirectory(dir.to_owned()));
+    }
+    let mut newest_fault = None;
     for (_, path) in list(dir)? {
         match load_file(&path) {
             Ok(c) => return Ok(c),
-            Err(e) => warn!(error = %e, "skipping checkpoint"),
+            Err(e) => {
+                warn!(error = %e, "skipping checkpoint");
+                newest_fault.get_or_insert_with(|| e.to_string());
+            }
         }
     }
-    Err(CheckpointError::NoneFound(dir.to_owned()))
+    Err(CheckpointError::NoneFound(dir.to_owned(), newest_fault))
 }
 
 #[cfg(test)]
@@ -450,6 +513,7 @@ mod tests {
             step: round * 10,
             samples: round * 640,
             params_digest: params_digest(params),
+            average_every: None,
         }
     }
 
@@ -534,7 +598,7 @@ mod tests {
         );
         std::fs::write(dir.path().join(name), bytes).unwrap();
         let err = load_latest(dir.path()).unwrap_err();
-        assert!(matches!(err, CheckpointError::NoneFound(_)), "{err}");
+        assert!(matches!(err, CheckpointError::NoneFound(..)), "{err}");
     }
 
     #[test]
@@ -613,7 +677,16 @@ mod tests {
         bad.moment_2[1] = -2.0; // no Adam ever holds a negative second moment
         let path = save_with_optim(dir.path(), &meta(1, &p), &p, Some(&bad)).unwrap();
         let err = load_file(&path).unwrap_err().to_string();
-        assert!(err.contains("second moment is negative"), "{err}");
+        assert!(
+            err.contains("second moment 1 is not finite or is negative"),
+            "{err}"
+        );
+        // A made-up step count overflowed Adam's counter on the next step.
+        let p2 = vec![1.0f32; 4];
+        let ancient = adam(4, u64::MAX);
+        let path = save_with_optim(dir.path(), &meta(3, &p2), &p2, Some(&ancient)).unwrap();
+        let err = load_file(&path).unwrap_err().to_string();
+        assert!(err.contains("more than any run takes"), "{err}");
         let mut short = adam(3, 3);
         short.moment_1.push(0.0);
         short.moment_2.push(0.0);
@@ -689,5 +762,85 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = load_latest(dir.path()).unwrap_err().to_string();
         assert!(err.contains("no valid checkpoint"), "{err}");
+    }
+
+    #[test]
+    fn with_no_valid_checkpoint_the_error_says_what_is_wrong_with_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = save(dir.path(), &meta(4, &[1.0]), &[1.0]).unwrap();
+        std::fs::write(&path, b"P2PTCKPT").unwrap();
+        let err = load_latest(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("no valid checkpoint") && err.contains("content hash does not match"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn damaged_copies_with_later_rounds_do_not_push_good_checkpoints_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = save(dir.path(), &meta(6, &[6.0]), &[6.0]).unwrap();
+        // Truncated copies under later rounds' names: headers readable,
+        // bodies gone.
+        let bytes = std::fs::read(&good).unwrap();
+        for r in 8..=10u64 {
+            let name = format!("ckpt-r{r:08}-{}.bin", "0".repeat(32));
+            std::fs::write(dir.path().join(name), &bytes[..bytes.len() - 2]).unwrap();
+        }
+        for r in 7..=8u64 {
+            save(dir.path(), &meta(r, &[r as f32]), &[r as f32]).unwrap();
+        }
+        let rounds: Vec<u64> = list(dir.path())
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| load_file(p).is_ok())
+            .map(|(r, _)| *r)
+            .collect();
+        assert_eq!(rounds, [8, 7, 6], "the good checkpoints were pruned");
+        assert_eq!(list(dir.path()).unwrap().len(), 6, "damaged files stay");
+        // A fourth good one retires the oldest good one, not a damaged file.
+        save(dir.path(), &meta(9, &[9.0]), &[9.0]).unwrap();
+        assert!(!good.exists());
+        assert_eq!(list(dir.path()).unwrap().len(), 6);
+        assert_eq!(newest_round_of(dir.path(), "s"), Some(10));
+        assert_eq!(newest_round_of(dir.path(), "other"), None);
+    }
+
+    #[test]
+    fn non_checkpoints_renamed_files_and_non_files_are_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = save(dir.path(), &meta(1, &[1.0]), &[1.0]).unwrap();
+        let renamed = dir.path().join("best.bin");
+        std::fs::copy(&path, &renamed).unwrap();
+        let err = load_file(&renamed).unwrap_err().to_string();
+        assert!(err.contains("give it back that name"), "{err}");
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "hello").unwrap();
+        let err = load_file(&text).unwrap_err().to_string();
+        assert!(err.contains("not a p2ptrain checkpoint"), "{err}");
+        let err = load_file(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("a directory, not a p2ptrain checkpoint"),
+            "{err}"
+        );
+        #[cfg(unix)]
+        {
+            let err = load_file(Path::new("/dev/zero")).unwrap_err().to_string();
+            assert!(err.contains("a device"), "{err}");
+            // A pipe or device named like a checkpoint is not listed (a pipe
+            // would block the reader), so the good one still loads.
+            let fifo = dir
+                .path()
+                .join(format!("ckpt-r00000099-{}.bin", "0".repeat(32)));
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+            assert!(made.is_ok_and(|s| s.success()));
+            std::os::unix::fs::symlink(
+                "/dev/zero",
+                dir.path()
+                    .join(format!("ckpt-r00000098-{}.bin", "1".repeat(32))),
+            )
+            .unwrap();
+            assert_eq!(load_latest(dir.path()).unwrap().meta.round, 1);
+        }
     }
 }

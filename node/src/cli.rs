@@ -579,8 +579,14 @@ fn init_logging(format: LogFormat, live: bool) {
     let default = if live { "warn" } else { "info,libp2p=warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: in a file or a pipe they are escape codes.
+    let colour = {
+        use std::io::IsTerminal;
+        std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -647,7 +653,15 @@ fn check_resumable(
     meta: &crate::checkpoint::CheckpointMeta,
     swarm: &str,
     model: &str,
+    average_every: u64,
 ) -> anyhow::Result<()> {
+    if let Some(theirs) = meta.average_every.filter(|e| *e != average_every) {
+        anyhow::bail!(
+            "the newest checkpoint in {} was written with --average-every {theirs}, not {average_every}: \
+             pass --average-every {theirs} to resume it (the run counts its length in those rounds)",
+            dir.display()
+        );
+    }
     if meta.swarm != swarm {
         anyhow::bail!(
             "the newest checkpoint in {} is of swarm `{}`, not `{swarm}`: pass --swarm {} to resume it, or another --resume directory",
@@ -816,12 +830,18 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let resume = match &args.resume {
         Some(dir) => {
             let ckpt = crate::checkpoint::load_latest(dir).map_err(|e| match e {
-                CheckpointError::NoneFound(_) => {
+                CheckpointError::NoneFound(..) => {
                     anyhow::anyhow!("{e}; start without --resume to train from scratch")
                 }
                 other => other.into(),
             })?;
-            check_resumable(dir, &ckpt.meta, &args.swarm, &args.train.model.to_string())?;
+            check_resumable(
+                dir,
+                &ckpt.meta,
+                &args.swarm,
+                &args.train.model.to_string(),
+                args.train.average_every,
+            )?;
             Some(ckpt)
         }
         None => None,
@@ -838,6 +858,22 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         });
     for dir in checkpoints.iter().map(|p| &p.dir).chain(&save_dir) {
         crate::checkpoint::check_writable(dir)?;
+    }
+    // A new run's checkpoints would be pruned against an earlier run's of
+    // the same swarm (their rounds mixed), and --resume would then pick
+    // whichever has the higher round.
+    if let Some(policy) = checkpoints
+        .as_ref()
+        .filter(|p| args.resume.as_ref() != Some(&p.dir))
+    {
+        if let Some(round) = crate::checkpoint::newest_round_of(&policy.dir, &args.swarm) {
+            anyhow::bail!(
+                "{} already holds checkpoints of swarm `{}` (up to round {round}): pass --resume {} to continue that run, or another --checkpoint-dir",
+                policy.dir.display(),
+                args.swarm,
+                policy.dir.display()
+            );
+        }
     }
     let config = NodeConfig {
         net: NetConfig {
@@ -1077,6 +1113,25 @@ fn charlm_factory(train: &TrainArgs, text: Arc<TextData>, seed: u64) -> StageFac
 mod tests {
     use super::{error_text, parse_swarm};
     use anyhow::Context;
+
+    #[test]
+    fn a_resume_needs_the_averaging_period_the_checkpoint_was_written_with() {
+        let meta = |average_every| crate::checkpoint::CheckpointMeta {
+            swarm: "s".into(),
+            model: "mlp".into(),
+            round: 6,
+            step: 30,
+            samples: 1920,
+            params_digest: String::new(),
+            average_every,
+        };
+        let dir = std::path::Path::new("ck");
+        let err = super::check_resumable(dir, &meta(Some(5)), "s", "mlp", 10).unwrap_err();
+        assert!(err.to_string().contains("pass --average-every 5"), "{err}");
+        assert!(super::check_resumable(dir, &meta(Some(5)), "s", "mlp", 5).is_ok());
+        // Files of older versions do not say: resumed as before.
+        assert!(super::check_resumable(dir, &meta(None), "s", "mlp", 10).is_ok());
+    }
 
     #[test]
     fn a_config_file_sets_the_log_format_unless_the_command_line_does() {

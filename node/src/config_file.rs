@@ -80,7 +80,8 @@ pub fn args_from_file(
         source,
     };
     let bytes =
-        crate::small_file::read_capped(path, crate::small_file::SMALL_FILE_LIMIT).map_err(read)?;
+        crate::small_file::read_capped(path, crate::small_file::SMALL_FILE_LIMIT, "a config file")
+            .map_err(read)?;
     let text = String::from_utf8(bytes)
         .map_err(|e| read(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     args_from_str(&text, path, node, given)

@@ -74,7 +74,7 @@ pub fn load_or_create(path: &Path) -> Result<Keypair, IdentityError> {
 
 /// A key file's bytes (a key is under 100 bytes; a larger file is not one).
 fn read_key(path: &Path) -> std::io::Result<Vec<u8>> {
-    crate::small_file::read_capped(path, 4096)
+    crate::small_file::read_capped(path, 4096, "a p2ptrain key file")
 }
 
 fn decode(path: &Path, bytes: &[u8]) -> Result<Keypair, IdentityError> {

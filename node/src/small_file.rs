@@ -1,8 +1,9 @@
-//! Reading the small files a user names (key, swarm secret, config).
+//! Reading the files a user names whole (key, swarm secret, config,
+//! checkpoint).
 //!
-//! Their size is the user's: a path that is really `/dev/zero`, a disk image
-//! or a log must fail with its name, not fill memory before anything looks at
-//! the content.
+//! Their size and kind are the user's: a path that is really `/dev/zero`, a
+//! pipe, a disk image or a log must fail with its name, not fill memory or
+//! block forever before anything looks at the content.
 
 use std::io::Read;
 use std::path::Path;
@@ -10,8 +11,11 @@ use std::path::Path;
 /// The largest key, secret or config file read: far above any real one.
 pub const SMALL_FILE_LIMIT: u64 = 1 << 20;
 
-/// Reads `path` whole, refusing it if it holds more than `limit` bytes.
-pub fn read_capped(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+/// Reads `path` whole, refusing anything but a regular file (checked before
+/// opening, so a named pipe cannot block us) and a file of more than `limit`
+/// bytes. `what` names what the file should be, for the error.
+pub fn read_capped(path: &Path, limit: u64, what: &str) -> std::io::Result<Vec<u8>> {
+    check_regular(path, what)?;
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
         .take(limit + 1)
@@ -19,10 +23,47 @@ pub fn read_capped(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     if bytes.len() as u64 > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("larger than {limit} bytes; not a key, secret or config file"),
+            format!("larger than {limit} bytes; not {what}"),
         ));
     }
     Ok(bytes)
+}
+
+/// Refuses a path that is not a regular file (following links): a
+/// directory, a device or a named pipe, each named as such.
+pub fn check_regular(path: &Path, what: &str) -> std::io::Result<()> {
+    let kind = std::fs::metadata(path)?.file_type();
+    if kind.is_file() {
+        return Ok(());
+    }
+    let is = if kind.is_dir() {
+        "a directory"
+    } else {
+        file_kind(&kind)
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{is}, not {what}"),
+    ))
+}
+
+#[cfg(unix)]
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_fifo() {
+        "a named pipe"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+#[cfg(not(unix))]
+fn file_kind(_: &std::fs::FileType) -> &'static str {
+    "not a regular file"
 }
 
 #[cfg(test)]
@@ -34,13 +75,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, [7u8; 10]).unwrap();
-        assert_eq!(read_capped(&path, 10).unwrap(), [7u8; 10]);
-        let err = read_capped(&path, 9).unwrap_err();
-        assert!(err.to_string().contains("larger than 9 bytes"), "{err}");
+        assert_eq!(read_capped(&path, 10, "a key").unwrap(), [7u8; 10]);
+        let err = read_capped(&path, 9, "a key").unwrap_err();
+        assert_eq!(err.to_string(), "larger than 9 bytes; not a key");
+    }
+
+    #[test]
+    fn directories_devices_and_pipes_are_refused_unopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_capped(dir.path(), 10, "a key").unwrap_err();
+        assert_eq!(err.to_string(), "a directory, not a key");
         #[cfg(unix)]
         {
-            let err = read_capped(Path::new("/dev/zero"), SMALL_FILE_LIMIT).unwrap_err();
-            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+            let err = read_capped(Path::new("/dev/zero"), 10, "a key").unwrap_err();
+            assert_eq!(err.to_string(), "a device, not a key");
+            let fifo = dir.path().join("pipe");
+            let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+            if made.is_ok_and(|s| s.success()) {
+                // Opening a pipe with no writer would block this test forever.
+                let err = read_capped(&fifo, 10, "a key").unwrap_err();
+                assert_eq!(err.to_string(), "a named pipe, not a key");
+            }
         }
     }
 }

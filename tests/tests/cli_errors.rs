@@ -79,7 +79,7 @@ fn missing_data_directory() {
     let missing = dir.path().join("nope");
     assert_one_line_error(
         &["node", "--data", missing.to_str().unwrap(), "--no-mdns"],
-        "nope",
+        "nope does not exist",
     );
 }
 
@@ -432,10 +432,27 @@ fn missing_arguments_and_typos_are_named() {
 #[test]
 fn endless_key_secret_and_config_files_are_refused() {
     // Read whole, /dev/zero filled memory before anything looked at it.
-    assert_one_line_error(&["id", "--key", "/dev/zero"], "larger than");
-    assert_one_line_error(&["node", "--config", "/dev/zero"], "larger than");
+    assert_one_line_error(
+        &["id", "--key", "/dev/zero"],
+        "a device, not a p2ptrain key",
+    );
+    assert_one_line_error(&["node", "--config", "/dev/zero"], "a device, not a config");
     assert_one_line_error(
         &["node", "--no-mdns", "--secret-file", "/dev/zero"],
-        "larger than",
+        "a device, not a swarm secret",
     );
+    // A named pipe blocked the node forever on opening it.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("node.toml");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|s| s.success()) {
+        assert_one_line_error(
+            &["node", "--config", fifo.to_str().unwrap()],
+            "a named pipe, not a config file",
+        );
+    }
+    // A file too large is refused by its size.
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+    assert_one_line_error(&["node", "--config", big.to_str().unwrap()], "larger than");
 }

@@ -933,6 +933,7 @@ impl Driver {
             step: at.step,
             samples: at.samples,
             params_digest: checkpoint::params_digest(&params),
+            average_every: Some(config.schedule.average_every),
         };
         let dir = policy.dir.clone();
         let outer = self.diloco.as_ref().map(|d| d.momentum().to_vec());

@@ -222,7 +222,8 @@ impl Inbox {
             .is_some_and(|h| h.stage == state.stage);
         let designated = self.lowest_replica(state.stage) == Some(from);
         let asked = self.asking_backup == Some(state.stage) && !state.last;
-        if !designated && !asked && !(replica && state.last) {
+        let closing = replica && state.last;
+        if !(designated || asked || closing) {
             warn!(peer = %from, stage = state.stage, "stage parameters from a peer that does not back the stage up; ignored");
             return;
         }
@@ -520,6 +521,7 @@ impl Driver {
                 step: outcome.steps,
                 samples: tally.tokens,
                 params_digest: checkpoint::params_digest(&params),
+                average_every: None,
             };
             let (dir, values) = (dir.clone(), params.clone());
             let write = tokio::task::spawn_blocking(move || checkpoint::save(&dir, &meta, &values));

@@ -61,11 +61,12 @@ impl SwarmKey {
     /// [`MIN_SECRET_BYTES`]; a trailing newline is part of the secret).
     pub fn from_file(path: &Path) -> Result<SwarmKey, SecretError> {
         let limit = crate::small_file::SMALL_FILE_LIMIT;
-        let bytes =
-            crate::small_file::read_capped(path, limit).map_err(|source| SecretError::Io {
+        let bytes = crate::small_file::read_capped(path, limit, "a swarm secret file").map_err(
+            |source| SecretError::Io {
                 path: path.to_path_buf(),
                 source,
-            })?;
+            },
+        )?;
         if bytes.len() < MIN_SECRET_BYTES {
             return Err(SecretError::TooShort {
                 path: path.to_path_buf(),

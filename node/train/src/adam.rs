@@ -110,7 +110,7 @@ fn fused_step<B: Backend, const D: usize>(
             TensorData::new(vec![0f32; n], shape.clone()),
         ),
     };
-    let time = time + 1;
+    let time = time.saturating_add(1);
     let t = i32::try_from(time).unwrap_or(i32::MAX);
     let bias_correction2_sqrt = (1.0 - BETA_2.powi(t)).sqrt();
     let combined_factor = bias_correction2_sqrt / (1.0 - BETA_1.powi(t));

@@ -66,6 +66,10 @@ pub struct Shard {
     pub peers: usize,
 }
 
+/// More optimizer steps (or rounds) than any run takes: a larger count in a
+/// restored state or checkpoint was made up, and would overflow counters.
+pub const MAX_OPTIM_STEPS: u64 = 1 << 48;
+
 /// A local optimizer's state (Adam's moment estimates), flattened in the same
 /// order as the parameters, so it can be checkpointed and restored in
 /// another process whose model has new parameter ids.
@@ -91,10 +95,24 @@ impl OptimState {
                 )));
             }
         }
-        let bad = |v: &[f32], neg: bool| v.iter().position(|x| !x.is_finite() || (neg && *x < 0.0));
-        if let Some(i) = bad(&self.moment_1, false).or(bad(&self.moment_2, true)) {
+        if self.time > MAX_OPTIM_STEPS {
             return Err(TaskError::BadInput(format!(
-                "optimizer state moment {i} is not finite (or a second moment is negative)"
+                "optimizer state has seen {} steps, more than any run takes ({MAX_OPTIM_STEPS})",
+                self.time
+            )));
+        }
+        if let Some(i) = self.moment_1.iter().position(|x| !x.is_finite()) {
+            return Err(TaskError::BadInput(format!(
+                "optimizer state's first moment {i} is not finite"
+            )));
+        }
+        if let Some(i) = self
+            .moment_2
+            .iter()
+            .position(|x| !x.is_finite() || *x < 0.0)
+        {
+            return Err(TaskError::BadInput(format!(
+                "optimizer state's second moment {i} is not finite or is negative"
             )));
         }
         Ok(())

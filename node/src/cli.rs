@@ -1007,7 +1007,20 @@ fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
                 count.unwrap_or(of)
             );
         }
-        stages.entry(stage).or_insert(ckpt);
+        if let Some(other) = stages.values().find(|c| c.meta.swarm != ckpt.meta.swarm) {
+            anyhow::bail!(
+                "checkpoints under the given directories come from different swarms (`{}` and `{}`); pass the directories of one run",
+                other.meta.swarm,
+                ckpt.meta.swarm
+            );
+        }
+        // Replicas of a stage each wrote one: the furthest trained wins.
+        let newer = |held: &crate::checkpoint::Checkpoint| {
+            (ckpt.meta.round, ckpt.meta.step) > (held.meta.round, held.meta.step)
+        };
+        if stages.get(&stage).is_none_or(newer) {
+            stages.insert(stage, ckpt);
+        }
     }
     let Some(count) = count else {
         anyhow::bail!("no char-lm stage checkpoint found; train with `testnet --model char-lm --checkpoint-dir DIR` first");

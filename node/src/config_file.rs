@@ -96,7 +96,7 @@ pub fn args_from_str(
 ) -> Result<Vec<OsString>, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
         path: path.to_path_buf(),
-        message: e.to_string().trim().replace('\n', " "),
+        message: shortened(e.to_string().trim().replace('\n', " ")),
     })?;
     let mut out = Vec::new();
     for (key, value) in &table {
@@ -111,7 +111,7 @@ pub fn args_from_str(
         let bad = |message: String| ConfigError::BadValue {
             path: path.to_path_buf(),
             key: key.clone(),
-            message,
+            message: shortened(message),
         };
         let flag = format!("--{key}");
         let mut args: Vec<String> = Vec::new();
@@ -162,6 +162,17 @@ pub fn args_from_str(
         }
     }
     Ok(out)
+}
+
+/// Longest error message kept whole: a message quoting a huge value (a
+/// pasted file, say) is cut, so the error stays one readable line.
+const MAX_MESSAGE_CHARS: usize = 300;
+
+fn shortened(message: String) -> String {
+    match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}… (cut)", &message[..cut]),
+        None => message,
+    }
 }
 
 fn scalar(v: &toml::Value) -> Option<String> {
@@ -269,6 +280,15 @@ mod tests {
             a.iter().filter(|s| s.starts_with("--bootstrap=")).count(),
             2
         );
+    }
+
+    #[test]
+    fn a_huge_bad_value_is_not_echoed_whole() {
+        let e = args(&format!("swarm = \"{}\"", "é".repeat(100_000)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`swarm`") && e.contains("… (cut)"), "{e}");
+        assert!(e.chars().count() < 500, "{} chars", e.chars().count());
     }
 
     #[test]

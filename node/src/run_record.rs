@@ -257,15 +257,32 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, RunRecordError> {
         path: path.to_path_buf(),
         source,
     };
+    crate::small_file::check_regular(path, "a run record").map_err(io)?;
     let file = File::open(path).map_err(io)?;
     let mut records = Vec::new();
     let mut reader = BufReader::new(file);
-    let mut line = String::new();
+    let mut bytes = Vec::new();
     for i in 0.. {
-        line.clear();
-        if reader.read_line(&mut line).map_err(io)? == 0 {
+        let malformed = |reason: String| RunRecordError::Malformed {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason,
+        };
+        bytes.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut bytes)
+            .map_err(io)?;
+        if read == 0 {
             break;
         }
+        if bytes.len() as u64 > MAX_LINE_BYTES {
+            return Err(malformed(format!(
+                "a line longer than {MAX_LINE_BYTES} bytes; records are short lines"
+            )));
+        }
+        let line =
+            std::str::from_utf8(&bytes).map_err(|e| malformed(format!("not UTF-8 text ({e})")))?;
         let complete = line.ends_with('\n');
         if line.trim().is_empty() {
             continue;
@@ -275,17 +292,15 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, RunRecordError> {
             Err(e) if !complete => {
                 warn!(path = %path.display(), line = i + 1, error = %e, "partial last line skipped");
             }
-            Err(e) => {
-                return Err(RunRecordError::Malformed {
-                    path: path.to_path_buf(),
-                    line: i + 1,
-                    reason: e.to_string(),
-                })
-            }
+            Err(e) => return Err(malformed(e.to_string())),
         }
     }
     Ok(records)
 }
+
+/// Longest record line read: far above any record, so a file that is not
+/// one (a log without newlines, a disk image) is refused, not read whole.
+const MAX_LINE_BYTES: u64 = 1 << 20;
 
 /// One node's records, named after its directory.
 #[derive(Debug, Clone)]
@@ -304,13 +319,14 @@ pub fn read_run_dir(dir: &Path) -> Result<Vec<NodeRun>, RunRecordError> {
         source,
     };
     let mut files = Vec::new();
-    if dir.join(FILE_NAME).is_file() {
+    // Present, of whatever kind: read_records names one that is no file.
+    if dir.join(FILE_NAME).exists() {
         files.push((".".to_string(), dir.join(FILE_NAME)));
     }
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
         let file = entry.path().join(FILE_NAME);
-        if entry.path().is_dir() && file.is_file() {
+        if entry.path().is_dir() && file.exists() {
             files.push((entry.file_name().to_string_lossy().into_owned(), file));
         }
     }
@@ -467,6 +483,23 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let err = read_run_dir(empty.path()).unwrap_err().to_string();
         assert!(err.contains("no metrics.jsonl"), "{err}");
+        // Invalid UTF-8 and overlong lines name their line too.
+        let record = "{\"kind\":\"round\",\"round\":1,\"step\":1,\"loss\":1.0,\"samples\":1,\"time_s\":0.1}\n";
+        let mut bytes = record.as_bytes().to_vec();
+        bytes.extend_from_slice(b"\xff\xfe\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read_run_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(":2:") && err.contains("not UTF-8"), "{err}");
+        let mut long = record.as_bytes().to_vec();
+        long.resize(long.len() + MAX_LINE_BYTES as usize + 10, b' ');
+        std::fs::write(&path, &long).unwrap();
+        let err = read_run_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(":2:") && err.contains("longer than"), "{err}");
+        // A metrics.jsonl that is no file is named as such.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let err = read_run_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("a directory, not a run record"), "{err}");
     }
 
     #[test]

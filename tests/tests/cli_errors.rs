@@ -338,6 +338,31 @@ fn a_listen_address_naming_another_peer_is_refused() {
     assert!(stderr.contains("only 1 of the 2 peers"), "{stderr}");
 }
 
+/// Stage checkpoints of different runs do not make one model: `sample`
+/// used to put them together and print garbage.
+#[test]
+fn sample_refuses_stages_of_different_swarms() {
+    use p2ptrain_node::checkpoint::{params_digest, save, CheckpointMeta};
+    let dir = tempfile::tempdir().unwrap();
+    for (stage, swarm) in [(0, "run-a"), (1, "run-b")] {
+        let params = vec![0.5f32; 8];
+        let meta = CheckpointMeta {
+            swarm: swarm.into(),
+            model: p2ptrain_node::driver::stage_model_name(stage, 2),
+            round: 3,
+            step: 15,
+            samples: 100,
+            params_digest: params_digest(&params),
+            average_every: None,
+        };
+        save(&dir.path().join(format!("node-{stage}")), &meta, &params).unwrap();
+    }
+    assert_one_line_error(
+        &["sample", "--from", dir.path().to_str().unwrap()],
+        "different swarms",
+    );
+}
+
 #[test]
 fn bad_secret_file() {
     let dir = tempfile::tempdir().unwrap();

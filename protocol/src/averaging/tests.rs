@@ -396,19 +396,51 @@ fn a_group_listing_unknown_members_is_refused_and_the_rest_regroup() {
     for n in rest.iter_mut() {
         n.handle_message(ms(1), id(A), AvgMessage::Join { round: 1, len: 4 });
         n.handle_message(ms(2), id(A), padded.clone());
+        // Held while E's and F's Joins may still be on their way.
+        assert!(n.poll_timeout().is_some_and(|t| t <= ms(2) + GROUP_GRACE));
+        n.handle_timeout(ms(2) + GROUP_GRACE - ms(1));
+        assert!(rejections(&events(n)).is_empty());
+        assert_eq!(n.in_flight(), Some(1));
+        n.handle_timeout(ms(2) + GROUP_GRACE);
         refused.push(rejections(&events(n)));
     }
     for r in &refused {
         assert_eq!(r.len(), 1, "{r:?}");
         assert!(r[0].contains("lists 2 members"), "{r:?}");
     }
-    let evs = pump(&mut rest, ms(3));
+    let evs = pump(&mut rest, ms(3) + GROUP_GRACE);
     for (i, e) in evs.iter().enumerate() {
         let done = finished(e);
         assert_eq!(done.len(), 1, "node {i}: {e:?}");
         assert_eq!(done[0].group, vec![b, c]);
         assert!(done[0].parts.iter().all(|p| p.averaged));
     }
+}
+
+#[test]
+fn a_group_overtaking_a_members_join_waits_for_it() {
+    // A's Group lists D, whose Join reaches C only after the Group (gossip
+    // is not ordered) and which C does not see: C joins the group then.
+    let mut c = node(C, &[A, B]);
+    c.start_round(ms(0), 1, vec![1.0]).expect("start");
+    let members = vec![id(A), id(C), id(D)];
+    c.handle_message(
+        ms(2),
+        id(A),
+        AvgMessage::Group {
+            round: 1,
+            len: 1,
+            members: members.clone(),
+        },
+    );
+    assert!(events(&mut c).is_empty());
+    c.handle_message(ms(40), id(D), AvgMessage::Join { round: 1, len: 1 });
+    let evs = events(&mut c);
+    assert!(rejections(&evs).is_empty(), "{evs:?}");
+    assert!(evs.contains(&AvgEvent::GroupFormed { round: 1, members }));
+    // Past the grace period nothing more happens.
+    c.handle_timeout(ms(2) + GROUP_GRACE);
+    assert!(rejections(&events(&mut c)).is_empty());
 }
 
 #[test]

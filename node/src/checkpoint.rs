@@ -131,6 +131,24 @@ pub enum CheckpointError {
     /// No checkpoint in the directory verifies.
     #[error("no valid checkpoint in {}{}", .0.display(), .1.as_ref().map(|why| format!(" (the newest: {why})")).unwrap_or_default())]
     NoneFound(PathBuf, Option<String>),
+    /// The directory holds a verified checkpoint of the same swarm at a later
+    /// round: an earlier run's, which pruning would weigh this one against.
+    #[error(
+        "{} holds a checkpoint of swarm `{swarm}` at round {newest}, past this one's round {round} \
+         (an earlier run's?): not writing beside it, so nothing is pruned; resume that run with \
+         --resume, or move its checkpoints away or pick another --checkpoint-dir",
+        dir.display()
+    )]
+    Behind {
+        /// The directory.
+        dir: PathBuf,
+        /// The swarm.
+        swarm: String,
+        /// Round of the newest verified checkpoint there.
+        newest: u64,
+        /// Round of the checkpoint not written.
+        round: u64,
+    },
     /// A checkpoint directory was given that is a file.
     #[error("checkpoint directory {0} is a file, not a directory")]
     NotADirectory(PathBuf),
@@ -329,6 +347,14 @@ pub fn save_state(
     state: State<'_>,
 ) -> Result<PathBuf, CheckpointError> {
     make_dir(dir)?;
+    if let Some(newest) = newest_verified_round(dir, &meta.swarm).filter(|r| *r > meta.round) {
+        return Err(CheckpointError::Behind {
+            dir: dir.to_owned(),
+            swarm: meta.swarm.clone(),
+            newest,
+            round: meta.round,
+        });
+    }
     let bytes = encode(meta, state);
     let hash = blake3::hash(&bytes);
     let name = format!(
@@ -401,9 +427,10 @@ fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
 /// Deletes the checkpoints of `swarm` in `dir` older than its newest `keep`
 /// that verify. Only verified checkpoints count: a damaged file (a
 /// truncated copy, say) named with a later round must not push the good
-/// ones out. Damaged files, and checkpoints of other swarms (a directory
-/// shared by mistake), are left alone. Verifying reads the newest files
-/// whole, newest first, until `keep` verify.
+/// ones out, and is left alone; one older than those `keep` goes with the
+/// rest. Checkpoints of other swarms (a directory shared by mistake) are
+/// left alone. Verifying reads the newest files whole, newest first, until
+/// `keep` verify.
 fn prune(dir: &Path, keep: usize, swarm: &str) {
     let Ok(found) = list(dir) else {
         return;
@@ -423,14 +450,13 @@ fn prune(dir: &Path, keep: usize, swarm: &str) {
     }
 }
 
-/// The newest round among `swarm`'s checkpoint files in `dir` (damaged or
-/// not), if any: a new run (not resuming) into `dir` would mix its rounds
-/// with theirs.
-pub fn newest_round_of(dir: &Path, swarm: &str) -> Option<u64> {
+/// The round of `swarm`'s newest checkpoint in `dir` that verifies, if any.
+fn newest_verified_round(dir: &Path, swarm: &str) -> Option<u64> {
     list(dir)
         .ok()?
         .into_iter()
-        .find(|(_, path)| swarm_of(path).as_deref() == Some(swarm))
+        .filter(|(_, path)| swarm_of(path).as_deref() == Some(swarm))
+        .find(|(_, path)| load_file(path).is_ok())
         .map(|(round, _)| round)
 }
 
@@ -802,8 +828,41 @@ mod tests {
         save(dir.path(), &meta(9, &[9.0]), &[9.0]).unwrap();
         assert!(!good.exists());
         assert_eq!(list(dir.path()).unwrap().len(), 6);
-        assert_eq!(newest_round_of(dir.path(), "s"), Some(10));
-        assert_eq!(newest_round_of(dir.path(), "other"), None);
+        assert_eq!(newest_verified_round(dir.path(), "s"), Some(9));
+        assert_eq!(newest_verified_round(dir.path(), "other"), None);
+    }
+
+    #[test]
+    fn a_checkpoint_behind_a_verified_one_of_its_swarm_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        // An earlier run's checkpoints, rounds 20 to 22.
+        for r in 20..=22u64 {
+            save(dir.path(), &meta(r, &[r as f32]), &[r as f32]).unwrap();
+        }
+        // A new run's round 1 used to be written, then pruned at once.
+        let err = save(dir.path(), &meta(1, &[1.0]), &[1.0]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CheckpointError::Behind {
+                    newest: 22,
+                    round: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--resume"), "{err}");
+        let rounds: Vec<u64> = list(dir.path()).unwrap().iter().map(|(r, _)| *r).collect();
+        assert_eq!(rounds, [22, 21, 20]);
+        // The same round (a restarted node's), later ones, and other swarms are written.
+        save(dir.path(), &meta(22, &[2.0]), &[2.0]).unwrap();
+        save(dir.path(), &meta(23, &[3.0]), &[3.0]).unwrap();
+        let other = CheckpointMeta {
+            swarm: "other".into(),
+            ..meta(1, &[1.0])
+        };
+        save(dir.path(), &other, &[1.0]).unwrap();
     }
 
     #[test]

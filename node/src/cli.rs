@@ -776,8 +776,10 @@ pub fn main_entry() -> ExitCode {
     }
 }
 
-/// The line a failed command ends with on stderr: in the log format asked
-/// for, so a script reading JSON logs gets the error as one more JSON line.
+/// The line a command that failed once running ends with on stderr: in the
+/// log format asked for, so a script reading JSON logs gets the error as one
+/// more JSON line. (Errors in the flags or the config file come before any
+/// log format is known, and stay plain text.)
 /// Printed directly, not through the logger, so `RUST_LOG=off` cannot hide
 /// why the command failed.
 fn final_error_line(format: LogFormat, text: &str) -> String {
@@ -858,22 +860,6 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         });
     for dir in checkpoints.iter().map(|p| &p.dir).chain(&save_dir) {
         crate::checkpoint::check_writable(dir)?;
-    }
-    // A new run's checkpoints would be pruned against an earlier run's of
-    // the same swarm (their rounds mixed), and --resume would then pick
-    // whichever has the higher round.
-    if let Some(policy) = checkpoints
-        .as_ref()
-        .filter(|p| args.resume.as_ref() != Some(&p.dir))
-    {
-        if let Some(round) = crate::checkpoint::newest_round_of(&policy.dir, &args.swarm) {
-            anyhow::bail!(
-                "{} already holds checkpoints of swarm `{}` (up to round {round}): pass --resume {} to continue that run, or another --checkpoint-dir",
-                policy.dir.display(),
-                args.swarm,
-                policy.dir.display()
-            );
-        }
     }
     let config = NodeConfig {
         net: NetConfig {

@@ -99,6 +99,10 @@ impl RunRecorder {
             path: path.clone(),
             source,
         };
+        // A pipe there would block the opening below.
+        if path.exists() {
+            crate::small_file::check_regular(&path, "a run record").map_err(io)?;
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -185,6 +189,9 @@ impl RunRecorder {
 /// Refuses to append to a file that is not a run record (a `--run-dir`
 /// pointing at some other `metrics.jsonl`): its first whole line must be a
 /// record. Only that line is read.
+/// How every record line starts (`kind` is the first field written).
+const RECORD_START: &str = "{\"kind\":";
+
 fn check_first_line(path: &Path) -> Result<(), RunRecordError> {
     let io = |source| RunRecordError::Io {
         path: path.to_path_buf(),
@@ -200,8 +207,10 @@ fn check_first_line(path: &Path) -> Result<(), RunRecordError> {
     }
     match serde_json::from_str::<Record>(first.trim_end()) {
         Ok(_) => Ok(()),
-        // A lone line without its newline: nothing in the file shows it is a
-        // run record cut short, so it is neither appended to nor cut.
+        // A lone line without its newline: a record cut short (a node killed
+        // during its first write) starts as every record does; anything
+        // else is not ours to append to, nor to cut.
+        Err(_) if !first.ends_with('\n') && first.starts_with(RECORD_START) => Ok(()),
         Err(_) if !first.ends_with('\n') => Err(RunRecordError::Malformed {
             path: path.to_path_buf(),
             line: 1,
@@ -456,6 +465,13 @@ mod tests {
     fn a_file_that_is_not_a_run_record_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
+        // A record cut short during the node's very first write is dropped,
+        // and the node goes on.
+        std::fs::write(&path, "{\"kind\":\"round\",\"rou").unwrap();
+        let mut rec = RunRecorder::create(dir.path()).unwrap();
+        rec.record(&round(1, 1.0)).unwrap();
+        assert_eq!(rounds(&read_records(&path).unwrap()), [1]);
+        drop(rec);
         // Two lines, and one line with no newline at all (which was cut to
         // nothing as a "partial last line").
         for notes in [

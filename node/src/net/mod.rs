@@ -284,7 +284,9 @@ impl Network {
         for addr in &config.listen {
             // An address naming another peer would be printed for others to
             // bootstrap from, and every dial of it would fail the peer check.
-            if let Some(named) = peer_id_of(addr).filter(|p| *p != local_peer_id) {
+            // (A relay circuit address names its relay first: not ours to check.)
+            let circuit = addr.iter().any(|p| matches!(p, Protocol::P2pCircuit));
+            if let Some(named) = peer_id_of(addr).filter(|p| *p != local_peer_id && !circuit) {
                 return Err(NetError::Listen {
                     addr: addr.clone(),
                     reason: format!(

@@ -1,25 +1,31 @@
 //! `Part`s that arrive before our `Group` message, held for replay.
 //!
-//! Gossip and direct streams are not ordered, so a member's part can overtake
-//! the `Group` that tells us we reduce it. Replaying it once the group forms
-//! saves waiting for the sender's retransmit. Until then nothing about the
-//! part can be checked against a group, so what is held is bounded by what
-//! an honest round could send us: each sender sends us one part per group
-//! (two if the round regroups), and all parts of a round together cover the
-//! model once. A hostile member cannot fill our memory, nor crowd out the
-//! honest members' parts, by sending many or large ones.
+//! Gossip and direct streams are not ordered, so a member's parts can overtake
+//! the `Group` that tells us we reduce them. Replaying them once the group
+//! forms saves waiting for the sender's retransmit. Until then nothing about a
+//! part can be checked against a group, so what is held is bounded by what an
+//! honest round could send us: all parts of a round together cover the model
+//! once (twice if the round regroups), in at most 8 bytes per value (top-k's
+//! index and value; dense encodings take at most 4), and one sender's parts
+//! cover at most the whole model (twice). A hostile member can neither fill
+//! our memory nor, past its own share, crowd out the honest members' parts.
 
 use crate::tensor::Payload;
 use crate::NodeId;
 
 use super::config::MAX_GROUP_MEMBERS;
 
-/// Parts held per sender: its part of the first group, and of one regroup.
-const PER_SENDER: usize = 2;
-
-/// Bytes held per value of the model: every part twice (a regroup), each
-/// value in the widest encoding (top-k's index and value, 8 bytes).
+/// Bytes held per value of the model in all: every part twice (a regroup),
+/// each value in the widest encoding.
 const BYTES_PER_VALUE: usize = 2 * 8;
+
+/// Bytes one sender's parts may take per value of the model: half of the
+/// round's, so the other members' parts always find room.
+const SENDER_BYTES_PER_VALUE: usize = BYTES_PER_VALUE / 2;
+
+/// Parts held in all: a round has at most [`MAX_GROUP_MEMBERS`] parts, twice
+/// with a regroup.
+const MAX_PARTS: usize = 2 * MAX_GROUP_MEMBERS;
 
 /// Bytes held in any case, so tiny models still get their parts' headers.
 const MIN_BYTES: usize = 64 * 1024;
@@ -34,7 +40,7 @@ pub(crate) struct EarlyParts {
 impl EarlyParts {
     /// Holds `payload` for a model of `values` values unless it is a copy of
     /// one held (the first copy wins), longer than the model, or over the
-    /// sender's or the round's share. Returns whether it was kept.
+    /// sender's or the round's share of bytes. Returns whether it was kept.
     pub(crate) fn keep(
         &mut self,
         from: NodeId,
@@ -42,12 +48,18 @@ impl EarlyParts {
         payload: &Payload,
         values: usize,
     ) -> bool {
-        let budget = values.saturating_mul(BYTES_PER_VALUE).max(MIN_BYTES);
-        let from_sender = self.parts.iter().filter(|(f, _, _)| *f == from).count();
+        let budget = |per_value: usize| values.saturating_mul(per_value).max(MIN_BYTES);
+        let size = payload.bytes.len();
+        let from_sender: usize = self
+            .parts
+            .iter()
+            .filter(|(f, _, _)| *f == from)
+            .map(|(_, _, p)| p.bytes.len())
+            .sum();
         let fits = payload.len as usize <= values
-            && from_sender < PER_SENDER
-            && self.parts.len() < PER_SENDER * MAX_GROUP_MEMBERS
-            && self.bytes.saturating_add(payload.bytes.len()) <= budget;
+            && self.parts.len() < MAX_PARTS
+            && from_sender.saturating_add(size) <= budget(SENDER_BYTES_PER_VALUE)
+            && self.bytes.saturating_add(size) <= budget(BYTES_PER_VALUE);
         let seen = self.parts.iter().any(|(f, p, _)| *f == from && *p == part);
         if seen || !fits {
             return false;
@@ -93,15 +105,24 @@ mod tests {
     }
 
     #[test]
-    fn one_sender_gets_at_most_two_parts() {
+    fn one_sender_gets_at_most_half_the_room() {
         let mut early = EarlyParts::default();
-        assert!(early.keep(id(7), 0, &payload(4), 40));
-        assert!(early.keep(id(7), 1, &payload(4), 40), "a regroup's part");
-        for part in 2..100 {
-            assert!(!early.keep(id(7), part, &payload(4), 40));
+        // A model of 100k values: 800 kB per sender, 1.6 MB in all.
+        let values = 100_000;
+        // An honest sender's five parts of a fifth of the model each (more
+        // parts than members), twice over (a regroup), all fit.
+        for part in 0..10 {
+            assert!(
+                early.keep(id(7), part, &payload(values / 5), values),
+                "part {part}"
+            );
         }
         assert!(
-            early.keep(id(8), 2, &payload(4), 40),
+            !early.keep(id(7), 10, &payload(values / 5), values),
+            "past its half"
+        );
+        assert!(
+            early.keep(id(8), 0, &payload(values), values),
             "others keep their room"
         );
     }

@@ -198,11 +198,6 @@ impl Matchmaking {
         Ok(())
     }
 
-    /// Whether `peer`'s Join for this round counted.
-    pub(crate) fn has_joined(&self, peer: &NodeId) -> bool {
-        self.joined.contains(peer)
-    }
-
     /// The smallest id among us and the peers that joined with our length.
     pub(crate) fn leader(&self, me: NodeId) -> NodeId {
         self.joined.first().map_or(me, |&first| first.min(me))

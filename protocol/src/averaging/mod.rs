@@ -91,8 +91,10 @@
 //! encoding, length, digest or content is wrong, and `Group`s not sent by their leader are
 //! refused with a `Rejected` event. (A `Rejected` is not proof of malice: when two leaders race,
 //! members of the other group may send us `Part`s as "non-member".) Duplicates (the first
-//! contribution wins), messages for old rounds (except the `Part` re-ack above) and early
-//! `Part`s (the sender re-sends them) are ignored.
+//! contribution wins) and messages for old rounds (except the `Part` re-ack above) are
+//! ignored. `Part`s that overtake our `Group` are held, within bounds (see `early`), and
+//! replayed once the group forms; those past the bounds are dropped, and the sender
+//! re-sends them.
 
 mod allreduce;
 mod config;
@@ -153,8 +155,6 @@ pub struct Averager {
     last_now: Duration,
     /// `set_peers` changed the view during matchmaking: re-check whether to close.
     recheck: bool,
-    /// A Group for our matchmaking round listing members we do not know yet.
-    held_group: Option<HeldGroup>,
     /// `Part`s for our matchmaking round that overtook the `Group` message
     /// (gossip and direct streams are not ordered): replayed once the group
     /// forms instead of waiting for the sender's retransmit.
@@ -171,21 +171,6 @@ pub struct Averager {
     reduce_started: Duration,
 }
 
-/// A Group held until its unknown members' Joins arrive.
-#[derive(Debug)]
-struct HeldGroup {
-    round: u64,
-    leader: NodeId,
-    members: Vec<NodeId>,
-    /// When it is refused if they have not.
-    until: Duration,
-}
-
-/// How long a Group listing members we do not know waits for their Joins:
-/// gossip delivers a Join and the Group that followed it out of order by
-/// milliseconds, not by this much.
-pub const GROUP_GRACE: Duration = Duration::from_millis(500);
-
 impl Averager {
     /// Creates the state machine for peer `me`. Call [`Averager::set_peers`] before the
     /// first round: with an empty view a round closes at once, alone.
@@ -201,7 +186,6 @@ impl Averager {
             out: Outbox::default(),
             last_now: Duration::ZERO,
             recheck: false,
-            held_group: None,
             early_parts: early::EarlyParts::default(),
             reference: None,
             deadline: deadline::ReduceDeadline::new(config.reduce_timeout),
@@ -438,7 +422,6 @@ impl Averager {
     pub fn handle_timeout(&mut self, now: Duration) {
         self.observe(now);
         self.recheck = false;
-        self.recheck_held_group(now);
         self.try_close(now);
         let give_up = match &mut self.state {
             State::Matchmaking(mm) if now >= mm.give_up_at() => true,
@@ -491,13 +474,7 @@ impl Averager {
         match &self.state {
             State::Idle => None,
             State::Matchmaking(_) if self.recheck => Some(self.last_now),
-            State::Matchmaking(mm) => Some(
-                self.held_group
-                    .as_ref()
-                    .map_or(mm.next_timeout(self.me), |h| {
-                        h.until.min(mm.next_timeout(self.me))
-                    }),
-            ),
+            State::Matchmaking(mm) => Some(mm.next_timeout(self.me)),
             State::Reducing(ar) => Some(ar.next_timeout()),
         }
     }
@@ -528,10 +505,7 @@ impl Averager {
                     return; // answered with our closed Group once we have one
                 }
                 match mm.add_joiner(now, self.me, from, len) {
-                    Ok(()) => {
-                        self.recheck_held_group(now);
-                        self.try_close(now);
-                    }
+                    Ok(()) => self.try_close(now),
                     Err(reason) => self.out.reject(from, reason),
                 }
                 return;
@@ -596,82 +570,6 @@ impl Averager {
             self.out.reject(from, reason);
             return;
         }
-        // Every member must be someone we know: a live peer of our view, or
-        // one whose Join for this round reached us. A leader listing others
-        // (hostile) would make every member wait the reduce deadline for
-        // parts nobody sends, and fill the sit-out list with made-up ids.
-        // A Join can still be on its way (gossip is not ordered), so such a
-        // Group is held for a grace period first (see `recheck_held_group`).
-        if self.strangers(from, &members) > 0 {
-            if self.held_group.is_none() {
-                self.held_group = Some(HeldGroup {
-                    round,
-                    leader: from,
-                    members,
-                    until: now.saturating_add(GROUP_GRACE),
-                });
-            }
-            return;
-        }
-        self.follow_group(now, members);
-    }
-
-    /// Members of `leader`'s group that we neither see nor heard join.
-    fn strangers(&self, leader: NodeId, members: &[NodeId]) -> usize {
-        let State::Matchmaking(mm) = &self.state else {
-            return 0;
-        };
-        members
-            .iter()
-            .filter(|m| **m != self.me && **m != leader)
-            .filter(|m| !self.peers.contains(m) && !mm.has_joined(m))
-            .count()
-    }
-
-    /// Follows a held Group once its strangers are known (their Joins
-    /// arrived, or they came into view); past its grace period, refuses it
-    /// and regroups without its leader.
-    fn recheck_held_group(&mut self, now: Duration) {
-        let Some(held) = self.held_group.take() else {
-            return;
-        };
-        let current = matches!(&self.state, State::Matchmaking(mm) if mm.round == held.round);
-        if !current {
-            return;
-        }
-        let strangers = self.strangers(held.leader, &held.members);
-        if strangers == 0 {
-            self.follow_group(now, held.members);
-            return;
-        }
-        if now < held.until {
-            self.held_group = Some(held);
-            return;
-        }
-        self.out.reject(
-            held.leader,
-            format!(
-                "Group for round {} lists {strangers} members this peer neither sees nor heard \
-                 join; regrouping without its leader",
-                held.round
-            ),
-        );
-        let State::Matchmaking(mm) = &mut self.state else {
-            return;
-        };
-        if mm.set_aside(&[held.leader]).is_err() {
-            self.finish_alone();
-            return;
-        }
-        self.try_close(now);
-    }
-
-    /// Enters `leader`'s group if it lists us, else regroups without its
-    /// members.
-    fn follow_group(&mut self, now: Duration, members: Vec<NodeId>) {
-        let State::Matchmaking(mm) = &self.state else {
-            return;
-        };
         let waited = mm.elapsed(now);
         self.matchmaking_deadlines.observe_group(waited);
         if members.binary_search(&self.me).is_ok() {
@@ -835,7 +733,6 @@ impl Averager {
     fn finish(&mut self, outcome: RoundOutcome) {
         self.state = State::Idle;
         self.early_parts.clear();
-        self.held_group = None;
         self.recheck = false;
         self.last_finished = Some(outcome.round);
         self.joins.forget_through(outcome.round);

@@ -817,9 +817,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     // Checked before the node joins a swarm: a text too short to train on
     // must not cost the peers a member that leaves once its stage starts.
     let text = if pipeline {
-        let text = load_text(args.train.data.as_ref())?;
-        text.check_context(CharLmConfig::default().context)?;
-        Some(text)
+        Some(load_text(args.train.data.as_ref())?)
     } else {
         None
     };
@@ -1083,7 +1081,8 @@ pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the text named by `--data`, or the bundled Austen subset.
+/// Loads the text named by `--data`, or the bundled Austen subset, and
+/// checks it holds a training and a validation window for char-lm.
 pub fn load_text(data: Option<&PathBuf>) -> anyhow::Result<Arc<TextData>> {
     let text = match data {
         Some(file) => crate::train::lm::text::load_file(file)
@@ -1092,6 +1091,7 @@ pub fn load_text(data: Option<&PathBuf>) -> anyhow::Result<Arc<TextData>> {
             crate::train::lm::text::load_bundled().context("cannot load the bundled Austen text")?
         }
     };
+    text.check_context(CharLmConfig::default().context)?;
     Ok(Arc::new(text))
 }
 

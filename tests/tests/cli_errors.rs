@@ -266,6 +266,17 @@ fn char_lm_text_too_short_is_refused_before_the_node_starts() {
         "too-short-text-test",
     ];
     assert_one_line_error(&args, "tiny.txt has 9 bytes");
+    // A testnet says so once, not once per node.
+    assert_one_line_error(
+        &[
+            "testnet",
+            "--model",
+            "char-lm",
+            "--data",
+            tiny.to_str().unwrap(),
+        ],
+        "tiny.txt has 9 bytes",
+    );
     let out = run(&args);
     assert!(
         out.stdout.is_empty(),

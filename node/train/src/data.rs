@@ -7,7 +7,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use flate2::read::MultiGzDecoder;
 use std::borrow::Cow;
 
 use super::TrainError;
@@ -118,10 +117,10 @@ pub fn load_dir(dir: &Path) -> Result<MnistData, TrainError> {
             });
         };
         // Not opened unless a regular file: a named pipe would block.
+        if let Err(e) = crate::files::check_regular(&path, "an MNIST IDX file") {
+            return Err(bad(&path, &format!("is {e}")));
+        }
         match std::fs::metadata(&path) {
-            Ok(m) if !m.is_file() => {
-                return Err(bad(&path, "is not a regular file (a directory, device or pipe); put the IDX file itself there"));
-            }
             Ok(m) if m.len() > MAX_DECOMPRESSED => {
                 return Err(bad(&path, &format!("holds {} bytes, more than any MNIST file ({MAX_DECOMPRESSED} at most); not an MNIST IDX file", m.len())));
             }
@@ -184,12 +183,10 @@ fn load_pair(
 /// `1f 8b` (every member of the stream, as `zcat` reads it), borrowed
 /// otherwise so a large plain file is not copied.
 pub fn decompress<'a>(name: &str, bytes: &'a [u8]) -> Result<Cow<'a, [u8]>, TrainError> {
-    if !bytes.starts_with(&[0x1f, 0x8b]) {
+    if !crate::files::is_gzip(bytes) {
         return Ok(Cow::Borrowed(bytes));
     }
-    let mut out = Vec::new();
-    let mut reader = MultiGzDecoder::new(bytes).take(MAX_DECOMPRESSED + 1);
-    reader.read_to_end(&mut out).map_err(|e| {
+    let out = crate::files::gunzip_capped(bytes, MAX_DECOMPRESSED).map_err(|e| {
         format_error(
             name,
             &format!("its gzip stream is truncated or corrupt ({e})"),
@@ -474,7 +471,10 @@ pub(crate) mod tests {
         // A directory under a file's name (or a pipe, which would block).
         std::fs::create_dir(dir.path().join(FILE_NAMES[0])).unwrap();
         let msg = load_dir(dir.path()).unwrap_err().to_string();
-        assert!(msg.contains("is not a regular file"), "{msg}");
+        assert!(
+            msg.contains("is a directory, not an MNIST IDX file"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use matrixmultiply as _;
 pub mod adam;
 pub mod backend;
 pub mod data;
+pub mod files;
 pub mod layout;
 pub mod lm;
 pub mod mnist;

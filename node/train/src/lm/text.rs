@@ -86,14 +86,8 @@ pub fn load_file(path: &Path) -> Result<TextData, TextError> {
         source,
     };
     // Checked before opening: a named pipe would block.
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if !meta.is_file() {
-        return Err(io(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file (a directory, device or pipe); pass a UTF-8 text file",
-        )));
-    }
-    if meta.len() > MAX_TEXT_BYTES {
+    crate::files::check_regular(path, "a UTF-8 text file").map_err(io)?;
+    if std::fs::metadata(path).map_err(io)?.len() > MAX_TEXT_BYTES {
         return Err(TextError::TooLarge {
             path: path.to_path_buf(),
         });
@@ -102,13 +96,8 @@ pub fn load_file(path: &Path) -> Result<TextData, TextError> {
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_TEXT_BYTES + 1).read_to_end(&mut raw))
         .map_err(io)?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut bytes = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .take(MAX_TEXT_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(io)?;
-        bytes
+    let bytes = if crate::files::is_gzip(&raw) {
+        crate::files::gunzip_capped(&raw, MAX_TEXT_BYTES).map_err(io)?
     } else {
         raw
     };
@@ -256,7 +245,10 @@ mod tests {
         let e = t.check_context(128).unwrap_err();
         assert!(e.to_string().contains("at least"), "{e}");
         let e = load_file(dir.path()).unwrap_err();
-        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(
+            e.to_string().contains("a directory, not a UTF-8 text file"),
+            "{e}"
+        );
         #[cfg(unix)]
         {
             // A pipe blocked the node forever on opening it.
@@ -264,7 +256,11 @@ mod tests {
             let made = std::process::Command::new("mkfifo").arg(&fifo).status();
             assert!(made.is_ok_and(|s| s.success()));
             let e = load_file(&fifo).unwrap_err();
-            assert!(e.to_string().contains("not a regular file"), "{e}");
+            assert!(
+                e.to_string()
+                    .contains("a named pipe, not a UTF-8 text file"),
+                "{e}"
+            );
         }
     }
 

@@ -150,7 +150,7 @@ pub enum CheckpointError {
         round: u64,
     },
     /// A checkpoint directory was given that is a file.
-    #[error("checkpoint directory {0} is a file, not a directory")]
+    #[error("{0} is a file, not a checkpoint directory: pass the directory the checkpoints are in (`export` alone also takes one checkpoint file)")]
     NotADirectory(PathBuf),
 }
 

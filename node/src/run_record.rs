@@ -110,6 +110,9 @@ impl RunRecorder {
             .map_err(io)?;
         check_first_line(&path)?;
         drop_partial_line(&path, &file).map_err(io)?;
+        // Every line must read back, or `plot` fails on the file later; a
+        // run's record is a line per round, cheap to read at start.
+        read_records(&path)?;
         Ok(RunRecorder {
             path,
             file,
@@ -465,6 +468,13 @@ mod tests {
     fn a_file_that_is_not_a_run_record_is_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FILE_NAME);
+        // A garbage line between records is named, and nothing appended.
+        let record = "{\"kind\":\"round\",\"round\":1,\"step\":1,\"loss\":1.0,\"samples\":1,\"time_s\":0.1}\n";
+        let mixed = format!("{record}not a record\n{record}");
+        std::fs::write(&path, &mixed).unwrap();
+        let err = RunRecorder::create(dir.path()).err().expect("refused");
+        assert!(err.to_string().contains(":2:"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), mixed);
         // A record cut short during the node's very first write is dropped,
         // and the node goes on.
         std::fs::write(&path, "{\"kind\":\"round\",\"rou").unwrap();

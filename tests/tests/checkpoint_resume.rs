@@ -182,7 +182,7 @@ fn failed_checkpoint_mid_run_does_not_stop_training() {
         "the final checkpoint failed: {stderr}"
     );
     assert!(
-        stderr.contains("is a file, not a directory"),
+        stderr.contains("is a file, not a checkpoint directory"),
         "the final error does not say why: {stderr}"
     );
     assert_eq!(std::fs::read(&dir).unwrap(), b"in the way");

@@ -406,9 +406,14 @@ fn unusable_checkpoint_directory_fails_before_training() {
             "--checkpoint-dir",
             file.to_str().unwrap(),
         ],
-        "is a file, not a directory",
+        "is a file, not a checkpoint directory",
     );
     assert_eq!(std::fs::read(&file).unwrap(), b"not a directory");
+    // --resume given a file (export takes one; resume takes the directory).
+    assert_one_line_error(
+        &["node", "--no-mdns", "--resume", file.to_str().unwrap()],
+        "is a file, not a checkpoint directory",
+    );
 }
 
 #[test]

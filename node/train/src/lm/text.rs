@@ -28,6 +28,14 @@ pub enum TextError {
         #[source]
         source: std::io::Error,
     },
+    /// The file is UTF-8 but mostly control bytes: binary data, not text.
+    #[error("{} is not text: {percent}% of its bytes are control characters (other than newlines and tabs)", path.display())]
+    NotText {
+        /// The file.
+        path: PathBuf,
+        /// Share of control bytes, in percent.
+        percent: u64,
+    },
     /// The file is not UTF-8 text.
     #[error("{} is not UTF-8 text (invalid byte at offset {offset}); convert it to UTF-8 first", path.display())]
     NotUtf8 {
@@ -116,6 +124,18 @@ impl TextData {
             return Err(TextError::NotUtf8 {
                 path: path.to_path_buf(),
                 offset: e.valid_up_to(),
+            });
+        }
+        let control = bytes
+            .iter()
+            .filter(|b| b.is_ascii_control() && !matches!(b, b'\n' | b'\r' | b'\t'))
+            .count();
+        // Real text has next to none; a zero-filled or binary file that
+        // happens to be valid UTF-8 is mostly that.
+        if control * 10 > bytes.len() {
+            return Err(TextError::NotText {
+                path: path.to_path_buf(),
+                percent: (control * 100 / bytes.len()) as u64,
             });
         }
         let split = bytes.len() - (bytes.len() as f64 * HELD_OUT) as usize;
@@ -235,6 +255,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = load_file(&dir.path().join("nope.txt")).unwrap_err();
         assert!(missing.to_string().contains("nope.txt"), "{missing}");
+        let zeros = dir.path().join("zeros.txt");
+        std::fs::write(&zeros, vec![0u8; 5000]).unwrap();
+        let e = load_file(&zeros).unwrap_err();
+        assert!(matches!(e, TextError::NotText { percent: 100, .. }), "{e}");
         let latin1 = dir.path().join("latin1.txt");
         std::fs::write(&latin1, b"caf\xe9 au lait").unwrap();
         let e = load_file(&latin1).unwrap_err();

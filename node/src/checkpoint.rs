@@ -347,14 +347,6 @@ pub fn save_state(
     state: State<'_>,
 ) -> Result<PathBuf, CheckpointError> {
     make_dir(dir)?;
-    if let Some(newest) = newest_verified_round(dir, &meta.swarm).filter(|r| *r > meta.round) {
-        return Err(CheckpointError::Behind {
-            dir: dir.to_owned(),
-            swarm: meta.swarm.clone(),
-            newest,
-            round: meta.round,
-        });
-    }
     let bytes = encode(meta, state);
     let hash = blake3::hash(&bytes);
     let name = format!(
@@ -363,6 +355,15 @@ pub fn save_state(
         &hex(hash.as_bytes())[..32]
     );
     let path = dir.join(&name);
+    let plan = plan_save(dir, &meta.swarm, &path);
+    if let Some(newest) = plan.newest.filter(|r| *r > meta.round) {
+        return Err(CheckpointError::Behind {
+            dir: dir.to_owned(),
+            swarm: meta.swarm.clone(),
+            newest,
+            round: meta.round,
+        });
+    }
     let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
@@ -374,17 +375,27 @@ pub fn save_state(
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    prune(dir, KEEP, &meta.swarm);
+    for old in plan.retire {
+        if let Err(e) = std::fs::remove_file(&old) {
+            warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint");
+        }
+    }
     Ok(path)
 }
 
 /// Creates `dir` (and its parents) unless it exists, naming a file in its
 /// place plainly rather than as the OS's "File exists".
 fn make_dir(dir: &Path) -> Result<(), CheckpointError> {
+    refuse_file(dir)?;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))
+}
+
+/// Names a file given where a checkpoint directory belongs.
+fn refuse_file(dir: &Path) -> Result<(), CheckpointError> {
     if dir.exists() && !dir.is_dir() {
         return Err(CheckpointError::NotADirectory(dir.to_owned()));
     }
-    std::fs::create_dir_all(dir).map_err(io_err(dir))
+    Ok(())
 }
 
 /// Creates `dir` if needed and writes (then removes) a file in it, so a node
@@ -424,40 +435,43 @@ fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     Ok(found)
 }
 
-/// Deletes the checkpoints of `swarm` in `dir` older than its newest `keep`
-/// that verify. Only verified checkpoints count: a damaged file (a
-/// truncated copy, say) named with a later round must not push the good
-/// ones out, and is left alone; one older than those `keep` goes with the
-/// rest. Checkpoints of other swarms (a directory shared by mistake) are
-/// left alone. Verifying reads the newest files whole, newest first, until
-/// `keep` verify.
-fn prune(dir: &Path, keep: usize, swarm: &str) {
-    let Ok(found) = list(dir) else {
-        return;
-    };
-    let mut verified = 0;
-    for (_, path) in found
-        .into_iter()
-        .filter(|(_, path)| swarm_of(path).as_deref() == Some(swarm))
-    {
-        if verified < keep {
-            verified += usize::from(load_file(&path).is_ok());
-            continue;
-        }
-        if let Err(e) = std::fs::remove_file(&path) {
-            warn!(path = %path.display(), error = %e, "cannot delete an old checkpoint");
-        }
-    }
+/// What saving a checkpoint of `swarm` in `dir` meets there.
+#[derive(Debug, Default)]
+struct SavePlan {
+    /// The round of the swarm's newest checkpoint that verifies: one past
+    /// the new checkpoint's round is an earlier run's, not to be written beside.
+    newest: Option<u64>,
+    /// The swarm's checkpoints to delete once the new one is written: those
+    /// older than the newest `KEEP - 1` that verify (the new one makes
+    /// `KEEP`).
+    retire: Vec<PathBuf>,
 }
 
-/// The round of `swarm`'s newest checkpoint in `dir` that verifies, if any.
-fn newest_verified_round(dir: &Path, swarm: &str) -> Option<u64> {
-    list(dir)
-        .ok()?
+// The newest verified checkpoint is always among those kept.
+const _: () = assert!(KEEP >= 2);
+
+/// Reads `dir` once for a save to `new` (left out if it is there already):
+/// only checkpoints that verify count, so a damaged file (a truncated copy,
+/// say) named with a later round neither pushes the good ones out nor is
+/// deleted; one older than those kept goes with the rest. Checkpoints of
+/// other swarms (a directory shared by mistake) are left alone. Verifying
+/// reads the newest files whole, newest first, until `KEEP - 1` verify.
+fn plan_save(dir: &Path, swarm: &str, new: &Path) -> SavePlan {
+    let mut plan = SavePlan::default();
+    let mut kept = 0;
+    let ours = list(dir)
+        .unwrap_or_default()
         .into_iter()
-        .filter(|(_, path)| swarm_of(path).as_deref() == Some(swarm))
-        .find(|(_, path)| load_file(path).is_ok())
-        .map(|(round, _)| round)
+        .filter(|(_, path)| path != new && swarm_of(path).as_deref() == Some(swarm));
+    for (round, path) in ours {
+        if kept == KEEP - 1 {
+            plan.retire.push(path);
+        } else if load_file(&path).is_ok() {
+            plan.newest.get_or_insert(round);
+            kept += 1;
+        }
+    }
+    plan
 }
 
 /// The swarm named in a checkpoint's header, reading no more than a header.
@@ -511,9 +525,7 @@ pub fn load_file(path: &Path) -> Result<Checkpoint, CheckpointError> {
 
 /// The newest checkpoint in `dir` that verifies; bad ones are skipped with a warning.
 pub fn load_latest(dir: &Path) -> Result<Checkpoint, CheckpointError> {
-    if !dir.is_dir() && dir.exists() {
-        return Err(CheckpointError::NotADirectory(dir.to_owned()));
-    }
+    refuse_file(dir)?;
     let mut newest_fault = None;
     for (_, path) in list(dir)? {
         match load_file(&path) {
@@ -828,8 +840,9 @@ mod tests {
         save(dir.path(), &meta(9, &[9.0]), &[9.0]).unwrap();
         assert!(!good.exists());
         assert_eq!(list(dir.path()).unwrap().len(), 6);
-        assert_eq!(newest_verified_round(dir.path(), "s"), Some(9));
-        assert_eq!(newest_verified_round(dir.path(), "other"), None);
+        let new = dir.path().join("new");
+        assert_eq!(plan_save(dir.path(), "s", &new).newest, Some(9));
+        assert_eq!(plan_save(dir.path(), "other", &new).newest, None);
     }
 
     #[test]

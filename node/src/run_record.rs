@@ -9,7 +9,7 @@
 use crate::driver::{NodeEvent, Reporter};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tracing::warn;
@@ -108,11 +108,11 @@ impl RunRecorder {
             .append(true)
             .open(&path)
             .map_err(io)?;
-        check_first_line(&path)?;
-        drop_partial_line(&path, &file).map_err(io)?;
-        // Every line must read back, or `plot` fails on the file later; a
-        // run's record is a line per round, cheap to read at start.
-        read_records(&path)?;
+        // Every line must read back, or `plot` fails on the file later (a
+        // run's record is a line per round, cheap to read at start); then
+        // the next record must start a line of its own.
+        let (_, end) = scan_records(&path)?;
+        end_cleanly(&path, &file, end)?;
         Ok(RunRecorder {
             path,
             file,
@@ -189,82 +189,71 @@ impl RunRecorder {
     }
 }
 
-/// Refuses to append to a file that is not a run record (a `--run-dir`
-/// pointing at some other `metrics.jsonl`): its first whole line must be a
-/// record. Only that line is read.
 /// How every record line starts (`kind` is the first field written).
 const RECORD_START: &str = "{\"kind\":";
 
-fn check_first_line(path: &Path) -> Result<(), RunRecordError> {
+/// How a record file ends, as [`scan_records`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Empty, or its last line ends with a newline.
+    Clean,
+    /// Its last line is a whole record that lacks only its newline.
+    Unended,
+    /// Its last line lacks its newline and does not parse: a write cut
+    /// short, starting at byte `from`. `lone`: it is the file's only line
+    /// and does not start as a record does, so nothing shows the file is a
+    /// run record at all.
+    Partial { from: u64, lone: bool },
+}
+
+/// Ends `file` so the records appended next start on a line of their own:
+/// a whole last record gets its newline; a last line cut short (a node
+/// killed, or a disk filled, while writing it) is cut off, unless it is a
+/// lone line that may not be a record (a `--run-dir` pointing at some other
+/// `metrics.jsonl`), which is refused and left as it is.
+fn end_cleanly(path: &Path, file: &File, end: End) -> Result<(), RunRecordError> {
     let io = |source| RunRecordError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut first = String::new();
-    BufReader::new(File::open(path).map_err(io)?)
-        .take(1 << 20)
-        .read_line(&mut first)
-        .map_err(io)?;
-    if first.trim().is_empty() {
-        return Ok(());
-    }
-    match serde_json::from_str::<Record>(first.trim_end()) {
-        Ok(_) => Ok(()),
-        // A lone line without its newline: a record cut short (a node killed
-        // during its first write) starts as every record does; anything
-        // else is not ours to append to, nor to cut.
-        Err(_) if !first.ends_with('\n') && first.starts_with(RECORD_START) => Ok(()),
-        Err(_) if !first.ends_with('\n') => Err(RunRecordError::Malformed {
+    match end {
+        End::Clean => Ok(()),
+        End::Unended => {
+            let mut file = file;
+            file.write_all(b"\n").map_err(io)
+        }
+        End::Partial { lone: true, .. } => Err(RunRecordError::Malformed {
             path: path.to_path_buf(),
             line: 1,
             reason: "its only line has no end, and nothing shows it is a record cut short; \
                      not appending to it or cutting it (move it away)"
                 .into(),
         }),
-        Err(e) => Err(RunRecordError::Malformed {
-            path: path.to_path_buf(),
-            line: 1,
-            reason: format!("{e}; not appending to a file that is not a run record"),
-        }),
+        End::Partial { from, lone: false } => {
+            let len = file.metadata().map_err(io)?.len();
+            warn!(
+                path = %path.display(),
+                bytes = len - from,
+                "run record ends in a partial line (a write cut short); dropped"
+            );
+            file.set_len(from).map_err(io)
+        }
     }
-}
-
-/// Cuts a last line that lacks its newline (a node killed, or a disk filled,
-/// while writing it) off the end of `file`, so the records appended next
-/// start on a line of their own instead of running into it. A whole record
-/// that only lacks its newline is kept, and its line ended.
-fn drop_partial_line(path: &Path, file: &File) -> std::io::Result<()> {
-    // Only the last byte is read unless it shows a partial line: a long
-    // run's record is not read whole on every start.
-    let len = file.metadata()?.len();
-    let Some(last_at) = len.checked_sub(1) else {
-        return Ok(());
-    };
-    let mut last = [0u8];
-    let mut reader = File::open(path)?;
-    reader.seek(SeekFrom::Start(last_at))?;
-    reader.read_exact(&mut last)?;
-    if last[0] == b'\n' {
-        return Ok(());
-    }
-    let bytes = std::fs::read(path)?;
-    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-    if serde_json::from_slice::<Record>(&bytes[keep..]).is_ok() {
-        let mut file = file;
-        return file.write_all(b"\n");
-    }
-    warn!(
-        path = %path.display(),
-        bytes = bytes.len() - keep,
-        "run record ends in a partial line (a write cut short); dropped"
-    );
-    file.set_len(keep as u64)
 }
 
 /// Reads one record file; an unreadable line is an error naming file and
 /// line, except a last line without its newline that does not parse: that
 /// is a write cut short (a node killed mid-line), skipped with a warning.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, RunRecordError> {
+    let (records, end) = scan_records(path)?;
+    if let End::Partial { from, .. } = end {
+        warn!(path = %path.display(), from, "partial last line skipped");
+    }
+    Ok(records)
+}
+
+/// [`read_records`], also saying how the file ends.
+fn scan_records(path: &Path) -> Result<(Vec<Record>, End), RunRecordError> {
     let io = |source| RunRecordError::Io {
         path: path.to_path_buf(),
         source,
@@ -274,6 +263,8 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, RunRecordError> {
     let mut records = Vec::new();
     let mut reader = BufReader::new(file);
     let mut bytes = Vec::new();
+    let mut offset = 0u64;
+    let mut end = End::Clean;
     for i in 0.. {
         let malformed = |reason: String| RunRecordError::Malformed {
             path: path.to_path_buf(),
@@ -296,18 +287,32 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, RunRecordError> {
         let line =
             std::str::from_utf8(&bytes).map_err(|e| malformed(format!("not UTF-8 text ({e})")))?;
         let complete = line.ends_with('\n');
+        let from = offset;
+        offset += read as u64;
+        end = if complete { End::Clean } else { End::Unended };
         if line.trim().is_empty() {
+            if !complete {
+                end = End::Partial { from, lone: false };
+            }
             continue;
         }
         match serde_json::from_str(line.trim_end()) {
             Ok(record) => records.push(record),
-            Err(e) if !complete => {
-                warn!(path = %path.display(), line = i + 1, error = %e, "partial last line skipped");
+            Err(_) if !complete => {
+                let lone = from == 0 && !line.starts_with(RECORD_START);
+                end = End::Partial { from, lone };
             }
-            Err(e) => return Err(malformed(e.to_string())),
+            Err(e) => {
+                let reason = if i == 0 {
+                    format!("{e}; not appending to a file that is not a run record")
+                } else {
+                    e.to_string()
+                };
+                return Err(malformed(reason));
+            }
         }
     }
-    Ok(records)
+    Ok((records, end))
 }
 
 /// Longest record line read: far above any record, so a file that is not

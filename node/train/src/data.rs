@@ -117,10 +117,8 @@ pub fn load_dir(dir: &Path) -> Result<MnistData, TrainError> {
             });
         };
         // Not opened unless a regular file: a named pipe would block.
-        if let Err(e) = crate::files::check_regular(&path, "an MNIST IDX file") {
-            return Err(bad(&path, &format!("is {e}")));
-        }
-        match std::fs::metadata(&path) {
+        match crate::files::check_regular(&path, "an MNIST IDX file") {
+            Err(e) => return Err(bad(&path, &format!("is {e}"))),
             Ok(m) if m.len() > MAX_DECOMPRESSED => {
                 return Err(bad(&path, &format!("holds {} bytes, more than any MNIST file ({MAX_DECOMPRESSED} at most); not an MNIST IDX file", m.len())));
             }

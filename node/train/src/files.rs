@@ -7,11 +7,13 @@ use std::path::Path;
 
 /// Refuses a path that is not a regular file (following links): a
 /// directory, a device or a named pipe, each named as such. `what` names
-/// what the file should be, for the error.
-pub fn check_regular(path: &Path, what: &str) -> std::io::Result<()> {
-    let kind = std::fs::metadata(path)?.file_type();
+/// what the file should be, for the error. Returns the file's metadata, so
+/// a caller checking its size looks it up once.
+pub fn check_regular(path: &Path, what: &str) -> std::io::Result<std::fs::Metadata> {
+    let meta = std::fs::metadata(path)?;
+    let kind = meta.file_type();
     if kind.is_file() {
-        return Ok(());
+        return Ok(meta);
     }
     let is = if kind.is_dir() {
         "a directory"

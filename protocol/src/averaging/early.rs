@@ -34,7 +34,6 @@ const MIN_BYTES: usize = 64 * 1024;
 #[derive(Debug, Default)]
 pub(crate) struct EarlyParts {
     parts: Vec<(NodeId, u32, Payload)>,
-    bytes: usize,
 }
 
 impl EarlyParts {
@@ -50,34 +49,33 @@ impl EarlyParts {
     ) -> bool {
         let budget = |per_value: usize| values.saturating_mul(per_value).max(MIN_BYTES);
         let size = payload.bytes.len();
-        let from_sender: usize = self
-            .parts
-            .iter()
-            .filter(|(f, _, _)| *f == from)
-            .map(|(_, _, p)| p.bytes.len())
-            .sum();
+        let (mut total, mut from_sender, mut seen) = (0usize, 0usize, false);
+        for (f, p, held) in &self.parts {
+            total += held.bytes.len();
+            if *f == from {
+                from_sender += held.bytes.len();
+                seen |= *p == part;
+            }
+        }
         let fits = payload.len as usize <= values
             && self.parts.len() < MAX_PARTS
             && from_sender.saturating_add(size) <= budget(SENDER_BYTES_PER_VALUE)
-            && self.bytes.saturating_add(size) <= budget(BYTES_PER_VALUE);
-        let seen = self.parts.iter().any(|(f, p, _)| *f == from && *p == part);
+            && total.saturating_add(size) <= budget(BYTES_PER_VALUE);
         if seen || !fits {
             return false;
         }
-        self.bytes += payload.bytes.len();
         self.parts.push((from, part, payload.clone()));
         true
     }
 
     /// Hands over every part held, in arrival order, and forgets them.
     pub(crate) fn take(&mut self) -> Vec<(NodeId, u32, Payload)> {
-        self.bytes = 0;
         std::mem::take(&mut self.parts)
     }
 
     /// Forgets every part held (the round ended).
     pub(crate) fn clear(&mut self) {
-        self.take();
+        self.parts.clear();
     }
 }
 

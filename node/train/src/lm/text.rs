@@ -94,8 +94,11 @@ pub fn load_file(path: &Path) -> Result<TextData, TextError> {
         source,
     };
     // Checked before opening: a named pipe would block.
-    crate::files::check_regular(path, "a UTF-8 text file").map_err(io)?;
-    if std::fs::metadata(path).map_err(io)?.len() > MAX_TEXT_BYTES {
+    if crate::files::check_regular(path, "a UTF-8 text file")
+        .map_err(io)?
+        .len()
+        > MAX_TEXT_BYTES
+    {
         return Err(TextError::TooLarge {
             path: path.to_path_buf(),
         });

@@ -1,6 +1,8 @@
 //! The node's identity key, kept across restarts so its peer id is stable.
 
 use libp2p::identity::Keypair;
+use libp2p::PeerId;
+use p2ptrain_protocol::NodeId;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +33,12 @@ pub enum IdentityError {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+/// The protocol's id of `peer`: the smallest id among a round's joiners
+/// leads its averaging group, and ids order each group's members.
+pub fn node_id_of(peer: &PeerId) -> NodeId {
+    NodeId::from_key_bytes(&peer.to_bytes())
 }
 
 /// Loads the key at `path`, or creates one there if the file does not exist.

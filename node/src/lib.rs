@@ -13,6 +13,7 @@ pub mod driver;
 pub mod error_text;
 pub mod export;
 pub mod identity;
+pub mod join_proof;
 pub mod metrics;
 pub mod misbehave;
 pub mod net;

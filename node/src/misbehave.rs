@@ -4,7 +4,8 @@
 //! would. Its own model stays honest, so the damage is only what it sends.
 
 use p2ptrain_protocol::averaging::AvgMessage;
-use p2ptrain_protocol::tensor::Payload;
+use p2ptrain_protocol::tensor::{Bytes, Payload};
+use p2ptrain_protocol::NodeId;
 
 /// How a hostile node corrupts what it sends.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,6 +42,10 @@ pub enum Misbehave {
     /// message, that it has reached the last possible round: a peer trying
     /// to end everyone's run, or to make them skip rounds.
     ClaimsAhead,
+    /// From this round on, every `Group` it leads also lists a made-up
+    /// member (with a forged join proof): a hostile leader trying to make
+    /// the others send parts to, and wait for, a peer that does not exist.
+    PhantomFrom(u64),
 }
 
 impl std::str::FromStr for Misbehave {
@@ -59,11 +64,13 @@ impl std::str::FromStr for Misbehave {
                 s.strip_prefix("deaf:").map(str::parse::<u64>),
                 s.strip_prefix("mute:").map(str::parse::<u64>),
                 s.strip_prefix("absent:").map(str::parse::<u64>),
+                s.strip_prefix("phantom:").map(str::parse::<u64>),
             ) {
-                (Some(Ok(k)), _, _, _) if k.is_finite() => Ok(Misbehave::Scale(k)),
-                (_, Some(Ok(round)), _, _) if round > 0 => Ok(Misbehave::DeafInRound(round)),
-                (_, _, Some(Ok(round)), _) if round > 0 => Ok(Misbehave::MuteFrom(round)),
-                (_, _, _, Some(Ok(round))) if round > 0 => Ok(Misbehave::AbsentFrom(round)),
+                (Some(Ok(k)), _, _, _, _) if k.is_finite() => Ok(Misbehave::Scale(k)),
+                (_, Some(Ok(round)), _, _, _) if round > 0 => Ok(Misbehave::DeafInRound(round)),
+                (_, _, Some(Ok(round)), _, _) if round > 0 => Ok(Misbehave::MuteFrom(round)),
+                (_, _, _, Some(Ok(round)), _) if round > 0 => Ok(Misbehave::AbsentFrom(round)),
+                (_, _, _, _, Some(Ok(round))) if round > 0 => Ok(Misbehave::PhantomFrom(round)),
                 _ => Err(not_a_misbehaviour(s)),
             },
         }
@@ -73,7 +80,7 @@ impl std::str::FromStr for Misbehave {
 fn not_a_misbehaviour(s: &str) -> String {
     format!(
         "`{s}` is not a misbehaviour: use flip, nan, scale:FACTOR, deaf:ROUND, mute:ROUND, \
-         absent:ROUND, lag:ROUND:SECS or claim-ahead"
+         absent:ROUND, phantom:ROUND, lag:ROUND:SECS or claim-ahead"
     )
 }
 
@@ -102,6 +109,7 @@ impl std::fmt::Display for Misbehave {
             Misbehave::AbsentFrom(r) => write!(f, "absent:{r}"),
             Misbehave::LagBefore { round, secs } => write!(f, "lag:{round}:{secs}"),
             Misbehave::ClaimsAhead => f.write_str("claim-ahead"),
+            Misbehave::PhantomFrom(r) => write!(f, "phantom:{r}"),
         }
     }
 }
@@ -121,7 +129,8 @@ impl Misbehave {
                 | Misbehave::MuteFrom(_)
                 | Misbehave::AbsentFrom(_)
                 | Misbehave::LagBefore { .. }
-                | Misbehave::ClaimsAhead => *v,
+                | Misbehave::ClaimsAhead
+                | Misbehave::PhantomFrom(_) => *v,
             })
             .collect();
         Payload::encode(&bad, payload.encoding)
@@ -167,8 +176,12 @@ impl Misbehave {
         }
     }
 
-    /// Corrupts the tensor payload of an outgoing averaging message.
+    /// Corrupts the tensor payload of an outgoing averaging message, or the
+    /// member list of a `Group`.
     pub fn apply(self, msg: AvgMessage) -> AvgMessage {
+        if let Misbehave::PhantomFrom(from) = self {
+            return with_phantom(from, msg);
+        }
         if let Misbehave::DeafInRound(_)
         | Misbehave::MuteFrom(_)
         | Misbehave::AbsentFrom(_)
@@ -203,6 +216,33 @@ impl Misbehave {
     }
 }
 
+/// `msg`, and if it is a `Group` of round `from` or later, one listing a
+/// made-up member too: the largest id there is (so the sender still comes
+/// first), with a proof of the right size that no key signed.
+fn with_phantom(from: u64, msg: AvgMessage) -> AvgMessage {
+    match msg {
+        AvgMessage::Group {
+            round,
+            len,
+            mut members,
+            mut proofs,
+        } if round >= from => {
+            let phantom = NodeId([0xff; 32]);
+            if members.last() < Some(&phantom) {
+                members.push(phantom);
+                proofs.push(Bytes::from(vec![0x5a; 96]));
+            }
+            AvgMessage::Group {
+                round,
+                len,
+                members,
+                proofs,
+            }
+        }
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +259,7 @@ mod tests {
             "absent:4",
             "lag:5:20",
             "claim-ahead",
+            "phantom:3",
         ] {
             let m: Misbehave = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
@@ -248,11 +289,16 @@ mod tests {
     #[test]
     fn an_absent_node_neither_sends_nor_heeds_averaging_from_its_round_on() {
         let m = Misbehave::AbsentFrom(3);
-        let join = |round| AvgMessage::Join { round, len: 2 };
+        let join = |round| AvgMessage::Join {
+            round,
+            len: 2,
+            proof: Bytes::from(vec![1; 96]),
+        };
         let group = AvgMessage::Group {
             round: 3,
             len: 2,
             members: vec![],
+            proofs: vec![],
         };
         assert!(!m.withholds(&join(2)) && !m.ignores(&join(2)));
         for msg in [join(3), join(7), group] {
@@ -296,7 +342,40 @@ mod tests {
             panic!("kind changed");
         };
         assert!(payload.validate().is_err(), "NaN must not pass validation");
-        let join = AvgMessage::Join { round: 1, len: 2 };
+        let join = AvgMessage::Join {
+            round: 1,
+            len: 2,
+            proof: Bytes::from(vec![1; 96]),
+        };
         assert_eq!(Misbehave::Flip.apply(join.clone()), join);
+    }
+
+    #[test]
+    fn a_phantom_leader_lists_a_made_up_member_from_its_round_on() {
+        let group = |round| AvgMessage::Group {
+            round,
+            len: 2,
+            members: vec![NodeId([1; 32]), NodeId([2; 32])],
+            proofs: vec![Bytes::from(vec![1; 96]); 2],
+        };
+        let m = Misbehave::PhantomFrom(3);
+        assert_eq!(m.apply(group(2)), group(2));
+        let AvgMessage::Group {
+            members, proofs, ..
+        } = m.apply(group(3))
+        else {
+            panic!("kind changed");
+        };
+        assert_eq!(members.len(), 3);
+        assert_eq!(members[2], NodeId([0xff; 32]));
+        assert_eq!(proofs.len(), 3);
+        assert!(AvgMessage::Group {
+            round: 3,
+            len: 2,
+            members,
+            proofs
+        }
+        .validate()
+        .is_ok());
     }
 }

@@ -11,7 +11,7 @@
 //! the moment it is sent, an active partition puts sender and receiver in different groups.
 
 use crate::averaging::{
-    Averager, AveragingConfig, AvgEvent, AvgMessage, Destination, RoundOutcome,
+    Averager, AveragingConfig, AvgEvent, AvgMessage, Destination, OpenJoinProofs, RoundOutcome,
 };
 use crate::rng::Rng;
 use crate::NodeId;
@@ -132,7 +132,7 @@ impl Sim {
         let nodes = ids
             .iter()
             .map(|id| {
-                let mut a = Averager::new(*id, cfg.averaging.clone());
+                let mut a = Averager::new(*id, cfg.averaging.clone(), Box::new(OpenJoinProofs));
                 a.set_peers(&ids);
                 a
             })

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
 /// refuse each other with a clear error instead of misreading bytes.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Hard limit on one encoded message (header included): bounds what a peer can make us
 /// buffer and parse.
@@ -169,6 +169,22 @@ pub enum ContentError {
     IdsNotSorted {
         /// Which list.
         field: &'static str,
+    },
+    /// A `Group` whose join proofs do not pair up with its members.
+    #[error("Group lists {members} members but carries {proofs} join proofs")]
+    ProofCount {
+        /// Number of members.
+        members: usize,
+        /// Number of proofs.
+        proofs: usize,
+    },
+    /// A join proof longer than any key type needs.
+    #[error("join proof of {len} bytes, more than the maximum of {max}")]
+    ProofTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
     },
     /// A part index no group can have.
     #[error("part index {part} is out of range (groups have at most {max} parts)")]
@@ -369,21 +385,31 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::averaging::MAX_JOIN_PROOF_BYTES;
     use crate::rng::Rng;
-    use crate::tensor::{Encoding, Payload};
+    use crate::tensor::{Bytes, Encoding, Payload};
     use crate::NodeId;
 
     fn id(n: u8) -> NodeId {
         NodeId([n; 32])
     }
 
+    fn proof() -> Bytes {
+        Bytes::from(vec![7; 96])
+    }
+
     fn samples() -> Vec<Message> {
         vec![
-            Message::Avg(AvgMessage::Join { round: 3, len: 10 }),
+            Message::Avg(AvgMessage::Join {
+                round: 3,
+                len: 10,
+                proof: proof(),
+            }),
             Message::Avg(AvgMessage::Group {
                 round: 3,
                 len: 10,
                 members: vec![id(1), id(2), id(5)],
+                proofs: vec![proof(); 3],
             }),
             Message::Avg(AvgMessage::Part {
                 round: 3,
@@ -437,7 +463,11 @@ mod tests {
             }),
             Message::StageAvg {
                 stage: 1,
-                msg: AvgMessage::Join { round: 2, len: 5 },
+                msg: AvgMessage::Join {
+                    round: 2,
+                    len: 5,
+                    proof: proof(),
+                },
             },
             Message::StateAnnounce(None),
             Message::StateAnnounce(Some(Claim {
@@ -656,6 +686,7 @@ mod tests {
                     round: 1,
                     len: 4,
                     members: vec![id(1), id(1)],
+                    proofs: vec![proof(); 2],
                 }),
                 ContentError::IdsNotSorted { field: "members" },
             ),
@@ -664,6 +695,7 @@ mod tests {
                     round: 1,
                     len: 4,
                     members: vec![id(2), id(1)],
+                    proofs: vec![proof(); 2],
                 }),
                 ContentError::IdsNotSorted { field: "members" },
             ),
@@ -672,8 +704,44 @@ mod tests {
                     round: 1,
                     len: 4,
                     members: vec![],
+                    proofs: vec![],
                 }),
                 ContentError::NoIds { field: "members" },
+            ),
+            (
+                Message::Avg(AvgMessage::Group {
+                    round: 1,
+                    len: 4,
+                    members: vec![id(1), id(2)],
+                    proofs: vec![proof()],
+                }),
+                ContentError::ProofCount {
+                    members: 2,
+                    proofs: 1,
+                },
+            ),
+            (
+                Message::Avg(AvgMessage::Group {
+                    round: 1,
+                    len: 4,
+                    members: vec![id(1)],
+                    proofs: vec![Bytes::from(vec![0; MAX_JOIN_PROOF_BYTES + 1])],
+                }),
+                ContentError::ProofTooLong {
+                    len: MAX_JOIN_PROOF_BYTES + 1,
+                    max: MAX_JOIN_PROOF_BYTES,
+                },
+            ),
+            (
+                Message::Avg(AvgMessage::Join {
+                    round: 1,
+                    len: 4,
+                    proof: Bytes::from(vec![0; MAX_JOIN_PROOF_BYTES + 1]),
+                }),
+                ContentError::ProofTooLong {
+                    len: MAX_JOIN_PROOF_BYTES + 1,
+                    max: MAX_JOIN_PROOF_BYTES,
+                },
             ),
             (
                 Message::Avg(AvgMessage::Reduced {
@@ -709,6 +777,7 @@ mod tests {
                 Message::Avg(AvgMessage::Join {
                     round: 1,
                     len: MAX_VECTOR_LEN + 1,
+                    proof: proof(),
                 }),
                 ContentError::VectorTooLong {
                     len: MAX_VECTOR_LEN + 1,

@@ -5,7 +5,7 @@
 //! `decode` — the single gate for untrusted bytes — faces structured garbage as well as noise.
 //! Run more cases with `PROPTEST_CASES=100000 cargo test -p p2ptrain-protocol --test wire_props`.
 
-use p2ptrain_protocol::averaging::AvgMessage;
+use p2ptrain_protocol::averaging::{AvgMessage, MAX_JOIN_PROOF_BYTES};
 use p2ptrain_protocol::pipe::{
     PipeBackward, PipeForward, StageHello, StagePhase, StageState, StageStateRequest,
 };
@@ -69,16 +69,37 @@ fn any_ids() -> impl Strategy<Value = Vec<NodeId>> {
     prop_oneof![4 => sorted, 1 => raw]
 }
 
+/// 1: one proof per member; 0 and 2: one too few or one too many.
+fn proof_count_skew() -> impl Strategy<Value = usize> {
+    prop_oneof![4 => Just(1usize), 1 => Just(0usize), 1 => Just(2usize)]
+}
+
+/// Join proofs up to a little past the longest allowed.
+fn any_proof() -> impl Strategy<Value = Bytes> {
+    prop::collection::vec(any::<u8>(), 0..MAX_JOIN_PROOF_BYTES + 8).prop_map(Bytes::from)
+}
+
 fn any_avg() -> impl Strategy<Value = AvgMessage> {
     prop_oneof![
-        (any::<u64>(), any::<u64>()).prop_map(|(round, len)| AvgMessage::Join { round, len }),
-        (any::<u64>(), 0u64..1 << 40, any_ids()).prop_map(|(round, len, members)| {
-            AvgMessage::Group {
-                round,
-                len,
-                members,
-            }
-        }),
+        (any::<u64>(), any::<u64>(), any_proof())
+            .prop_map(|(round, len, proof)| { AvgMessage::Join { round, len, proof } }),
+        (
+            any::<u64>(),
+            0u64..1 << 40,
+            any_ids(),
+            any_proof(),
+            proof_count_skew()
+        )
+            .prop_map(|(round, len, members, proof, skew)| {
+                // Mostly one proof per member; sometimes one too few or too many.
+                let count = (members.len() + skew).saturating_sub(1);
+                AvgMessage::Group {
+                    round,
+                    len,
+                    members,
+                    proofs: vec![proof; count],
+                }
+            }),
         (any::<u64>(), 0u32..300, any_payload()).prop_map(|(round, part, payload)| {
             AvgMessage::Part {
                 round,

@@ -155,6 +155,17 @@ fn node0_rounds_with_node2<T: std::fmt::Debug>(
     misbehave: &str,
     pick: impl Fn(&serde_json::Value) -> T,
 ) -> Vec<(u64, T)> {
+    node0_rounds_with_node2_keyed(name, timing, misbehave, [&[], &[], &[]], pick)
+}
+
+/// [`node0_rounds_with_node2`], node `i` also given `extra[i]` (its `--key`).
+fn node0_rounds_with_node2_keyed<T: std::fmt::Debug>(
+    name: &str,
+    timing: &[&str],
+    misbehave: &str,
+    extra: [&[&str]; 3],
+    pick: impl Fn(&serde_json::Value) -> T,
+) -> Vec<(u64, T)> {
     let swarm = format!("{name}-{}", std::process::id());
     let (tx, rx) = mpsc::channel();
     let with = |extra: &[&str], boot: Option<&str>| -> Vec<String> {
@@ -174,12 +185,13 @@ fn node0_rounds_with_node2<T: std::fmt::Debug>(
         }
         v.into_iter().map(str::to_string).collect()
     };
-    let first = with(&[], None);
+    let first = with(extra[0], None);
     let first: Vec<&str> = first.iter().map(String::as_str).collect();
     let mut nodes = Nodes(vec![spawn_node(0, &first, tx.clone())]);
     let deadline = Instant::now() + Duration::from_secs(400);
     let boot = bootstrap_address(&rx, deadline);
-    for (i, extra) in [(1, &[][..]), (2, &["--misbehave", misbehave][..])] {
+    let hostile = [extra[2], &["--misbehave", misbehave][..]].concat();
+    for (i, extra) in [(1, extra[1]), (2, &hostile[..])] {
         let a = with(extra, Some(&boot));
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         nodes.0.push(spawn_node(i, &a, tx.clone()));
@@ -268,5 +280,48 @@ fn an_absent_peer_costs_a_fitted_join_window_not_the_configured_one() {
     for (round, (group, secs, _)) in &absent {
         assert_eq!(*group, 2, "round {round} without node 2: {rounds:?}");
         assert!(*secs < 15.0, "round {round} took {secs} s: {rounds:?}");
+    }
+}
+
+/// Three nodes, node 2 holding the smallest id, so it leads every round it
+/// joins; from round 6 on its `Group`s also list a made-up member with a
+/// forged join proof. Nodes 0 and 1 refuse those groups and regroup as a
+/// pair at once, every part averaged. Before join proofs they followed
+/// the group, sent parts to the phantom and waited for it until the reduce
+/// deadline (10 s here) every round, its parts never averaged.
+#[test]
+fn a_leader_listing_a_made_up_member_is_refused_and_the_rest_regroup() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut keys: Vec<(_, String)> = (0..3)
+        .map(|i| {
+            let path = dir.path().join(format!("key{i}"));
+            let key = p2ptrain_node::identity::load_or_create(&path).unwrap();
+            let id = p2ptrain_node::identity::node_id_of(&key.public().to_peer_id());
+            (id, path.to_str().unwrap().to_string())
+        })
+        .collect();
+    // Largest id first: node 2 gets the smallest.
+    keys.sort_by_key(|k| std::cmp::Reverse(k.0));
+    let flags: Vec<[&str; 2]> = keys.iter().map(|(_, p)| ["--key", p.as_str()]).collect();
+    let timing = ["--join-window-secs", "2", "--reduce-timeout-secs", "10"];
+    // (group size, averaging s, members dropped) per round of node 0.
+    let rounds = node0_rounds_with_node2_keyed(
+        "phantom",
+        &timing,
+        "phantom:6",
+        [&flags[0], &flags[1], &flags[2]],
+        |v| {
+            (
+                v["peers"].as_u64().unwrap(),
+                v["averaging_s"].as_f64().unwrap(),
+                v["dropped"].as_u64().unwrap(),
+            )
+        },
+    );
+    // Before round 6 all three averaged together.
+    assert!(rounds.iter().any(|r| r.0 < 6 && r.1 .0 == 3), "{rounds:?}");
+    for (round, (group, secs, dropped)) in rounds.iter().filter(|r| r.0 >= 6) {
+        assert_eq!((*group, *dropped), (2, 0), "round {round}: {rounds:?}");
+        assert!(*secs < 4.0, "round {round} took {secs} s: {rounds:?}");
     }
 }

@@ -19,6 +19,7 @@ pub use sync::Misbehave as StateMisbehave;
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
 use crate::compute::{Compute, ComputeError, ComputeGone};
+use crate::join_proof::{JoinProofError, SignedJoins, StageScope};
 use crate::metrics::Metrics;
 use crate::net::{NetConfig, NetError, NetEvent, NetHandle, Network};
 use crate::task::{Shard, Task};
@@ -315,6 +316,9 @@ pub enum NodeError {
     /// The network could not start.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// The node cannot sign its averaging join proofs.
+    #[error(transparent)]
+    JoinProof(#[from] JoinProofError),
     /// Local compute failed.
     #[error(transparent)]
     Compute(#[from] ComputeError),
@@ -446,6 +450,8 @@ struct Driver {
     synced: bool,
     /// In a pipeline, the stage this node holds; `None` in data-parallel training.
     stage: Option<u32>,
+    /// The stage our join proofs name: kept equal to `stage`.
+    stage_scope: StageScope,
     /// Pipeline messages received and not yet handled, and who serves which stage.
     pipe: pipeline::Inbox,
     /// How long to wait for peers (at the start, and for a pipeline stage
@@ -484,11 +490,10 @@ pub async fn run_with_metrics(
     let peer_id = keypair.public().to_peer_id();
     let span = info_span!("node", peer = %peer_id);
     async move {
-        let network = Network::start(config.net.clone(), keypair)?;
+        let network = Network::start(config.net.clone(), keypair.clone())?;
         let compute =
             Compute::spawn(task, format!("compute-{peer_id}")).map_err(NodeError::Spawn)?;
-        let Network { handle, events, .. } = network;
-        let mut driver = Driver::new(&config, handle, events);
+        let mut driver = Driver::new(&config, network, &keypair)?;
         driver.pipe.data_parallel = true;
         driver.observe(metrics);
         let result = driver.train(&config, &compute, &mut report).await;
@@ -502,9 +507,18 @@ pub async fn run_with_metrics(
 }
 
 impl Driver {
-    fn new(config: &NodeConfig, net: NetHandle, events: mpsc::Receiver<NetEvent>) -> Driver {
+    /// The driver of a node whose network is `network` and identity `keypair`.
+    fn new(config: &NodeConfig, network: Network, keypair: &Keypair) -> Result<Driver, NodeError> {
+        let Network {
+            handle: net,
+            events,
+            topic,
+            ..
+        } = network;
         let me = NodeId::from_key_bytes(&net.local_peer_id().to_bytes());
-        Driver {
+        let stage_scope = StageScope::default();
+        let joins = SignedJoins::new(keypair, &topic, stage_scope.clone())?;
+        Ok(Driver {
             me,
             net,
             events,
@@ -514,7 +528,9 @@ impl Driver {
                     sparse: config.averaging.sparse || config.top_k.is_some(),
                     ..config.averaging.clone()
                 },
+                Box::new(joins),
             ),
+            stage_scope,
             start: Instant::now(),
             members: BTreeMap::new(),
             members_changed: true,
@@ -537,7 +553,7 @@ impl Driver {
                 + config.averaging.join_window
                 + config.averaging.reduce_timeout * 2,
             diloco: None,
-        }
+        })
     }
 
     /// Feeds `metrics` (if any) from now on: network counters, members, shards and stages.

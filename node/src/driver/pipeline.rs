@@ -390,8 +390,8 @@ pub async fn run_pipeline_with_metrics(
     let peer_id = keypair.public().to_peer_id();
     let span = info_span!("node", peer = %peer_id);
     async move {
-        let Network { handle, events, .. } = Network::start(config.net.clone(), keypair)?;
-        let mut driver = Driver::new(&config, handle, events);
+        let network = Network::start(config.net.clone(), keypair.clone())?;
+        let mut driver = Driver::new(&config, network, &keypair)?;
         driver.observe(metrics);
         let result = driver
             .train_pipeline(&config, &pipeline, factory, &mut report)
@@ -442,6 +442,7 @@ impl Driver {
         // to a stage left without replicas (see `spare_move`).
         let (stage, compute, resume, outcome, val_bpc) = loop {
             self.stage = Some(stage);
+            self.stage_scope.set(self.stage);
             let ids = self.swarm_ids();
             self.averager.set_peers(&ids);
             let spec = StageSpec {

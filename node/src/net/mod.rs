@@ -263,6 +263,8 @@ pub struct Network {
     pub handle: NetHandle,
     /// Events come out here.
     pub events: mpsc::Receiver<NetEvent>,
+    /// The swarm's gossip topic: what this node's join proofs are bound to.
+    pub topic: String,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -312,6 +314,7 @@ impl Network {
         let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
         let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
         let stats = Arc::new(NetStats::default());
+        let topic_string = topic.to_string();
         let event_loop = EventLoop {
             swarm,
             topic,
@@ -341,6 +344,7 @@ impl Network {
                 stats,
             },
             events: ev_rx,
+            topic: topic_string,
             task,
         })
     }

@@ -2,6 +2,7 @@
 //! buffer of `Join`s for rounds we have not started yet.
 
 use super::config::{AveragingConfig, MAX_BUFFERED_ROUNDS, MAX_GROUP_MEMBERS, MAX_ROUNDS_AHEAD};
+use crate::tensor::Bytes;
 use crate::NodeId;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -10,11 +11,20 @@ use std::time::Duration;
 /// counts everyone who was ready before it. Bounded in rounds and senders.
 #[derive(Debug, Default)]
 pub(crate) struct JoinBuffer {
-    rounds: BTreeMap<u64, BTreeMap<NodeId, u64>>,
+    rounds: BTreeMap<u64, BTreeMap<NodeId, Joined>>,
+}
+
+/// A peer's (verified) `Join`: its vector length and its proof.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Joined {
+    /// Its vector length.
+    pub(crate) len: u64,
+    /// Its join proof, passed on in the `Group` of a leader that lists it.
+    pub(crate) proof: Bytes,
 }
 
 impl JoinBuffer {
-    /// Records that `from` is ready for `round` with a vector of `len` values. `base` is our
+    /// Records that `from` is ready for `round` as `joined` says. `base` is our
     /// current or last finished round, if any. Errors explain why the join was dropped.
     /// A peer is in one round at a time, so its earlier buffered `Join`s go first (even if
     /// this one is then dropped: it is past those rounds), and a late copy of an earlier
@@ -24,7 +34,7 @@ impl JoinBuffer {
         base: Option<u64>,
         round: u64,
         from: NodeId,
-        len: u64,
+        joined: Joined,
     ) -> Result<(), String> {
         // A peer is in one round at a time: a `Join` for a later round means it
         // finished the earlier ones, and one for an earlier round is a stale copy.
@@ -70,12 +80,12 @@ impl JoinBuffer {
                 "Join for round {round} dropped: already {MAX_GROUP_MEMBERS} peers buffered"
             ));
         }
-        senders.insert(from, len);
+        senders.insert(from, joined);
         Ok(())
     }
 
     /// Removes and returns the joiners of `round`, forgetting every round up to it.
-    pub(crate) fn take(&mut self, round: u64) -> BTreeMap<NodeId, u64> {
+    pub(crate) fn take(&mut self, round: u64) -> BTreeMap<NodeId, Joined> {
         let joiners = self.rounds.remove(&round).unwrap_or_default();
         self.forget_through(round);
         joiners
@@ -111,12 +121,15 @@ pub(crate) struct Matchmaking {
     pub(crate) len: u64,
     /// Our values, handed to the all-reduce once a group forms.
     pub(crate) values: Vec<f32>,
+    /// Our join proof for this round.
+    pub(crate) proof: Bytes,
     started: Duration,
     /// When the leader closes at the latest (start + join window).
     close_at: Duration,
     /// When a non-leader stops waiting for a `Group` and finishes alone.
     give_up_at: Duration,
-    joined: BTreeSet<NodeId>,
+    /// Who joined, with their join proofs.
+    joined: BTreeMap<NodeId, Bytes>,
     /// Peers in another leader's group for this round that left us out: we
     /// regroup without them.
     taken: BTreeSet<NodeId>,
@@ -140,6 +153,7 @@ impl Matchmaking {
     pub(crate) fn new(
         round: u64,
         values: Vec<f32>,
+        proof: Bytes,
         now: Duration,
         waits: Waits,
         cfg: &AveragingConfig,
@@ -148,10 +162,11 @@ impl Matchmaking {
             round,
             len: values.len() as u64,
             values,
+            proof,
             started: now,
             close_at: now.saturating_add(waits.join_window),
             give_up_at: now.saturating_add(waits.group_wait),
-            joined: BTreeSet::new(),
+            joined: BTreeMap::new(),
             taken: BTreeSet::new(),
             last_join: now,
             next_join: now.saturating_add(cfg.join_retry()),
@@ -161,7 +176,7 @@ impl Matchmaking {
     /// How long after our start every peer of `peers` had joined, if all have.
     pub(crate) fn all_joined_after(&self, peers: &BTreeSet<NodeId>) -> Option<Duration> {
         self.awaited(peers)
-            .all(|p| self.joined.contains(p))
+            .all(|p| self.joined.contains_key(p))
             .then(|| self.last_join.saturating_sub(self.started))
     }
 
@@ -170,21 +185,23 @@ impl Matchmaking {
         now.saturating_sub(self.started)
     }
 
-    /// Counts `from` as joined if its vector length matches ours.
+    /// Counts `from` as joined if its vector length matches ours. The caller has checked
+    /// its join proof.
     pub(crate) fn add_joiner(
         &mut self,
         now: Duration,
         me: NodeId,
         from: NodeId,
-        len: u64,
+        joined: Joined,
     ) -> Result<(), String> {
+        let Joined { len, proof } = joined;
         if len != self.len {
             return Err(format!(
                 "Join for round {} with {len} values, ours has {}; not averaging different models",
                 self.round, self.len
             ));
         }
-        if from == me || self.joined.contains(&from) || self.taken.contains(&from) {
+        if from == me || self.joined.contains_key(&from) || self.taken.contains(&from) {
             return Ok(());
         }
         if self.joined.len() >= MAX_GROUP_MEMBERS {
@@ -193,14 +210,21 @@ impl Matchmaking {
                 self.round
             ));
         }
-        self.joined.insert(from);
+        self.joined.insert(from, proof);
         self.last_join = self.last_join.max(now);
         Ok(())
     }
 
     /// The smallest id among us and the peers that joined with our length.
     pub(crate) fn leader(&self, me: NodeId) -> NodeId {
-        self.joined.first().map_or(me, |&first| first.min(me))
+        self.joined
+            .first_key_value()
+            .map_or(me, |(&first, _)| first.min(me))
+    }
+
+    /// Whether `peer`'s `Join` for this round reached us (its proof is checked).
+    pub(crate) fn has_joined(&self, peer: &NodeId) -> bool {
+        self.joined.contains_key(peer)
     }
 
     /// When a non-leader stops waiting for a `Group` and finishes alone.
@@ -211,7 +235,7 @@ impl Matchmaking {
     /// Whether we lead and may close now: every live peer joined, or the window is over.
     pub(crate) fn should_close(&self, me: NodeId, peers: &BTreeSet<NodeId>, now: Duration) -> bool {
         self.leader(me) == me
-            && (now >= self.close_at || self.awaited(peers).all(|p| self.joined.contains(p)))
+            && (now >= self.close_at || self.awaited(peers).all(|p| self.joined.contains_key(p)))
     }
 
     /// The peers of `peers` we still wait for: not in a group that left us out.
@@ -236,14 +260,18 @@ impl Matchmaking {
     }
 
     /// The group the leader (`me`) forms: us and the joiners, ascending, at most `limit`
-    /// (the smallest ids, so the leader is always in).
-    pub(crate) fn members(&self, me: NodeId, limit: usize) -> Vec<NodeId> {
-        let mut members: Vec<NodeId> = self.joined.iter().copied().collect();
-        members.push(me);
-        members.sort_unstable();
-        members.dedup();
+    /// (the smallest ids, so the leader is always in), each with its join proof.
+    pub(crate) fn members(&self, me: NodeId, limit: usize) -> (Vec<NodeId>, Vec<Bytes>) {
+        let mut members: Vec<(NodeId, Bytes)> = self
+            .joined
+            .iter()
+            .filter(|(&id, _)| id != me)
+            .map(|(&id, proof)| (id, proof.clone()))
+            .collect();
+        members.push((me, self.proof.clone()));
+        members.sort_unstable_by_key(|&(id, _)| id);
         members.truncate(limit.max(1));
-        members
+        members.into_iter().unzip()
     }
 
     /// Re-arms and reports the periodic `Join` re-broadcast if it is due.
@@ -273,6 +301,13 @@ mod tests {
         NodeId([n; 32])
     }
 
+    fn j(len: u64) -> Joined {
+        Joined {
+            len,
+            proof: Bytes::from(vec![]),
+        }
+    }
+
     fn waits(cfg: &AveragingConfig) -> Waits {
         Waits {
             join_window: cfg.join_window,
@@ -284,21 +319,21 @@ mod tests {
     fn buffer_limits_rounds_ahead_and_keeps_the_nearest_rounds() {
         let mut buf = JoinBuffer::default();
         assert!(
-            buf.insert(Some(10), 15, id(1), 4).is_err(),
+            buf.insert(Some(10), 15, id(1), j(4)).is_err(),
             "5 rounds ahead"
         );
-        assert!(buf.insert(Some(10), 14, id(1), 4).is_ok());
+        assert!(buf.insert(Some(10), 14, id(1), j(4)).is_ok());
         // Fresh node (no base): any round, but at most MAX_BUFFERED_ROUNDS of them.
         let mut buf = JoinBuffer::default();
         for (r, from) in [(100, 1), (200, 2), (300, 3), (400, 4)] {
-            assert!(buf.insert(None, r, id(from), 4).is_ok());
+            assert!(buf.insert(None, r, id(from), j(4)).is_ok());
         }
         assert!(
-            buf.insert(None, 500, id(5), 4).is_err(),
+            buf.insert(None, 500, id(5), j(4)).is_err(),
             "beyond the nearest 4"
         );
         assert!(
-            buf.insert(None, 50, id(5), 4).is_ok(),
+            buf.insert(None, 50, id(5), j(4)).is_ok(),
             "nearer round evicts 400"
         );
         assert_eq!(buf.rounds(), MAX_BUFFERED_ROUNDS);
@@ -309,11 +344,11 @@ mod tests {
     #[test]
     fn a_later_join_replaces_a_peers_earlier_ones_and_marks_it_ahead() {
         let mut buf = JoinBuffer::default();
-        assert!(buf.insert(Some(1), 2, id(1), 4).is_ok());
-        assert!(buf.insert(Some(1), 2, id(2), 4).is_ok());
-        assert!(buf.insert(Some(1), 3, id(1), 4).is_ok());
+        assert!(buf.insert(Some(1), 2, id(1), j(4)).is_ok());
+        assert!(buf.insert(Some(1), 2, id(2), j(4)).is_ok());
+        assert!(buf.insert(Some(1), 3, id(1), j(4)).is_ok());
         assert!(
-            buf.insert(Some(1), 2, id(1), 4).is_ok(),
+            buf.insert(Some(1), 2, id(1), j(4)).is_ok(),
             "a stale copy is ignored"
         );
         assert_eq!(buf.ahead_of(2), [id(1)].into_iter().collect());
@@ -324,7 +359,7 @@ mod tests {
         // A peer moving on leaves no empty round behind to crowd out others.
         let mut buf = JoinBuffer::default();
         for r in 2..=5 {
-            assert!(buf.insert(Some(1), r, id(1), 4).is_ok());
+            assert!(buf.insert(Some(1), r, id(1), j(4)).is_ok());
         }
         assert_eq!(buf.rounds(), 1);
     }
@@ -335,56 +370,74 @@ mod tests {
         for i in 0..MAX_GROUP_MEMBERS as u32 {
             let mut b = [0u8; 32];
             b[..4].copy_from_slice(&i.to_le_bytes());
-            assert!(buf.insert(None, 1, NodeId(b), 8).is_ok());
+            assert!(buf.insert(None, 1, NodeId(b), j(8)).is_ok());
         }
-        assert!(buf.insert(None, 1, id(0xff), 8).is_err());
+        assert!(buf.insert(None, 1, id(0xff), j(8)).is_err());
         let mut b = [0u8; 32];
         b[0] = 3;
         assert!(
-            buf.insert(None, 1, NodeId(b), 9).is_ok(),
+            buf.insert(None, 1, NodeId(b), j(9)).is_ok(),
             "repeat is a no-op"
         );
         let taken = buf.take(1);
         assert_eq!(taken.len(), MAX_GROUP_MEMBERS);
-        assert_eq!(taken.get(&NodeId(b)), Some(&8), "first join wins");
+        assert_eq!(
+            taken.get(&NodeId(b)).map(|j| j.len),
+            Some(8),
+            "first join wins"
+        );
     }
 
     #[test]
     fn leader_is_smallest_and_closing_follows_view_or_window() {
         let cfg = AveragingConfig::default();
-        let mut mm = Matchmaking::new(1, vec![0.0; 4], Duration::ZERO, waits(&cfg), &cfg);
+        let mut mm = Matchmaking::new(
+            1,
+            vec![0.0; 4],
+            Bytes::from(vec![]),
+            Duration::ZERO,
+            waits(&cfg),
+            &cfg,
+        );
         let me = id(5);
         let peers: BTreeSet<NodeId> = [id(3), id(7)].into_iter().collect();
         assert_eq!(mm.leader(me), me);
         assert!(!mm.should_close(me, &peers, Duration::from_millis(10)));
-        assert!(mm.add_joiner(Duration::ZERO, me, id(7), 4).is_ok());
+        assert!(mm.add_joiner(Duration::ZERO, me, id(7), j(4)).is_ok());
         assert!(
-            mm.add_joiner(Duration::ZERO, me, id(3), 3).is_err(),
+            mm.add_joiner(Duration::ZERO, me, id(3), j(3)).is_err(),
             "length mismatch is refused"
         );
         assert_eq!(mm.leader(me), me);
         assert!(mm.should_close(me, &peers, cfg.join_window), "window over");
-        assert!(mm.add_joiner(Duration::ZERO, me, id(3), 4).is_ok());
+        assert!(mm.add_joiner(Duration::ZERO, me, id(3), j(4)).is_ok());
         assert_eq!(mm.leader(me), id(3));
         assert!(!mm.should_close(me, &peers, cfg.join_window), "not leader");
-        assert_eq!(mm.members(me, 2), vec![id(3), id(5)]);
-        assert_eq!(mm.members(me, 10), vec![id(3), id(5), id(7)]);
+        assert_eq!(mm.members(me, 2).0, vec![id(3), id(5)]);
+        assert_eq!(mm.members(me, 10).0, vec![id(3), id(5), id(7)]);
     }
 
     #[test]
     fn the_join_spread_is_measured_only_when_the_whole_view_joined() {
         let cfg = AveragingConfig::default();
         let start = Duration::from_secs(10);
-        let mut mm = Matchmaking::new(1, vec![0.0; 4], start, waits(&cfg), &cfg);
+        let mut mm = Matchmaking::new(
+            1,
+            vec![0.0; 4],
+            Bytes::from(vec![]),
+            start,
+            waits(&cfg),
+            &cfg,
+        );
         let me = id(5);
         let peers: BTreeSet<NodeId> = [id(3), id(7)].into_iter().collect();
         assert_eq!(mm.all_joined_after(&peers), None);
         let ms = Duration::from_millis;
-        assert!(mm.add_joiner(start + ms(40), me, id(7), 4).is_ok());
+        assert!(mm.add_joiner(start + ms(40), me, id(7), j(4)).is_ok());
         assert_eq!(mm.all_joined_after(&peers), None, "3 has not joined");
-        assert!(mm.add_joiner(start + ms(90), me, id(3), 4).is_ok());
+        assert!(mm.add_joiner(start + ms(90), me, id(3), j(4)).is_ok());
         assert!(
-            mm.add_joiner(start + ms(500), me, id(3), 4).is_ok(),
+            mm.add_joiner(start + ms(500), me, id(3), j(4)).is_ok(),
             "a repeated Join"
         );
         assert_eq!(mm.all_joined_after(&peers), Some(ms(90)));
@@ -395,7 +448,14 @@ mod tests {
     #[test]
     fn rebroadcast_rearms() {
         let cfg = AveragingConfig::default();
-        let mut mm = Matchmaking::new(1, vec![], Duration::ZERO, waits(&cfg), &cfg);
+        let mut mm = Matchmaking::new(
+            1,
+            vec![],
+            Bytes::from(vec![]),
+            Duration::ZERO,
+            waits(&cfg),
+            &cfg,
+        );
         assert!(!mm.rebroadcast_due(Duration::from_millis(499), &cfg));
         assert!(mm.rebroadcast_due(Duration::from_millis(500), &cfg));
         assert!(!mm.rebroadcast_due(Duration::from_millis(999), &cfg));

@@ -1,6 +1,7 @@
 //! What peers say to each other during an averaging round.
 
-use crate::tensor::Payload;
+use super::join_proof::MAX_JOIN_PROOF_BYTES;
+use crate::tensor::{Bytes, Payload};
 use crate::wire::{check_ids, check_part, check_vector_len, ContentError};
 use crate::NodeId;
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,9 @@ pub enum AvgMessage {
         round: u64,
         /// Number of values in the sender's vector; only equal lengths average together.
         len: u64,
+        /// The sender's proof of joining this round with this length (see
+        /// [`join_proof`](super::join_proof)); the leader passes it on in its `Group`.
+        proof: Bytes,
     },
     /// The leader fixes the group: `members` sorted ascending, `members[0]` is the leader
     /// (and must be the sender).
@@ -26,6 +30,8 @@ pub enum AvgMessage {
         len: u64,
         /// The members, strictly ascending.
         members: Vec<NodeId>,
+        /// Each member's join proof, in the order of `members`.
+        proofs: Vec<Bytes>,
     },
     /// Member to the reducer of `part`: the sender's values for that part.
     Part {
@@ -48,6 +54,17 @@ pub enum AvgMessage {
         /// The averaged values.
         payload: Payload,
     },
+}
+
+/// A join proof must fit [`MAX_JOIN_PROOF_BYTES`].
+fn check_join_proof(proof: &[u8]) -> Result<(), ContentError> {
+    if proof.len() > MAX_JOIN_PROOF_BYTES {
+        return Err(ContentError::ProofTooLong {
+            len: proof.len(),
+            max: MAX_JOIN_PROOF_BYTES,
+        });
+    }
+    Ok(())
 }
 
 impl AvgMessage {
@@ -75,10 +92,25 @@ impl AvgMessage {
     /// lists non-empty, bounded and strictly ascending.
     pub fn validate_structure(&self) -> Result<(), ContentError> {
         match self {
-            AvgMessage::Join { len, .. } => check_vector_len(*len),
-            AvgMessage::Group { len, members, .. } => {
+            AvgMessage::Join { len, proof, .. } => {
                 check_vector_len(*len)?;
-                check_ids("members", members)
+                check_join_proof(proof)
+            }
+            AvgMessage::Group {
+                len,
+                members,
+                proofs,
+                ..
+            } => {
+                check_vector_len(*len)?;
+                check_ids("members", members)?;
+                if proofs.len() != members.len() {
+                    return Err(ContentError::ProofCount {
+                        members: members.len(),
+                        proofs: proofs.len(),
+                    });
+                }
+                proofs.iter().try_for_each(|p| check_join_proof(p))
             }
             AvgMessage::Part { part, .. } => check_part(*part),
             AvgMessage::Reduced {

@@ -18,6 +18,13 @@
 //!   stays), and it broadcasts `Group`. A `Join` for a round whose group we led and closed is
 //!   answered with that `Group` (to that peer), so lost `Group`s heal and latecomers learn
 //!   they are out.
+//! - Every `Join` carries its sender's proof of joining that round with that length
+//!   ([`join_proof`]; the caller's [`JoinAttestor`] makes and checks them), and one without
+//!   a valid proof is `Rejected`. The leader's `Group` carries the proof of each member, and
+//!   a member checks those of the peers whose `Join` did not reach it: a `Group` listing a
+//!   member it cannot verify (made up by a hostile leader) is `Rejected`, and its leader is
+//!   set aside for the round, so the others regroup without it at once, and sits out the
+//!   next rounds as a twice-struck staller does ([`sitout`]).
 //! - A non-leader follows the first `Group` for its round that lists it, accepted only from
 //!   its leader (`members[0]` must be the sender; otherwise `Rejected`). A `Group` for the
 //!   round that does not list us sets its members aside for the round: we regroup with
@@ -100,6 +107,7 @@ mod allreduce;
 mod config;
 pub mod deadline;
 mod early;
+pub mod join_proof;
 mod matchmaking;
 mod messages;
 mod outcome;
@@ -112,14 +120,15 @@ pub use config::{
     AveragingConfig, AveragingConfigError, DEFAULT_PART_VALUES, MAX_BUFFERED_ROUNDS,
     MAX_GROUP_MEMBERS, MAX_ROUNDS_AHEAD, MAX_VECTOR_LEN,
 };
+pub use join_proof::{JoinAttestor, OpenJoinProofs, MAX_JOIN_PROOF_BYTES};
 pub use messages::AvgMessage;
 pub use outcome::{AveragingError, AvgEvent, Destination, PartOutcome, RoundOutcome, Transmit};
 pub use robust::Aggregation;
 
-use crate::tensor::Payload;
+use crate::tensor::{Bytes, Payload};
 use crate::NodeId;
 use allreduce::{AllReduce, LastReduced};
-use matchmaking::{JoinBuffer, Matchmaking, Waits};
+use matchmaking::{JoinBuffer, Joined, Matchmaking, Waits};
 use outcome::{solo_outcome, Outbox, Pending};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -128,7 +137,7 @@ use std::time::Duration;
 #[derive(Debug)]
 enum State {
     Idle,
-    Matchmaking(Matchmaking),
+    Matchmaking(Box<Matchmaking>),
     Reducing(Box<AllReduce>),
 }
 
@@ -169,12 +178,15 @@ pub struct Averager {
     sit_outs: sitout::SitOuts,
     /// When the all-reduce in flight began.
     reduce_started: Duration,
+    /// Makes our join proofs and checks everyone else's.
+    attestor: Box<dyn JoinAttestor>,
 }
 
 impl Averager {
-    /// Creates the state machine for peer `me`. Call [`Averager::set_peers`] before the
-    /// first round: with an empty view a round closes at once, alone.
-    pub fn new(me: NodeId, config: AveragingConfig) -> Self {
+    /// Creates the state machine for peer `me`, whose join proofs `attestor` makes and
+    /// checks. Call [`Averager::set_peers`] before the first round: with an empty view a
+    /// round closes at once, alone.
+    pub fn new(me: NodeId, config: AveragingConfig, attestor: Box<dyn JoinAttestor>) -> Self {
         Averager {
             me,
             peers: BTreeSet::new(),
@@ -195,6 +207,7 @@ impl Averager {
             ),
             sit_outs: sitout::SitOuts::default(),
             reduce_started: Duration::ZERO,
+            attestor,
             config,
         }
     }
@@ -346,12 +359,13 @@ impl Averager {
             return Err(AveragingError::NonFinite { index });
         }
         self.reference = reference;
-        let mut mm = Matchmaking::new(round, values, now, self.waits(), &self.config);
-        for (from, len) in self.joins.take(round) {
+        let proof = self.attestor.attest(self.me, round, values.len() as u64);
+        let mut mm = Matchmaking::new(round, values, proof, now, self.waits(), &self.config);
+        for (from, joined) in self.joins.take(round) {
             if self.sit_outs.sits_out(from, round) {
                 continue;
             }
-            if let Err(reason) = mm.add_joiner(now, self.me, from, len) {
+            if let Err(reason) = mm.add_joiner(now, self.me, from, joined) {
                 self.out.reject(from, reason);
             }
         }
@@ -364,9 +378,13 @@ impl Averager {
         }
         self.out.send(
             Destination::Broadcast,
-            AvgMessage::Join { round, len: mm.len },
+            AvgMessage::Join {
+                round,
+                len: mm.len,
+                proof: mm.proof.clone(),
+            },
         );
-        self.state = State::Matchmaking(mm);
+        self.state = State::Matchmaking(Box::new(mm));
         self.try_close(now);
         Ok(())
     }
@@ -385,12 +403,15 @@ impl Averager {
             return;
         }
         match msg {
-            AvgMessage::Join { round, len } => self.on_join(now, from, round, len),
+            AvgMessage::Join { round, len, proof } => {
+                self.on_join(now, from, round, Joined { len, proof })
+            }
             AvgMessage::Group {
                 round,
                 len,
                 members,
-            } => self.on_group(now, from, round, len, members),
+                proofs,
+            } => self.on_group(now, from, round, len, members, &proofs),
             AvgMessage::Part {
                 round,
                 part,
@@ -430,6 +451,7 @@ impl Averager {
                     let join = AvgMessage::Join {
                         round: mm.round,
                         len: mm.len,
+                        proof: mm.proof.clone(),
                     };
                     self.out.send(Destination::Broadcast, join);
                 }
@@ -493,7 +515,14 @@ impl Averager {
         self.in_flight().or(self.last_finished)
     }
 
-    fn on_join(&mut self, now: Duration, from: NodeId, round: u64, len: u64) {
+    fn on_join(&mut self, now: Duration, from: NodeId, round: u64, joined: Joined) {
+        if !self.attestor.verify(from, round, joined.len, &joined.proof) {
+            self.out.reject(
+                from,
+                format!("Join for round {round} without a valid proof of its sender's join"),
+            );
+            return;
+        }
         if let Some(led) = &self.led {
             if led.round == round {
                 self.out.send(Destination::Peer(from), led.msg.clone());
@@ -504,7 +533,7 @@ impl Averager {
                 if self.sit_outs.sits_out(from, round) {
                     return; // answered with our closed Group once we have one
                 }
-                match mm.add_joiner(now, self.me, from, len) {
+                match mm.add_joiner(now, self.me, from, joined) {
                     Ok(()) => self.try_close(now),
                     Err(reason) => self.out.reject(from, reason),
                 }
@@ -524,7 +553,7 @@ impl Averager {
         }
         let base = self.base_round();
         if base.is_none_or(|b| round > b) {
-            if let Err(reason) = self.joins.insert(base, round, from, len) {
+            if let Err(reason) = self.joins.insert(base, round, from, joined) {
                 self.out.reject(from, reason);
             }
         }
@@ -537,6 +566,7 @@ impl Averager {
         round: u64,
         len: u64,
         members: Vec<NodeId>,
+        proofs: &[Bytes],
     ) {
         if members.first() != Some(&from) {
             self.out.reject(
@@ -570,6 +600,27 @@ impl Averager {
             self.out.reject(from, reason);
             return;
         }
+        if let Some(member) = self.unproven_member(mm, &members, proofs) {
+            // Its leader made this member up, or passed on a proof it never
+            // checked: regroup without the leader.
+            self.out.reject(
+                from,
+                format!(
+                    "Group for round {round} lists {member} without a valid proof that it \
+                     joined; regrouping without its leader"
+                ),
+            );
+            self.sit_outs.forged_group(from, round);
+            let State::Matchmaking(mm) = &mut self.state else {
+                return;
+            };
+            if mm.set_aside(&[from]).is_err() {
+                self.finish_alone();
+                return;
+            }
+            self.try_close(now);
+            return;
+        }
         let waited = mm.elapsed(now);
         self.matchmaking_deadlines.observe_group(waited);
         if members.binary_search(&self.me).is_ok() {
@@ -587,6 +638,21 @@ impl Averager {
             return;
         }
         self.try_close(now);
+    }
+
+    /// The first member of a `Group` for `mm`'s round whose join we can neither vouch for
+    /// (its `Join` reached us) nor verify from the proof the `Group` carries for it.
+    fn unproven_member(
+        &self,
+        mm: &Matchmaking,
+        members: &[NodeId],
+        proofs: &[Bytes],
+    ) -> Option<NodeId> {
+        members.iter().zip(proofs).find_map(|(&member, proof)| {
+            let vouched = member == self.me || mm.has_joined(&member);
+            let valid = vouched || self.attestor.verify(member, mm.round, mm.len, proof);
+            (!valid).then_some(member)
+        })
     }
 
     fn on_part(&mut self, from: NodeId, round: u64, part: u32, payload: &Payload) {
@@ -630,11 +696,12 @@ impl Averager {
         if !mm.should_close(self.me, &self.expected_peers(mm.round), now) {
             return;
         }
-        let members = mm.members(self.me, self.config.group_limit());
+        let (members, proofs) = mm.members(self.me, self.config.group_limit());
         let msg = AvgMessage::Group {
             round: mm.round,
             len: mm.len,
             members: members.clone(),
+            proofs,
         };
         self.led = Some(LedGroup {
             round: mm.round,

@@ -7,7 +7,9 @@
 //! strikes of the members its rounds dropped: from the second unforgiven
 //! strike on, the member sits out the next rounds, 2 after the second
 //! strike, twice as many after each further one (at most [`MAX_SIT_OUT`]).
-//! A round the member finishes in the group forgives one strike. While a
+//! A round the member finishes in the group forgives one strike. A leader
+//! whose `Group` lists a member it cannot prove joined earns two strikes at
+//! once: no honest leader sends one. While a
 //! member sits out, a peer does not count its `Join`, does not wait for it
 //! when closing, and ignores a `Group` it sends, so the others average
 //! without it at full speed.
@@ -45,26 +47,39 @@ impl SitOuts {
     pub(crate) fn record(&mut self, round: u64, group: &[NodeId], dropped: &[NodeId]) {
         for member in group {
             if dropped.contains(member) {
-                if !self.by_peer.contains_key(member) && self.by_peer.len() >= MAX_GROUP_MEMBERS {
-                    continue; // bounded: a swarm this large has bigger problems
-                }
-                let s = self.by_peer.entry(*member).or_insert(Strikes {
-                    count: 0,
-                    through: 0,
-                });
-                s.count = s.count.saturating_add(1);
-                if s.count >= 2 {
-                    let sit = FIRST_SIT_OUT
-                        .saturating_mul(1u64 << (s.count - 2).min(16))
-                        .min(MAX_SIT_OUT);
-                    s.through = round.saturating_add(sit);
-                }
+                self.strike(*member, round);
             } else if let Some(s) = self.by_peer.get_mut(member) {
                 s.count -= 1;
                 if s.count == 0 {
                     self.by_peer.remove(member);
                 }
             }
+        }
+    }
+
+    /// `leader` sent a `Group` for `round` listing a member it could not
+    /// prove joined, which no honest leader does: two strikes at once, so it
+    /// sits out the next rounds straight away (and ever longer if it goes on).
+    pub(crate) fn forged_group(&mut self, leader: NodeId, round: u64) {
+        self.strike(leader, round);
+        self.strike(leader, round);
+    }
+
+    /// One strike against `member` in `round`.
+    fn strike(&mut self, member: NodeId, round: u64) {
+        if !self.by_peer.contains_key(&member) && self.by_peer.len() >= MAX_GROUP_MEMBERS {
+            return; // bounded: a swarm this large has bigger problems
+        }
+        let s = self.by_peer.entry(member).or_insert(Strikes {
+            count: 0,
+            through: 0,
+        });
+        s.count = s.count.saturating_add(1);
+        if s.count >= 2 {
+            let sit = FIRST_SIT_OUT
+                .saturating_mul(1u64 << (s.count - 2).min(16))
+                .min(MAX_SIT_OUT);
+            s.through = round.saturating_add(sit);
         }
     }
 
@@ -119,5 +134,18 @@ mod tests {
         s.record(7, &group, &[]);
         s.record(8, &group, &[]);
         assert_eq!(s, SitOuts::default(), "all strikes worn off");
+    }
+
+    #[test]
+    fn a_forged_group_makes_its_leader_sit_out_at_once() {
+        let mut s = SitOuts::default();
+        s.forged_group(id(1), 5);
+        assert!(s.sits_out(id(1), 6) && s.sits_out(id(1), 7));
+        assert!(!s.sits_out(id(1), 8));
+        s.forged_group(id(1), 8);
+        assert!(
+            s.sits_out(id(1), 16) && !s.sits_out(id(1), 17),
+            "8 rounds next"
+        );
     }
 }

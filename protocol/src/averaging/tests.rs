@@ -21,6 +21,33 @@ const B: u8 = 2;
 const C: u8 = 3;
 const D: u8 = 4;
 
+/// `from`'s `Join`, with its (open) proof.
+fn join(from: NodeId, round: u64, len: u64) -> AvgMessage {
+    AvgMessage::Join {
+        round,
+        len,
+        proof: OpenJoinProofs.attest(from, round, len),
+    }
+}
+
+/// A `Group` listing `members`, each with its (open) join proof.
+fn group(round: u64, len: u64, members: Vec<NodeId>) -> AvgMessage {
+    let proofs = members
+        .iter()
+        .map(|&m| OpenJoinProofs.attest(m, round, len))
+        .collect();
+    AvgMessage::Group {
+        round,
+        len,
+        members,
+        proofs,
+    }
+}
+
+fn averager(me: NodeId, config: AveragingConfig) -> Averager {
+    Averager::new(me, config, Box::new(OpenJoinProofs))
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -30,7 +57,7 @@ fn cfg() -> AveragingConfig {
 }
 
 fn node(me: u8, peers: &[u8]) -> Averager {
-    let mut a = Averager::new(id(me), cfg());
+    let mut a = averager(id(me), cfg());
     let view: Vec<NodeId> = peers.iter().map(|&p| id(p)).collect();
     a.set_peers(&view);
     a
@@ -41,7 +68,7 @@ fn swarm(ids: &[u8], config: &AveragingConfig) -> Vec<Averager> {
     let view: Vec<NodeId> = ids.iter().map(|&p| id(p)).collect();
     ids.iter()
         .map(|&me| {
-            let mut a = Averager::new(id(me), config.clone());
+            let mut a = averager(id(me), config.clone());
             a.set_peers(&view);
             a
         })
@@ -197,8 +224,8 @@ fn leader_with_group(values: Vec<f32>) -> (Averager, Vec<Transmit>) {
     let mut a = node(A, &[A, B, C]);
     a.start_round(ms(0), 1, values.clone()).expect("start");
     let len = values.len() as u64;
-    a.handle_message(ms(5), id(B), AvgMessage::Join { round: 1, len });
-    a.handle_message(ms(6), id(C), AvgMessage::Join { round: 1, len });
+    a.handle_message(ms(5), id(B), join(id(B), 1, len));
+    a.handle_message(ms(6), id(C), join(id(C), 1, len));
     let t = transmits(&mut a);
     let evs = events(&mut a);
     assert!(evs.contains(&AvgEvent::GroupFormed {
@@ -299,7 +326,7 @@ fn three_peers_average_exactly_and_each_finishes_once() {
 fn non_leader_re_joins_then_gives_up_alone_after_group_timeout() {
     let mut b = node(B, &[A, B]);
     b.start_round(ms(0), 1, vec![4.0; 3]).expect("start");
-    b.handle_message(ms(3), id(A), AvgMessage::Join { round: 1, len: 3 });
+    b.handle_message(ms(3), id(A), join(id(A), 1, 3));
     let mut joins = 0;
     let mut now = ms(0);
     loop {
@@ -329,15 +356,7 @@ fn non_leader_re_joins_then_gives_up_alone_after_group_timeout() {
 fn group_not_listing_me_finishes_alone_at_once() {
     let mut c = node(C, &[A, B, C]);
     c.start_round(ms(0), 1, vec![1.0]).expect("start");
-    c.handle_message(
-        ms(10),
-        id(A),
-        AvgMessage::Group {
-            round: 1,
-            len: 1,
-            members: vec![id(A), id(B)],
-        },
-    );
+    c.handle_message(ms(10), id(A), group(1, 1, vec![id(A), id(B)]));
     let done = finished(&events(&mut c));
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].group, vec![id(C)]);
@@ -353,16 +372,12 @@ fn peers_a_leader_leaves_out_regroup_without_it() {
     for n in nodes.iter_mut() {
         n.start_round(ms(0), 1, vec![1.0; 4]).unwrap();
     }
-    let exclude_all = AvgMessage::Group {
-        round: 1,
-        len: 4,
-        members: vec![id(A)],
-    };
+    let exclude_all = group(1, 4, vec![id(A)]);
     let (b, c) = (nodes[1].me(), nodes[2].me());
     let mut rest = nodes.split_off(1);
     // A's own Join and its hostile Group reach B and C; A hears nothing.
     for n in rest.iter_mut() {
-        n.handle_message(ms(1), id(A), AvgMessage::Join { round: 1, len: 4 });
+        n.handle_message(ms(1), id(A), join(id(A), 1, 4));
         n.handle_message(ms(2), id(A), exclude_all.clone());
     }
     let evs = pump(&mut rest, ms(3));
@@ -375,54 +390,103 @@ fn peers_a_leader_leaves_out_regroup_without_it() {
 }
 
 #[test]
+fn a_leader_listing_a_member_that_never_joined_is_set_aside() {
+    // A (the smallest id) leads and lists D, a peer that never joined round
+    // 1: made up, or with a proof of another round. B and C refuse the
+    // Group and regroup without A at once, instead of sending D parts and
+    // waiting for it until the reduce deadline.
+    let forged = Bytes::from(vec![9; 32]);
+    let other_round = OpenJoinProofs.attest(id(D), 2, 4);
+    for phantom_proof in [forged, other_round] {
+        let mut nodes = swarm(&[A, B, C], &cfg());
+        for n in nodes.iter_mut() {
+            n.start_round(ms(0), 1, vec![1.0; 4]).unwrap();
+        }
+        let AvgMessage::Group {
+            members,
+            mut proofs,
+            ..
+        } = group(1, 4, vec![id(A), id(B), id(C), id(D)])
+        else {
+            unreachable!()
+        };
+        proofs[3] = phantom_proof;
+        let hostile = AvgMessage::Group {
+            round: 1,
+            len: 4,
+            members,
+            proofs,
+        };
+        let (b, c) = (nodes[1].me(), nodes[2].me());
+        let mut rest = nodes.split_off(1);
+        for n in rest.iter_mut() {
+            n.handle_message(ms(1), id(A), join(id(A), 1, 4));
+            n.handle_message(ms(2), id(A), hostile.clone());
+        }
+        let evs = pump(&mut rest, ms(3));
+        for (i, e) in evs.iter().enumerate() {
+            let refused = rejections(e);
+            assert_eq!(refused.len(), 1, "node {i}: {e:?}");
+            assert!(
+                refused[0].contains(&id(D).to_string()) && refused[0].contains("proof"),
+                "{refused:?}"
+            );
+            let done = finished(e);
+            assert_eq!(done.len(), 1, "node {i}: {e:?}");
+            assert_eq!(done[0].group, vec![b, c]);
+            assert!(done[0].parts.iter().all(|p| p.averaged));
+        }
+        // A sits out the next two rounds: not waited for, its Groups refused.
+        for n in &rest {
+            assert_eq!(n.sitting_out(2), vec![id(A)]);
+            assert_eq!(n.sitting_out(3), vec![id(A)]);
+            assert!(n.sitting_out(4).is_empty());
+        }
+    }
+}
+
+#[test]
+fn a_join_without_a_valid_proof_is_refused_and_never_listed() {
+    let mut a = node(A, &[B, C]);
+    a.start_round(ms(0), 1, vec![1.0; 4]).unwrap();
+    // B's Join carries C's proof; C's is its own.
+    let stolen = AvgMessage::Join {
+        round: 1,
+        len: 4,
+        proof: OpenJoinProofs.attest(id(C), 1, 4),
+    };
+    a.handle_message(ms(1), id(B), stolen);
+    assert_eq!(rejections(&events(&mut a)).len(), 1);
+    a.handle_message(ms(2), id(C), join(id(C), 1, 4));
+    // The window closes without B: the Group lists A and C, with their proofs.
+    a.handle_timeout(cfg().join_window);
+    let sent = transmits(&mut a);
+    assert!(
+        sent.contains(&Transmit {
+            to: Destination::Broadcast,
+            msg: group(1, 4, vec![id(A), id(C)]),
+        }),
+        "{sent:?}"
+    );
+}
+
+#[test]
 fn group_from_a_non_leader_or_with_other_len_is_rejected_and_ignored() {
     let mut c = node(C, &[A, B, C]);
     c.start_round(ms(0), 1, vec![1.0]).expect("start");
-    c.handle_message(
-        ms(10),
-        id(B),
-        AvgMessage::Group {
-            round: 1,
-            len: 1,
-            members: vec![id(A), id(B), id(C)],
-        },
-    );
-    c.handle_message(
-        ms(11),
-        id(A),
-        AvgMessage::Group {
-            round: 1,
-            len: 2,
-            members: vec![id(A), id(C)],
-        },
-    );
+    c.handle_message(ms(10), id(B), group(1, 1, vec![id(A), id(B), id(C)]));
+    c.handle_message(ms(11), id(A), group(1, 2, vec![id(A), id(C)]));
     let evs = events(&mut c);
     assert_eq!(rejections(&evs).len(), 2, "{evs:?}");
     assert_eq!(c.in_flight(), Some(1));
     // The real leader's Group is then followed.
-    c.handle_message(
-        ms(12),
-        id(A),
-        AvgMessage::Group {
-            round: 1,
-            len: 1,
-            members: vec![id(A), id(C)],
-        },
-    );
+    c.handle_message(ms(12), id(A), group(1, 1, vec![id(A), id(C)]));
     assert!(events(&mut c).contains(&AvgEvent::GroupFormed {
         round: 1,
         members: vec![id(A), id(C)]
     }));
     // A later, different Group for the same round is ignored: the first one wins.
-    c.handle_message(
-        ms(13),
-        id(A),
-        AvgMessage::Group {
-            round: 1,
-            len: 1,
-            members: vec![id(A), id(B), id(C)],
-        },
-    );
+    c.handle_message(ms(13), id(A), group(1, 1, vec![id(A), id(B), id(C)]));
     assert!(events(&mut c).is_empty());
 }
 
@@ -430,7 +494,7 @@ fn group_from_a_non_leader_or_with_other_len_is_rejected_and_ignored() {
 fn leader_closes_at_window_and_re_sends_group_to_late_joiners() {
     let mut a = node(A, &[A, B, C]);
     a.start_round(ms(0), 1, vec![1.0; 4]).expect("start");
-    a.handle_message(ms(5), id(B), AvgMessage::Join { round: 1, len: 4 });
+    a.handle_message(ms(5), id(B), join(id(B), 1, 4));
     assert!(!transmits(&mut a)
         .iter()
         .any(|t| matches!(t.msg, AvgMessage::Group { .. })));
@@ -440,17 +504,13 @@ fn leader_closes_at_window_and_re_sends_group_to_late_joiners() {
     a.handle_timeout(ms(1_500));
     assert_eq!(a.poll_timeout(), Some(ms(2_000)), "window end");
     a.handle_timeout(ms(2_000));
-    let group = AvgMessage::Group {
-        round: 1,
-        len: 4,
-        members: vec![id(A), id(B)],
-    };
+    let group = group(1, 4, vec![id(A), id(B)]);
     assert!(transmits(&mut a).contains(&Transmit {
         to: Destination::Broadcast,
         msg: group.clone()
     }));
     // C was late: its Join gets the Group (without C) so it stops waiting.
-    a.handle_message(ms(2_100), id(C), AvgMessage::Join { round: 1, len: 4 });
+    a.handle_message(ms(2_100), id(C), join(id(C), 1, 4));
     assert_eq!(
         transmits(&mut a),
         vec![Transmit {
@@ -459,7 +519,7 @@ fn leader_closes_at_window_and_re_sends_group_to_late_joiners() {
         }]
     );
     // B lost the Group: its repeated Join gets it too.
-    a.handle_message(ms(2_200), id(B), AvgMessage::Join { round: 1, len: 4 });
+    a.handle_message(ms(2_200), id(B), join(id(B), 1, 4));
     assert_eq!(
         transmits(&mut a),
         vec![Transmit {
@@ -710,28 +770,24 @@ fn parts_are_retransmitted_until_acked_and_deadlines_drop_silent_members() {
 #[test]
 fn joins_for_future_rounds_are_buffered_and_bounded() {
     let mut a = node(A, &[A, B, C]);
-    a.handle_message(ms(0), id(B), AvgMessage::Join { round: 1, len: 2 });
-    a.handle_message(ms(0), id(C), AvgMessage::Join { round: 1, len: 2 });
+    a.handle_message(ms(0), id(B), join(id(B), 1, 2));
+    a.handle_message(ms(0), id(C), join(id(C), 1, 2));
     a.start_round(ms(1), 1, vec![1.0, 2.0]).expect("start");
     // Everyone already joined: the leader closes within start_round.
     assert!(transmits(&mut a).contains(&Transmit {
         to: Destination::Broadcast,
-        msg: AvgMessage::Group {
-            round: 1,
-            len: 2,
-            members: vec![id(A), id(B), id(C)]
-        }
+        msg: group(1, 2, vec![id(A), id(B), id(C)])
     }));
     // While round 1 runs: round 5 is 4 ahead (buffered), round 6 is too far.
-    a.handle_message(ms(2), id(B), AvgMessage::Join { round: 5, len: 2 });
+    a.handle_message(ms(2), id(B), join(id(B), 5, 2));
     assert!(events(&mut a)
         .iter()
         .all(|e| !matches!(e, AvgEvent::Rejected { .. })));
-    a.handle_message(ms(2), id(C), AvgMessage::Join { round: 6, len: 2 });
+    a.handle_message(ms(2), id(C), join(id(C), 6, 2));
     assert_eq!(rejections(&events(&mut a)).len(), 1);
     // Joins for the current or older rounds are not buffered (and not rejected).
-    a.handle_message(ms(3), id(B), AvgMessage::Join { round: 1, len: 2 });
-    a.handle_message(ms(3), id(B), AvgMessage::Join { round: 0, len: 2 });
+    a.handle_message(ms(3), id(B), join(id(B), 1, 2));
+    a.handle_message(ms(3), id(B), join(id(B), 0, 2));
     assert!(events(&mut a).is_empty());
     assert_eq!(a.joins.rounds(), 1);
 }
@@ -740,12 +796,12 @@ fn joins_for_future_rounds_are_buffered_and_bounded() {
 fn join_with_another_length_is_rejected_and_not_counted() {
     let mut a = node(A, &[A, B]);
     a.start_round(ms(0), 1, vec![1.0; 4]).expect("start");
-    a.handle_message(ms(1), id(B), AvgMessage::Join { round: 1, len: 5 });
+    a.handle_message(ms(1), id(B), join(id(B), 1, 5));
     assert_eq!(rejections(&events(&mut a)).len(), 1);
     assert!(!transmits(&mut a)
         .iter()
         .any(|t| matches!(t.msg, AvgMessage::Group { .. })));
-    a.handle_message(ms(2), id(B), AvgMessage::Join { round: 1, len: 4 });
+    a.handle_message(ms(2), id(B), join(id(B), 1, 4));
     assert!(transmits(&mut a)
         .iter()
         .any(|t| matches!(t.msg, AvgMessage::Group { .. })));
@@ -755,7 +811,7 @@ fn join_with_another_length_is_rejected_and_not_counted() {
 fn shrinking_the_view_lets_the_leader_close_early() {
     let mut a = node(A, &[A, B, C]);
     a.start_round(ms(0), 1, vec![1.0; 4]).expect("start");
-    a.handle_message(ms(100), id(B), AvgMessage::Join { round: 1, len: 4 });
+    a.handle_message(ms(100), id(B), join(id(B), 1, 4));
     assert_eq!(a.poll_timeout(), Some(ms(500)));
     a.set_peers(&[id(A), id(B)]);
     assert_eq!(a.poll_timeout(), Some(ms(100)), "re-check now");
@@ -768,7 +824,7 @@ fn shrinking_the_view_lets_the_leader_close_early() {
 
 #[test]
 fn max_group_size_keeps_the_smallest_ids() {
-    let mut a = Averager::new(
+    let mut a = averager(
         id(A),
         AveragingConfig {
             max_group_size: 2,
@@ -778,7 +834,7 @@ fn max_group_size_keeps_the_smallest_ids() {
     a.set_peers(&[id(B), id(C), id(D)]);
     a.start_round(ms(0), 1, vec![1.0]).expect("start");
     for p in [D, C, B] {
-        a.handle_message(ms(1), id(p), AvgMessage::Join { round: 1, len: 1 });
+        a.handle_message(ms(1), id(p), join(id(p), 1, 1));
     }
     assert!(events(&mut a).contains(&AvgEvent::GroupFormed {
         round: 1,
@@ -790,25 +846,9 @@ fn max_group_size_keeps_the_smallest_ids() {
 fn structurally_invalid_messages_are_rejected_and_own_messages_ignored() {
     let mut b = node(B, &[A, B, C]);
     b.start_round(ms(0), 1, vec![1.0]).expect("start");
-    b.handle_message(
-        ms(1),
-        id(A),
-        AvgMessage::Group {
-            round: 1,
-            len: 1,
-            members: vec![id(A), id(C), id(B)],
-        },
-    );
+    b.handle_message(ms(1), id(A), group(1, 1, vec![id(A), id(C), id(B)]));
     assert_eq!(rejections(&events(&mut b)).len(), 1);
-    b.handle_message(
-        ms(1),
-        id(B),
-        AvgMessage::Group {
-            round: 1,
-            len: 1,
-            members: vec![id(B)],
-        },
-    );
+    b.handle_message(ms(1), id(B), group(1, 1, vec![id(B)]));
     assert!(events(&mut b).is_empty());
     assert_eq!(b.in_flight(), Some(1));
 }
@@ -820,7 +860,7 @@ fn random_traffic_never_panics_or_finishes_twice() {
     let pool: Vec<NodeId> = (1..=6).map(id).collect();
     for trial in 0..40 {
         let me = pool[trial % pool.len()];
-        let mut a = Averager::new(
+        let mut a = averager(
             me,
             AveragingConfig {
                 join_window: ms(200),
@@ -879,12 +919,8 @@ fn random_traffic_never_panics_or_finishes_twice() {
                 payload.len += 1;
             }
             let msg = match rng.range(0..4) {
-                0 => AvgMessage::Join { round: r, len },
-                1 => AvgMessage::Group {
-                    round: r,
-                    len,
-                    members,
-                },
+                0 => join(from, r, len),
+                1 => group(r, len, members),
                 2 => AvgMessage::Part {
                     round: r,
                     part: rng.range(0..8) as u32,
@@ -923,7 +959,7 @@ fn run_three(compression: Encoding, vals: &[Vec<f32>]) -> (Vec<Averager>, Vec<Ve
     let mut nodes: Vec<Averager> = [A, B, C]
         .iter()
         .map(|&m| {
-            let mut a = Averager::new(
+            let mut a = averager(
                 id(m),
                 AveragingConfig {
                     compression,
@@ -957,7 +993,7 @@ fn compressed_rounds_send_compressed_payloads_and_average_the_decoded_values() {
         let mut nodes: Vec<Averager> = [A, B, C]
             .iter()
             .map(|&m| {
-                let mut a = Averager::new(
+                let mut a = averager(
                     id(m),
                     AveragingConfig {
                         compression: enc,
@@ -1070,7 +1106,7 @@ fn top_k_compression_is_sent_as_f32() {
         assert_eq!(bits(&finished(e)[0].values), bits(&mean(&refs)));
     }
     let (mut a, formed) = {
-        let mut a = Averager::new(
+        let mut a = averager(
             id(A),
             AveragingConfig {
                 compression: Encoding::TopK { k: 1 },
@@ -1079,7 +1115,7 @@ fn top_k_compression_is_sent_as_f32() {
         );
         a.set_peers(&[id(B)]);
         a.start_round(ms(0), 1, vec![1.0, 2.0]).expect("start");
-        a.handle_message(ms(1), id(B), AvgMessage::Join { round: 1, len: 2 });
+        a.handle_message(ms(1), id(B), join(id(B), 1, 2));
         let t = transmits(&mut a);
         (a, t)
     };
@@ -1104,7 +1140,7 @@ fn run_three_sparse(vals: &[Vec<f32>]) -> (Vec<Vec<AvgEvent>>, Vec<Encoding>) {
                 sparse: true,
                 ..cfg()
             };
-            let mut a = Averager::new(id(m), config);
+            let mut a = averager(id(m), config);
             a.set_peers(&[id(A), id(B), id(C)]);
             a
         })
@@ -1800,7 +1836,7 @@ fn a_silent_member_leaves_every_part_it_reduces_local() {
 
 #[test]
 fn members_cutting_parts_differently_are_refused_with_a_reason() {
-    let mut a = Averager::new(
+    let mut a = averager(
         id(A),
         AveragingConfig {
             part_values: 2,
@@ -1809,7 +1845,7 @@ fn members_cutting_parts_differently_are_refused_with_a_reason() {
     );
     a.set_peers(&[id(A), id(B)]);
     a.start_round(ms(0), 1, vec![1.0; 8]).expect("start");
-    a.handle_message(ms(1), id(B), AvgMessage::Join { round: 1, len: 8 });
+    a.handle_message(ms(1), id(B), join(id(B), 1, 8));
     transmits(&mut a);
     events(&mut a);
     // B cuts 8 values in 2 parts (one per member): its part 0 has 4 values, ours 2.
@@ -1845,7 +1881,7 @@ fn parts_are_encoded_when_taken_and_not_sent_once_moot() {
     };
     let mut a = swarm(&[A, B], &config).remove(0);
     a.start_round(ms(0), 1, vec![1.0; 8]).expect("start");
-    a.handle_message(ms(1), id(B), AvgMessage::Join { round: 1, len: 8 });
+    a.handle_message(ms(1), id(B), join(id(B), 1, 8));
     assert_eq!(a.in_flight(), Some(1));
     while a.in_flight().is_some() {
         let now = a.poll_timeout().expect("timer");
@@ -1864,7 +1900,7 @@ fn parts_are_encoded_when_taken_and_not_sent_once_moot() {
 fn late_pair_behind_a() -> Vec<Averager> {
     let mut nodes: Vec<Averager> = [B, C].iter().map(|&m| node(m, &[A, B, C])).collect();
     for n in &mut nodes {
-        n.handle_message(ms(0), id(A), AvgMessage::Join { round: 2, len: 3 });
+        n.handle_message(ms(0), id(A), join(id(A), 2, 3));
     }
     nodes
 }
@@ -1881,7 +1917,7 @@ fn a_peer_past_our_round_is_not_waited_for_in_matchmaking() {
     let mut nodes = late_pair_behind_a();
     let vals = pair_values();
     for n in &mut nodes {
-        n.handle_message(ms(1), id(A), AvgMessage::Join { round: 3, len: 3 });
+        n.handle_message(ms(1), id(A), join(id(A), 3, 3));
     }
     for (n, v) in nodes.iter_mut().zip(&vals) {
         n.start_round(ms(2), 2, v.clone()).expect("start");
@@ -1904,7 +1940,7 @@ fn a_peer_past_our_round_is_not_waited_for_in_matchmaking() {
     let evs = pump(&mut nodes, ms(2));
     assert!(evs.iter().all(|e| finished(e).is_empty()), "{evs:?}");
     for n in &mut nodes {
-        n.handle_message(ms(3), id(A), AvgMessage::Join { round: 3, len: 3 });
+        n.handle_message(ms(3), id(A), join(id(A), 3, 3));
     }
     let evs = pump(&mut nodes, ms(3));
     for e in &evs {
@@ -1925,23 +1961,16 @@ fn round_that_a_moves_past(nodes: &mut [Averager], round: u64, vals: &[Vec<f32>;
     for (n, v) in nodes.iter_mut().zip(vals) {
         n.start_round(at(0), round, v.clone()).expect("start");
     }
-    let group = AvgMessage::Group {
-        round,
-        len: 3,
-        members: vec![id(A), id(B), id(C)],
-    };
+    let grouped = group(round, 3, vec![id(A), id(B), id(C)]);
     for n in nodes.iter_mut() {
-        n.handle_message(at(1), id(A), group.clone());
+        n.handle_message(at(1), id(A), grouped.clone());
     }
     let evs = pump(nodes, at(1));
     assert!(
         evs.iter().all(|e| finished(e).is_empty()),
         "waiting for A's part: {evs:?}"
     );
-    let next = AvgMessage::Join {
-        round: round + 1,
-        len: 3,
-    };
+    let next = join(id(A), round + 1, 3);
     for n in nodes.iter_mut() {
         n.handle_message(at(2), id(A), next.clone());
     }
@@ -2000,7 +2029,7 @@ fn a_member_we_heard_from_keeps_its_place_when_its_join_overtakes_its_results() 
     assert_eq!(finished(&evs[0]).len(), 1, "A has every result");
     // A's Join for round 2 overtakes its results: B and C keep waiting.
     for n in &mut nodes[1..] {
-        n.handle_message(ms(2), id(A), AvgMessage::Join { round: 2, len: 3 });
+        n.handle_message(ms(2), id(A), join(id(A), 2, 3));
         assert!(finished(&events(n)).is_empty());
     }
     for (_, t) in held {
@@ -2043,7 +2072,7 @@ fn a_join_overtaking_a_reduced_after_our_reducer_deadline_costs_no_divergence() 
         held.extend(more_held);
     }
     let a_done = finished(&evs[0]).remove(0);
-    nodes[1].handle_message(now, id(A), AvgMessage::Join { round: 2, len: 3 });
+    nodes[1].handle_message(now, id(A), join(id(A), 2, 3));
     // B's timers run on while A's Reduced is still on the way.
     nodes[1].handle_timeout(now + ms(100));
     for (_, t) in held {
@@ -2066,20 +2095,16 @@ fn a_join_overtaking_a_reduced_after_our_reducer_deadline_costs_no_divergence() 
 fn a_group_listing_a_peer_already_past_the_round_does_not_wait_for_it() {
     let mut nodes = late_pair_behind_a();
     let vals = pair_values();
-    nodes[0].handle_message(ms(1), id(A), AvgMessage::Join { round: 3, len: 3 });
+    nodes[0].handle_message(ms(1), id(A), join(id(A), 3, 3));
     for (n, v) in nodes.iter_mut().zip(&vals) {
         n.start_round(ms(2), 2, v.clone()).expect("start");
     }
-    let group = AvgMessage::Group {
-        round: 2,
-        len: 3,
-        members: vec![id(A), id(B), id(C)],
-    };
+    let group = group(2, 3, vec![id(A), id(B), id(C)]);
     for n in nodes.iter_mut() {
         n.handle_message(ms(3), id(A), group.clone());
     }
     // C hears A's next Join only now, while reducing.
-    nodes[1].handle_message(ms(3), id(A), AvgMessage::Join { round: 3, len: 3 });
+    nodes[1].handle_message(ms(3), id(A), join(id(A), 3, 3));
     let mut evs = pump(&mut nodes, ms(3));
     fire_until_all_finished(&mut nodes, &mut evs, ms(3) + cfg().retry_interval);
     for e in &evs {

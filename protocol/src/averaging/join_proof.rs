@@ -1,0 +1,75 @@
+//! Proofs that a peer joined a round, so a leader cannot list members that never did.
+//!
+//! A leader's `Group` fixes who reduces which part of the vector. Were its member list
+//! taken on trust, a hostile leader could list made-up peers: every honest member would
+//! then send parts to reducers that do not exist, wait for them until the reduce
+//! deadline, and keep those parts local, round after round. So each `Join` carries its
+//! sender's proof of joining that round with that vector length, the leader copies the
+//! proofs of the peers it lists into its `Group`, and a member checks every proof it has
+//! not already checked on a `Join` before following the group. A `Group` with a missing
+//! or invalid proof is refused, and its leader is set aside for the round.
+//!
+//! The protocol crate holds no keys: the caller supplies a [`JoinAttestor`]. The node signs
+//! with its libp2p identity; [`OpenJoinProofs`] serves the simulator and tests.
+
+use crate::tensor::Bytes;
+use crate::NodeId;
+use std::fmt;
+
+/// Longest join proof a message may carry: room for a public key and a signature of the
+/// common libp2p key types (an Ed25519 proof takes about 100 bytes).
+pub const MAX_JOIN_PROOF_BYTES: usize = 256;
+
+/// Makes and checks join proofs. Implementations bind a proof to the swarm (and whatever
+/// else scopes a round, such as a pipeline stage), so a proof cannot be replayed elsewhere.
+pub trait JoinAttestor: Send + Sync + fmt::Debug {
+    /// Our proof (we are `me`) of joining `round` with a vector of `len` values.
+    fn attest(&self, me: NodeId, round: u64, len: u64) -> Bytes;
+
+    /// Whether `proof` shows that `member` joined `round` with a vector of `len` values.
+    fn verify(&self, member: NodeId, round: u64, len: u64, proof: &[u8]) -> bool;
+}
+
+/// Proofs anyone can compute from the member's id: they check the protocol's handling of
+/// proofs (a made-up member without one is refused), not an attacker who knows the
+/// scheme. For the simulator and tests; a node signs with its key instead.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenJoinProofs;
+
+impl OpenJoinProofs {
+    fn proof(member: NodeId, round: u64, len: u64) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"p2ptrain open join proof\0");
+        h.update(&member.0);
+        h.update(&round.to_le_bytes());
+        h.update(&len.to_le_bytes());
+        *h.finalize().as_bytes()
+    }
+}
+
+impl JoinAttestor for OpenJoinProofs {
+    fn attest(&self, me: NodeId, round: u64, len: u64) -> Bytes {
+        Bytes::from(Self::proof(me, round, len).to_vec())
+    }
+
+    fn verify(&self, member: NodeId, round: u64, len: u64, proof: &[u8]) -> bool {
+        proof == Self::proof(member, round, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_proof_is_bound_to_member_round_and_length() {
+        let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
+        let p = OpenJoinProofs.attest(a, 7, 100);
+        assert!(OpenJoinProofs.verify(a, 7, 100, &p));
+        assert!(!OpenJoinProofs.verify(b, 7, 100, &p), "another member");
+        assert!(!OpenJoinProofs.verify(a, 8, 100, &p), "another round");
+        assert!(!OpenJoinProofs.verify(a, 7, 101, &p), "another length");
+        assert!(!OpenJoinProofs.verify(a, 7, 100, &p[1..]), "cut short");
+        assert!(p.len() <= MAX_JOIN_PROOF_BYTES);
+    }
+}

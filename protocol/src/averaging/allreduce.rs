@@ -303,11 +303,11 @@ impl AllReduce {
     /// `member` joined a later round at `now`. If it never sent us anything
     /// for this one, it most likely finished this round without us (alone,
     /// or in a group that left us out): the round stops waiting for its
-    /// contributions at once, and for the parts it reduces after one
-    /// `retry` interval (they then stay local). The interval is for the one
-    /// other case: it did average with us, our reducer deadline reduced our
-    /// parts without its lost `Part`, and its `Reduced` is still on the way,
-    /// overtaken by its `Join`. It counts as a member that stalled the round
+    /// contributions at once, and for the parts it reduces after `grace`
+    /// (they then stay local). The grace is for the one other case: it did
+    /// average with us, our reducer deadline reduced our parts without its
+    /// lost `Part`, and its `Reduced` is still on the way, overtaken by its
+    /// `Join`. It counts as a member that stalled the round
     /// (a strike), or a peer that joins groups and then sends nothing would
     /// never sit out. Members we heard from, or excluded already, are left
     /// as they are.
@@ -315,7 +315,7 @@ impl AllReduce {
         &mut self,
         member: NodeId,
         now: Duration,
-        cfg: &AveragingConfig,
+        grace: Duration,
         out: &mut Outbox,
     ) {
         let Ok(idx) = self.group.binary_search(&member) else {
@@ -327,7 +327,7 @@ impl AllReduce {
             return;
         }
         self.excluded[idx] = true;
-        self.moved_on[idx] = Some(now.saturating_add(cfg.retry()).min(self.deadline));
+        self.moved_on[idx] = Some(now.saturating_add(grace).min(self.deadline));
         for j in self.parts_of(self.me_idx) {
             self.reduce_if_all_in(j, out);
         }

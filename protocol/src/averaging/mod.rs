@@ -68,9 +68,11 @@
 //! - A member that joins a later round (or had joined one when our group formed) without
 //!   having sent us a `Part` or `Reduced` of this one most likely finished it without us
 //!   (alone, or in a group that left us out): the round stops waiting for its
-//!   contributions at once and for its `Reduced` parts one `retry_interval` later (its
-//!   `Join` may have overtaken them after our reducer deadline reduced without its lost
-//!   `Part`); parts still missing then stay local, and it earns a strike as a member
+//!   contributions at once and for its `Reduced` parts a grace later: the slowest
+//!   all-reduce measured (the fitted reduce deadline over its factor), at most
+//!   `retry_interval` (its `Join` may have overtaken them after our reducer deadline
+//!   reduced without its lost `Part`); parts still missing then stay local, and it earns a
+//!   strike as a member
 //!   dropped at the deadline does. A member we heard from keeps its place.
 //! - Exactly one `Finished` per started round; afterwards [`Averager::in_flight`] is `None`.
 //!
@@ -210,6 +212,16 @@ impl Averager {
             attestor,
             config,
         }
+    }
+
+    /// How long a round waits for the reduced parts of a member that moved
+    /// on without a word (see `AllReduce::moved_on`): long enough for a
+    /// `Reduced` its `Join` overtook, which travels no longer than the
+    /// slowest all-reduce measured (the fitted deadline over its factor),
+    /// and never longer than `retry_interval`.
+    fn moved_on_grace(&self) -> Duration {
+        let slowest = self.reduce_deadline() / deadline::FACTOR;
+        self.config.retry().min(slowest)
     }
 
     /// The all-reduce deadline the next round uses: the configured one, or
@@ -516,6 +528,7 @@ impl Averager {
     }
 
     fn on_join(&mut self, now: Duration, from: NodeId, round: u64, joined: Joined) {
+        let grace = self.moved_on_grace();
         if !self.attestor.verify(from, round, joined.len, &joined.proof) {
             self.out.reject(
                 from,
@@ -547,7 +560,7 @@ impl Averager {
                 }
             }
             State::Reducing(ar) if round > ar.round() => {
-                ar.moved_on(from, now, &self.config, &mut self.out);
+                ar.moved_on(from, now, grace, &mut self.out);
             }
             _ => {}
         }
@@ -750,8 +763,9 @@ impl Averager {
         }
         // Members that joined a later round while we were matchmaking (the
         // `Group` reached us late) may never say so again.
+        let grace = self.moved_on_grace();
         for member in self.joins.ahead_of(mm.round) {
-            ar.moved_on(member, now, &self.config, &mut self.out);
+            ar.moved_on(member, now, grace, &mut self.out);
         }
         self.state = State::Reducing(Box::new(ar));
     }

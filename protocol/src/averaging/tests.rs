@@ -1954,8 +1954,8 @@ fn a_peer_past_our_round_is_not_waited_for_in_matchmaking() {
 /// B and C reduce `round` in a group that A (the smallest id, so the
 /// leader) formed before finishing the round without them; then A's `Join`
 /// for the next round arrives, the only other thing they hear from it. They
-/// stop waiting for it one retry interval later (its `Reduced` parts could
-/// still have been on the way).
+/// stop waiting for it one retry interval later at the latest (its `Reduced`
+/// parts could still have been on the way).
 fn round_that_a_moves_past(nodes: &mut [Averager], round: u64, vals: &[Vec<f32>; 2]) {
     let at = |ms_in: u64| Duration::from_secs(10 * round) + ms(ms_in);
     for (n, v) in nodes.iter_mut().zip(vals) {
@@ -2111,5 +2111,51 @@ fn a_group_listing_a_peer_already_past_the_round_does_not_wait_for_it() {
         let o = finished(e).remove(0);
         assert_eq!(o.group, vec![id(A), id(B), id(C)]);
         assert_eq!(o.dropped, vec![id(A)]);
+    }
+}
+
+#[test]
+fn a_member_that_moved_on_costs_the_slowest_measured_round_not_the_retry_interval() {
+    // The node's defaults: a 30 s reduce timeout, parts re-sent every 10 s.
+    let config = AveragingConfig {
+        reduce_timeout: Duration::from_secs(30),
+        retry_interval: Duration::from_secs(10),
+        adaptive_deadline: true,
+        ..cfg()
+    };
+    let mut nodes = swarm(&[B, C], &config);
+    let vals = pair_values();
+    // Three complete rounds as a pair fit the deadline to its 5 s floor.
+    for round in 1..=3 {
+        let at = Duration::from_secs(10 * round);
+        for (n, v) in nodes.iter_mut().zip(&vals) {
+            n.start_round(at, round, v.clone()).expect("start");
+        }
+        let evs = pump(&mut nodes, at);
+        assert!(evs.iter().all(|e| finished(e).len() == 1), "{evs:?}");
+    }
+    assert_eq!(nodes[0].reduce_deadline(), deadline::FLOOR);
+    // Round 4: A (the smallest id) forms a group with them, then joins
+    // round 5 without a word. They stop waiting for its parts after the
+    // slowest measured round (the 5 s floor over its factor of 4), not
+    // after the 10 s re-send interval capped by the 5 s deadline.
+    let at = |ms_in: u64| Duration::from_secs(40) + ms(ms_in);
+    for (n, v) in nodes.iter_mut().zip(&vals) {
+        n.start_round(at(0), 4, v.clone()).expect("start");
+        n.handle_message(at(1), id(A), group(4, 3, vec![id(A), id(B), id(C)]));
+    }
+    let mut evs = pump(&mut nodes, at(1));
+    for n in nodes.iter_mut() {
+        n.handle_message(at(2), id(A), join(id(A), 5, 3));
+    }
+    evs.iter_mut()
+        .zip(pump(&mut nodes, at(2)))
+        .for_each(|(e, more)| e.extend(more));
+    let grace = deadline::FLOOR / deadline::FACTOR;
+    fire_until_all_finished(&mut nodes, &mut evs, at(2) + grace);
+    for e in &evs {
+        let done = finished(e);
+        assert_eq!(done.len(), 1, "{e:?}");
+        assert_eq!(done[0].dropped, vec![id(A)]);
     }
 }

@@ -9,11 +9,13 @@
 //! with probability `loss` or delayed uniformly within `latency`. A crashed peer neither sends
 //! nor receives (messages it sent before crashing still arrive). A message is dropped if, at
 //! the moment it is sent, an active partition puts sender and receiver in different groups.
+//! A forging peer ([`Sim::forge_groups`]) lists a made-up member in every `Group` it sends.
 
 use crate::averaging::{
     Averager, AveragingConfig, AvgEvent, AvgMessage, Destination, OpenJoinProofs, RoundOutcome,
 };
 use crate::rng::Rng;
+use crate::tensor::Bytes;
 use crate::NodeId;
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
@@ -107,6 +109,8 @@ pub struct Sim {
     index: BTreeMap<NodeId, usize>,
     nodes: Vec<Averager>,
     crashed: Vec<bool>,
+    /// Peers whose every `Group` also lists a made-up member (see [`Sim::forge_groups`]).
+    forgers: Vec<bool>,
     partitions: Vec<Partition>,
     queue: BinaryHeap<Reverse<Scheduled>>,
     seq: u64,
@@ -141,6 +145,7 @@ impl Sim {
             index: ids.iter().enumerate().map(|(i, id)| (*id, i)).collect(),
             nodes,
             crashed: vec![false; cfg.peers],
+            forgers: vec![false; cfg.peers],
             partitions: Vec::new(),
             queue: BinaryHeap::new(),
             seq: 0,
@@ -163,6 +168,14 @@ impl Sim {
     /// Crashes `peer` at time `at` (for good).
     pub fn crash(&mut self, at: Duration, peer: usize) {
         self.schedule(at, Action::Crash { peer });
+    }
+
+    /// Makes `peer` a hostile leader: every `Group` it sends from now on also lists a
+    /// made-up member (the largest id there is) with a proof nobody made.
+    pub fn forge_groups(&mut self, peer: usize) {
+        if let Some(f) = self.forgers.get_mut(peer) {
+            *f = true;
+        }
     }
 
     /// Splits the network into `groups` (peer indices) from `from` until `until`; peers not
@@ -327,7 +340,10 @@ impl Sim {
 
     /// Routes everything `peer` wants to send and records its events.
     fn flush(&mut self, peer: usize) {
-        while let Some(t) = self.nodes[peer].poll_transmit() {
+        while let Some(mut t) = self.nodes[peer].poll_transmit() {
+            if self.forgers[peer] {
+                t.msg = with_phantom_member(t.msg);
+            }
             match t.to {
                 Destination::Broadcast => {
                     for to in 0..self.ids.len() {
@@ -371,6 +387,31 @@ impl Sim {
         self.partitions
             .iter()
             .any(|p| p.from <= self.now && self.now < p.until && p.side.get(a) != p.side.get(b))
+    }
+}
+
+/// `msg`, and if it is a `Group`, one that also lists a made-up member.
+fn with_phantom_member(msg: AvgMessage) -> AvgMessage {
+    match msg {
+        AvgMessage::Group {
+            round,
+            len,
+            mut members,
+            mut proofs,
+        } => {
+            let phantom = NodeId([0xff; 32]);
+            if members.last() < Some(&phantom) {
+                members.push(phantom);
+                proofs.push(Bytes::from(vec![0x5a; 32]));
+            }
+            AvgMessage::Group {
+                round,
+                len,
+                members,
+                proofs,
+            }
+        }
+        other => other,
     }
 }
 

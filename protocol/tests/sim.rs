@@ -747,3 +747,53 @@ fn fitted_waits_keep_rounds_after_crashes_short_and_the_invariants_whole() {
         );
     }
 }
+
+/// 8 peers under 10% loss, the one with the smallest id (so the leader of
+/// every round it joins) listing a made-up member in every `Group` it sends.
+/// Nobody follows those groups: every honest peer averages every round with
+/// other honest peers, never with the forger or its phantom, each part the
+/// exact mean of its contributors, before the reduce deadline.
+#[test]
+fn a_leader_forging_its_groups_is_never_followed() {
+    let cfg = SimConfig {
+        peers: 8,
+        seed: 81,
+        latency: (ms(1), ms(50)),
+        loss: 0.1,
+        averaging: AveragingConfig::default(),
+    };
+    let mut sim = Sim::new(cfg.clone());
+    let ids = sim.ids().to_vec();
+    let forger = peer_of(&ids, *ids.iter().min().expect("peers"));
+    sim.forge_groups(forger);
+    let initial = initial_values(cfg.seed, cfg.peers);
+    let rounds = 8;
+    for round in 1..=rounds {
+        let start = secs(30 * (round - 1));
+        for (p, v) in initial.iter().enumerate() {
+            sim.start_round(p, start, round, v.clone());
+        }
+        sim.run_until(start + secs(29));
+    }
+    let phantom = NodeId([0xff; 32]);
+    let mut slowest = Duration::ZERO;
+    for p in (0..cfg.peers).filter(|&p| p != forger) {
+        let outcomes = sim.outcomes(p);
+        assert_eq!(outcomes.len(), rounds as usize, "peer {p}");
+        for o in outcomes {
+            check_outcome(&ids, &initial, p, o);
+            assert!(
+                !o.group.contains(&ids[forger]) && !o.group.contains(&phantom),
+                "peer {p} round {}: {:?}",
+                o.round,
+                o.group
+            );
+            assert!(o.group.len() >= 2, "peer {p} round {} alone", o.round);
+            let took = finish_time(&sim, p, o.round).expect("finished") - secs(30 * (o.round - 1));
+            slowest = slowest.max(took);
+        }
+    }
+    // A member listed by a forged group would have been dropped at the
+    // reduce deadline; rounds here end on loss-driven re-sends instead.
+    assert!(slowest < cfg.averaging.reduce_timeout, "{slowest:?}");
+}

@@ -287,8 +287,8 @@ fn an_absent_peer_costs_a_fitted_join_window_not_the_configured_one() {
 /// joins; from round 6 on its `Group`s also list a made-up member with a
 /// forged join proof. Nodes 0 and 1 refuse those groups and regroup as a
 /// pair at once, every part averaged. Before join proofs they followed
-/// the group, sent parts to the phantom and waited for it until the reduce
-/// deadline (10 s here) every round, its parts never averaged.
+/// the group, sent parts to the phantom and waited for it until the fitted
+/// reduce deadline (5 s here) every round, its parts never averaged.
 #[test]
 fn a_leader_listing_a_made_up_member_is_refused_and_the_rest_regroup() {
     let dir = tempfile::tempdir().unwrap();

@@ -49,7 +49,10 @@ pub struct AveragingConfig {
     /// are tiny and a re-sent one makes the leader re-send a lost `Group`, so this can be
     /// short even where `retry_interval` is long.
     pub join_retry_interval: Duration,
-    /// Largest group the leader forms (clamped to `1..=MAX_GROUP_MEMBERS`).
+    /// Largest group the leader forms (clamped to `1..=MAX_GROUP_MEMBERS`). Its `Group`
+    /// carries every member's join proof (about 130 bytes per member with the node's
+    /// Ed25519 proofs), so a transport with a message limit caps it too: the node's
+    /// 64 KiB gossip limit holds about 500 members.
     pub max_group_size: usize,
     /// How this peer encodes its `Part` and `Reduced` payloads (the swarm's
     /// `--compression`): trades exactness for traffic. Only dense encodings (f32, f16, bf16,

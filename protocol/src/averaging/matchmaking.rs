@@ -222,6 +222,11 @@ impl Matchmaking {
             .map_or(me, |(&first, _)| first.min(me))
     }
 
+    /// Whether `peer` joined with exactly this `proof` (a re-broadcast).
+    pub(crate) fn has_joined_with(&self, peer: &NodeId, proof: &[u8]) -> bool {
+        self.joined.get(peer).is_some_and(|p| **p == *proof)
+    }
+
     /// Whether `peer`'s `Join` for this round reached us (its proof is checked).
     pub(crate) fn has_joined(&self, peer: &NodeId) -> bool {
         self.joined.contains_key(peer)

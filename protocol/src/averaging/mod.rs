@@ -68,12 +68,15 @@
 //! - A member that joins a later round (or had joined one when our group formed) without
 //!   having sent us a `Part` or `Reduced` of this one most likely finished it without us
 //!   (alone, or in a group that left us out): the round stops waiting for its
-//!   contributions at once and for its `Reduced` parts a grace later: the slowest
-//!   all-reduce measured (the fitted reduce deadline over its factor), at most
-//!   `retry_interval` (its `Join` may have overtaken them after our reducer deadline
-//!   reduced without its lost `Part`); parts still missing then stay local, and it earns a
-//!   strike as a member
-//!   dropped at the deadline does. A member we heard from keeps its place.
+//!   contributions at once and for its `Reduced` parts a grace later: a quarter of the
+//!   reduce deadline the next round uses (once fitted, the slowest all-reduce measured,
+//!   at least 1.25 s), at most `retry_interval` (its `Join` may have overtaken them after
+//!   our reducer deadline reduced without its lost `Part`); parts still missing then stay
+//!   local, and it earns a strike as a member dropped at the deadline does. A member we
+//!   heard from keeps its place.
+//! - A member outside our live view ([`Averager::set_peers`]) cannot be reached: the
+//!   round neither waits for its contributions nor for the parts it reduces, which stay
+//!   local (it is listed in `dropped`, without a strike).
 //! - Exactly one `Finished` per started round; afterwards [`Averager::in_flight`] is `None`.
 //!
 //! # Compression
@@ -216,9 +219,10 @@ impl Averager {
 
     /// How long a round waits for the reduced parts of a member that moved
     /// on without a word (see `AllReduce::moved_on`): long enough for a
-    /// `Reduced` its `Join` overtook, which travels no longer than the
-    /// slowest all-reduce measured (the fitted deadline over its factor),
-    /// and never longer than `retry_interval`.
+    /// `Reduced` its `Join` overtook. That travels no longer than a whole
+    /// all-reduce, so a quarter of the reduce deadline (once fitted, the
+    /// slowest all-reduce measured, at least 1.25 s), and never longer than
+    /// `retry_interval`.
     fn moved_on_grace(&self) -> Duration {
         let slowest = self.reduce_deadline() / deadline::FACTOR;
         self.config.retry().min(slowest)
@@ -377,6 +381,11 @@ impl Averager {
             if self.sit_outs.sits_out(from, round) {
                 continue;
             }
+            // Checked on receipt, but maybe for another scope: a pipeline
+            // node may have moved to another stage since.
+            if !self.attestor.verify(from, round, joined.len, &joined.proof) {
+                continue;
+            }
             if let Err(reason) = mm.add_joiner(now, self.me, from, joined) {
                 self.out.reject(from, reason);
             }
@@ -528,6 +537,21 @@ impl Averager {
     }
 
     fn on_join(&mut self, now: Duration, from: NodeId, round: u64, joined: Joined) {
+        // Cheap checks first: a proof costs a signature check.
+        let led_it = self.led.as_ref().is_some_and(|led| led.round == round);
+        let in_matchmaking = match &self.state {
+            State::Matchmaking(mm) if mm.round == round => {
+                if mm.has_joined_with(&from, &joined.proof) {
+                    return; // a re-broadcast of a Join already counted
+                }
+                true
+            }
+            _ => false,
+        };
+        let stale = self.base_round().is_some_and(|base| round <= base);
+        if stale && !led_it && !in_matchmaking {
+            return; // a round we are past: nothing to do
+        }
         let grace = self.moved_on_grace();
         if !self.attestor.verify(from, round, joined.len, &joined.proof) {
             self.out.reject(
@@ -747,6 +771,11 @@ impl Averager {
             ..self.config.clone()
         };
         self.reduce_started = now;
+        let unreachable: Vec<NodeId> = members
+            .iter()
+            .filter(|&&m| m != self.me && !self.peers.contains(&m))
+            .copied()
+            .collect();
         let mut ar = AllReduce::start(
             mm.round,
             members,
@@ -757,6 +786,13 @@ impl Averager {
             &mut self.out,
         );
         ar.reference = self.reference.take();
+        // A member outside our live view cannot be reached: what we send it
+        // goes nowhere, so neither its contributions nor its reduced parts
+        // are waited for. (This also makes a member listed with a proof
+        // replayed from an earlier run of the swarm cost nothing.)
+        for member in unreachable {
+            ar.exclude(member, &mut self.out);
+        }
         // The all-reduce validates each replayed part as if it had just arrived.
         for (from, part, payload) in self.early_parts.take() {
             ar.on_part(from, part, &payload, &mut self.out);

@@ -48,6 +48,10 @@ fn averager(me: NodeId, config: AveragingConfig) -> Averager {
     Averager::new(me, config, Box::new(OpenJoinProofs))
 }
 
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -2123,16 +2127,29 @@ fn a_member_that_moved_on_costs_the_slowest_measured_round_not_the_retry_interva
         adaptive_deadline: true,
         ..cfg()
     };
-    let mut nodes = swarm(&[B, C], &config);
+    // B and C see A, which sits the first rounds out.
+    let mut nodes: Vec<Averager> = [B, C]
+        .iter()
+        .map(|&m| {
+            let mut a = averager(id(m), config.clone());
+            a.set_peers(&[id(A), id(B), id(C)]);
+            a
+        })
+        .collect();
     let vals = pair_values();
-    // Three complete rounds as a pair fit the deadline to its 5 s floor.
+    // Three complete rounds as a pair (closed on the join window) fit the
+    // deadline to its 5 s floor.
     for round in 1..=3 {
         let at = Duration::from_secs(10 * round);
         for (n, v) in nodes.iter_mut().zip(&vals) {
             n.start_round(at, round, v.clone()).expect("start");
         }
-        let evs = pump(&mut nodes, at);
-        assert!(evs.iter().all(|e| finished(e).len() == 1), "{evs:?}");
+        let mut evs = pump(&mut nodes, at);
+        fire_until_all_finished(&mut nodes, &mut evs, at + secs(9));
+        for e in &evs {
+            let done = finished(e);
+            assert!(done.len() == 1 && done[0].dropped.is_empty(), "{e:?}");
+        }
     }
     assert_eq!(nodes[0].reduce_deadline(), deadline::FLOOR);
     // Round 4: A (the smallest id) forms a group with them, then joins
@@ -2157,5 +2174,102 @@ fn a_member_that_moved_on_costs_the_slowest_measured_round_not_the_retry_interva
         let done = finished(e);
         assert_eq!(done.len(), 1, "{e:?}");
         assert_eq!(done[0].dropped, vec![id(A)]);
+    }
+}
+
+/// Join proofs bound to a scope that can change (as a pipeline node's
+/// stage does), counting the checks made.
+#[derive(Debug, Default)]
+struct ScopedProofs {
+    scope: std::sync::atomic::AtomicU64,
+    checks: std::sync::atomic::AtomicUsize,
+}
+
+impl ScopedProofs {
+    fn proof(&self, member: NodeId, round: u64, len: u64) -> Bytes {
+        let scope = self.scope.load(std::sync::atomic::Ordering::Relaxed);
+        OpenJoinProofs.attest(member, round ^ (scope << 48), len)
+    }
+}
+
+impl JoinAttestor for std::sync::Arc<ScopedProofs> {
+    fn attest(&self, me: NodeId, round: u64, len: u64) -> Bytes {
+        self.proof(me, round, len)
+    }
+
+    fn verify(&self, member: NodeId, round: u64, len: u64, proof: &[u8]) -> bool {
+        self.checks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *proof == *self.proof(member, round, len)
+    }
+}
+
+#[test]
+fn buffered_joins_of_another_scope_do_not_count_and_repeats_are_not_rechecked() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let proofs = std::sync::Arc::new(ScopedProofs::default());
+    let mut b = Averager::new(id(B), cfg(), Box::new(proofs.clone()));
+    b.set_peers(&[id(A), id(B)]);
+    // A's Join for round 1 is buffered; then our scope changes (a stage move).
+    let a_join = AvgMessage::Join {
+        round: 1,
+        len: 2,
+        proof: proofs.proof(id(A), 1, 2),
+    };
+    b.handle_message(ms(0), id(A), a_join);
+    proofs.scope.store(1, Relaxed);
+    b.set_peers(&[id(B)]);
+    b.start_round(ms(1), 1, vec![1.0, 2.0]).expect("start");
+    // A no longer counts: B leads itself and finishes alone at once,
+    // instead of waiting for a Group from A.
+    let evs = events(&mut b);
+    let done = finished(&evs);
+    assert_eq!(done.len(), 1, "{evs:?}");
+    assert_eq!(done[0].group, vec![id(B)]);
+
+    // In matchmaking (waiting for D), a re-broadcast Join is not checked
+    // again, and a Join for a round we are past is not checked at all.
+    b.set_peers(&[id(B), id(C), id(D)]);
+    b.start_round(ms(2), 2, vec![1.0, 2.0]).expect("start");
+    let c_join = AvgMessage::Join {
+        round: 2,
+        len: 2,
+        proof: proofs.proof(id(C), 2, 2),
+    };
+    b.handle_message(ms(3), id(C), c_join.clone());
+    let checks = proofs.checks.load(Relaxed);
+    b.handle_message(ms(4), id(C), c_join);
+    // (Round 1 we led, alone: its Join would be answered with our Group.)
+    let old = AvgMessage::Join {
+        round: 0,
+        len: 2,
+        proof: proofs.proof(id(C), 0, 2),
+    };
+    b.handle_message(ms(5), id(C), old);
+    assert_eq!(proofs.checks.load(Relaxed), checks);
+}
+
+#[test]
+fn a_listed_member_outside_our_view_is_not_waited_for() {
+    // D joined A's round (A got its Join, its proof is valid), but none of
+    // them can reach it: what they would send it goes nowhere, so they do
+    // not wait for it and keep the part it reduces local at once.
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    nodes[0].handle_message(ms(0), id(D), join(id(D), 1, 4));
+    let vals = [
+        vec![1.0f32, 2.0, 3.0, 4.0],
+        vec![3.0, 4.0, 5.0, 6.0],
+        vec![5.0, 6.0, 7.0, 8.0],
+    ];
+    for (n, v) in nodes.iter_mut().zip(&vals) {
+        n.start_round(ms(1), 1, v.clone()).expect("start");
+    }
+    let evs = pump(&mut nodes, ms(1));
+    for e in &evs {
+        let done = finished(e);
+        assert_eq!(done.len(), 1, "finished without waiting: {e:?}");
+        assert_eq!(done[0].group, vec![id(A), id(B), id(C), id(D)]);
+        assert_eq!(done[0].dropped, vec![id(D)]);
+        assert_eq!(done[0].parts.iter().filter(|p| !p.averaged).count(), 1);
     }
 }

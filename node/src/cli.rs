@@ -250,7 +250,7 @@ pub struct TrainArgs {
     /// Tests only: make this node hostile, corrupting every averaging payload it sends
     /// (flip, nan or scale:FACTOR; deaf:ROUND ignores the reduced parts it gets in that round; mute:ROUND sends no tensor from that round on;
     /// absent:ROUND takes no part in averaging from that round on; lag:ROUND:SECS stalls SECS seconds before training that round;
-    /// claim-ahead tells the swarm it has reached the last possible round; phantom:ROUND lists a made-up member in the groups it leads from that round on).
+    /// claim-ahead tells the swarm it has reached the last possible round; phantom:ROUND lists a made-up member in the groups it leads from that round on; withhold:ROUND never sends those groups to their largest-id member).
     #[arg(long, hide = true, value_name = "HOW")]
     pub misbehave: Option<crate::misbehave::Misbehave>,
     /// Compute device: cpu, or cuda (needs a build with `--features cuda`).

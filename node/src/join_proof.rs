@@ -6,7 +6,8 @@
 //! over the swarm's gossip topic (which carries the secret's tag under
 //! `--secret-file`), the pipeline stage averaged (if any), the round and the vector
 //! length. Anyone can check it against the member's id (the hash of the peer id the key
-//! gives), and nobody without the key can make one.
+//! gives), and nobody without the key can make one. A leader signs its `Group` the same
+//! way, over the member list too, so members can pass it on.
 
 use libp2p::identity::{ed25519, Keypair, PublicKey};
 use p2ptrain_protocol::averaging::JoinAttestor;
@@ -85,10 +86,25 @@ impl SignedJoins {
         })
     }
 
-    /// What a proof signs.
+    /// What a join proof signs.
     fn statement(&self, round: u64, len: u64) -> Vec<u8> {
+        self.scoped(b"p2ptrain join proof v1\0", round, len)
+    }
+
+    /// What a leader's signature over its group signs.
+    fn group_statement(&self, round: u64, len: u64, members: &[NodeId]) -> Vec<u8> {
+        let mut s = self.scoped(b"p2ptrain group signature v1\0", round, len);
+        s.extend_from_slice(&(members.len() as u64).to_le_bytes());
+        for m in members {
+            s.extend_from_slice(&m.0);
+        }
+        s
+    }
+
+    /// `domain`, then the swarm, stage, round and length a signature is bound to.
+    fn scoped(&self, domain: &[u8], round: u64, len: u64) -> Vec<u8> {
         let mut s = Vec::with_capacity(64 + self.topic.len());
-        s.extend_from_slice(b"p2ptrain join proof v1\0");
+        s.extend_from_slice(domain);
         s.extend_from_slice(&(self.topic.len() as u64).to_le_bytes());
         s.extend_from_slice(self.topic.as_bytes());
         s.extend_from_slice(&self.stage.get().to_le_bytes());
@@ -98,15 +114,17 @@ impl SignedJoins {
     }
 }
 
-impl JoinAttestor for SignedJoins {
-    fn attest(&self, _me: NodeId, round: u64, len: u64) -> Bytes {
+impl SignedJoins {
+    /// Our public key and our signature over `statement`.
+    fn sign(&self, statement: &[u8]) -> Bytes {
         let mut proof = Vec::with_capacity(PROOF_BYTES);
         proof.extend_from_slice(&self.key.public().to_bytes());
-        proof.extend_from_slice(&self.key.sign(&self.statement(round, len)));
+        proof.extend_from_slice(&self.key.sign(statement));
         Bytes::from(proof)
     }
 
-    fn verify(&self, member: NodeId, round: u64, len: u64, proof: &[u8]) -> bool {
+    /// Whether `proof` is `signer`'s key and its signature over `statement`.
+    fn check(signer: NodeId, statement: &[u8], proof: &[u8]) -> bool {
         if proof.len() != PROOF_BYTES {
             return false;
         }
@@ -115,8 +133,36 @@ impl JoinAttestor for SignedJoins {
             return false;
         };
         let peer = PublicKey::from(key.clone()).to_peer_id();
-        crate::identity::node_id_of(&peer) == member
-            && key.verify(&self.statement(round, len), signature)
+        crate::identity::node_id_of(&peer) == signer && key.verify(statement, signature)
+    }
+}
+
+impl JoinAttestor for SignedJoins {
+    fn attest(&self, _me: NodeId, round: u64, len: u64) -> Bytes {
+        self.sign(&self.statement(round, len))
+    }
+
+    fn verify(&self, member: NodeId, round: u64, len: u64, proof: &[u8]) -> bool {
+        Self::check(member, &self.statement(round, len), proof)
+    }
+
+    fn sign_group(&self, _me: NodeId, round: u64, len: u64, members: &[NodeId]) -> Bytes {
+        self.sign(&self.group_statement(round, len, members))
+    }
+
+    fn verify_group(
+        &self,
+        leader: NodeId,
+        round: u64,
+        len: u64,
+        members: &[NodeId],
+        signature: &[u8],
+    ) -> bool {
+        Self::check(
+            leader,
+            &self.group_statement(round, len, members),
+            signature,
+        )
     }
 }
 
@@ -184,5 +230,36 @@ mod tests {
         stage.set(Some(1));
         let staged = signer.attest(node_id(&a), 5, 100);
         assert!(checker.verify(node_id(&a), 5, 100, &staged));
+    }
+
+    #[test]
+    fn a_group_signature_checks_only_for_its_leader_and_exact_group() {
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let topic = "p2ptrain/s/control/1";
+        let signer = SignedJoins::new(&a, topic, StageScope::default()).unwrap();
+        let checker = SignedJoins::new(&b, topic, StageScope::default()).unwrap();
+        let members = [node_id(&a), node_id(&b)];
+        let sig = signer.sign_group(node_id(&a), 3, 10, &members);
+        assert!(checker.verify_group(node_id(&a), 3, 10, &members, &sig));
+        assert!(
+            !checker.verify_group(node_id(&b), 3, 10, &members, &sig),
+            "another leader"
+        );
+        assert!(
+            !checker.verify_group(node_id(&a), 4, 10, &members, &sig),
+            "another round"
+        );
+        assert!(
+            !checker.verify_group(node_id(&a), 3, 11, &members, &sig),
+            "another length"
+        );
+        assert!(
+            !checker.verify_group(node_id(&a), 3, 10, &members[..1], &sig),
+            "other members"
+        );
+        // A join proof is no group signature, nor the other way round.
+        let proof = signer.attest(node_id(&a), 3, 10);
+        assert!(!checker.verify_group(node_id(&a), 3, 10, &members, &proof));
+        assert!(!checker.verify(node_id(&a), 3, 10, &sig));
     }
 }

@@ -3,7 +3,7 @@
 //! contributions and the parts it reduces), as an attacker inside the swarm
 //! would. Its own model stays honest, so the damage is only what it sends.
 
-use p2ptrain_protocol::averaging::AvgMessage;
+use p2ptrain_protocol::averaging::{AvgMessage, Destination, Transmit};
 use p2ptrain_protocol::tensor::{Bytes, Payload};
 use p2ptrain_protocol::NodeId;
 
@@ -46,7 +46,15 @@ pub enum Misbehave {
     /// member (with a forged join proof): a hostile leader trying to make
     /// the others send parts to, and wait for, a peer that does not exist.
     PhantomFrom(u64),
+    /// From this round on, every `Group` it leads goes to its members
+    /// directly, except to the one with the largest id, which it never
+    /// answers: a hostile leader trying to shut a peer that joined out of
+    /// the round while the others wait for it.
+    WithholdFrom(u64),
 }
+
+/// Makes a misbehaviour that starts at a round.
+type FromRound = fn(u64) -> Misbehave;
 
 impl std::str::FromStr for Misbehave {
     type Err = String;
@@ -55,22 +63,27 @@ impl std::str::FromStr for Misbehave {
         if let Some(fields) = s.strip_prefix("lag:") {
             return parse_lag(s, fields);
         }
+        let from_round: [(&str, FromRound); 5] = [
+            ("deaf:", Misbehave::DeafInRound),
+            ("mute:", Misbehave::MuteFrom),
+            ("absent:", Misbehave::AbsentFrom),
+            ("phantom:", Misbehave::PhantomFrom),
+            ("withhold:", Misbehave::WithholdFrom),
+        ];
+        for (prefix, make) in from_round {
+            if let Some(round) = s.strip_prefix(prefix) {
+                return match round.parse::<u64>() {
+                    Ok(round) if round > 0 => Ok(make(round)),
+                    _ => Err(not_a_misbehaviour(s)),
+                };
+            }
+        }
         match s {
             "flip" => Ok(Misbehave::Flip),
             "nan" => Ok(Misbehave::Nan),
             "claim-ahead" => Ok(Misbehave::ClaimsAhead),
-            _ => match (
-                s.strip_prefix("scale:").map(str::parse::<f32>),
-                s.strip_prefix("deaf:").map(str::parse::<u64>),
-                s.strip_prefix("mute:").map(str::parse::<u64>),
-                s.strip_prefix("absent:").map(str::parse::<u64>),
-                s.strip_prefix("phantom:").map(str::parse::<u64>),
-            ) {
-                (Some(Ok(k)), _, _, _, _) if k.is_finite() => Ok(Misbehave::Scale(k)),
-                (_, Some(Ok(round)), _, _, _) if round > 0 => Ok(Misbehave::DeafInRound(round)),
-                (_, _, Some(Ok(round)), _, _) if round > 0 => Ok(Misbehave::MuteFrom(round)),
-                (_, _, _, Some(Ok(round)), _) if round > 0 => Ok(Misbehave::AbsentFrom(round)),
-                (_, _, _, _, Some(Ok(round))) if round > 0 => Ok(Misbehave::PhantomFrom(round)),
+            _ => match s.strip_prefix("scale:").map(str::parse::<f32>) {
+                Some(Ok(k)) if k.is_finite() => Ok(Misbehave::Scale(k)),
                 _ => Err(not_a_misbehaviour(s)),
             },
         }
@@ -80,7 +93,7 @@ impl std::str::FromStr for Misbehave {
 fn not_a_misbehaviour(s: &str) -> String {
     format!(
         "`{s}` is not a misbehaviour: use flip, nan, scale:FACTOR, deaf:ROUND, mute:ROUND, \
-         absent:ROUND, phantom:ROUND, lag:ROUND:SECS or claim-ahead"
+         absent:ROUND, phantom:ROUND, withhold:ROUND, lag:ROUND:SECS or claim-ahead"
     )
 }
 
@@ -110,6 +123,7 @@ impl std::fmt::Display for Misbehave {
             Misbehave::LagBefore { round, secs } => write!(f, "lag:{round}:{secs}"),
             Misbehave::ClaimsAhead => f.write_str("claim-ahead"),
             Misbehave::PhantomFrom(r) => write!(f, "phantom:{r}"),
+            Misbehave::WithholdFrom(r) => write!(f, "withhold:{r}"),
         }
     }
 }
@@ -130,7 +144,8 @@ impl Misbehave {
                 | Misbehave::AbsentFrom(_)
                 | Misbehave::LagBefore { .. }
                 | Misbehave::ClaimsAhead
-                | Misbehave::PhantomFrom(_) => *v,
+                | Misbehave::PhantomFrom(_)
+                | Misbehave::WithholdFrom(_) => *v,
             })
             .collect();
         Payload::encode(&bad, payload.encoding)
@@ -186,7 +201,8 @@ impl Misbehave {
         | Misbehave::MuteFrom(_)
         | Misbehave::AbsentFrom(_)
         | Misbehave::LagBefore { .. }
-        | Misbehave::ClaimsAhead = self
+        | Misbehave::ClaimsAhead
+        | Misbehave::WithholdFrom(_) = self
         {
             return msg;
         }
@@ -216,6 +232,34 @@ impl Misbehave {
     }
 }
 
+impl Misbehave {
+    /// Where the outgoing `t` goes: as addressed, or for a withholding
+    /// leader's `Group`, to every member but the one it shuts out (the
+    /// largest id), which also gets no re-sent copy.
+    pub fn redirect(self, t: Transmit) -> Vec<Transmit> {
+        let Misbehave::WithholdFrom(from) = self else {
+            return vec![t];
+        };
+        let AvgMessage::Group { round, members, .. } = &t.msg else {
+            return vec![t];
+        };
+        let (Some(&shut_out), true) = (members.last(), *round >= from && members.len() > 2) else {
+            return vec![t];
+        };
+        match t.to {
+            Destination::Broadcast => members[1..members.len() - 1]
+                .iter()
+                .map(|&m| Transmit {
+                    to: Destination::Peer(m),
+                    msg: t.msg.clone(),
+                })
+                .collect(),
+            Destination::Peer(p) if p == shut_out => Vec::new(),
+            Destination::Peer(_) => vec![t],
+        }
+    }
+}
+
 /// `msg`, and if it is a `Group` of round `from` or later, one listing a
 /// made-up member too: the largest id there is (so the sender still comes
 /// first), with a proof of the right size that no key signed.
@@ -226,6 +270,7 @@ fn with_phantom(from: u64, msg: AvgMessage) -> AvgMessage {
             len,
             mut members,
             mut proofs,
+            signature,
         } if round >= from => {
             let phantom = NodeId([0xff; 32]);
             if members.last() < Some(&phantom) {
@@ -237,6 +282,7 @@ fn with_phantom(from: u64, msg: AvgMessage) -> AvgMessage {
                 len,
                 members,
                 proofs,
+                signature,
             }
         }
         other => other,
@@ -260,6 +306,7 @@ mod tests {
             "lag:5:20",
             "claim-ahead",
             "phantom:3",
+            "withhold:2",
         ] {
             let m: Misbehave = s.parse().unwrap();
             assert_eq!(m.to_string(), s);
@@ -299,6 +346,7 @@ mod tests {
             len: 2,
             members: vec![],
             proofs: vec![],
+            signature: Bytes::from(vec![1; 96]),
         };
         assert!(!m.withholds(&join(2)) && !m.ignores(&join(2)));
         for msg in [join(3), join(7), group] {
@@ -351,31 +399,56 @@ mod tests {
     }
 
     #[test]
+    fn a_withholding_leader_sends_its_group_to_all_members_but_the_last() {
+        let ids: Vec<NodeId> = (1..=4).map(|n| NodeId([n; 32])).collect();
+        let group = |round| AvgMessage::Group {
+            round,
+            len: 2,
+            members: ids.clone(),
+            proofs: vec![Bytes::from(vec![1; 96]); 4],
+            signature: Bytes::from(vec![1; 96]),
+        };
+        let to = |t: &[Transmit]| t.iter().map(|t| t.to.clone()).collect::<Vec<_>>();
+        let m = Misbehave::WithholdFrom(3);
+        let broadcast = |round| Transmit {
+            to: Destination::Broadcast,
+            msg: group(round),
+        };
+        assert_eq!(to(&m.redirect(broadcast(2))), vec![Destination::Broadcast]);
+        assert_eq!(
+            to(&m.redirect(broadcast(3))),
+            vec![Destination::Peer(ids[1]), Destination::Peer(ids[2])]
+        );
+        let resend = |p: NodeId| Transmit {
+            to: Destination::Peer(p),
+            msg: group(3),
+        };
+        assert!(m.redirect(resend(ids[3])).is_empty(), "never answers it");
+        assert_eq!(m.redirect(resend(ids[2])).len(), 1);
+        assert_eq!(Misbehave::Flip.redirect(broadcast(3)).len(), 1);
+    }
+
+    #[test]
     fn a_phantom_leader_lists_a_made_up_member_from_its_round_on() {
         let group = |round| AvgMessage::Group {
             round,
             len: 2,
             members: vec![NodeId([1; 32]), NodeId([2; 32])],
             proofs: vec![Bytes::from(vec![1; 96]); 2],
+            signature: Bytes::from(vec![1; 96]),
         };
         let m = Misbehave::PhantomFrom(3);
         assert_eq!(m.apply(group(2)), group(2));
+        let phantom = m.apply(group(3));
         let AvgMessage::Group {
             members, proofs, ..
-        } = m.apply(group(3))
+        } = &phantom
         else {
             panic!("kind changed");
         };
         assert_eq!(members.len(), 3);
         assert_eq!(members[2], NodeId([0xff; 32]));
         assert_eq!(proofs.len(), 3);
-        assert!(AvgMessage::Group {
-            round: 3,
-            len: 2,
-            members,
-            proofs
-        }
-        .validate()
-        .is_ok());
+        assert!(phantom.validate().is_ok());
     }
 }

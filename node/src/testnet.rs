@@ -281,7 +281,7 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
             (0, _) => None,
             (n, Some(how)) => Some((nodes - n.min(nodes as u64) as usize, how)),
             (_, None) => {
-                bail!("--hostile needs --misbehave HOW (flip, nan, scale:FACTOR, deaf:ROUND, mute:ROUND, absent:ROUND, phantom:ROUND, lag:ROUND:SECS or claim-ahead)")
+                bail!("--hostile needs --misbehave HOW (flip, nan, scale:FACTOR, deaf:ROUND, mute:ROUND, absent:ROUND, phantom:ROUND, withhold:ROUND, lag:ROUND:SECS or claim-ahead)")
             }
         },
     };

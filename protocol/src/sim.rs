@@ -398,6 +398,7 @@ fn with_phantom_member(msg: AvgMessage) -> AvgMessage {
             len,
             mut members,
             mut proofs,
+            signature,
         } => {
             let phantom = NodeId([0xff; 32]);
             if members.last() < Some(&phantom) {
@@ -409,6 +410,7 @@ fn with_phantom_member(msg: AvgMessage) -> AvgMessage {
                 len,
                 members,
                 proofs,
+                signature,
             }
         }
         other => other,

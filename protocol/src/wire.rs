@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
 /// refuse each other with a clear error instead of misreading bytes.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Hard limit on one encoded message (header included): bounds what a peer can make us
 /// buffer and parse.
@@ -410,6 +410,7 @@ mod tests {
                 len: 10,
                 members: vec![id(1), id(2), id(5)],
                 proofs: vec![proof(); 3],
+                signature: proof(),
             }),
             Message::Avg(AvgMessage::Part {
                 round: 3,
@@ -687,6 +688,7 @@ mod tests {
                     len: 4,
                     members: vec![id(1), id(1)],
                     proofs: vec![proof(); 2],
+                    signature: proof(),
                 }),
                 ContentError::IdsNotSorted { field: "members" },
             ),
@@ -696,6 +698,7 @@ mod tests {
                     len: 4,
                     members: vec![id(2), id(1)],
                     proofs: vec![proof(); 2],
+                    signature: proof(),
                 }),
                 ContentError::IdsNotSorted { field: "members" },
             ),
@@ -705,6 +708,7 @@ mod tests {
                     len: 4,
                     members: vec![],
                     proofs: vec![],
+                    signature: proof(),
                 }),
                 ContentError::NoIds { field: "members" },
             ),
@@ -714,6 +718,7 @@ mod tests {
                     len: 4,
                     members: vec![id(1), id(2)],
                     proofs: vec![proof()],
+                    signature: proof(),
                 }),
                 ContentError::ProofCount {
                     members: 2,
@@ -726,6 +731,7 @@ mod tests {
                     len: 4,
                     members: vec![id(1)],
                     proofs: vec![Bytes::from(vec![0; MAX_JOIN_PROOF_BYTES + 1])],
+                    signature: proof(),
                 }),
                 ContentError::ProofTooLong {
                     len: MAX_JOIN_PROOF_BYTES + 1,

@@ -88,9 +88,10 @@ fn any_avg() -> impl Strategy<Value = AvgMessage> {
             0u64..1 << 40,
             any_ids(),
             any_proof(),
-            proof_count_skew()
+            proof_count_skew(),
+            any_proof()
         )
-            .prop_map(|(round, len, members, proof, skew)| {
+            .prop_map(|(round, len, members, proof, skew, signature)| {
                 // Mostly one proof per member; sometimes one too few or too many.
                 let count = (members.len() + skew).saturating_sub(1);
                 AvgMessage::Group {
@@ -98,6 +99,7 @@ fn any_avg() -> impl Strategy<Value = AvgMessage> {
                     len,
                     members,
                     proofs: vec![proof; count],
+                    signature,
                 }
             }),
         (any::<u64>(), 0u32..300, any_payload()).prop_map(|(round, part, payload)| {

@@ -283,14 +283,10 @@ fn an_absent_peer_costs_a_fitted_join_window_not_the_configured_one() {
     }
 }
 
-/// Three nodes, node 2 holding the smallest id, so it leads every round it
-/// joins; from round 6 on its `Group`s also list a made-up member with a
-/// forged join proof. Nodes 0 and 1 refuse those groups and regroup as a
-/// pair at once, every part averaged. Before join proofs they followed
-/// the group, sent parts to the phantom and waited for it until the fitted
-/// reduce deadline (5 s here) every round, its parts never averaged.
-#[test]
-fn a_leader_listing_a_made_up_member_is_refused_and_the_rest_regroup() {
+/// Three nodes, node 2 holding the smallest id (so it leads every round it
+/// joins) and misbehaving as `misbehave` says, node 0 the largest: node 0's
+/// (group size, averaging s, members dropped) per round up to round 9.
+fn rounds_under_a_hostile_leader(name: &str, misbehave: &str) -> Vec<(u64, (u64, f64, u64))> {
     let dir = tempfile::tempdir().unwrap();
     let mut keys: Vec<(_, String)> = (0..3)
         .map(|i| {
@@ -304,11 +300,10 @@ fn a_leader_listing_a_made_up_member_is_refused_and_the_rest_regroup() {
     keys.sort_by_key(|k| std::cmp::Reverse(k.0));
     let flags: Vec<[&str; 2]> = keys.iter().map(|(_, p)| ["--key", p.as_str()]).collect();
     let timing = ["--join-window-secs", "2", "--reduce-timeout-secs", "10"];
-    // (group size, averaging s, members dropped) per round of node 0.
-    let rounds = node0_rounds_with_node2_keyed(
-        "phantom",
+    node0_rounds_with_node2_keyed(
+        name,
         &timing,
-        "phantom:6",
+        misbehave,
         [&flags[0], &flags[1], &flags[2]],
         |v| {
             (
@@ -317,11 +312,36 @@ fn a_leader_listing_a_made_up_member_is_refused_and_the_rest_regroup() {
                 v["dropped"].as_u64().unwrap(),
             )
         },
-    );
+    )
+}
+
+/// From round 6 on the leader's `Group`s also list a made-up member with a
+/// forged join proof. Nodes 0 and 1 refuse those groups and regroup as a
+/// pair at once, every part averaged. Before join proofs they followed
+/// the group, sent parts to the phantom and waited for it until the fitted
+/// reduce deadline (5 s here) every round, its parts never averaged.
+#[test]
+fn a_leader_listing_a_made_up_member_is_refused_and_the_rest_regroup() {
+    let rounds = rounds_under_a_hostile_leader("phantom", "phantom:6");
     // Before round 6 all three averaged together.
     assert!(rounds.iter().any(|r| r.0 < 6 && r.1 .0 == 3), "{rounds:?}");
     for (round, (group, secs, dropped)) in rounds.iter().filter(|r| r.0 >= 6) {
         assert_eq!((*group, *dropped), (2, 0), "round {round}: {rounds:?}");
+        assert!(*secs < 4.0, "round {round} took {secs} s: {rounds:?}");
+    }
+}
+
+/// From round 6 on the leader sends its `Group` to node 1 only, never to
+/// node 0, and ignores node 0's repeated `Join`s. Node 1 hears node 0 still
+/// asking to join and passes the signed `Group` on: all three average every
+/// round. Before, node 0 waited for a `Group` until its group wait ran out
+/// and finished alone, while the others waited for node 0's parts until the
+/// reduce deadline.
+#[test]
+fn a_group_its_leader_withholds_from_a_member_is_passed_on() {
+    let rounds = rounds_under_a_hostile_leader("withhold", "withhold:6");
+    for (round, (group, secs, dropped)) in rounds.iter().filter(|r| r.0 >= 6) {
+        assert_eq!((*group, *dropped), (3, 0), "round {round}: {rounds:?}");
         assert!(*secs < 4.0, "round {round} took {secs} s: {rounds:?}");
     }
 }

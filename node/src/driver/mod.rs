@@ -26,6 +26,7 @@ use crate::task::{Shard, Task};
 use libp2p::{identity::Keypair, Multiaddr, PeerId};
 use p2ptrain_protocol::averaging::{
     Averager, AveragingConfig, AveragingError, AvgEvent, AvgMessage, Destination, RoundOutcome,
+    Transmit,
 };
 use p2ptrain_protocol::outer::{OuterConfig, OuterError};
 use p2ptrain_protocol::statesync::{Download, Vouches};
@@ -1160,38 +1161,18 @@ impl Driver {
     /// Sends what the averager wants sent and collects its events.
     fn flush(&mut self) -> Result<(), NodeError> {
         let mut frames = frames::FrameOnce::default();
-        while let Some(mut t) = self.averager.poll_transmit() {
-            if let Some(m) = self.misbehave {
-                if m.withholds(&t.msg) {
-                    continue;
-                }
-                t.msg = m.apply(t.msg);
+        while let Some(t) = self.averager.poll_transmit() {
+            let transmits = match self.misbehave {
+                Some(m) if m.withholds(&t.msg) => continue,
+                Some(m) => m.redirect(Transmit {
+                    to: t.to,
+                    msg: m.apply(t.msg),
+                }),
+                None => vec![t],
+            };
+            for t in transmits {
+                self.send_transmit(&mut frames, t)?;
             }
-            let msg = match self.stage {
-                Some(stage) => Message::StageAvg { stage, msg: t.msg },
-                None => Message::Avg(t.msg),
-            };
-            let bytes = match frames.encode(msg) {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(error = %e, "cannot encode an averaging message; dropped");
-                    continue;
-                }
-            };
-            let sent = match t.to {
-                Destination::Broadcast => {
-                    frames.forget();
-                    self.net.broadcast(Arc::unwrap_or_clone(bytes))
-                }
-                Destination::Peer(id) => match self.members.get(&id) {
-                    Some(peer) => self.net.send(*peer, bytes),
-                    None => {
-                        debug!(peer = %id, "transmit to a peer that left; dropped");
-                        Ok(())
-                    }
-                },
-            };
-            self.check_sent(sent)?;
         }
         while let Some(event) = self.averager.poll_event() {
             match event {
@@ -1205,6 +1186,39 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Encodes `t` (a tensor part once for all its recipients) and sends it.
+    fn send_transmit(
+        &mut self,
+        frames: &mut frames::FrameOnce,
+        t: Transmit,
+    ) -> Result<(), NodeError> {
+        let msg = match self.stage {
+            Some(stage) => Message::StageAvg { stage, msg: t.msg },
+            None => Message::Avg(t.msg),
+        };
+        let bytes = match frames.encode(msg) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot encode an averaging message; dropped");
+                return Ok(());
+            }
+        };
+        let sent = match t.to {
+            Destination::Broadcast => {
+                frames.forget();
+                self.net.broadcast(Arc::unwrap_or_clone(bytes))
+            }
+            Destination::Peer(id) => match self.members.get(&id) {
+                Some(peer) => self.net.send(*peer, bytes),
+                None => {
+                    debug!(peer = %id, "transmit to a peer that left; dropped");
+                    Ok(())
+                }
+            },
+        };
+        self.check_sent(sent)
     }
 
     fn on_net_event(&mut self, event: NetEvent) -> Result<(), NodeError> {

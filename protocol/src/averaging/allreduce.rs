@@ -300,6 +300,15 @@ impl AllReduce {
         }
     }
 
+    /// Whether `member` is in the group, waited for, and has sent us nothing yet.
+    pub(crate) fn never_heard_from(&self, member: NodeId) -> bool {
+        self.group.binary_search(&member).is_ok_and(|idx| {
+            idx != self.me_idx
+                && self.heard.get(idx).is_some_and(|heard| !heard)
+                && self.excluded.get(idx).is_some_and(|excluded| !excluded)
+        })
+    }
+
     /// `member` joined a later round at `now`. If it never sent us anything
     /// for this one, it most likely finished this round without us (alone,
     /// or in a group that left us out): the round stops waiting for its

@@ -9,6 +9,12 @@
 //! not already checked on a `Join` before following the group. A `Group` with a missing
 //! or invalid proof is refused, and its leader is set aside for the round.
 //!
+//! The leader also signs its `Group`, so members can pass it on: a hostile leader that
+//! lists a peer which did join but withholds the `Group` from it would otherwise make
+//! the others wait for that peer until the reduce deadline. A member that hears a
+//! listed peer still asking to join the round sends it the signed `Group`, which the
+//! peer follows as if its leader had sent it.
+//!
 //! The protocol crate holds no keys: the caller supplies a [`JoinAttestor`]. The node signs
 //! with its libp2p identity; [`OpenJoinProofs`] serves the simulator and tests.
 
@@ -28,6 +34,21 @@ pub trait JoinAttestor: Send + Sync + fmt::Debug {
 
     /// Whether `proof` shows that `member` joined `round` with a vector of `len` values.
     fn verify(&self, member: NodeId, round: u64, len: u64, proof: &[u8]) -> bool;
+
+    /// Our signature (we lead, as `me`) over the group of `round` with a vector of `len`
+    /// values that `members` make up.
+    fn sign_group(&self, me: NodeId, round: u64, len: u64, members: &[NodeId]) -> Bytes;
+
+    /// Whether `signature` shows that `leader` formed the group of `round` with `len`
+    /// values that `members` make up.
+    fn verify_group(
+        &self,
+        leader: NodeId,
+        round: u64,
+        len: u64,
+        members: &[NodeId],
+        signature: &[u8],
+    ) -> bool;
 }
 
 /// Proofs anyone can compute from the member's id: they check the protocol's handling of
@@ -45,6 +66,18 @@ impl OpenJoinProofs {
         h.update(&len.to_le_bytes());
         *h.finalize().as_bytes()
     }
+
+    fn group_signature(leader: NodeId, round: u64, len: u64, members: &[NodeId]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        h.update(b"p2ptrain open group signature\0");
+        h.update(&leader.0);
+        h.update(&round.to_le_bytes());
+        h.update(&len.to_le_bytes());
+        for m in members {
+            h.update(&m.0);
+        }
+        *h.finalize().as_bytes()
+    }
 }
 
 impl JoinAttestor for OpenJoinProofs {
@@ -54,6 +87,21 @@ impl JoinAttestor for OpenJoinProofs {
 
     fn verify(&self, member: NodeId, round: u64, len: u64, proof: &[u8]) -> bool {
         proof == Self::proof(member, round, len)
+    }
+
+    fn sign_group(&self, me: NodeId, round: u64, len: u64, members: &[NodeId]) -> Bytes {
+        Bytes::from(Self::group_signature(me, round, len, members).to_vec())
+    }
+
+    fn verify_group(
+        &self,
+        leader: NodeId,
+        round: u64,
+        len: u64,
+        members: &[NodeId],
+        signature: &[u8],
+    ) -> bool {
+        signature == Self::group_signature(leader, round, len, members)
     }
 }
 
@@ -71,5 +119,28 @@ mod tests {
         assert!(!OpenJoinProofs.verify(a, 7, 101, &p), "another length");
         assert!(!OpenJoinProofs.verify(a, 7, 100, &p[1..]), "cut short");
         assert!(p.len() <= MAX_JOIN_PROOF_BYTES);
+    }
+
+    #[test]
+    fn an_open_group_signature_is_bound_to_leader_round_length_and_members() {
+        let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
+        let s = OpenJoinProofs.sign_group(a, 7, 100, &[a, b]);
+        assert!(OpenJoinProofs.verify_group(a, 7, 100, &[a, b], &s));
+        assert!(
+            !OpenJoinProofs.verify_group(b, 7, 100, &[a, b], &s),
+            "another leader"
+        );
+        assert!(
+            !OpenJoinProofs.verify_group(a, 8, 100, &[a, b], &s),
+            "another round"
+        );
+        assert!(
+            !OpenJoinProofs.verify_group(a, 7, 99, &[a, b], &s),
+            "another length"
+        );
+        assert!(
+            !OpenJoinProofs.verify_group(a, 7, 100, &[a], &s),
+            "other members"
+        );
     }
 }

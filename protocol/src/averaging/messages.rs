@@ -22,7 +22,7 @@ pub enum AvgMessage {
         proof: Bytes,
     },
     /// The leader fixes the group: `members` sorted ascending, `members[0]` is the leader
-    /// (and must be the sender).
+    /// (and the sender, or a member passing on the leader's signed `Group`).
     Group {
         /// The round.
         round: u64,
@@ -32,6 +32,9 @@ pub enum AvgMessage {
         members: Vec<NodeId>,
         /// Each member's join proof, in the order of `members`.
         proofs: Vec<Bytes>,
+        /// The leader's signature over round, length and members, so that members can
+        /// pass the `Group` on to a member the leader did not reach.
+        signature: Bytes,
     },
     /// Member to the reducer of `part`: the sender's values for that part.
     Part {
@@ -100,6 +103,7 @@ impl AvgMessage {
                 len,
                 members,
                 proofs,
+                signature,
                 ..
             } => {
                 check_vector_len(*len)?;
@@ -110,7 +114,8 @@ impl AvgMessage {
                         proofs: proofs.len(),
                     });
                 }
-                proofs.iter().try_for_each(|p| check_join_proof(p))
+                proofs.iter().try_for_each(|p| check_join_proof(p))?;
+                check_join_proof(signature)
             }
             AvgMessage::Part { part, .. } => check_part(*part),
             AvgMessage::Reduced {

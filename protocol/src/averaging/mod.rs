@@ -22,11 +22,16 @@
 //!   ([`join_proof`]; the caller's [`JoinAttestor`] makes and checks them), and one without
 //!   a valid proof is `Rejected`. The leader's `Group` carries the proof of each member, and
 //!   a member checks those of the peers whose `Join` did not reach it: a `Group` listing a
-//!   member it cannot verify (made up by a hostile leader) is `Rejected`, and its leader is
-//!   set aside for the round, so the others regroup without it at once, and sits out the
-//!   next rounds as a twice-struck staller does ([`sitout`]).
-//! - A non-leader follows the first `Group` for its round that lists it, accepted only from
-//!   its leader (`members[0]` must be the sender; otherwise `Rejected`). A `Group` for the
+//!   member it cannot verify (made up by a hostile leader), or without its leader's
+//!   signature, is `Rejected`, and its leader is set aside for the round, so the others
+//!   regroup without it at once, and sits out the next rounds as a twice-struck staller
+//!   does ([`sitout`]).
+//! - The leader signs its `Group`. A member reducing a round that gets a `Join` for it
+//!   from a member it has heard nothing from passes the `Group` it followed on to that
+//!   member, whose leader's copy was lost or withheld.
+//! - A non-leader follows the first `Group` for its round that lists it, accepted from its
+//!   leader (`members[0]` is the sender) or passed on by a member it lists, with the
+//!   leader's valid signature; otherwise `Rejected`. A `Group` for the
 //!   round that does not list us sets its members aside for the round: we regroup with
 //!   the peers left (a new leader among them closes when all of them in its view have
 //!   joined, so peers left out of a full group, or by a hostile leader, still average
@@ -185,6 +190,9 @@ pub struct Averager {
     reduce_started: Duration,
     /// Makes our join proofs and checks everyone else's.
     attestor: Box<dyn JoinAttestor>,
+    /// The signed `Group` of the round in flight that another leader formed and we
+    /// followed: passed on to a member still asking to join (see `join_proof`).
+    followed: Option<AvgMessage>,
 }
 
 impl Averager {
@@ -213,6 +221,7 @@ impl Averager {
             sit_outs: sitout::SitOuts::default(),
             reduce_started: Duration::ZERO,
             attestor,
+            followed: None,
             config,
         }
     }
@@ -427,12 +436,7 @@ impl Averager {
             AvgMessage::Join { round, len, proof } => {
                 self.on_join(now, from, round, Joined { len, proof })
             }
-            AvgMessage::Group {
-                round,
-                len,
-                members,
-                proofs,
-            } => self.on_group(now, from, round, len, members, &proofs),
+            group @ AvgMessage::Group { .. } => self.on_group(now, from, group),
             AvgMessage::Part {
                 round,
                 part,
@@ -548,8 +552,9 @@ impl Averager {
             }
             _ => false,
         };
+        let in_reduction = matches!(&self.state, State::Reducing(ar) if ar.round() == round);
         let stale = self.base_round().is_some_and(|base| round <= base);
-        if stale && !led_it && !in_matchmaking {
+        if stale && !led_it && !in_matchmaking && !in_reduction {
             return; // a round we are past: nothing to do
         }
         let grace = self.moved_on_grace();
@@ -586,6 +591,15 @@ impl Averager {
             State::Reducing(ar) if round > ar.round() => {
                 ar.moved_on(from, now, grace, &mut self.out);
             }
+            // A member of our group still asking to join: its leader's Group
+            // never reached it (lost, or withheld by a hostile leader). Pass
+            // it on; the leader itself re-sent it above.
+            State::Reducing(ar) if round == ar.round() && !led_it => {
+                if let Some(group) = self.followed.as_ref().filter(|_| ar.never_heard_from(from)) {
+                    self.out.send(Destination::Peer(from), group.clone());
+                }
+                return;
+            }
             _ => {}
         }
         let base = self.base_round();
@@ -596,25 +610,37 @@ impl Averager {
         }
     }
 
-    fn on_group(
-        &mut self,
-        now: Duration,
-        from: NodeId,
-        round: u64,
-        len: u64,
-        members: Vec<NodeId>,
-        proofs: &[Bytes],
-    ) {
-        if members.first() != Some(&from) {
+    fn on_group(&mut self, now: Duration, from: NodeId, msg: AvgMessage) {
+        let AvgMessage::Group {
+            round,
+            len,
+            members,
+            proofs,
+            signature,
+        } = &msg
+        else {
+            return;
+        };
+        let (round, len) = (*round, *len);
+        let Some(&leader) = members.first() else {
+            return; // refused by validation
+        };
+        // A member may pass on its leader's signed Group (see `join_proof`).
+        let signed = || {
+            self.attestor
+                .verify_group(leader, round, len, members, signature)
+        };
+        if leader != from && !(members.binary_search(&from).is_ok() && signed()) {
             self.out.reject(
                 from,
                 format!(
-                    "Group for round {round} sent by a peer that is not its leader (first member)"
+                    "Group for round {round} sent by a peer that is not its leader (first \
+                     member), without the leader's signature"
                 ),
             );
             return;
         }
-        if self.sit_outs.sits_out(from, round) {
+        if self.sit_outs.sits_out(leader, round) {
             self.out.reject(
                 from,
                 format!(
@@ -637,21 +663,24 @@ impl Averager {
             self.out.reject(from, reason);
             return;
         }
-        if let Some(member) = self.unproven_member(mm, &members, proofs) {
-            // Its leader made this member up, or passed on a proof it never
-            // checked: regroup without the leader.
+        // Checked only now: most Groups that reach us are stale or duplicates.
+        let unproven = self.unproven_member(mm, members, proofs);
+        if unproven.is_some() || !signed() {
+            // Its leader made a member up, passed on a proof it never
+            // checked, or did not sign: regroup without the leader.
+            let what = match unproven {
+                Some(member) => format!("lists {member} without a valid proof that it joined"),
+                None => "carries no valid signature of its leader".to_string(),
+            };
             self.out.reject(
                 from,
-                format!(
-                    "Group for round {round} lists {member} without a valid proof that it \
-                     joined; regrouping without its leader"
-                ),
+                format!("Group for round {round} {what}; regrouping without its leader"),
             );
-            self.sit_outs.forged_group(from, round);
+            self.sit_outs.forged_group(leader, round);
             let State::Matchmaking(mm) = &mut self.state else {
                 return;
             };
-            if mm.set_aside(&[from]).is_err() {
+            if mm.set_aside(&[leader]).is_err() {
                 self.finish_alone();
                 return;
             }
@@ -661,6 +690,8 @@ impl Averager {
         let waited = mm.elapsed(now);
         self.matchmaking_deadlines.observe_group(waited);
         if members.binary_search(&self.me).is_ok() {
+            let members = members.clone();
+            self.followed = Some(msg);
             self.form_group(now, members);
             return;
         }
@@ -670,7 +701,7 @@ impl Averager {
         let State::Matchmaking(mm) = &mut self.state else {
             return;
         };
-        if mm.set_aside(&members).is_err() {
+        if mm.set_aside(members).is_err() {
             self.finish_alone();
             return;
         }
@@ -734,11 +765,15 @@ impl Averager {
             return;
         }
         let (members, proofs) = mm.members(self.me, self.config.group_limit());
+        let signature = self
+            .attestor
+            .sign_group(self.me, mm.round, mm.len, &members);
         let msg = AvgMessage::Group {
             round: mm.round,
             len: mm.len,
             members: members.clone(),
             proofs,
+            signature,
         };
         self.led = Some(LedGroup {
             round: mm.round,
@@ -849,6 +884,7 @@ impl Averager {
 
     fn finish(&mut self, outcome: RoundOutcome) {
         self.state = State::Idle;
+        self.followed = None;
         self.early_parts.clear();
         self.recheck = false;
         self.last_finished = Some(outcome.round);

@@ -30,17 +30,22 @@ fn join(from: NodeId, round: u64, len: u64) -> AvgMessage {
     }
 }
 
-/// A `Group` listing `members`, each with its (open) join proof.
+/// A `Group` listing `members`, each with its (open) join proof, signed by
+/// its leader (the first member).
 fn group(round: u64, len: u64, members: Vec<NodeId>) -> AvgMessage {
     let proofs = members
         .iter()
         .map(|&m| OpenJoinProofs.attest(m, round, len))
         .collect();
+    // (A Group with no members is invalid; sign one anyway for tests that send it.)
+    let leader = members.first().copied().unwrap_or(NodeId([0; 32]));
+    let signature = OpenJoinProofs.sign_group(leader, round, len, &members);
     AvgMessage::Group {
         round,
         len,
         members,
         proofs,
+        signature,
     }
 }
 
@@ -409,6 +414,7 @@ fn a_leader_listing_a_member_that_never_joined_is_set_aside() {
         let AvgMessage::Group {
             members,
             mut proofs,
+            signature,
             ..
         } = group(1, 4, vec![id(A), id(B), id(C), id(D)])
         else {
@@ -420,6 +426,7 @@ fn a_leader_listing_a_member_that_never_joined_is_set_aside() {
             len: 4,
             members,
             proofs,
+            signature,
         };
         let (b, c) = (nodes[1].me(), nodes[2].me());
         let mut rest = nodes.split_off(1);
@@ -478,7 +485,22 @@ fn a_join_without_a_valid_proof_is_refused_and_never_listed() {
 fn group_from_a_non_leader_or_with_other_len_is_rejected_and_ignored() {
     let mut c = node(C, &[A, B, C]);
     c.start_round(ms(0), 1, vec![1.0]).expect("start");
-    c.handle_message(ms(10), id(B), group(1, 1, vec![id(A), id(B), id(C)]));
+    // B leads a group of its own making, listing A first: not signed by A.
+    let AvgMessage::Group {
+        members, proofs, ..
+    } = group(1, 1, vec![id(A), id(B), id(C)])
+    else {
+        unreachable!()
+    };
+    let signature = OpenJoinProofs.sign_group(id(B), 1, 1, &members);
+    let not_as = AvgMessage::Group {
+        round: 1,
+        len: 1,
+        members,
+        proofs,
+        signature,
+    };
+    c.handle_message(ms(10), id(B), not_as);
     c.handle_message(ms(11), id(A), group(1, 2, vec![id(A), id(C)]));
     let evs = events(&mut c);
     assert_eq!(rejections(&evs).len(), 2, "{evs:?}");
@@ -2202,6 +2224,21 @@ impl JoinAttestor for std::sync::Arc<ScopedProofs> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *proof == *self.proof(member, round, len)
     }
+
+    fn sign_group(&self, me: NodeId, round: u64, len: u64, members: &[NodeId]) -> Bytes {
+        OpenJoinProofs.sign_group(me, round, len, members)
+    }
+
+    fn verify_group(
+        &self,
+        leader: NodeId,
+        round: u64,
+        len: u64,
+        members: &[NodeId],
+        signature: &[u8],
+    ) -> bool {
+        OpenJoinProofs.verify_group(leader, round, len, members, signature)
+    }
 }
 
 #[test]
@@ -2272,4 +2309,74 @@ fn a_listed_member_outside_our_view_is_not_waited_for() {
         assert_eq!(done[0].dropped, vec![id(D)]);
         assert_eq!(done[0].parts.iter().filter(|p| !p.averaged).count(), 1);
     }
+}
+
+#[test]
+fn a_member_passes_on_a_group_its_leader_withheld() {
+    // A leads [A, B, C] but its Group reaches B only (lost, or withheld by
+    // a hostile leader, which then ignores C's repeated Joins). B hears C
+    // still asking to join and passes the signed Group on: C follows it and
+    // the three average the round, instead of B waiting for C until the
+    // reduce deadline while C waits for a Group that never comes.
+    let vals = [
+        vec![1.0f32, 2.0, 3.0],
+        vec![3.0, 4.0, 5.0],
+        vec![9.0, 9.0, 9.0],
+    ];
+    let mut nodes = trio_in_round(1, &vals);
+    let withheld =
+        |from: usize, t: &Transmit| from == 0 && matches!(t.msg, AvgMessage::Group { .. });
+    let (mut evs, held) = pump_holding(&mut nodes, ms(1), withheld);
+    let from_a = held.first().expect("A closed its group").1.msg.clone();
+    nodes[1].handle_message(ms(2), id(A), from_a);
+    let mut now = ms(2);
+    loop {
+        let (more, _) = pump_holding(&mut nodes, now, withheld);
+        for (e, m) in evs.iter_mut().zip(more) {
+            e.extend(m);
+        }
+        if evs.iter().all(|e| finished(e).len() == 1) {
+            break;
+        }
+        now = fire_next_timeout(&mut nodes);
+        assert!(
+            now < cfg().join_window,
+            "nobody passed the Group on: {now:?}"
+        );
+    }
+    let want = mean(&[&vals[0], &vals[1], &vals[2]]);
+    for e in &evs {
+        let done = finished(e);
+        assert!(done[0].dropped.is_empty(), "{e:?}");
+        assert_eq!(bits(&done[0].values), bits(&want));
+    }
+}
+
+#[test]
+fn a_group_without_its_leaders_signature_is_refused() {
+    let mut c = node(C, &[A, B, C]);
+    c.start_round(ms(0), 1, vec![1.0]).expect("start");
+    let AvgMessage::Group {
+        members, proofs, ..
+    } = group(1, 1, vec![id(A), id(B), id(C)])
+    else {
+        unreachable!()
+    };
+    let unsigned = AvgMessage::Group {
+        round: 1,
+        len: 1,
+        members,
+        proofs,
+        signature: Bytes::from(vec![0; 32]),
+    };
+    // Passed on by B: refused, and nothing else changes.
+    c.handle_message(ms(1), id(B), unsigned.clone());
+    assert_eq!(rejections(&events(&mut c)).len(), 1);
+    assert_eq!(c.in_flight(), Some(1));
+    assert!(c.sitting_out(2).is_empty());
+    // Sent by A itself: refused as a forgery, A set aside and struck.
+    c.handle_message(ms(2), id(A), unsigned);
+    assert_eq!(rejections(&events(&mut c)).len(), 1);
+    assert_eq!(c.in_flight(), Some(1));
+    assert_eq!(c.sitting_out(2), vec![id(A)]);
 }

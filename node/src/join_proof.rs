@@ -10,7 +10,7 @@
 //! way, over the member list too, so members can pass it on.
 
 use libp2p::identity::{ed25519, Keypair, PublicKey};
-use p2ptrain_protocol::averaging::JoinAttestor;
+use p2ptrain_protocol::averaging::{join_proof::group_digest, JoinAttestor};
 use p2ptrain_protocol::tensor::Bytes;
 use p2ptrain_protocol::NodeId;
 use std::fmt;
@@ -91,13 +91,16 @@ impl SignedJoins {
         self.scoped(b"p2ptrain join proof v1\0", round, len)
     }
 
-    /// What a leader's signature over its group signs.
-    fn group_statement(&self, round: u64, len: u64, members: &[NodeId]) -> Vec<u8> {
+    /// What a leader's signature over its group signs: members and proofs by digest.
+    fn group_statement(
+        &self,
+        round: u64,
+        len: u64,
+        members: &[NodeId],
+        proofs: &[Bytes],
+    ) -> Vec<u8> {
         let mut s = self.scoped(b"p2ptrain group signature v1\0", round, len);
-        s.extend_from_slice(&(members.len() as u64).to_le_bytes());
-        for m in members {
-            s.extend_from_slice(&m.0);
-        }
+        s.extend_from_slice(&group_digest(members, proofs));
         s
     }
 
@@ -146,8 +149,15 @@ impl JoinAttestor for SignedJoins {
         Self::check(member, &self.statement(round, len), proof)
     }
 
-    fn sign_group(&self, _me: NodeId, round: u64, len: u64, members: &[NodeId]) -> Bytes {
-        self.sign(&self.group_statement(round, len, members))
+    fn sign_group(
+        &self,
+        _me: NodeId,
+        round: u64,
+        len: u64,
+        members: &[NodeId],
+        proofs: &[Bytes],
+    ) -> Bytes {
+        self.sign(&self.group_statement(round, len, members, proofs))
     }
 
     fn verify_group(
@@ -156,13 +166,11 @@ impl JoinAttestor for SignedJoins {
         round: u64,
         len: u64,
         members: &[NodeId],
+        proofs: &[Bytes],
         signature: &[u8],
     ) -> bool {
-        Self::check(
-            leader,
-            &self.group_statement(round, len, members),
-            signature,
-        )
+        let statement = self.group_statement(round, len, members, proofs);
+        Self::check(leader, &statement, signature)
     }
 }
 
@@ -239,27 +247,27 @@ mod tests {
         let signer = SignedJoins::new(&a, topic, StageScope::default()).unwrap();
         let checker = SignedJoins::new(&b, topic, StageScope::default()).unwrap();
         let members = [node_id(&a), node_id(&b)];
-        let sig = signer.sign_group(node_id(&a), 3, 10, &members);
-        assert!(checker.verify_group(node_id(&a), 3, 10, &members, &sig));
+        let proofs = [
+            signer.attest(node_id(&a), 3, 10),
+            checker.attest(node_id(&b), 3, 10),
+        ];
+        let sig = signer.sign_group(node_id(&a), 3, 10, &members, &proofs);
+        let ok = |leader, round, len, members: &[NodeId], proofs: &[Bytes]| {
+            checker.verify_group(leader, round, len, members, proofs, &sig)
+        };
+        assert!(ok(node_id(&a), 3, 10, &members, &proofs));
+        assert!(!ok(node_id(&b), 3, 10, &members, &proofs), "another leader");
+        assert!(!ok(node_id(&a), 4, 10, &members, &proofs), "another round");
+        assert!(!ok(node_id(&a), 3, 11, &members, &proofs), "another length");
         assert!(
-            !checker.verify_group(node_id(&b), 3, 10, &members, &sig),
-            "another leader"
-        );
-        assert!(
-            !checker.verify_group(node_id(&a), 4, 10, &members, &sig),
-            "another round"
-        );
-        assert!(
-            !checker.verify_group(node_id(&a), 3, 11, &members, &sig),
-            "another length"
-        );
-        assert!(
-            !checker.verify_group(node_id(&a), 3, 10, &members[..1], &sig),
+            !ok(node_id(&a), 3, 10, &members[..1], &proofs),
             "other members"
         );
+        let swapped = [proofs[0].clone(), proofs[0].clone()];
+        assert!(!ok(node_id(&a), 3, 10, &members, &swapped), "another proof");
         // A join proof is no group signature, nor the other way round.
         let proof = signer.attest(node_id(&a), 3, 10);
-        assert!(!checker.verify_group(node_id(&a), 3, 10, &members, &proof));
+        assert!(!checker.verify_group(node_id(&a), 3, 10, &members, &proofs, &proof));
         assert!(!checker.verify(node_id(&a), 3, 10, &sig));
     }
 }

@@ -46,10 +46,11 @@ pub enum Misbehave {
     /// member (with a forged join proof): a hostile leader trying to make
     /// the others send parts to, and wait for, a peer that does not exist.
     PhantomFrom(u64),
-    /// From this round on, every `Group` it leads goes to its members
-    /// directly, except to the one with the largest id, which it never
-    /// answers: a hostile leader trying to shut a peer that joined out of
-    /// the round while the others wait for it.
+    /// From this round on, every `Group` of more than 2 members it sends
+    /// (as leader, or passing one on) goes to its members directly, never to
+    /// the one with the largest id, and to no peer outside the group: a
+    /// hostile leader trying to shut a peer that joined out of the round
+    /// while the others wait for it.
     WithholdFrom(u64),
 }
 

@@ -1188,7 +1188,7 @@ impl Driver {
         Ok(())
     }
 
-    /// Encodes `t` (a tensor part once for all its recipients) and sends it.
+    /// Encodes `t` (a reduced part once for all its recipients) and sends it.
     fn send_transmit(
         &mut self,
         frames: &mut frames::FrameOnce,

@@ -9,11 +9,13 @@
 //! not already checked on a `Join` before following the group. A `Group` with a missing
 //! or invalid proof is refused, and its leader is set aside for the round.
 //!
-//! The leader also signs its `Group`, so members can pass it on: a hostile leader that
-//! lists a peer which did join but withholds the `Group` from it would otherwise make
-//! the others wait for that peer until the reduce deadline. A member that hears a
-//! listed peer still asking to join the round sends it the signed `Group`, which the
-//! peer follows as if its leader had sent it.
+//! The leader also signs its `Group` (members and proofs), so members can pass it on: a
+//! hostile leader that lists a peer which did join but withholds the `Group` from it
+//! would otherwise make the others wait for that peer until the reduce deadline. A
+//! member that hears a listed peer still asking to join the round sends it the signed
+//! `Group` (at most once per `Join` re-broadcast interval), which the peer follows as if
+//! its leader had sent it. A passed-on copy that fails the signature is refused without
+//! blaming the leader: the member that passed it on may have altered it.
 //!
 //! The protocol crate holds no keys: the caller supplies a [`JoinAttestor`]. The node signs
 //! with its libp2p identity; [`OpenJoinProofs`] serves the simulator and tests.
@@ -36,17 +38,26 @@ pub trait JoinAttestor: Send + Sync + fmt::Debug {
     fn verify(&self, member: NodeId, round: u64, len: u64, proof: &[u8]) -> bool;
 
     /// Our signature (we lead, as `me`) over the group of `round` with a vector of `len`
-    /// values that `members` make up.
-    fn sign_group(&self, me: NodeId, round: u64, len: u64, members: &[NodeId]) -> Bytes;
+    /// values that `members` make up, with their join `proofs`: a member passing the
+    /// `Group` on can change nothing in it without breaking the signature.
+    fn sign_group(
+        &self,
+        me: NodeId,
+        round: u64,
+        len: u64,
+        members: &[NodeId],
+        proofs: &[Bytes],
+    ) -> Bytes;
 
     /// Whether `signature` shows that `leader` formed the group of `round` with `len`
-    /// values that `members` make up.
+    /// values that `members` make up, with their join `proofs`.
     fn verify_group(
         &self,
         leader: NodeId,
         round: u64,
         len: u64,
         members: &[NodeId],
+        proofs: &[Bytes],
         signature: &[u8],
     ) -> bool;
 }
@@ -67,15 +78,19 @@ impl OpenJoinProofs {
         *h.finalize().as_bytes()
     }
 
-    fn group_signature(leader: NodeId, round: u64, len: u64, members: &[NodeId]) -> [u8; 32] {
+    fn group_signature(
+        leader: NodeId,
+        round: u64,
+        len: u64,
+        members: &[NodeId],
+        proofs: &[Bytes],
+    ) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
         h.update(b"p2ptrain open group signature\0");
         h.update(&leader.0);
         h.update(&round.to_le_bytes());
         h.update(&len.to_le_bytes());
-        for m in members {
-            h.update(&m.0);
-        }
+        h.update(&group_digest(members, proofs));
         *h.finalize().as_bytes()
     }
 }
@@ -89,8 +104,15 @@ impl JoinAttestor for OpenJoinProofs {
         proof == Self::proof(member, round, len)
     }
 
-    fn sign_group(&self, me: NodeId, round: u64, len: u64, members: &[NodeId]) -> Bytes {
-        Bytes::from(Self::group_signature(me, round, len, members).to_vec())
+    fn sign_group(
+        &self,
+        me: NodeId,
+        round: u64,
+        len: u64,
+        members: &[NodeId],
+        proofs: &[Bytes],
+    ) -> Bytes {
+        Bytes::from(Self::group_signature(me, round, len, members, proofs).to_vec())
     }
 
     fn verify_group(
@@ -99,10 +121,26 @@ impl JoinAttestor for OpenJoinProofs {
         round: u64,
         len: u64,
         members: &[NodeId],
+        proofs: &[Bytes],
         signature: &[u8],
     ) -> bool {
-        signature == Self::group_signature(leader, round, len, members)
+        signature == Self::group_signature(leader, round, len, members, proofs)
     }
+}
+
+/// A digest of a group's members and their join proofs, for the leader's signature.
+pub fn group_digest(members: &[NodeId], proofs: &[Bytes]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&(members.len() as u64).to_le_bytes());
+    for m in members {
+        h.update(&m.0);
+    }
+    h.update(&(proofs.len() as u64).to_le_bytes());
+    for p in proofs {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    *h.finalize().as_bytes()
 }
 
 #[cfg(test)]
@@ -124,22 +162,28 @@ mod tests {
     #[test]
     fn an_open_group_signature_is_bound_to_leader_round_length_and_members() {
         let (a, b) = (NodeId([1; 32]), NodeId([2; 32]));
-        let s = OpenJoinProofs.sign_group(a, 7, 100, &[a, b]);
-        assert!(OpenJoinProofs.verify_group(a, 7, 100, &[a, b], &s));
+        let proofs = [Bytes::from(vec![1; 4]), Bytes::from(vec![2; 4])];
+        let s = OpenJoinProofs.sign_group(a, 7, 100, &[a, b], &proofs);
+        assert!(OpenJoinProofs.verify_group(a, 7, 100, &[a, b], &proofs, &s));
+        let swapped = [proofs[0].clone(), Bytes::from(vec![3; 4])];
         assert!(
-            !OpenJoinProofs.verify_group(b, 7, 100, &[a, b], &s),
+            !OpenJoinProofs.verify_group(a, 7, 100, &[a, b], &swapped, &s),
+            "another proof"
+        );
+        assert!(
+            !OpenJoinProofs.verify_group(b, 7, 100, &[a, b], &proofs, &s),
             "another leader"
         );
         assert!(
-            !OpenJoinProofs.verify_group(a, 8, 100, &[a, b], &s),
+            !OpenJoinProofs.verify_group(a, 8, 100, &[a, b], &proofs, &s),
             "another round"
         );
         assert!(
-            !OpenJoinProofs.verify_group(a, 7, 99, &[a, b], &s),
+            !OpenJoinProofs.verify_group(a, 7, 99, &[a, b], &proofs, &s),
             "another length"
         );
         assert!(
-            !OpenJoinProofs.verify_group(a, 7, 100, &[a], &s),
+            !OpenJoinProofs.verify_group(a, 7, 100, &[a], &proofs, &s),
             "other members"
         );
     }

@@ -140,7 +140,7 @@ use crate::NodeId;
 use allreduce::{AllReduce, LastReduced};
 use matchmaking::{JoinBuffer, Joined, Matchmaking, Waits};
 use outcome::{solo_outcome, Outbox, Pending};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// Where the round in flight stands.
@@ -193,6 +193,8 @@ pub struct Averager {
     /// The signed `Group` of the round in flight that another leader formed and we
     /// followed: passed on to a member still asking to join (see `join_proof`).
     followed: Option<AvgMessage>,
+    /// When we last passed that `Group` on to each member still asking to join.
+    passed_on: BTreeMap<NodeId, Duration>,
 }
 
 impl Averager {
@@ -222,6 +224,7 @@ impl Averager {
             reduce_started: Duration::ZERO,
             attestor,
             followed: None,
+            passed_on: BTreeMap::new(),
             config,
         }
     }
@@ -552,9 +555,13 @@ impl Averager {
             }
             _ => false,
         };
-        let in_reduction = matches!(&self.state, State::Reducing(ar) if ar.round() == round);
+        if !led_it && matches!(&self.state, State::Reducing(ar) if ar.round() == round) {
+            // Its sender is authenticated by the transport: no proof needed.
+            self.pass_group_on(now, from);
+            return;
+        }
         let stale = self.base_round().is_some_and(|base| round <= base);
-        if stale && !led_it && !in_matchmaking && !in_reduction {
+        if stale && !led_it && !in_matchmaking {
             return; // a round we are past: nothing to do
         }
         let grace = self.moved_on_grace();
@@ -591,15 +598,6 @@ impl Averager {
             State::Reducing(ar) if round > ar.round() => {
                 ar.moved_on(from, now, grace, &mut self.out);
             }
-            // A member of our group still asking to join: its leader's Group
-            // never reached it (lost, or withheld by a hostile leader). Pass
-            // it on; the leader itself re-sent it above.
-            State::Reducing(ar) if round == ar.round() && !led_it => {
-                if let Some(group) = self.followed.as_ref().filter(|_| ar.never_heard_from(from)) {
-                    self.out.send(Destination::Peer(from), group.clone());
-                }
-                return;
-            }
             _ => {}
         }
         let base = self.base_round();
@@ -608,6 +606,29 @@ impl Averager {
                 self.out.reject(from, reason);
             }
         }
+    }
+
+    /// `from` sent a `Join` for the round we are reducing in a group we
+    /// followed. If it is a member we have heard nothing from, its leader's
+    /// `Group` never reached it (lost, or withheld by a hostile leader): pass
+    /// it on, at most once per `Join` re-broadcast interval per member, as
+    /// every member of the group does the same. (Waiting for a second `Join`
+    /// first, so that a first one gossip delayed triggers nothing, made
+    /// rounds under loss and crashes slower in the simulator.)
+    fn pass_group_on(&mut self, now: Duration, from: NodeId) {
+        let State::Reducing(ar) = &self.state else {
+            return;
+        };
+        let Some(group) = &self.followed else {
+            return;
+        };
+        let every = self.config.join_retry();
+        let recently = |t: Duration| now < t.saturating_add(every);
+        if !ar.never_heard_from(from) || self.passed_on.get(&from).is_some_and(|&t| recently(t)) {
+            return;
+        }
+        self.passed_on.insert(from, now);
+        self.out.send(Destination::Peer(from), group.clone());
     }
 
     fn on_group(&mut self, now: Duration, from: NodeId, msg: AvgMessage) {
@@ -626,16 +647,13 @@ impl Averager {
             return; // refused by validation
         };
         // A member may pass on its leader's signed Group (see `join_proof`).
-        let signed = || {
-            self.attestor
-                .verify_group(leader, round, len, members, signature)
-        };
-        if leader != from && !(members.binary_search(&from).is_ok() && signed()) {
+        let passed_on = leader != from;
+        if passed_on && members.binary_search(&from).is_err() {
             self.out.reject(
                 from,
                 format!(
-                    "Group for round {round} sent by a peer that is not its leader (first \
-                     member), without the leader's signature"
+                    "Group for round {round} sent by a peer that is neither its leader (first \
+                     member) nor listed in it"
                 ),
             );
             return;
@@ -644,7 +662,8 @@ impl Averager {
             self.out.reject(
                 from,
                 format!(
-                    "Group for round {round} from a peer that sits out the round after stalling"
+                    "Group for round {round} led by {leader}, which sits out the round after \
+                     stalling"
                 ),
             );
             return;
@@ -664,10 +683,26 @@ impl Averager {
             return;
         }
         // Checked only now: most Groups that reach us are stale or duplicates.
+        let signed = self
+            .attestor
+            .verify_group(leader, round, len, members, proofs, signature);
+        if passed_on && !signed {
+            // The member that passed it on may have changed it: the leader
+            // is not to blame.
+            self.out.reject(
+                from,
+                format!(
+                    "Group for round {round} passed on without a valid signature of its leader \
+                     {leader}"
+                ),
+            );
+            return;
+        }
         let unproven = self.unproven_member(mm, members, proofs);
-        if unproven.is_some() || !signed() {
+        if unproven.is_some() || !signed {
             // Its leader made a member up, passed on a proof it never
-            // checked, or did not sign: regroup without the leader.
+            // checked (and signed it), or did not sign: regroup without the
+            // leader.
             let what = match unproven {
                 Some(member) => format!("lists {member} without a valid proof that it joined"),
                 None => "carries no valid signature of its leader".to_string(),
@@ -767,7 +802,7 @@ impl Averager {
         let (members, proofs) = mm.members(self.me, self.config.group_limit());
         let signature = self
             .attestor
-            .sign_group(self.me, mm.round, mm.len, &members);
+            .sign_group(self.me, mm.round, mm.len, &members, &proofs);
         let msg = AvgMessage::Group {
             round: mm.round,
             len: mm.len,
@@ -885,6 +920,7 @@ impl Averager {
     fn finish(&mut self, outcome: RoundOutcome) {
         self.state = State::Idle;
         self.followed = None;
+        self.passed_on.clear();
         self.early_parts.clear();
         self.recheck = false;
         self.last_finished = Some(outcome.round);

@@ -33,13 +33,13 @@ fn join(from: NodeId, round: u64, len: u64) -> AvgMessage {
 /// A `Group` listing `members`, each with its (open) join proof, signed by
 /// its leader (the first member).
 fn group(round: u64, len: u64, members: Vec<NodeId>) -> AvgMessage {
-    let proofs = members
+    let proofs: Vec<Bytes> = members
         .iter()
         .map(|&m| OpenJoinProofs.attest(m, round, len))
         .collect();
     // (A Group with no members is invalid; sign one anyway for tests that send it.)
     let leader = members.first().copied().unwrap_or(NodeId([0; 32]));
-    let signature = OpenJoinProofs.sign_group(leader, round, len, &members);
+    let signature = OpenJoinProofs.sign_group(leader, round, len, &members, &proofs);
     AvgMessage::Group {
         round,
         len,
@@ -492,7 +492,7 @@ fn group_from_a_non_leader_or_with_other_len_is_rejected_and_ignored() {
     else {
         unreachable!()
     };
-    let signature = OpenJoinProofs.sign_group(id(B), 1, 1, &members);
+    let signature = OpenJoinProofs.sign_group(id(B), 1, 1, &members, &proofs);
     let not_as = AvgMessage::Group {
         round: 1,
         len: 1,
@@ -2225,8 +2225,15 @@ impl JoinAttestor for std::sync::Arc<ScopedProofs> {
         *proof == *self.proof(member, round, len)
     }
 
-    fn sign_group(&self, me: NodeId, round: u64, len: u64, members: &[NodeId]) -> Bytes {
-        OpenJoinProofs.sign_group(me, round, len, members)
+    fn sign_group(
+        &self,
+        me: NodeId,
+        round: u64,
+        len: u64,
+        members: &[NodeId],
+        proofs: &[Bytes],
+    ) -> Bytes {
+        OpenJoinProofs.sign_group(me, round, len, members, proofs)
     }
 
     fn verify_group(
@@ -2235,9 +2242,10 @@ impl JoinAttestor for std::sync::Arc<ScopedProofs> {
         round: u64,
         len: u64,
         members: &[NodeId],
+        proofs: &[Bytes],
         signature: &[u8],
     ) -> bool {
-        OpenJoinProofs.verify_group(leader, round, len, members, signature)
+        OpenJoinProofs.verify_group(leader, round, len, members, proofs, signature)
     }
 }
 
@@ -2379,4 +2387,39 @@ fn a_group_without_its_leaders_signature_is_refused() {
     assert_eq!(rejections(&events(&mut c)).len(), 1);
     assert_eq!(c.in_flight(), Some(1));
     assert_eq!(c.sitting_out(2), vec![id(A)]);
+}
+
+#[test]
+fn a_member_that_alters_a_group_it_passes_on_cannot_frame_its_leader() {
+    let mut c = node(C, &[A, B, C]);
+    c.start_round(ms(0), 1, vec![1.0]).expect("start");
+    let genuine = group(1, 1, vec![id(A), id(B), id(C)]);
+    let AvgMessage::Group {
+        members,
+        mut proofs,
+        signature,
+        ..
+    } = genuine.clone()
+    else {
+        unreachable!()
+    };
+    // B swaps its own proof for a bad one and passes the Group on to C.
+    proofs[1] = Bytes::from(vec![0; 32]);
+    let altered = AvgMessage::Group {
+        round: 1,
+        len: 1,
+        members,
+        proofs,
+        signature,
+    };
+    c.handle_message(ms(1), id(B), altered);
+    assert_eq!(rejections(&events(&mut c)).len(), 1);
+    assert!(c.sitting_out(2).is_empty(), "A is not blamed");
+    assert_eq!(c.in_flight(), Some(1));
+    // A's own Group is then followed.
+    c.handle_message(ms(2), id(A), genuine);
+    assert!(events(&mut c).contains(&AvgEvent::GroupFormed {
+        round: 1,
+        members: vec![id(A), id(B), id(C)]
+    }));
 }

@@ -4,8 +4,7 @@
 //! would. Its own model stays honest, so the damage is only what it sends.
 
 use p2ptrain_protocol::averaging::{AvgMessage, Destination, Transmit};
-use p2ptrain_protocol::tensor::{Bytes, Payload};
-use p2ptrain_protocol::NodeId;
+use p2ptrain_protocol::tensor::Payload;
 
 /// How a hostile node corrupts what it sends.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -196,7 +195,10 @@ impl Misbehave {
     /// member list of a `Group`.
     pub fn apply(self, msg: AvgMessage) -> AvgMessage {
         if let Misbehave::PhantomFrom(from) = self {
-            return with_phantom(from, msg);
+            if msg.round() < from {
+                return msg;
+            }
+            return p2ptrain_protocol::sim::with_phantom_member(msg);
         }
         if let Misbehave::DeafInRound(_)
         | Misbehave::MuteFrom(_)
@@ -261,39 +263,12 @@ impl Misbehave {
     }
 }
 
-/// `msg`, and if it is a `Group` of round `from` or later, one listing a
-/// made-up member too: the largest id there is (so the sender still comes
-/// first), with a proof of the right size that no key signed.
-fn with_phantom(from: u64, msg: AvgMessage) -> AvgMessage {
-    match msg {
-        AvgMessage::Group {
-            round,
-            len,
-            mut members,
-            mut proofs,
-            signature,
-        } if round >= from => {
-            let phantom = NodeId([0xff; 32]);
-            if members.last() < Some(&phantom) {
-                members.push(phantom);
-                proofs.push(Bytes::from(vec![0x5a; 96]));
-            }
-            AvgMessage::Group {
-                round,
-                len,
-                members,
-                proofs,
-                signature,
-            }
-        }
-        other => other,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p2ptrain_protocol::tensor::Bytes;
     use p2ptrain_protocol::tensor::Encoding;
+    use p2ptrain_protocol::NodeId;
 
     #[test]
     fn parses_and_prints_every_kind() {

@@ -390,8 +390,10 @@ impl Sim {
     }
 }
 
-/// `msg`, and if it is a `Group`, one that also lists a made-up member.
-fn with_phantom_member(msg: AvgMessage) -> AvgMessage {
+/// `msg`, and if it is a `Group`, one that also lists a made-up member: the largest id
+/// there is (so the leader still comes first), with a proof no key made. What a forging
+/// peer sends here ([`Sim::forge_groups`]) and the node's test fault `phantom:ROUND`.
+pub fn with_phantom_member(msg: AvgMessage) -> AvgMessage {
     match msg {
         AvgMessage::Group {
             round,
@@ -403,7 +405,7 @@ fn with_phantom_member(msg: AvgMessage) -> AvgMessage {
             let phantom = NodeId([0xff; 32]);
             if members.last() < Some(&phantom) {
                 members.push(phantom);
-                proofs.push(Bytes::from(vec![0x5a; 32]));
+                proofs.push(Bytes::from(vec![0x5a; 96]));
             }
             AvgMessage::Group {
                 round,

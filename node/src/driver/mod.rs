@@ -19,6 +19,7 @@ pub use sync::Misbehave as StateMisbehave;
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
 use crate::compute::{Compute, ComputeError, ComputeGone};
+use crate::identity::node_id_of;
 use crate::join_proof::{JoinProofError, SignedJoins, StageScope};
 use crate::metrics::Metrics;
 use crate::net::{NetConfig, NetError, NetEvent, NetHandle, Network};
@@ -516,7 +517,7 @@ impl Driver {
             topic,
             ..
         } = network;
-        let me = NodeId::from_key_bytes(&net.local_peer_id().to_bytes());
+        let me = node_id_of(&net.local_peer_id());
         let stage_scope = StageScope::default();
         let joins = SignedJoins::new(keypair, &topic, stage_scope.clone())?;
         Ok(Driver {
@@ -1228,8 +1229,7 @@ impl Driver {
                 if let Some(m) = &self.metrics {
                     m.peer_joined(peer);
                 }
-                self.members
-                    .insert(NodeId::from_key_bytes(&peer.to_bytes()), peer);
+                self.members.insert(node_id_of(&peer), peer);
                 self.members_changed = true;
                 let ids = self.swarm_ids();
                 self.averager.set_peers(&ids);
@@ -1238,19 +1238,16 @@ impl Driver {
                 if let Some(m) = &self.metrics {
                     m.peer_left(&peer);
                 }
-                self.members
-                    .remove(&NodeId::from_key_bytes(&peer.to_bytes()));
+                self.members.remove(&node_id_of(&peer));
                 self.pipe.forget_peer(&peer);
-                self.vouches
-                    .forget(&NodeId::from_key_bytes(&peer.to_bytes()));
-                self.swarm_round
-                    .forget(&NodeId::from_key_bytes(&peer.to_bytes()));
+                self.vouches.forget(&node_id_of(&peer));
+                self.swarm_round.forget(&node_id_of(&peer));
                 self.members_changed = true;
                 let ids = self.swarm_ids();
                 self.averager.set_peers(&ids);
             }
             NetEvent::Message { from, bytes } => {
-                let from_id = NodeId::from_key_bytes(&from.to_bytes());
+                let from_id = node_id_of(&from);
                 // Shared: a tensor part stays in the received frame, not copied out.
                 let msg = match wire::decode_shared(Arc::new(bytes)) {
                     // Replicas of our stage average among themselves only.

@@ -34,6 +34,7 @@
 
 use super::{Driver, FinalReport, NodeConfig, NodeError, NodeEvent, Reporter, RoundReport};
 use crate::checkpoint;
+use crate::identity::node_id_of;
 use crate::net::Network;
 use crate::stage_compute::{StageCompute, StageFactory};
 use crate::task::Shard;
@@ -249,8 +250,7 @@ impl Inbox {
     /// The replica of `stage` with the lowest node id among those whose
     /// hellos we hold: the one that backs the stage up.
     fn lowest_replica(&self, stage: u32) -> Option<PeerId> {
-        self.peers_of_stage(stage)
-            .min_by_key(|p| NodeId::from_key_bytes(&p.to_bytes()))
+        self.peers_of_stage(stage).min_by_key(node_id_of)
     }
 
     /// The backup to answer a request with, if we hold one.
@@ -623,7 +623,7 @@ impl Driver {
         let mut ids: Vec<NodeId> = self
             .pipe
             .peers_of_stage(stage)
-            .map(|p| NodeId::from_key_bytes(&p.to_bytes()))
+            .map(|p| node_id_of(&p))
             .filter(|id| self.members.contains_key(id))
             .collect();
         if self.stage == Some(stage) {
@@ -792,10 +792,7 @@ impl Driver {
             return Ok(());
         };
         let now = self.now();
-        if !self
-            .serve_limits
-            .allow_backup(NodeId::from_key_bytes(&to.to_bytes()), now)
-        {
+        if !self.serve_limits.allow_backup(node_id_of(&to), now) {
             warn!(peer = %to, stage = request.stage, "stage backup request over the peer's budget; refused");
             return Ok(());
         }
@@ -835,16 +832,18 @@ impl Driver {
             let others: Vec<PeerId> = self
                 .pipe
                 .peers_of_stage(stage)
-                .filter(|p| replicas.contains(&NodeId::from_key_bytes(&p.to_bytes())))
+                .filter(|p| replicas.contains(&node_id_of(p)))
                 .collect();
             self.send_each(others, &msg, "stage's final parameters")?;
             return Ok(values);
         }
         let deadline = Instant::now() + self.closing_wait;
         loop {
-            let sent = self.pipe.closing.iter().find(|((s, from), _)| {
-                *s == stage && NodeId::from_key_bytes(&from.to_bytes()) == closer
-            });
+            let sent = self
+                .pipe
+                .closing
+                .iter()
+                .find(|((s, from), _)| *s == stage && node_id_of(from) == closer);
             if let Some(((_, from), state)) = sent {
                 match state.params.decode() {
                     Ok(theirs) if theirs.len() == num_params => {
@@ -963,10 +962,7 @@ impl Driver {
         let live: Vec<PeerId> = self
             .pipe
             .peers_of_stage(stage)
-            .filter(|p| {
-                self.members
-                    .contains_key(&NodeId::from_key_bytes(&p.to_bytes()))
-            })
+            .filter(|p| self.members.contains_key(&node_id_of(p)))
             .collect();
         let choices: Vec<PeerId> = match avoid {
             Some(a) if live.len() > 1 => live.into_iter().filter(|p| *p != a).collect(),
@@ -1983,7 +1979,7 @@ mod tests {
             ..Inbox::default()
         };
         let mut replicas = [PeerId::random(), PeerId::random()];
-        replicas.sort_by_key(|p| NodeId::from_key_bytes(&p.to_bytes()));
+        replicas.sort_by_key(node_id_of);
         let [low, high] = replicas;
         let (outsider, stranger) = (PeerId::random(), PeerId::random());
         inbox.on_hello(low, hello(1, 2));

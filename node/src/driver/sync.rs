@@ -19,6 +19,7 @@
 use super::{Driver, NodeError, NodeEvent, Reporter};
 use crate::checkpoint;
 use crate::compute::Compute;
+use crate::identity::node_id_of;
 use libp2p::PeerId;
 use p2ptrain_protocol::statesync::{
     Claim, Digest, Download, DownloadAction, DownloadConfig, DownloadEvent, Manifest, ServeBudget,
@@ -282,7 +283,7 @@ impl Driver {
         from: PeerId,
         msg: &Message,
     ) -> Result<(), NodeError> {
-        let from_id = NodeId::from_key_bytes(&from.to_bytes());
+        let from_id = node_id_of(&from);
         match msg {
             Message::StateRequest => {
                 self.send_msg(from, &Message::StateAnnounce(self.served.latest()))?
@@ -367,11 +368,10 @@ impl Driver {
             self.send_msg(*peer, &Message::StateRequest)?;
         }
         let mut timer = std::pin::pin!(tokio::time::sleep(wait));
-        while members.iter().any(|p| {
-            !self
-                .state_answers
-                .contains(&NodeId::from_key_bytes(&p.to_bytes()))
-        }) {
+        while members
+            .iter()
+            .any(|p| !self.state_answers.contains(&node_id_of(p)))
+        {
             if self.pump_once(timer.as_mut()).await?.is_some() {
                 break;
             }

@@ -355,7 +355,7 @@ pub fn save_state(
         &hex(hash.as_bytes())[..32]
     );
     let path = dir.join(&name);
-    let plan = plan_save(dir, &meta.swarm, &path);
+    let plan = plan_save(dir, &meta.swarm, &path, meta.round);
     if let Some(newest) = plan.newest.filter(|r| *r > meta.round) {
         return Err(CheckpointError::Behind {
             dir: dir.to_owned(),
@@ -456,18 +456,26 @@ const _: () = assert!(KEEP >= 2);
 /// deleted; one older than those kept goes with the rest. Checkpoints of
 /// other swarms (a directory shared by mistake) are left alone. Verifying
 /// reads the newest files whole, newest first, until `KEEP - 1` verify.
-fn plan_save(dir: &Path, swarm: &str, new: &Path) -> SavePlan {
+/// Another of the swarm's checkpoints of the same `round` that verifies is
+/// superseded (the model a run ends on, written after that round's own
+/// checkpoint), so no round has two valid files for a resume to choose
+/// between.
+fn plan_save(dir: &Path, swarm: &str, new: &Path, round: u64) -> SavePlan {
     let mut plan = SavePlan::default();
     let mut kept = 0;
     let ours = list(dir)
         .unwrap_or_default()
         .into_iter()
         .filter(|(_, path)| path != new && swarm_of(path).as_deref() == Some(swarm));
-    for (round, path) in ours {
-        if kept == KEEP - 1 {
+    for (r, path) in ours {
+        if r == round {
+            if load_file(&path).is_ok() {
+                plan.retire.push(path);
+            }
+        } else if kept == KEEP - 1 {
             plan.retire.push(path);
         } else if load_file(&path).is_ok() {
-            plan.newest.get_or_insert(round);
+            plan.newest.get_or_insert(r);
             kept += 1;
         }
     }
@@ -567,6 +575,22 @@ mod tests {
         assert_eq!(c.params, vec![5.0; 100]);
         // Only the newest KEEP survive.
         assert_eq!(list(dir.path()).unwrap().len(), KEEP);
+    }
+
+    #[test]
+    fn a_second_checkpoint_of_a_round_supersedes_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        for (r, v) in [(1u64, 1.0f32), (2, 2.0), (2, 3.0)] {
+            let p = vec![v; 16];
+            save(dir.path(), &meta(r, &p), &p).unwrap();
+        }
+        // Either round-2 file could sort first; only the later one is left.
+        assert_eq!(list(dir.path()).unwrap().len(), 2);
+        assert_eq!(load_latest(dir.path()).unwrap().params, vec![3.0; 16]);
+        // Saving the same bytes again keeps the one file.
+        let p = vec![3.0f32; 16];
+        save(dir.path(), &meta(2, &p), &p).unwrap();
+        assert_eq!(list(dir.path()).unwrap().len(), 2);
     }
 
     #[test]
@@ -841,8 +865,8 @@ mod tests {
         assert!(!good.exists());
         assert_eq!(list(dir.path()).unwrap().len(), 6);
         let new = dir.path().join("new");
-        assert_eq!(plan_save(dir.path(), "s", &new).newest, Some(9));
-        assert_eq!(plan_save(dir.path(), "other", &new).newest, None);
+        assert_eq!(plan_save(dir.path(), "s", &new, 10).newest, Some(9));
+        assert_eq!(plan_save(dir.path(), "other", &new, 10).newest, None);
     }
 
     #[test]

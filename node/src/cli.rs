@@ -670,6 +670,12 @@ fn check_resumable(
             meta.swarm
         );
     }
+    if let Some((stage, stages)) = driver::parse_stage_model_name(&meta.model) {
+        anyhow::bail!(
+            "the newest checkpoint in {} holds stage {stage} of {stages} of a char-lm pipeline: pass --model char-lm --stages {stages} to resume it",
+            dir.display()
+        );
+    }
     if meta.model != model {
         anyhow::bail!(
             "the newest checkpoint in {} is of model `{}`, not `{model}`: pass --model {} to resume it",
@@ -809,11 +815,6 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let pipeline = args.train.model == ModelChoice::CharLm;
-    if pipeline && args.resume.is_some() {
-        anyhow::bail!(
-            "--resume works with the MNIST models only; char-lm stages are not resumed yet"
-        );
-    }
     // Checked before the node joins a swarm: a text too short to train on
     // must not cost the peers a member that leaves once its stage starts.
     let text = if pipeline {
@@ -821,13 +822,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    // A pipeline node writes its stage once, at the end (for `p2ptrain sample`).
-    let save_dir = if pipeline {
-        args.checkpoint_dir.clone()
-    } else {
-        None
-    };
-    let resume = match &args.resume {
+    // A pipeline node resumes its stage; a data-parallel one the whole model.
+    let (resume, stage_resume) = match &args.resume {
         Some(dir) => {
             let ckpt = crate::checkpoint::load_latest(dir).map_err(|e| match e {
                 CheckpointError::NoneFound(..) => {
@@ -835,28 +831,47 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                 }
                 other => other.into(),
             })?;
-            check_resumable(
-                dir,
-                &ckpt.meta,
-                &args.swarm,
-                &args.train.model.to_string(),
-                args.train.average_every,
-            )?;
-            Some(ckpt)
+            if pipeline {
+                let stage = driver::StageResume::from_checkpoint(
+                    ckpt,
+                    dir,
+                    &args.swarm,
+                    args.train.stages,
+                )?;
+                (None, Some(stage))
+            } else {
+                check_resumable(
+                    dir,
+                    &ckpt.meta,
+                    &args.swarm,
+                    &args.train.model.to_string(),
+                    args.train.average_every,
+                )?;
+                (Some(ckpt), None)
+            }
         }
-        None => None,
+        None => (None, None),
     };
-    let checkpoints = args
-        .checkpoint_dir
-        .clone()
-        .filter(|_| !pipeline)
-        .or_else(|| args.resume.clone())
-        .map(|dir| driver::CheckpointPolicy {
-            dir,
-            every_rounds: args.checkpoint_every,
-            model: args.train.model.to_string(),
-        });
-    for dir in checkpoints.iter().map(|p| &p.dir).chain(&save_dir) {
+    // A resumed run goes on checkpointing where it resumed from.
+    let checkpoint_dir = args.checkpoint_dir.clone().or_else(|| args.resume.clone());
+    let checkpoints =
+        checkpoint_dir
+            .clone()
+            .filter(|_| !pipeline)
+            .map(|dir| driver::CheckpointPolicy {
+                dir,
+                every_rounds: args.checkpoint_every,
+                model: args.train.model.to_string(),
+            });
+    let stage_checkpoints =
+        checkpoint_dir
+            .filter(|_| pipeline)
+            .map(|dir| driver::StageCheckpoints {
+                dir,
+                every_rounds: args.checkpoint_every,
+            });
+    let dirs = checkpoints.iter().map(|p| &p.dir);
+    for dir in dirs.chain(stage_checkpoints.iter().map(|c| &c.dir)) {
         crate::checkpoint::check_writable(dir)?;
     }
     let config = NodeConfig {
@@ -954,7 +969,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                 stages: args.train.stages,
                 micro_batches: args.train.micro_batches as usize,
                 stage_timeout: Duration::from_secs_f64(args.train.stage_timeout_secs),
-                save_dir,
+                checkpoints: stage_checkpoints,
+                resume: stage_resume,
             };
             driver::run_pipeline_with_metrics(
                 config, pipeline, keypair, factory, reporter, metrics,

@@ -6,7 +6,7 @@
 //! runtime keeps moving micro-batches while a forward or backward runs.
 
 use crate::compute::{ComputeError, ComputeGone};
-use crate::task::{Shard, TaskError};
+use crate::task::{OptimState, Shard, TaskError};
 use p2ptrain_train::stage::{Forward, StageSpec, StageTask};
 use std::sync::mpsc as std_mpsc;
 use tokio::sync::oneshot;
@@ -38,6 +38,8 @@ enum Command {
     SetShard(Shard, Reply<()>),
     NextTrainTokens(Reply<Result<Vec<u32>, TaskError>>),
     EvalTokens(Reply<Vec<Vec<u32>>>),
+    OptimState(Reply<Option<OptimState>>),
+    SetOptimState(OptimState, Reply<Result<(), TaskError>>),
 }
 
 /// Handle to a stage's compute thread. Dropping it ends the thread.
@@ -152,6 +154,16 @@ impl StageCompute {
     pub async fn eval_tokens(&self) -> Result<Vec<Vec<u32>>, ComputeGone> {
         self.call(Command::EvalTokens).await
     }
+
+    /// The stage's optimizer state (Adam's moments), for checkpoints.
+    pub async fn optim_state(&self) -> Result<Option<OptimState>, ComputeGone> {
+        self.call(Command::OptimState).await
+    }
+
+    /// Restores the stage's optimizer state from a checkpoint.
+    pub async fn set_optim_state(&self, state: OptimState) -> Result<(), ComputeError> {
+        Ok(self.call(|r| Command::SetOptimState(state, r)).await??)
+    }
 }
 
 fn serve(mut task: Box<dyn StageTask>, commands: std_mpsc::Receiver<Command>) {
@@ -189,6 +201,12 @@ fn serve(mut task: Box<dyn StageTask>, commands: std_mpsc::Receiver<Command>) {
             }
             Command::EvalTokens(reply) => {
                 let _ = reply.send(task.eval_tokens());
+            }
+            Command::OptimState(reply) => {
+                let _ = reply.send(task.optim_state());
+            }
+            Command::SetOptimState(state, reply) => {
+                let _ = reply.send(task.set_optim_state(&state));
             }
         }
     }

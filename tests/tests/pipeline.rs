@@ -365,3 +365,146 @@ fn a_spare_replica_moves_to_the_first_stage_when_it_lost_every_replica() {
     let resumed = first_stage_taken_over(&run.taker);
     eprintln!("moved to the first stage at step {resumed}: {}", run.taker);
 }
+
+/// A pipeline node of `swarm` (one per stage, `--min-peers 2`) training 30
+/// steps in rounds of 5 that checkpoints every round; `extra` says where
+/// (`--checkpoint-dir DIR` or `--resume DIR`).
+fn spawn_checkpointing(
+    i: usize,
+    swarm: &str,
+    boot: Option<&str>,
+    extra: &[&str],
+    tx: Events,
+) -> Child {
+    let mut args = vec!["--swarm", swarm, "--min-peers", "2", "--steps", "30"];
+    args.extend(PIPELINE);
+    args.extend(["--checkpoint-every", "1", "--linger-secs", "1"]);
+    args.extend(["--stage-timeout-secs", "3", "--reduce-timeout-secs", "4"]);
+    args.extend(extra);
+    if let Some(b) = boot {
+        args.extend(["--bootstrap", b]);
+    }
+    spawn_node(i, &args, tx)
+}
+
+/// Starts two [checkpointing](spawn_checkpointing) nodes, node `i` with
+/// `flag dirs[i]`, the second bootstrapping from the first.
+fn start_pair(
+    swarm: &str,
+    flag: &str,
+    dirs: [String; 2],
+    deadline: Instant,
+) -> (Nodes, mpsc::Receiver<(usize, serde_json::Value)>) {
+    let (tx, rx) = mpsc::channel();
+    let mut nodes = Nodes(vec![spawn_checkpointing(
+        0,
+        swarm,
+        None,
+        &[flag, &dirs[0]],
+        tx.clone(),
+    )]);
+    let boot = bootstrap_address(&rx, deadline);
+    nodes.0.push(spawn_checkpointing(
+        1,
+        swarm,
+        Some(&boot),
+        &[flag, &dirs[1]],
+        tx,
+    ));
+    (nodes, rx)
+}
+
+#[test]
+fn a_pipeline_stopped_everywhere_resumes_from_its_stage_checkpoints() {
+    let swarm = format!("pipe-resume-{}", std::process::id());
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let dir = |i: usize| dirs[i].path().to_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(600);
+
+    // First run: both nodes are killed once the first stage has averaged
+    // three rounds (15 steps), with no warning and nothing written at the end.
+    let (nodes, rx) = start_pair(&swarm, "--checkpoint-dir", [dir(0), dir(1)], deadline);
+    let mut stage_of = [None; 2];
+    let mut first_losses = Vec::new();
+    while first_losses.len() < 3 {
+        let (i, v) = next_event(&rx, deadline);
+        match v["event"].as_str() {
+            Some("started") => stage_of[i] = v["stage"].as_u64(),
+            Some("round") if stage_of[i] == Some(0) => {
+                first_losses.push(v["loss"].as_f64().unwrap())
+            }
+            _ => {}
+        }
+    }
+    drop(nodes);
+    eprintln!("first run's first-stage round losses: {first_losses:?}");
+
+    // Second run: the same flags with --resume; each node resumes the stage
+    // its directory holds and the run goes on to its 30 steps.
+    let first = stage_of.iter().position(|s| *s == Some(0)).unwrap();
+    let (mut nodes, rx) = start_pair(&swarm, "--resume", [dir(0), dir(1)], deadline);
+    let mut resumed_losses = Vec::new();
+    let mut finished: [Option<serde_json::Value>; 2] = [None, None];
+    while finished.iter().any(|f| f.is_none()) {
+        let (i, v) = next_event(&rx, deadline);
+        match v["event"].as_str() {
+            Some("started") => assert_eq!(v["stage"].as_u64(), stage_of[i], "node {i} moved stage"),
+            Some("round") if i == first => resumed_losses.push(v["loss"].as_f64().unwrap()),
+            Some("finished") => finished[i] = Some(v),
+            _ => {}
+        }
+    }
+    for (i, c) in nodes.0.iter_mut().enumerate() {
+        assert!(c.wait().unwrap().success(), "node {i} failed");
+    }
+    eprintln!("resumed first-stage round losses: {resumed_losses:?}");
+    let [Some(a), Some(b)] = finished else {
+        unreachable!()
+    };
+    let (head, tail) = if first == 0 { (&a, &b) } else { (&b, &a) };
+    // The first stage wrote its round-3 checkpoint before reporting the
+    // round (round 4's too, if the kill came late); the last stage had
+    // written at least round 2's.
+    let head_at = head["pipeline"]["resumed_at_step"].as_u64().unwrap();
+    assert!(head_at == 15 || head_at == 20, "{head}");
+    let tail_at = tail["pipeline"]["resumed_at_step"].as_u64().unwrap();
+    assert!((10..=head_at).contains(&tail_at), "{tail}");
+    assert_eq!(head["steps"], 30, "{head}");
+    assert_eq!(
+        resumed_losses.len() as u64,
+        (30 - head_at) / 5,
+        "rounds after resuming: {resumed_losses:?}"
+    );
+    // Trained parameters (and Adam's moments) came back: the first round
+    // after resuming starts well below where the untrained model started.
+    assert!(
+        resumed_losses[0] < first_losses[0] - 0.5,
+        "resumed at loss {} against a fresh start's {}",
+        resumed_losses[0],
+        first_losses[0]
+    );
+    let fin = head["pipeline"]["val_bpc"]
+        .as_f64()
+        .expect("a validation loss");
+    assert!(fin < 6.5, "validation loss {fin} bits/char after resuming");
+
+    // A stage checkpoint resumes only a pipeline cut the same way, and says
+    // which flags would resume it.
+    let refused = |extra: &[&str], wanted: &str| {
+        let d = dir(first);
+        let mut args = vec!["node", "--no-mdns", "--swarm", &swarm, "--resume", &d];
+        args.extend(extra);
+        let out = run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(wanted), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    };
+    refused(
+        &["--model", "char-lm", "--stages", "3"],
+        "holds stage 0 of 2, but --stages is 3: pass --stages 2",
+    );
+    refused(
+        &[],
+        "stage 0 of 2 of a char-lm pipeline: pass --model char-lm --stages 2",
+    );
+}

@@ -9,12 +9,14 @@
 mod diloco;
 mod frames;
 mod pipeline;
+mod stage_checkpoint;
 mod sync;
 
 pub use pipeline::{
     parse_stage_model_name, run_pipeline, run_pipeline_with_metrics, stage_model_name,
     PipelineConfig, PipelineReport,
 };
+pub use stage_checkpoint::{StageCheckpoints, StageResume, StageResumeError};
 pub use sync::Misbehave as StateMisbehave;
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};

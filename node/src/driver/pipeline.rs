@@ -31,7 +31,14 @@
 //! node taking the first stage over continues the run from the backup's step
 //! to its planned end, re-splitting the training windows among the first
 //! stage's replicas it sees.
+//!
+//! A whole run that stopped resumes from disk: each node checkpoints its
+//! stage every few of the stage's rounds (`stage_checkpoint`), and a node
+//! started with `--resume` holds its checkpoint's stage again and announces
+//! the checkpoint's step at once, so to the peers starting beside it the run
+//! is in progress.
 
+use super::stage_checkpoint::{StageCheckpoints, StagePoint, StageResume};
 use super::{Driver, FinalReport, NodeConfig, NodeError, NodeEvent, Reporter, RoundReport};
 use crate::checkpoint;
 use crate::identity::node_id_of;
@@ -48,7 +55,7 @@ use p2ptrain_train::stage::{Forward, StageSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 /// Pipeline messages a peer may have queued before we get to them; more are
 /// dropped (their senders time out and resend).
@@ -71,9 +78,12 @@ pub struct PipelineConfig {
     pub micro_batches: usize,
     /// How long a micro-batch may take to come back before it is sent to another replica.
     pub stage_timeout: Duration,
-    /// Where to write this node's final stage parameters as a checkpoint
-    /// (see [`stage_model_name`]); `None` writes nothing.
-    pub save_dir: Option<std::path::PathBuf>,
+    /// Where and how often to write this node's stage as a checkpoint (see
+    /// [`stage_model_name`]); `None` writes nothing.
+    pub checkpoints: Option<StageCheckpoints>,
+    /// The stage checkpoint to go on from (`--resume`): the node holds that
+    /// stage, from that checkpoint's step and round.
+    pub resume: Option<StageResume>,
 }
 
 /// The model name a stage's checkpoint records, so `p2ptrain sample` can
@@ -346,13 +356,25 @@ struct Relayed {
 }
 
 /// What a stage's training loop works with: the run's settings, the
-/// stage's compute, and the backup it resumed from if it took the stage over.
+/// stage's compute, and where it resumed if it took the stage over or
+/// resumed it from a checkpoint.
 #[derive(Clone, Copy)]
 struct StageRun<'a> {
     config: &'a NodeConfig,
     pcfg: &'a PipelineConfig,
     compute: &'a StageCompute,
-    resume: Option<&'a StageState>,
+    resume: Option<ResumePoint>,
+}
+
+/// Where a stage's training loop starts when this node did not start the
+/// run with it: a backup's or a checkpoint's round and step.
+#[derive(Clone, Copy)]
+struct ResumePoint {
+    round: u64,
+    step: u64,
+    /// The run's planned length (a first-stage backup's); 0 plans it from
+    /// this node's flags.
+    total_steps: u64,
 }
 
 /// Running totals of one node's pipeline work.
@@ -419,13 +441,22 @@ impl Driver {
         let want = config.min_peers.max(pcfg.stages as usize);
         self.wait_for_peers(want, config.wait_for_peers).await?;
         self.pipe.stages = pcfg.stages;
-        self.listen_for_hellos(pcfg.stages).await?;
-        let mut joining = self.stage_to_join(pcfg.stages);
+        // A node resuming from its stage checkpoint holds that stage and
+        // announces the checkpoint's step at once: to peers starting beside
+        // it, the run is in progress, and they join it as late joiners do.
+        let mut from_disk = pcfg.resume.as_ref();
+        if let Some(r) = from_disk {
+            self.pipe.step = r.step;
+        } else {
+            self.listen_for_hellos(pcfg.stages).await?;
+        }
+        let mut joining =
+            from_disk.map_or_else(|| self.stage_to_join(pcfg.stages), |r| Some(r.stage));
         // Announcements travel by gossip, which a node that has just
         // connected may not get from every peer within one period: before
         // taking the first stage over, listen longer for one of its replicas.
         let confirm_until = Instant::now() + FIRST_STAGE_CONFIRM;
-        while joining == Some(0) && Instant::now() < confirm_until {
+        while from_disk.is_none() && joining == Some(0) && Instant::now() < confirm_until {
             let timer = tokio::time::sleep(HELLO_EVERY / 4);
             let mut timer = std::pin::pin!(timer);
             self.pump_once(timer.as_mut()).await?;
@@ -458,8 +489,28 @@ impl Driver {
                 params = compute.num_params,
                 "holding a pipeline stage"
             );
-            let resume = if take_over {
-                Some(self.take_over_stage(stage, pcfg, &compute).await?)
+            let resume = if let Some(r) = from_disk.take() {
+                self.load_stage(r, &compute).await?;
+                info!(
+                    stage,
+                    round = r.round,
+                    step = r.step,
+                    "resumed the stage from its checkpoint"
+                );
+                Some(ResumePoint {
+                    round: r.round,
+                    step: r.step,
+                    // The first stage plans the run's length from this
+                    // run's flags, so a resumed run can be given more steps.
+                    total_steps: 0,
+                })
+            } else if take_over {
+                let backup = self.take_over_stage(stage, pcfg, &compute).await?;
+                Some(ResumePoint {
+                    round: backup.round,
+                    step: backup.step,
+                    total_steps: backup.total_steps,
+                })
             } else {
                 None
             };
@@ -481,7 +532,7 @@ impl Driver {
                 config,
                 pcfg,
                 compute: &compute,
-                resume: resume.as_ref(),
+                resume,
             };
             let (outcome, val_bpc) = if spec.is_first() {
                 let outcome = self
@@ -514,24 +565,17 @@ impl Driver {
         };
         let initial_bpc = outcome.initial_bpc;
         let params = self.pump(compute.params()).await??;
-        if let Some(dir) = &pcfg.save_dir {
-            let meta = checkpoint::CheckpointMeta {
-                swarm: config.net.swarm.clone(),
-                model: stage_model_name(stage, pcfg.stages),
+        if let Some(to) = &pcfg.checkpoints {
+            let at = StagePoint {
+                stage,
+                stages: pcfg.stages,
                 round: outcome.rounds,
                 step: outcome.steps,
-                samples: tally.tokens,
-                params_digest: checkpoint::params_digest(&params),
-                average_every: None,
+                samples: samples_before(pcfg) + tally.tokens,
             };
-            let (dir, values) = (dir.clone(), params.clone());
-            let write = tokio::task::spawn_blocking(move || checkpoint::save(&dir, &meta, &values));
-            let path = self.pump(write).await?.map_err(|e| {
-                NodeError::Checkpoint(checkpoint::CheckpointError::Io {
-                    path: pcfg.save_dir.clone().unwrap_or_default(),
-                    source: std::io::Error::other(e),
-                })
-            })??;
+            let path = self
+                .save_stage(&config.net.swarm, to, &compute, at, &params)
+                .await?;
             info!(path = %path.display(), "final stage parameters written");
         }
         let stage_peers = (0..pcfg.stages)
@@ -549,7 +593,7 @@ impl Driver {
             bubble: (1.0 - tally.busy.as_secs_f64() / train_s).clamp(0.0, 1.0),
             activation_bytes_per_step: tally.pipe_bytes as f64 / outcome.steps.max(1) as f64,
             resent: tally.resent,
-            resumed_at_step: resume.as_ref().map(|r| r.step),
+            resumed_at_step: resume.map(|r| r.step),
         };
         let final_report = FinalReport {
             peer_id: self.net.local_peer_id().to_string(),
@@ -974,9 +1018,10 @@ impl Driver {
         choices.get(turn as usize % choices.len()).copied()
     }
 
-    /// The first stage's training loop. A node that took the stage over
-    /// (`resume`) continues from the backup's step and round to the run's
-    /// planned end, and does not measure the starting loss again.
+    /// The first stage's training loop. A node that took the stage over or
+    /// resumed it from a checkpoint (`resume`) continues from that step and
+    /// round to the run's planned end, and does not measure the starting
+    /// loss again.
     async fn first_stage(
         &mut self,
         run: StageRun<'_>,
@@ -1043,7 +1088,7 @@ impl Driver {
                 let loss = mean(&round_losses);
                 round_losses.clear();
                 self.stage_round(
-                    compute,
+                    run,
                     round,
                     step,
                     total_steps,
@@ -1069,7 +1114,7 @@ impl Driver {
     #[allow(clippy::too_many_arguments)]
     async fn stage_round(
         &mut self,
-        compute: &StageCompute,
+        run: StageRun<'_>,
         round: u64,
         step: u64,
         total_steps: u64,
@@ -1079,6 +1124,7 @@ impl Driver {
         outcome: &mut StageOutcome,
         report: &mut Reporter,
     ) -> Result<(), NodeError> {
+        let compute = run.compute;
         let span = info_span!("round", round);
         let t1 = Instant::now();
         let params = self.pump(compute.params()).await??;
@@ -1106,6 +1152,31 @@ impl Driver {
             Some(digest) => checkpoint::hex(&digest),
             None => checkpoint::params_digest(&values),
         };
+        outcome.unsaved_rounds += 1;
+        if let Some(to) = run.pcfg.checkpoints.as_ref() {
+            if outcome.unsaved_rounds >= to.every_rounds.max(1) {
+                let at = StagePoint {
+                    stage,
+                    stages: run.pcfg.stages,
+                    round,
+                    step,
+                    samples: samples_before(run.pcfg) + tally.tokens,
+                };
+                // A failed write (a full disk, say) must not end the run:
+                // say so and try again at the next round. The checkpoint at
+                // the end of the run still fails the node.
+                match self
+                    .save_stage(&run.config.net.swarm, to, compute, at, &values)
+                    .await
+                {
+                    Ok(_) => outcome.unsaved_rounds = 0,
+                    Err(NodeError::Checkpoint(e)) => span.in_scope(|| {
+                        error!(error = %e, "stage checkpoint not written; training goes on and the next round tries again")
+                    }),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         self.pump(compute.set_params(values)).await??;
         outcome.rounds = round;
         outcome.complete_rounds += u64::from(complete);
@@ -1613,7 +1684,7 @@ impl Driver {
                     };
                     losses.clear();
                     self.stage_round(
-                        compute,
+                        run,
                         round,
                         step,
                         step,
@@ -1657,18 +1728,8 @@ impl Driver {
                     round = self.next_stage_round(round);
                     let loss = mean(&losses);
                     losses.clear();
-                    self.stage_round(
-                        compute,
-                        round,
-                        step,
-                        0,
-                        loss,
-                        t0,
-                        tally,
-                        &mut outcome,
-                        report,
-                    )
-                    .await?;
+                    self.stage_round(run, round, step, 0, loss, t0, tally, &mut outcome, report)
+                        .await?;
                 }
             }
             if last_hello.elapsed() >= HELLO_EVERY {
@@ -1695,6 +1756,13 @@ struct StageOutcome {
     initial_bpc: Option<f64>,
     /// Wall time of the training phase (for throughput and the bubble).
     training: Duration,
+    /// The stage's averaging rounds since its last checkpoint.
+    unsaved_rounds: u64,
+}
+
+/// Tokens the run had trained on before this node resumed it (0 on a fresh start).
+fn samples_before(pcfg: &PipelineConfig) -> u64 {
+    pcfg.resume.as_ref().map_or(0, |r| r.samples)
 }
 
 fn mean(values: &[f32]) -> f32 {

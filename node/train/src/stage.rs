@@ -9,7 +9,7 @@
 //! a [`StageTask`] keeps each in-flight micro-batch's autodiff graph until
 //! its gradient comes back (or the driver tells it to forget it).
 
-use crate::task::TaskError;
+use crate::task::{OptimState, TaskError};
 
 /// Which part of the model a stage holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,4 +106,11 @@ pub trait StageTask: Send + 'static {
     /// One optimizer step with the mean of the gradients accumulated since
     /// the last step; returns the micro-batches it covered (0: nothing to do).
     fn apply_step(&mut self) -> Result<usize, TaskError>;
+    /// The stage's optimizer state (Adam's moments), so a checkpoint resumes
+    /// the run where it stopped rather than with fresh moments; `None`
+    /// before the first step.
+    fn optim_state(&self) -> Option<OptimState>;
+    /// Restores the optimizer state a checkpoint of this stage holds;
+    /// validates lengths and values first.
+    fn set_optim_state(&mut self, state: &OptimState) -> Result<(), TaskError>;
 }

@@ -15,7 +15,7 @@ pub mod text;
 
 use crate::backend::{CpuBackend, DeviceKind};
 use crate::stage::{Forward, StageSpec, StageTask};
-use crate::task::{validate_params, Shard, TaskError};
+use crate::task::{validate_params, OptimState, Shard, TaskError};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLoss;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
@@ -448,6 +448,16 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
         self.flush.after_step(&mut self.optim, &model)?;
         self.model = Some(model);
         Ok(std::mem::take(&mut self.accumulated))
+    }
+
+    fn optim_state(&self) -> Option<OptimState> {
+        crate::optim_state::export(&self.optim, self.model())
+    }
+
+    fn set_optim_state(&mut self, state: &OptimState) -> Result<(), TaskError> {
+        let optim = std::mem::replace(&mut self.optim, crate::adam::optimizer());
+        self.optim = crate::optim_state::import(optim, self.model(), state)?;
+        Ok(())
     }
 }
 

@@ -207,3 +207,46 @@ fn training_the_whole_model_lowers_held_out_loss() {
         "{text}"
     );
 }
+
+#[test]
+fn a_stage_given_its_optimizer_state_steps_as_if_never_stopped() {
+    let config = CharLmConfig {
+        micro_batches: 1,
+        ..small()
+    };
+    let mut running = stage(&config, 0, 1);
+    assert!(running.optim_state().is_none(), "no moments before a step");
+    let step = |m: &mut CharLmStage<CpuBackend>, id: u64, tokens: &[u32]| {
+        m.forward(id, tokens, None, true).unwrap();
+        assert_eq!(m.apply_step().unwrap(), 1);
+    };
+    for id in 0..3 {
+        let tokens = running.next_train_tokens().unwrap();
+        step(&mut running, id, &tokens);
+    }
+    let state = running.optim_state().expect("moments after three steps");
+    let mut resumed = stage(&config, 0, 1);
+    resumed.set_params(&running.params()).unwrap();
+    resumed.set_optim_state(&state).unwrap();
+    // Parameters alone: Adam starts over, and its first step differs.
+    let mut fresh_moments = stage(&config, 0, 1);
+    fresh_moments.set_params(&running.params()).unwrap();
+    let tokens = running.next_train_tokens().unwrap();
+    for (m, id) in [
+        (&mut running, 3),
+        (&mut resumed, 0),
+        (&mut fresh_moments, 0),
+    ] {
+        step(m, id, &tokens);
+    }
+    let resumed_gap = max_abs_diff(&running.params(), &resumed.params());
+    let fresh_gap = max_abs_diff(&running.params(), &fresh_moments.params());
+    assert!(resumed_gap < 1e-6, "resumed stage drifted by {resumed_gap}");
+    assert!(fresh_gap > 1e-4, "fresh moments differ by only {fresh_gap}");
+    // A state of another stage's length is refused, not applied.
+    let other = stage(&config, 0, 2);
+    let mut wrong = state.clone();
+    wrong.moment_1.truncate(other.num_params());
+    wrong.moment_2.truncate(other.num_params());
+    assert!(resumed.set_optim_state(&wrong).is_err());
+}

@@ -1,0 +1,232 @@
+//! A pipeline stage's checkpoints: written every few of the stage's
+//! averaging rounds (and at the end), and read back by `--resume`, so a
+//! pipeline run that stopped everywhere (every machine rebooted, say) goes
+//! on from where its stages last averaged instead of from scratch.
+//!
+//! A stage checkpoint is an ordinary checkpoint file (see [`crate::checkpoint`])
+//! whose model name says which stage of how many it holds
+//! ([`super::stage_model_name`]), with the stage's Adam moments beside its
+//! parameters.
+
+use super::{Driver, NodeError};
+use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
+use crate::stage_compute::StageCompute;
+use crate::task::OptimState;
+use std::path::PathBuf;
+use tracing::{debug, warn};
+
+/// Where a pipeline node writes its stage's checkpoints, and how often.
+#[derive(Debug, Clone)]
+pub struct StageCheckpoints {
+    /// Directory of checkpoint files.
+    pub dir: PathBuf,
+    /// Write one every this many of the stage's averaging rounds (and one
+    /// when the run ends).
+    pub every_rounds: u64,
+}
+
+/// A stage checkpoint a pipeline node resumes from.
+#[derive(Debug, Clone)]
+pub struct StageResume {
+    /// The stage it holds.
+    pub stage: u32,
+    /// The stage's averaging round that produced it.
+    pub round: u64,
+    /// The stage's optimizer steps at that round.
+    pub step: u64,
+    /// Tokens the run had trained on, as this node counted them.
+    pub samples: u64,
+    /// The stage's flat parameters.
+    pub params: Vec<f32>,
+    /// The stage's Adam moments, if the checkpoint holds them.
+    pub optim: Option<OptimState>,
+}
+
+/// Why a checkpoint cannot resume this pipeline node.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum StageResumeError {
+    /// The checkpoint is a whole model's, not a stage's.
+    #[error("the newest checkpoint in {dir} is of model `{model}`, not a char-lm stage: pass the --checkpoint-dir a pipeline node wrote")]
+    NotAStage {
+        /// The directory read.
+        dir: String,
+        /// The model it names.
+        model: String,
+    },
+    /// The checkpoint's stage comes from a model cut otherwise.
+    #[error("the newest checkpoint in {dir} holds stage {stage} of {theirs}, but --stages is {ours}: pass --stages {theirs} to resume it")]
+    StageCount {
+        /// The directory read.
+        dir: String,
+        /// The stage it holds.
+        stage: u32,
+        /// Stages it was cut into.
+        theirs: u32,
+        /// Stages this node was told.
+        ours: u32,
+    },
+    /// The checkpoint belongs to another swarm.
+    #[error("the newest checkpoint in {dir} is of swarm `{theirs}`, not `{ours}`: pass --swarm {theirs} to resume it, or another --resume directory")]
+    Swarm {
+        /// The directory read.
+        dir: String,
+        /// Its swarm.
+        theirs: String,
+        /// This node's swarm.
+        ours: String,
+    },
+}
+
+impl StageResume {
+    /// The stage `ckpt` (the newest valid one in `dir`) holds, if it fits a
+    /// node of `swarm` cutting the model into `stages`.
+    pub fn from_checkpoint(
+        ckpt: Checkpoint,
+        dir: &std::path::Path,
+        swarm: &str,
+        stages: u32,
+    ) -> Result<Self, StageResumeError> {
+        let dir = dir.display().to_string();
+        let Some((stage, theirs)) = super::parse_stage_model_name(&ckpt.meta.model) else {
+            return Err(StageResumeError::NotAStage {
+                dir,
+                model: ckpt.meta.model,
+            });
+        };
+        if theirs != stages {
+            return Err(StageResumeError::StageCount {
+                dir,
+                stage,
+                theirs,
+                ours: stages,
+            });
+        }
+        if ckpt.meta.swarm != swarm {
+            return Err(StageResumeError::Swarm {
+                dir,
+                theirs: ckpt.meta.swarm,
+                ours: swarm.to_owned(),
+            });
+        }
+        Ok(StageResume {
+            stage,
+            round: ckpt.meta.round,
+            step: ckpt.meta.step,
+            samples: ckpt.meta.samples,
+            params: ckpt.params,
+            optim: ckpt.optim,
+        })
+    }
+}
+
+/// What one stage checkpoint records besides the parameters.
+pub(super) struct StagePoint {
+    pub stage: u32,
+    pub stages: u32,
+    pub round: u64,
+    pub step: u64,
+    pub samples: u64,
+}
+
+impl Driver {
+    /// Writes `values` (the stage's parameters after its round) with the
+    /// stage's optimizer state as the checkpoint of `at`, off the event loop.
+    pub(super) async fn save_stage(
+        &mut self,
+        swarm: &str,
+        to: &StageCheckpoints,
+        compute: &StageCompute,
+        at: StagePoint,
+        values: &[f32],
+    ) -> Result<PathBuf, NodeError> {
+        let optim = self.pump(compute.optim_state()).await??;
+        let meta = CheckpointMeta {
+            swarm: swarm.to_owned(),
+            model: super::stage_model_name(at.stage, at.stages),
+            round: at.round,
+            step: at.step,
+            samples: at.samples,
+            params_digest: checkpoint::params_digest(values),
+            average_every: None,
+        };
+        let (dir, values) = (to.dir.clone(), values.to_vec());
+        let write = tokio::task::spawn_blocking(move || {
+            checkpoint::save_with_optim(&dir, &meta, &values, optim.as_ref())
+        });
+        let path = self.pump(write).await?.map_err(|e| {
+            NodeError::Checkpoint(CheckpointError::Io {
+                path: to.dir.clone(),
+                source: std::io::Error::other(e),
+            })
+        })??;
+        debug!(path = %path.display(), stage = at.stage, round = at.round, "stage checkpoint written");
+        Ok(path)
+    }
+
+    /// Loads a resumed stage's parameters and (where it can) optimizer
+    /// state into `compute`. Moments only tune step sizes: unusable ones
+    /// leave fresh moments, with a warning.
+    pub(super) async fn load_stage(
+        &mut self,
+        from: &StageResume,
+        compute: &StageCompute,
+    ) -> Result<(), NodeError> {
+        if from.params.len() != compute.num_params {
+            return Err(NodeError::CheckpointMismatch {
+                expected: compute.num_params,
+                got: from.params.len(),
+            });
+        }
+        self.pump(compute.set_params(from.params.clone())).await??;
+        if let Some(state) = &from.optim {
+            if let Err(e) = self.pump(compute.set_optim_state(state.clone())).await? {
+                warn!(error = %e, "stage checkpoint's optimizer state not restored; fresh moments");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ckpt(model: &str, swarm: &str) -> Checkpoint {
+        Checkpoint {
+            meta: CheckpointMeta {
+                swarm: swarm.into(),
+                model: model.into(),
+                round: 4,
+                step: 20,
+                samples: 5120,
+                params_digest: String::new(),
+                average_every: None,
+            },
+            params: vec![0.5; 3],
+            optim: None,
+            outer_momentum: None,
+        }
+    }
+
+    #[test]
+    fn a_stage_checkpoint_resumes_only_the_same_cut_and_swarm() {
+        let dir = std::path::Path::new("runs/a");
+        let ok =
+            StageResume::from_checkpoint(ckpt("char-lm/stage-1-of-2", "s"), dir, "s", 2).unwrap();
+        assert_eq!((ok.stage, ok.round, ok.step, ok.samples), (1, 4, 20, 5120));
+        assert_eq!(ok.params, vec![0.5; 3]);
+        let err = |model: &str, swarm: &str, stages: u32| {
+            StageResume::from_checkpoint(ckpt(model, swarm), dir, "s", stages)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("mlp", "s", 2).contains("not a char-lm stage"));
+        let cut = err("char-lm/stage-1-of-3", "s", 2);
+        assert!(
+            cut.contains("stage 1 of 3") && cut.contains("--stages 3"),
+            "{cut}"
+        );
+        let swarm = err("char-lm/stage-0-of-2", "other", 2);
+        assert!(swarm.contains("--swarm other"), "{swarm}");
+    }
+}

@@ -355,7 +355,7 @@ pub fn save_state(
         &hex(hash.as_bytes())[..32]
     );
     let path = dir.join(&name);
-    let plan = plan_save(dir, &meta.swarm, &path, meta.round);
+    let plan = plan_save(dir, meta, &path);
     if let Some(newest) = plan.newest.filter(|r| *r > meta.round) {
         return Err(CheckpointError::Behind {
             dir: dir.to_owned(),
@@ -456,11 +456,12 @@ const _: () = assert!(KEEP >= 2);
 /// deleted; one older than those kept goes with the rest. Checkpoints of
 /// other swarms (a directory shared by mistake) are left alone. Verifying
 /// reads the newest files whole, newest first, until `KEEP - 1` verify.
-/// Another of the swarm's checkpoints of the same `round` that verifies is
-/// superseded (the model a run ends on, written after that round's own
-/// checkpoint), so no round has two valid files for a resume to choose
-/// between.
-fn plan_save(dir: &Path, swarm: &str, new: &Path, round: u64) -> SavePlan {
+/// Another of the swarm's checkpoints of the same round and model that
+/// verifies is superseded (the model a run ends on, written after that
+/// round's own checkpoint), so no round has two valid files for a resume
+/// to choose between.
+fn plan_save(dir: &Path, new_meta: &CheckpointMeta, new: &Path) -> SavePlan {
+    let swarm = new_meta.swarm.as_str();
     let mut plan = SavePlan::default();
     let mut kept = 0;
     let ours = list(dir)
@@ -468,8 +469,8 @@ fn plan_save(dir: &Path, swarm: &str, new: &Path, round: u64) -> SavePlan {
         .into_iter()
         .filter(|(_, path)| path != new && swarm_of(path).as_deref() == Some(swarm));
     for (r, path) in ours {
-        if r == round {
-            if load_file(&path).is_ok() {
+        if r == new_meta.round {
+            if load_file(&path).is_ok_and(|c| c.meta.model == new_meta.model) {
                 plan.retire.push(path);
             }
         } else if kept == KEEP - 1 {
@@ -591,6 +592,14 @@ mod tests {
         let p = vec![3.0f32; 16];
         save(dir.path(), &meta(2, &p), &p).unwrap();
         assert_eq!(list(dir.path()).unwrap().len(), 2);
+        // Another model's checkpoint of that round (another pipeline
+        // stage's, in a shared directory) is not superseded.
+        let stage = CheckpointMeta {
+            model: "char-lm/stage-1-of-2".into(),
+            ..meta(2, &p)
+        };
+        save(dir.path(), &stage, &p).unwrap();
+        assert_eq!(list(dir.path()).unwrap().len(), 3);
     }
 
     #[test]
@@ -865,8 +874,12 @@ mod tests {
         assert!(!good.exists());
         assert_eq!(list(dir.path()).unwrap().len(), 6);
         let new = dir.path().join("new");
-        assert_eq!(plan_save(dir.path(), "s", &new, 10).newest, Some(9));
-        assert_eq!(plan_save(dir.path(), "other", &new, 10).newest, None);
+        assert_eq!(plan_save(dir.path(), &meta(10, &[]), &new).newest, Some(9));
+        let other = CheckpointMeta {
+            swarm: "other".into(),
+            ..meta(10, &[])
+        };
+        assert_eq!(plan_save(dir.path(), &other, &new).newest, None);
     }
 
     #[test]

@@ -123,8 +123,9 @@ pub struct PipelineReport {
     pub activation_bytes_per_step: f64,
     /// Micro-batches sent again after a timeout.
     pub resent: u64,
-    /// The step of the backup this node loaded when it took over its stage
-    /// in a run already in progress (`None`: it held the stage from the start).
+    /// The step this node's stage started from when it did not start the
+    /// run with it: a backup's (it took the stage over in a run in
+    /// progress) or its checkpoint's (`--resume`); `None` otherwise.
     pub resumed_at_step: Option<u64>,
 }
 
@@ -375,6 +376,9 @@ struct ResumePoint {
     /// The run's planned length (a first-stage backup's); 0 plans it from
     /// this node's flags.
     total_steps: u64,
+    /// Whether it came from this node's own checkpoint (`--resume`) rather
+    /// than a backup the swarm kept.
+    from_checkpoint: bool,
 }
 
 /// Running totals of one node's pipeline work.
@@ -441,22 +445,39 @@ impl Driver {
         let want = config.min_peers.max(pcfg.stages as usize);
         self.wait_for_peers(want, config.wait_for_peers).await?;
         self.pipe.stages = pcfg.stages;
-        // A node resuming from its stage checkpoint holds that stage and
-        // announces the checkpoint's step at once: to peers starting beside
-        // it, the run is in progress, and they join it as late joiners do.
+        self.listen_for_hellos(pcfg.stages).await?;
+        // A node resuming from its stage checkpoint holds that stage again,
+        // from the checkpoint; but where a live replica of the stage is past
+        // it (the swarm trained on without this node), from the stage's
+        // backup, as a late joiner would. Its hellos announce the step, so
+        // to peers that start later the run is in progress.
         let mut from_disk = pcfg.resume.as_ref();
         if let Some(r) = from_disk {
-            self.pipe.step = r.step;
-        } else {
-            self.listen_for_hellos(pcfg.stages).await?;
+            if let Some(ahead) = self.replica_ahead(r.stage, r.step) {
+                info!(
+                    stage = r.stage,
+                    checkpoint_step = r.step,
+                    replica_step = ahead,
+                    "a replica of the stage is past our checkpoint; taking the stage's backup instead"
+                );
+                from_disk = None;
+            } else {
+                self.pipe.step = r.step;
+                // At once, so peers that start beside it hear of the run
+                // before they choose a stage (micro-batches sent to it meanwhile
+                // wait in its inbox until the stage is loaded).
+                self.hello(r.stage, pcfg.stages, StagePhase::Training)?;
+            }
         }
-        let mut joining =
-            from_disk.map_or_else(|| self.stage_to_join(pcfg.stages), |r| Some(r.stage));
+        let mut joining = match &pcfg.resume {
+            Some(r) => Some(r.stage),
+            None => self.stage_to_join(pcfg.stages),
+        };
         // Announcements travel by gossip, which a node that has just
         // connected may not get from every peer within one period: before
         // taking the first stage over, listen longer for one of its replicas.
         let confirm_until = Instant::now() + FIRST_STAGE_CONFIRM;
-        while from_disk.is_none() && joining == Some(0) && Instant::now() < confirm_until {
+        while pcfg.resume.is_none() && joining == Some(0) && Instant::now() < confirm_until {
             let timer = tokio::time::sleep(HELLO_EVERY / 4);
             let mut timer = std::pin::pin!(timer);
             self.pump_once(timer.as_mut()).await?;
@@ -503,6 +524,7 @@ impl Driver {
                     // The first stage plans the run's length from this
                     // run's flags, so a resumed run can be given more steps.
                     total_steps: 0,
+                    from_checkpoint: true,
                 })
             } else if take_over {
                 let backup = self.take_over_stage(stage, pcfg, &compute).await?;
@@ -510,6 +532,7 @@ impl Driver {
                     round: backup.round,
                     step: backup.step,
                     total_steps: backup.total_steps,
+                    from_checkpoint: false,
                 })
             } else {
                 None
@@ -569,7 +592,11 @@ impl Driver {
             let at = StagePoint {
                 stage,
                 stages: pcfg.stages,
-                round: outcome.rounds,
+                // A spare that moved stages may end on a backup's round,
+                // below rounds it checkpointed in its old stage.
+                round: outcome
+                    .rounds
+                    .max(self.averager.last_finished().unwrap_or(0)),
                 step: outcome.steps,
                 samples: samples_before(pcfg) + tally.tokens,
             };
@@ -599,7 +626,7 @@ impl Driver {
             peer_id: self.net.local_peer_id().to_string(),
             rounds: outcome.rounds,
             steps: outcome.steps,
-            samples: tally.tokens,
+            samples: samples_before(pcfg) + tally.tokens,
             test_accuracy: None,
             test_loss: val_bpc.map_or(f32::NAN, |b| b as f32),
             final_loss: outcome.last_loss,
@@ -764,6 +791,21 @@ impl Driver {
             })
             .collect();
         stages::stage_to_take(&current, stages as usize).map(|s| s as u32)
+    }
+
+    /// The highest step a live replica of `stage` announces past `step` (or
+    /// at any step once it finished training), if one does.
+    fn replica_ahead(&self, stage: u32, step: u64) -> Option<u64> {
+        self.pipe
+            .hellos
+            .iter()
+            .filter(|(peer, h)| {
+                h.stage == stage
+                    && self.members.contains_key(&node_id_of(peer))
+                    && (h.step > step || h.phase != StagePhase::Training)
+            })
+            .map(|(_, h)| h.step)
+            .max()
     }
 
     /// Loads stage `stage`'s newest backup into `compute`: this node's own if
@@ -1048,7 +1090,22 @@ impl Driver {
                     .await?,
             ),
         };
-        let (start, mut round) = resume.map_or((0, 0), |r| (r.step, r.round));
+        let (mut start, mut round) = resume.map_or((0, 0), |r| (r.step, r.round));
+        if resume.is_some_and(|r| r.from_checkpoint) {
+            // Replicas restarted together may hold checkpoints of different
+            // rounds (one was killed between its peers' writes): go on from
+            // the furthest one's step, so they end the run together; the
+            // next averaging round brings the parameters together.
+            if let Some(ahead) = self.replica_ahead(0, start) {
+                info!(
+                    from = start,
+                    to = ahead,
+                    "stepping to a first-stage replica's later step"
+                );
+                start = start.max(ahead.min(total_steps));
+                self.pipe.step = start;
+            }
+        }
         info!(total_steps, start, initial_bpc = ?initial_bpc, "pipeline training starts");
         let mut outcome = StageOutcome {
             initial_bpc,
@@ -1152,9 +1209,11 @@ impl Driver {
             Some(digest) => checkpoint::hex(&digest),
             None => checkpoint::params_digest(&values),
         };
-        outcome.unsaved_rounds += 1;
         if let Some(to) = run.pcfg.checkpoints.as_ref() {
-            if outcome.unsaved_rounds >= to.every_rounds.max(1) {
+            // Every replica and stage writes at the same rounds; and a node
+            // that took this stage over writes it at its first round, so a
+            // stop right after a move does not leave only its old stage on disk.
+            if round.is_multiple_of(to.every_rounds.max(1)) || !outcome.saved {
                 let at = StagePoint {
                     stage,
                     stages: run.pcfg.stages,
@@ -1169,7 +1228,7 @@ impl Driver {
                     .save_stage(&run.config.net.swarm, to, compute, at, &values)
                     .await
                 {
-                    Ok(_) => outcome.unsaved_rounds = 0,
+                    Ok(_) => outcome.saved = true,
                     Err(NodeError::Checkpoint(e)) => span.in_scope(|| {
                         error!(error = %e, "stage checkpoint not written; training goes on and the next round tries again")
                     }),
@@ -1189,7 +1248,7 @@ impl Driver {
             total_steps,
             peers: group,
             loss,
-            samples: tally.tokens,
+            samples: samples_before(run.pcfg) + tally.tokens,
             samples_per_s: tally.tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             bytes_sent: self.net.stats().sent(),
             dropped: avg.dropped.len(),
@@ -1756,8 +1815,8 @@ struct StageOutcome {
     initial_bpc: Option<f64>,
     /// Wall time of the training phase (for throughput and the bubble).
     training: Duration,
-    /// The stage's averaging rounds since its last checkpoint.
-    unsaved_rounds: u64,
+    /// Whether this node has checkpointed this stage since it took it.
+    saved: bool,
 }
 
 /// Tokens the run had trained on before this node resumed it (0 on a fresh start).

@@ -314,6 +314,9 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
     }
 
     fn set_optim_state(&mut self, state: &OptimState) -> Result<(), TaskError> {
+        // Checked before the running optimizer is taken out: a refused
+        // state leaves the moments as they were.
+        state.validate(self.num_params)?;
         let optim = std::mem::replace(&mut self.optim, crate::adam::optimizer());
         self.optim = guarded(|| optim_state::import(optim, &self.model, state))??;
         Ok(())

@@ -249,4 +249,9 @@ fn a_stage_given_its_optimizer_state_steps_as_if_never_stopped() {
     wrong.moment_1.truncate(other.num_params());
     wrong.moment_2.truncate(other.num_params());
     assert!(resumed.set_optim_state(&wrong).is_err());
+    assert_eq!(
+        resumed.optim_state().map(|s| s.time),
+        Some(state.time + 1),
+        "a refused state wiped the moments"
+    );
 }

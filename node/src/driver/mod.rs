@@ -365,6 +365,16 @@ pub enum NodeError {
         /// The stage.
         stage: u32,
     },
+    /// A resumed stage's checkpoint is far behind a live replica of its stage.
+    #[error("a replica of pipeline stage {stage} is at step {theirs}, more than a checkpoint interval past this node's checkpoint (step {ours}): start without --resume to join the run as a new node")]
+    StaleCheckpoint {
+        /// The stage.
+        stage: u32,
+        /// The checkpoint's step.
+        ours: u64,
+        /// The replica's step.
+        theirs: u64,
+    },
     /// The backup does not fit the stage this node built.
     #[error("the backup of pipeline stage {stage} holds {got} parameters, this node's stage has {want}; peers run different models")]
     StageBackupMismatch {

@@ -445,7 +445,13 @@ impl Driver {
         let want = config.min_peers.max(pcfg.stages as usize);
         self.wait_for_peers(want, config.wait_for_peers).await?;
         self.pipe.stages = pcfg.stages;
-        self.listen_for_hellos(pcfg.stages).await?;
+        // A resumer listens as long as a node about to take the first stage
+        // over: hearing a live replica of its stage decides what it loads.
+        let listen = match pcfg.resume {
+            Some(_) => FIRST_STAGE_CONFIRM,
+            None => HELLO_EVERY + HELLO_EVERY / 2,
+        };
+        self.listen_for_hellos(pcfg.stages, listen).await?;
         // A node resuming from its stage checkpoint holds that stage again,
         // from the checkpoint; but where a live replica of the stage is past
         // it (the swarm trained on without this node), from the stage's
@@ -453,7 +459,7 @@ impl Driver {
         // to peers that start later the run is in progress.
         let mut from_disk = pcfg.resume.as_ref();
         if let Some(r) = from_disk {
-            if let Some(ahead) = self.replica_ahead(r.stage, r.step) {
+            if let Some(ahead) = self.replica_ahead(r.stage, r.step, true) {
                 info!(
                     stage = r.stage,
                     checkpoint_step = r.step,
@@ -752,13 +758,18 @@ impl Driver {
         Ok(stage as u32)
     }
 
-    /// Gathers peers' stage announcements for a little over one hello
-    /// period, so a node starting late sees the run it is joining.
-    async fn listen_for_hellos(&mut self, stages: u32) -> Result<(), NodeError> {
+    /// Gathers peers' stage announcements for `how_long` (a little over one
+    /// hello period for a fresh node), so a node starting late sees the run
+    /// it is joining.
+    async fn listen_for_hellos(
+        &mut self,
+        stages: u32,
+        how_long: Duration,
+    ) -> Result<(), NodeError> {
         if stages < 2 {
             return Ok(());
         }
-        let until = Instant::now() + HELLO_EVERY + HELLO_EVERY / 2;
+        let until = Instant::now() + how_long;
         while Instant::now() < until {
             let timer = tokio::time::sleep_until(until.into());
             let mut timer = std::pin::pin!(timer);
@@ -793,16 +804,17 @@ impl Driver {
         stages::stage_to_take(&current, stages as usize).map(|s| s as u32)
     }
 
-    /// The highest step a live replica of `stage` announces past `step` (or
-    /// at any step once it finished training), if one does.
-    fn replica_ahead(&self, stage: u32, step: u64) -> Option<u64> {
+    /// The highest step past `step` that a live replica of `stage` announces
+    /// (only those still training, with `training`), if one does.
+    fn replica_ahead(&self, stage: u32, step: u64, training: bool) -> Option<u64> {
         self.pipe
             .hellos
             .iter()
             .filter(|(peer, h)| {
                 h.stage == stage
+                    && h.step > step
+                    && (!training || h.phase == StagePhase::Training)
                     && self.members.contains_key(&node_id_of(peer))
-                    && (h.step > step || h.phase != StagePhase::Training)
             })
             .map(|(_, h)| h.step)
             .max()
@@ -1091,20 +1103,34 @@ impl Driver {
             ),
         };
         let (mut start, mut round) = resume.map_or((0, 0), |r| (r.step, r.round));
-        if resume.is_some_and(|r| r.from_checkpoint) {
-            // Replicas restarted together may hold checkpoints of different
-            // rounds (one was killed between its peers' writes): go on from
-            // the furthest one's step, so they end the run together; the
-            // next averaging round brings the parameters together.
-            if let Some(ahead) = self.replica_ahead(0, start) {
-                info!(
-                    from = start,
-                    to = ahead,
-                    "stepping to a first-stage replica's later step"
-                );
-                start = start.max(ahead.min(total_steps));
-                self.pipe.step = start;
-            }
+        let ahead = resume
+            .filter(|r| r.from_checkpoint)
+            .and_then(|_| self.replica_ahead(0, start, false));
+        if let Some(ahead) = ahead {
+            // Replicas restarted together may hold checkpoints one interval
+            // apart (one was killed between its peers' writes): go on from
+            // the furthest one's step and round, so they average together
+            // and end the run together. A replica further ahead, or done,
+            // trained on without this node: its checkpoint is stale.
+            let interval = pcfg
+                .checkpoints
+                .as_ref()
+                .map_or(every, |c| c.every_rounds.max(1).saturating_mul(every));
+            let Some((step, r)) = catch_up(start, round, ahead, every, interval, total_steps)
+            else {
+                return Err(NodeError::StaleCheckpoint {
+                    stage: 0,
+                    ours: start,
+                    theirs: ahead,
+                });
+            };
+            info!(
+                from = start,
+                to = step,
+                "stepping to a first-stage replica's later step"
+            );
+            (start, round) = (step, r);
+            self.pipe.step = start;
         }
         info!(total_steps, start, initial_bpc = ?initial_bpc, "pipeline training starts");
         let mut outcome = StageOutcome {
@@ -1819,6 +1845,30 @@ struct StageOutcome {
     saved: bool,
 }
 
+/// The (step, round) a first-stage replica resumed at `start` and `round`
+/// goes on from, where another replica resumed at the later step `ahead`:
+/// `ahead`, with the averaging rounds in between counted, so both number
+/// their next round alike. `None` where `ahead` is more than `interval`
+/// steps on (one checkpoint interval: the other trained on without this
+/// node) or at the run's end (`total_steps`).
+fn catch_up(
+    start: u64,
+    round: u64,
+    ahead: u64,
+    every: u64,
+    interval: u64,
+    total_steps: u64,
+) -> Option<(u64, u64)> {
+    if ahead <= start {
+        return Some((start, round));
+    }
+    if ahead >= total_steps || ahead - start > interval {
+        return None;
+    }
+    let every = every.max(1);
+    Some((ahead, round + (ahead / every - start / every)))
+}
+
 /// Tokens the run had trained on before this node resumed it (0 on a fresh start).
 fn samples_before(pcfg: &PipelineConfig) -> u64 {
     pcfg.resume.as_ref().map_or(0, |r| r.samples)
@@ -1854,6 +1904,20 @@ mod tests {
         );
         assert_eq!(parse_stage_model_name("char-lm/stage-3-of-3"), None);
         assert_eq!(parse_stage_model_name("mlp"), None);
+    }
+
+    #[test]
+    fn a_replica_one_checkpoint_behind_catches_up_and_a_stale_one_does_not() {
+        // Rounds of 5 steps, a checkpoint every round, a 30-step run.
+        assert_eq!(catch_up(10, 2, 15, 5, 5, 30), Some((15, 3)));
+        assert_eq!(catch_up(15, 3, 15, 5, 5, 30), Some((15, 3)));
+        assert_eq!(catch_up(15, 3, 10, 5, 5, 30), Some((15, 3)));
+        // Checkpoints every 2 rounds: up to 10 steps apart is one interval.
+        assert_eq!(catch_up(10, 2, 20, 5, 10, 30), Some((20, 4)));
+        assert_eq!(catch_up(10, 2, 25, 5, 10, 30), None);
+        // The other trained on without this node, or finished the run.
+        assert_eq!(catch_up(10, 2, 25, 5, 5, 30), None);
+        assert_eq!(catch_up(25, 5, 30, 5, 5, 30), None);
     }
 
     #[test]

@@ -345,7 +345,8 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     pub checkpoint_every: u64,
     /// Continue from the newest valid checkpoint in DIR (and keep checkpointing there
-    /// unless --checkpoint-dir says otherwise).
+    /// unless --checkpoint-dir says otherwise); a char-lm node holds that
+    /// checkpoint's stage again, or the swarm's newer backup of it.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
     /// Serve Prometheus metrics at /metrics and a status page at / on this
@@ -373,8 +374,8 @@ pub struct TestnetArgs {
     /// Abort (and exit non-zero) if training takes longer than this many seconds (at most a week).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=MAX_WAIT_SECS), allow_negative_numbers = true)]
     pub timeout_secs: u64,
-    /// Give node i `--checkpoint-dir DIR/node-i` (char-lm: each node's final
-    /// stage, for `p2ptrain sample --from DIR`).
+    /// Give node i `--checkpoint-dir DIR/node-i` (char-lm: each node's stage,
+    /// for `p2ptrain sample --from DIR`).
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Serve node i's metrics and status page on ADDR's port + i.
@@ -655,6 +656,12 @@ fn check_resumable(
     model: &str,
     average_every: u64,
 ) -> anyhow::Result<()> {
+    if let Some((stage, stages)) = driver::parse_stage_model_name(&meta.model) {
+        anyhow::bail!(
+            "the newest checkpoint in {} holds stage {stage} of {stages} of a char-lm pipeline: pass --model char-lm --stages {stages} to resume it",
+            dir.display()
+        );
+    }
     if let Some(theirs) = meta.average_every.filter(|e| *e != average_every) {
         anyhow::bail!(
             "the newest checkpoint in {} was written with --average-every {theirs}, not {average_every}: \
@@ -668,12 +675,6 @@ fn check_resumable(
             dir.display(),
             meta.swarm,
             meta.swarm
-        );
-    }
-    if let Some((stage, stages)) = driver::parse_stage_model_name(&meta.model) {
-        anyhow::bail!(
-            "the newest checkpoint in {} holds stage {stage} of {stages} of a char-lm pipeline: pass --model char-lm --stages {stages} to resume it",
-            dir.display()
         );
     }
     if meta.model != model {
@@ -836,7 +837,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                     ckpt,
                     dir,
                     &args.swarm,
-                    args.train.stages,
+                    (args.train.stages, args.train.average_every),
                 )?;
                 (None, Some(stage))
             } else {

@@ -366,7 +366,7 @@ pub enum NodeError {
         stage: u32,
     },
     /// A resumed stage's checkpoint is far behind a live replica of its stage.
-    #[error("a replica of pipeline stage {stage} is at step {theirs}, more than a checkpoint interval past this node's checkpoint (step {ours}): start without --resume to join the run as a new node")]
+    #[error("a replica of pipeline stage {stage} is at step {theirs}, too far past this node's checkpoint (step {ours}) to catch up (more than two checkpoint intervals, or the run's end): start without --resume to join the run as a new node")]
     StaleCheckpoint {
         /// The stage.
         stage: u32,

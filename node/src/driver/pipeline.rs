@@ -373,9 +373,9 @@ struct StageRun<'a> {
 struct ResumePoint {
     round: u64,
     step: u64,
-    /// The run's planned length (a first-stage backup's); 0 plans it from
-    /// this node's flags.
-    total_steps: u64,
+    /// The run's planned length (a first-stage backup's); `None` plans it
+    /// from this node's flags.
+    total_steps: Option<u64>,
     /// Whether it came from this node's own checkpoint (`--resume`) rather
     /// than a backup the swarm kept.
     from_checkpoint: bool,
@@ -459,7 +459,7 @@ impl Driver {
         // to peers that start later the run is in progress.
         let mut from_disk = pcfg.resume.as_ref();
         if let Some(r) = from_disk {
-            if let Some(ahead) = self.replica_ahead(r.stage, r.step, true) {
+            if let Some(ahead) = self.training_replica_ahead(r.stage, r.step) {
                 info!(
                     stage = r.stage,
                     checkpoint_step = r.step,
@@ -529,7 +529,7 @@ impl Driver {
                     step: r.step,
                     // The first stage plans the run's length from this
                     // run's flags, so a resumed run can be given more steps.
-                    total_steps: 0,
+                    total_steps: None,
                     from_checkpoint: true,
                 })
             } else if take_over {
@@ -537,7 +537,8 @@ impl Driver {
                 Some(ResumePoint {
                     round: backup.round,
                     step: backup.step,
-                    total_steps: backup.total_steps,
+                    // Later stages' backups carry 0: they plan nothing.
+                    total_steps: Some(backup.total_steps).filter(|t| *t > 0),
                     from_checkpoint: false,
                 })
             } else {
@@ -607,7 +608,13 @@ impl Driver {
                 samples: samples_before(pcfg) + tally.tokens,
             };
             let path = self
-                .save_stage(&config.net.swarm, to, &compute, at, &params)
+                .save_stage(
+                    (&config.net.swarm, config.schedule.average_every),
+                    to,
+                    &compute,
+                    at,
+                    &params,
+                )
                 .await?;
             info!(path = %path.display(), "final stage parameters written");
         }
@@ -804,16 +811,31 @@ impl Driver {
         stages::stage_to_take(&current, stages as usize).map(|s| s as u32)
     }
 
-    /// The highest step past `step` that a live replica of `stage` announces
-    /// (only those still training, with `training`), if one does.
-    fn replica_ahead(&self, stage: u32, step: u64, training: bool) -> Option<u64> {
+    /// The highest step past `step` that a live replica of `stage` announces,
+    /// if one does.
+    fn replica_ahead(&self, stage: u32, step: u64) -> Option<u64> {
+        self.step_ahead(stage, step, |_| true)
+    }
+
+    /// [`Self::replica_ahead`] among replicas still training: only they will
+    /// average again and so back the stage up.
+    fn training_replica_ahead(&self, stage: u32, step: u64) -> Option<u64> {
+        self.step_ahead(stage, step, |h| h.phase == StagePhase::Training)
+    }
+
+    fn step_ahead(
+        &self,
+        stage: u32,
+        step: u64,
+        counts: impl Fn(&StageHello) -> bool,
+    ) -> Option<u64> {
         self.pipe
             .hellos
             .iter()
             .filter(|(peer, h)| {
                 h.stage == stage
                     && h.step > step
-                    && (!training || h.phase == StagePhase::Training)
+                    && counts(h)
                     && self.members.contains_key(&node_id_of(peer))
             })
             .map(|(_, h)| h.step)
@@ -1086,14 +1108,11 @@ impl Driver {
         let (config, pcfg, compute, resume) = (run.config, run.pcfg, run.compute, run.resume);
         let replicas = self.swarm_ids();
         self.set_window_shard(config, compute).await?;
-        let planned = resume.map_or(0, |r| r.total_steps);
-        let total_steps = if planned > 0 {
-            planned
-        } else {
+        let total_steps = resume.and_then(|r| r.total_steps).unwrap_or_else(|| {
             config
                 .schedule
                 .total_steps(replicas.len(), compute.num_train_windows)
-        };
+        });
         let every = config.schedule.average_every.max(1);
         let initial_bpc = match resume {
             Some(_) => None,
@@ -1105,7 +1124,7 @@ impl Driver {
         let (mut start, mut round) = resume.map_or((0, 0), |r| (r.step, r.round));
         let ahead = resume
             .filter(|r| r.from_checkpoint)
-            .and_then(|_| self.replica_ahead(0, start, false));
+            .and_then(|_| self.replica_ahead(0, start));
         if let Some(ahead) = ahead {
             // Replicas restarted together may hold checkpoints one interval
             // apart (one was killed between its peers' writes): go on from
@@ -1239,7 +1258,8 @@ impl Driver {
             // Every replica and stage writes at the same rounds; and a node
             // that took this stage over writes it at its first round, so a
             // stop right after a move does not leave only its old stage on disk.
-            if round.is_multiple_of(to.every_rounds.max(1)) || !outcome.saved {
+            if round.is_multiple_of(to.every_rounds.max(1)) || !outcome.tried_saving {
+                outcome.tried_saving = true;
                 let at = StagePoint {
                     stage,
                     stages: run.pcfg.stages,
@@ -1251,12 +1271,18 @@ impl Driver {
                 // say so and try again at the next round. The checkpoint at
                 // the end of the run still fails the node.
                 match self
-                    .save_stage(&run.config.net.swarm, to, compute, at, &values)
+                    .save_stage(
+                        (&run.config.net.swarm, run.config.schedule.average_every),
+                        to,
+                        compute,
+                        at,
+                        &values,
+                    )
                     .await
                 {
-                    Ok(_) => outcome.saved = true,
+                    Ok(_) => {}
                     Err(NodeError::Checkpoint(e)) => span.in_scope(|| {
-                        error!(error = %e, "stage checkpoint not written; training goes on and the next round tries again")
+                        error!(error = %e, "stage checkpoint not written; training goes on and the next checkpoint tries again")
                     }),
                     Err(e) => return Err(e),
                 }
@@ -1608,7 +1634,8 @@ impl Driver {
         let mut phase = StagePhase::Training;
         let mut outcome = StageOutcome::default();
         let (mut micro, mut turn) = (0usize, 0u64);
-        // A node that took the stage over continues its step and round count.
+        // A node that took the stage over, or resumed it from its checkpoint,
+        // continues its step and round count.
         let (mut step, mut round) = resume.map_or((0, 0), |r| (r.step, r.round));
         let mut losses = Vec::new();
         let mut relayed: BTreeMap<u64, Relayed> = BTreeMap::new();
@@ -1841,16 +1868,18 @@ struct StageOutcome {
     initial_bpc: Option<f64>,
     /// Wall time of the training phase (for throughput and the bubble).
     training: Duration,
-    /// Whether this node has checkpointed this stage since it took it.
-    saved: bool,
+    /// Whether this node has tried to checkpoint this stage since it took it.
+    tried_saving: bool,
 }
 
 /// The (step, round) a first-stage replica resumed at `start` and `round`
-/// goes on from, where another replica resumed at the later step `ahead`:
-/// `ahead`, with the averaging rounds in between counted, so both number
-/// their next round alike. `None` where `ahead` is more than `interval`
-/// steps on (one checkpoint interval: the other trained on without this
-/// node) or at the run's end (`total_steps`).
+/// goes on from, where another replica announces the later step `ahead`:
+/// the last round boundary (multiple of `every`) at or before `ahead`, with
+/// the averaging rounds in between counted, so both number their next
+/// round alike. The other may have trained a little since it resumed, so
+/// up to two checkpoint intervals (`interval` steps each) are caught up;
+/// `None` beyond that (it trained on without this node) or at the run's
+/// end (`total_steps`).
 fn catch_up(
     start: u64,
     round: u64,
@@ -1859,14 +1888,15 @@ fn catch_up(
     interval: u64,
     total_steps: u64,
 ) -> Option<(u64, u64)> {
-    if ahead <= start {
+    let every = every.max(1);
+    let boundary = ahead - ahead % every;
+    if boundary <= start {
         return Some((start, round));
     }
-    if ahead >= total_steps || ahead - start > interval {
+    if boundary >= total_steps || boundary - start > interval.saturating_mul(2) {
         return None;
     }
-    let every = every.max(1);
-    Some((ahead, round + (ahead / every - start / every)))
+    Some((boundary, round + (boundary / every - start / every)))
 }
 
 /// Tokens the run had trained on before this node resumed it (0 on a fresh start).
@@ -1908,16 +1938,20 @@ mod tests {
 
     #[test]
     fn a_replica_one_checkpoint_behind_catches_up_and_a_stale_one_does_not() {
-        // Rounds of 5 steps, a checkpoint every round, a 30-step run.
-        assert_eq!(catch_up(10, 2, 15, 5, 5, 30), Some((15, 3)));
-        assert_eq!(catch_up(15, 3, 15, 5, 5, 30), Some((15, 3)));
-        assert_eq!(catch_up(15, 3, 10, 5, 5, 30), Some((15, 3)));
-        // Checkpoints every 2 rounds: up to 10 steps apart is one interval.
-        assert_eq!(catch_up(10, 2, 20, 5, 10, 30), Some((20, 4)));
-        assert_eq!(catch_up(10, 2, 25, 5, 10, 30), None);
+        // Rounds of 5 steps, a checkpoint every round, a 40-step run.
+        assert_eq!(catch_up(10, 2, 15, 5, 5, 40), Some((15, 3)));
+        assert_eq!(catch_up(15, 3, 15, 5, 5, 40), Some((15, 3)));
+        assert_eq!(catch_up(15, 3, 10, 5, 5, 40), Some((15, 3)));
+        // The other trained two steps since: the round boundary before it.
+        assert_eq!(catch_up(10, 2, 17, 5, 5, 40), Some((15, 3)));
+        // Or a round since: still within two intervals.
+        assert_eq!(catch_up(10, 2, 21, 5, 5, 40), Some((20, 4)));
+        // Checkpoints every 2 rounds: up to 20 steps apart.
+        assert_eq!(catch_up(10, 2, 30, 5, 10, 40), Some((30, 6)));
+        assert_eq!(catch_up(10, 2, 35, 5, 10, 40), None);
         // The other trained on without this node, or finished the run.
-        assert_eq!(catch_up(10, 2, 25, 5, 5, 30), None);
-        assert_eq!(catch_up(25, 5, 30, 5, 5, 30), None);
+        assert_eq!(catch_up(10, 2, 25, 5, 5, 40), None);
+        assert_eq!(catch_up(25, 5, 40, 5, 5, 40), None);
     }
 
     #[test]

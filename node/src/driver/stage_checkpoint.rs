@@ -46,7 +46,7 @@ pub struct StageResume {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum StageResumeError {
     /// The checkpoint is a whole model's, not a stage's.
-    #[error("the newest checkpoint in {dir} is of model `{model}`, not a char-lm stage: pass the --checkpoint-dir a pipeline node wrote")]
+    #[error("the newest checkpoint in {dir} is of model `{model}`, not a char-lm stage: pass --model {model} to resume it, or --resume a directory a pipeline node checkpointed into")]
     NotAStage {
         /// The directory read.
         dir: String,
@@ -65,6 +65,16 @@ pub enum StageResumeError {
         /// Stages this node was told.
         ours: u32,
     },
+    /// The run counts its rounds in steps of another length.
+    #[error("the newest checkpoint in {dir} was written with --average-every {theirs}, not {ours}: pass --average-every {theirs} to resume it (replicas number their rounds by it)")]
+    AverageEvery {
+        /// The directory read.
+        dir: String,
+        /// The checkpoint's.
+        theirs: u64,
+        /// This node's.
+        ours: u64,
+    },
     /// The checkpoint belongs to another swarm.
     #[error("the newest checkpoint in {dir} is of swarm `{theirs}`, not `{ours}`: pass --swarm {theirs} to resume it, or another --resume directory")]
     Swarm {
@@ -79,12 +89,13 @@ pub enum StageResumeError {
 
 impl StageResume {
     /// The stage `ckpt` (the newest valid one in `dir`) holds, if it fits a
-    /// node of `swarm` cutting the model into `stages`.
+    /// node of `swarm` cutting the model into `stages` and averaging every
+    /// `average_every` steps (checkpoints that do not say fit any).
     pub fn from_checkpoint(
         ckpt: Checkpoint,
         dir: &std::path::Path,
         swarm: &str,
-        stages: u32,
+        (stages, average_every): (u32, u64),
     ) -> Result<Self, StageResumeError> {
         let dir = dir.display().to_string();
         let Some((stage, theirs)) = super::parse_stage_model_name(&ckpt.meta.model) else {
@@ -99,6 +110,13 @@ impl StageResume {
                 stage,
                 theirs,
                 ours: stages,
+            });
+        }
+        if let Some(theirs) = ckpt.meta.average_every.filter(|e| *e != average_every) {
+            return Err(StageResumeError::AverageEvery {
+                dir,
+                theirs,
+                ours: average_every,
             });
         }
         if ckpt.meta.swarm != swarm {
@@ -133,7 +151,7 @@ impl Driver {
     /// stage's optimizer state as the checkpoint of `at`, off the event loop.
     pub(super) async fn save_stage(
         &mut self,
-        swarm: &str,
+        (swarm, average_every): (&str, u64),
         to: &StageCheckpoints,
         compute: &StageCompute,
         at: StagePoint,
@@ -147,7 +165,7 @@ impl Driver {
             step: at.step,
             samples: at.samples,
             params_digest: checkpoint::params_digest(values),
-            average_every: None,
+            average_every: Some(average_every),
         };
         let (dir, values) = (to.dir.clone(), values.to_vec());
         let write = tokio::task::spawn_blocking(move || {
@@ -211,16 +229,20 @@ mod tests {
     #[test]
     fn a_stage_checkpoint_resumes_only_the_same_cut_and_swarm() {
         let dir = std::path::Path::new("runs/a");
-        let ok =
-            StageResume::from_checkpoint(ckpt("char-lm/stage-1-of-2", "s"), dir, "s", 2).unwrap();
+        let ok = StageResume::from_checkpoint(ckpt("char-lm/stage-1-of-2", "s"), dir, "s", (2, 5))
+            .unwrap();
         assert_eq!((ok.stage, ok.round, ok.step, ok.samples), (1, 4, 20, 5120));
         assert_eq!(ok.params, vec![0.5; 3]);
         let err = |model: &str, swarm: &str, stages: u32| {
-            StageResume::from_checkpoint(ckpt(model, swarm), dir, "s", stages)
+            StageResume::from_checkpoint(ckpt(model, swarm), dir, "s", (stages, 5))
                 .unwrap_err()
                 .to_string()
         };
-        assert!(err("mlp", "s", 2).contains("not a char-lm stage"));
+        let mlp = err("mlp", "s", 2);
+        assert!(
+            mlp.contains("not a char-lm stage: pass --model mlp"),
+            "{mlp}"
+        );
         let cut = err("char-lm/stage-1-of-3", "s", 2);
         assert!(
             cut.contains("stage 1 of 3") && cut.contains("--stages 3"),
@@ -228,5 +250,14 @@ mod tests {
         );
         let swarm = err("char-lm/stage-0-of-2", "other", 2);
         assert!(swarm.contains("--swarm other"), "{swarm}");
+        // Written with rounds of 5 steps: resumed only with rounds of 5.
+        let mut five = ckpt("char-lm/stage-0-of-2", "s");
+        five.meta.average_every = Some(5);
+        let every = StageResume::from_checkpoint(five.clone(), dir, "s", (2, 10)).unwrap_err();
+        assert!(
+            every.to_string().contains("pass --average-every 5"),
+            "{every}"
+        );
+        assert!(StageResume::from_checkpoint(five, dir, "s", (2, 5)).is_ok());
     }
 }

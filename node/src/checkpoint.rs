@@ -85,6 +85,61 @@ struct Header {
     outer: Option<OuterMeta>,
 }
 
+/// Why a checkpoint cannot go on with this node's run, whatever the model.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RunMismatch {
+    /// The run counts its rounds in periods of another length.
+    #[error("the newest checkpoint in {dir} was written with --average-every {theirs}, not {ours}: pass --average-every {theirs} to resume it (the run counts its rounds in those periods)")]
+    AverageEvery {
+        /// The directory read.
+        dir: String,
+        /// The checkpoint's.
+        theirs: u64,
+        /// This node's.
+        ours: u64,
+    },
+    /// The checkpoint belongs to another swarm.
+    #[error("the newest checkpoint in {dir} is of swarm `{theirs}`, not `{ours}`: pass --swarm {theirs} to resume it, or another --resume directory")]
+    Swarm {
+        /// The directory read.
+        dir: String,
+        /// Its swarm.
+        theirs: String,
+        /// This node's swarm.
+        ours: String,
+    },
+}
+
+impl CheckpointMeta {
+    /// Checks that the checkpoint (read from `dir`) belongs to a run of
+    /// `swarm` averaging every `average_every` steps: another swarm's would
+    /// mix runs in one directory, and another period numbers rounds
+    /// differently. Files of older versions that record no period fit any.
+    pub fn check_run(
+        &self,
+        dir: &Path,
+        swarm: &str,
+        average_every: u64,
+    ) -> Result<(), RunMismatch> {
+        let dir = || dir.display().to_string();
+        if let Some(theirs) = self.average_every.filter(|e| *e != average_every) {
+            return Err(RunMismatch::AverageEvery {
+                dir: dir(),
+                theirs,
+                ours: average_every,
+            });
+        }
+        if self.swarm != swarm {
+            return Err(RunMismatch::Swarm {
+                dir: dir(),
+                theirs: self.swarm.clone(),
+                ours: swarm.to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// What a checkpoint stores beside its metadata.
 #[derive(Debug, Clone, Copy)]
 pub struct State<'a> {

@@ -662,21 +662,7 @@ fn check_resumable(
             dir.display()
         );
     }
-    if let Some(theirs) = meta.average_every.filter(|e| *e != average_every) {
-        anyhow::bail!(
-            "the newest checkpoint in {} was written with --average-every {theirs}, not {average_every}: \
-             pass --average-every {theirs} to resume it (the run counts its length in those rounds)",
-            dir.display()
-        );
-    }
-    if meta.swarm != swarm {
-        anyhow::bail!(
-            "the newest checkpoint in {} is of swarm `{}`, not `{swarm}`: pass --swarm {} to resume it, or another --resume directory",
-            dir.display(),
-            meta.swarm,
-            meta.swarm
-        );
-    }
+    meta.check_run(dir, swarm, average_every)?;
     if meta.model != model {
         anyhow::bail!(
             "the newest checkpoint in {} is of model `{}`, not `{model}`: pass --model {} to resume it",

@@ -9,7 +9,7 @@
 //! parameters.
 
 use super::{Driver, NodeError};
-use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
+use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta, RunMismatch};
 use crate::stage_compute::StageCompute;
 use crate::task::OptimState;
 use std::path::PathBuf;
@@ -65,26 +65,9 @@ pub enum StageResumeError {
         /// Stages this node was told.
         ours: u32,
     },
-    /// The run counts its rounds in steps of another length.
-    #[error("the newest checkpoint in {dir} was written with --average-every {theirs}, not {ours}: pass --average-every {theirs} to resume it (replicas number their rounds by it)")]
-    AverageEvery {
-        /// The directory read.
-        dir: String,
-        /// The checkpoint's.
-        theirs: u64,
-        /// This node's.
-        ours: u64,
-    },
-    /// The checkpoint belongs to another swarm.
-    #[error("the newest checkpoint in {dir} is of swarm `{theirs}`, not `{ours}`: pass --swarm {theirs} to resume it, or another --resume directory")]
-    Swarm {
-        /// The directory read.
-        dir: String,
-        /// Its swarm.
-        theirs: String,
-        /// This node's swarm.
-        ours: String,
-    },
+    /// The checkpoint is of another swarm, or another averaging period.
+    #[error(transparent)]
+    Run(#[from] RunMismatch),
 }
 
 impl StageResume {
@@ -97,35 +80,21 @@ impl StageResume {
         swarm: &str,
         (stages, average_every): (u32, u64),
     ) -> Result<Self, StageResumeError> {
-        let dir = dir.display().to_string();
         let Some((stage, theirs)) = super::parse_stage_model_name(&ckpt.meta.model) else {
             return Err(StageResumeError::NotAStage {
-                dir,
+                dir: dir.display().to_string(),
                 model: ckpt.meta.model,
             });
         };
         if theirs != stages {
             return Err(StageResumeError::StageCount {
-                dir,
+                dir: dir.display().to_string(),
                 stage,
                 theirs,
                 ours: stages,
             });
         }
-        if let Some(theirs) = ckpt.meta.average_every.filter(|e| *e != average_every) {
-            return Err(StageResumeError::AverageEvery {
-                dir,
-                theirs,
-                ours: average_every,
-            });
-        }
-        if ckpt.meta.swarm != swarm {
-            return Err(StageResumeError::Swarm {
-                dir,
-                theirs: ckpt.meta.swarm,
-                ours: swarm.to_owned(),
-            });
-        }
+        ckpt.meta.check_run(dir, swarm, average_every)?;
         Ok(StageResume {
             stage,
             round: ckpt.meta.round,

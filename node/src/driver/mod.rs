@@ -967,22 +967,35 @@ impl Driver {
         };
         let dir = policy.dir.clone();
         let outer = self.diloco.as_ref().map(|d| d.momentum().to_vec());
-        let write = tokio::task::spawn_blocking(move || {
-            let state = checkpoint::State {
-                params: &params,
-                optim: optim.as_ref(),
-                outer_momentum: outer.as_deref(),
-            };
-            checkpoint::save_state(&dir, &meta, state)
-        });
-        let path = self.pump(write).await?.map_err(|e| {
+        let path = self
+            .write_off_loop(&policy.dir, move || {
+                let state = checkpoint::State {
+                    params: &params,
+                    optim: optim.as_ref(),
+                    outer_momentum: outer.as_deref(),
+                };
+                checkpoint::save_state(&dir, &meta, state)
+            })
+            .await?;
+        debug!(path = %path.display(), "checkpoint written");
+        Ok(())
+    }
+
+    /// Runs `write` (a checkpoint save into `dir`) on a blocking thread, so
+    /// peers are served while the file is written and synced; returns its path.
+    async fn write_off_loop(
+        &mut self,
+        dir: &std::path::Path,
+        write: impl FnOnce() -> Result<PathBuf, CheckpointError> + Send + 'static,
+    ) -> Result<PathBuf, NodeError> {
+        let written = self.pump(tokio::task::spawn_blocking(write)).await?;
+        let path = written.map_err(|e| {
             NodeError::Checkpoint(CheckpointError::Io {
-                path: policy.dir.clone(),
+                path: dir.to_owned(),
                 source: std::io::Error::other(e),
             })
         })??;
-        debug!(path = %path.display(), "checkpoint written");
-        Ok(())
+        Ok(path)
     }
 
     /// Waits for the first listen address and reports it.

@@ -9,7 +9,7 @@
 //! parameters.
 
 use super::{Driver, NodeError};
-use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta, RunMismatch};
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta, RunMismatch};
 use crate::stage_compute::StageCompute;
 use crate::task::OptimState;
 use std::path::PathBuf;
@@ -137,15 +137,11 @@ impl Driver {
             average_every: Some(average_every),
         };
         let (dir, values) = (to.dir.clone(), values.to_vec());
-        let write = tokio::task::spawn_blocking(move || {
-            checkpoint::save_with_optim(&dir, &meta, &values, optim.as_ref())
-        });
-        let path = self.pump(write).await?.map_err(|e| {
-            NodeError::Checkpoint(CheckpointError::Io {
-                path: to.dir.clone(),
-                source: std::io::Error::other(e),
+        let path = self
+            .write_off_loop(&to.dir, move || {
+                checkpoint::save_with_optim(&dir, &meta, &values, optim.as_ref())
             })
-        })??;
+            .await?;
         debug!(path = %path.display(), stage = at.stage, round = at.round, "stage checkpoint written");
         Ok(path)
     }

@@ -595,6 +595,7 @@ impl Driver {
         };
         let initial_bpc = outcome.initial_bpc;
         let params = self.pump(compute.params()).await??;
+        let model_digest = checkpoint::params_digest(&params);
         if let Some(to) = &pcfg.checkpoints {
             let at = StagePoint {
                 stage,
@@ -606,6 +607,7 @@ impl Driver {
                     .max(self.averager.last_finished().unwrap_or(0)),
                 step: outcome.steps,
                 samples: samples_before(pcfg) + tally.tokens,
+                params_digest: model_digest.clone(),
             };
             let path = self
                 .save_stage(
@@ -645,7 +647,7 @@ impl Driver {
             final_loss: outcome.last_loss,
             wall_s: self.now().as_secs_f64(),
             bytes_sent: self.net.stats().sent(),
-            model_digest: checkpoint::params_digest(&params),
+            model_digest,
             complete_rounds: outcome.complete_rounds,
             averaging_s: outcome.averaging_s,
             training_s: train_s,
@@ -1266,10 +1268,11 @@ impl Driver {
                     round,
                     step,
                     samples: samples_before(run.pcfg) + tally.tokens,
+                    params_digest: model_digest.clone(),
                 };
                 // A failed write (a full disk, say) must not end the run:
-                // say so and try again at the next round. The checkpoint at
-                // the end of the run still fails the node.
+                // say so and try again at the next checkpoint round. The
+                // checkpoint at the end of the run still fails the node.
                 match self
                     .save_stage(
                         (&run.config.net.swarm, run.config.schedule.average_every),

@@ -113,6 +113,9 @@ pub(super) struct StagePoint {
     pub round: u64,
     pub step: u64,
     pub samples: u64,
+    /// [`checkpoint::params_digest`] of the parameters saved, which the
+    /// caller has computed for its report anyway.
+    pub params_digest: String,
 }
 
 impl Driver {
@@ -133,7 +136,7 @@ impl Driver {
             round: at.round,
             step: at.step,
             samples: at.samples,
-            params_digest: checkpoint::params_digest(values),
+            params_digest: at.params_digest,
             average_every: Some(average_every),
         };
         let (dir, values) = (to.dir.clone(), values.to_vec());

@@ -609,15 +609,7 @@ impl Driver {
                 samples: samples_before(pcfg) + tally.tokens,
                 params_digest: model_digest.clone(),
             };
-            let path = self
-                .save_stage(
-                    (&config.net.swarm, config.schedule.average_every),
-                    to,
-                    &compute,
-                    at,
-                    &params,
-                )
-                .await?;
+            let path = self.save_stage(config, to, &compute, at, &params).await?;
             info!(path = %path.display(), "final stage parameters written");
         }
         let stage_peers = (0..pcfg.stages)
@@ -1256,41 +1248,17 @@ impl Driver {
             Some(digest) => checkpoint::hex(&digest),
             None => checkpoint::params_digest(&values),
         };
-        if let Some(to) = run.pcfg.checkpoints.as_ref() {
-            // Every replica and stage writes at the same rounds; and a node
-            // that took this stage over writes it at its first round, so a
-            // stop right after a move does not leave only its old stage on disk.
-            if round.is_multiple_of(to.every_rounds.max(1)) || !outcome.tried_saving {
-                outcome.tried_saving = true;
-                let at = StagePoint {
-                    stage,
-                    stages: run.pcfg.stages,
-                    round,
-                    step,
-                    samples: samples_before(run.pcfg) + tally.tokens,
-                    params_digest: model_digest.clone(),
-                };
-                // A failed write (a full disk, say) must not end the run:
-                // say so and try again at the next checkpoint round. The
-                // checkpoint at the end of the run still fails the node.
-                match self
-                    .save_stage(
-                        (&run.config.net.swarm, run.config.schedule.average_every),
-                        to,
-                        compute,
-                        at,
-                        &values,
-                    )
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(NodeError::Checkpoint(e)) => span.in_scope(|| {
-                        error!(error = %e, "stage checkpoint not written; training goes on and the next checkpoint tries again")
-                    }),
-                    Err(e) => return Err(e),
-                }
-            }
-        }
+        let at = StagePoint {
+            stage,
+            stages: run.pcfg.stages,
+            round,
+            step,
+            samples: samples_before(run.pcfg) + tally.tokens,
+            params_digest: model_digest.clone(),
+        };
+        self.checkpoint_stage_round(run, at, &values, outcome)
+            .instrument(span.clone())
+            .await?;
         self.pump(compute.set_params(values)).await??;
         outcome.rounds = round;
         outcome.complete_rounds += u64::from(complete);
@@ -1313,6 +1281,40 @@ impl Driver {
             model_digest,
         }));
         Ok(())
+    }
+
+    /// Writes the stage's checkpoint after round `at.round` where one is due:
+    /// every replica and stage at the same rounds (the multiples of
+    /// `--checkpoint-every`), and a node that took this stage over at its
+    /// first round with it, so a stop right after a move does not leave only
+    /// its old stage on disk. A failed write (a full disk, say) must not end
+    /// the run: it is logged and the next checkpoint round tries again (the
+    /// checkpoint at the end of the run still fails the node).
+    async fn checkpoint_stage_round(
+        &mut self,
+        run: StageRun<'_>,
+        at: StagePoint,
+        values: &[f32],
+        outcome: &mut StageOutcome,
+    ) -> Result<(), NodeError> {
+        let Some(to) = run.pcfg.checkpoints.as_ref() else {
+            return Ok(());
+        };
+        if !at.round.is_multiple_of(to.every_rounds.max(1)) && outcome.tried_saving {
+            return Ok(());
+        }
+        outcome.tried_saving = true;
+        match self
+            .save_stage(run.config, to, run.compute, at, values)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(NodeError::Checkpoint(e)) => {
+                error!(error = %e, "stage checkpoint not written; training goes on and the next checkpoint tries again");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Sends a first-stage batch of micro-batches through the pipeline and

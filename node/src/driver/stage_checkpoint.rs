@@ -8,7 +8,7 @@
 //! ([`super::stage_model_name`]), with the stage's Adam moments beside its
 //! parameters.
 
-use super::{Driver, NodeError};
+use super::{Driver, NodeConfig, NodeError};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, RunMismatch};
 use crate::stage_compute::StageCompute;
 use crate::task::OptimState;
@@ -123,7 +123,7 @@ impl Driver {
     /// stage's optimizer state as the checkpoint of `at`, off the event loop.
     pub(super) async fn save_stage(
         &mut self,
-        (swarm, average_every): (&str, u64),
+        config: &NodeConfig,
         to: &StageCheckpoints,
         compute: &StageCompute,
         at: StagePoint,
@@ -131,13 +131,13 @@ impl Driver {
     ) -> Result<PathBuf, NodeError> {
         let optim = self.pump(compute.optim_state()).await??;
         let meta = CheckpointMeta {
-            swarm: swarm.to_owned(),
+            swarm: config.net.swarm.clone(),
             model: super::stage_model_name(at.stage, at.stages),
             round: at.round,
             step: at.step,
             samples: at.samples,
             params_digest: at.params_digest,
-            average_every: Some(average_every),
+            average_every: Some(config.schedule.average_every),
         };
         let (dir, values) = (to.dir.clone(), values.to_vec());
         let path = self

@@ -34,9 +34,10 @@
 //!
 //! A whole run that stopped resumes from disk: each node checkpoints its
 //! stage every few of the stage's rounds (`stage_checkpoint`), and a node
-//! started with `--resume` holds its checkpoint's stage again and announces
-//! the checkpoint's step at once, so to the peers starting beside it the run
-//! is in progress.
+//! started with `--resume` holds its checkpoint's stage again: from the
+//! checkpoint, announcing its step so that to peers starting later the run
+//! is in progress; or, where a live replica of the stage is already past
+//! it, from the swarm's backup with the checkpoint's Adam moments.
 
 use super::stage_checkpoint::{StageCheckpoints, StagePoint, StageResume};
 use super::{Driver, FinalReport, NodeConfig, NodeError, NodeEvent, Reporter, RoundReport};
@@ -66,6 +67,10 @@ const HELLO_EVERY: Duration = Duration::from_secs(1);
 /// How long a node joining a run in progress listens for a first-stage
 /// replica before it concludes the first stage has none and takes it over.
 const FIRST_STAGE_CONFIRM: Duration = Duration::from_secs(5);
+/// How long a first-stage node resumed from its checkpoint listens for the
+/// other replicas' steps before it trains: they chose their checkpoints at
+/// about the same moment, and one a round ahead is caught up to.
+const RESUMED_REPLICAS_GRACE: Duration = Duration::from_secs(2);
 /// A micro-batch sent this many times without an answer ends the run.
 const MAX_TRIES: u32 = 6;
 
@@ -458,6 +463,7 @@ impl Driver {
         // backup, as a late joiner would. Its hellos announce the step, so
         // to peers that start later the run is in progress.
         let mut from_disk = pcfg.resume.as_ref();
+        let mut stale_checkpoint = None;
         if let Some(r) = from_disk {
             if let Some(ahead) = self.training_replica_ahead(r.stage, r.step) {
                 info!(
@@ -466,7 +472,7 @@ impl Driver {
                     replica_step = ahead,
                     "a replica of the stage is past our checkpoint; taking the stage's backup instead"
                 );
-                from_disk = None;
+                (from_disk, stale_checkpoint) = (None, from_disk);
             } else {
                 self.pipe.step = r.step;
                 // At once, so peers that start beside it hear of the run
@@ -534,6 +540,11 @@ impl Driver {
                 })
             } else if take_over {
                 let backup = self.take_over_stage(stage, pcfg, &compute).await?;
+                // A resumer that passed its stale checkpoint over keeps the
+                // checkpoint's moments under the backup's parameters.
+                if let Some(r) = stale_checkpoint.take().filter(|r| r.stage == stage) {
+                    self.restore_stage_moments(r, &compute).await?;
+                }
                 Some(ResumePoint {
                     round: backup.round,
                     step: backup.step,
@@ -1116,6 +1127,16 @@ impl Driver {
             ),
         };
         let (mut start, mut round) = resume.map_or((0, 0), |r| (r.step, r.round));
+        if resume.is_some_and(|r| r.from_checkpoint) {
+            // Replicas restarted together announce their checkpoints' steps
+            // within moments of each other: hear them out before comparing.
+            let until = Instant::now() + RESUMED_REPLICAS_GRACE;
+            while Instant::now() < until {
+                let left = until.saturating_duration_since(Instant::now());
+                self.pipe_wait(last_hello, 0, pcfg.stages, StagePhase::Training, left)
+                    .await?;
+            }
+        }
         let ahead = resume
             .filter(|r| r.from_checkpoint)
             .and_then(|_| self.replica_ahead(0, start));

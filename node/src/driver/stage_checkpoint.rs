@@ -164,6 +164,18 @@ impl Driver {
             });
         }
         self.pump(compute.set_params(from.params.clone())).await??;
+        self.restore_stage_moments(from, compute).await
+    }
+
+    /// Loads the checkpoint's Adam moments into `compute`, also under
+    /// parameters taken from the swarm's newer backup of the stage: a round
+    /// or so old, they are far closer than fresh moments, whose first steps
+    /// move every parameter by about the full learning rate.
+    pub(super) async fn restore_stage_moments(
+        &mut self,
+        from: &StageResume,
+        compute: &StageCompute,
+    ) -> Result<(), NodeError> {
         if let Some(state) = &from.optim {
             if let Err(e) = self.pump(compute.set_optim_state(state.clone())).await? {
                 warn!(error = %e, "stage checkpoint's optimizer state not restored; fresh moments");

@@ -178,6 +178,13 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step in a pipeline; --batch-size is split among them.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
     pub micro_batches: u64,
+    /// Training micro-batches a first-stage replica keeps in the pipeline at once:
+    /// each returning gradient lets the next one in (1F1B), so a stage holds at most
+    /// this many micro-batches' activations per first-stage replica. Default: --stages
+    /// plus one (keeps every stage busy while micro-batches travel); --micro-batches
+    /// or more is GPipe.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
+    pub max_in_flight: Option<u64>,
     /// Seconds a micro-batch may take to come back before it goes to another replica.
     #[arg(long, default_value_t = 20.0, value_parser = parse_secs, allow_negative_numbers = true)]
     pub stage_timeout_secs: f64,
@@ -955,6 +962,11 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             let pipeline = PipelineConfig {
                 stages: args.train.stages,
                 micro_batches: args.train.micro_batches as usize,
+                max_in_flight: args
+                    .train
+                    .max_in_flight
+                    .unwrap_or(u64::from(args.train.stages) + 1)
+                    as usize,
                 stage_timeout: Duration::from_secs_f64(args.train.stage_timeout_secs),
                 checkpoints: stage_checkpoints,
                 resume: stage_resume,
@@ -1046,6 +1058,11 @@ pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
         anyhow::bail!(
             "--stages {} needs --model char-lm: only the language model can be cut into pipeline stages",
             train.stages
+        );
+    }
+    if let (Some(n), false) = (train.max_in_flight, train.model == ModelChoice::CharLm) {
+        anyhow::bail!(
+            "--max-in-flight {n} schedules a pipeline's micro-batches and needs --model char-lm"
         );
     }
     if let (Some(_), None) = (train.compression.top_k(), train.outer_lr) {

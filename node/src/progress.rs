@@ -144,11 +144,13 @@ pub fn event_lines(e: &NodeEvent) -> Vec<String> {
                 format!("validation {b:.3} bits/char")
             });
             format!(
-                "finished stage {} of {}: {val}  bubble {:.0}%  {:.0} KB of activations per step",
+                "finished stage {} of {}: {val}  bubble {:.0}%  {:.0} KB of activations per step  \
+                 at most {} micro-batches held for backward",
                 p.stage,
                 p.stages,
                 p.bubble * 100.0,
-                p.activation_bytes_per_step / 1e3
+                p.activation_bytes_per_step / 1e3,
+                p.peak_held_micro_batches
             )
         } else if let Some(acc) = f.test_accuracy {
             format!(

@@ -8,7 +8,9 @@
 use crate::compute::{ComputeError, ComputeGone};
 use crate::task::{OptimState, Shard, TaskError};
 use p2ptrain_train::stage::{Forward, StageSpec, StageTask};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 /// Builds a stage's task on the compute thread, given the stage it holds;
@@ -19,6 +21,23 @@ pub type StageFactory = std::sync::Arc<
 
 /// Commands queue at most this deep; the driver awaits each answer.
 const QUEUE_DEPTH: usize = 4;
+
+/// The most micro-batches whose graphs a node's stage kept at once (see
+/// [`StageTask::graphs_held`]), shared with the compute threads of every
+/// stage the node holds in turn, so its report covers them all.
+#[derive(Clone, Debug, Default)]
+pub struct PeakGraphs(Arc<AtomicUsize>);
+
+impl PeakGraphs {
+    /// The peak so far.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn record(&self, held: usize) {
+        self.0.fetch_max(held, Ordering::Relaxed);
+    }
+}
 
 type Reply<T> = oneshot::Sender<T>;
 
@@ -55,11 +74,13 @@ pub struct StageCompute {
 
 impl StageCompute {
     /// Starts a thread that builds the stage with `factory` and then serves
-    /// commands; fails if the thread cannot start or the stage cannot be built.
+    /// commands, recording into `peak` the graphs the stage holds after each
+    /// forward; fails if the thread cannot start or the stage cannot be built.
     pub async fn spawn(
         factory: StageFactory,
         spec: StageSpec,
         name: String,
+        peak: PeakGraphs,
     ) -> Result<StageCompute, ComputeError> {
         let (tx, rx) = std_mpsc::sync_channel(QUEUE_DEPTH);
         let (built_tx, built_rx) = oneshot::channel();
@@ -68,7 +89,7 @@ impl StageCompute {
             .spawn(move || match factory(spec) {
                 Ok(task) => {
                     let _ = built_tx.send(Ok((task.num_params(), task.num_train_windows())));
-                    serve(task, rx);
+                    serve(task, rx, &peak);
                 }
                 Err(e) => {
                     let _ = built_tx.send(Err(e));
@@ -166,7 +187,7 @@ impl StageCompute {
     }
 }
 
-fn serve(mut task: Box<dyn StageTask>, commands: std_mpsc::Receiver<Command>) {
+fn serve(mut task: Box<dyn StageTask>, commands: std_mpsc::Receiver<Command>, peak: &PeakGraphs) {
     while let Ok(command) = commands.recv() {
         // A dropped reply receiver just means the driver stopped waiting.
         match command {
@@ -177,7 +198,9 @@ fn serve(mut task: Box<dyn StageTask>, commands: std_mpsc::Receiver<Command>) {
                 train,
                 reply,
             } => {
-                let _ = reply.send(task.forward(id, &tokens, input.as_deref(), train));
+                let forward = task.forward(id, &tokens, input.as_deref(), train);
+                peak.record(task.graphs_held());
+                let _ = reply.send(forward);
             }
             Command::Backward(id, grad, reply) => {
                 let _ = reply.send(task.backward(id, &grad));

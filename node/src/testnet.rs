@@ -73,6 +73,9 @@ pub struct PipelineSummary {
     pub activation_bytes_per_step: f64,
     /// Micro-batches sent again after a timeout, summed over nodes.
     pub resent: u64,
+    /// Per stage, the most training micro-batches whose activations one of
+    /// its peers kept at once for the backward pass (see `--max-in-flight`).
+    pub peak_held_micro_batches: Vec<usize>,
 }
 
 enum Line {
@@ -117,6 +120,10 @@ fn train_flags(t: &TrainArgs) -> Vec<String> {
     if let Some(d) = &t.data {
         v.push("--data".into());
         v.push(d.display().to_string());
+    }
+    if let Some(n) = t.max_in_flight {
+        v.push("--max-in-flight".into());
+        v.push(n.to_string());
     }
     if let Some(s) = t.steps {
         v.push("--steps".into());
@@ -483,9 +490,13 @@ fn summarize_pipeline(finals: &BTreeMap<usize, FinalReport>) -> Option<PipelineS
         .collect();
     let stages = reports.first()?.stages;
     let mut stage_peers = vec![0usize; stages as usize];
+    let mut peak_held = vec![0usize; stages as usize];
     for r in &reports {
         if let Some(c) = stage_peers.get_mut(r.stage as usize) {
             *c += 1;
+        }
+        if let Some(p) = peak_held.get_mut(r.stage as usize) {
+            *p = (*p).max(r.peak_held_micro_batches);
         }
     }
     let first: Vec<_> = reports.iter().filter(|r| r.stage == 0).collect();
@@ -503,5 +514,6 @@ fn summarize_pipeline(finals: &BTreeMap<usize, FinalReport>) -> Option<PipelineS
         )
         .unwrap_or(0.0),
         resent: reports.iter().map(|r| r.resent).sum(),
+        peak_held_micro_batches: peak_held,
     })
 }

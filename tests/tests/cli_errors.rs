@@ -225,6 +225,11 @@ fn bad_pipeline_settings() {
         ],
         "--micro-batches",
     );
+    assert_one_line_error(&["node", "--max-in-flight", "2"], "--model char-lm");
+    assert_one_line_error(
+        &["testnet", "--model", "char-lm", "--max-in-flight", "0"],
+        "--max-in-flight",
+    );
     let dir = tempfile::tempdir().unwrap();
     let latin1 = dir.path().join("latin1.txt");
     std::fs::write(&latin1, b"caf\xe9").unwrap();

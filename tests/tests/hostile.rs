@@ -3,12 +3,12 @@
 //! mean lets it wreck the model; the robust rules keep the swarm training.
 
 mod common;
-use common::run;
+use common::run_testnet;
 
 /// Runs a 4-node testnet on the bundled data with the last node hostile;
 /// returns its summary line.
 fn testnet_with_hostile(aggregation: &str, misbehave: &str) -> serde_json::Value {
-    let out = run(&[
+    let summary = run_testnet(&[
         "testnet",
         "--nodes",
         "4",
@@ -21,14 +21,6 @@ fn testnet_with_hostile(aggregation: &str, misbehave: &str) -> serde_json::Value
         "--timeout-secs",
         "300",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "testnet failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().expect("a summary line")).unwrap();
     eprintln!("{aggregation} against {misbehave}: {summary}");
     summary
 }

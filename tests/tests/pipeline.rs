@@ -2,7 +2,7 @@
 //! language model cut into two stages, each held by two peers.
 
 mod common;
-use common::{bootstrap_address, next_event, run, spawn_node, Events, Nodes};
+use common::{bootstrap_address, next_event, run, run_testnet, spawn_node, Events, Nodes};
 use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -22,6 +22,66 @@ const PIPELINE: &[&str] = &[
     "5",
 ];
 
+/// Runs a three-node, three-stage testnet of eight micro-batches per step
+/// with `--max-in-flight window`; returns its summary line.
+fn three_stage_testnet(window: &str) -> serde_json::Value {
+    let summary = run_testnet(&[
+        "testnet",
+        "--nodes",
+        "3",
+        "--model",
+        "char-lm",
+        "--stages",
+        "3",
+        "--micro-batches",
+        "8",
+        "--batch-size",
+        "16",
+        "--average-every",
+        "2",
+        "--steps",
+        "6",
+        "--max-in-flight",
+        window,
+        "--timeout-secs",
+        "300",
+    ]);
+    eprintln!("--max-in-flight {window}: {summary}");
+    summary
+}
+
+#[test]
+fn one_forward_one_backward_bounds_the_activations_every_stage_holds() {
+    // 1F1B with two micro-batches in flight: each stage before the last
+    // holds at most two micro-batches' activations, the last none.
+    let bounded = three_stage_testnet("2");
+    let held = &bounded["peak_held_micro_batches"];
+    assert_eq!(
+        held[0], 2,
+        "the first stage fills its window of two: {held}"
+    );
+    assert!(held[1].as_u64().unwrap() <= 2, "the middle stage: {held}");
+    assert_eq!(held[2], 0, "the last stage back-propagates at once: {held}");
+    let initial = bounded["initial_val_loss"].as_f64().unwrap();
+    let fin = bounded["val_loss"].as_f64().unwrap();
+    assert!(
+        fin < initial - 1.0,
+        "loss fell only from {initial} to {fin}"
+    );
+    assert_eq!(bounded["tokens"], 6 * 16 * 128);
+    // GPipe (the whole step in flight) holds every micro-batch of the step.
+    let gpipe = three_stage_testnet("8");
+    let held = &gpipe["peak_held_micro_batches"];
+    assert_eq!(
+        held[0], 8,
+        "GPipe's first stage holds its whole step: {held}"
+    );
+    assert!(
+        held[1].as_u64().unwrap() > 2,
+        "GPipe's middle stage: {held}"
+    );
+}
+
 #[test]
 fn four_peers_two_stages_learn_the_text() {
     let dir = tempfile::tempdir().unwrap();
@@ -29,15 +89,7 @@ fn four_peers_two_stages_learn_the_text() {
     let mut args = vec!["testnet", "--checkpoint-dir", ckpt, "--nodes", "4"];
     args.extend(PIPELINE);
     args.extend(["--steps", "60", "--timeout-secs", "600"]);
-    let out = run(&args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "testnet failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().expect("a summary line")).unwrap();
+    let summary = run_testnet(&args);
     eprintln!("{summary}");
     assert_eq!(summary["stages"], 2);
     assert_eq!(summary["stage_peers"], serde_json::json!([2, 2]));

@@ -2,11 +2,13 @@
 //! stages, each peer holds one stage, and micro-batches stream through them.
 //!
 //! The first stage's replicas own the data: each takes its shard of the
-//! token windows, runs its stage forward on a step's micro-batches (all of
-//! them, GPipe style, so the next stage works on one while this one computes
-//! the next), sends each micro-batch's activations to a replica of the next
-//! stage (round robin over the live ones) and back-propagates each gradient
-//! as it returns. Later stages only react: a micro-batch in, activations out
+//! token windows, runs its stage forward on a step's micro-batches, sends
+//! each micro-batch's activations to a replica of the next stage (round
+//! robin over the live ones) and back-propagates each gradient as it
+//! returns, keeping at most `max_in_flight` micro-batches in the pipeline
+//! (1F1B: a gradient back lets the next micro-batch in, so the next stage
+//! works on one while this one computes the next, and no stage holds more
+//! than that many graphs per first-stage replica, however long the step). Later stages only react: a micro-batch in, activations out
 //! (or, at the last stage, loss and input gradient back). Every stage applies
 //! an optimizer step per `micro_batches` micro-batches and averages with the
 //! other replicas of its stage every `average_every` steps, with the same
@@ -44,7 +46,7 @@ use super::{Driver, FinalReport, NodeConfig, NodeError, NodeEvent, Reporter, Rou
 use crate::checkpoint;
 use crate::identity::node_id_of;
 use crate::net::Network;
-use crate::stage_compute::{StageCompute, StageFactory};
+use crate::stage_compute::{PeakGraphs, StageCompute, StageFactory};
 use crate::task::Shard;
 use libp2p::{identity::Keypair, PeerId};
 use p2ptrain_protocol::pipe::{
@@ -81,6 +83,11 @@ pub struct PipelineConfig {
     pub stages: u32,
     /// Micro-batches per optimizer step.
     pub micro_batches: usize,
+    /// Training micro-batches a first-stage replica keeps in the pipeline at
+    /// once (1F1B: each returning gradient lets the next one in), which
+    /// bounds the graphs every stage holds for backward passes; at least
+    /// `micro_batches` is GPipe (a step's forwards all go in first).
+    pub max_in_flight: usize,
     /// How long a micro-batch may take to come back before it is sent to another replica.
     pub stage_timeout: Duration,
     /// Where and how often to write this node's stage as a checkpoint (see
@@ -132,6 +139,12 @@ pub struct PipelineReport {
     /// run with it: a backup's (it took the stage over in a run in
     /// progress) or its checkpoint's (`--resume`); `None` otherwise.
     pub resumed_at_step: Option<u64>,
+    /// The most training micro-batches whose activations this node's stage
+    /// kept at once for their backward pass: its activation memory in
+    /// micro-batches, bounded by `max_in_flight` per first-stage replica
+    /// sending to it (0 at the last stage, which back-propagates at once).
+    #[serde(default)]
+    pub peak_held_micro_batches: usize,
 }
 
 /// Pipeline messages waiting for the pipeline loop, and who serves which stage.
@@ -396,6 +409,8 @@ struct Tally {
     pipe_bytes: u64,
     resent: u64,
     tokens: u64,
+    /// Graphs held for backward passes, at most, over every stage held.
+    peak_graphs: PeakGraphs,
 }
 
 /// Runs a pipeline node until the run is over; returns its final report.
@@ -515,7 +530,12 @@ impl Driver {
             };
             let name = format!("stage{stage}-{}", self.net.local_peer_id());
             let compute = self
-                .pump(StageCompute::spawn(factory.clone(), spec, name))
+                .pump(StageCompute::spawn(
+                    factory.clone(),
+                    spec,
+                    name,
+                    tally.peak_graphs.clone(),
+                ))
                 .await??;
             info!(
                 stage,
@@ -639,6 +659,7 @@ impl Driver {
             activation_bytes_per_step: tally.pipe_bytes as f64 / outcome.steps.max(1) as f64,
             resent: tally.resent,
             resumed_at_step: resume.map(|r| r.step),
+            peak_held_micro_batches: tally.peak_graphs.get(),
         };
         let final_report = FinalReport {
             peer_id: self.net.local_peer_id().to_string(),
@@ -1342,6 +1363,11 @@ impl Driver {
     /// waits for every answer, back-propagating each gradient as it arrives
     /// (`train`) or only collecting losses. Returns (loss, predicted, tokens) per
     /// micro-batch, with the tokens its loss covered. A micro-batch not answered in time goes to another replica.
+    ///
+    /// In training at most `max_in_flight` micro-batches are in the pipeline
+    /// at once, and each gradient back-propagated lets the next one in (one
+    /// forward, one backward: 1F1B), so no stage holds more graphs than
+    /// that for this replica; evaluation keeps no graphs and sends all.
     async fn run_micro_batches(
         &mut self,
         pcfg: &PipelineConfig,
@@ -1353,49 +1379,63 @@ impl Driver {
     ) -> Result<Option<Vec<(f32, u32, Vec<u32>)>>, NodeError> {
         let stage = compute.spec.index as u32;
         let next = stage + 1;
+        let window = if train {
+            pcfg.max_in_flight.max(1)
+        } else {
+            usize::MAX
+        };
         let mut pending: BTreeMap<u64, InFlight> = BTreeMap::new();
         let mut results = Vec::with_capacity(batch.len());
-        for tokens in batch {
-            tally.next_id += 1;
-            let id = tally.next_id;
-            let t = Instant::now();
-            let fwd = self
-                .pump(compute.forward(id, tokens.clone(), None, train))
-                .await??;
-            tally.busy += t.elapsed();
-            tally.micro += 1;
-            let activations = match fwd {
-                Forward::Activations(a) => a,
-                // A one-stage "pipeline" (the whole model here): done already.
-                Forward::Loss {
-                    loss, tokens: n, ..
-                } => {
-                    if train {
-                        tally.tokens += n as u64;
+        let mut waiting = batch.into_iter();
+        loop {
+            while pending.len() < window {
+                let Some(tokens) = waiting.next() else {
+                    break;
+                };
+                tally.next_id += 1;
+                let id = tally.next_id;
+                let t = Instant::now();
+                let fwd = self
+                    .pump(compute.forward(id, tokens.clone(), None, train))
+                    .await??;
+                tally.busy += t.elapsed();
+                tally.micro += 1;
+                let activations = match fwd {
+                    Forward::Activations(a) => a,
+                    // A one-stage "pipeline" (the whole model here): done already.
+                    Forward::Loss {
+                        loss, tokens: n, ..
+                    } => {
+                        if train {
+                            tally.tokens += n as u64;
+                        }
+                        results.push((loss, n as u32, tokens));
+                        continue;
                     }
-                    results.push((loss, n as u32, tokens));
-                    continue;
-                }
-            };
-            let Some(to) = self
-                .wait_for_route(next, id, None, last_hello, pcfg)
-                .await?
-            else {
-                return Ok(None);
-            };
-            self.send_forward(to, id, train, &tokens, &activations, tally)?;
-            pending.insert(
-                id,
-                InFlight {
-                    tokens,
-                    activations,
-                    to,
-                    deadline: Instant::now() + pcfg.stage_timeout,
-                    tries: 1,
-                },
-            );
-        }
-        while !pending.is_empty() {
+                };
+                let Some(to) = self
+                    .wait_for_route(next, id, None, last_hello, pcfg)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                self.send_forward(to, id, train, &tokens, &activations, tally)?;
+                pending.insert(
+                    id,
+                    InFlight {
+                        tokens,
+                        activations,
+                        to,
+                        deadline: Instant::now() + pcfg.stage_timeout,
+                        tries: 1,
+                    },
+                );
+            }
+            // The batch is through when nothing waits for an answer and the
+            // window above took every micro-batch left.
+            if pending.is_empty() {
+                break;
+            }
             while let Some((from, b)) = self.pipe.backwards.pop_front() {
                 let Some(p) = take_answered(&mut pending, |p| p.to, from, b.id) else {
                     continue;

@@ -103,6 +103,10 @@ pub trait StageTask: Send + 'static {
     fn backward(&mut self, id: u64, grad_output: &[f32]) -> Result<Option<Vec<f32>>, TaskError>;
     /// Drops micro-batch `id`'s saved graph: its gradient will never come.
     fn forget(&mut self, id: u64);
+    /// Micro-batches whose graphs this stage keeps for their backward pass
+    /// right now: what its activation memory grows with, and what the
+    /// pipeline schedule bounds.
+    fn graphs_held(&self) -> usize;
     /// One optimizer step with the mean of the gradients accumulated since
     /// the last step; returns the micro-batches it covered (0: nothing to do).
     fn apply_step(&mut self) -> Result<usize, TaskError>;

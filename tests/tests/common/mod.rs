@@ -17,6 +17,19 @@ pub fn run(args: &[&str]) -> Output {
         .expect("the binary under test starts")
 }
 
+/// Runs `p2ptrain testnet` with `args` (the command name included), checks
+/// it succeeded, and returns its summary: the last stdout line, as JSON.
+pub fn run_testnet(args: &[&str]) -> serde_json::Value {
+    let out = run(args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "testnet failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().expect("a summary line")).unwrap()
+}
+
 /// JSON event lines from node processes, tagged with the node's index.
 pub type Events = std::sync::mpsc::Sender<(usize, serde_json::Value)>;
 

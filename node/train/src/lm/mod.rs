@@ -438,6 +438,10 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
         self.in_flight.remove(&id);
     }
 
+    fn graphs_held(&self) -> usize {
+        self.in_flight.len()
+    }
+
     fn apply_step(&mut self) -> Result<usize, TaskError> {
         if self.accumulated == 0 {
             return Ok(0);

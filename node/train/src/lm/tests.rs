@@ -171,6 +171,35 @@ fn bad_inputs_are_refused_and_forget_drops_state() {
 }
 
 #[test]
+fn a_stage_holds_a_graph_per_micro_batch_until_its_backward() {
+    let config = small();
+    let mut first = stage(&config, 0, 2);
+    let mut last = stage(&config, 1, 2);
+    let tokens = first.next_train_tokens().unwrap();
+    let mut acts = Vec::new();
+    for id in [1, 2] {
+        let Forward::Activations(a) = first.forward(id, &tokens, None, true).unwrap() else {
+            panic!("the first of two stages sends activations");
+        };
+        acts = a;
+    }
+    assert_eq!(first.graphs_held(), 2);
+    // Evaluation keeps nothing for a backward pass.
+    first.forward(3, &tokens, None, false).unwrap();
+    assert_eq!(first.graphs_held(), 2);
+    // The last stage back-propagates at once and keeps nothing either.
+    let Forward::Loss { grad_input, .. } = last.forward(1, &tokens, Some(&acts), true).unwrap()
+    else {
+        panic!("the last stage ends in a loss");
+    };
+    assert_eq!(last.graphs_held(), 0);
+    first.backward(1, &grad_input).unwrap();
+    assert_eq!(first.graphs_held(), 1);
+    first.forget(2);
+    assert_eq!(first.graphs_held(), 0);
+}
+
+#[test]
 fn training_the_whole_model_lowers_held_out_loss() {
     let config = CharLmConfig {
         micro_batches: 1,

@@ -826,12 +826,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                 other => other.into(),
             })?;
             if pipeline {
-                let stage = driver::StageResume::from_checkpoint(
-                    ckpt,
-                    dir,
-                    &args.swarm,
-                    (args.train.stages, args.train.average_every),
-                )?;
+                let cut = (args.train.stages, args.train.average_every);
+                let mut stage = driver::StageResume::from_checkpoint(ckpt, dir, &args.swarm, cut)?;
+                stage.read_saved_backups(dir, &args.swarm, cut);
                 (None, Some(stage))
             } else {
                 check_resumable(

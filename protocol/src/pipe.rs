@@ -47,6 +47,11 @@ pub struct PipeBackward {
 /// Where a pipeline peer stands in the run, announced by gossip.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum StagePhase {
+    /// Holds its stage again from its own checkpoint (`--resume`) and is
+    /// still finding out where the run goes on from: not serving
+    /// micro-batches yet, and no proof that the run trained past its step,
+    /// but a sign to a node starting beside it that the run is in progress.
+    Resuming,
     /// Taking training steps (or serving them).
     Training,
     /// Finished training and its stage's final averaging; now only evaluates.

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
 /// refuse each other with a clear error instead of misreading bytes.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Hard limit on one encoded message (header included): bounds what a peer can make us
 /// buffer and parse.

@@ -182,6 +182,9 @@ pub(super) struct Inbox {
     /// The stage whose backup this node is asking for (taking it over), if
     /// any: only then may peers of other stages hand one on.
     asking_backup: Option<u32>,
+    /// Per stage, the round of the backup last written beside this node's
+    /// stage checkpoints, so an unchanged backup is not written again.
+    pub(super) backups_saved: BTreeMap<u32, u64>,
 }
 
 impl Inbox {
@@ -282,6 +285,27 @@ impl Inbox {
         self.peers_of_stage(stage).min_by_key(node_id_of)
     }
 
+    /// The backups held of stages other than `own`, to save beside its
+    /// checkpoint.
+    pub(super) fn backups_of_others(&self, own: u32) -> Vec<StageState> {
+        self.backups
+            .iter()
+            .filter(|(stage, _)| **stage != own)
+            .map(|(_, (_, state))| state.clone())
+            .collect()
+    }
+
+    /// Holds a backup this node saved before it stopped (`from` is this
+    /// node), unless it holds a newer one already; a backup the stage's
+    /// replica sends later replaces it as any other holder's would.
+    pub(super) fn hold_saved_backup(&mut self, from: PeerId, state: StageState) {
+        let newer =
+            |(_, held): &(PeerId, StageState)| (state.round, state.step) > (held.round, held.step);
+        if self.backups.get(&state.stage).is_none_or(newer) {
+            self.backups.insert(state.stage, (from, state));
+        }
+    }
+
     /// The backup to answer a request with, if we hold one.
     pub(super) fn backup_for(&self, request: StageStateRequest) -> Option<&StageState> {
         self.backups
@@ -294,20 +318,23 @@ impl Inbox {
         self.hellos.remove(peer);
     }
 
-    /// Peers known to serve a stage `wanted` accepts, in a fixed order.
-    fn peers_serving<'a>(
+    /// Peers whose announcement `wanted` accepts, in a fixed order.
+    fn peers_where<'a>(
         &'a self,
-        wanted: impl Fn(u32) -> bool + 'a,
+        wanted: impl Fn(&StageHello) -> bool + 'a,
     ) -> impl Iterator<Item = PeerId> + 'a {
         self.hellos
             .iter()
-            .filter(move |(_, h)| wanted(h.stage))
+            .filter(move |(_, h)| wanted(h))
             .map(|(p, _)| *p)
     }
 
-    /// Peers known to serve `stage`, in a fixed order.
+    /// Peers known to serve `stage`, in a fixed order: its replicas, which
+    /// take micro-batches, average and back the stage up. A resumer still
+    /// deciding where it goes on from is none of them yet (it announces
+    /// its stage only so that a joiner does not choose it).
     pub(super) fn peers_of_stage(&self, stage: u32) -> impl Iterator<Item = PeerId> + '_ {
-        self.peers_serving(move |s| s == stage)
+        self.peers_where(move |h| h.stage == stage && h.phase != StagePhase::Resuming)
     }
 
     /// The peers a stage's lowest-id replica sends its backup to: the first
@@ -322,7 +349,7 @@ impl Inbox {
     /// Peers known to serve another stage than `stage`: those that may hold
     /// its backup (a replica that moved stages keeps what it held).
     pub(super) fn peers_not_of_stage(&self, stage: u32) -> Vec<PeerId> {
-        self.peers_serving(|s| s != stage).collect()
+        self.peers_where(|h| h.stage != stage).collect()
     }
 
     fn phases_of_stage(&self, stage: u32) -> impl Iterator<Item = StagePhase> + '_ {
@@ -467,11 +494,20 @@ impl Driver {
         self.pipe.stages = pcfg.stages;
         // A resumer listens as long as a node about to take the first stage
         // over: hearing a live replica of its stage decides what it loads.
-        let listen = match pcfg.resume {
-            Some(_) => FIRST_STAGE_CONFIRM,
-            None => HELLO_EVERY + HELLO_EVERY / 2,
+        // Meanwhile it announces its stage as resuming, so a node starting
+        // beside it joins the run in progress (the stage no resumed node
+        // holds) instead of starting afresh; and it serves the backups of
+        // other stages it saved.
+        let (listen, resuming) = match &pcfg.resume {
+            Some(r) => {
+                self.hold_saved_backups(r, pcfg.stages);
+                self.pipe.step = r.step;
+                (FIRST_STAGE_CONFIRM, Some(r.stage))
+            }
+            None => (HELLO_EVERY + HELLO_EVERY / 2, None),
         };
-        self.listen_for_hellos(pcfg.stages, listen).await?;
+        self.listen_for_hellos(pcfg.stages, listen, resuming)
+            .await?;
         // A node resuming from its stage checkpoint holds that stage again,
         // from the checkpoint; but where a live replica of the stage is past
         // it (the swarm trained on without this node), from the stage's
@@ -487,7 +523,7 @@ impl Driver {
                     replica_step = ahead,
                     "a replica of the stage is past our checkpoint; taking the stage's backup instead"
                 );
-                (from_disk, stale_checkpoint) = (None, from_disk);
+                (from_disk, stale_checkpoint) = (None, Some((r, ahead)));
             } else {
                 self.pipe.step = r.step;
                 // At once, so peers that start beside it hear of the run
@@ -559,10 +595,16 @@ impl Driver {
                     from_checkpoint: true,
                 })
             } else if take_over {
-                let backup = self.take_over_stage(stage, pcfg, &compute).await?;
-                // A resumer that passed its stale checkpoint over keeps the
-                // checkpoint's moments under the backup's parameters.
-                if let Some(r) = stale_checkpoint.take().filter(|r| r.stage == stage) {
+                // A resumer that passed its stale checkpoint over waits for
+                // a backup at least as far as the replica it heard (not one
+                // a peer saved before the stop), and keeps the checkpoint's
+                // moments under the backup's parameters.
+                let stale = stale_checkpoint.take().filter(|(r, _)| r.stage == stage);
+                let at_least = stale.map_or(0, |(_, ahead)| ahead);
+                let backup = self
+                    .take_over_stage(stage, pcfg, &compute, at_least)
+                    .await?;
+                if let Some((r, _)) = stale {
                     self.restore_stage_moments(r, &compute).await?;
                 }
                 Some(ResumePoint {
@@ -642,6 +684,7 @@ impl Driver {
             };
             let path = self.save_stage(config, to, &compute, at, &params).await?;
             info!(path = %path.display(), "final stage parameters written");
+            self.save_held_backups(config, to, stage).await?;
         }
         let stage_peers = (0..pcfg.stages)
             .map(|s| self.pipe.peers_of_stage(s).count() + usize::from(s == stage))
@@ -793,18 +836,28 @@ impl Driver {
 
     /// Gathers peers' stage announcements for `how_long` (a little over one
     /// hello period for a fresh node), so a node starting late sees the run
-    /// it is joining.
+    /// it is joining; a resumer announces its stage (`resuming`) meanwhile.
     async fn listen_for_hellos(
         &mut self,
         stages: u32,
         how_long: Duration,
+        resuming: Option<u32>,
     ) -> Result<(), NodeError> {
         if stages < 2 {
             return Ok(());
         }
         let until = Instant::now() + how_long;
+        let mut next_hello = Instant::now();
         while Instant::now() < until {
-            let timer = tokio::time::sleep_until(until.into());
+            if let Some(stage) = resuming.filter(|_| Instant::now() >= next_hello) {
+                next_hello = self.hello(stage, stages, StagePhase::Resuming)? + HELLO_EVERY;
+            }
+            let wake = if resuming.is_some() {
+                until.min(next_hello)
+            } else {
+                until
+            };
+            let timer = tokio::time::sleep_until(wake.into());
             let mut timer = std::pin::pin!(timer);
             self.pump_once(timer.as_mut()).await?;
         }
@@ -871,12 +924,14 @@ impl Driver {
     /// Loads stage `stage`'s newest backup into `compute`: this node's own if
     /// it holds one (a spare that served another stage), else asking the
     /// other stages' peers once a second until one answers (bounded by the
-    /// peer wait). The payload's blake3 digest was checked on decode.
+    /// peer wait) with one of step `at_least` or later. The payload's blake3
+    /// digest was checked on decode.
     async fn take_over_stage(
         &mut self,
         stage: u32,
         pcfg: &PipelineConfig,
         compute: &StageCompute,
+        at_least: u64,
     ) -> Result<StageState, NodeError> {
         let request = StageStateRequest {
             stage,
@@ -886,7 +941,7 @@ impl Driver {
         let mut asked = Instant::now() - HELLO_EVERY;
         self.pipe.asking_backup = Some(stage);
         let backup = loop {
-            if let Some(b) = self.pipe.backup_for(request) {
+            if let Some(b) = self.pipe.backup_for(request).filter(|b| b.step >= at_least) {
                 break b.clone();
             }
             if Instant::now() > deadline {
@@ -1346,17 +1401,18 @@ impl Driver {
             return Ok(());
         }
         outcome.tried_saving = true;
+        let stage = at.stage;
         match self
             .save_stage(run.config, to, run.compute, at, values)
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(NodeError::Checkpoint(e)) => {
                 error!(error = %e, "stage checkpoint not written; training goes on and the next checkpoint tries again");
-                Ok(())
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(e),
         }
+        self.save_held_backups(run.config, to, stage).await
     }
 
     /// Sends a first-stage batch of micro-batches through the pipeline and
@@ -2213,6 +2269,60 @@ mod tests {
                 stages: 3
             })
             .is_none());
+    }
+
+    #[test]
+    fn a_saved_backup_is_served_until_the_stage_backs_itself_up() {
+        let mut inbox = Inbox {
+            stages: 2,
+            ..Inbox::default()
+        };
+        let (me, replica) = (PeerId::random(), PeerId::random());
+        let state = |round, step| StageState {
+            stage: 1,
+            stages: 2,
+            round,
+            step,
+            total_steps: 0,
+            params: tensor::Payload::from_f32(&[1.0]),
+            last: false,
+        };
+        let request = StageStateRequest {
+            stage: 1,
+            stages: 2,
+        };
+        // Read back from disk: served to a node taking the stage over.
+        inbox.hold_saved_backup(me, state(3, 15));
+        assert_eq!(inbox.backup_for(request).map(|b| b.round), Some(3));
+        assert_eq!(inbox.backups_of_others(0).len(), 1);
+        assert!(inbox.backups_of_others(1).is_empty());
+        // The stage's replica resumes and backs itself up: its copy wins,
+        // and an older saved copy read later does not push it out.
+        inbox.on_hello(replica, hello(1, 2));
+        inbox.on_stage_state(replica, state(4, 20));
+        inbox.hold_saved_backup(me, state(2, 10));
+        assert_eq!(inbox.backup_for(request).map(|b| b.step), Some(20));
+    }
+
+    #[test]
+    fn a_resuming_replica_gets_no_micro_batches_until_it_trains() {
+        let mut inbox = Inbox {
+            stages: 2,
+            ..Inbox::default()
+        };
+        let peer = PeerId::random();
+        let resuming = StageHello {
+            phase: StagePhase::Resuming,
+            step: 15,
+            ..hello(1, 2)
+        };
+        inbox.on_hello(peer, resuming);
+        // No replica yet: no micro-batches, averaging or backing up; but a
+        // holder to ask for the other stage's backup.
+        assert_eq!(inbox.peers_of_stage(1).count(), 0);
+        assert_eq!(inbox.peers_not_of_stage(0), vec![peer]);
+        inbox.on_hello(peer, hello(1, 2));
+        assert_eq!(inbox.peers_of_stage(1).collect::<Vec<_>>(), vec![peer]);
     }
 
     #[test]

@@ -7,13 +7,21 @@
 //! whose model name says which stage of how many it holds
 //! ([`super::stage_model_name`]), with the stage's Adam moments beside its
 //! parameters.
+//!
+//! Beside its own stage a node saves the backups it holds of other stages
+//! (parameters only), each in a subdirectory `backup-stage-<S>` of the
+//! checkpoint directory, and `--resume` holds them again: a stage whose
+//! machines are gone for good (none of them resumed) is then taken over by
+//! a new node from a resumed node's copy, as in a run that never stopped.
 
 use super::{Driver, NodeConfig, NodeError};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, RunMismatch};
 use crate::stage_compute::StageCompute;
 use crate::task::OptimState;
-use std::path::PathBuf;
-use tracing::{debug, warn};
+use p2ptrain_protocol::pipe::StageState;
+use p2ptrain_protocol::tensor;
+use std::path::{Path, PathBuf};
+use tracing::{debug, info, warn};
 
 /// Where a pipeline node writes its stage's checkpoints, and how often.
 #[derive(Debug, Clone)]
@@ -40,6 +48,28 @@ pub struct StageResume {
     pub params: Vec<f32>,
     /// The stage's Adam moments, if the checkpoint holds them.
     pub optim: Option<OptimState>,
+    /// Backups of other stages saved beside the checkpoint (see
+    /// [`StageResume::read_saved_backups`]).
+    pub backups: Vec<SavedBackup>,
+}
+
+/// Another stage's parameters as this node held them as that stage's
+/// backup when it last checkpointed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedBackup {
+    /// The stage they belong to.
+    pub stage: u32,
+    /// The stage's averaging round that produced them.
+    pub round: u64,
+    /// The stage's optimizer steps at that round.
+    pub step: u64,
+    /// The stage's flat parameters.
+    pub params: Vec<f32>,
+}
+
+/// The subdirectory of checkpoint directory `dir` holding stage `stage`'s backups.
+fn backup_dir(dir: &Path, stage: u32) -> PathBuf {
+    dir.join(format!("backup-stage-{stage}"))
 }
 
 /// Why a checkpoint cannot resume this pipeline node.
@@ -102,7 +132,52 @@ impl StageResume {
             samples: ckpt.meta.samples,
             params: ckpt.params,
             optim: ckpt.optim,
+            backups: Vec::new(),
         })
+    }
+
+    /// Reads the backups of the other stages saved in `dir` beside this
+    /// checkpoint: the newest valid one per stage, of this swarm, cut and
+    /// averaging period. Backups are a convenience for the swarm, so one
+    /// that is missing or does not fit is skipped (with a warning), never
+    /// a reason to refuse the resume.
+    pub fn read_saved_backups(
+        &mut self,
+        dir: &Path,
+        swarm: &str,
+        (stages, average_every): (u32, u64),
+    ) {
+        for stage in (0..stages).filter(|s| *s != self.stage) {
+            let sub = backup_dir(dir, stage);
+            if !sub.is_dir() {
+                continue;
+            }
+            let fits = |c: &Checkpoint| {
+                if c.meta.model != super::stage_model_name(stage, stages) {
+                    return Err(format!(
+                        "holds `{}`, not stage {stage} of {stages}",
+                        c.meta.model
+                    ));
+                }
+                c.meta
+                    .check_run(&sub, swarm, average_every)
+                    .map_err(|e| e.to_string())
+            };
+            match checkpoint::load_latest(&sub)
+                .map_err(|e| e.to_string())
+                .and_then(|c| fits(&c).map(|()| c))
+            {
+                Ok(c) => self.backups.push(SavedBackup {
+                    stage,
+                    round: c.meta.round,
+                    step: c.meta.step,
+                    params: c.params,
+                }),
+                Err(e) => {
+                    warn!(dir = %sub.display(), error = %e, "saved backup of another stage not used")
+                }
+            }
+        }
     }
 }
 
@@ -147,6 +222,80 @@ impl Driver {
             .await?;
         debug!(path = %path.display(), stage = at.stage, round = at.round, "stage checkpoint written");
         Ok(path)
+    }
+
+    /// Writes the backups this node holds of stages other than `own` into
+    /// their subdirectories of the checkpoint directory, each once per
+    /// round. A failed write is logged and training goes on: the backups
+    /// only spare the swarm a stage lost for good.
+    pub(super) async fn save_held_backups(
+        &mut self,
+        config: &NodeConfig,
+        to: &StageCheckpoints,
+        own: u32,
+    ) -> Result<(), NodeError> {
+        for state in self.pipe.backups_of_others(own) {
+            let saved = self.pipe.backups_saved.get(&state.stage);
+            if saved.is_some_and(|r| *r >= state.round) {
+                continue;
+            }
+            // Checked against its digest when it arrived; decoded again here.
+            let Ok(values) = state.params.decode() else {
+                continue;
+            };
+            let meta = CheckpointMeta {
+                swarm: config.net.swarm.clone(),
+                model: super::stage_model_name(state.stage, state.stages),
+                round: state.round,
+                step: state.step,
+                samples: 0,
+                params_digest: checkpoint::params_digest(&values),
+                average_every: Some(config.schedule.average_every),
+            };
+            let dir = backup_dir(&to.dir, state.stage);
+            let target = dir.clone();
+            match self
+                .write_off_loop(&dir, move || checkpoint::save(&target, &meta, &values))
+                .await
+            {
+                Ok(path) => {
+                    debug!(path = %path.display(), stage = state.stage, round = state.round, "stage backup saved");
+                    self.pipe.backups_saved.insert(state.stage, state.round);
+                }
+                Err(NodeError::Checkpoint(e)) => {
+                    warn!(stage = state.stage, error = %e, "stage backup not saved; training goes on");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds the backups a resume read back, so a node taking over a stage
+    /// that no resumed node holds can load it from this one.
+    pub(super) fn hold_saved_backups(&mut self, from: &StageResume, stages: u32) {
+        let me = self.net.local_peer_id();
+        for b in &from.backups {
+            info!(
+                stage = b.stage,
+                round = b.round,
+                step = b.step,
+                "holding a saved backup of another stage"
+            );
+            self.pipe.hold_saved_backup(
+                me,
+                StageState {
+                    stage: b.stage,
+                    stages,
+                    round: b.round,
+                    step: b.step,
+                    total_steps: 0,
+                    params: tensor::Payload::from_f32(&b.params),
+                    last: false,
+                },
+            );
+            self.pipe.backups_saved.insert(b.stage, b.round);
+        }
     }
 
     /// Loads a resumed stage's parameters and (where it can) optimizer

@@ -180,9 +180,9 @@ pub struct TrainArgs {
     pub micro_batches: u64,
     /// Training micro-batches a first-stage replica keeps in the pipeline at once:
     /// each returning gradient lets the next one in (1F1B), so a stage holds at most
-    /// this many micro-batches' activations per first-stage replica. Default: --stages
-    /// plus one (keeps every stage busy while micro-batches travel); --micro-batches
-    /// or more is GPipe.
+    /// this many micro-batches' activations per first-stage replica (resends after a
+    /// timeout aside). Default: --stages plus one (keeps every stage busy while
+    /// micro-batches travel); --micro-batches or more is GPipe.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
     pub max_in_flight: Option<u64>,
     /// Seconds a micro-batch may take to come back before it goes to another replica.
@@ -1057,9 +1057,12 @@ pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
             train.stages
         );
     }
-    if let (Some(n), false) = (train.max_in_flight, train.model == ModelChoice::CharLm) {
+    if let (Some(n), false) = (
+        train.max_in_flight,
+        train.model == ModelChoice::CharLm && train.stages > 1,
+    ) {
         anyhow::bail!(
-            "--max-in-flight {n} schedules a pipeline's micro-batches and needs --model char-lm"
+            "--max-in-flight {n} schedules micro-batches between pipeline stages and needs --model char-lm --stages 2 or more"
         );
     }
     if let (Some(_), None) = (train.compression.top_k(), train.outer_lr) {

@@ -22,15 +22,13 @@ pub type StageFactory = std::sync::Arc<
 /// Commands queue at most this deep; the driver awaits each answer.
 const QUEUE_DEPTH: usize = 4;
 
-/// The most micro-batches whose graphs a node's stage kept at once (see
-/// [`StageTask::graphs_held`]), shared with the compute threads of every
-/// stage the node holds in turn, so its report covers them all.
+/// The most micro-batches whose graphs a stage kept at once (see
+/// [`StageTask::graphs_held`]), recorded by its compute thread.
 #[derive(Clone, Debug, Default)]
-pub struct PeakGraphs(Arc<AtomicUsize>);
+struct PeakGraphs(Arc<AtomicUsize>);
 
 impl PeakGraphs {
-    /// The peak so far.
-    pub fn get(&self) -> usize {
+    fn get(&self) -> usize {
         self.0.load(Ordering::Relaxed)
     }
 
@@ -70,18 +68,19 @@ pub struct StageCompute {
     pub num_params: usize,
     /// Training windows in the data set, for sharding the first stage.
     pub num_train_windows: usize,
+    peak_graphs: PeakGraphs,
 }
 
 impl StageCompute {
     /// Starts a thread that builds the stage with `factory` and then serves
-    /// commands, recording into `peak` the graphs the stage holds after each
-    /// forward; fails if the thread cannot start or the stage cannot be built.
+    /// commands; fails if the thread cannot start or the stage cannot be built.
     pub async fn spawn(
         factory: StageFactory,
         spec: StageSpec,
         name: String,
-        peak: PeakGraphs,
     ) -> Result<StageCompute, ComputeError> {
+        let peak = PeakGraphs::default();
+        let peak_graphs = peak.clone();
         let (tx, rx) = std_mpsc::sync_channel(QUEUE_DEPTH);
         let (built_tx, built_rx) = oneshot::channel();
         std::thread::Builder::new()
@@ -102,7 +101,14 @@ impl StageCompute {
             spec,
             num_params,
             num_train_windows,
+            peak_graphs,
         })
+    }
+
+    /// The most training micro-batches whose graphs the stage has kept at
+    /// once for their backward pass (its activation memory, in micro-batches).
+    pub fn peak_graphs_held(&self) -> usize {
+        self.peak_graphs.get()
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, ComputeGone> {

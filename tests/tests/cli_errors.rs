@@ -227,6 +227,10 @@ fn bad_pipeline_settings() {
     );
     assert_one_line_error(&["node", "--max-in-flight", "2"], "--model char-lm");
     assert_one_line_error(
+        &["node", "--model", "char-lm", "--max-in-flight", "2"],
+        "--stages 2 or more",
+    );
+    assert_one_line_error(
         &["testnet", "--model", "char-lm", "--max-in-flight", "0"],
         "--max-in-flight",
     );

@@ -8,14 +8,16 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Flags every pipeline node of these tests shares: a short run of the
-/// bundled Austen text.
+/// bundled Austen text, with more micro-batches per step than the default
+/// `--max-in-flight` (stages + 1) lets into the pipeline at once, so every
+/// test runs the 1F1B schedule.
 const PIPELINE: &[&str] = &[
     "--model",
     "char-lm",
     "--stages",
     "2",
     "--micro-batches",
-    "2",
+    "4",
     "--batch-size",
     "8",
     "--average-every",
@@ -105,6 +107,11 @@ fn four_peers_two_stages_learn_the_text() {
     // Replicas of each stage averaged into the same parameters.
     assert_eq!(summary["models_agree"], true);
     assert!(summary["activation_bytes_per_step"].as_f64().unwrap() > 0.0);
+    // The default window, stages + 1 = 3 of the 4 micro-batches per step.
+    assert_eq!(
+        summary["peak_held_micro_batches"],
+        serde_json::json!([3, 0])
+    );
     let bubble = summary["bubble"].as_f64().unwrap();
     assert!((0.0..1.0).contains(&bubble), "bubble {bubble}");
 
@@ -682,10 +689,12 @@ fn a_stage_whose_machine_is_gone_is_taken_over_from_a_saved_backup() {
     let (resumed, new) = (finished[0].as_ref().unwrap(), finished[1].as_ref().unwrap());
     assert_eq!(resumed["steps"], 30, "{resumed}");
     assert_eq!(new["pipeline"]["stage"], 1, "{new}");
-    let at = new["pipeline"]["resumed_at_step"].as_u64();
-    assert!(
-        at >= Some(5),
-        "the new node did not start from the backup: {new}"
+    // From the newest copy saved before the stop (rounds of 5 steps).
+    let saved_step = backups.iter().map(|(round, _)| round * 5).max();
+    assert_eq!(
+        new["pipeline"]["resumed_at_step"].as_u64(),
+        saved_step,
+        "the new node did not start from the saved backup: {new}"
     );
     // Both stages came back trained: a second stage started afresh under
     // the trained first one would put the loss back near the start's.

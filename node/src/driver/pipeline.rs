@@ -8,7 +8,8 @@
 //! returns, keeping at most `max_in_flight` micro-batches in the pipeline
 //! (1F1B: a gradient back lets the next micro-batch in, so the next stage
 //! works on one while this one computes the next, and no stage holds more
-//! than that many graphs per first-stage replica, however long the step). Later stages only react: a micro-batch in, activations out
+//! than that many graphs per first-stage replica, however long the step,
+//! resends after a timeout aside). Later stages only react: a micro-batch in, activations out
 //! (or, at the last stage, loss and input gradient back). Every stage applies
 //! an optimizer step per `micro_batches` micro-batches and averages with the
 //! other replicas of its stage every `average_every` steps, with the same
@@ -46,7 +47,7 @@ use super::{Driver, FinalReport, NodeConfig, NodeError, NodeEvent, Reporter, Rou
 use crate::checkpoint;
 use crate::identity::node_id_of;
 use crate::net::Network;
-use crate::stage_compute::{PeakGraphs, StageCompute, StageFactory};
+use crate::stage_compute::{StageCompute, StageFactory};
 use crate::task::Shard;
 use libp2p::{identity::Keypair, PeerId};
 use p2ptrain_protocol::pipe::{
@@ -73,6 +74,9 @@ const FIRST_STAGE_CONFIRM: Duration = Duration::from_secs(5);
 /// other replicas' steps before it trains: they chose their checkpoints at
 /// about the same moment, and one a round ahead is caught up to.
 const RESUMED_REPLICAS_GRACE: Duration = Duration::from_secs(2);
+/// How long a node taking a stage over waits, after a first backup comes,
+/// for other holders' answers (their copies may be newer).
+const BACKUP_SETTLE: Duration = Duration::from_millis(500);
 /// A micro-batch sent this many times without an answer ends the run.
 const MAX_TRIES: u32 = 6;
 
@@ -140,9 +144,10 @@ pub struct PipelineReport {
     /// progress) or its checkpoint's (`--resume`); `None` otherwise.
     pub resumed_at_step: Option<u64>,
     /// The most training micro-batches whose activations this node's stage
-    /// kept at once for their backward pass: its activation memory in
-    /// micro-batches, bounded by `max_in_flight` per first-stage replica
-    /// sending to it (0 at the last stage, which back-propagates at once).
+    /// (the last it held) kept at once for their backward pass: its
+    /// activation memory in micro-batches, bounded by `max_in_flight` per
+    /// first-stage replica sending to it, but for micro-batches resent after
+    /// a timeout (0 at the last stage, which back-propagates at once).
     #[serde(default)]
     pub peak_held_micro_batches: usize,
 }
@@ -185,6 +190,9 @@ pub(super) struct Inbox {
     /// Per stage, the round of the backup last written beside this node's
     /// stage checkpoints, so an unchanged backup is not written again.
     pub(super) backups_saved: BTreeMap<u32, u64>,
+    /// Stages whose held backup is a copy this node saved before a stop,
+    /// not yet replaced by one its replicas sent since.
+    saved_copies: std::collections::BTreeSet<u32>,
 }
 
 impl Inbox {
@@ -200,7 +208,9 @@ impl Inbox {
             return false;
         }
         let before = self.hellos.insert(from, hello);
-        before.is_none_or(|b| b.stage != hello.stage)
+        // A resumer that starts training becomes a replica of its stage.
+        let resuming = |h: &StageHello| h.phase == StagePhase::Resuming;
+        before.is_none_or(|b| b.stage != hello.stage || resuming(&b) != resuming(&hello))
     }
 
     /// Whether a pipeline message from `from` is dropped because this node
@@ -275,6 +285,7 @@ impl Inbox {
         };
         if keep {
             debug!(peer = %from, stage = state.stage, round = state.round, "stage backup kept");
+            self.saved_copies.remove(&state.stage);
             self.backups.insert(state.stage, (from, state));
         }
     }
@@ -302,8 +313,17 @@ impl Inbox {
         let newer =
             |(_, held): &(PeerId, StageState)| (state.round, state.step) > (held.round, held.step);
         if self.backups.get(&state.stage).is_none_or(newer) {
+            self.saved_copies.insert(state.stage);
             self.backups.insert(state.stage, (from, state));
         }
+    }
+
+    /// Whether the backup held of `stage` is a copy saved before a stop
+    /// while the stage has a replica again: that replica's parameters are
+    /// newer than the copy, and a node taking the stage over should wait
+    /// for its backup.
+    fn copy_outdated_by_replica(&self, stage: u32) -> bool {
+        self.saved_copies.contains(&stage) && self.peers_of_stage(stage).next().is_some()
     }
 
     /// The backup to answer a request with, if we hold one.
@@ -436,8 +456,6 @@ struct Tally {
     pipe_bytes: u64,
     resent: u64,
     tokens: u64,
-    /// Graphs held for backward passes, at most, over every stage held.
-    peak_graphs: PeakGraphs,
 }
 
 /// Runs a pipeline node until the run is over; returns its final report.
@@ -508,6 +526,13 @@ impl Driver {
         };
         self.listen_for_hellos(pcfg.stages, listen, resuming)
             .await?;
+        // Peers but no announcement yet: gossip may not have carried one to
+        // a node that has just connected; a resumed run's would put this
+        // node on the stage nobody resumed, so listen a little longer.
+        if resuming.is_none() && self.pipe.hellos.is_empty() && !self.members.is_empty() {
+            self.listen_for_hellos(pcfg.stages, 2 * HELLO_EVERY, None)
+                .await?;
+        }
         // A node resuming from its stage checkpoint holds that stage again,
         // from the checkpoint; but where a live replica of the stage is past
         // it (the swarm trained on without this node), from the stage's
@@ -566,12 +591,7 @@ impl Driver {
             };
             let name = format!("stage{stage}-{}", self.net.local_peer_id());
             let compute = self
-                .pump(StageCompute::spawn(
-                    factory.clone(),
-                    spec,
-                    name,
-                    tally.peak_graphs.clone(),
-                ))
+                .pump(StageCompute::spawn(factory.clone(), spec, name))
                 .await??;
             info!(
                 stage,
@@ -600,7 +620,9 @@ impl Driver {
                 // a peer saved before the stop), and keeps the checkpoint's
                 // moments under the backup's parameters.
                 let stale = stale_checkpoint.take().filter(|(r, _)| r.stage == stage);
-                let at_least = stale.map_or(0, |(_, ahead)| ahead);
+                // The replica backed the stage up at its last round boundary.
+                let every = config.schedule.average_every.max(1);
+                let at_least = stale.map_or(0, |(_, ahead)| ahead - ahead % every);
                 let backup = self
                     .take_over_stage(stage, pcfg, &compute, at_least)
                     .await?;
@@ -702,7 +724,7 @@ impl Driver {
             activation_bytes_per_step: tally.pipe_bytes as f64 / outcome.steps.max(1) as f64,
             resent: tally.resent,
             resumed_at_step: resume.map(|r| r.step),
-            peak_held_micro_batches: tally.peak_graphs.get(),
+            peak_held_micro_batches: compute.peak_graphs_held(),
         };
         let final_report = FinalReport {
             peer_id: self.net.local_peer_id().to_string(),
@@ -940,9 +962,17 @@ impl Driver {
         let deadline = Instant::now() + self.peer_wait;
         let mut asked = Instant::now() - HELLO_EVERY;
         self.pipe.asking_backup = Some(stage);
+        // Holders may hold copies of different ages (one saved before a
+        // stop, say): after the first answer, the others get a moment to
+        // answer too, and the newest is kept.
+        let mut settle_until = None;
         let backup = loop {
-            if let Some(b) = self.pipe.backup_for(request).filter(|b| b.step >= at_least) {
-                break b.clone();
+            let fitting = self.pipe.backup_for(request).filter(|b| b.step >= at_least);
+            if let Some(b) = fitting {
+                let until = *settle_until.get_or_insert_with(|| Instant::now() + BACKUP_SETTLE);
+                if Instant::now() >= until {
+                    break b.clone();
+                }
             }
             if Instant::now() > deadline {
                 self.pipe.asking_backup = None;
@@ -992,6 +1022,10 @@ impl Driver {
             debug!(peer = %to, stage = request.stage, "no backup of the requested stage");
             return Ok(());
         };
+        if self.pipe.copy_outdated_by_replica(request.stage) {
+            debug!(peer = %to, stage = request.stage, "our copy of the stage predates its live replica's; not served");
+            return Ok(());
+        }
         let now = self.now();
         if !self.serve_limits.allow_backup(node_id_of(&to), now) {
             warn!(peer = %to, stage = request.stage, "stage backup request over the peer's budget; refused");
@@ -1423,7 +1457,9 @@ impl Driver {
     /// In training at most `max_in_flight` micro-batches are in the pipeline
     /// at once, and each gradient back-propagated lets the next one in (one
     /// forward, one backward: 1F1B), so no stage holds more graphs than
-    /// that for this replica; evaluation keeps no graphs and sends all.
+    /// that for this replica (but for a resent micro-batch's first copy,
+    /// until the slow replica answers or forgets it); evaluation keeps no
+    /// graphs and sends all.
     async fn run_micro_batches(
         &mut self,
         pcfg: &PipelineConfig,
@@ -2294,12 +2330,17 @@ mod tests {
         // Read back from disk: served to a node taking the stage over.
         inbox.hold_saved_backup(me, state(3, 15));
         assert_eq!(inbox.backup_for(request).map(|b| b.round), Some(3));
+        assert!(!inbox.copy_outdated_by_replica(1));
         assert_eq!(inbox.backups_of_others(0).len(), 1);
         assert!(inbox.backups_of_others(1).is_empty());
-        // The stage's replica resumes and backs itself up: its copy wins,
-        // and an older saved copy read later does not push it out.
+        // The stage's replica resumes: until it backs itself up, the saved
+        // copy is behind it and not handed on.
         inbox.on_hello(replica, hello(1, 2));
+        assert!(inbox.copy_outdated_by_replica(1));
+        // Its backup wins, and an older saved copy read later does not push
+        // it out.
         inbox.on_stage_state(replica, state(4, 20));
+        assert!(!inbox.copy_outdated_by_replica(1));
         inbox.hold_saved_backup(me, state(2, 10));
         assert_eq!(inbox.backup_for(request).map(|b| b.step), Some(20));
     }
@@ -2316,12 +2357,14 @@ mod tests {
             step: 15,
             ..hello(1, 2)
         };
-        inbox.on_hello(peer, resuming);
+        assert!(inbox.on_hello(peer, resuming));
         // No replica yet: no micro-batches, averaging or backing up; but a
         // holder to ask for the other stage's backup.
         assert_eq!(inbox.peers_of_stage(1).count(), 0);
         assert_eq!(inbox.peers_not_of_stage(0), vec![peer]);
-        inbox.on_hello(peer, hello(1, 2));
+        assert!(!inbox.on_hello(peer, resuming), "nothing changed");
+        // Training: now a replica, which changes the stage's membership.
+        assert!(inbox.on_hello(peer, hello(1, 2)));
         assert_eq!(inbox.peers_of_stage(1).collect::<Vec<_>>(), vec![peer]);
     }
 

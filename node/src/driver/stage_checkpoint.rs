@@ -67,6 +67,10 @@ pub struct SavedBackup {
     pub params: Vec<f32>,
 }
 
+/// How many rounds a saved backup of another stage may be past the node's
+/// own checkpoint: the stages' rounds keep in step, within one or two.
+const MAX_ROUNDS_AHEAD: u64 = 2;
+
 /// The subdirectory of checkpoint directory `dir` holding stage `stage`'s backups.
 fn backup_dir(dir: &Path, stage: u32) -> PathBuf {
     dir.join(format!("backup-stage-{stage}"))
@@ -138,9 +142,11 @@ impl StageResume {
 
     /// Reads the backups of the other stages saved in `dir` beside this
     /// checkpoint: the newest valid one per stage, of this swarm, cut and
-    /// averaging period. Backups are a convenience for the swarm, so one
-    /// that is missing or does not fit is skipped (with a warning), never
-    /// a reason to refuse the resume.
+    /// averaging period, and of about this checkpoint's round (stages step
+    /// together, so a copy rounds ahead is another run's, left in the
+    /// directory). Backups are a convenience for the swarm, so one that is
+    /// missing or does not fit is skipped (with a warning), never a reason
+    /// to refuse the resume.
     pub fn read_saved_backups(
         &mut self,
         dir: &Path,
@@ -153,6 +159,12 @@ impl StageResume {
                 continue;
             }
             let fits = |c: &Checkpoint| {
+                if c.meta.round > self.round + MAX_ROUNDS_AHEAD {
+                    return Err(format!(
+                        "round {} is past this node's checkpoint (round {}): another run's? move it away",
+                        c.meta.round, self.round
+                    ));
+                }
                 if c.meta.model != super::stage_model_name(stage, stages) {
                     return Err(format!(
                         "holds `{}`, not stage {stage} of {stages}",
@@ -352,6 +364,51 @@ mod tests {
             params: vec![0.5; 3],
             optim: None,
             outer_momentum: None,
+        }
+    }
+
+    #[test]
+    fn saved_backups_of_other_stages_come_back_if_they_fit_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let save = |stage: u32, swarm: &str, round: u64, value: f32| {
+            let params = vec![value; 4];
+            let meta = CheckpointMeta {
+                swarm: swarm.into(),
+                model: super::super::stage_model_name(stage, 3),
+                round,
+                step: round * 5,
+                samples: 0,
+                params_digest: checkpoint::params_digest(&params),
+                average_every: Some(5),
+            };
+            checkpoint::save(&backup_dir(dir.path(), stage), &meta, &params).unwrap();
+        };
+        save(1, "s", 2, 1.0);
+        save(1, "s", 3, 2.0); // the newest of stage 1 is read
+        save(2, "s", 9, 3.0); // rounds past the checkpoint: another run's
+        save(0, "s", 3, 4.0); // the node's own stage: its checkpoint has it
+        let mut resume = StageResume::from_checkpoint(
+            ckpt("char-lm/stage-0-of-3", "s"),
+            dir.path(),
+            "s",
+            (3, 5),
+        )
+        .unwrap();
+        resume.read_saved_backups(dir.path(), "s", (3, 5));
+        assert_eq!(
+            resume.backups,
+            vec![SavedBackup {
+                stage: 1,
+                round: 3,
+                step: 15,
+                params: vec![2.0; 4]
+            }]
+        );
+        // Another swarm's node, or another averaging period, reads none.
+        for (swarm, every) in [("t", 5), ("s", 10)] {
+            resume.backups.clear();
+            resume.read_saved_backups(dir.path(), swarm, (3, every));
+            assert!(resume.backups.is_empty(), "{swarm} {every}");
         }
     }
 

@@ -717,8 +717,8 @@ fn a_stage_whose_machine_is_gone_is_taken_over_from_a_saved_backup() {
 #[test]
 fn a_node_resumed_behind_a_live_replica_takes_the_stage_from_the_swarm() {
     let swarm = format!("pipe-behind-{}", std::process::id());
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let dir = |i: usize| dirs[i].path().to_str().unwrap().to_owned();
+    let (_tmp, dirs) = temp_dirs(3);
+    let dir = |i: usize| dirs[i].clone();
     let deadline = Instant::now() + Duration::from_secs(600);
     let (tx, rx) = mpsc::channel();
     // 60 steps: the restarted node has time to rejoin before the run ends.

@@ -190,9 +190,6 @@ pub(super) struct Inbox {
     /// Per stage, the round of the backup last written beside this node's
     /// stage checkpoints, so an unchanged backup is not written again.
     pub(super) backups_saved: BTreeMap<u32, u64>,
-    /// Stages whose held backup is a copy this node saved before a stop,
-    /// not yet replaced by one its replicas sent since.
-    saved_copies: std::collections::BTreeSet<u32>,
 }
 
 impl Inbox {
@@ -285,7 +282,6 @@ impl Inbox {
         };
         if keep {
             debug!(peer = %from, stage = state.stage, round = state.round, "stage backup kept");
-            self.saved_copies.remove(&state.stage);
             self.backups.insert(state.stage, (from, state));
         }
     }
@@ -306,24 +302,28 @@ impl Inbox {
             .collect()
     }
 
-    /// Holds a backup this node saved before it stopped (`from` is this
-    /// node), unless it holds a newer one already; a backup the stage's
-    /// replica sends later replaces it as any other holder's would.
-    pub(super) fn hold_saved_backup(&mut self, from: PeerId, state: StageState) {
+    /// Holds a backup this node (`me`) saved before it stopped, as sent by
+    /// itself, unless it holds a newer one already; a backup the stage's
+    /// replica sends later replaces it as any other holder's would. It is
+    /// on disk already, so it is not saved again.
+    pub(super) fn hold_saved_backup(&mut self, me: PeerId, state: StageState) {
         let newer =
             |(_, held): &(PeerId, StageState)| (state.round, state.step) > (held.round, held.step);
         if self.backups.get(&state.stage).is_none_or(newer) {
-            self.saved_copies.insert(state.stage);
-            self.backups.insert(state.stage, (from, state));
+            self.backups_saved.insert(state.stage, state.round);
+            self.backups.insert(state.stage, (me, state));
         }
     }
 
-    /// Whether the backup held of `stage` is a copy saved before a stop
-    /// while the stage has a replica again: that replica's parameters are
-    /// newer than the copy, and a node taking the stage over should wait
-    /// for its backup.
-    fn copy_outdated_by_replica(&self, stage: u32) -> bool {
-        self.saved_copies.contains(&stage) && self.peers_of_stage(stage).next().is_some()
+    /// Whether the backup held of `stage` is a copy this node (`me`) saved
+    /// before a stop (no peer sends us our own) while the stage has a
+    /// replica again: that replica's parameters are newer than the copy,
+    /// and a node taking the stage over should wait for its backup.
+    fn copy_outdated_by_replica(&self, stage: u32, me: PeerId) -> bool {
+        self.backups
+            .get(&stage)
+            .is_some_and(|(from, _)| *from == me)
+            && self.peers_of_stage(stage).next().is_some()
     }
 
     /// The backup to answer a request with, if we hold one.
@@ -518,7 +518,7 @@ impl Driver {
         // other stages it saved.
         let (listen, resuming) = match &pcfg.resume {
             Some(r) => {
-                self.hold_saved_backups(r, pcfg.stages);
+                self.hold_saved_backups(r);
                 self.pipe.step = r.step;
                 (FIRST_STAGE_CONFIRM, Some(r.stage))
             }
@@ -550,10 +550,9 @@ impl Driver {
                 );
                 (from_disk, stale_checkpoint) = (None, Some((r, ahead)));
             } else {
-                self.pipe.step = r.step;
-                // At once, so peers that start beside it hear of the run
-                // before they choose a stage (micro-batches sent to it meanwhile
-                // wait in its inbox until the stage is loaded).
+                // A replica of its stage from now on, for the other
+                // resumers comparing steps (micro-batches sent to it
+                // meanwhile wait in its inbox until the stage is loaded).
                 self.hello(r.stage, pcfg.stages, StagePhase::Training)?;
             }
         }
@@ -869,17 +868,17 @@ impl Driver {
             return Ok(());
         }
         let until = Instant::now() + how_long;
-        let mut next_hello = Instant::now();
+        // A resumer announces at once and then every hello period.
+        let mut next_hello = if resuming.is_some() {
+            Instant::now()
+        } else {
+            until
+        };
         while Instant::now() < until {
             if let Some(stage) = resuming.filter(|_| Instant::now() >= next_hello) {
                 next_hello = self.hello(stage, stages, StagePhase::Resuming)? + HELLO_EVERY;
             }
-            let wake = if resuming.is_some() {
-                until.min(next_hello)
-            } else {
-                until
-            };
-            let timer = tokio::time::sleep_until(wake.into());
+            let timer = tokio::time::sleep_until(until.min(next_hello).into());
             let mut timer = std::pin::pin!(timer);
             self.pump_once(timer.as_mut()).await?;
         }
@@ -1022,7 +1021,10 @@ impl Driver {
             debug!(peer = %to, stage = request.stage, "no backup of the requested stage");
             return Ok(());
         };
-        if self.pipe.copy_outdated_by_replica(request.stage) {
+        if self
+            .pipe
+            .copy_outdated_by_replica(request.stage, self.net.local_peer_id())
+        {
             debug!(peer = %to, stage = request.stage, "our copy of the stage predates its live replica's; not served");
             return Ok(());
         }
@@ -2253,6 +2255,20 @@ mod tests {
         assert_eq!(set(inbox.peers_not_of_stage(2)), of(&[0, 1]));
     }
 
+    /// Stage 1 of 2's parameters `[value]` after `round`, at `step`, as its
+    /// replica backs them up.
+    fn backup_of_stage_1(round: u64, step: u64, value: f32) -> StageState {
+        StageState {
+            stage: 1,
+            stages: 2,
+            round,
+            step,
+            total_steps: 0,
+            params: tensor::Payload::from_f32(&[value]),
+            last: false,
+        }
+    }
+
     fn hello(stage: u32, stages: u32) -> StageHello {
         StageHello {
             stage,
@@ -2271,15 +2287,7 @@ mod tests {
         };
         let peer = PeerId::random();
         inbox.on_hello(peer, hello(1, 2));
-        let state = |round, step, value| StageState {
-            stage: 1,
-            stages: 2,
-            round,
-            step,
-            total_steps: 0,
-            params: tensor::Payload::from_f32(&[value]),
-            last: false,
-        };
+        let state = backup_of_stage_1;
         let request = StageStateRequest {
             stage: 1,
             stages: 2,
@@ -2314,15 +2322,7 @@ mod tests {
             ..Inbox::default()
         };
         let (me, replica) = (PeerId::random(), PeerId::random());
-        let state = |round, step| StageState {
-            stage: 1,
-            stages: 2,
-            round,
-            step,
-            total_steps: 0,
-            params: tensor::Payload::from_f32(&[1.0]),
-            last: false,
-        };
+        let state = |round, step| backup_of_stage_1(round, step, 1.0);
         let request = StageStateRequest {
             stage: 1,
             stages: 2,
@@ -2330,17 +2330,17 @@ mod tests {
         // Read back from disk: served to a node taking the stage over.
         inbox.hold_saved_backup(me, state(3, 15));
         assert_eq!(inbox.backup_for(request).map(|b| b.round), Some(3));
-        assert!(!inbox.copy_outdated_by_replica(1));
+        assert!(!inbox.copy_outdated_by_replica(1, me));
         assert_eq!(inbox.backups_of_others(0).len(), 1);
         assert!(inbox.backups_of_others(1).is_empty());
         // The stage's replica resumes: until it backs itself up, the saved
         // copy is behind it and not handed on.
         inbox.on_hello(replica, hello(1, 2));
-        assert!(inbox.copy_outdated_by_replica(1));
+        assert!(inbox.copy_outdated_by_replica(1, me));
         // Its backup wins, and an older saved copy read later does not push
         // it out.
         inbox.on_stage_state(replica, state(4, 20));
-        assert!(!inbox.copy_outdated_by_replica(1));
+        assert!(!inbox.copy_outdated_by_replica(1, me));
         inbox.hold_saved_backup(me, state(2, 10));
         assert_eq!(inbox.backup_for(request).map(|b| b.step), Some(20));
     }
@@ -2378,13 +2378,8 @@ mod tests {
         inbox.on_hello(closer, hello(1, 2));
         inbox.on_hello(other, hello(1, 2));
         let state = |last, value| StageState {
-            stage: 1,
-            stages: 2,
-            round: 8,
-            step: 40,
-            total_steps: 0,
-            params: tensor::Payload::from_f32(&[value]),
             last,
+            ..backup_of_stage_1(8, 40, value)
         };
         inbox.on_stage_state(other, state(false, 1.0));
         assert!(
@@ -2429,14 +2424,9 @@ mod tests {
         inbox.on_hello(low, hello(1, 2));
         inbox.on_hello(high, hello(1, 2));
         inbox.on_hello(outsider, hello(0, 2));
-        let state = |round, last| StageState {
-            stage: 1,
-            stages: 2,
-            round,
-            step: round.saturating_mul(5),
-            total_steps: 0,
-            params: tensor::Payload::from_f32(&[round as f32]),
+        let state = |round: u64, last| StageState {
             last,
+            ..backup_of_stage_1(round, round.saturating_mul(5), round as f32)
         };
         let request = StageStateRequest {
             stage: 1,

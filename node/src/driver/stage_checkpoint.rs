@@ -48,23 +48,10 @@ pub struct StageResume {
     pub params: Vec<f32>,
     /// The stage's Adam moments, if the checkpoint holds them.
     pub optim: Option<OptimState>,
-    /// Backups of other stages saved beside the checkpoint (see
+    /// Backups of other stages saved beside the checkpoint, as this node
+    /// held them when it last checkpointed (see
     /// [`StageResume::read_saved_backups`]).
-    pub backups: Vec<SavedBackup>,
-}
-
-/// Another stage's parameters as this node held them as that stage's
-/// backup when it last checkpointed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SavedBackup {
-    /// The stage they belong to.
-    pub stage: u32,
-    /// The stage's averaging round that produced them.
-    pub round: u64,
-    /// The stage's optimizer steps at that round.
-    pub step: u64,
-    /// The stage's flat parameters.
-    pub params: Vec<f32>,
+    pub backups: Vec<StageState>,
 }
 
 /// How many rounds a saved backup of another stage may be past the node's
@@ -179,11 +166,16 @@ impl StageResume {
                 .map_err(|e| e.to_string())
                 .and_then(|c| fits(&c).map(|()| c))
             {
-                Ok(c) => self.backups.push(SavedBackup {
+                Ok(c) => self.backups.push(StageState {
                     stage,
+                    stages,
                     round: c.meta.round,
                     step: c.meta.step,
-                    params: c.params,
+                    // Only a first-stage backup plans the run; a node that
+                    // takes a stage over from disk plans it from its flags.
+                    total_steps: 0,
+                    params: tensor::Payload::from_f32(&c.params),
+                    last: false,
                 }),
                 Err(e) => {
                     warn!(dir = %sub.display(), error = %e, "saved backup of another stage not used")
@@ -285,7 +277,7 @@ impl Driver {
 
     /// Holds the backups a resume read back, so a node taking over a stage
     /// that no resumed node holds can load it from this one.
-    pub(super) fn hold_saved_backups(&mut self, from: &StageResume, stages: u32) {
+    pub(super) fn hold_saved_backups(&mut self, from: &StageResume) {
         let me = self.net.local_peer_id();
         for b in &from.backups {
             info!(
@@ -294,19 +286,7 @@ impl Driver {
                 step = b.step,
                 "holding a saved backup of another stage"
             );
-            self.pipe.hold_saved_backup(
-                me,
-                StageState {
-                    stage: b.stage,
-                    stages,
-                    round: b.round,
-                    step: b.step,
-                    total_steps: 0,
-                    params: tensor::Payload::from_f32(&b.params),
-                    last: false,
-                },
-            );
-            self.pipe.backups_saved.insert(b.stage, b.round);
+            self.pipe.hold_saved_backup(me, b.clone());
         }
     }
 
@@ -397,11 +377,14 @@ mod tests {
         resume.read_saved_backups(dir.path(), "s", (3, 5));
         assert_eq!(
             resume.backups,
-            vec![SavedBackup {
+            vec![StageState {
                 stage: 1,
+                stages: 3,
                 round: 3,
                 step: 15,
-                params: vec![2.0; 4]
+                total_steps: 0,
+                params: tensor::Payload::from_f32(&[2.0; 4]),
+                last: false,
             }]
         );
         // Another swarm's node, or another averaging period, reads none.

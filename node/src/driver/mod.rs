@@ -1271,7 +1271,13 @@ impl Driver {
                 let ids = self.swarm_ids();
                 self.averager.set_peers(&ids);
             }
-            NetEvent::Message { from, bytes } => {
+            // Its share of the inbound budget goes back once it is handled
+            // (what the protocol keeps of it has bounds of its own).
+            NetEvent::Message {
+                from,
+                bytes,
+                held: _held,
+            } => {
                 let from_id = node_id_of(&from);
                 // Shared: a tensor part stays in the received frame, not copied out.
                 let msg = match wire::decode_shared(Arc::new(bytes)) {

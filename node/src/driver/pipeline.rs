@@ -184,6 +184,10 @@ pub(super) struct Inbox {
     /// (see `close_stage`), per stage and sender: kept apart, so one replica
     /// cannot overwrite the closer's.
     closing: BTreeMap<(u32, PeerId), StageState>,
+    /// The stage this node holds, whose replicas' closing parameters alone
+    /// it keeps (any others would pin up to a stage's worth of memory per
+    /// stage and sender for nothing).
+    own_stage: Option<u32>,
     /// The stage whose backup this node is asking for (taking it over), if
     /// any: only then may peers of other stages hand one on.
     asking_backup: Option<u32>,
@@ -267,8 +271,12 @@ impl Inbox {
             warn!(peer = %from, stage = state.stage, "stage parameters from a peer that does not back the stage up; ignored");
             return;
         }
-        if state.last {
-            self.closing.insert((state.stage, from), state.clone());
+        if closing {
+            if self.own_stage == Some(state.stage) {
+                self.closing.insert((state.stage, from), state.clone());
+            } else {
+                debug!(peer = %from, stage = state.stage, "final parameters of a stage this node does not hold; ignored");
+            }
         }
         if !designated && !asked {
             return;
@@ -332,6 +340,13 @@ impl Inbox {
             .get(&request.stage)
             .map(|(_, b)| b)
             .filter(|b| b.stages == request.stages)
+    }
+
+    /// Notes that this node holds `stage` now, forgetting closing
+    /// parameters of any other.
+    pub(super) fn hold_stage(&mut self, stage: u32) {
+        self.own_stage = Some(stage);
+        self.closing.retain(|(s, _), _| *s == stage);
     }
 
     pub(super) fn forget_peer(&mut self, peer: &PeerId) {
@@ -581,6 +596,7 @@ impl Driver {
         // to a stage left without replicas (see `spare_move`).
         let (stage, compute, resume, outcome, val_bpc) = loop {
             self.stage = Some(stage);
+            self.pipe.hold_stage(stage);
             self.stage_scope.set(self.stage);
             let ids = self.swarm_ids();
             self.averager.set_peers(&ids);
@@ -2372,6 +2388,7 @@ mod tests {
     fn inbox_keeps_a_stage_closing_parameters_with_their_sender() {
         let mut inbox = Inbox {
             stages: 2,
+            own_stage: Some(1),
             ..Inbox::default()
         };
         let (closer, other) = (PeerId::random(), PeerId::random());
@@ -2409,12 +2426,27 @@ mod tests {
             inbox.closing[&(1, closer)].params.decode().unwrap(),
             vec![2.0]
         );
+        // A replica of a stage this node does not hold: nothing is kept.
+        let elsewhere = PeerId::random();
+        inbox.on_hello(elsewhere, hello(0, 2));
+        inbox.on_stage_state(
+            elsewhere,
+            StageState {
+                stage: 0,
+                ..state(true, 5.0)
+            },
+        );
+        assert_eq!(inbox.closing.len(), 2);
+        // Nor are the old stage's once this node holds another.
+        inbox.hold_stage(0);
+        assert!(inbox.closing.is_empty());
     }
 
     #[test]
     fn stage_parameters_count_only_from_the_stage_or_when_asked_for() {
         let mut inbox = Inbox {
             stages: 2,
+            own_stage: Some(1),
             ..Inbox::default()
         };
         let mut replicas = [PeerId::random(), PeerId::random()];

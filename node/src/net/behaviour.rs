@@ -2,10 +2,11 @@
 
 use super::codec::{FrameCodec, DIRECT_PROTOCOL};
 use super::dial_guard::{check_dialed_peer, NoSelfDial};
+use super::inbound_budget::InboundBudget;
 use super::nat::MembersOnly;
 use super::{NetConfig, NetError};
 use libp2p::{
-    autonat, dcutr, gossipsub, identify,
+    autonat, connection_limits, dcutr, gossipsub, identify,
     identity::Keypair,
     kad, mdns, noise, relay, request_response,
     swarm::{behaviour::toggle::Toggle, NetworkBehaviour},
@@ -22,8 +23,26 @@ const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(4);
 /// Control messages are small; parameters never travel by gossip.
 const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 
+/// Direct-message streams a peer may have open to us on one connection: a
+/// peer sends us two at a time (see `send_queue`), and a few more while some
+/// are stalled.
+const MAX_INBOUND_STREAMS: usize = 16;
+
+/// Connections others may have open to us, or be opening: far more than a
+/// swarm's members and relays need, few enough that a peer opening
+/// connections in a loop cannot exhaust the node's sockets and memory.
+fn connection_limits() -> connection_limits::ConnectionLimits {
+    connection_limits::ConnectionLimits::default()
+        .with_max_pending_incoming(Some(128))
+        .with_max_established_incoming(Some(1024))
+        // Direct both ways at once, relayed ones, and their replacements.
+        .with_max_established_per_peer(Some(8))
+}
+
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    /// Refuses connections beyond [`connection_limits`].
+    pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
@@ -131,6 +150,7 @@ pub(super) fn build_swarm(
                 r
             });
             Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(connection_limits()),
                 identify: identify::Behaviour::new(
                     identify::Config::new(PROTOCOL_VERSION.to_string(), key.public())
                         // A relay reservation is a new address: tell peers at once.
@@ -140,9 +160,11 @@ pub(super) fn build_swarm(
                 mdns: mdns.into(),
                 gossipsub,
                 direct: request_response::Behaviour::with_codec(
-                    FrameCodec,
+                    FrameCodec::new(InboundBudget::default()),
                     [(DIRECT_PROTOCOL, request_response::ProtocolSupport::Full)],
-                    request_response::Config::default().with_request_timeout(request_timeout),
+                    request_response::Config::default()
+                        .with_request_timeout(request_timeout)
+                        .with_max_concurrent_streams(MAX_INBOUND_STREAMS),
                 ),
                 autonat: autonat::Behaviour::new(peer_id, autonat_config()),
                 relay_client,

@@ -11,17 +11,52 @@ use p2ptrain_protocol::wire::MAX_MESSAGE_BYTES;
 
 /// Largest frame: a maximal message plus the swarm-secret MAC.
 const MAX_FRAME_BYTES: usize = MAX_MESSAGE_BYTES + super::secret::MAC_LEN;
+use super::inbound_budget::{BudgetExhausted, Held, InboundBudget};
 use std::io;
 use std::sync::Arc;
 
 /// The protocol name negotiated for direct messages.
 pub const DIRECT_PROTOCOL: StreamProtocol = StreamProtocol::new("/p2ptrain/direct/1");
 
-/// Encoded protocol messages travel as opaque, size-limited byte frames.
+/// Encoded protocol messages travel as opaque, size-limited byte frames;
+/// inbound ones hold their bytes of the node's [`InboundBudget`].
 #[derive(Debug, Clone, Default)]
-pub struct FrameCodec;
+pub struct FrameCodec {
+    budget: InboundBudget,
+}
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
+impl FrameCodec {
+    /// A codec whose inbound frames take their bytes from `budget`.
+    pub fn new(budget: InboundBudget) -> Self {
+        FrameCodec { budget }
+    }
+}
+
+/// A direct message's bytes: shared, so the sender can keep them for a retry
+/// without copying, and, received, holding their share of the inbound budget
+/// until the driver has taken them.
+#[derive(Debug)]
+pub struct DirectFrame {
+    /// The frame's bytes.
+    pub bytes: Arc<Vec<u8>>,
+    /// The budget they hold, for a received frame.
+    pub held: Option<Held>,
+}
+
+impl DirectFrame {
+    /// A frame to send.
+    pub fn outbound(bytes: Arc<Vec<u8>>) -> Self {
+        DirectFrame { bytes, held: None }
+    }
+}
+
+/// Reads one frame of at most `limit` bytes, its memory held in `held` as it
+/// grows.
+async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+    held: &mut Held,
+) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
@@ -31,15 +66,23 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io
             format!("frame of {len} bytes exceeds the limit of {limit} bytes"),
         ));
     }
+    let over_budget = |e: BudgetExhausted| io::Error::other(e.to_string());
     // Memory follows the bytes that arrive, not the length claimed: a peer
     // (not yet known to be a member) that announces 256 MiB and sends
     // nothing more costs one default part's worth, and past that the buffer
     // at most doubles what was received. Default-sized parts come in one read.
-    let mut buf = vec![0u8; len.min(FIRST_READ_BYTES)];
+    let first = len.min(FIRST_READ_BYTES);
+    held.grow(first).map_err(over_budget)?;
+    let mut buf = vec![0u8; first];
     io.read_exact(&mut buf).await?;
     while buf.len() < len {
         let have = buf.len();
-        buf.resize(len.min(have * 2), 0);
+        let next = len.min(have * 2);
+        held.grow(next - have).map_err(over_budget)?;
+        // Exactly: the buffer is kept as long as the message, and doubling
+        // capacity would hold up to twice its length.
+        buf.reserve_exact(next - have);
+        buf.resize(next, 0);
         io.read_exact(&mut buf[have..]).await?;
     }
     Ok(buf)
@@ -66,35 +109,40 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> 
 
 impl libp2p::request_response::Codec for FrameCodec {
     type Protocol = StreamProtocol;
-    /// Shared, so the sender can keep it for a retry without copying it.
-    type Request = Arc<Vec<u8>>;
+    type Request = DirectFrame;
     type Response = Vec<u8>;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Arc<Vec<u8>>>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<DirectFrame>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, MAX_FRAME_BYTES).await.map(Arc::new)
+        let mut held = self.budget.claim();
+        let bytes = read_frame(io, MAX_FRAME_BYTES, &mut held).await?;
+        Ok(DirectFrame {
+            bytes: Arc::new(bytes),
+            held: Some(held),
+        })
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
     where
         T: AsyncRead + Unpin + Send,
     {
-        // Responses are acknowledgements only.
-        read_frame(io, 1024).await
+        // Responses are acknowledgements only: at most a kilobyte, held
+        // only while it is read.
+        read_frame(io, 1024, &mut self.budget.claim()).await
     }
 
     async fn write_request<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Arc<Vec<u8>>,
+        req: DirectFrame,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &req).await
+        write_frame(io, &req.bytes).await
     }
 
     async fn write_response<T>(
@@ -115,38 +163,66 @@ mod tests {
     use super::*;
     use futures::io::Cursor;
 
+    fn framed(bytes: &[u8]) -> Cursor<Vec<u8>> {
+        let mut buf = Cursor::new(Vec::new());
+        futures::executor::block_on(write_frame(&mut buf, bytes)).unwrap();
+        Cursor::new(buf.into_inner())
+    }
+
     #[test]
     fn frames_round_trip_and_oversize_is_rejected() {
-        futures::executor::block_on(async {
-            let mut buf = Cursor::new(Vec::new());
-            write_frame(&mut buf, b"hello").await.unwrap();
-            let mut rd = Cursor::new(buf.into_inner());
-            assert_eq!(read_frame(&mut rd, 16).await.unwrap(), b"hello");
+        let budget = InboundBudget::new(usize::MAX);
+        let read = |rd: &mut Cursor<Vec<u8>>, limit| {
+            futures::executor::block_on(read_frame(rd, limit, &mut budget.claim()))
+        };
+        assert_eq!(read(&mut framed(b"hello"), 16).unwrap(), b"hello");
 
-            let mut big = Cursor::new(Vec::new());
-            write_frame(&mut big, &[0u8; 64]).await.unwrap();
-            let mut rd = Cursor::new(big.into_inner());
-            let err = read_frame(&mut rd, 16).await.unwrap_err();
-            assert!(err.to_string().contains("exceeds the limit"), "{err}");
+        let err = read(&mut framed(&[0u8; 64]), 16).unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
 
-            let mut truncated = Cursor::new(vec![10, 0, 0, 0, 1, 2]);
-            assert!(read_frame(&mut truncated, 16).await.is_err());
+        let mut truncated = Cursor::new(vec![10, 0, 0, 0, 1, 2]);
+        assert!(read(&mut truncated, 16).is_err());
 
-            // Frames longer than the first read arrive whole, through the
-            // growing buffer.
-            let long: Vec<u8> = (0..FIRST_READ_BYTES * 3 + 5).map(|i| i as u8).collect();
-            let mut buf = Cursor::new(Vec::new());
-            write_frame(&mut buf, &long).await.unwrap();
-            let mut rd = Cursor::new(buf.into_inner());
-            assert_eq!(read_frame(&mut rd, usize::MAX).await.unwrap(), long);
-            // A claimed length with too few bytes behind it is an error.
-            let mut short = Cursor::new(Vec::new());
-            write_frame(&mut short, &long).await.unwrap();
-            let mut bytes = short.into_inner();
-            bytes.truncate(FIRST_READ_BYTES * 2);
-            assert!(read_frame(&mut Cursor::new(bytes), usize::MAX)
-                .await
-                .is_err());
-        });
+        // Frames longer than the first read arrive whole, through the
+        // growing buffer, which ends no larger than the frame.
+        let long: Vec<u8> = (0..FIRST_READ_BYTES * 3 + 5).map(|i| i as u8).collect();
+        let got = read(&mut framed(&long), usize::MAX).unwrap();
+        assert_eq!(got, long);
+        assert!(got.capacity() < long.len() + 4096, "{}", got.capacity());
+        // A claimed length with too few bytes behind it is an error.
+        let mut bytes = framed(&long).into_inner();
+        bytes.truncate(FIRST_READ_BYTES * 2);
+        assert!(read(&mut Cursor::new(bytes), usize::MAX).is_err());
+        // Every claim went back with its frame.
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn frames_held_at_once_stay_within_the_budget() {
+        let budget = InboundBudget::new(FIRST_READ_BYTES * 3);
+        let long = vec![7u8; FIRST_READ_BYTES * 2];
+        // One frame of two first reads fits and holds its bytes while kept.
+        let mut first = budget.claim();
+        let got =
+            futures::executor::block_on(read_frame(&mut framed(&long), usize::MAX, &mut first))
+                .unwrap();
+        assert_eq!(got.len(), long.len());
+        assert_eq!(budget.in_use(), long.len());
+        // A second one, read while the first is held, is refused as it grows
+        // past the budget, and what it had taken goes back.
+        let mut second = budget.claim();
+        let err =
+            futures::executor::block_on(read_frame(&mut framed(&long), usize::MAX, &mut second))
+                .unwrap_err();
+        assert!(err.to_string().contains("budget exhausted"), "{err}");
+        drop(second);
+        assert_eq!(budget.in_use(), long.len());
+        // Once the first is handled, the second fits.
+        drop(first);
+        let mut again = budget.claim();
+        futures::executor::block_on(read_frame(&mut framed(&long), usize::MAX, &mut again))
+            .unwrap();
+        drop(again);
+        assert_eq!(budget.in_use(), 0);
     }
 }

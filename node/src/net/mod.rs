@@ -9,12 +9,14 @@
 mod behaviour;
 pub mod codec;
 mod dial_guard;
+pub mod inbound_budget;
 pub mod nat;
 pub mod secret;
 pub mod send_queue;
 pub mod udp_buffers;
 
 use behaviour::{Behaviour, BehaviourEvent};
+use codec::DirectFrame;
 use futures::StreamExt;
 use libp2p::{
     autonat, dcutr, gossipsub, identify,
@@ -200,6 +202,9 @@ pub enum NetEvent {
         from: PeerId,
         /// The encoded wire message.
         bytes: Vec<u8>,
+        /// A direct message's share of the inbound budget, given back when
+        /// the driver drops this (having decoded the message).
+        held: Option<inbound_budget::Held>,
     },
 }
 
@@ -335,6 +340,7 @@ impl Network {
             relays: RelayState::default(),
             relayed_to_close: Vec::new(),
             raised_ports: HashSet::new(),
+            kad_addresses: nat::SharedAddresses::default(),
         };
         let task = tokio::spawn(event_loop.run());
         Ok(Network {
@@ -409,6 +415,8 @@ struct EventLoop {
     relayed_to_close: Vec<(tokio::time::Instant, PeerId, ConnectionId)>,
     /// UDP ports whose sockets' receive buffers have been raised.
     raised_ports: HashSet<u16>,
+    /// The addresses of each identified peer handed to Kademlia.
+    kad_addresses: nat::SharedAddresses,
 }
 
 struct Outbound {
@@ -530,7 +538,7 @@ impl EventLoop {
             .swarm
             .behaviour_mut()
             .direct
-            .send_request(&out.peer, Arc::clone(&out.bytes));
+            .send_request(&out.peer, DirectFrame::outbound(Arc::clone(&out.bytes)));
         self.in_flight.insert(
             id,
             Outbound {
@@ -638,7 +646,7 @@ impl EventLoop {
 
     /// Forwards a peer's message, dropping it if the driver is behind, so a
     /// flooding peer cannot stall the swarm's event loop.
-    fn emit_message(&mut self, from: PeerId, bytes: Vec<u8>) {
+    fn emit_message(&mut self, from: PeerId, bytes: Vec<u8>, held: Option<inbound_budget::Held>) {
         let bytes = match &self.key {
             Some(key) => match key.open(bytes) {
                 Some(b) => b,
@@ -649,7 +657,10 @@ impl EventLoop {
             },
             None => bytes,
         };
-        if let Err(e) = self.events.try_send(NetEvent::Message { from, bytes }) {
+        if let Err(e) = self
+            .events
+            .try_send(NetEvent::Message { from, bytes, held })
+        {
             warn!(peer = %from, error = %e, "driver busy; inbound message dropped");
         }
     }
@@ -812,7 +823,7 @@ impl EventLoop {
                 self.stats
                     .bytes_received
                     .fetch_add(message.data.len() as u64, Ordering::Relaxed);
-                self.emit_message(from, message.data);
+                self.emit_message(from, message.data, None);
             }
             BehaviourEvent::Direct(request_response::Event::Message {
                 peer,
@@ -830,7 +841,7 @@ impl EventLoop {
                     .send_response(channel, Vec::new());
                 if let Some(key) = &self.key {
                     let me = self.swarm.local_peer_id().to_bytes();
-                    match key.check_membership_proof(&request, &peer.to_bytes(), &me) {
+                    match key.check_membership_proof(&request.bytes, &peer.to_bytes(), &me) {
                         Some(true) => {
                             self.proven.insert(peer);
                             if self.candidates.contains(&peer) {
@@ -851,10 +862,11 @@ impl EventLoop {
                 }
                 self.stats
                     .bytes_received
-                    .fetch_add(request.len() as u64, Ordering::Relaxed);
+                    .fetch_add(request.bytes.len() as u64, Ordering::Relaxed);
                 // The transport handed the only reference over: no copy.
-                let bytes = Arc::try_unwrap(request).unwrap_or_else(|shared| (*shared).clone());
-                self.emit_message(peer, bytes);
+                let bytes =
+                    Arc::try_unwrap(request.bytes).unwrap_or_else(|shared| (*shared).clone());
+                self.emit_message(peer, bytes, request.held);
             }
             BehaviourEvent::Direct(request_response::Event::Message {
                 message: request_response::Message::Response { request_id, .. },
@@ -910,8 +922,13 @@ impl EventLoop {
                     }
                 }
                 let via_loopback = at.as_ref().is_some_and(nat::is_loopback);
-                for addr in nat::addresses_to_share(info.listen_addrs, via_loopback) {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                let shared = nat::addresses_to_share(info.listen_addrs, via_loopback);
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                for addr in &shared {
+                    kad.add_address(&peer_id, addr.clone());
+                }
+                for stale in self.kad_addresses.replace(peer_id, shared) {
+                    kad.remove_address(&peer_id, &stale);
                 }
                 let due = self
                     .last_bootstrap

@@ -146,11 +146,47 @@ pub fn is_loopback(addr: &Multiaddr) -> bool {
 /// from its own machine: kept when we reach it over loopback ourselves (a
 /// local testnet), dropped otherwise, since to anyone else they name their
 /// own machine, often their own socket.
+/// At most [`MAX_SHARED_ADDRESSES`], duplicates dropped: a peer may announce
+/// as many as it likes, and each one kept grows its routing-table entry.
 pub fn addresses_to_share(announced: Vec<Multiaddr>, via_loopback: bool) -> Vec<Multiaddr> {
-    announced
-        .into_iter()
-        .filter(|a| via_loopback || !is_loopback(a))
-        .collect()
+    let mut kept: Vec<Multiaddr> = Vec::new();
+    for a in announced {
+        if kept.len() == MAX_SHARED_ADDRESSES {
+            break;
+        }
+        if (via_loopback || !is_loopback(&a)) && !kept.contains(&a) {
+            kept.push(a);
+        }
+    }
+    kept
+}
+
+/// Addresses of one peer kept for the DHT: a machine listens on a few
+/// interfaces, each over a relay or two.
+pub const MAX_SHARED_ADDRESSES: usize = 16;
+
+/// The addresses handed to the DHT per peer, so that a peer announcing new
+/// ones replaces its old ones there instead of adding to them.
+#[derive(Debug, Default)]
+pub struct SharedAddresses(HashMap<PeerId, Vec<Multiaddr>>);
+
+/// Peers whose shared addresses [`SharedAddresses`] remembers; past it one is
+/// forgotten (its addresses stay in the DHT until it drops the peer).
+const MAX_REMEMBERED_PEERS: usize = 4096;
+
+impl SharedAddresses {
+    /// Records `now` as `peer`'s shared addresses; returns those shared
+    /// before that it no longer announces, for the caller to remove.
+    pub fn replace(&mut self, peer: PeerId, now: Vec<Multiaddr>) -> Vec<Multiaddr> {
+        if self.0.len() >= MAX_REMEMBERED_PEERS && !self.0.contains_key(&peer) {
+            if let Some(forgotten) = self.0.keys().next().copied() {
+                self.0.remove(&forgotten);
+            }
+        }
+        let before = self.0.insert(peer, now).unwrap_or_default();
+        let now = &self.0[&peer];
+        before.into_iter().filter(|a| !now.contains(a)).collect()
+    }
 }
 
 /// Whether a peer's identify protocols say it relays for others.
@@ -305,6 +341,33 @@ mod tests {
             announced[2..].to_vec()
         );
         assert_eq!(addresses_to_share(announced.clone(), true), announced);
+    }
+
+    #[test]
+    fn a_peer_announcing_ever_more_addresses_keeps_a_bounded_few() {
+        let many: Vec<Multiaddr> = (0..1000u32)
+            .map(|i| {
+                addr(&format!(
+                    "/ip4/10.0.{}.{}/udp/4001/quic-v1",
+                    i / 250,
+                    i % 250
+                ))
+            })
+            .collect();
+        let first = addresses_to_share(many.clone(), false);
+        assert_eq!(first, many[..MAX_SHARED_ADDRESSES].to_vec());
+        // Repeats count once.
+        let repeated = vec![many[0].clone(); 40];
+        assert_eq!(addresses_to_share(repeated, false), many[..1].to_vec());
+        // A new announcement replaces the old addresses rather than adding.
+        let mut shared = SharedAddresses::default();
+        let peer = PeerId::random();
+        assert!(shared.replace(peer, first.clone()).is_empty());
+        let second = addresses_to_share(many[10..].to_vec(), false);
+        let stale = shared.replace(peer, second);
+        assert_eq!(stale, many[..10].to_vec());
+        // Other peers' are their own.
+        assert!(shared.replace(PeerId::random(), first).is_empty());
     }
 
     #[test]

@@ -204,6 +204,24 @@ pub enum CheckpointError {
         /// Round of the checkpoint not written.
         round: u64,
     },
+    /// A fresh run (no `--resume` from this directory) was pointed at a
+    /// directory holding a verified checkpoint of its swarm: writing there
+    /// would prune or replace that run's checkpoints.
+    #[error(
+        "{} already holds checkpoints of swarm `{swarm}` (the newest of round {round}), an earlier \
+         run's: pass --resume {} to go on with that run, or pick another --checkpoint-dir (or move \
+         them away); a fresh run writing there would replace them",
+        dir.display(),
+        dir.display()
+    )]
+    EarlierRun {
+        /// The directory.
+        dir: PathBuf,
+        /// The swarm.
+        swarm: String,
+        /// Round of the newest verified checkpoint there.
+        round: u64,
+    },
     /// A checkpoint directory was given that is a file.
     #[error("{0} is a file, not a checkpoint directory: pass the directory the checkpoints are in (`export` alone also takes one checkpoint file)")]
     NotADirectory(PathBuf),
@@ -300,6 +318,10 @@ fn split_header(bytes: &[u8]) -> Result<(Header, &[u8]), String> {
     Ok((header, &bytes[16 + header_len..]))
 }
 
+/// More samples (or tokens) than any run trains on: a larger count in a
+/// checkpoint was made up, and the run's own counting would overflow it.
+const MAX_SAMPLES: u64 = 1 << 56;
+
 fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
     let invalid = |reason: String| CheckpointError::Invalid {
         path: path.to_owned(),
@@ -311,6 +333,12 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
         return Err(invalid(format!(
             "round {} and step {} are beyond any run (at most {max})",
             meta.round, meta.step
+        )));
+    }
+    if meta.samples > MAX_SAMPLES {
+        return Err(invalid(format!(
+            "{} samples trained on are beyond any run (at most {MAX_SAMPLES})",
+            meta.samples
         )));
     }
     // Parameters, then (with an optimizer section) two moment vectors of the
@@ -420,12 +448,15 @@ pub fn save_state(
         });
     }
     let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(&bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+    let written = write_synced(&tmp, &bytes)
+        .map_err(io_err(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, &path).map_err(io_err(&path)));
+    if let Err(e) = written {
+        // A partial file (a full disk, say) would hold the very space the
+        // next checkpoint needs.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
     // Make the rename itself durable.
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
@@ -436,6 +467,13 @@ pub fn save_state(
         }
     }
     Ok(path)
+}
+
+/// Writes `bytes` to a new file at `path` and flushes it to the disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// Creates `dir` (and its parents) unless it exists, naming a file in its
@@ -585,6 +623,66 @@ pub fn load_file(path: &Path) -> Result<Checkpoint, CheckpointError> {
         ));
     }
     decode(path, &bytes)
+}
+
+/// The newest checkpoint of `swarm` in `dir` that verifies (bad ones are
+/// skipped with a warning), if `dir` holds one: a directory shared by
+/// several swarms' runs resumes each from its own.
+fn latest_of_swarm(dir: &Path, swarm: &str) -> Result<Option<Checkpoint>, CheckpointError> {
+    refuse_file(dir)?;
+    let ours = list(dir)?
+        .into_iter()
+        .filter(|(_, path)| swarm_of(path).as_deref() == Some(swarm));
+    for (_, path) in ours {
+        match load_file(&path) {
+            Ok(c) => return Ok(Some(c)),
+            Err(e) => warn!(error = %e, "skipping checkpoint"),
+        }
+    }
+    Ok(None)
+}
+
+/// The newest checkpoint of `swarm` in `dir` that verifies or, where `dir`
+/// holds none of that swarm, the newest of any (whose swarm the caller's
+/// check then names, see [`CheckpointMeta::check_run`]).
+pub fn load_latest_of(dir: &Path, swarm: &str) -> Result<Checkpoint, CheckpointError> {
+    match latest_of_swarm(dir, swarm)? {
+        Some(c) => Ok(c),
+        None => load_latest(dir),
+    }
+}
+
+/// Refuses a directory a fresh run of `swarm` would write its checkpoints
+/// into while it holds a verified checkpoint of that swarm (an earlier
+/// run's): pruning, and the checkpoint of the round a run ends on, would
+/// replace that run's files. Said before the node trains, not at its first
+/// checkpoint.
+pub fn refuse_earlier_run(dir: &Path, swarm: &str) -> Result<(), CheckpointError> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    match latest_of_swarm(dir, swarm)? {
+        Some(c) => Err(CheckpointError::EarlierRun {
+            dir: dir.to_owned(),
+            swarm: swarm.to_owned(),
+            round: c.meta.round,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The swarm of the checkpoint file in `dir` written last, with its time
+/// (headers only, nothing verified): which run a directory that several
+/// runs wrote into holds most recently.
+pub fn last_written_swarm(dir: &Path) -> Option<(std::time::SystemTime, String)> {
+    list(dir)
+        .ok()?
+        .into_iter()
+        .filter_map(|(_, path)| {
+            let written = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+            Some((written, swarm_of(&path)?))
+        })
+        .max()
 }
 
 /// The newest checkpoint in `dir` that verifies; bad ones are skipped with a warning.
@@ -968,6 +1066,107 @@ mod tests {
             ..meta(1, &[1.0])
         };
         save(dir.path(), &other, &[1.0]).unwrap();
+    }
+
+    #[test]
+    fn a_fresh_run_is_refused_a_directory_holding_its_swarms_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("not-yet");
+        refuse_earlier_run(&missing, "s").unwrap();
+        refuse_earlier_run(dir.path(), "s").unwrap();
+        // Another swarm's, and a damaged one of ours, are no earlier run to keep.
+        let other = CheckpointMeta {
+            swarm: "other".into(),
+            ..meta(3, &[3.0])
+        };
+        save(dir.path(), &other, &[3.0]).unwrap();
+        let damaged = save(dir.path(), &meta(2, &[2.0]), &[2.0]).unwrap();
+        std::fs::write(&damaged, b"P2PTCKPT truncated").unwrap();
+        refuse_earlier_run(dir.path(), "s").unwrap();
+        // A verified one of ours is: a run ending at its round would replace it.
+        save(dir.path(), &meta(47, &[4.7]), &[4.7]).unwrap();
+        let err = refuse_earlier_run(dir.path(), "s").unwrap_err();
+        assert!(
+            matches!(err, CheckpointError::EarlierRun { round: 47, .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("--resume") && text.contains("`s`"), "{text}");
+        refuse_earlier_run(dir.path(), "other2").unwrap();
+    }
+
+    #[test]
+    fn each_swarm_resumes_its_own_newest_from_a_shared_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let of = |swarm: &str, round: u64| CheckpointMeta {
+            swarm: swarm.into(),
+            ..meta(round, &[round as f32])
+        };
+        save(dir.path(), &of("b", 19), &[19.0]).unwrap();
+        save(dir.path(), &of("a", 50), &[50.0]).unwrap();
+        save(dir.path(), &of("b", 20), &[20.0]).unwrap();
+        let b = load_latest_of(dir.path(), "b").unwrap();
+        assert_eq!((b.meta.swarm.as_str(), b.meta.round), ("b", 20));
+        assert_eq!(b.params, [20.0]);
+        assert_eq!(load_latest_of(dir.path(), "a").unwrap().meta.round, 50);
+        // None of the swarm: the newest of any, whose swarm the caller names.
+        let c = load_latest_of(dir.path(), "c").unwrap();
+        assert_eq!((c.meta.swarm.as_str(), c.meta.round), ("a", 50));
+        assert!(c.meta.check_run(dir.path(), "c", 10).is_err());
+    }
+
+    #[test]
+    fn the_swarm_written_last_is_told_by_file_times() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(last_written_swarm(dir.path()), None);
+        let at = |secs| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        // Swarm "a" has the higher round, "b" wrote last.
+        for (swarm, round, written) in [("b", 3, 2_000), ("a", 9, 1_000)] {
+            let m = CheckpointMeta {
+                swarm: swarm.into(),
+                ..meta(round, &[1.0])
+            };
+            let path = save(dir.path(), &m, &[1.0]).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(at(written)).unwrap();
+        }
+        assert_eq!(
+            last_written_swarm(dir.path()),
+            Some((at(2_000), "b".into()))
+        );
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_partial_file_behind() {
+        let params = [1.0f32, 2.0];
+        let scratch = tempfile::tempdir().unwrap();
+        let name = save(scratch.path(), &meta(5, &params), &params)
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_owned();
+        // A directory where the file goes makes the final rename fail after
+        // the whole temporary file was written.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(&name).join("in-the-way")).unwrap();
+        save(dir.path(), &meta(5, &params), &params).unwrap_err();
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [name]);
+    }
+
+    #[test]
+    fn a_made_up_sample_count_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let huge = CheckpointMeta {
+            samples: u64::MAX,
+            ..meta(1, &[1.0])
+        };
+        let path = save(dir.path(), &huge, &[1.0]).unwrap();
+        let err = load_file(&path).unwrap_err();
+        assert!(err.to_string().contains("samples"), "{err}");
     }
 
     #[test]

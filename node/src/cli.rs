@@ -176,7 +176,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256), allow_negative_numbers = true)]
     pub stages: u32,
     /// Micro-batches per optimizer step in a pipeline; --batch-size is split among them.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = DEFAULT_MICRO_BATCHES, value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
     pub micro_batches: u64,
     /// Training micro-batches a first-stage replica keeps in the pipeline at once:
     /// each returning gradient lets the next one in (1F1B), so a stage holds at most
@@ -186,7 +186,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
     pub max_in_flight: Option<u64>,
     /// Seconds a micro-batch may take to come back before it goes to another replica.
-    #[arg(long, default_value_t = 20.0, value_parser = parse_secs, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = DEFAULT_STAGE_TIMEOUT_SECS, value_parser = parse_secs, allow_negative_numbers = true)]
     pub stage_timeout_secs: f64,
     /// Samples per local step (MNIST images, or char-lm text windows).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536), allow_negative_numbers = true)]
@@ -340,7 +340,8 @@ pub struct NodeArgs {
     /// Seconds to keep serving peers after training ends, so they can finish the last round (at most 86400).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=86_400), allow_negative_numbers = true)]
     pub linger_secs: u64,
-    /// Write checkpoints (atomic, blake3-verified) into this directory.
+    /// Write checkpoints (atomic, blake3-verified) into this directory; one
+    /// already holding this swarm's checkpoints needs --resume DIR.
     #[arg(long, value_name = "DIR", env = "P2PTRAIN_CHECKPOINT_DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// File holding the swarm secret (at least 16 bytes, e.g. from
@@ -351,7 +352,7 @@ pub struct NodeArgs {
     /// Write a checkpoint every this many averaging rounds (and of the model the run ends on).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     pub checkpoint_every: u64,
-    /// Continue from the newest valid checkpoint in DIR (and keep checkpointing there
+    /// Continue from the newest valid checkpoint of this swarm in DIR (and keep checkpointing there
     /// unless --checkpoint-dir says otherwise); a char-lm node holds that
     /// checkpoint's stage again, or the swarm's newer backup of it.
     #[arg(long, value_name = "DIR")]
@@ -654,6 +655,13 @@ pub fn parse_with_config(argv: Vec<OsString>) -> Result<Cli, CliError> {
     Cli::try_parse_from(argv).map_err(CliError::Clap)
 }
 
+/// Whether checkpoints go to the directory the node resumed from (then the
+/// run they hold is this one's), however the two paths are spelt.
+fn is_resume_dir(dir: &std::path::Path, resume: Option<&std::path::Path>) -> bool {
+    let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    resume.is_some_and(|r| canonical(r) == canonical(dir))
+}
+
 /// A checkpoint resumes only the swarm and model that wrote it: another
 /// swarm's would mix runs in one directory, another model's cannot load.
 fn check_resumable(
@@ -819,12 +827,13 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     // A pipeline node resumes its stage; a data-parallel one the whole model.
     let (resume, stage_resume) = match &args.resume {
         Some(dir) => {
-            let ckpt = crate::checkpoint::load_latest(dir).map_err(|e| match e {
-                CheckpointError::NoneFound(..) => {
-                    anyhow::anyhow!("{e}; start without --resume to train from scratch")
-                }
-                other => other.into(),
-            })?;
+            let ckpt =
+                crate::checkpoint::load_latest_of(dir, &args.swarm).map_err(|e| match e {
+                    CheckpointError::NoneFound(..) => {
+                        anyhow::anyhow!("{e}; start without --resume to train from scratch")
+                    }
+                    other => other.into(),
+                })?;
             if pipeline {
                 let cut = (args.train.stages, args.train.average_every);
                 let mut stage = driver::StageResume::from_checkpoint(ckpt, dir, &args.swarm, cut)?;
@@ -864,6 +873,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let dirs = checkpoints.iter().map(|p| &p.dir);
     for dir in dirs.chain(stage_checkpoints.iter().map(|c| &c.dir)) {
         crate::checkpoint::check_writable(dir)?;
+        if !is_resume_dir(dir, args.resume.as_deref()) {
+            crate::checkpoint::refuse_earlier_run(dir, &args.swarm)?;
+        }
     }
     let config = NodeConfig {
         net: NetConfig {
@@ -982,32 +994,40 @@ fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
     let mut stages: std::collections::BTreeMap<u32, crate::checkpoint::Checkpoint> =
         std::collections::BTreeMap::new();
     let mut count = None;
-    let mut dirs: Vec<PathBuf> = args.from.clone();
-    while let Some(dir) = dirs.pop() {
+    let mut dirs = Vec::new();
+    let mut unread: Vec<PathBuf> = args.from.clone();
+    while let Some(dir) = unread.pop() {
         let entries = std::fs::read_dir(&dir)
             .with_context(|| format!("cannot read checkpoint directory {}", dir.display()))?;
         for entry in entries.flatten() {
             if entry.path().is_dir() {
-                dirs.push(entry.path());
+                unread.push(entry.path());
             }
         }
-        let Ok(ckpt) = crate::checkpoint::load_latest(&dir) else {
+        dirs.push(dir);
+    }
+    // Directories that several runs wrote into (a testnet run twice with one
+    // --checkpoint-dir) make the model of the run written last.
+    let swarm = dirs
+        .iter()
+        .filter_map(|d| crate::checkpoint::last_written_swarm(d))
+        .max()
+        .map(|(_, swarm)| swarm)
+        .unwrap_or_default();
+    for dir in &dirs {
+        let Ok(ckpt) = crate::checkpoint::load_latest_of(dir, &swarm) else {
             continue;
         };
         let Some((stage, of)) = driver::parse_stage_model_name(&ckpt.meta.model) else {
             continue;
         };
+        if ckpt.meta.swarm != swarm {
+            continue;
+        }
         if *count.get_or_insert(of) != of {
             anyhow::bail!(
-                "checkpoints under the given directories come from models cut into different numbers of stages ({of} and {}); pass the directories of one run",
+                "checkpoints of swarm `{swarm}` under the given directories come from models cut into different numbers of stages ({of} and {}); pass the directories of one run",
                 count.unwrap_or(of)
-            );
-        }
-        if let Some(other) = stages.values().find(|c| c.meta.swarm != ckpt.meta.swarm) {
-            anyhow::bail!(
-                "checkpoints under the given directories come from different swarms (`{}` and `{}`); pass the directories of one run",
-                other.meta.swarm,
-                ckpt.meta.swarm
             );
         }
         // Replicas of a stage each wrote one: the furthest trained wins.
@@ -1025,7 +1045,7 @@ fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
     for stage in 0..count {
         let ckpt = stages.get(&stage).ok_or_else(|| {
             anyhow::anyhow!(
-                "no checkpoint of stage {stage} of {count} found; every stage is needed"
+                "no checkpoint of stage {stage} of {count} of swarm `{swarm}` (the run written last) found; every stage is needed"
             )
         })?;
         params.extend_from_slice(&ckpt.params);
@@ -1043,13 +1063,37 @@ fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses flag combinations that cannot work, before any network starts.
+/// `--micro-batches` unless given.
+const DEFAULT_MICRO_BATCHES: u64 = 4;
+/// `--stage-timeout-secs` unless given.
+const DEFAULT_STAGE_TIMEOUT_SECS: f64 = 20.0;
+
+/// Refuses flag combinations that cannot work, or that name a setting the
+/// chosen model would ignore, before any network starts.
 pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
-    if train.stages > 1 && train.eval_every > 0 {
+    if train.model == ModelChoice::CharLm && train.eval_every > 0 {
         anyhow::bail!(
-            "--eval-every works in data-parallel training only; a pipeline (--stages {}) evaluates at the end",
-            train.stages
+            "--eval-every works in data-parallel (MNIST) training only; char-lm, which runs as a pipeline even with --stages 1, evaluates at the end"
         );
+    }
+    // Flags set away from their defaults that this model would ignore.
+    if train.model != ModelChoice::CharLm {
+        let pipeline_only = [
+            (
+                train.micro_batches != DEFAULT_MICRO_BATCHES,
+                "--micro-batches",
+            ),
+            (
+                train.stage_timeout_secs != DEFAULT_STAGE_TIMEOUT_SECS,
+                "--stage-timeout-secs",
+            ),
+        ];
+        if let Some((_, flag)) = pipeline_only.iter().find(|(set, _)| *set) {
+            anyhow::bail!(
+                "{flag} applies to pipeline training (--model char-lm) only; --model {} would ignore it",
+                train.model
+            );
+        }
     }
     if train.stages > 1 && train.model != ModelChoice::CharLm {
         anyhow::bail!(
@@ -1095,6 +1139,13 @@ pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
                 "--batch-size {} is smaller than --micro-batches {}: every micro-batch needs at least one text window",
                 train.batch_size,
                 train.micro_batches
+            );
+        }
+        let (batch, micro) = (train.batch_size, train.micro_batches);
+        if !batch.is_multiple_of(micro) {
+            anyhow::bail!(
+                "--batch-size {batch} is not a multiple of --micro-batches {micro}: each micro-batch takes an equal share of a step's text windows, so a step would train on {} of the {batch}, and epochs would cover less text than asked",
+                batch - batch % micro
             );
         }
     }

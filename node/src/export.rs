@@ -15,7 +15,6 @@ use crate::train::lm::CharLmConfig;
 use crate::train::model::ModelKind;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Why a checkpoint could not be exported.
@@ -144,7 +143,10 @@ pub fn export_file(checkpoint: &Path, out: &Path, force: bool) -> Result<Exporte
         return Err(ExportError::Exists(out.to_path_buf()));
     }
     let (bytes, exported) = encode(&ckpt)?;
-    write_atomically(out, &bytes)?;
+    crate::small_file::write_atomically(out, &bytes).map_err(|source| ExportError::Io {
+        path: out.to_path_buf(),
+        source,
+    })?;
     Ok(exported)
 }
 
@@ -208,38 +210,6 @@ fn renamed(p: &ParamInfo, values: &[f32], field: &str) -> TorchTensor {
         shape: p.shape.clone(),
         values: values.to_vec(),
     }
-}
-
-fn write_atomically(out: &Path, bytes: &[u8]) -> Result<(), ExportError> {
-    let io = |source| ExportError::Io {
-        path: out.to_path_buf(),
-        source,
-    };
-    let dir = match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = out.file_name().ok_or_else(|| {
-        io(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "the output path names no file",
-        ))
-    })?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, out)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
 }
 
 #[cfg(test)]

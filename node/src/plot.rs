@@ -48,7 +48,7 @@ pub enum PlotError {
     NoData(PathBuf),
     /// The output exists and is not a PNG (a plot drawn before), and
     /// `--force` was not given.
-    #[error("{} exists and is not a PNG; pass --force to replace it", .0.display())]
+    #[error("{} exists and is not a plot drawn by `p2ptrain plot`; pass --force to replace it", .0.display())]
     WouldReplace(PathBuf),
     /// The PNG could not be written.
     #[error("cannot write {}: {source}", path.display())]
@@ -123,6 +123,8 @@ impl Image {
         let mut encoder = png::Encoder::new(&mut out, self.width, self.height);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
+        let (keyword, text) = PLOT_MARK;
+        encoder.add_text_chunk(keyword.into(), text.into())?;
         let mut writer = encoder.write_header()?;
         writer.write_image_data(&self.rgb)?;
         writer.finish()?;
@@ -375,15 +377,25 @@ fn legend(img: &mut Image, nodes: usize) {
     }
 }
 
-/// Whether `path` is a regular file that starts like a PNG.
-fn is_png(path: &Path) -> bool {
+/// The text chunk every plot carries, so a later `plot` knows the file at
+/// `--out` for one of its own, not a picture of the user's.
+const PLOT_MARK: (&str, &str) = ("Software", "p2ptrain plot");
+
+/// Whether `path` is a plot this command drew: a regular file (checked
+/// before opening, so a named pipe cannot block us) that starts like a PNG
+/// and carries [`PLOT_MARK`] in its first chunks.
+fn is_our_plot(path: &Path) -> bool {
     use std::io::Read;
-    let mut head = [0u8; 8];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok()
-        && path.is_file()
-        && head == *b"\x89PNG\r\n\x1a\n"
+    if !path.is_file() {
+        return false;
+    }
+    let mut head = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| f.take(4096).read_to_end(&mut head));
+    let (keyword, text) = PLOT_MARK;
+    let mark = [b"tEXt", keyword.as_bytes(), b"\0", text.as_bytes()].concat();
+    read.is_ok()
+        && head.starts_with(b"\x89PNG\r\n\x1a\n")
+        && head.windows(mark.len()).any(|w| w == mark)
 }
 
 /// What [`plot_run_dir`] drew.
@@ -400,7 +412,7 @@ pub struct Plotted {
 /// Reads the records under `dir` and writes their plot to `out`. A plot
 /// drawn before is replaced; any other file at `out` only with `force`.
 pub fn plot_run_dir(dir: &Path, out: &Path, force: bool) -> Result<Plotted, PlotError> {
-    if !force && out.symlink_metadata().is_ok() && !is_png(out) {
+    if !force && out.symlink_metadata().is_ok() && !is_our_plot(out) {
         return Err(PlotError::WouldReplace(out.to_path_buf()));
     }
     let runs = read_run_dir(dir)?;
@@ -412,9 +424,7 @@ pub fn plot_run_dir(dir: &Path, out: &Path, force: bool) -> Result<Plotted, Plot
     let bytes = img
         .encode_png()
         .map_err(|e| write_err(std::io::Error::other(e)))?;
-    let tmp = out.with_extension("png.tmp");
-    std::fs::write(&tmp, bytes).map_err(write_err)?;
-    std::fs::rename(&tmp, out).map_err(write_err)?;
+    crate::small_file::write_atomically(out, &bytes).map_err(write_err)?;
     Ok(Plotted {
         nodes: runs.len(),
         width: img.width,

@@ -5,8 +5,40 @@
 //! pipe, a disk image or a log must fail with its name, not fill memory or
 //! block forever before anything looks at the content.
 
-use std::io::Read;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Writes `bytes` to `out` through a temporary file beside it (named with
+/// this process's id, so it is nobody else's) that is flushed to the disk
+/// and renamed over `out`: a crash leaves the old file or the new one, never
+/// half of one, and a failed write leaves no temporary file behind.
+pub fn write_atomically(out: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the output path names no file",
+        )
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, out)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
 
 /// The largest key, secret or config file read: far above any real one.
 pub const SMALL_FILE_LIMIT: u64 = 1 << 20;

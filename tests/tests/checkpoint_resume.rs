@@ -216,15 +216,17 @@ fn another_swarms_checkpoints_are_neither_resumed_nor_pruned() {
     for (_, path) in &ours {
         assert!(path.exists(), "{} was deleted", path.display());
     }
-    // A new run of `ckpt-test` (not resuming) into that directory writes no
-    // checkpoint behind the earlier run's round 3 (each used to be pruned
-    // right after it was written), and fails on its final one, saying why.
+    // A new run of `ckpt-test` (not resuming) into that directory is refused
+    // before it trains (its checkpoints used to fail one by one behind the
+    // earlier run's round 3, and one of the round it ended on would replace
+    // that run's), saying why.
     let out = node(dir.path(), &["--steps", "20"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("holds a checkpoint of swarm `ckpt-test` at round 3, past this one's round 2")
-            && err.contains("--resume"),
+        err.contains("already holds checkpoints of swarm `ckpt-test` (the newest of round 3)")
+            && err.contains("--resume")
+            && !err.contains("round finished"),
         "{err}"
     );
     assert_eq!(checkpoints(dir.path()).len(), 6, "files changed");

@@ -225,6 +225,28 @@ fn bad_pipeline_settings() {
         ],
         "--micro-batches",
     );
+    assert_one_line_error(
+        &[
+            "node",
+            "--model",
+            "char-lm",
+            "--batch-size",
+            "10",
+            "--micro-batches",
+            "4",
+        ],
+        "not a multiple of --micro-batches 4",
+    );
+    // Settings the chosen model would ignore.
+    assert_one_line_error(
+        &["node", "--model", "char-lm", "--eval-every", "5"],
+        "--eval-every works in data-parallel",
+    );
+    assert_one_line_error(&["node", "--micro-batches", "8"], "--micro-batches applies");
+    assert_one_line_error(
+        &["testnet", "--model", "cnn", "--stage-timeout-secs", "5"],
+        "--stage-timeout-secs applies",
+    );
     assert_one_line_error(&["node", "--max-in-flight", "2"], "--model char-lm");
     assert_one_line_error(
         &["node", "--model", "char-lm", "--max-in-flight", "2"],
@@ -377,10 +399,43 @@ fn sample_refuses_stages_of_different_swarms() {
         };
         save(&dir.path().join(format!("node-{stage}")), &meta, &params).unwrap();
     }
+    // The run written last is the one sampled, and it lacks stage 0.
     assert_one_line_error(
         &["sample", "--from", dir.path().to_str().unwrap()],
-        "different swarms",
+        "no checkpoint of stage 0 of 2 of swarm `run-b`",
     );
+}
+
+/// A fresh run pointed at an earlier run's checkpoints used to train, fail
+/// every checkpoint as behind them, then replace the one of the round it
+/// ended on: now it is refused before it starts, and the files stay.
+#[test]
+fn a_fresh_run_does_not_write_over_an_earlier_runs_checkpoints() {
+    use p2ptrain_node::checkpoint::{params_digest, save, CheckpointMeta};
+    let dir = tempfile::tempdir().unwrap();
+    let params = vec![0.25f32; 8];
+    let meta = CheckpointMeta {
+        swarm: "earlier".into(),
+        model: "mlp".into(),
+        round: 47,
+        step: 470,
+        samples: 60_000,
+        params_digest: params_digest(&params),
+        average_every: Some(10),
+    };
+    let path = save(dir.path(), &meta, &params).unwrap();
+    let d = dir.path().to_str().unwrap();
+    for flags in [
+        &["--checkpoint-dir", d][..],
+        &["--checkpoint-dir", d, "--model", "cnn"],
+        &["--checkpoint-dir", d, "--model", "char-lm"],
+    ] {
+        let mut args = vec!["node", "--no-mdns", "--swarm", "earlier"];
+        args.extend_from_slice(flags);
+        assert_one_line_error(&args, "already holds checkpoints of swarm `earlier`");
+    }
+    assert!(path.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
 #[test]

@@ -177,8 +177,37 @@ fn plot_replaces_an_earlier_plot_but_no_other_file() {
     let res = plot(&records, false);
     assert!(!res.status.success());
     let err = String::from_utf8_lossy(&res.stderr);
-    assert!(err.contains("is not a PNG; pass --force"), "{err}");
+    assert!(
+        err.contains("is not a plot drawn by `p2ptrain plot`; pass --force"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&records).unwrap(), before);
+    // So is a picture of the user's: a PNG, but not one of our plots.
+    let photo = run.path().join("photo.png");
+    let theirs = {
+        let mut bytes = Vec::new();
+        let mut enc = png::Encoder::new(&mut bytes, 1, 1);
+        enc.set_color(png::ColorType::Rgb);
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(&[1, 2, 3]).unwrap();
+        w.finish().unwrap();
+        bytes
+    };
+    std::fs::write(&photo, &theirs).unwrap();
+    assert!(!plot(&photo, false).status.success());
+    assert_eq!(std::fs::read(&photo).unwrap(), theirs);
+    // A named pipe there is refused at once, not opened (which would block).
+    let fifo = run.path().join("pipe.png");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|s| s.success()) {
+        assert!(!plot(&fifo, false).status.success());
+    }
+    // No temporary file is left beside the outputs.
+    let names: Vec<String> = std::fs::read_dir(run.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
     // --force replaces it.
     let notes = run.path().join("notes.txt");
     std::fs::write(&notes, "mine").unwrap();

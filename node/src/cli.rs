@@ -593,13 +593,22 @@ fn init_logging(format: LogFormat, live: bool) {
         use std::io::IsTerminal;
         std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::{Layer, SubscriberExt};
+    use tracing_subscriber::util::SubscriberInitExt;
+    // A peer sending junk as fast as it can gets a few lines per window, not
+    // one per message.
+    let filter = filter.and(crate::log_throttle::PeerWarnings::default());
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(layer.with_filter(filter))
+            .try_init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json().with_filter(filter))
+            .try_init(),
     };
 }
 

@@ -14,6 +14,7 @@ pub mod error_text;
 pub mod export;
 pub mod identity;
 pub mod join_proof;
+pub mod log_throttle;
 pub mod metrics;
 pub mod misbehave;
 pub mod net;

@@ -1264,6 +1264,12 @@ impl Driver {
                     m.peer_left(&peer);
                 }
                 self.members.remove(&node_id_of(&peer));
+                // A holder of the state we download: its requests go to the
+                // others now, not after their timeouts.
+                let now = self.now();
+                if let Some(d) = self.download.as_mut() {
+                    d.handle_peer_left(now, node_id_of(&peer));
+                }
                 self.pipe.forget_peer(&peer);
                 self.vouches.forget(&node_id_of(&peer));
                 self.swarm_round.forget(&node_id_of(&peer));

@@ -574,7 +574,8 @@ impl Driver {
         };
         match self.members.get(&peer) {
             Some(p) => self.send_msg(*p, &msg),
-            None => Ok(()), // it left; the request times out and goes elsewhere
+            // It left just now: told of it, the download asks another.
+            None => Ok(()),
         }
     }
 }

@@ -9,7 +9,7 @@ use super::outcome::{Destination, Outbox, PartOutcome, RoundOutcome};
 use super::AvgMessage;
 use crate::tensor::{split_ranges, Encoding, Payload};
 use crate::NodeId;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::time::Duration;
 
@@ -28,15 +28,49 @@ pub(crate) struct LastReduced {
     group: Vec<NodeId>,
     /// Our `Reduced` messages by part index.
     parts: Vec<(u32, AvgMessage)>,
+    /// Answers sent so far.
+    reacks: Reacks,
+}
+
+/// How often each member was answered with a part's `Reduced` again: a few
+/// re-acks cover lost answers to an honest member's re-sent `Part`; beyond
+/// them, a member sending tiny `Part`s in a loop would have us upload a whole
+/// reduced part for each.
+#[derive(Debug, Default)]
+struct Reacks(BTreeMap<(NodeId, u32), u8>);
+
+/// Re-acks per member and part in one round.
+const MAX_REACKS: u8 = 4;
+
+impl Reacks {
+    /// Counts one answer to `member` for `part`; false once it had its share.
+    fn allow(&mut self, member: NodeId, part: u32) -> bool {
+        let sent = self.0.entry((member, part)).or_insert(0);
+        *sent = sent.saturating_add(1);
+        *sent <= MAX_REACKS
+    }
 }
 
 impl LastReduced {
-    /// Answers a late `Part` of that round from one of its members with the stored result.
-    pub(crate) fn reack(&self, round: u64, from: NodeId, part: u32, out: &mut Outbox) {
+    /// Answers a late `Part` of that round from one of its members with the stored result,
+    /// if it has that part's length (a few times per member and part at most).
+    pub(crate) fn reack(
+        &mut self,
+        round: u64,
+        from: NodeId,
+        part: u32,
+        payload: &Payload,
+        out: &mut Outbox,
+    ) {
         if round != self.round || self.group.binary_search(&from).is_err() {
             return;
         }
-        if let Some((_, msg)) = self.parts.iter().find(|(p, _)| *p == part) {
+        let Some((_, msg)) = self.parts.iter().find(|(p, _)| *p == part) else {
+            return;
+        };
+        let fits =
+            matches!(msg, AvgMessage::Reduced { payload: ours, .. } if ours.len == payload.len);
+        if fits && self.reacks.allow(from, part) {
             out.send(Destination::Peer(from), msg.clone());
         }
     }
@@ -77,6 +111,8 @@ pub(crate) struct AllReduce {
     excluded: Vec<bool>,
     /// Members that sent us a `Part` or a `Reduced` of this round. By member.
     heard: Vec<bool>,
+    /// Answers sent again to members re-sending a `Part` we had reduced.
+    reacks: Reacks,
     /// Members that joined a later round without a word to us, and until
     /// when we still take their `Reduced` parts (see [`AllReduce::moved_on`]).
     /// Unlike those excluded for invalid data, they count as having stalled
@@ -145,6 +181,7 @@ impl AllReduce {
             refused: vec![false; parts],
             excluded: vec![false; n],
             heard: vec![false; n],
+            reacks: Reacks::default(),
             moved_on: vec![None; n],
             outgoing,
             contributions,
@@ -158,6 +195,11 @@ impl AllReduce {
     /// The round being reduced.
     pub(crate) fn round(&self) -> u64 {
         self.round
+    }
+
+    /// The round's members, ascending.
+    pub(crate) fn group(&self) -> &[NodeId] {
+        &self.group
     }
 
     /// The expected number of values in part `j`.
@@ -242,7 +284,10 @@ impl AllReduce {
             return;
         }
         if let Some(Some(msg)) = self.reduced.get(j) {
-            out.send(Destination::Peer(from), msg.clone());
+            // Its `Reduced` was lost: answer again, if the `Part` is one.
+            if payload.len as usize == self.part_len(j) && self.reacks.allow(from, part) {
+                out.send(Destination::Peer(from), msg.clone());
+            }
             return;
         }
         if self
@@ -561,12 +606,19 @@ impl AllReduce {
     /// keep for late re-acks, and the dropped members that made the round wait (not those
     /// excluded for invalid data or one of whose reduced parts we refused: that costs no
     /// time; those that moved on without a word do count).
+    ///
+    /// Only what this node saw itself makes a member one that made the round wait: a
+    /// contribution missing from a part it reduced, or a reducer whose part never came.
+    /// Another reducer's list of contributors says who is in its mean, not who stalled:
+    /// a hostile reducer listing only itself would otherwise have every honest member
+    /// strike every other (see `sitout`).
     pub(crate) fn finish(self) -> (RoundOutcome, Option<LastReduced>, Vec<NodeId>) {
         let n = self.group.len();
         let me = self.group[self.me_idx];
         let mut values = self.local;
         let mut parts = Vec::with_capacity(self.ranges.len());
         let mut dropped = BTreeSet::new();
+        let mut seen_stalling = BTreeSet::new();
         let mut refused_any = vec![false; n];
         for (j, refused) in self.refused.iter().enumerate() {
             if *refused {
@@ -581,11 +633,14 @@ impl AllReduce {
                             dst.copy_from_slice(&result.values);
                         }
                     }
-                    dropped.extend(
-                        self.group
-                            .iter()
-                            .filter(|m| result.contributors.binary_search(m).is_err()),
-                    );
+                    let missing = self
+                        .group
+                        .iter()
+                        .filter(|m| result.contributors.binary_search(m).is_err());
+                    if j % n == self.me_idx {
+                        seen_stalling.extend(missing.clone());
+                    }
+                    dropped.extend(missing);
                     parts.push(PartOutcome {
                         range: range.clone(),
                         contributors: result.contributors,
@@ -594,6 +649,7 @@ impl AllReduce {
                 }
                 None => {
                     dropped.insert(self.group[j % n]);
+                    seen_stalling.insert(self.group[j % n]);
                     parts.push(PartOutcome {
                         range: range.clone(),
                         contributors: vec![me],
@@ -608,7 +664,9 @@ impl AllReduce {
             .iter()
             .zip(self.excluded.iter().zip(&refused_any).zip(&self.moved_on))
             .filter(|(m, ((excluded, refused), moved_on))| {
-                dropped.contains(*m) && (moved_on.is_some() || (!**excluded && !**refused))
+                *m != &me
+                    && seen_stalling.contains(*m)
+                    && (moved_on.is_some() || (!**excluded && !**refused))
             })
             .map(|(m, _)| *m)
             .collect();
@@ -622,6 +680,7 @@ impl AllReduce {
             round: self.round,
             group: self.group.clone(),
             parts: reduced,
+            reacks: self.reacks,
         });
         let outcome = RoundOutcome {
             round: self.round,

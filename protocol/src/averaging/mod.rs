@@ -313,11 +313,27 @@ impl Averager {
 
     /// Replaces the live peer view (ours is ignored if present). A leader closes early once
     /// all of them have joined; a change during matchmaking is re-checked at the next
-    /// timeout, which [`Averager::poll_timeout`] makes immediate.
+    /// timeout, which [`Averager::poll_timeout`] makes immediate. Members of the group
+    /// in flight that left the view are no longer waited for (nor struck): their parts
+    /// stay local, as for a member excluded for invalid data.
     pub fn set_peers(&mut self, peers: &[NodeId]) {
         self.peers = peers.iter().copied().filter(|p| *p != self.me).collect();
-        if matches!(self.state, State::Matchmaking(_)) {
-            self.recheck = true;
+        match &mut self.state {
+            State::Matchmaking(_) => self.recheck = true,
+            State::Reducing(ar) => {
+                let gone: Vec<NodeId> = ar
+                    .group()
+                    .iter()
+                    .filter(|m| **m != self.me && !self.peers.contains(m))
+                    .copied()
+                    .collect();
+                for member in gone {
+                    ar.exclude(member, &mut self.out);
+                }
+                // The round may be complete now: the next timeout sees to it.
+                self.recheck = true;
+            }
+            State::Idle => {}
         }
     }
 
@@ -492,7 +508,7 @@ impl Averager {
             State::Idle => false,
         };
         if give_up {
-            self.finish_alone();
+            self.give_up_waiting();
         }
         self.finish_if_complete(now);
     }
@@ -523,7 +539,7 @@ impl Averager {
     pub fn poll_timeout(&self) -> Option<Duration> {
         match &self.state {
             State::Idle => None,
-            State::Matchmaking(_) if self.recheck => Some(self.last_now),
+            State::Matchmaking(_) | State::Reducing(_) if self.recheck => Some(self.last_now),
             State::Matchmaking(mm) => Some(mm.next_timeout(self.me)),
             State::Reducing(ar) => Some(ar.next_timeout()),
         }
@@ -769,8 +785,8 @@ impl Averager {
                 self.early_parts.keep(from, part, payload, mm.values.len());
             }
             _ => {
-                if let Some(last) = &self.last_reduced {
-                    last.reack(round, from, part, &mut self.out);
+                if let Some(last) = &mut self.last_reduced {
+                    last.reack(round, from, part, payload, &mut self.out);
                 }
             }
         }
@@ -874,6 +890,22 @@ impl Averager {
             ar.moved_on(member, now, grace, &mut self.out);
         }
         self.state = State::Reducing(Box::new(ar));
+    }
+
+    /// Ends a matchmaking that got no `Group` by its give-up time. If a peer
+    /// that joined led it (the smallest id), that leader kept the round from
+    /// forming: an honest one closes within its join window and answers every
+    /// re-sent `Join` with its `Group`, so it earns a strike, and one that
+    /// never sends a `Group` sits out from its second round on instead of
+    /// stalling every round (see `sitout`).
+    fn give_up_waiting(&mut self) {
+        if let State::Matchmaking(mm) = &self.state {
+            let leader = mm.leader(self.me);
+            if leader != self.me && mm.has_joined(&leader) {
+                self.sit_outs.silent_leader(leader, mm.round);
+            }
+        }
+        self.finish_alone();
     }
 
     fn finish_alone(&mut self) {

@@ -7,7 +7,9 @@
 //! strikes of the members its rounds dropped: from the second unforgiven
 //! strike on, the member sits out the next rounds, 2 after the second
 //! strike, twice as many after each further one (at most [`MAX_SIT_OUT`]).
-//! A round the member finishes in the group forgives one strike. A leader
+//! A round the member finishes in the group forgives one strike. A peer
+//! that joined a round and led it (the smallest id) but never sent its
+//! `Group` earns a strike from each peer that gave up waiting for it. A leader
 //! whose `Group` lists a member it cannot prove joined earns two strikes at
 //! once: no honest leader sends one. While a
 //! member sits out, a peer does not count its `Join`, does not wait for it
@@ -62,6 +64,13 @@ impl SitOuts {
     /// sits out the next rounds straight away (and ever longer if it goes on).
     pub(crate) fn forged_group(&mut self, leader: NodeId, round: u64) {
         self.strike(leader, round);
+        self.strike(leader, round);
+    }
+
+    /// `leader` joined `round` and led it (the smallest id) but no `Group`
+    /// of it came by the give-up time: one strike, as for a member that
+    /// stalled the round.
+    pub(crate) fn silent_leader(&mut self, leader: NodeId, round: u64) {
         self.strike(leader, round);
     }
 

@@ -2423,3 +2423,185 @@ fn a_member_that_alters_a_group_it_passes_on_cannot_frame_its_leader() {
         members: vec![id(A), id(B), id(C)]
     }));
 }
+
+/// Runs `rounds` rounds of A, B and C, each to its end on every node,
+/// passing every transmit of node `i` through `rewrite(i, t)` (`None` loses
+/// it); returns what each node's rounds ended with.
+fn rounds_rewriting(
+    nodes: &mut [Averager],
+    rounds: std::ops::RangeInclusive<u64>,
+    rewrite: impl Fn(usize, Transmit) -> Option<Transmit>,
+) -> Vec<Vec<RoundOutcome>> {
+    let mut outcomes = vec![Vec::new(); nodes.len()];
+    let mut now = ms(0);
+    for round in rounds {
+        for n in nodes.iter_mut() {
+            n.start_round(now, round, vec![round as f32; 6]).unwrap();
+        }
+        loop {
+            // Deliver until quiet, then fire the next timer, until every node is done.
+            loop {
+                let mut pending = Vec::new();
+                for (i, n) in nodes.iter_mut().enumerate() {
+                    pending.extend(
+                        transmits(n)
+                            .into_iter()
+                            .filter_map(|t| rewrite(i, t))
+                            .map(|t| (i, t)),
+                    );
+                    outcomes[i].extend(finished(&events(n)));
+                }
+                if pending.is_empty() {
+                    break;
+                }
+                for (from, t) in pending {
+                    let sender = nodes[from].me();
+                    for (to, n) in nodes.iter_mut().enumerate() {
+                        let addressed = match t.to {
+                            Destination::Broadcast => to != from,
+                            Destination::Peer(p) => p == n.me(),
+                        };
+                        if addressed {
+                            n.handle_message(now, sender, t.msg.clone());
+                        }
+                    }
+                }
+            }
+            if nodes.iter().all(|n| n.in_flight().is_none()) {
+                break;
+            }
+            now = fire_next_timeout(nodes);
+        }
+        now += ms(1_000);
+    }
+    outcomes
+}
+
+#[test]
+fn a_reducer_listing_only_itself_gets_no_honest_member_benched() {
+    // C averages honestly but claims its parts hold only its own values. It
+    // used to make A and B strike each other every round (as members missing
+    // from C's parts), so after two rounds each sat the other out.
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    let liar = |i: usize, t: Transmit| {
+        Some(match t.msg {
+            AvgMessage::Reduced {
+                round,
+                part,
+                payload,
+                ..
+            } if i == 2 => Transmit {
+                to: t.to,
+                msg: AvgMessage::Reduced {
+                    round,
+                    part,
+                    contributors: vec![id(C)],
+                    payload,
+                },
+            },
+            _ => t,
+        })
+    };
+    let outcomes = rounds_rewriting(&mut nodes, 1..=6, liar);
+    for (i, n) in nodes[..2].iter().enumerate() {
+        assert!(
+            n.sitting_out(7).is_empty(),
+            "node {i} benches {:?}",
+            n.sitting_out(7)
+        );
+        let groups: Vec<usize> = outcomes[i].iter().map(|o| o.group.len()).collect();
+        assert_eq!(groups, vec![3; 6], "node {i}");
+    }
+}
+
+#[test]
+fn a_leader_that_never_sends_its_group_sits_out() {
+    // A (the smallest id) joins every round but its Group never arrives: B
+    // and C used to wait the whole group wait and finish alone, every round.
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    let mute_leader = |i: usize, t: Transmit| {
+        (!(i == 0 && matches!(t.msg, AvgMessage::Group { .. }))).then_some(t)
+    };
+    let outcomes = rounds_rewriting(&mut nodes, 1..=4, mute_leader);
+    for i in 1..3 {
+        let groups: Vec<Vec<NodeId>> = outcomes[i].iter().map(|o| o.group.clone()).collect();
+        let alone = vec![nodes[i].me()];
+        assert_eq!(
+            groups,
+            vec![alone.clone(), alone, vec![id(B), id(C)], vec![id(B), id(C)]],
+            "node {i}: two strikes, then B and C average without A"
+        );
+        assert_eq!(nodes[i].sitting_out(4), vec![id(A)]);
+    }
+}
+
+#[test]
+fn a_member_that_leaves_during_the_all_reduce_is_not_waited_for_or_struck() {
+    for round in 1..=2u64 {
+        let mut nodes = swarm(&[A, B, C], &cfg());
+        for n in nodes.iter_mut() {
+            n.start_round(ms(0), round, vec![1.0; 6]).unwrap();
+        }
+        // The group forms, then C crashes: none of its tensors arrive.
+        let evs = pump_losing(&mut nodes, ms(1), |from, t| {
+            from == 2 && matches!(t.msg, AvgMessage::Part { .. } | AvgMessage::Reduced { .. })
+        });
+        assert!(finished(&evs[0]).is_empty());
+        // A and B see it leave the swarm.
+        for n in &mut nodes[..2] {
+            n.set_peers(&[id(A), id(B)]);
+        }
+        let mut evs = vec![Vec::new(); 2];
+        fire_until_all_finished(&mut nodes[..2], &mut evs, ms(10));
+        for (i, e) in evs.iter().enumerate() {
+            let o = finished(e).pop().unwrap();
+            assert_eq!(o.dropped, vec![id(C)], "node {i}");
+        }
+        assert!(nodes[0].sitting_out(round + 1).is_empty());
+    }
+}
+
+#[test]
+fn a_reduced_part_is_sent_again_a_few_times_and_only_for_a_part() {
+    let vals = [vec![1.0f32; 6], vec![2.0; 6], vec![3.0; 6]];
+    let mut nodes = trio_in_round(1, &vals);
+    // C's Reduced never arrives, so A, having reduced its own part (part
+    // 0), is still in the round when B sends its Part for it again and again.
+    pump_losing(&mut nodes, ms(1), |from, t| {
+        from == 2 && matches!(t.msg, AvgMessage::Reduced { .. })
+    });
+    assert_eq!(nodes[0].in_flight(), Some(1));
+    let part = |len: usize| AvgMessage::Part {
+        round: 1,
+        part: 0,
+        payload: Payload::from_f32(&vec![2.0; len]),
+    };
+    let answers = |a: &mut Averager| {
+        transmits(a)
+            .iter()
+            .filter(|t| matches!(t.msg, AvgMessage::Reduced { .. }))
+            .count()
+    };
+    for _ in 0..50 {
+        nodes[0].handle_message(ms(2), id(B), part(0));
+    }
+    assert_eq!(
+        answers(&mut nodes[0]),
+        0,
+        "an empty Part is no Part of ours"
+    );
+    for _ in 0..50 {
+        nodes[0].handle_message(ms(2), id(B), part(2));
+    }
+    assert_eq!(answers(&mut nodes[0]), 4);
+    // So after the round, from what it keeps for late re-sends.
+    while nodes.iter().any(|n| n.in_flight().is_some()) {
+        let now = fire_next_timeout(&mut nodes);
+        assert!(now <= secs(120));
+        pump(&mut nodes, now);
+    }
+    for _ in 0..50 {
+        nodes[0].handle_message(secs(121), id(C), part(2));
+    }
+    assert_eq!(answers(&mut nodes[0]), 4);
+}

@@ -313,7 +313,11 @@ impl Download {
             .map(|(i, (p, _))| (*i, *p))
             .collect();
         for (index, peer) in late {
-            self.in_flight.remove(&index);
+            // Avoiding the peer for an earlier late request re-queued its
+            // others already: queuing one twice would ask for it twice.
+            if self.in_flight.remove(&index).is_none() {
+                continue;
+            }
             self.pending.push_front(index);
             self.avoid(peer, Fault::Timeout);
         }
@@ -415,6 +419,13 @@ impl Download {
             return;
         }
         while let Some(&index) = self.pending.front() {
+            if self.have.get(index as usize).copied().unwrap_or(true)
+                || self.in_flight.contains_key(&index)
+            {
+                // Arrived meanwhile, or asked for already.
+                self.pending.pop_front();
+                continue;
+            }
             let Some(peer) = self.least_loaded() else {
                 break;
             };

@@ -24,6 +24,13 @@ enum Behaviour {
     Gone,
     /// Sends a manifest of another state.
     WrongManifest,
+    /// Sends the manifest, never a chunk.
+    MuteOnChunks,
+}
+
+thread_local! {
+    /// Chunk requests the last [`run`] on this thread sent.
+    static CHUNKS_ASKED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Runs a download against peers with the given behaviours; answers arrive
@@ -53,8 +60,12 @@ fn run(
     // (arrival time, answer)
     let mut wire: Vec<(Duration, DownloadAction)> = Vec::new();
     let mut events = Vec::new();
+    CHUNKS_ASKED.set(0);
     for _ in 0..10_000 {
         while let Some(a) = d.poll_action() {
+            if matches!(a, DownloadAction::RequestChunk { .. }) {
+                CHUNKS_ASKED.set(CHUNKS_ASKED.get() + 1);
+            }
             wire.push((now + latency, a));
         }
         while let Some(e) = d.poll_event() {
@@ -64,20 +75,23 @@ fn run(
             return (out, events, now);
         }
         wire.sort_by_key(|(t, _)| *t);
+        // The first request its peer answers (by position: requests to a
+        // silent peer may arrive at the same time).
         let next_answer = wire
             .iter()
-            .find(|(_, a)| {
+            .position(|(_, a)| {
                 let p = match a {
                     DownloadAction::RequestManifest { peer, .. }
                     | DownloadAction::RequestChunk { peer, .. } => peer,
                 };
-                behaviour[p] != Behaviour::Silent
+                let mute = matches!(a, DownloadAction::RequestChunk { .. })
+                    && behaviour[p] == Behaviour::MuteOnChunks;
+                behaviour[p] != Behaviour::Silent && !mute
             })
-            .map(|(t, _)| *t);
+            .map(|pos| (pos, wire[pos].0));
         let timeout = d.poll_timeout().expect("running downloads have a timeout");
         match next_answer {
-            Some(t) if t <= timeout => {
-                let pos = wire.iter().position(|(at, _)| *at == t).unwrap();
+            Some((pos, t)) if t <= timeout => {
                 let (_, action) = wire.remove(pos);
                 now = t;
                 match action {
@@ -184,6 +198,20 @@ fn a_silent_peer_costs_one_timeout() {
         took >= Duration::from_secs(2) && took < Duration::from_secs(3),
         "{took:?}"
     );
+}
+
+#[test]
+fn chunks_a_silent_holder_was_asked_for_are_asked_again_once_each() {
+    let bytes = state(10_000);
+    let peers = [(id(1), Behaviour::MuteOnChunks), (id(2), Behaviour::Honest)];
+    let (out, _, _) = run(&bytes, 1024, &peers, fast(), MS);
+    let got = out.unwrap();
+    assert_eq!(got.bytes, bytes);
+    assert_eq!(got.avoided.get(&id(1)), Some(&Fault::Timeout));
+    assert_eq!(got.served_by.values().sum::<u32>(), 10);
+    // Its two requests in flight timed out together: each goes to the
+    // honest holder once (one of them used to be queued, and asked, twice).
+    assert_eq!(CHUNKS_ASKED.get(), 10 + 2);
 }
 
 #[test]

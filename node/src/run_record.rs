@@ -84,6 +84,9 @@ pub struct RunRecorder {
     file: File,
     start: Instant,
     failed: bool,
+    /// A failed write left part of a line that could not be cut off again:
+    /// no more lines are written, since the next would be glued onto it.
+    stopped: bool,
 }
 
 impl RunRecorder {
@@ -118,6 +121,7 @@ impl RunRecorder {
             file,
             start: Instant::now(),
             failed: false,
+            stopped: false,
         })
     }
 
@@ -165,13 +169,19 @@ impl RunRecorder {
             source: std::io::Error::other(e),
         })?;
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|()| self.file.flush())
-            .map_err(|source| RunRecordError::Io {
+        if self.stopped {
+            return Err(RunRecordError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other("an earlier write failed part way; no more lines"),
+            });
+        }
+        append_whole(&mut self.file, line.as_bytes()).map_err(|(source, cut)| {
+            self.stopped = !cut;
+            RunRecordError::Io {
                 path: self.path.clone(),
                 source,
-            })
+            }
+        })
     }
 
     /// Wraps a reporter so every event is also recorded. A write failure
@@ -186,6 +196,39 @@ impl RunRecorder {
             }
             inner(event);
         })
+    }
+}
+
+/// Where record lines go: a file appended to, which can be cut back.
+trait LineSink: Write {
+    /// Its length now.
+    fn length(&self) -> std::io::Result<u64>;
+    /// Cuts it back to `len` bytes.
+    fn cut_to(&mut self, len: u64) -> std::io::Result<()>;
+}
+
+impl LineSink for File {
+    fn length(&self) -> std::io::Result<u64> {
+        self.metadata().map(|m| m.len())
+    }
+
+    fn cut_to(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len)
+    }
+}
+
+/// Appends `line` whole or not at all: what a failed write (a full disk)
+/// left of it is cut off again, or the next line would be glued onto it
+/// into one that no reader parses, in the middle of the file. On failure,
+/// the error and whether the file was cut back to where it was.
+fn append_whole(sink: &mut impl LineSink, line: &[u8]) -> Result<(), (std::io::Error, bool)> {
+    let before = sink.length().map_err(|e| (e, false))?;
+    match sink.write_all(line).and_then(|()| sink.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let cut = sink.cut_to(before).is_ok();
+            Err((e, cut))
+        }
     }
 }
 
@@ -375,6 +418,84 @@ fn natural_key(name: &str) -> (String, u64) {
 mod tests {
     use super::*;
     use crate::driver::RoundReport;
+
+    /// A disk that fills part way through one write, then has room again.
+    struct FillingDisk {
+        bytes: Vec<u8>,
+        room: Option<usize>,
+        cuttable: bool,
+    }
+
+    impl Write for FillingDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            match self.room {
+                Some(0) => {
+                    self.room = None; // space comes back after this error
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::StorageFull,
+                        "no space left",
+                    ))
+                }
+                Some(room) => {
+                    let n = buf.len().min(room);
+                    self.room = Some(room - n);
+                    self.bytes.extend_from_slice(&buf[..n]);
+                    Ok(n)
+                }
+                None => {
+                    self.bytes.extend_from_slice(buf);
+                    Ok(buf.len())
+                }
+            }
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl LineSink for FillingDisk {
+        fn length(&self) -> std::io::Result<u64> {
+            Ok(self.bytes.len() as u64)
+        }
+
+        fn cut_to(&mut self, len: u64) -> std::io::Result<()> {
+            if !self.cuttable {
+                return Err(std::io::Error::other("read-only now"));
+            }
+            self.bytes.truncate(len as usize);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_cut_short_leaves_no_partial_line_behind() {
+        let mut disk = FillingDisk {
+            bytes: Vec::new(),
+            room: None,
+            cuttable: true,
+        };
+        append_whole(&mut disk, b"{\"kind\":\"round\",\"round\":1}\n").unwrap();
+        disk.room = Some(10);
+        let (err, cut) =
+            append_whole(&mut disk, b"{\"kind\":\"round\",\"round\":2}\n").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::StorageFull);
+        assert!(cut);
+        append_whole(&mut disk, b"{\"kind\":\"round\",\"round\":3}\n").unwrap();
+        let text = String::from_utf8(disk.bytes).unwrap();
+        assert_eq!(
+            text,
+            "{\"kind\":\"round\",\"round\":1}\n{\"kind\":\"round\",\"round\":3}\n"
+        );
+        // A partial line that cannot be cut off is reported as such.
+        let mut stuck = FillingDisk {
+            bytes: Vec::new(),
+            room: Some(4),
+            cuttable: false,
+        };
+        let (_, cut) = append_whole(&mut stuck, b"{\"kind\":1}\n").unwrap_err();
+        assert!(!cut);
+    }
 
     #[test]
     fn records_round_trip_through_the_file() {

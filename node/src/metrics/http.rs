@@ -177,9 +177,9 @@ pub fn respond(head: &[u8], metrics: &Metrics) -> (Response, bool) {
         "/metrics" => Response {
             status: "200 OK",
             content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: metrics.prometheus().into_bytes(),
+            body: metrics.prometheus_body(),
         },
-        "/status.json" => match serde_json::to_vec(&metrics.status()) {
+        "/status.json" => match metrics.status_body() {
             Ok(body) => Response {
                 status: "200 OK",
                 content_type: "application/json",

@@ -16,15 +16,33 @@ use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Points of loss and throughput history kept for the status page's charts.
 pub const HISTORY_LIMIT: usize = 2000;
+
+/// How long a served `/metrics` or `/status.json` body is reused: clients
+/// asking in a loop cost the node a few builds a second (each walks every
+/// member and the whole history), not one per request.
+pub const BODY_MAX_AGE: Duration = Duration::from_millis(250);
 
 /// A shared handle on one node's metrics registry.
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Mutex<State>>,
+    bodies: Arc<Mutex<Bodies>>,
+}
+
+/// A body served, with when it was built.
+type Built = Option<(Instant, Vec<u8>)>;
+
+/// The bodies last served.
+#[derive(Default)]
+struct Bodies {
+    prometheus: Built,
+    status: Built,
+    /// Bodies built so far (for tests).
+    built: u64,
 }
 
 impl Default for Metrics {
@@ -172,7 +190,51 @@ impl Metrics {
                 members: BTreeMap::new(),
                 history: VecDeque::new(),
             })),
+            bodies: Arc::default(),
         }
+    }
+
+    /// `/metrics`' body: [`Metrics::prometheus`], built at most every
+    /// [`BODY_MAX_AGE`].
+    pub fn prometheus_body(&self) -> Vec<u8> {
+        let built: Result<_, std::convert::Infallible> =
+            self.cached_body(|b| &mut b.prometheus, || Ok(self.prometheus().into_bytes()));
+        built.unwrap_or_else(|never| match never {})
+    }
+
+    /// `/status.json`'s body: [`Metrics::status`] as JSON, built at most
+    /// every [`BODY_MAX_AGE`].
+    pub fn status_body(&self) -> Result<Vec<u8>, serde_json::Error> {
+        self.cached_body(|b| &mut b.status, || serde_json::to_vec(&self.status()))
+    }
+
+    /// The body in `slot` if it is fresh, else a new one from `build`. The
+    /// lock is held while building, so requests arriving meanwhile wait for
+    /// that one build rather than each making their own.
+    fn cached_body<E>(
+        &self,
+        slot: fn(&mut Bodies) -> &mut Built,
+        build: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Result<Vec<u8>, E> {
+        let mut bodies = self.bodies.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, body)) = slot(&mut bodies) {
+            if at.elapsed() < BODY_MAX_AGE {
+                return Ok(body.clone());
+            }
+        }
+        let body = build()?;
+        bodies.built += 1;
+        *slot(&mut bodies) = Some((Instant::now(), body.clone()));
+        Ok(body)
+    }
+
+    /// Bodies built so far.
+    #[cfg(test)]
+    fn bodies_built(&self) -> u64 {
+        self.bodies
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .built
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -497,6 +559,29 @@ mod tests {
             join_window_s: 2.0,
             model_digest: String::new(),
         })
+    }
+
+    #[test]
+    fn clients_asking_in_a_loop_cost_a_build_per_body_age() {
+        let m = Metrics::new();
+        let mut tap = m.tap(Box::new(|_| {}));
+        tap(&round(1, 2.5, 0));
+        for _ in 0..200 {
+            m.status_body().unwrap();
+            m.prometheus_body();
+        }
+        assert_eq!(m.bodies_built(), 2);
+        let json: serde_json::Value = serde_json::from_slice(&m.status_body().unwrap()).unwrap();
+        assert_eq!(json["round"], 1);
+        // A body older than its age is built again, with what changed since.
+        tap(&round(2, 2.0, 0));
+        std::thread::sleep(BODY_MAX_AGE + Duration::from_millis(20));
+        let json: serde_json::Value = serde_json::from_slice(&m.status_body().unwrap()).unwrap();
+        assert_eq!(json["round"], 2);
+        assert!(String::from_utf8(m.prometheus_body())
+            .unwrap()
+            .contains("round"));
+        assert_eq!(m.bodies_built(), 4);
     }
 
     #[test]

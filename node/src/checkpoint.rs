@@ -578,6 +578,11 @@ fn plan_save(dir: &Path, new_meta: &CheckpointMeta, new: &Path) -> SavePlan {
 
 /// The swarm named in a checkpoint's header, reading no more than a header.
 fn swarm_of(path: &Path) -> Option<String> {
+    meta_of(path).map(|m| m.swarm)
+}
+
+/// A checkpoint's metadata, reading no more than its header.
+fn meta_of(path: &Path) -> Option<CheckpointMeta> {
     use std::io::Read;
     let mut head = Vec::new();
     std::fs::File::open(path)
@@ -586,7 +591,7 @@ fn swarm_of(path: &Path) -> Option<String> {
         .read_to_end(&mut head)
         .ok()?;
     let (header, _) = split_header(&head).ok()?;
-    Some(header.meta.swarm)
+    Some(header.meta)
 }
 
 /// Reads and verifies one checkpoint file (its hash must match its name).
@@ -671,16 +676,21 @@ pub fn refuse_earlier_run(dir: &Path, swarm: &str) -> Result<(), CheckpointError
     }
 }
 
-/// The swarm of the checkpoint file in `dir` written last, with its time
-/// (headers only, nothing verified): which run a directory that several
-/// runs wrote into holds most recently.
-pub fn last_written_swarm(dir: &Path) -> Option<(std::time::SystemTime, String)> {
+/// The swarm of the checkpoint file in `dir` written last among those whose
+/// model name `model` accepts, with its time (headers only, nothing
+/// verified): which run a directory that several runs wrote into holds most
+/// recently.
+pub fn last_written_swarm(
+    dir: &Path,
+    model: impl Fn(&str) -> bool,
+) -> Option<(std::time::SystemTime, String)> {
     list(dir)
         .ok()?
         .into_iter()
         .filter_map(|(_, path)| {
+            let meta = meta_of(&path).filter(|m| model(&m.model))?;
             let written = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
-            Some((written, swarm_of(&path)?))
+            Some((written, meta.swarm))
         })
         .max()
 }
@@ -1118,7 +1128,8 @@ mod tests {
     #[test]
     fn the_swarm_written_last_is_told_by_file_times() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(last_written_swarm(dir.path()), None);
+        let any = |_: &str| true;
+        assert_eq!(last_written_swarm(dir.path(), any), None);
         let at = |secs| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
         // Swarm "a" has the higher round, "b" wrote last.
         for (swarm, round, written) in [("b", 3, 2_000), ("a", 9, 1_000)] {
@@ -1131,9 +1142,11 @@ mod tests {
             f.set_modified(at(written)).unwrap();
         }
         assert_eq!(
-            last_written_swarm(dir.path()),
+            last_written_swarm(dir.path(), any),
             Some((at(2_000), "b".into()))
         );
+        // Only among the models asked for.
+        assert_eq!(last_written_swarm(dir.path(), |m| m == "cnn"), None);
     }
 
     #[test]

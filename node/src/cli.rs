@@ -175,7 +175,8 @@ pub struct TrainArgs {
     /// A node waits for at least this many peers (itself included).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256), allow_negative_numbers = true)]
     pub stages: u32,
-    /// Micro-batches per optimizer step in a pipeline; --batch-size is split among them.
+    /// Char-lm only: micro-batches per optimizer step in a pipeline; --batch-size (a
+    /// multiple of it) is split among them.
     #[arg(long, default_value_t = DEFAULT_MICRO_BATCHES, value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
     pub micro_batches: u64,
     /// Training micro-batches a first-stage replica keeps in the pipeline at once:
@@ -185,7 +186,7 @@ pub struct TrainArgs {
     /// micro-batches travel); --micro-batches or more is GPipe.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024), allow_negative_numbers = true)]
     pub max_in_flight: Option<u64>,
-    /// Seconds a micro-batch may take to come back before it goes to another replica.
+    /// Char-lm only: seconds a micro-batch may take to come back before it goes to another replica.
     #[arg(long, default_value_t = DEFAULT_STAGE_TIMEOUT_SECS, value_parser = parse_secs, allow_negative_numbers = true)]
     pub stage_timeout_secs: f64,
     /// Samples per local step (MNIST images, or char-lm text windows).
@@ -208,7 +209,7 @@ pub struct TrainArgs {
     pub average_every: u64,
     /// Evaluate the model on held-out data every N averaging rounds (0: only
     /// at the end), for the accuracy curve of `--run-dir`/`plot`, the status
-    /// page and time-to-accuracy. Data-parallel training only.
+    /// page and time-to-accuracy. MNIST models only (char-lm evaluates at the end).
     #[arg(
         long,
         value_name = "N",
@@ -1016,10 +1017,14 @@ fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
         dirs.push(dir);
     }
     // Directories that several runs wrote into (a testnet run twice with one
-    // --checkpoint-dir) make the model of the run written last.
+    // --checkpoint-dir) make the model of the pipeline run written last.
     let swarm = dirs
         .iter()
-        .filter_map(|d| crate::checkpoint::last_written_swarm(d))
+        .filter_map(|d| {
+            crate::checkpoint::last_written_swarm(d, |model| {
+                driver::parse_stage_model_name(model).is_some()
+            })
+        })
         .max()
         .map(|(_, swarm)| swarm)
         .unwrap_or_default();

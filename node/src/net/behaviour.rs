@@ -23,10 +23,12 @@ const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(4);
 /// Control messages are small; parameters never travel by gossip.
 const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 
-/// Direct-message streams a peer may have open to us on one connection: a
-/// peer sends us two at a time (see `send_queue`), and a few more while some
-/// are stalled.
-const MAX_INBOUND_STREAMS: usize = 16;
+/// Direct-message streams open at once on one connection, both ways
+/// (request-response counts inbound and outbound together): each side sends
+/// two at a time (see `send_queue`), and two more every few seconds while
+/// those are slow, up to the request timeout, so a slow link needs room.
+/// Memory is bounded by the inbound budget, not by this.
+const MAX_STREAMS: usize = 64;
 
 /// Connections others may have open to us, or be opening: far more than a
 /// swarm's members and relays need, few enough that a peer opening
@@ -164,7 +166,7 @@ pub(super) fn build_swarm(
                     [(DIRECT_PROTOCOL, request_response::ProtocolSupport::Full)],
                     request_response::Config::default()
                         .with_request_timeout(request_timeout)
-                        .with_max_concurrent_streams(MAX_INBOUND_STREAMS),
+                        .with_max_concurrent_streams(MAX_STREAMS),
                 ),
                 autonat: autonat::Behaviour::new(peer_id, autonat_config()),
                 relay_client,

@@ -67,26 +67,32 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
         ));
     }
     let over_budget = |e: BudgetExhausted| io::Error::other(e.to_string());
-    // Memory follows the bytes that arrive, not the length claimed: a peer
-    // (not yet known to be a member) that announces 256 MiB and sends
-    // nothing more costs one default part's worth, and past that the buffer
-    // at most doubles what was received. Default-sized parts come in one read.
-    let first = len.min(FIRST_READ_BYTES);
-    held.grow(first).map_err(over_budget)?;
-    let mut buf = vec![0u8; first];
-    io.read_exact(&mut buf).await?;
+    // Memory and the budget follow the bytes that arrive, not the length
+    // claimed: the buffer's capacity is reserved (a default-sized part at
+    // once, so it arrives without reallocating; beyond that doubling what
+    // was received), but its bytes are zeroed, counted and read a step at
+    // a time. A peer (not yet known to be a member) that announces 256 MiB
+    // and sends nothing more holds one step of the budget, not a part's
+    // worth: streams that send only lengths cannot crowd out real messages.
+    let mut buf = Vec::with_capacity(len.min(FIRST_READ_BYTES));
     while buf.len() < len {
         let have = buf.len();
-        let next = len.min(have * 2);
-        held.grow(next - have).map_err(over_budget)?;
-        // Exactly: the buffer is kept as long as the message, and doubling
-        // capacity would hold up to twice its length.
-        buf.reserve_exact(next - have);
-        buf.resize(next, 0);
+        if have == buf.capacity() {
+            // Exactly: the buffer is kept as long as the message, and
+            // doubling capacity would hold up to twice its length.
+            buf.reserve_exact(len.min(have * 2) - have);
+        }
+        let step = (buf.capacity() - have).min(CLAIM_STEP).min(len - have);
+        held.grow(step).map_err(over_budget)?;
+        buf.resize(have + step, 0);
         io.read_exact(&mut buf[have..]).await?;
     }
     Ok(buf)
 }
+
+/// Bytes of a frame counted against the budget (and zeroed, then read) at a
+/// time: what a stream that stops sending holds at most beyond what it sent.
+const CLAIM_STEP: usize = 256 << 10;
 
 /// What a frame's buffer starts at before its bytes arrive: an averaging
 /// part of the default size (2^20 values) in f32, with its header.
@@ -224,5 +230,20 @@ mod tests {
             .unwrap();
         drop(again);
         assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn a_stream_that_sends_only_a_length_holds_a_step_of_the_budget() {
+        let budget = InboundBudget::new(usize::MAX);
+        let mut prefix = (200u32 << 20).to_le_bytes().to_vec();
+        prefix.extend_from_slice(b"ten bytes!");
+        let mut held = budget.claim();
+        let read = futures::executor::block_on(read_frame(
+            &mut Cursor::new(prefix),
+            usize::MAX,
+            &mut held,
+        ));
+        assert!(read.is_err());
+        assert_eq!(held.bytes(), CLAIM_STEP);
     }
 }

@@ -12,8 +12,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Bytes of inbound direct messages a node holds at most: four of the largest frames,
-/// or hundreds of averaging parts of the default size.
+/// Bytes of inbound direct messages a node holds at most: three of the largest frames
+/// (256 MiB each), or hundreds of averaging parts of the default size.
 pub const INBOUND_BUDGET_BYTES: usize = 1 << 30;
 
 /// The shared count of bytes held by inbound frames. Cheap to clone.

@@ -927,8 +927,13 @@ impl EventLoop {
                 for addr in &shared {
                     kad.add_address(&peer_id, addr.clone());
                 }
-                for stale in self.kad_addresses.replace(peer_id, shared) {
-                    kad.remove_address(&peer_id, &stale);
+                // An announcement with nothing to share (loopback only, seen
+                // from elsewhere) keeps the old addresses: removing them all
+                // would drop the peer from the DHT.
+                if !shared.is_empty() {
+                    for stale in self.kad_addresses.replace(peer_id, shared) {
+                        kad.remove_address(&peer_id, &stale);
+                    }
                 }
                 let due = self
                     .last_bootstrap

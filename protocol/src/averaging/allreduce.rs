@@ -109,6 +109,10 @@ pub(crate) struct AllReduce {
     /// Members whose contributions the round no longer waits for: dropped
     /// for sending invalid data, or moved on to a later round. By member.
     excluded: Vec<bool>,
+    /// Members that left our live view during the round (also `excluded`):
+    /// not waited for, but struck if they had kept the round waiting, so a
+    /// member cannot stall a round and then leave and come back to dodge it.
+    departed: Vec<bool>,
     /// Members that sent us a `Part` or a `Reduced` of this round. By member.
     heard: Vec<bool>,
     /// Answers sent again to members re-sending a `Part` we had reduced.
@@ -180,6 +184,7 @@ impl AllReduce {
             aggregation: cfg.aggregation,
             refused: vec![false; parts],
             excluded: vec![false; n],
+            departed: vec![false; n],
             heard: vec![false; n],
             reacks: Reacks::default(),
             moved_on: vec![None; n],
@@ -324,6 +329,17 @@ impl AllReduce {
         if all_in && self.reduced.get(j).is_some_and(Option::is_none) {
             self.reduce_own(j, out);
         }
+    }
+
+    /// `member` left our live view: it is excluded (not waited for), and
+    /// counted as stalling if it had kept the round waiting (see `finish`).
+    pub(crate) fn depart(&mut self, member: NodeId, out: &mut Outbox) {
+        if let Ok(idx) = self.group.binary_search(&member) {
+            if let Some(flag) = self.departed.get_mut(idx) {
+                *flag = true;
+            }
+        }
+        self.exclude(member, out);
     }
 
     pub(crate) fn exclude(&mut self, member: NodeId, out: &mut Outbox) {
@@ -662,13 +678,14 @@ impl AllReduce {
         let stalled = self
             .group
             .iter()
-            .zip(self.excluded.iter().zip(&refused_any).zip(&self.moved_on))
-            .filter(|(m, ((excluded, refused), moved_on))| {
+            .enumerate()
+            .filter(|(k, m)| {
+                let left = self.moved_on[*k].is_some() || self.departed[*k];
                 *m != &me
                     && seen_stalling.contains(*m)
-                    && (moved_on.is_some() || (!**excluded && !**refused))
+                    && (left || (!self.excluded[*k] && !refused_any[*k]))
             })
-            .map(|(m, _)| *m)
+            .map(|(_, m)| *m)
             .collect();
         let reduced: Vec<(u32, AvgMessage)> = self
             .reduced

@@ -128,8 +128,12 @@ pub(crate) struct Matchmaking {
     close_at: Duration,
     /// When a non-leader stops waiting for a `Group` and finishes alone.
     give_up_at: Duration,
-    /// Who joined, with their join proofs.
-    joined: BTreeMap<NodeId, Bytes>,
+    /// Who joined, with their join proofs and when their `Join` was counted.
+    joined: BTreeMap<NodeId, (Bytes, Duration)>,
+    /// A `Group` for this round came from a leader that sits out for us: the
+    /// peers that joined follow it, so the next smallest id among them does
+    /// not lead and is not to blame for the missing `Group`.
+    group_from_benched_leader: bool,
     /// Peers in another leader's group for this round that left us out: we
     /// regroup without them.
     taken: BTreeSet<NodeId>,
@@ -167,6 +171,7 @@ impl Matchmaking {
             close_at: now.saturating_add(waits.join_window),
             give_up_at: now.saturating_add(waits.group_wait),
             joined: BTreeMap::new(),
+            group_from_benched_leader: false,
             taken: BTreeSet::new(),
             last_join: now,
             next_join: now.saturating_add(cfg.join_retry()),
@@ -210,7 +215,7 @@ impl Matchmaking {
                 self.round
             ));
         }
-        self.joined.insert(from, proof);
+        self.joined.insert(from, (proof, now));
         self.last_join = self.last_join.max(now);
         Ok(())
     }
@@ -224,7 +229,29 @@ impl Matchmaking {
 
     /// Whether `peer` joined with exactly this `proof` (a re-broadcast).
     pub(crate) fn has_joined_with(&self, peer: &NodeId, proof: &[u8]) -> bool {
-        self.joined.get(peer).is_some_and(|p| **p == *proof)
+        self.joined.get(peer).is_some_and(|(p, _)| **p == *proof)
+    }
+
+    /// Notes that a `Group` for this round came from a leader sitting out.
+    pub(crate) fn saw_group_of_benched_leader(&mut self) {
+        self.group_from_benched_leader = true;
+    }
+
+    /// The peer that led this round and never sent its `Group` by `now`,
+    /// if one is to blame: another peer leads it (the smallest id that
+    /// joined), its `Join` was counted at least `window` (a leader's join
+    /// window) ago, so an honest one would have closed and sent its `Group`
+    /// by now, and no `Group` of a benched leader explains its silence.
+    pub(crate) fn silent_leader(
+        &self,
+        me: NodeId,
+        now: Duration,
+        window: Duration,
+    ) -> Option<NodeId> {
+        let leader = self.leader(me);
+        let (_, joined_at) = self.joined.get(&leader)?;
+        let had_its_window = now.saturating_sub(*joined_at) >= window;
+        (leader != me && had_its_window && !self.group_from_benched_leader).then_some(leader)
     }
 
     /// Whether `peer`'s `Join` for this round reached us (its proof is checked).
@@ -271,7 +298,7 @@ impl Matchmaking {
             .joined
             .iter()
             .filter(|(&id, _)| id != me)
-            .map(|(&id, proof)| (id, proof.clone()))
+            .map(|(&id, (proof, _))| (id, proof.clone()))
             .collect();
         members.push((me, self.proof.clone()));
         members.sort_unstable_by_key(|&(id, _)| id);

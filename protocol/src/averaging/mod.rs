@@ -314,8 +314,8 @@ impl Averager {
     /// Replaces the live peer view (ours is ignored if present). A leader closes early once
     /// all of them have joined; a change during matchmaking is re-checked at the next
     /// timeout, which [`Averager::poll_timeout`] makes immediate. Members of the group
-    /// in flight that left the view are no longer waited for (nor struck): their parts
-    /// stay local, as for a member excluded for invalid data.
+    /// in flight that left the view are no longer waited for: their parts stay local.
+    /// One that had kept the round waiting earns its strike all the same.
     pub fn set_peers(&mut self, peers: &[NodeId]) {
         self.peers = peers.iter().copied().filter(|p| *p != self.me).collect();
         match &mut self.state {
@@ -328,7 +328,7 @@ impl Averager {
                     .copied()
                     .collect();
                 for member in gone {
-                    ar.exclude(member, &mut self.out);
+                    ar.depart(member, &mut self.out);
                 }
                 // The round may be complete now: the next timeout sees to it.
                 self.recheck = true;
@@ -675,6 +675,11 @@ impl Averager {
             return;
         }
         if self.sit_outs.sits_out(leader, round) {
+            if let State::Matchmaking(mm) = &mut self.state {
+                if mm.round == round {
+                    mm.saw_group_of_benched_leader();
+                }
+            }
             self.out.reject(
                 from,
                 format!(
@@ -893,15 +898,16 @@ impl Averager {
     }
 
     /// Ends a matchmaking that got no `Group` by its give-up time. If a peer
-    /// that joined led it (the smallest id), that leader kept the round from
-    /// forming: an honest one closes within its join window and answers every
-    /// re-sent `Join` with its `Group`, so it earns a strike, and one that
-    /// never sends a `Group` sits out from its second round on instead of
-    /// stalling every round (see `sitout`).
+    /// that joined led it (the smallest id) and had its whole join window,
+    /// that leader kept the round from forming: an honest one closes within
+    /// its window and answers every re-sent `Join` with its `Group`, so it
+    /// earns a strike, and one that never sends a `Group` sits out from its
+    /// second round on instead of stalling every round (see `sitout`). Not
+    /// where a benched leader's `Group` came: the others follow that one.
     fn give_up_waiting(&mut self) {
+        let window = self.join_window();
         if let State::Matchmaking(mm) = &self.state {
-            let leader = mm.leader(self.me);
-            if leader != self.me && mm.has_joined(&leader) {
+            if let Some(leader) = mm.silent_leader(self.me, self.last_now, window) {
                 self.sit_outs.silent_leader(leader, mm.round);
             }
         }

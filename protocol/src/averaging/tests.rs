@@ -2536,28 +2536,45 @@ fn a_leader_that_never_sends_its_group_sits_out() {
 }
 
 #[test]
-fn a_member_that_leaves_during_the_all_reduce_is_not_waited_for_or_struck() {
+fn a_member_that_leaves_during_the_all_reduce_is_not_waited_for_but_struck() {
+    // C joins, the group forms, and C drops out of A's and B's view without
+    // sending a tensor (crashed; or hostile, stalling the round and leaving
+    // to dodge its strike), then comes back for the next round. Twice.
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    let mut now = ms(0);
     for round in 1..=2u64 {
-        let mut nodes = swarm(&[A, B, C], &cfg());
-        for n in nodes.iter_mut() {
-            n.start_round(ms(0), round, vec![1.0; 6]).unwrap();
+        for n in &mut nodes[..2] {
+            n.set_peers(&[id(A), id(B), id(C)]);
         }
-        // The group forms, then C crashes: none of its tensors arrive.
-        let evs = pump_losing(&mut nodes, ms(1), |from, t| {
+        for n in nodes.iter_mut() {
+            n.start_round(now, round, vec![1.0; 6]).unwrap();
+        }
+        let evs = pump_losing(&mut nodes, now, |from, t| {
             from == 2 && matches!(t.msg, AvgMessage::Part { .. } | AvgMessage::Reduced { .. })
         });
         assert!(finished(&evs[0]).is_empty());
-        // A and B see it leave the swarm.
         for n in &mut nodes[..2] {
             n.set_peers(&[id(A), id(B)]);
         }
+        // Not waited for: the round ends at once, not at a deadline.
         let mut evs = vec![Vec::new(); 2];
-        fire_until_all_finished(&mut nodes[..2], &mut evs, ms(10));
+        fire_until_all_finished(&mut nodes[..2], &mut evs, now + ms(10));
         for (i, e) in evs.iter().enumerate() {
             let o = finished(e).pop().unwrap();
             assert_eq!(o.dropped, vec![id(C)], "node {i}");
         }
-        assert!(nodes[0].sitting_out(round + 1).is_empty());
+        // C's own round ends at its deadline.
+        while nodes[2].in_flight().is_some() {
+            now = fire_next_timeout(&mut nodes[2..]);
+            transmits(&mut nodes[2]);
+        }
+        now += ms(1_000);
+    }
+    // It kept both rounds waiting for its tensors: two strikes, as for any
+    // member that stalls, so it sits the next rounds out once it is back.
+    for n in &mut nodes[..2] {
+        n.set_peers(&[id(A), id(B), id(C)]);
+        assert_eq!(n.sitting_out(3), vec![id(C)]);
     }
 }
 
@@ -2604,4 +2621,37 @@ fn a_reduced_part_is_sent_again_a_few_times_and_only_for_a_part() {
         nodes[0].handle_message(secs(121), id(C), part(2));
     }
     assert_eq!(answers(&mut nodes[0]), 4);
+}
+
+#[test]
+fn a_peer_that_follows_a_leader_we_bench_is_not_blamed_for_its_silence() {
+    // C sits A out (A forged a group, as C saw it); B does not, and follows
+    // A's Group. To C the round's leader is B (the smallest id it counts),
+    // which never sends a Group of its own: C gives up alone, but must not
+    // strike B, whose silence A's Group explains.
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    nodes[2].sit_outs.forged_group(id(A), 0);
+    rounds_rewriting(&mut nodes, 1..=2, |_, t| Some(t));
+    assert!(nodes[2].sit_outs.sits_out(id(A), 2));
+    assert!(
+        !nodes[2].sitting_out(3).contains(&id(B)),
+        "C benches B: {:?}",
+        nodes[2].sitting_out(3)
+    );
+}
+
+#[test]
+fn a_leader_that_joined_late_is_not_struck_for_a_group_it_had_no_time_to_send() {
+    // A (the smallest id) joins just before B gives up: an honest leader
+    // closes only at the end of its own join window.
+    let mut b = node(B, &[A, B]);
+    b.start_round(ms(0), 1, vec![4.0; 3]).expect("start");
+    let give_up = b.group_wait();
+    b.handle_message(give_up - ms(100), id(A), join(id(A), 1, 3));
+    while b.in_flight().is_some() {
+        let next = b.poll_timeout().expect("a timer while in flight");
+        b.handle_timeout(next);
+        transmits(&mut b);
+    }
+    assert_eq!(b.sit_outs, sitout::SitOuts::default(), "A was struck");
 }

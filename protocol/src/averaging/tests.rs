@@ -176,16 +176,21 @@ fn pump_holding(
         if pending.is_empty() {
             return (evs, held);
         }
-        for (from, t) in pending {
-            let sender = nodes[from].me();
-            for (to, n) in nodes.iter_mut().enumerate() {
-                let addressed = match t.to {
-                    Destination::Broadcast => to != from,
-                    Destination::Peer(p) => p == n.me(),
-                };
-                if addressed {
-                    n.handle_message(now, sender, t.msg.clone());
-                }
+        deliver(nodes, now, pending);
+    }
+}
+
+/// Hands each transmit (sender index first) to the nodes it is addressed to, at `now`.
+fn deliver(nodes: &mut [Averager], now: Duration, pending: Vec<(usize, Transmit)>) {
+    for (from, t) in pending {
+        let sender = nodes[from].me();
+        for (to, n) in nodes.iter_mut().enumerate() {
+            let addressed = match t.to {
+                Destination::Broadcast => to != from,
+                Destination::Peer(p) => p == n.me(),
+            };
+            if addressed {
+                n.handle_message(now, sender, t.msg.clone());
             }
         }
     }
@@ -2454,18 +2459,7 @@ fn rounds_rewriting(
                 if pending.is_empty() {
                     break;
                 }
-                for (from, t) in pending {
-                    let sender = nodes[from].me();
-                    for (to, n) in nodes.iter_mut().enumerate() {
-                        let addressed = match t.to {
-                            Destination::Broadcast => to != from,
-                            Destination::Peer(p) => p == n.me(),
-                        };
-                        if addressed {
-                            n.handle_message(now, sender, t.msg.clone());
-                        }
-                    }
-                }
+                deliver(nodes, now, pending);
             }
             if nodes.iter().all(|n| n.in_flight().is_none()) {
                 break;

@@ -351,7 +351,7 @@ pub struct NodeArgs {
     #[arg(long, value_name = "FILE", env = "P2PTRAIN_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
     /// Write a checkpoint every this many averaging rounds (and of the model the run ends on).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = DEFAULT_CHECKPOINT_EVERY, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     pub checkpoint_every: u64,
     /// Continue from the newest valid checkpoint of this swarm in DIR (and keep checkpointing there
     /// unless --checkpoint-dir says otherwise); a char-lm node holds that
@@ -813,6 +813,15 @@ fn final_error_line(format: LogFormat, text: &str) -> String {
 }
 
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    // Flags first: a refused combination must not leave a new key file behind.
+    check_model_flags(&args.train)?;
+    let no_checkpoints = args.checkpoint_dir.is_none() && args.resume.is_none();
+    if no_checkpoints && args.checkpoint_every != DEFAULT_CHECKPOINT_EVERY {
+        anyhow::bail!(
+            "--checkpoint-every {} needs --checkpoint-dir DIR (or --resume DIR): without one no checkpoint is written",
+            args.checkpoint_every
+        );
+    }
     let keypair = match &args.key {
         Some(path) => crate::identity::load_or_create(path)?,
         None => libp2p::identity::Keypair::generate_ed25519(),
@@ -821,7 +830,6 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .train
         .seed
         .unwrap_or_else(|| seed_from_name(&args.swarm));
-    check_model_flags(&args.train)?;
     let key = match &args.secret_file {
         Some(path) => Some(crate::net::secret::SwarmKey::from_file(path)?),
         None => None,
@@ -1077,6 +1085,8 @@ fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--checkpoint-every` unless given.
+const DEFAULT_CHECKPOINT_EVERY: u64 = 10;
 /// `--micro-batches` unless given.
 const DEFAULT_MICRO_BATCHES: u64 = 4;
 /// `--stage-timeout-secs` unless given.

@@ -247,6 +247,24 @@ fn bad_pipeline_settings() {
         &["testnet", "--model", "cnn", "--stage-timeout-secs", "5"],
         "--stage-timeout-secs applies",
     );
+    assert_one_line_error(
+        &["node", "--checkpoint-every", "3"],
+        "--checkpoint-every 3 needs --checkpoint-dir",
+    );
+    // A refused combination leaves no new key file behind.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("new.key");
+    assert_one_line_error(
+        &[
+            "node",
+            "--key",
+            key.to_str().unwrap(),
+            "--micro-batches",
+            "8",
+        ],
+        "--micro-batches applies",
+    );
+    assert!(!key.exists());
     assert_one_line_error(&["node", "--max-in-flight", "2"], "--model char-lm");
     assert_one_line_error(
         &["node", "--model", "char-lm", "--max-in-flight", "2"],

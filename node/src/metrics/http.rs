@@ -102,14 +102,19 @@ impl Response {
 async fn handle(mut stream: TcpStream, metrics: &Metrics) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    let mut scanned = 0;
     let head_end = loop {
-        if let Some(end) = find_head_end(&buf) {
+        if let Some(end) = find_head_end(&buf, scanned) {
             break Some(end);
         }
+        // What was searched stays searched: a head sent a byte at a time
+        // costs one pass, not one per byte.
+        scanned = buf.len();
         if buf.len() >= MAX_REQUEST_BYTES {
             break None;
         }
-        match stream.read(&mut chunk).await {
+        let room = (MAX_REQUEST_BYTES - buf.len()).min(chunk.len());
+        match stream.read(&mut chunk[..room]).await {
             Ok(0) | Err(_) => return,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
@@ -134,8 +139,19 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) {
     let _ = stream.shutdown().await;
 }
 
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n")
+/// Where the request head in `buf` ends (at its blank line: `\r\n\r\n`, or a
+/// bare `\n\n` from a lax client), looking only at what follows the first
+/// `from` bytes (already searched) and the few before them.
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(3);
+    let rest = buf.get(start..)?;
+    let crlf = rest.windows(4).position(|w| w == b"\r\n\r\n");
+    let lf = rest.windows(2).position(|w| w == b"\n\n");
+    let end = match (crlf, lf) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
+    Some(start + end)
 }
 
 /// Answers one request head; the flag says the body must not be sent (HEAD).
@@ -212,6 +228,20 @@ mod tests {
         assert_eq!(status("garbage"), "400 Bad Request");
         let (r, head_only) = respond(b"HEAD /metrics HTTP/1.1", &m);
         assert!(head_only && r.status == "200 OK");
+    }
+
+    #[test]
+    fn the_head_ends_at_its_blank_line_wherever_the_reads_split_it() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let end = head.len() - 4;
+        assert_eq!(find_head_end(head, 0), Some(end));
+        // Searched in pieces, as reads deliver it, the end is still found.
+        for from in 0..head.len() {
+            assert_eq!(find_head_end(head, from.min(end)), Some(end), "from {from}");
+        }
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\n", 0), Some(14));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nHost", 0), None);
+        assert_eq!(find_head_end(b"", 0), None);
     }
 
     #[tokio::test]

@@ -19,7 +19,6 @@
 
 use crate::task::OptimState;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tracing::warn;
 
@@ -447,16 +446,9 @@ pub fn save_state(
             round: meta.round,
         });
     }
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let written = write_synced(&tmp, &bytes)
-        .map_err(io_err(&tmp))
-        .and_then(|()| std::fs::rename(&tmp, &path).map_err(io_err(&path)));
-    if let Err(e) = written {
-        // A partial file (a full disk, say) would hold the very space the
-        // next checkpoint needs.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    // A failed write leaves no partial file, which would hold the very
+    // space (a full disk, say) the next checkpoint needs.
+    crate::small_file::write_atomically(&path, &bytes).map_err(io_err(&path))?;
     // Make the rename itself durable.
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
@@ -467,13 +459,6 @@ pub fn save_state(
         }
     }
     Ok(path)
-}
-
-/// Writes `bytes` to a new file at `path` and flushes it to the disk.
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 /// Creates `dir` (and its parents) unless it exists, naming a file in its
@@ -630,21 +615,34 @@ pub fn load_file(path: &Path) -> Result<Checkpoint, CheckpointError> {
     decode(path, &bytes)
 }
 
+/// The first of `paths` (newest first) that verifies; bad ones are skipped
+/// with a warning, and the first one's fault is returned if none verifies.
+fn first_that_verifies(
+    paths: impl IntoIterator<Item = PathBuf>,
+) -> Result<Checkpoint, Option<String>> {
+    let mut newest_fault = None;
+    for path in paths {
+        match load_file(&path) {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                warn!(error = %e, "skipping checkpoint");
+                newest_fault.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    Err(newest_fault)
+}
+
 /// The newest checkpoint of `swarm` in `dir` that verifies (bad ones are
 /// skipped with a warning), if `dir` holds one: a directory shared by
 /// several swarms' runs resumes each from its own.
-fn latest_of_swarm(dir: &Path, swarm: &str) -> Result<Option<Checkpoint>, CheckpointError> {
+pub fn latest_of_swarm(dir: &Path, swarm: &str) -> Result<Option<Checkpoint>, CheckpointError> {
     refuse_file(dir)?;
     let ours = list(dir)?
         .into_iter()
-        .filter(|(_, path)| swarm_of(path).as_deref() == Some(swarm));
-    for (_, path) in ours {
-        match load_file(&path) {
-            Ok(c) => return Ok(Some(c)),
-            Err(e) => warn!(error = %e, "skipping checkpoint"),
-        }
-    }
-    Ok(None)
+        .map(|(_, path)| path)
+        .filter(|path| swarm_of(path).as_deref() == Some(swarm));
+    Ok(first_that_verifies(ours).ok())
 }
 
 /// The newest checkpoint of `swarm` in `dir` that verifies or, where `dir`
@@ -698,17 +696,8 @@ pub fn last_written_swarm(
 /// The newest checkpoint in `dir` that verifies; bad ones are skipped with a warning.
 pub fn load_latest(dir: &Path) -> Result<Checkpoint, CheckpointError> {
     refuse_file(dir)?;
-    let mut newest_fault = None;
-    for (_, path) in list(dir)? {
-        match load_file(&path) {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                warn!(error = %e, "skipping checkpoint");
-                newest_fault.get_or_insert_with(|| e.to_string());
-            }
-        }
-    }
-    Err(CheckpointError::NoneFound(dir.to_owned(), newest_fault))
+    let all = list(dir)?.into_iter().map(|(_, path)| path);
+    first_that_verifies(all).map_err(|fault| CheckpointError::NoneFound(dir.to_owned(), fault))
 }
 
 #[cfg(test)]

@@ -1037,15 +1037,12 @@ fn run_sample(args: SampleArgs) -> anyhow::Result<()> {
         .map(|(_, swarm)| swarm)
         .unwrap_or_default();
     for dir in &dirs {
-        let Ok(ckpt) = crate::checkpoint::load_latest_of(dir, &swarm) else {
+        let Ok(Some(ckpt)) = crate::checkpoint::latest_of_swarm(dir, &swarm) else {
             continue;
         };
         let Some((stage, of)) = driver::parse_stage_model_name(&ckpt.meta.model) else {
             continue;
         };
-        if ckpt.meta.swarm != swarm {
-            continue;
-        }
         if *count.get_or_insert(of) != of {
             anyhow::bail!(
                 "checkpoints of swarm `{swarm}` under the given directories come from models cut into different numbers of stages ({of} and {}); pass the directories of one run",

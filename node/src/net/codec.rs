@@ -5,15 +5,15 @@
 //! limit taken from the wire format, and reject anything longer before
 //! allocating for it.
 
+use super::inbound_budget::{BudgetExhausted, Held, InboundBudget};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use p2ptrain_protocol::wire::MAX_MESSAGE_BYTES;
+use std::io;
+use std::sync::Arc;
 
 /// Largest frame: a maximal message plus the swarm-secret MAC.
 const MAX_FRAME_BYTES: usize = MAX_MESSAGE_BYTES + super::secret::MAC_LEN;
-use super::inbound_budget::{BudgetExhausted, Held, InboundBudget};
-use std::io;
-use std::sync::Arc;
 
 /// The protocol name negotiated for direct messages.
 pub const DIRECT_PROTOCOL: StreamProtocol = StreamProtocol::new("/p2ptrain/direct/1");

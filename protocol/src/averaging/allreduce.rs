@@ -43,11 +43,27 @@ struct Reacks(BTreeMap<(NodeId, u32), u8>);
 const MAX_REACKS: u8 = 4;
 
 impl Reacks {
-    /// Counts one answer to `member` for `part`; false once it had its share.
-    fn allow(&mut self, member: NodeId, part: u32) -> bool {
-        let sent = self.0.entry((member, part)).or_insert(0);
-        *sent = sent.saturating_add(1);
-        *sent <= MAX_REACKS
+    /// Sends `reduced` (our `Reduced` for `part`) again to `member`, whose
+    /// re-sent `Part` carried `sent`: only if that has the part's length,
+    /// and a few times per member and part at most.
+    fn answer(
+        &mut self,
+        member: NodeId,
+        part: u32,
+        sent: &Payload,
+        reduced: &AvgMessage,
+        out: &mut Outbox,
+    ) {
+        let fits =
+            matches!(reduced, AvgMessage::Reduced { payload, .. } if payload.len == sent.len);
+        if !fits {
+            return;
+        }
+        let answered = self.0.entry((member, part)).or_insert(0);
+        *answered = answered.saturating_add(1);
+        if *answered <= MAX_REACKS {
+            out.send(Destination::Peer(member), reduced.clone());
+        }
     }
 }
 
@@ -65,13 +81,8 @@ impl LastReduced {
         if round != self.round || self.group.binary_search(&from).is_err() {
             return;
         }
-        let Some((_, msg)) = self.parts.iter().find(|(p, _)| *p == part) else {
-            return;
-        };
-        let fits =
-            matches!(msg, AvgMessage::Reduced { payload: ours, .. } if ours.len == payload.len);
-        if fits && self.reacks.allow(from, part) {
-            out.send(Destination::Peer(from), msg.clone());
+        if let Some((_, msg)) = self.parts.iter().find(|(p, _)| *p == part) {
+            self.reacks.answer(from, part, payload, msg, out);
         }
     }
 }
@@ -289,10 +300,8 @@ impl AllReduce {
             return;
         }
         if let Some(Some(msg)) = self.reduced.get(j) {
-            // Its `Reduced` was lost: answer again, if the `Part` is one.
-            if payload.len as usize == self.part_len(j) && self.reacks.allow(from, part) {
-                out.send(Destination::Peer(from), msg.clone());
-            }
+            // Its `Reduced` was lost: answer again.
+            self.reacks.answer(from, part, payload, msg, out);
             return;
         }
         if self

@@ -327,11 +327,13 @@ impl Averager {
                     .filter(|m| **m != self.me && !self.peers.contains(m))
                     .copied()
                     .collect();
-                for member in gone {
-                    ar.depart(member, &mut self.out);
+                if !gone.is_empty() {
+                    for member in gone {
+                        ar.depart(member, &mut self.out);
+                    }
+                    // The round may be complete now: the next timeout sees to it.
+                    self.recheck = true;
                 }
-                // The round may be complete now: the next timeout sees to it.
-                self.recheck = true;
             }
             State::Idle => {}
         }

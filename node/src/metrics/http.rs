@@ -4,6 +4,10 @@
 //! one GET (or HEAD), gets one response, and is closed. The request head is
 //! bounded in size and time, and so is the number of connections served at
 //! once, so a misbehaving client cannot hold the node's memory or tasks.
+//!
+//! A server bound to loopback answers only requests addressed to a loopback
+//! name (see [`HostGuard`]): otherwise any web page the node's user opens
+//! could read the status page through DNS rebinding.
 
 use super::Metrics;
 use std::net::SocketAddr;
@@ -46,11 +50,83 @@ pub async fn serve(addr: SocketAddr, metrics: Metrics) -> Result<SocketAddr, Ser
     let bound = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
-    tokio::spawn(accept_loop(listener, metrics));
+    let guard = HostGuard::for_listener(bound);
+    tokio::spawn(accept_loop(listener, metrics, guard));
     Ok(bound)
 }
 
-async fn accept_loop(listener: TcpListener, metrics: Metrics) {
+/// Which `Host` headers a request may carry.
+///
+/// A web page can make the browser of the node's user send requests to a
+/// name of the attacker's that resolves first to the attacker's server and
+/// then to 127.0.0.1 (DNS rebinding); the browser then lets the page read
+/// the answers. Such requests carry the attacker's name in `Host`. A server
+/// on loopback is only meant for the machine itself, so it refuses any name
+/// but `localhost` and loopback addresses. A server bound to another address
+/// is meant to be reached by name (a Prometheus scrape target, a reverse
+/// proxy) and takes any `Host`: whoever can rebind a name to it can reach
+/// it directly anyway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostGuard {
+    /// Only `localhost` (and its subdomains) and loopback IP addresses.
+    LoopbackNames,
+    /// Any `Host`.
+    AnyName,
+}
+
+impl HostGuard {
+    /// The guard for a server bound to `addr`.
+    pub fn for_listener(addr: SocketAddr) -> HostGuard {
+        if addr.ip().is_loopback() {
+            HostGuard::LoopbackNames
+        } else {
+            HostGuard::AnyName
+        }
+    }
+
+    /// Whether a request whose head is `head` may be answered: it names an
+    /// allowed host, or none (clients that omit `Host` are not browsers).
+    fn allows(self, head: &[u8]) -> bool {
+        match self {
+            HostGuard::AnyName => true,
+            HostGuard::LoopbackNames => host_header(head).is_none_or(is_loopback_host),
+        }
+    }
+}
+
+/// The value of the request's `Host` header, if it has one.
+fn host_header(head: &[u8]) -> Option<String> {
+    head.split(|b| *b == b'\n').skip(1).find_map(|line| {
+        let line = String::from_utf8_lossy(line);
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("host")
+            .then(|| value.trim().to_string())
+    })
+}
+
+/// Whether `host` (a `Host` header value, with or without a port) names this
+/// machine's loopback interface.
+fn is_loopback_host(host: String) -> bool {
+    let name = match host.strip_prefix('[') {
+        // An IPv6 literal: `[::1]` or `[::1]:9100`.
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
+            _ => return false,
+        },
+        None => host
+            .rsplit_once(':')
+            .map_or(host.as_str(), |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+async fn accept_loop(listener: TcpListener, metrics: Metrics, guard: HostGuard) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -67,7 +143,7 @@ async fn accept_loop(listener: TcpListener, metrics: Metrics) {
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            if tokio::time::timeout(IO_TIMEOUT, handle(stream, &metrics))
+            if tokio::time::timeout(IO_TIMEOUT, handle(stream, &metrics, guard))
                 .await
                 .is_err()
             {
@@ -99,7 +175,7 @@ impl Response {
     }
 }
 
-async fn handle(mut stream: TcpStream, metrics: &Metrics) {
+async fn handle(mut stream: TcpStream, metrics: &Metrics, guard: HostGuard) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let mut scanned = 0;
@@ -120,7 +196,7 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) {
         }
     };
     let (response, head_only) = match head_end {
-        Some(end) => respond(&buf[..end], metrics),
+        Some(end) => respond(&buf[..end], metrics, guard),
         None => (
             Response::text("431 Request Header Fields Too Large", "request too large\n"),
             false,
@@ -155,7 +231,7 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
 }
 
 /// Answers one request head; the flag says the body must not be sent (HEAD).
-pub fn respond(head: &[u8], metrics: &Metrics) -> (Response, bool) {
+pub fn respond(head: &[u8], metrics: &Metrics, guard: HostGuard) -> (Response, bool) {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.trim_end().split(' ');
@@ -183,6 +259,17 @@ pub fn respond(head: &[u8], metrics: &Metrics) -> (Response, bool) {
             )
         }
     };
+    if !guard.allows(head) {
+        return (
+            Response::text(
+                "403 Forbidden",
+                "this server listens on loopback and answers only requests to localhost or a \
+                 loopback address (Host header); bind --metrics to another address to reach it \
+                 by name\n",
+            ),
+            false,
+        );
+    }
     let path = target.split('?').next().unwrap_or_default();
     let response = match path {
         "/" | "/index.html" => Response {
@@ -218,7 +305,7 @@ mod tests {
     #[test]
     fn routes_and_refusals() {
         let m = Metrics::new();
-        let status = |head: &str| respond(head.as_bytes(), &m).0.status;
+        let status = |head: &str| respond(head.as_bytes(), &m, HostGuard::AnyName).0.status;
         assert_eq!(status("GET / HTTP/1.1\r\nHost: x"), "200 OK");
         assert_eq!(status("GET /metrics HTTP/1.1"), "200 OK");
         assert_eq!(status("GET /status.json?x=1 HTTP/1.0"), "200 OK");
@@ -226,8 +313,50 @@ mod tests {
         assert_eq!(status("POST / HTTP/1.1"), "405 Method Not Allowed");
         assert_eq!(status("GET / SPDY/3"), "505 HTTP Version Not Supported");
         assert_eq!(status("garbage"), "400 Bad Request");
-        let (r, head_only) = respond(b"HEAD /metrics HTTP/1.1", &m);
+        let (r, head_only) = respond(b"HEAD /metrics HTTP/1.1", &m, HostGuard::AnyName);
         assert!(head_only && r.status == "200 OK");
+    }
+
+    #[test]
+    fn a_loopback_server_answers_only_loopback_names() {
+        let m = Metrics::new();
+        let status = |guard: HostGuard, host: &str| {
+            let head = format!("GET /status.json HTTP/1.1\r\nAccept: */*\r\n{host}");
+            respond(head.as_bytes(), &m, guard).0.status
+        };
+        let loopback = HostGuard::for_listener("127.0.0.1:9100".parse().unwrap());
+        assert_eq!(loopback, HostGuard::LoopbackNames);
+        for host in [
+            "Host: localhost:9100",
+            "host: LOCALHOST",
+            "Host: app.localhost.:9100",
+            "Host: 127.0.0.1:9100",
+            "Host: 127.0.0.2",
+            "Host: [::1]:9100",
+            "Host: [::1]",
+            // No Host at all: not a browser.
+            "",
+        ] {
+            assert_eq!(status(loopback, host), "200 OK", "{host:?}");
+        }
+        for host in [
+            "Host: rebound.example:9100",
+            "Host: localhost.example",
+            "Host: evil-localhost",
+            "Host: 10.0.0.5:9100",
+            "Host: [::1",
+            "Host: [::1]x",
+            "Host: ",
+        ] {
+            assert_eq!(status(loopback, host), "403 Forbidden", "{host:?}");
+        }
+        // Bound elsewhere, names are expected (scrape targets, proxies).
+        let open = HostGuard::for_listener("0.0.0.0:9100".parse().unwrap());
+        assert_eq!(status(open, "Host: trainer.lan:9100"), "200 OK");
+        assert_eq!(
+            HostGuard::for_listener("[::1]:0".parse().unwrap()),
+            HostGuard::LoopbackNames
+        );
     }
 
     #[test]
@@ -256,8 +385,10 @@ mod tests {
             let _ = s.read_to_string(&mut out).await;
             out
         };
-        let page = fetch(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()).await;
+        let page = fetch(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec()).await;
         assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+        let rebound = fetch(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()).await;
+        assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
         assert!(page.contains("<svg") || page.contains("svg"));
         let big = fetch(vec![b'a'; MAX_REQUEST_BYTES]).await;
         assert!(big.starts_with("HTTP/1.1 431"), "{big}");

@@ -699,6 +699,26 @@ fn check_resumable(
     Ok(())
 }
 
+/// Refuses to resume a DiLoCo node's checkpoint (it holds an outer momentum)
+/// without `--outer-lr`: the node would send its parameters where its peers
+/// send pseudo-gradients, wrecking their outer steps, and would drop the
+/// momentum from its later checkpoints. The other way round (a plain
+/// checkpoint resumed under DiLoCo) only starts the momentum at zero, which
+/// the driver warns about.
+fn check_outer_resumable(
+    dir: &std::path::Path,
+    written_by_diloco: bool,
+    diloco: bool,
+) -> anyhow::Result<()> {
+    if written_by_diloco && !diloco {
+        anyhow::bail!(
+            "the newest checkpoint in {} was written by a DiLoCo node (it holds an outer momentum): pass --outer-lr (and --outer-momentum, --sync-every as before) to resume it",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// The binary's entry point: parses flags, runs, and turns errors into one line and exit code.
 pub fn main_entry() -> ExitCode {
     let heap = p2ptrain_heap::keep_large_buffers();
@@ -864,6 +884,11 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                     &args.swarm,
                     &args.train.model.to_string(),
                     args.train.average_every,
+                )?;
+                check_outer_resumable(
+                    dir,
+                    ckpt.outer_momentum.is_some(),
+                    args.train.outer_lr.is_some(),
                 )?;
                 (Some(ckpt), None)
             }
@@ -1222,6 +1247,17 @@ mod tests {
         assert!(super::check_resumable(dir, &meta(Some(5)), "s", "mlp", 5).is_ok());
         // Files of older versions do not say: resumed as before.
         assert!(super::check_resumable(dir, &meta(None), "s", "mlp", 10).is_ok());
+    }
+
+    #[test]
+    fn a_diloco_checkpoint_resumes_only_under_diloco() {
+        let dir = std::path::Path::new("ck");
+        let err = super::check_outer_resumable(dir, true, false).unwrap_err();
+        assert!(err.to_string().contains("pass --outer-lr"), "{err}");
+        assert!(super::check_outer_resumable(dir, true, true).is_ok());
+        assert!(super::check_outer_resumable(dir, false, false).is_ok());
+        // A plain checkpoint under DiLoCo: momentum from zero, with a warning.
+        assert!(super::check_outer_resumable(dir, false, true).is_ok());
     }
 
     #[test]

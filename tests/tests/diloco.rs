@@ -286,6 +286,22 @@ fn checkpoints_keep_the_outer_momentum() {
     );
     assert!(newest_header(dir.path()).contains("\"outer\":{\"digest\""));
 
+    // Without --outer-lr it would send parameters where its peers send
+    // pseudo-gradients, and drop the momentum: refused before training.
+    let out = Command::new(binary())
+        .args(["node", "--swarm", "diloco-ckpt", "--no-mdns", "--events"])
+        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"])
+        .args(["--sync-every", "10", "--linger-secs", "0", "--steps", "60"])
+        .arg("--resume")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("pass --outer-lr"), "{stderr}");
+    assert!(newest_header(dir.path()).contains("\"outer\":{\"digest\""));
+
     // A checkpoint from plain averaging resumes DiLoCo with a warning.
     let plain = tempfile::tempdir().unwrap();
     let first = checkpointing_node(plain.path(), &["--steps", "20"]);

@@ -194,6 +194,19 @@ impl Observe {
     }
 }
 
+/// `node` settings from the environment that name one node's own files: a
+/// testnet's nodes must not inherit them from the user's shell, or they would
+/// share one identity (and never meet), one checkpoint or run directory
+/// (pruning and appending over each other), or one config file applied to
+/// every node (a `metrics` port only the first can bind). `P2PTRAIN_DATA`
+/// and `P2PTRAIN_SECRET_FILE` are the same for every node and stay.
+const PER_NODE_VARIABLES: [&str; 4] = [
+    "P2PTRAIN_CONFIG",
+    "P2PTRAIN_KEY",
+    "P2PTRAIN_CHECKPOINT_DIR",
+    "P2PTRAIN_RUN_DIR",
+];
+
 #[allow(clippy::too_many_arguments)]
 fn spawn_node(
     index: usize,
@@ -224,6 +237,9 @@ fn spawn_node(
     }
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "warn");
+    }
+    for var in PER_NODE_VARIABLES {
+        cmd.env_remove(var);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -7,9 +7,15 @@ use std::time::Instant;
 
 /// Three processes, bundled data: the averaged model must reach 90% test accuracy,
 /// every node must end with the same parameters, and averaging rounds must be complete.
+/// A node's own settings in the user's environment (one key file, one run
+/// directory) must not reach the testnet's nodes: sharing one identity, they
+/// would never meet.
 #[test]
 fn three_nodes_reach_ninety_percent_on_bundled_data() {
     let started = Instant::now();
+    let shell = tempfile::tempdir().unwrap();
+    let key = shell.path().join("my-node.key");
+    let run_dir = shell.path().join("my-runs");
     let out = Command::new(binary())
         .args([
             "testnet",
@@ -21,6 +27,8 @@ fn three_nodes_reach_ninety_percent_on_bundled_data() {
             "600",
         ])
         .env("RUST_LOG", "warn")
+        .env("P2PTRAIN_KEY", &key)
+        .env("P2PTRAIN_RUN_DIR", &run_dir)
         .output()
         .expect("testnet starts");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -43,6 +51,10 @@ fn three_nodes_reach_ninety_percent_on_bundled_data() {
     for key in ["final_loss", "wall_s", "samples_per_s"] {
         assert!(summary[key].as_f64().is_some(), "summary lacks {key}");
     }
+    assert!(
+        !key.exists() && !run_dir.exists(),
+        "nodes took the user's own key or run directory"
+    );
     // Progress: one line per round on stderr.
     assert!(
         stderr.contains("round    1"),

@@ -693,6 +693,20 @@ pub fn last_written_swarm(
         .max()
 }
 
+/// The newest checkpoint that verifies of the run that wrote last into
+/// `dir` (its swarm's highest round), or of any run where that one has none
+/// that verifies. What a user means by a directory's newest checkpoint when
+/// several runs (a testnet run twice, each with a swarm of its own) share it:
+/// by round alone, an earlier, longer run would win.
+pub fn load_latest_of_last_run(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+    if let Some((_, swarm)) = last_written_swarm(dir, |_| true) {
+        if let Some(ckpt) = latest_of_swarm(dir, &swarm)? {
+            return Ok(ckpt);
+        }
+    }
+    load_latest(dir)
+}
+
 /// The newest checkpoint in `dir` that verifies; bad ones are skipped with a warning.
 pub fn load_latest(dir: &Path) -> Result<Checkpoint, CheckpointError> {
     refuse_file(dir)?;
@@ -1136,6 +1150,26 @@ mod tests {
         );
         // Only among the models asked for.
         assert_eq!(last_written_swarm(dir.path(), |m| m == "cnn"), None);
+    }
+
+    #[test]
+    fn the_newest_checkpoint_of_a_shared_directory_is_that_of_the_last_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |secs| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        // An earlier, longer run "old" ended on round 20; "new" wrote last.
+        for (swarm, round, written) in [("old", 20, 1_000), ("new", 12, 1_500), ("new", 16, 2_000)]
+        {
+            let m = CheckpointMeta {
+                swarm: swarm.into(),
+                ..meta(round, &[round as f32])
+            };
+            let path = save(dir.path(), &m, &[round as f32]).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(at(written)).unwrap();
+        }
+        let c = load_latest_of_last_run(dir.path()).unwrap();
+        assert_eq!((c.meta.swarm.as_str(), c.meta.round), ("new", 16));
+        assert_eq!(load_latest(dir.path()).unwrap().meta.round, 20);
     }
 
     #[test]

@@ -89,8 +89,9 @@ pub enum ConfigAction {
 /// Flags of `p2ptrain export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// A checkpoint file, or a checkpoint directory (its newest checkpoint is
-    /// taken): an mlp or cnn checkpoint, or one char-lm pipeline stage's.
+    /// A checkpoint file, or a checkpoint directory (its newest checkpoint of
+    /// the run that wrote last into it is taken): an mlp or cnn checkpoint, or
+    /// one char-lm pipeline stage's.
     #[arg(value_name = "CHECKPOINT")]
     pub checkpoint: PathBuf,
     /// The safetensors file to write. Tensors are named like the PyTorch

@@ -131,11 +131,11 @@ pub fn torch_tensors(
 }
 
 /// Exports the checkpoint at `checkpoint` (a file, or a directory whose
-/// newest checkpoint is taken) to `out`, atomically: the file appears whole
-/// or not at all.
+/// newest checkpoint of the run written last is taken) to `out`, atomically:
+/// the file appears whole or not at all.
 pub fn export_file(checkpoint: &Path, out: &Path, force: bool) -> Result<Exported, ExportError> {
     let ckpt = if checkpoint.is_dir() {
-        checkpoint::load_latest(checkpoint)?
+        checkpoint::load_latest_of_last_run(checkpoint)?
     } else {
         checkpoint::load_file(checkpoint)?
     };

@@ -99,20 +99,35 @@ pub fn args_from_str(
         message: shortened(e.to_string().trim().replace('\n', " ")),
     })?;
     let mut out = Vec::new();
+    // Flag ids already set, with the key that set them.
+    let mut seen = std::collections::HashMap::new();
     for (key, value) in &table {
         let unknown = || ConfigError::UnknownKey {
             path: path.to_path_buf(),
             key: key.clone(),
         };
+        // A flag's visible aliases (`sync-every` for `average-every`) are
+        // its names too, as on the command line.
         let arg = node
             .get_arguments()
-            .find(|a| configurable(a) == Some(key.as_str()))
+            .find(|a| {
+                configurable(a).is_some_and(|long| {
+                    long == key
+                        || a.get_visible_aliases()
+                            .into_iter()
+                            .flatten()
+                            .any(|alias| alias == key)
+                })
+            })
             .ok_or_else(unknown)?;
         let bad = |message: String| ConfigError::BadValue {
             path: path.to_path_buf(),
             key: key.clone(),
             message: shortened(message),
         };
+        if let Some(other) = seen.insert(arg.get_id().as_str(), key.as_str()) {
+            return Err(bad(format!("sets the same flag as `{other}`; keep one")));
+        }
         let flag = format!("--{key}");
         let mut args: Vec<String> = Vec::new();
         match value {
@@ -280,6 +295,15 @@ mod tests {
             a.iter().filter(|s| s.starts_with("--bootstrap=")).count(),
             2
         );
+    }
+
+    #[test]
+    fn a_flag_alias_is_a_key_too_but_only_once() {
+        let a = args("sync-every = 50\n").unwrap();
+        assert!(a.join(" ").contains("--sync-every=50"), "{a:?}");
+        let err = args("sync-every = 50\naverage-every = 10\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("same flag as"), "{text}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 use p2ptrain_protocol::averaging::{Aggregation, AveragingConfig};
 use p2ptrain_protocol::outer::OuterConfig;
+use p2ptrain_protocol::wire;
 use std::ffi::OsString;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -1189,6 +1190,14 @@ pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
             );
         }
         let (batch, micro) = (train.batch_size, train.micro_batches);
+        let windows = batch / micro.max(1);
+        let max = max_micro_batch_windows(&CharLmConfig::default());
+        if windows > max {
+            anyhow::bail!(
+                "--batch-size {batch} in --micro-batches {micro} makes micro-batches of {windows} text windows, whose activations would not fit in one message between stages (at most {max} windows, {} MiB): raise --micro-batches or lower --batch-size",
+                wire::MAX_MESSAGE_BYTES >> 20
+            );
+        }
         if !batch.is_multiple_of(micro) {
             anyhow::bail!(
                 "--batch-size {batch} is not a multiple of --micro-batches {micro}: each micro-batch takes an equal share of a step's text windows, so a step would train on {} of the {batch}, and epochs would cover less text than asked",
@@ -1197,6 +1206,15 @@ pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The most text windows a micro-batch may hold for its activations (f32,
+/// `[windows, context, width]`) and token ids to fit in one message between
+/// stages, with room to spare for the message's other fields.
+fn max_micro_batch_windows(config: &CharLmConfig) -> u64 {
+    const ROOM_FOR_THE_REST: u64 = 64 * 1024;
+    let per_window = 4 * (config.context * config.width + config.context + 1) as u64;
+    (wire::MAX_MESSAGE_BYTES as u64 - ROOM_FOR_THE_REST) / per_window
 }
 
 /// Loads the text named by `--data`, or the bundled Austen subset, and

@@ -237,6 +237,12 @@ fn bad_pipeline_settings() {
         ],
         "not a multiple of --micro-batches 4",
     );
+    // Micro-batches whose activations no message between stages can carry
+    // (they used to be dropped, then blamed on the network minutes later).
+    assert_one_line_error(
+        &["node", "--model", "char-lm", "--batch-size", "16384"],
+        "raise --micro-batches or lower --batch-size",
+    );
     // Settings the chosen model would ignore.
     assert_one_line_error(
         &["node", "--model", "char-lm", "--eval-every", "5"],

@@ -353,6 +353,17 @@ pub enum NodeError {
     /// The compute thread could not be started.
     #[error("cannot start the compute thread: {0}")]
     Spawn(std::io::Error),
+    /// A pipeline message (a micro-batch's activations or gradient, a
+    /// stage's parameters) could not be encoded, most likely too large for
+    /// a message: dropping it would only stall the pipeline until its
+    /// retries ran out, blaming the network.
+    #[error("cannot send a pipeline {what}: {source}")]
+    PipeEncode {
+        /// What the message carries.
+        what: &'static str,
+        /// Why it could not be encoded.
+        source: wire::WireError,
+    },
     /// No peer serves a pipeline stage the run needs.
     #[error("no peer serves pipeline stage {stage}; start more nodes (at least one per stage) or lower --stages")]
     StageUnserved {

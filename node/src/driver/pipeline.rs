@@ -1202,10 +1202,15 @@ impl Driver {
                 tally.pipe_bytes += bytes.len() as u64;
                 self.check_sent(self.net.send(to, bytes))
             }
-            Err(e) => {
-                warn!(error = %e, "cannot encode a pipeline message; dropped");
-                Ok(())
-            }
+            Err(source) => Err(NodeError::PipeEncode {
+                what: match msg {
+                    Message::PipeForward(_) => "micro-batch's activations",
+                    Message::PipeBackward(_) => "micro-batch's gradient",
+                    Message::StageState(_) => "stage's parameters",
+                    _ => "message",
+                },
+                source,
+            }),
         }
     }
 

@@ -222,7 +222,19 @@ impl<B: AutodiffBackend> CharLmStage<B> {
         if let Some(t) = tokens.iter().find(|t| **t as usize >= VOCAB) {
             return Err(bad(format!("token id {t} is outside the byte vocabulary")));
         }
-        Ok(tokens.len() / w)
+        // A stage's memory for a micro-batch grows with its windows (the
+        // attention scores alone take windows × heads × context² values per
+        // block, kept until the backward): a peer may not send more than
+        // the micro-batches this node itself would.
+        let windows = tokens.len() / w;
+        if windows > self.config.micro_batch {
+            return Err(bad(format!(
+                "a micro-batch of {windows} windows, more than this stage's {} \
+                 (--batch-size / --micro-batches): pipeline peers must use the same ones",
+                self.config.micro_batch
+            )));
+        }
+        Ok(windows)
     }
 
     fn accumulate(&mut self, grads: B::Gradients) {

@@ -129,6 +129,15 @@ fn bad_inputs_are_refused_and_forget_drops_state() {
         last.forward(1, &tokens[1..], Some(&[0.0]), true),
         Err(TaskError::BadInput(_))
     ));
+    // More windows than this node's micro-batches hold (a peer could make
+    // one message take gigabytes of activations and graph).
+    let mut many = tokens.clone();
+    many.extend_from_slice(&tokens[..config.context + 1]);
+    let acts = vec![0.5; last.activation_len(config.micro_batch + 1)];
+    match last.forward(1, &many, Some(&acts), true) {
+        Err(TaskError::BadInput(why)) => assert!(why.contains("--micro-batches"), "{why}"),
+        other => panic!("{other:?}"),
+    }
     let mut wide = tokens.clone();
     wide[0] = 300;
     assert!(matches!(

@@ -151,6 +151,18 @@ pub enum PipeError {
         /// Announced stage count.
         stages: u32,
     },
+    /// A stage's parameters claiming a run length they cannot have: one from
+    /// a later stage (which does not plan the run), or a first stage's step
+    /// past its own plan.
+    #[error("stage {stage} parameters at step {step} of a run of {total_steps} steps")]
+    StepsOutOfRun {
+        /// The stage.
+        stage: u32,
+        /// Its claimed step.
+        step: u64,
+        /// Its claimed run length.
+        total_steps: u64,
+    },
     /// A payload that fails its own checks.
     #[error(transparent)]
     Payload(#[from] TensorError),
@@ -229,9 +241,19 @@ impl StageHello {
 }
 
 impl StageState {
-    /// Checks the stage and the parameters' digest and content.
+    /// Checks the stage, the run length it claims (only the first stage
+    /// plans one, and its step is within it; 0 says none, as in a stage's
+    /// final parameters), and the parameters' digest and content.
     pub fn validate(&self) -> Result<(), PipeError> {
         check_stage(self.stage, self.stages)?;
+        let planned = self.total_steps != 0;
+        if planned && (self.stage != 0 || self.step > self.total_steps) {
+            return Err(PipeError::StepsOutOfRun {
+                stage: self.stage,
+                step: self.step,
+                total_steps: self.total_steps,
+            });
+        }
         check_dense("stage state", &self.params)
     }
 }
@@ -297,9 +319,35 @@ mod tests {
         assert!(matches!(tampered.validate(), Err(PipeError::Payload(_))));
         let nan = StageState {
             params: Payload::from_f32(&[f32::NAN]),
-            ..ok
+            ..ok.clone()
         };
         assert!(matches!(nan.validate(), Err(PipeError::Payload(_))));
+        // Only the first stage plans the run, and its step lies within it.
+        let first = |step, total_steps| StageState {
+            stage: 0,
+            step,
+            total_steps,
+            ..ok.clone()
+        };
+        assert_eq!(first(20, 40).validate(), Ok(()));
+        assert_eq!(first(40, 40).validate(), Ok(()));
+        assert_eq!(
+            first(20, 0).validate(),
+            Ok(()),
+            "final parameters plan nothing"
+        );
+        for bad in [
+            first(u64::MAX, 40),
+            StageState {
+                total_steps: u64::MAX,
+                ..ok
+            },
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(PipeError::StepsOutOfRun { .. })),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

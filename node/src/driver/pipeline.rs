@@ -64,6 +64,12 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 /// Pipeline messages a peer may have queued before we get to them; more are
 /// dropped (their senders time out and resend).
 const INBOX_LIMIT: usize = 1024;
+/// Tensor bytes the queued micro-batches and gradients may hold together;
+/// beyond it more are dropped like past [`INBOX_LIMIT`]. A queued message
+/// keeps its whole frame (its tensor is a view into it), and the count alone
+/// would let peers pin up to a thousand 256 MiB frames while this node
+/// averages or takes a stage over.
+const INBOX_BYTES: usize = 1 << 30;
 /// How often a pipeline peer repeats which stage it serves, for peers that
 /// joined since and for gossip messages lost before the mesh formed.
 const HELLO_EVERY: Duration = Duration::from_secs(1);
@@ -152,6 +158,14 @@ pub struct PipelineReport {
     pub peak_held_micro_batches: usize,
 }
 
+/// The bytes a queued micro-batch holds: its activations and token ids.
+fn forward_bytes(f: &PipeForward) -> usize {
+    f.activations
+        .bytes
+        .len()
+        .saturating_add(f.tokens.len().saturating_mul(4))
+}
+
 /// Pipeline messages waiting for the pipeline loop, and who serves which stage.
 #[derive(Default)]
 pub(super) struct Inbox {
@@ -164,6 +178,10 @@ pub(super) struct Inbox {
     stages: u32,
     forwards: VecDeque<(PeerId, PipeForward)>,
     backwards: VecDeque<(PeerId, PipeBackward)>,
+    /// Tensor bytes the queued forwards and backwards hold.
+    queued: usize,
+    /// The bound on `queued`: [`INBOX_BYTES`] where `None` (tests set less).
+    queued_limit: Option<usize>,
     hellos: BTreeMap<PeerId, StageHello>,
     /// Our own optimizer steps, announced in every hello.
     step: u64,
@@ -223,26 +241,73 @@ impl Inbox {
         self.data_parallel
     }
 
+    /// Whether a micro-batch's activations or gradient from `from` fit in the
+    /// inbox (by count and by bytes); warns when they do not.
+    fn has_room(&self, from: PeerId, queue_len: usize, bytes: usize, what: &str) -> bool {
+        let limit = self.queued_limit.unwrap_or(INBOX_BYTES);
+        if queue_len >= INBOX_LIMIT || self.queued.saturating_add(bytes) > limit {
+            warn!(peer = %from, what, "pipeline inbox full; dropped");
+            return false;
+        }
+        true
+    }
+
     pub(super) fn on_forward(&mut self, from: PeerId, f: PipeForward) {
         if self.not_a_pipeline(from, "activations") {
             return;
         }
-        if self.forwards.len() >= INBOX_LIMIT {
-            warn!(peer = %from, "pipeline inbox full; micro-batch dropped");
+        // The first stage computes its own activations: nothing would take
+        // these out of the inbox.
+        if self.own_stage == Some(0) {
+            debug!(peer = %from, "activations sent to a first-stage node dropped");
             return;
         }
-        self.forwards.push_back((from, f));
+        let bytes = forward_bytes(&f);
+        if self.has_room(from, self.forwards.len(), bytes, "micro-batch") {
+            self.queued += bytes;
+            self.forwards.push_back((from, f));
+        }
     }
 
     pub(super) fn on_backward(&mut self, from: PeerId, b: PipeBackward) {
         if self.not_a_pipeline(from, "gradient") {
             return;
         }
-        if self.backwards.len() >= INBOX_LIMIT {
-            warn!(peer = %from, "pipeline inbox full; gradient dropped");
+        // The last stage sends no activations on: no gradient answers it.
+        if self.stages != 0 && self.own_stage == Some(self.stages - 1) {
+            debug!(peer = %from, "gradient sent to a last-stage node dropped");
             return;
         }
-        self.backwards.push_back((from, b));
+        let bytes = b.grad.bytes.len();
+        if self.has_room(from, self.backwards.len(), bytes, "gradient") {
+            self.queued += bytes;
+            self.backwards.push_back((from, b));
+        }
+    }
+
+    /// The next queued micro-batch for our stage. One from a peer whose
+    /// hello names another stage than the one before ours is dropped: it was
+    /// meant for the stage this node held before it moved (or is made up),
+    /// and training on it would join stages that do not follow each other.
+    pub(super) fn next_forward(&mut self) -> Option<(PeerId, PipeForward)> {
+        while let Some((from, f)) = self.forwards.pop_front() {
+            self.queued = self.queued.saturating_sub(forward_bytes(&f));
+            let sender_stage = self.hellos.get(&from).map(|h| h.stage);
+            match (sender_stage, self.own_stage) {
+                (Some(theirs), Some(ours)) if theirs.checked_add(1) != Some(ours) => {
+                    debug!(peer = %from, theirs, ours, "micro-batch from a peer not of the stage before ours dropped");
+                }
+                _ => return Some((from, f)),
+            }
+        }
+        None
+    }
+
+    /// The next queued gradient.
+    pub(super) fn next_backward(&mut self) -> Option<(PeerId, PipeBackward)> {
+        let (from, b) = self.backwards.pop_front()?;
+        self.queued = self.queued.saturating_sub(b.grad.bytes.len());
+        Some((from, b))
     }
 
     /// Keeps a stage's parameters: a replica's closing parameters (per
@@ -265,7 +330,10 @@ impl Inbox {
             .get(&from)
             .is_some_and(|h| h.stage == state.stage);
         let designated = self.lowest_replica(state.stage) == Some(from);
-        let asked = self.asking_backup == Some(state.stage) && !state.last;
+        // Asked: from a peer serving a stage (those are who we ask).
+        let asked = self.asking_backup == Some(state.stage)
+            && !state.last
+            && self.hellos.contains_key(&from);
         let closing = replica && state.last;
         if !(designated || asked || closing) {
             warn!(peer = %from, stage = state.stage, "stage parameters from a peer that does not back the stage up; ignored");
@@ -345,6 +413,13 @@ impl Inbox {
     /// Notes that this node holds `stage` now, forgetting closing
     /// parameters of any other.
     pub(super) fn hold_stage(&mut self, stage: u32) {
+        // Micro-batches and gradients queued for the stage held before are
+        // not this one's: their senders time out and send them elsewhere.
+        if self.own_stage.is_some_and(|held| held != stage) {
+            self.forwards.clear();
+            self.backwards.clear();
+            self.queued = 0;
+        }
         self.own_stage = Some(stage);
         self.closing.retain(|(s, _), _| *s == stage);
     }
@@ -1308,7 +1383,7 @@ impl Driver {
         let mut round_losses = Vec::new();
         let t0 = Instant::now();
         self.pipe.may_move = true;
-        for step in start + 1..=total_steps {
+        for step in start.saturating_add(1)..=total_steps {
             let mut batch = Vec::with_capacity(pcfg.micro_batches);
             for _ in 0..pcfg.micro_batches {
                 let t = Instant::now();
@@ -1551,7 +1626,7 @@ impl Driver {
             if pending.is_empty() {
                 break;
             }
-            while let Some((from, b)) = self.pipe.backwards.pop_front() {
+            while let Some((from, b)) = self.pipe.next_backward() {
                 let Some(p) = take_answered(&mut pending, |p| p.to, from, b.id) else {
                     continue;
                 };
@@ -1823,7 +1898,7 @@ impl Driver {
         let mut first_stage_absent_since: Option<Instant> = None;
         let t0 = Instant::now();
         loop {
-            if let Some((from, f)) = self.pipe.forwards.pop_front() {
+            if let Some((from, f)) = self.pipe.next_forward() {
                 let input = match f.activations.decode() {
                     Ok(v) => v,
                     Err(e) => {
@@ -1888,7 +1963,7 @@ impl Driver {
                         );
                     }
                 }
-            } else if let Some((from, b)) = self.pipe.backwards.pop_front() {
+            } else if let Some((from, b)) = self.pipe.next_backward() {
                 let Some(r) = take_answered(&mut relayed, |r| r.downstream, from, b.id) else {
                     continue;
                 };
@@ -1966,7 +2041,7 @@ impl Driver {
                     // so every replica of this stage holds the same parameters.
                     if micro > 0 {
                         self.pump(compute.apply_step()).await??;
-                        step += 1;
+                        step = step.saturating_add(1);
                         micro = 0;
                     }
                     round = self.next_stage_round(round);
@@ -2014,7 +2089,7 @@ impl Driver {
                 self.pump(compute.apply_step()).await??;
                 tally.busy += t.elapsed();
                 micro = 0;
-                step += 1;
+                step = step.saturating_add(1);
                 outcome.steps = step;
                 self.pipe.step = step;
                 if step % every == 0 {
@@ -2077,7 +2152,10 @@ fn catch_up(
     if boundary >= total_steps || boundary - start > interval.saturating_mul(2) {
         return None;
     }
-    Some((boundary, round + (boundary / every - start / every)))
+    Some((
+        boundary,
+        round.saturating_add(boundary / every - start / every),
+    ))
 }
 
 /// Tokens the run had trained on before this node resumed it (0 on a fresh start).
@@ -2187,6 +2265,98 @@ mod tests {
             );
         }
         assert_eq!(inbox.forwards.len(), INBOX_LIMIT);
+    }
+
+    fn forward(id: u64, values: usize) -> PipeForward {
+        PipeForward {
+            id,
+            train: true,
+            tokens: vec![0; 33],
+            activations: tensor::Payload::from_f32(&vec![0.5; values]),
+        }
+    }
+
+    fn hello_of(stage: u32, stages: u32) -> StageHello {
+        StageHello {
+            stage,
+            stages,
+            phase: StagePhase::Training,
+            step: 0,
+            throughput: 0,
+        }
+    }
+
+    #[test]
+    fn tensors_no_stage_would_take_are_not_queued_and_the_queue_is_bounded_in_bytes() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let limit = 4 * (4 * 100 + 4 * 33);
+        let mut inbox = Inbox {
+            stages: 3,
+            queued_limit: Some(limit),
+            ..Inbox::default()
+        };
+        inbox.on_hello(a, hello_of(0, 3));
+        inbox.on_hello(b, hello_of(2, 3));
+        let grad = |id| PipeBackward {
+            id,
+            loss: 1.0,
+            predicted: 1,
+            grad: tensor::Payload::from_f32(&[0.5; 8]),
+        };
+        // The first stage never takes activations; the last never gradients.
+        inbox.hold_stage(0);
+        inbox.on_forward(b, forward(1, 8));
+        assert!(inbox.forwards.is_empty());
+        inbox.hold_stage(2);
+        inbox.on_backward(a, grad(1));
+        assert!(inbox.backwards.is_empty());
+        // A middle stage takes both, up to the byte bound together (four
+        // micro-batches of 100 values and 33 token ids fill it).
+        inbox.hold_stage(1);
+        for id in 0..4 {
+            inbox.on_forward(a, forward(id, 100));
+        }
+        assert_eq!((inbox.forwards.len(), inbox.queued), (4, limit));
+        inbox.on_forward(a, forward(9, 1));
+        inbox.on_backward(b, grad(2));
+        assert_eq!((inbox.forwards.len(), inbox.backwards.len()), (4, 0));
+        // Taking one out makes room again.
+        assert_eq!(inbox.next_forward().map(|(_, f)| f.id), Some(0));
+        inbox.on_backward(b, grad(3));
+        assert_eq!(inbox.next_backward().map(|(_, g)| g.id), Some(3));
+        while inbox.next_forward().is_some() {}
+        assert_eq!(inbox.queued, 0);
+    }
+
+    #[test]
+    fn a_micro_batch_from_a_peer_not_of_the_stage_before_ours_is_dropped() {
+        let (first, second, unknown) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let mut inbox = Inbox {
+            stages: 3,
+            ..Inbox::default()
+        };
+        inbox.on_hello(first, hello_of(0, 3));
+        inbox.on_hello(second, hello_of(1, 3));
+        inbox.hold_stage(1);
+        inbox.on_forward(first, forward(1, 8));
+        inbox.on_forward(second, forward(2, 8));
+        inbox.on_forward(unknown, forward(3, 8));
+        // Stage 1 takes stage 0's, and one from a peer whose hello has not
+        // come yet; a peer of its own stage sends it nothing honest.
+        let ids = |inbox: &mut Inbox| {
+            std::iter::from_fn(|| inbox.next_forward())
+                .map(|(_, f)| f.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&mut inbox), vec![1, 3]);
+        // Moved to stage 2 (a spare filling an emptied stage): what was
+        // queued for stage 1 goes, and stage 0 is no longer the stage before.
+        inbox.on_forward(first, forward(4, 8));
+        inbox.hold_stage(2);
+        assert!(inbox.forwards.is_empty() && inbox.queued == 0);
+        inbox.on_forward(first, forward(5, 8));
+        inbox.on_forward(second, forward(6, 8));
+        assert_eq!(ids(&mut inbox), vec![6]);
     }
 
     #[test]
@@ -2497,12 +2667,15 @@ mod tests {
         inbox.forget_peer(&low);
         inbox.on_stage_state(high, state(1, false));
         assert_eq!(held(&inbox), Some(1));
-        // While we ask for the stage's backup, any peer may hand one on
-        // (a holder of another stage), newest wins, but not close the stage.
+        // While we ask for the stage's backup, any peer serving a stage may
+        // hand one on (a holder of another stage), newest wins, but not
+        // close the stage; a peer that serves none is not who we asked.
         inbox.asking_backup = Some(1);
         inbox.on_stage_state(outsider, state(3, false));
         inbox.on_stage_state(outsider, state(4, true));
         assert_eq!(held(&inbox), Some(3));
         assert_eq!(inbox.closing.len(), 1);
+        inbox.on_stage_state(stranger, state(u64::MAX, false));
+        assert_eq!(held(&inbox), Some(3));
     }
 }

@@ -146,7 +146,7 @@ impl StageResume {
                 continue;
             }
             let fits = |c: &Checkpoint| {
-                if c.meta.round > self.round + MAX_ROUNDS_AHEAD {
+                if c.meta.round > self.round.saturating_add(MAX_ROUNDS_AHEAD) {
                     return Err(format!(
                         "round {} is past this node's checkpoint (round {}): another run's? move it away",
                         c.meta.round, self.round

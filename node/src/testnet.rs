@@ -194,6 +194,77 @@ impl Observe {
     }
 }
 
+/// Refuses a `--run-dir` an earlier testnet wrote node records into: nodes
+/// append to their `metrics.jsonl` (a resumed node goes on with its own),
+/// and a testnet never resumes, so its plot would average two runs' losses
+/// per round and draw an earlier, larger testnet's extra nodes as its own.
+fn refuse_earlier_records(dir: &std::path::Path) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(()); // none yet: the nodes create it
+    };
+    for entry in entries.flatten() {
+        let records = entry.path().join(crate::run_record::FILE_NAME);
+        let is_node = entry.file_name().to_string_lossy().starts_with("node-");
+        if is_node && records.exists() {
+            bail!(
+                "--run-dir {} holds an earlier testnet's records ({}): pick a new directory or remove them; its nodes would append to them, and the plot would mix the runs",
+                dir.display(),
+                records.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The signals that stop a testnet, waited for while it runs. Unhandled,
+/// SIGTERM or SIGHUP (a supervisor, a closed terminal) would end the testnet
+/// process alone and leave its nodes training, holding their ports; handled,
+/// the testnet returns an error, and dropping its children's handles kills
+/// them. (Ctrl-C in a terminal reaches the nodes too, being sent to the
+/// whole process group, but is handled the same way.)
+struct StopSignals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listen = |kind| signal(kind).context("cannot listen for stop signals");
+            Ok(StopSignals {
+                terminate: listen(SignalKind::terminate())?,
+                hangup: listen(SignalKind::hangup())?,
+                interrupt: listen(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    /// Waits for a stop signal; its name.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.terminate.recv() => "SIGTERM",
+                _ = self.hangup.recv() => "SIGHUP",
+                _ = self.interrupt.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
+}
+
 /// `node` settings from the environment that name one node's own files: a
 /// testnet's nodes must not inherit them from the user's shell, or they would
 /// share one identity (and never meet), one checkpoint or run directory
@@ -311,6 +382,9 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
     for i in 0..nodes {
         observe.flags(i)?; // a port range past 65535 fails before any node starts
     }
+    if let Some(dir) = &args.run_dir {
+        refuse_earlier_records(dir)?;
+    }
     if let Some(addr) = args.metrics {
         eprintln!(
             "testnet: node i serves its status page at http://{}:{}+i/",
@@ -333,14 +407,19 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let mut rounds: BTreeMap<u64, RoundAgg> = BTreeMap::new();
     let mut printed_round = 0u64;
     let mut closed = vec![false; nodes];
+    let mut signals = StopSignals::install()?;
     loop {
-        let line = match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(l)) => l,
-            Ok(None) => bail!("lost all node output"),
-            Err(_) => bail!(
-                "testnet did not finish within {} s (raise --timeout-secs)",
-                args.timeout_secs
-            ),
+        let line = tokio::select! {
+            got = tokio::time::timeout_at(deadline, rx.recv()) => match got {
+                Ok(Some(l)) => l,
+                Ok(None) => bail!("lost all node output"),
+                Err(_) => bail!(
+                    "testnet did not finish within {} s (raise --timeout-secs)",
+                    args.timeout_secs
+                ),
+            },
+            // Returning drops the children's handles, which kills them.
+            name = signals.recv() => bail!("testnet stopped by {name}; its nodes were stopped with it"),
         };
         match line {
             Line::Text(i, text) => {

@@ -136,6 +136,26 @@ fn testnet_writes_run_records_and_loss_png() {
     assert_eq!((w, h), (WIDTH, 2 * PANEL_HEIGHT));
     assert!(pixels_of(&rgb, AVERAGE_COLOR) > 500);
     assert!(pixels_of(&rgb, NODE_COLORS[1]) > 50);
+    // A second testnet into the same directory would append to these
+    // records and plot both runs as one: refused before any node starts.
+    let again = common::run(&[
+        "testnet",
+        "--nodes",
+        "2",
+        "--steps",
+        "30",
+        "--run-dir",
+        run.path().to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("earlier testnet's records"), "{stderr}");
+    let records = std::fs::read_to_string(run.path().join("node-0/metrics.jsonl")).unwrap();
+    let rounds = records
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"] == "round")
+        .count();
+    assert_eq!(rounds, 6, "{records}");
 }
 
 #[test]

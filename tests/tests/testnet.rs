@@ -61,3 +61,67 @@ fn three_nodes_reach_ninety_percent_on_bundled_data() {
         "no progress lines:\n{stderr}"
     );
 }
+
+/// A testnet ended by SIGTERM (a supervisor, `kill`) stops its nodes too:
+/// they no longer hold their status-page ports. Before, the nodes trained on.
+#[test]
+fn a_testnet_stopped_by_sigterm_stops_its_nodes() {
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::process::Stdio;
+    use std::time::Duration;
+    // Two free ports in a row for the nodes' status pages.
+    let port = (20_000..60_000u16)
+        .step_by(7)
+        .find(|p| {
+            TcpListener::bind(("127.0.0.1", *p)).is_ok()
+                && TcpListener::bind(("127.0.0.1", *p + 1)).is_ok()
+        })
+        .expect("two free ports");
+    let metrics = format!("127.0.0.1:{port}");
+    let mut testnet = Command::new(binary())
+        .args(["testnet", "--nodes", "2", "--steps", "1000000"])
+        .args(["--metrics", &metrics, "--timeout-secs", "300"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("testnet starts");
+    let stderr = testnet.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut training = 0;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        training += usize::from(line.contains("training with"));
+        if training == 2 {
+            break;
+        }
+    }
+    assert_eq!(training, 2, "the nodes never started training");
+    let bound = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+    assert!(
+        !bound(port) && !bound(port + 1),
+        "the nodes serve their pages"
+    );
+    let kill = Command::new("kill")
+        .args(["-TERM", &testnet.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = testnet.wait().unwrap();
+    assert!(!status.success());
+    let freed = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        bound(port) && bound(port + 1)
+    });
+    assert!(
+        freed,
+        "the nodes still hold their ports after the testnet ended"
+    );
+    // The nodes share the testnet's stderr: it ends now that they are gone.
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("stopped by SIGTERM")),
+        "{rest:?}"
+    );
+}

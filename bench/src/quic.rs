@@ -6,7 +6,10 @@
 //! `libp2p-quic`'s defaults) and a connection to every other process. A round
 //! is two phases, as in the all-reduce (reduce-scatter, then all-gather): in
 //! each, every process sends `bytes / N` to each of the N-1 others on a fresh
-//! unidirectional stream and receives as much from each. No reduction, no
+//! unidirectional stream and receives as much from each, and a phase ends
+//! when one chunk from every other process is in. Rounds start in all
+//! processes together (the coordinator's barrier), as our all-reduce starts
+//! once the last member has joined. No reduction, no
 //! encoding, no hashing: only the transport, so our all-reduce can be set
 //! against it.
 //!
@@ -140,8 +143,9 @@ async fn read_stdin_line() -> anyhow::Result<String> {
 }
 
 /// One process: prints its port, reads everyone's ports from stdin, connects,
-/// runs the rounds, prints `{"round": r, "s": seconds}` per round, then waits
-/// for a line on stdin before closing (so no peer loses data in flight).
+/// runs each round when `go ROUND` comes on stdin, prints `{"round": r, "s":
+/// seconds}` per round, then waits for a line on stdin before closing (so no
+/// peer loses data in flight).
 pub async fn run_node(args: QuinnNodeArgs) -> anyhow::Result<()> {
     let ep = endpoint(args.max_udp_payload)?;
     let port = ep.local_addr()?.port();
@@ -172,10 +176,17 @@ pub async fn run_node(args: QuinnNodeArgs) -> anyhow::Result<()> {
             .context("connection from an unknown port")?;
         conns.insert(j, c);
     }
-    // One receiver per peer: streams of one connection are accepted in order.
-    let (tx, mut rx) = mpsc::channel::<anyhow::Result<usize>>(1024);
+    // One receiver per peer: streams of one connection are accepted in the
+    // order they were opened, so a peer's first stream of a round is its
+    // phase-1 chunk and its second its phase-2 chunk. A phase takes one
+    // stream from each peer: as in the all-reduce, phase 2 cannot begin on
+    // another peer's phase-2 (or next round's) chunk in place of a slow
+    // peer's phase-1 chunk.
+    let mut receivers = Vec::new();
     for c in conns.values() {
-        let (c, tx, chunk) = (c.clone(), tx.clone(), args.chunk);
+        let (tx, rx) = mpsc::channel::<anyhow::Result<usize>>(16);
+        receivers.push(rx);
+        let (c, chunk) = (c.clone(), args.chunk);
         tokio::spawn(async move {
             loop {
                 let got = async {
@@ -193,6 +204,15 @@ pub async fn run_node(args: QuinnNodeArgs) -> anyhow::Result<()> {
     }
     let payload = vec![0xA5u8; args.chunk];
     for round in 0..args.rounds {
+        // Every process starts a round together, when the coordinator has
+        // seen all finish the one before: otherwise early processes' chunks
+        // would already be in when the last one starts its clock, and the
+        // fastest process's time (which `run` takes) would leave out a
+        // transfer our all-reduce has to wait for.
+        let go = read_stdin_line().await?;
+        if go != format!("go {round}") {
+            bail!("expected `go {round}` from the coordinator, got `{go}`");
+        }
         let started = Instant::now();
         for _phase in 0..2 {
             let sends = conns.values().map(|c| {
@@ -207,7 +227,7 @@ pub async fn run_node(args: QuinnNodeArgs) -> anyhow::Result<()> {
             });
             let send_all = futures::future::try_join_all(sends);
             let recv_all = async {
-                for _ in 0..conns.len() {
+                for rx in receivers.iter_mut() {
                     let n = rx.recv().await.context("receivers stopped")??;
                     if n != args.chunk {
                         bail!("received {n} bytes, expected {}", args.chunk);
@@ -228,9 +248,22 @@ pub async fn run_node(args: QuinnNodeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts N processes, hands them each other's ports, and prints one JSON
-/// line: per round the fastest process's time (as for `allreduce`), median
-/// over the rounds after the first.
+/// Writes `text` to every child's stdin.
+async fn tell_all(children: &mut [tokio::process::Child], text: &str) -> anyhow::Result<()> {
+    for c in children {
+        c.stdin
+            .as_mut()
+            .context("child stdin")?
+            .write_all(text.as_bytes())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Starts N processes, hands them each other's ports, starts each round in
+/// all of them at once, and prints one JSON line: per round the fastest
+/// process's time (as for `allreduce`), median over the rounds after the
+/// first.
 pub async fn run(args: QuinnArgs) -> anyhow::Result<()> {
     if args.peers < 2 || args.rounds < 2 {
         bail!("--peers and --rounds must be at least 2");
@@ -287,18 +320,16 @@ pub async fn run(args: QuinnArgs) -> anyhow::Result<()> {
             ports[i] = Some(p);
             if ports.iter().all(Option::is_some) {
                 let list: Vec<String> = ports.iter().flatten().map(u64::to_string).collect();
-                let list = format!("{}\n", list.join(","));
-                for c in &mut children {
-                    c.stdin
-                        .as_mut()
-                        .context("child stdin")?
-                        .write_all(list.as_bytes())
-                        .await?;
-                }
+                tell_all(&mut children, &format!("{}\ngo 0\n", list.join(","))).await?;
             }
         } else if let (Some(r), Some(s)) = (v.get("round"), v.get("s")) {
             let (r, s) = (r.as_u64().unwrap_or(0), s.as_f64().unwrap_or(f64::NAN));
-            times.entry(r).or_default().push(s);
+            let finished = times.entry(r).or_default();
+            finished.push(s);
+            // The round's barrier: the next starts when every process is done.
+            if finished.len() == args.peers && r + 1 < u64::from(args.rounds) {
+                tell_all(&mut children, &format!("go {}\n", r + 1)).await?;
+            }
         } else if v.get("done").is_some() {
             done += 1;
             if let Some(m) = v.get("path_mtu").and_then(|m| m.as_u64()) {

@@ -1022,6 +1022,10 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
                     .unwrap_or(u64::from(args.train.stages) + 1)
                     as usize,
                 stage_timeout: Duration::from_secs_f64(args.train.stage_timeout_secs),
+                micro_batch_bytes: micro_batch_bytes(
+                    &CharLmConfig::default(),
+                    args.train.batch_size / args.train.micro_batches.max(1),
+                ),
                 checkpoints: stage_checkpoints,
                 resume: stage_resume,
             };
@@ -1208,13 +1212,18 @@ pub fn check_model_flags(train: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The most text windows a micro-batch may hold for its activations (f32,
-/// `[windows, context, width]`) and token ids to fit in one message between
-/// stages, with room to spare for the message's other fields.
+/// Bytes of a micro-batch of `windows` text windows between stages: its
+/// activations (f32, `[windows, context, width]`) and token ids.
+fn micro_batch_bytes(config: &CharLmConfig, windows: u64) -> usize {
+    let per_window = 4 * (config.context * config.width + config.context + 1) as u64;
+    usize::try_from(per_window.saturating_mul(windows)).unwrap_or(usize::MAX)
+}
+
+/// The most text windows a micro-batch may hold to fit in one message
+/// between stages, with room to spare for the message's other fields.
 fn max_micro_batch_windows(config: &CharLmConfig) -> u64 {
     const ROOM_FOR_THE_REST: u64 = 64 * 1024;
-    let per_window = 4 * (config.context * config.width + config.context + 1) as u64;
-    (wire::MAX_MESSAGE_BYTES as u64 - ROOM_FOR_THE_REST) / per_window
+    (wire::MAX_MESSAGE_BYTES as u64 - ROOM_FOR_THE_REST) / micro_batch_bytes(config, 1) as u64
 }
 
 /// Loads the text named by `--data`, or the bundled Austen subset, and

@@ -194,7 +194,8 @@ impl Observe {
     }
 }
 
-/// Refuses a `--run-dir` an earlier testnet wrote node records into: nodes
+/// Refuses a `--run-dir` that holds run records (an earlier testnet's, or any
+/// run's the plot would read with this one's): nodes
 /// append to their `metrics.jsonl` (a resumed node goes on with its own),
 /// and a testnet never resumes, so its plot would average two runs' losses
 /// per round and draw an earlier, larger testnet's extra nodes as its own.
@@ -202,12 +203,13 @@ fn refuse_earlier_records(dir: &std::path::Path) -> anyhow::Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(()); // none yet: the nodes create it
     };
-    for entry in entries.flatten() {
-        let records = entry.path().join(crate::run_record::FILE_NAME);
-        let is_node = entry.file_name().to_string_lossy().starts_with("node-");
-        if is_node && records.exists() {
+    // Wherever the plot reads records: DIR itself and each directory in it.
+    let places = std::iter::once(dir.to_path_buf()).chain(entries.flatten().map(|e| e.path()));
+    for place in places {
+        let records = place.join(crate::run_record::FILE_NAME);
+        if records.exists() {
             bail!(
-                "--run-dir {} holds an earlier testnet's records ({}): pick a new directory or remove them; its nodes would append to them, and the plot would mix the runs",
+                "--run-dir {} holds an earlier run's records ({}): pick a new directory or remove them; this testnet's nodes would append to them, and the plot would mix the runs",
                 dir.display(),
                 records.display()
             );
@@ -216,19 +218,15 @@ fn refuse_earlier_records(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The signals that stop a testnet, waited for while it runs. Unhandled,
-/// SIGTERM or SIGHUP (a supervisor, a closed terminal) would end the testnet
-/// process alone and leave its nodes training, holding their ports; handled,
-/// the testnet returns an error, and dropping its children's handles kills
-/// them. (Ctrl-C in a terminal reaches the nodes too, being sent to the
-/// whole process group, but is handled the same way.)
+/// SIGTERM, waited for while the testnet runs. Unhandled, it (from a
+/// supervisor, `kill`) would end the testnet process alone and leave its
+/// nodes training, holding their ports; handled, the testnet returns an
+/// error, and dropping its children's handles kills them. Ctrl-C and a
+/// closed terminal's SIGHUP reach the whole process group, the nodes too,
+/// so they keep their default actions (and `nohup` still works).
 struct StopSignals {
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    hangup: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    interrupt: tokio::signal::unix::Signal,
 }
 
 impl StopSignals {
@@ -236,11 +234,8 @@ impl StopSignals {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
-            let listen = |kind| signal(kind).context("cannot listen for stop signals");
             Ok(StopSignals {
-                terminate: listen(SignalKind::terminate())?,
-                hangup: listen(SignalKind::hangup())?,
-                interrupt: listen(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
             })
         }
         #[cfg(not(unix))]
@@ -251,17 +246,11 @@ impl StopSignals {
     async fn recv(&mut self) -> &'static str {
         #[cfg(unix)]
         {
-            tokio::select! {
-                _ = self.terminate.recv() => "SIGTERM",
-                _ = self.hangup.recv() => "SIGHUP",
-                _ = self.interrupt.recv() => "SIGINT",
-            }
+            self.terminate.recv().await;
+            "SIGTERM"
         }
         #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-            "Ctrl-C"
-        }
+        std::future::pending().await
     }
 }
 

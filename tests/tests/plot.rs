@@ -149,7 +149,7 @@ fn testnet_writes_run_records_and_loss_png() {
     ]);
     assert!(!again.status.success());
     let stderr = String::from_utf8_lossy(&again.stderr);
-    assert!(stderr.contains("earlier testnet's records"), "{stderr}");
+    assert!(stderr.contains("earlier run's records"), "{stderr}");
     let records = std::fs::read_to_string(run.path().join("node-0/metrics.jsonl")).unwrap();
     let rounds = records
         .lines()

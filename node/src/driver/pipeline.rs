@@ -64,12 +64,27 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 /// Pipeline messages a peer may have queued before we get to them; more are
 /// dropped (their senders time out and resend).
 const INBOX_LIMIT: usize = 1024;
-/// Tensor bytes the queued micro-batches and gradients may hold together;
-/// beyond it more are dropped like past [`INBOX_LIMIT`]. A queued message
-/// keeps its whole frame (its tensor is a view into it), and the count alone
-/// would let peers pin up to a thousand 256 MiB frames while this node
-/// averages or takes a stage over.
+/// Tensor bytes the queued micro-batches and gradients may hold together, at
+/// least; beyond the bound more are dropped like past [`INBOX_LIMIT`]. A
+/// queued message keeps its whole frame (its tensor is a view into it), and
+/// the count alone would let peers pin up to a thousand 256 MiB frames while
+/// this node averages or takes a stage over.
 const INBOX_BYTES: usize = 1 << 30;
+
+/// Upstream replicas whose micro-batches in flight the inbox holds room for
+/// at once, beyond [`INBOX_BYTES`], when micro-batches are large.
+const INBOX_REPLICAS: usize = 8;
+
+/// The inbox's bound for `pcfg`: [`INBOX_BYTES`], or room for every
+/// micro-batch [`INBOX_REPLICAS`] replicas of the stage before may have in
+/// flight, whichever is more, so a configuration the flags accept (up to
+/// 256 MiB micro-batches) never loses honest ones to the bound.
+pub(super) fn inbox_bytes(pcfg: &PipelineConfig) -> usize {
+    pcfg.micro_batch_bytes
+        .saturating_mul(pcfg.max_in_flight.max(1))
+        .saturating_mul(INBOX_REPLICAS)
+        .max(INBOX_BYTES)
+}
 /// How often a pipeline peer repeats which stage it serves, for peers that
 /// joined since and for gossip messages lost before the mesh formed.
 const HELLO_EVERY: Duration = Duration::from_secs(1);
@@ -100,6 +115,9 @@ pub struct PipelineConfig {
     pub max_in_flight: usize,
     /// How long a micro-batch may take to come back before it is sent to another replica.
     pub stage_timeout: Duration,
+    /// Bytes of one training micro-batch's activations and token ids between
+    /// stages: sizes the inbox's bound (see [`inbox_bytes`]).
+    pub micro_batch_bytes: usize,
     /// Where and how often to write this node's stage as a checkpoint (see
     /// [`stage_model_name`]); `None` writes nothing.
     pub checkpoints: Option<StageCheckpoints>,
@@ -415,11 +433,26 @@ impl Inbox {
     pub(super) fn hold_stage(&mut self, stage: u32) {
         // Micro-batches and gradients queued for the stage held before are
         // not this one's: their senders time out and send them elsewhere.
-        if self.own_stage.is_some_and(|held| held != stage) {
+        // Queued before the first stage was held (a peer acting on an old
+        // hello), a first stage takes no activations and a last one no
+        // gradients: left queued, they would fill the bound for good.
+        let moved = self.own_stage.is_some_and(|held| held != stage);
+        if moved || stage == 0 {
             self.forwards.clear();
-            self.backwards.clear();
-            self.queued = 0;
         }
+        if moved || stage.checked_add(1) == Some(self.stages) {
+            self.backwards.clear();
+        }
+        self.queued = self
+            .forwards
+            .iter()
+            .map(|(_, f)| forward_bytes(f))
+            .sum::<usize>()
+            + self
+                .backwards
+                .iter()
+                .map(|(_, b)| b.grad.bytes.len())
+                .sum::<usize>();
         self.own_stage = Some(stage);
         self.closing.retain(|(s, _), _| *s == stage);
     }
@@ -600,6 +633,7 @@ impl Driver {
         let want = config.min_peers.max(pcfg.stages as usize);
         self.wait_for_peers(want, config.wait_for_peers).await?;
         self.pipe.stages = pcfg.stages;
+        self.pipe.queued_limit = Some(inbox_bytes(pcfg));
         // A resumer listens as long as a node about to take the first stage
         // over: hearing a live replica of its stage decides what it loads.
         // Meanwhile it announces its stage as resuming, so a node starting
@@ -2303,6 +2337,16 @@ mod tests {
             predicted: 1,
             grad: tensor::Payload::from_f32(&[0.5; 8]),
         };
+        // Queued before this node held a stage, then held by the first
+        // stage (activations) or the last (gradients): they go.
+        inbox.on_forward(b, forward(7, 8));
+        inbox.on_backward(a, grad(7));
+        inbox.hold_stage(0);
+        assert!(inbox.forwards.is_empty() && inbox.backwards.len() == 1);
+        inbox.own_stage = None;
+        inbox.hold_stage(2);
+        assert!(inbox.backwards.is_empty() && inbox.queued == 0);
+        inbox.own_stage = None;
         // The first stage never takes activations; the last never gradients.
         inbox.hold_stage(0);
         inbox.on_forward(b, forward(1, 8));
@@ -2326,6 +2370,24 @@ mod tests {
         assert_eq!(inbox.next_backward().map(|(_, g)| g.id), Some(3));
         while inbox.next_forward().is_some() {}
         assert_eq!(inbox.queued, 0);
+    }
+
+    #[test]
+    fn the_inbox_holds_what_eight_upstream_replicas_may_have_in_flight() {
+        let pcfg = |micro_batch_bytes| PipelineConfig {
+            stages: 2,
+            micro_batches: 4,
+            max_in_flight: 3,
+            stage_timeout: Duration::from_secs(20),
+            micro_batch_bytes,
+            checkpoints: None,
+            resume: None,
+        };
+        // The defaults' 1 MiB micro-batches: the floor.
+        assert_eq!(inbox_bytes(&pcfg(1 << 20)), INBOX_BYTES);
+        // The largest the flags accept (~256 MiB): 8 replicas x 3 in flight.
+        assert_eq!(inbox_bytes(&pcfg(256 << 20)), 24 * (256 << 20));
+        assert_eq!(inbox_bytes(&pcfg(usize::MAX)), usize::MAX);
     }
 
     #[test]

@@ -264,10 +264,10 @@ pub fn respond(head: &[u8], metrics: &Metrics, guard: HostGuard) -> (Response, b
             Response::text(
                 "403 Forbidden",
                 "this server listens on loopback and answers only requests to localhost or a \
-                 loopback address (Host header); bind --metrics to another address to reach it \
-                 by name\n",
+                 loopback address (the Host header); a reverse proxy in front of it should \
+                 send Host: localhost\n",
             ),
-            false,
+            head_only,
         );
     }
     let path = target.split('?').next().unwrap_or_default();
@@ -350,6 +350,8 @@ mod tests {
         ] {
             assert_eq!(status(loopback, host), "403 Forbidden", "{host:?}");
         }
+        let (r, head_only) = respond(b"HEAD / HTTP/1.1\r\nHost: evil", &m, loopback);
+        assert!(head_only && r.status == "403 Forbidden");
         // Bound elsewhere, names are expected (scrape targets, proxies).
         let open = HostGuard::for_listener("0.0.0.0:9100".parse().unwrap());
         assert_eq!(status(open, "Host: trainer.lan:9100"), "200 OK");

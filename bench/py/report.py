@@ -30,10 +30,42 @@ def median(xs):
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
+# Set from the run's machine line: a `--quick` run has too few rounds and
+# no repeated pairs to judge targets by.
+QUICK = False
+
+
 def emit(obj):
     if obj.get("bench") == "target":
+        if QUICK and obj.get("met") is not None:
+            obj = {**obj, "met": None, "reason": "a --quick run: too few rounds to judge"}
         TARGETS.append(obj)
     print(json.dumps(obj), flush=True)
+
+
+def doubt(line):
+    """Why a measured all-reduce line cannot back a verdict, if it cannot:
+    a round that left peers out (its time is not an all-reduce's), or a
+    result that was not the mean."""
+    if line is None:
+        return None
+    where = f"{line['impl']} {line['peers']}/{line['values']}"
+    if line.get("all_rounds_complete") is False:
+        return f"{where}: not every round averaged every peer"
+    if line.get("correct") is False or line.get("rounds_failed"):
+        return f"{where}: a round failed or gave a wrong mean"
+    if line.get("compression", "f32") == "f32" and (line.get("max_abs_err") or 0) > 1e-3:
+        return f"{where}: the f32 mean was off by {line['max_abs_err']}"
+    return None
+
+
+def judged(target, *lines):
+    """`target`, with its verdict withdrawn (and the reason given) when one
+    of the lines it rests on cannot back it."""
+    reason = next((d for d in map(doubt, lines) if d), None)
+    if reason and target.get("met") is not None:
+        return {**target, "met": None, "reason": reason}
+    return target
 
 
 def summarise():
@@ -47,7 +79,9 @@ def summarise():
 
 
 def main():
+    global QUICK
     lines = load(sys.argv[1])
+    QUICK = any(l.get("bench") == "machine" and l.get("quick") for l in lines)
     # Step lines with the pair they were taken in (bench/run.sh marks each
     # pair of turns with a {"bench":"step_pair"} line; None outside pairs).
     steps, pair = [], None
@@ -119,11 +153,14 @@ def main():
                 and l.get("available", True) and l.get("s_median") is not None]
 
     def find(impl, peers, values, compression="f32"):
-        """One figure per implementation and size: the median over its runs."""
+        """One figure per implementation and size: the median over its runs
+        (a doubt about any run carries over to it)."""
         found = runs(impl, peers, values, compression)
         if not found:
             return None
-        return {**found[0][1], "s_median": median([l["s_median"] for _, l in found])}
+        doubtful = next((l for _, l in found if doubt(l)), {})
+        return {**found[0][1], **doubtful,
+                "s_median": median([l["s_median"] for _, l in found])}
 
     configs = sorted({(l["peers"], l["values"]) for l in ar})
     for peers, values in configs:
@@ -162,11 +199,11 @@ def main():
                     **key, "fraction_of_bound": frac, "met": frac >= 0.6}
             if fractions:
                 line["pair_fractions"] = fractions
-            emit(line)
+            emit(judged(line, ours, quinn))
         if ours and hm:
             speedup = hm["s_median"] / ours["s_median"]
-            emit({"bench": "target", "name": "allreduce_f32_3x_faster_than_hivemind",
-                  **key, "speedup": speedup, "met": speedup >= 3.0})
+            emit(judged({"bench": "target", "name": "allreduce_f32_3x_faster_than_hivemind",
+                         **key, "speedup": speedup, "met": speedup >= 3.0}, ours, hm))
         elif ours:
             reason = next((l.get("reason") for l in ar if l["impl"] == "hivemind"
                            and l["peers"] == peers and l["values"] == values), None)
@@ -174,8 +211,9 @@ def main():
                   **key, "met": None, "reason": reason or "hivemind not measured"})
         if ours_int8 and gloo and ours_int8.get("s_median") is not None:
             r = ours_int8["s_median"] / gloo["s_median"]
-            emit({"bench": "target", "name": "allreduce_int8_within_2x_of_gloo_f32",
-                  **key, "compression": ours_int8["compression"], "ratio": r, "met": r <= 2.0})
+            emit(judged({"bench": "target", "name": "allreduce_int8_within_2x_of_gloo_f32",
+                         **key, "compression": ours_int8["compression"], "ratio": r,
+                         "met": r <= 2.0}, ours_int8, gloo))
 
     ttas = [l for l in lines if l.get("bench") == "time_to_accuracy"]
     for peers in sorted({l["peers"] for l in ttas}):

@@ -128,3 +128,40 @@ fn larger_packets_are_context_and_not_the_bound() {
         .expect("a larger-packets ratio");
     assert_eq!(gain["ratio"].as_f64().unwrap(), 0.5, "{gain}");
 }
+
+#[test]
+fn no_verdict_rests_on_an_incomplete_run_or_a_quick_one() {
+    let verdict = |results: &str| {
+        let found = targets(results)?;
+        found
+            .into_iter()
+            .find(|t| t["name"] == "allreduce_f32_at_least_60pct_of_raw_quinn")
+    };
+    let quinn = allreduce("raw-quinn-pattern", 0.020);
+    // A round that left a peer out: its time is no all-reduce's.
+    let incomplete = allreduce("p2ptrain", 0.030).replace(
+        r#""s_median""#,
+        r#""all_rounds_complete":false,"s_median""#,
+    );
+    let Some(t) = verdict(&[quinn.clone(), incomplete].join("\n")) else {
+        return; // no Python 3
+    };
+    assert_eq!(t["met"], serde_json::Value::Null, "{t}");
+    assert!(t["reason"].as_str().unwrap().contains("every round"), "{t}");
+    // A mean that came out wrong.
+    let wrong = allreduce("p2ptrain", 0.030).replace(
+        r#""s_median""#,
+        r#""all_rounds_complete":true,"max_abs_err":0.5,"s_median""#,
+    );
+    let t = verdict(&[quinn.clone(), wrong].join("\n")).unwrap();
+    assert_eq!(t["met"], serde_json::Value::Null, "{t}");
+    // The same figures from a --quick run: not judged either.
+    let machine = r#"{"bench":"machine","cores":2,"quick":1}"#;
+    let fine = allreduce("p2ptrain", 0.030);
+    let t = verdict(&[machine, &quinn, &fine].join("\n")).unwrap();
+    assert_eq!(t["met"], serde_json::Value::Null, "{t}");
+    assert!(t["reason"].as_str().unwrap().contains("--quick"), "{t}");
+    // And from a full run: judged.
+    let t = verdict(&[quinn, fine].join("\n")).unwrap();
+    assert_eq!(t["met"], true, "{t}");
+}

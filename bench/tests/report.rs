@@ -139,10 +139,8 @@ fn no_verdict_rests_on_an_incomplete_run_or_a_quick_one() {
     };
     let quinn = allreduce("raw-quinn-pattern", 0.020);
     // A round that left a peer out: its time is no all-reduce's.
-    let incomplete = allreduce("p2ptrain", 0.030).replace(
-        r#""s_median""#,
-        r#""all_rounds_complete":false,"s_median""#,
-    );
+    let incomplete = allreduce("p2ptrain", 0.030)
+        .replace(r#""s_median""#, r#""all_rounds_complete":false,"s_median""#);
     let Some(t) = verdict(&[quinn.clone(), incomplete].join("\n")) else {
         return; // no Python 3
     };

@@ -2310,16 +2310,6 @@ mod tests {
         }
     }
 
-    fn hello_of(stage: u32, stages: u32) -> StageHello {
-        StageHello {
-            stage,
-            stages,
-            phase: StagePhase::Training,
-            step: 0,
-            throughput: 0,
-        }
-    }
-
     #[test]
     fn tensors_no_stage_would_take_are_not_queued_and_the_queue_is_bounded_in_bytes() {
         let (a, b) = (PeerId::random(), PeerId::random());
@@ -2329,8 +2319,8 @@ mod tests {
             queued_limit: Some(limit),
             ..Inbox::default()
         };
-        inbox.on_hello(a, hello_of(0, 3));
-        inbox.on_hello(b, hello_of(2, 3));
+        inbox.on_hello(a, hello(0, 3));
+        inbox.on_hello(b, hello(2, 3));
         let grad = |id| PipeBackward {
             id,
             loss: 1.0,
@@ -2397,8 +2387,8 @@ mod tests {
             stages: 3,
             ..Inbox::default()
         };
-        inbox.on_hello(first, hello_of(0, 3));
-        inbox.on_hello(second, hello_of(1, 3));
+        inbox.on_hello(first, hello(0, 3));
+        inbox.on_hello(second, hello(1, 3));
         inbox.hold_stage(1);
         inbox.on_forward(first, forward(1, 8));
         inbox.on_forward(second, forward(2, 8));

@@ -450,7 +450,8 @@ mod tests {
                 throughput: 1750,
             }),
             Message::StageState(StageState {
-                stage: 1,
+                // The first stage: the one that plans the run's length.
+                stage: 0,
                 stages: 2,
                 round: 8,
                 step: 40,

@@ -230,17 +230,27 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
 
     /// Trains on `shard.indices` from now on, in an order drawn from `shard.seed`.
     ///
+    /// The shard already held goes on where its pass stands: the driver
+    /// hands the shard over again whenever the swarm's membership changed,
+    /// even back to what it was (a peer reconnecting), and starting over
+    /// would replay the pass's first batches at every such change. A new
+    /// shard starts a pass numbered on from the last, in an order of its own.
+    ///
     /// `shard.peers` is not used to rescale the loss: peers average
     /// parameters, not gradients, and Adam's update does not change when the
     /// loss is multiplied by a constant.
     fn set_shard(&mut self, shard: Shard) {
         let total = self.data.num_train();
         let before = shard.indices.len();
-        self.shard = shard
+        let indices: Vec<usize> = shard
             .indices
             .into_iter()
             .filter_map(|i| usize::try_from(i).ok().filter(|&i| i < total))
             .collect();
+        if indices == self.shard && shard.seed == self.shard_seed {
+            return;
+        }
+        self.shard = indices;
         if self.shard.len() != before {
             tracing::warn!(
                 dropped = before - self.shard.len(),
@@ -249,7 +259,7 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
             );
         }
         self.shard_seed = shard.seed;
-        self.pass = 0;
+        self.pass += 1;
         self.start_pass();
     }
 
@@ -492,6 +502,39 @@ mod tests {
         assert!(matches!(t.train_step(), Err(TaskError::EmptyShard)));
         t.set_shard(shard(vec![0, 1, 2], 0));
         assert_eq!(t.train_step().unwrap().samples, 3);
+    }
+
+    #[test]
+    fn the_same_shard_again_goes_on_with_its_pass() {
+        let mut t = task(ModelKind::Mlp, 2, 1);
+        let shard = |indices: Vec<u64>| Shard {
+            indices,
+            seed: 11,
+            peers: 2,
+        };
+        t.set_shard(shard((0..8).collect()));
+        let first = t.next_batch();
+        // Handed over again (membership changed and changed back): the pass
+        // goes on instead of replaying its first batch.
+        t.set_shard(shard((0..8).collect()));
+        let mut pass = first.clone();
+        for _ in 0..3 {
+            pass.extend(t.next_batch());
+        }
+        pass.sort_unstable();
+        assert_eq!(
+            pass,
+            (0..8).collect::<Vec<_>>(),
+            "one pass, each sample once"
+        );
+        // A new shard starts a fresh pass in an order of its own: not the
+        // order the same indices got as a first pass.
+        let mut fresh = task(ModelKind::Mlp, 8, 1);
+        fresh.set_shard(shard((0..8).collect()));
+        t.set_shard(shard((8..16).collect()));
+        t.set_shard(shard((0..8).collect()));
+        assert_eq!(t.cursor, 0);
+        assert_ne!(t.order, fresh.order);
     }
 
     #[test]

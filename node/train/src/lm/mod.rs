@@ -138,6 +138,18 @@ fn build_cuda(
     ))
 }
 
+/// A micro-batch's graph kept for its backward pass.
+struct InFlight<B: AutodiffBackend> {
+    /// The activations it came in with (a later stage), for their gradient.
+    input: Option<Tensor<B, 3>>,
+    /// What the stage sent on.
+    output: Tensor<B, 3>,
+    /// The stage's parameters the graph was built with: a step or an
+    /// averaged model set before the backward gives the parameters new
+    /// autodiff nodes, and burn finds a parameter's gradient by its node.
+    built_with: LmStage<B>,
+}
+
 /// One pipeline stage of the language model with its optimizer and data.
 pub struct CharLmStage<B: AutodiffBackend> {
     spec: StageSpec,
@@ -148,7 +160,7 @@ pub struct CharLmStage<B: AutodiffBackend> {
     accumulated: usize,
     /// Clears Adam moments before they turn subnormal.
     flush: crate::optim_state::TinyMomentFlush,
-    in_flight: HashMap<u64, (Option<Tensor<B, 3>>, Tensor<B, 3>)>,
+    in_flight: HashMap<u64, InFlight<B>>,
     text: Arc<TextData>,
     sampler: WindowSampler,
     device: B::Device,
@@ -237,9 +249,14 @@ impl<B: AutodiffBackend> CharLmStage<B> {
         Ok(windows)
     }
 
-    fn accumulate(&mut self, grads: B::Gradients) {
+    /// Adds the parameter gradients of a graph built with `built_with` to
+    /// those of the next step. They are taken by `built_with`'s autodiff
+    /// nodes (the current model's, after a step or a `set_params` since the
+    /// forward, would find none and lose them), and added by parameter id,
+    /// which steps and `set_params` keep.
+    fn accumulate(&mut self, grads: B::Gradients, built_with: &LmStage<B>) {
+        let params = GradientsParams::from_grads(grads, built_with);
         let model = self.model.as_ref().expect("model present");
-        let params = GradientsParams::from_grads(grads, model);
         self.accumulator.accumulate(model, params);
         self.accumulated += 1;
     }
@@ -317,7 +334,7 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
     }
 
     fn set_shard(&mut self, shard: Shard) {
-        self.sampler = WindowSampler::for_shard(shard);
+        self.sampler.reshard(shard);
     }
 
     fn next_train_tokens(&mut self) -> Result<Vec<u32>, TaskError> {
@@ -363,7 +380,7 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
             inputs.extend(w[..ctx].iter().map(|t| i64::from(*t)));
             targets.extend(w[1..].iter().map(|t| i64::from(*t)));
         }
-        let model = self.model();
+        let model = self.model().clone();
         let (x_in, x) = if self.spec.is_first() {
             (
                 None,
@@ -397,7 +414,14 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
                         "{MAX_IN_FLIGHT} micro-batches already wait for their gradient"
                     )));
                 }
-                self.in_flight.insert(id, (x_in, out));
+                self.in_flight.insert(
+                    id,
+                    InFlight {
+                        input: x_in,
+                        output: out,
+                        built_with: model,
+                    },
+                );
             }
             return Ok(Forward::Activations(activations));
         }
@@ -413,7 +437,7 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
             if let Some(g) = x_in.as_ref().and_then(|t| t.grad(&grads)) {
                 grad_input = to_vec(g)?;
             }
-            self.accumulate(grads);
+            self.accumulate(grads, &model);
         }
         Ok(Forward::Loss {
             loss: value,
@@ -423,7 +447,11 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
     }
 
     fn backward(&mut self, id: u64, grad_output: &[f32]) -> Result<Option<Vec<f32>>, TaskError> {
-        let (x_in, out) = self
+        let InFlight {
+            input: x_in,
+            output: out,
+            built_with,
+        } = self
             .in_flight
             .remove(&id)
             .ok_or_else(|| bad(format!("no micro-batch {id} is waiting for its gradient")))?;
@@ -442,7 +470,7 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
             Tensor::<B, 3>::from_data(TensorData::new(grad_output.to_vec(), dims), &self.device);
         let grads = (out * g).sum().backward();
         let grad_input = x_in.and_then(|t| t.grad(&grads)).map(to_vec).transpose()?;
-        self.accumulate(grads);
+        self.accumulate(grads, &built_with);
         Ok(grad_input)
     }
 

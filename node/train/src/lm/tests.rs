@@ -208,6 +208,45 @@ fn a_stage_holds_a_graph_per_micro_batch_until_its_backward() {
     assert_eq!(first.graphs_held(), 0);
 }
 
+/// A micro-batch whose gradient comes back after the stage stepped, or took
+/// an averaged model, still counts towards the next step (a replicated
+/// middle stage steps while other replicas' micro-batches are in flight).
+#[test]
+fn a_gradient_that_returns_after_a_step_or_new_parameters_still_counts() {
+    let config = small();
+    for replace in [false, true] {
+        let mut first = stage(&config, 0, 2);
+        let mut last = stage(&config, 1, 2);
+        let tokens = first.next_train_tokens().unwrap();
+        let mut grads = Vec::new();
+        for id in [1, 2] {
+            let Forward::Activations(acts) = first.forward(id, &tokens, None, true).unwrap() else {
+                panic!("the first of two stages sends activations");
+            };
+            let Forward::Loss { grad_input, .. } =
+                last.forward(id, &tokens, Some(&acts), true).unwrap()
+            else {
+                panic!("the last stage ends in a loss");
+            };
+            grads.push(grad_input);
+        }
+        first.backward(1, &grads[0]).unwrap();
+        if replace {
+            let params = first.params();
+            first.set_params(&params).unwrap();
+        } else {
+            assert_eq!(first.apply_step().unwrap(), 1);
+        }
+        first.backward(2, &grads[1]).unwrap();
+        let g = first.take_gradients().unwrap();
+        let norm: f32 = g.iter().map(|v| v * v).sum();
+        assert!(
+            norm > 0.0,
+            "the late gradient was lost (replace: {replace})"
+        );
+    }
+}
+
 #[test]
 fn training_the_whole_model_lowers_held_out_loss() {
     let config = CharLmConfig {

@@ -195,6 +195,10 @@ impl TextData {
 #[derive(Debug, Clone)]
 pub struct WindowSampler {
     shard: Vec<u64>,
+    /// The shard's seed, to tell the same shard handed over again.
+    seed: u64,
+    /// Shards this sampler took before this one (see [`WindowSampler::reshard`]).
+    reshards: u64,
     order: Vec<u64>,
     next: usize,
     rng: Rng,
@@ -216,8 +220,27 @@ impl WindowSampler {
             order: Vec::new(),
             next: 0,
             rng: Rng::new(shard.seed),
+            seed: shard.seed,
+            reshards: 0,
             shard: shard.indices,
         }
+    }
+
+    /// Takes `shard` from now on. The shard already held goes on where its
+    /// pass stands (handed over again after a membership change that changed
+    /// nothing for it); a new one starts with an order drawn from its seed and
+    /// the number of shards taken before, so it does not replay the order a
+    /// first shard of those indices would get.
+    pub fn reshard(&mut self, shard: Shard) {
+        if shard.indices == self.shard && shard.seed == self.seed {
+            return;
+        }
+        let reshards = self.reshards.wrapping_add(1);
+        *self = WindowSampler {
+            rng: Rng::new(shard.seed ^ reshards.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            reshards,
+            ..WindowSampler::for_shard(shard)
+        };
     }
 
     /// The next window index; `None` only for an empty shard.
@@ -323,5 +346,29 @@ mod tests {
         seen.sort();
         assert_eq!(seen, vec![3, 5, 8, 13]);
         assert!(WindowSampler::new(0, 1).next_index().is_none());
+    }
+
+    #[test]
+    fn the_same_shard_again_goes_on_with_its_epoch() {
+        let shard = |indices: Vec<u64>| Shard {
+            indices,
+            seed: 9,
+            peers: 2,
+        };
+        let mut s = WindowSampler::for_shard(shard(vec![3, 5, 8, 13]));
+        let mut seen = vec![s.next_index().unwrap()];
+        // Handed over again after a membership change that changed nothing
+        // for it: the epoch goes on.
+        s.reshard(shard(vec![3, 5, 8, 13]));
+        seen.extend((0..3).map(|_| s.next_index().unwrap()));
+        seen.sort();
+        assert_eq!(seen, vec![3, 5, 8, 13], "one epoch, each window once");
+        // A new shard gets an order of its own, not a first shard's.
+        let first = |s: &mut WindowSampler| (0..4).map(|_| s.next_index().unwrap()).collect();
+        let mut fresh = WindowSampler::for_shard(shard((0..64).collect()));
+        let fresh_order: Vec<u64> = first(&mut fresh);
+        s.reshard(shard((0..64).collect()));
+        let order: Vec<u64> = first(&mut s);
+        assert_ne!(order, fresh_order);
     }
 }

@@ -17,6 +17,7 @@ enum Command {
     Params(Reply<Vec<f32>>),
     SetParams(Vec<f32>, Reply<Result<(), TaskError>>),
     SetShard(Shard, Reply<()>),
+    SkipSamples(u64, Reply<()>),
     Evaluate(Reply<Result<EvalStats, TaskError>>),
     OptimState(Reply<Option<OptimState>>),
     SetOptimState(OptimState, Reply<Result<(), TaskError>>),
@@ -99,6 +100,11 @@ impl Compute {
         self.call(|r| Command::SetShard(shard, r)).await
     }
 
+    /// Moves the shard's sample order on by `samples` (see `Task::skip_samples`).
+    pub async fn skip_samples(&self, samples: u64) -> Result<(), ComputeGone> {
+        self.call(|r| Command::SkipSamples(samples, r)).await
+    }
+
     /// The local optimizer's state (Adam moments), for checkpoints.
     pub async fn optim_state(&self) -> Result<Option<OptimState>, ComputeGone> {
         self.call(Command::OptimState).await
@@ -166,6 +172,10 @@ fn serve(mut task: Box<dyn Task>, commands: std_mpsc::Receiver<Command>) {
             }
             Command::SetShard(shard, reply) => {
                 task.set_shard(shard);
+                let _ = reply.send(());
+            }
+            Command::SkipSamples(samples, reply) => {
+                task.skip_samples(samples);
                 let _ = reply.send(());
             }
             Command::Evaluate(reply) => {

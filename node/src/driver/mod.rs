@@ -657,6 +657,10 @@ impl Driver {
             }
             self.pump(compute.set_params(ckpt.params.clone())).await??;
             (step, round, samples) = (ckpt.meta.step, ckpt.meta.round, ckpt.meta.samples);
+            // Go on where this node's passes over its shard stood (exactly so
+            // where the shard is the one it had; elsewhere as good a start
+            // as any), not at the start of its shard again.
+            self.pump(compute.skip_samples(samples)).await??;
             // The moments only tune step sizes: a checkpoint without them (an
             // older format) or with unusable ones resumes with fresh moments.
             let optim_time = match &ckpt.optim {

@@ -263,6 +263,20 @@ impl<B: AutodiffBackend> Task for MnistTask<B> {
         self.start_pass();
     }
 
+    /// Whole passes (each sample once; batches never cross a pass) move the
+    /// pass count on, the rest the cursor within the pass that follows.
+    fn skip_samples(&mut self, samples: u64) {
+        let len = self.shard.len() as u64;
+        if len == 0 || samples == 0 {
+            return;
+        }
+        // Where the current pass stands counts too.
+        let done = samples.saturating_add(self.cursor as u64);
+        self.pass = self.pass.saturating_add(done / len);
+        self.start_pass();
+        self.cursor = (done % len) as usize;
+    }
+
     fn train_step(&mut self) -> Result<StepStats, TaskError> {
         if self.shard.is_empty() {
             return Err(TaskError::EmptyShard);
@@ -502,6 +516,27 @@ mod tests {
         assert!(matches!(t.train_step(), Err(TaskError::EmptyShard)));
         t.set_shard(shard(vec![0, 1, 2], 0));
         assert_eq!(t.train_step().unwrap().samples, 3);
+    }
+
+    #[test]
+    fn a_resumed_task_goes_on_where_its_passes_stood() {
+        let shard = Shard {
+            indices: (0..8).collect(),
+            seed: 11,
+            peers: 2,
+        };
+        // The run before the stop: 2 passes and 3 batches of 2.
+        let mut before = task(ModelKind::Mlp, 2, 1);
+        before.set_shard(shard.clone());
+        for _ in 0..(8 + 3) {
+            before.next_batch();
+        }
+        let expected = before.next_batch();
+        // The resumed one, told the 22 samples trained.
+        let mut resumed = task(ModelKind::Mlp, 2, 1);
+        resumed.set_shard(shard);
+        resumed.skip_samples(22);
+        assert_eq!(resumed.next_batch(), expected);
     }
 
     #[test]

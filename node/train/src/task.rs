@@ -142,6 +142,13 @@ pub trait Task: Send + 'static {
     fn num_train_samples(&self) -> usize;
     /// Restricts training to this peer's shard of the training set.
     fn set_shard(&mut self, shard: Shard);
+    /// Moves the shard's sample order on by `samples`, as if they had been
+    /// trained: a node resumed from its checkpoint goes on where its passes
+    /// stood instead of training the start of its shard again. Tasks
+    /// without a sample order ignore it.
+    fn skip_samples(&mut self, samples: u64) {
+        let _ = samples;
+    }
     /// Runs one optimisation step on the next batch of the shard.
     fn train_step(&mut self) -> Result<StepStats, TaskError>;
     /// Evaluates the current parameters on the held-out set.

@@ -371,25 +371,31 @@ pub struct NodeRun {
     pub records: Vec<Record>,
 }
 
-/// Reads `DIR/metrics.jsonl` and `DIR/*/metrics.jsonl` (a testnet's
-/// `node-I` directories), sorted by name.
-pub fn read_run_dir(dir: &Path) -> Result<Vec<NodeRun>, RunRecordError> {
-    let io = |source| RunRecordError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
+/// Where a run directory's records are: `DIR/metrics.jsonl` (named `.`)
+/// and `DIR/*/metrics.jsonl` (a testnet's `node-I` directories, named after
+/// them), in no particular order. Present, of whatever kind: reading one
+/// that is no file names it.
+pub fn record_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     let mut files = Vec::new();
-    // Present, of whatever kind: read_records names one that is no file.
     if dir.join(FILE_NAME).exists() {
         files.push((".".to_string(), dir.join(FILE_NAME)));
     }
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let entry = entry.map_err(io)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
         let file = entry.path().join(FILE_NAME);
         if entry.path().is_dir() && file.exists() {
             files.push((entry.file_name().to_string_lossy().into_owned(), file));
         }
     }
+    Ok(files)
+}
+
+/// Reads [`record_files`], sorted by name.
+pub fn read_run_dir(dir: &Path) -> Result<Vec<NodeRun>, RunRecordError> {
+    let mut files = record_files(dir).map_err(|source| RunRecordError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     if files.is_empty() {
         return Err(RunRecordError::Empty {
             dir: dir.to_path_buf(),

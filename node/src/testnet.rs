@@ -200,20 +200,15 @@ impl Observe {
 /// and a testnet never resumes, so its plot would average two runs' losses
 /// per round and draw an earlier, larger testnet's extra nodes as its own.
 fn refuse_earlier_records(dir: &std::path::Path) -> anyhow::Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(()); // none yet: the nodes create it
-    };
-    // Wherever the plot reads records: DIR itself and each directory in it.
-    let places = std::iter::once(dir.to_path_buf()).chain(entries.flatten().map(|e| e.path()));
-    for place in places {
-        let records = place.join(crate::run_record::FILE_NAME);
-        if records.exists() {
-            bail!(
-                "--run-dir {} holds an earlier run's records ({}): pick a new directory or remove them; this testnet's nodes would append to them, and the plot would mix the runs",
-                dir.display(),
-                records.display()
-            );
-        }
+    // Wherever the plot reads records; none where DIR is not there yet (the
+    // nodes create it).
+    let files = crate::run_record::record_files(dir).unwrap_or_default();
+    if let Some((_, records)) = files.first() {
+        bail!(
+            "--run-dir {} holds an earlier run's records ({}): pick a new directory or remove them; this testnet's nodes would append to them, and the plot would mix the runs",
+            dir.display(),
+            records.display()
+        );
     }
     Ok(())
 }

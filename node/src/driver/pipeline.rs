@@ -184,6 +184,11 @@ fn forward_bytes(f: &PipeForward) -> usize {
         .saturating_add(f.tokens.len().saturating_mul(4))
 }
 
+/// The bytes a queued gradient holds.
+fn backward_bytes(b: &PipeBackward) -> usize {
+    b.grad.bytes.len()
+}
+
 /// Pipeline messages waiting for the pipeline loop, and who serves which stage.
 #[derive(Default)]
 pub(super) struct Inbox {
@@ -198,7 +203,8 @@ pub(super) struct Inbox {
     backwards: VecDeque<(PeerId, PipeBackward)>,
     /// Tensor bytes the queued forwards and backwards hold.
     queued: usize,
-    /// The bound on `queued`: [`INBOX_BYTES`] where `None` (tests set less).
+    /// The bound on `queued`: [`inbox_bytes`] of the pipeline's
+    /// configuration once it starts, [`INBOX_BYTES`] until then.
     queued_limit: Option<usize>,
     hellos: BTreeMap<PeerId, StageHello>,
     /// Our own optimizer steps, announced in every hello.
@@ -296,7 +302,7 @@ impl Inbox {
             debug!(peer = %from, "gradient sent to a last-stage node dropped");
             return;
         }
-        let bytes = b.grad.bytes.len();
+        let bytes = backward_bytes(&b);
         if self.has_room(from, self.backwards.len(), bytes, "gradient") {
             self.queued += bytes;
             self.backwards.push_back((from, b));
@@ -324,7 +330,7 @@ impl Inbox {
     /// The next queued gradient.
     pub(super) fn next_backward(&mut self) -> Option<(PeerId, PipeBackward)> {
         let (from, b) = self.backwards.pop_front()?;
-        self.queued = self.queued.saturating_sub(b.grad.bytes.len());
+        self.queued = self.queued.saturating_sub(backward_bytes(&b));
         Some((from, b))
     }
 
@@ -451,7 +457,7 @@ impl Inbox {
             + self
                 .backwards
                 .iter()
-                .map(|(_, b)| b.grad.bytes.len())
+                .map(|(_, b)| backward_bytes(b))
                 .sum::<usize>();
         self.own_stage = Some(stage);
         self.closing.retain(|(s, _), _| *s == stage);

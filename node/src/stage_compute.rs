@@ -54,6 +54,7 @@ enum Command {
     SetParams(Vec<f32>, Reply<Result<(), TaskError>>),
     SetShard(Shard, Reply<()>),
     NextTrainTokens(Reply<Result<Vec<u32>, TaskError>>),
+    SkipMicroBatches(u64, Reply<()>),
     EvalTokens(Reply<Vec<Vec<u32>>>),
     OptimState(Reply<Option<OptimState>>),
     SetOptimState(OptimState, Reply<Result<(), TaskError>>),
@@ -177,6 +178,12 @@ impl StageCompute {
         Ok(self.call(Command::NextTrainTokens).await??)
     }
 
+    /// Moves the first stage's window order on by `count` micro-batches
+    /// (see `StageTask::skip_micro_batches`).
+    pub async fn skip_micro_batches(&self, count: u64) -> Result<(), ComputeGone> {
+        self.call(|r| Command::SkipMicroBatches(count, r)).await
+    }
+
     /// The held-out micro-batches, in a fixed order.
     pub async fn eval_tokens(&self) -> Result<Vec<Vec<u32>>, ComputeGone> {
         self.call(Command::EvalTokens).await
@@ -227,6 +234,10 @@ fn serve(mut task: Box<dyn StageTask>, commands: std_mpsc::Receiver<Command>, pe
             }
             Command::NextTrainTokens(reply) => {
                 let _ = reply.send(task.next_train_tokens());
+            }
+            Command::SkipMicroBatches(count, reply) => {
+                task.skip_micro_batches(count);
+                let _ = reply.send(());
             }
             Command::EvalTokens(reply) => {
                 let _ = reply.send(task.eval_tokens());

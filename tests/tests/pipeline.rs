@@ -570,6 +570,17 @@ fn a_pipeline_stopped_everywhere_resumes_from_its_stage_checkpoints() {
     // peer saved at the other's step, or a newer one.
     let stepped = at(behind) + 5 == at(ahead);
     assert!(stepped || at(behind) >= at(ahead), "{}", report(behind));
+    // The replica ahead resumed from its own checkpoint: its window order
+    // goes on past the 4 micro-batches of each step it had trained.
+    let skipped = |i: usize| report(i)["pipeline"]["skipped_micro_batches"].as_u64();
+    assert_eq!(skipped(ahead), Some(at(ahead) * 4), "{}", report(ahead));
+    // The one behind moved past its own checkpoint's steps, or took a backup.
+    let behind_ckpt_step = at(ahead) - 5;
+    assert!(
+        [Some(behind_ckpt_step * 4), Some(0)].contains(&skipped(behind)),
+        "{}",
+        report(behind)
+    );
     // Either way both end the run together, having averaged together.
     for i in [ahead, behind] {
         assert_eq!(report(i)["steps"], 30, "{}", report(i));

@@ -167,6 +167,11 @@ pub struct PipelineReport {
     /// run with it: a backup's (it took the stage over in a run in
     /// progress) or its checkpoint's (`--resume`); `None` otherwise.
     pub resumed_at_step: Option<u64>,
+    /// Micro-batches of its window order a first stage resumed from its
+    /// checkpoint moved past (the steps it had trained before the stop),
+    /// so it did not train on the start of its shard again.
+    #[serde(default)]
+    pub skipped_micro_batches: u64,
     /// The most training micro-batches whose activations this node's stage
     /// (the last it held) kept at once for their backward pass: its
     /// activation memory in micro-batches, bounded by `max_in_flight` per
@@ -854,6 +859,7 @@ impl Driver {
             activation_bytes_per_step: tally.pipe_bytes as f64 / outcome.steps.max(1) as f64,
             resent: tally.resent,
             resumed_at_step: resume.map(|r| r.step),
+            skipped_micro_batches: outcome.skipped_micro_batches,
             peak_held_micro_batches: compute.peak_graphs_held(),
         };
         let final_report = FinalReport {
@@ -1361,6 +1367,15 @@ impl Driver {
         let (config, pcfg, compute, resume) = (run.config, run.pcfg, run.compute, run.resume);
         let replicas = self.swarm_ids();
         self.set_window_shard(config, compute).await?;
+        // Go on where this node's passes over its shard stood (exactly so
+        // where the shard is the one it had; elsewhere as good a start as
+        // any), not at the start of its shard again.
+        let skipped = resume
+            .filter(|r| r.from_checkpoint)
+            .map_or(0, |r| r.step.saturating_mul(pcfg.micro_batches as u64));
+        if skipped > 0 {
+            self.pump(compute.skip_micro_batches(skipped)).await??;
+        }
         let total_steps = resume.and_then(|r| r.total_steps).unwrap_or_else(|| {
             config
                 .schedule
@@ -1418,6 +1433,7 @@ impl Driver {
         let mut outcome = StageOutcome {
             initial_bpc,
             steps: start,
+            skipped_micro_batches: skipped,
             ..StageOutcome::default()
         };
         let mut round_losses = Vec::new();
@@ -2162,6 +2178,8 @@ struct StageOutcome {
     averaging_s: f64,
     last_loss: f32,
     initial_bpc: Option<f64>,
+    /// Micro-batches the first stage's window order moved past at a resume.
+    skipped_micro_batches: u64,
     /// Wall time of the training phase (for throughput and the bubble).
     training: Duration,
     /// Whether this node has tried to checkpoint this stage since it took it.

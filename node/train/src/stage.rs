@@ -83,6 +83,10 @@ pub trait StageTask: Send + 'static {
     /// First stage: the next training micro-batch, `windows * (context + 1)`
     /// token ids (each window's inputs followed by the one-token-shifted targets).
     fn next_train_tokens(&mut self) -> Result<Vec<u32>, TaskError>;
+    /// First stage: moves the window order on by `count` micro-batches, as
+    /// if they had been drawn, so a stage resumed from its checkpoint goes
+    /// on where its passes over its shard stood instead of at their start.
+    fn skip_micro_batches(&mut self, count: u64);
     /// First stage: the held-out micro-batches, in a fixed order, each as
     /// [`StageTask::next_train_tokens`] lays them out.
     fn eval_tokens(&self) -> Vec<Vec<u32>>;

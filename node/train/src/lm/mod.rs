@@ -347,6 +347,11 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
         Ok(tokens)
     }
 
+    fn skip_micro_batches(&mut self, count: u64) {
+        self.sampler
+            .skip(count.saturating_mul(self.config.micro_batch as u64));
+    }
+
     fn eval_tokens(&self) -> Vec<Vec<u32>> {
         let ctx = self.config.context;
         let count = self

@@ -332,3 +332,35 @@ fn a_stage_given_its_optimizer_state_steps_as_if_never_stopped() {
         "a refused state wiped the moments"
     );
 }
+
+#[test]
+fn a_first_stage_that_skips_micro_batches_draws_what_comes_after_them() {
+    let config = small();
+    let shard = || crate::task::Shard {
+        indices: (10..16).collect(),
+        seed: 3,
+        peers: 2,
+    };
+    let mut running = stage(&config, 0, 2);
+    let mut resumed = stage(&config, 0, 2);
+    running.set_shard(shard());
+    resumed.set_shard(shard());
+    // Five micro-batches of four windows: three passes over six windows and a bit.
+    for _ in 0..5 {
+        running.next_train_tokens().unwrap();
+    }
+    resumed.skip_micro_batches(5);
+    for _ in 0..3 {
+        assert_eq!(
+            resumed.next_train_tokens().unwrap(),
+            running.next_train_tokens().unwrap()
+        );
+    }
+    let mut fresh = stage(&config, 0, 2);
+    fresh.set_shard(shard());
+    assert_ne!(
+        fresh.next_train_tokens().unwrap(),
+        resumed.next_train_tokens().unwrap(),
+        "the order did not move on"
+    );
+}

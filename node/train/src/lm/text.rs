@@ -243,18 +243,46 @@ impl WindowSampler {
         };
     }
 
+    /// Moves the order on by `draws` windows, exactly as that many
+    /// [`WindowSampler::next_index`] calls would (a resumed first stage goes
+    /// on where its passes stood). Whole passes past the current one only
+    /// advance the shuffle, without walking their windows.
+    pub fn skip(&mut self, draws: u64) {
+        let len = self.shard.len() as u64;
+        if len == 0 {
+            return;
+        }
+        let left_in_pass = (self.order.len() - self.next) as u64;
+        if draws <= left_in_pass {
+            self.next += draws as usize;
+            return;
+        }
+        let beyond = draws - left_in_pass;
+        // Passes begun after the current one; the last of them is kept.
+        let passes = beyond.div_ceil(len);
+        for _ in 0..passes {
+            self.shuffle();
+        }
+        self.next = (beyond - (passes - 1) * len) as usize;
+    }
+
+    /// Starts a new pass: the shard in an order drawn from the sampler's rng.
+    fn shuffle(&mut self) {
+        self.order.clone_from(&self.shard);
+        for i in (1..self.order.len()).rev() {
+            let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
+            self.order.swap(i, j);
+        }
+        self.next = 0;
+    }
+
     /// The next window index; `None` only for an empty shard.
     pub fn next_index(&mut self) -> Option<u64> {
         if self.shard.is_empty() {
             return None;
         }
         if self.next >= self.order.len() {
-            self.order = self.shard.clone();
-            for i in (1..self.order.len()).rev() {
-                let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
-                self.order.swap(i, j);
-            }
-            self.next = 0;
+            self.shuffle();
         }
         let i = self.order[self.next];
         self.next += 1;
@@ -370,5 +398,34 @@ mod tests {
         s.reshard(shard((0..64).collect()));
         let order: Vec<u64> = first(&mut s);
         assert_ne!(order, fresh_order);
+    }
+
+    #[test]
+    fn skipping_draws_lands_where_drawing_them_would() {
+        let shard = || Shard {
+            indices: vec![2, 4, 6, 8, 10, 12, 14],
+            seed: 5,
+            peers: 3,
+        };
+        for (drawn_first, skipped) in [(0, 0), (0, 3), (2, 5), (3, 4), (1, 20), (0, 21), (6, 15)] {
+            let mut drawn = WindowSampler::for_shard(shard());
+            let mut skipping = WindowSampler::for_shard(shard());
+            for _ in 0..drawn_first {
+                assert_eq!(drawn.next_index(), skipping.next_index());
+            }
+            for _ in 0..skipped {
+                drawn.next_index();
+            }
+            skipping.skip(skipped);
+            let next = |s: &mut WindowSampler| (0..10).map(|_| s.next_index()).collect::<Vec<_>>();
+            assert_eq!(
+                next(&mut skipping),
+                next(&mut drawn),
+                "{drawn_first} drawn, then {skipped} skipped"
+            );
+        }
+        let mut empty = WindowSampler::new(0, 1);
+        empty.skip(10);
+        assert!(empty.next_index().is_none());
     }
 }

@@ -23,6 +23,11 @@ pub const MAX_STAGES: u32 = 256;
 pub struct PipeForward {
     /// The sender's id for this micro-batch; the answer quotes it.
     pub id: u64,
+    /// The stage these activations are for. A receiver holding another
+    /// stage drops them: they were sent before it moved (or by a peer that
+    /// moved and whose new hello has not arrived, which this tells apart
+    /// from a micro-batch for a stage the receiver no longer holds).
+    pub to_stage: u32,
     /// Training (keep the graph and send a gradient back) or evaluation (loss only).
     pub train: bool,
     /// The micro-batch's token windows, each `context + 1` ids.
@@ -363,6 +368,7 @@ mod tests {
         }
         let fwd = PipeForward {
             id: 1,
+            to_stage: 1,
             train: true,
             tokens: vec![0; MAX_TOKENS + 1],
             activations: Payload::from_f32(&[]),
@@ -405,6 +411,7 @@ mod tests {
         payload.digest[0] ^= 1;
         let fwd = PipeForward {
             id: 7,
+            to_stage: 1,
             train: true,
             tokens: vec![1, 2, 3],
             activations: payload.clone(),
@@ -428,6 +435,7 @@ mod tests {
         assert_eq!(sparse.validate(), Ok(()));
         let fwd = PipeForward {
             id: 1,
+            to_stage: 1,
             train: true,
             tokens: vec![],
             activations: sparse.clone(),

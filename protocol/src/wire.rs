@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 /// Version of the message format; bumped on any incompatible change so old and new peers
 /// refuse each other with a clear error instead of misreading bytes.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// Hard limit on one encoded message (header included): bounds what a peer can make us
 /// buffer and parse.
@@ -432,6 +432,7 @@ mod tests {
             Message::StateRequest,
             Message::PipeForward(PipeForward {
                 id: 4,
+                to_stage: 1,
                 train: true,
                 tokens: vec![72, 105, 33],
                 activations: Payload::from_f32(&[0.5, -0.25]),

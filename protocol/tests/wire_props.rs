@@ -183,13 +183,15 @@ fn any_message() -> impl Strategy<Value = Message> {
             }),
         (
             any::<u64>(),
+            any::<u32>(),
             any::<bool>(),
             prop::collection::vec(0u32..300, 0..40),
             any_payload()
         )
-            .prop_map(|(id, train, tokens, activations)| {
+            .prop_map(|(id, to_stage, train, tokens, activations)| {
                 Message::PipeForward(PipeForward {
                     id,
+                    to_stage,
                     train,
                     tokens,
                     activations,

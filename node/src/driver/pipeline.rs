@@ -285,10 +285,11 @@ impl Inbox {
         if self.not_a_pipeline(from, "activations") {
             return;
         }
-        // The first stage computes its own activations: nothing would take
-        // these out of the inbox.
-        if self.own_stage == Some(0) {
-            debug!(peer = %from, "activations sent to a first-stage node dropped");
+        // The first stage computes its own activations, and activations for
+        // a stage this node does not hold are not its to run: nothing would
+        // take either out of the inbox.
+        if !self.takes(&f) {
+            debug!(peer = %from, to_stage = f.to_stage, own_stage = ?self.own_stage, "activations for another stage dropped");
             return;
         }
         let bytes = forward_bytes(&f);
@@ -314,19 +315,22 @@ impl Inbox {
         }
     }
 
-    /// The next queued micro-batch for our stage. One from a peer whose
-    /// hello names another stage than the one before ours is dropped: it was
-    /// meant for the stage this node held before it moved (or is made up),
-    /// and training on it would join stages that do not follow each other.
+    /// Whether micro-batch `f` is for the stage this node holds (any but the
+    /// first while it holds none yet). One for another stage was meant for
+    /// the stage this node held before it moved (or is made up), and running
+    /// it would join stages that do not follow each other. The micro-batch
+    /// names its stage itself: a sender that has just moved is told apart
+    /// from one still on its old stage before its new hello arrives.
+    fn takes(&self, f: &PipeForward) -> bool {
+        f.to_stage != 0 && self.own_stage.is_none_or(|ours| ours == f.to_stage)
+    }
+
+    /// The next queued micro-batch for our stage (see [`Inbox::takes`]).
     pub(super) fn next_forward(&mut self) -> Option<(PeerId, PipeForward)> {
         while let Some((from, f)) = self.forwards.pop_front() {
             self.queued = self.queued.saturating_sub(forward_bytes(&f));
-            let sender_stage = self.hellos.get(&from).map(|h| h.stage);
-            match (sender_stage, self.own_stage) {
-                (Some(theirs), Some(ours)) if theirs.checked_add(1) != Some(ours) => {
-                    debug!(peer = %from, theirs, ours, "micro-batch from a peer not of the stage before ours dropped");
-                }
-                _ => return Some((from, f)),
+            if self.takes(&f) {
+                return Some((from, f));
             }
         }
         None
@@ -448,9 +452,8 @@ impl Inbox {
         // hello), a first stage takes no activations and a last one no
         // gradients: left queued, they would fill the bound for good.
         let moved = self.own_stage.is_some_and(|held| held != stage);
-        if moved || stage == 0 {
-            self.forwards.clear();
-        }
+        self.forwards
+            .retain(|(_, f)| f.to_stage == stage && stage != 0);
         if moved || stage.checked_add(1) == Some(self.stages) {
             self.backwards.clear();
         }
@@ -1665,7 +1668,7 @@ impl Driver {
                 else {
                     return Ok(None);
                 };
-                self.send_forward(to, id, train, &tokens, &activations, tally)?;
+                self.send_forward(to, next, id, train, &tokens, &activations, tally)?;
                 pending.insert(
                     id,
                     InFlight {
@@ -1745,7 +1748,7 @@ impl Driver {
                     return Ok(None);
                 };
                 warn!(id, from = %p.to, to = %to, "micro-batch unanswered; sending it to another replica");
-                self.send_forward(to, id, train, &p.tokens, &p.activations, tally)?;
+                self.send_forward(to, next, id, train, &p.tokens, &p.activations, tally)?;
                 tally.resent += 1;
                 p.to = to;
                 p.tries += 1;
@@ -1772,9 +1775,11 @@ impl Driver {
         Ok(Some(results))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_forward(
         &mut self,
         to: PeerId,
+        to_stage: u32,
         id: u64,
         train: bool,
         tokens: &[u32],
@@ -1783,6 +1788,7 @@ impl Driver {
     ) -> Result<(), NodeError> {
         let msg = Message::PipeForward(PipeForward {
             id,
+            to_stage,
             train,
             tokens: tokens.to_vec(),
             activations: tensor::Payload::from_f32(activations),
@@ -2006,7 +2012,7 @@ impl Driver {
                             compute.forget(local)?;
                             continue;
                         };
-                        self.send_forward(to, local, f.train, &f.tokens, &a, tally)?;
+                        self.send_forward(to, next, local, f.train, &f.tokens, &a, tally)?;
                         relayed.insert(
                             local,
                             Relayed {
@@ -2316,6 +2322,7 @@ mod tests {
                 a,
                 PipeForward {
                     id,
+                    to_stage: 1,
                     train: true,
                     tokens: vec![],
                     activations: tensor::Payload::from_f32(&[]),
@@ -2325,9 +2332,10 @@ mod tests {
         assert_eq!(inbox.forwards.len(), INBOX_LIMIT);
     }
 
-    fn forward(id: u64, values: usize) -> PipeForward {
+    fn forward(id: u64, to_stage: u32, values: usize) -> PipeForward {
         PipeForward {
             id,
+            to_stage,
             train: true,
             tokens: vec![0; 33],
             activations: tensor::Payload::from_f32(&vec![0.5; values]),
@@ -2353,7 +2361,7 @@ mod tests {
         };
         // Queued before this node held a stage, then held by the first
         // stage (activations) or the last (gradients): they go.
-        inbox.on_forward(b, forward(7, 8));
+        inbox.on_forward(b, forward(7, 1, 8));
         inbox.on_backward(a, grad(7));
         inbox.hold_stage(0);
         assert!(inbox.forwards.is_empty() && inbox.backwards.len() == 1);
@@ -2363,7 +2371,7 @@ mod tests {
         inbox.own_stage = None;
         // The first stage never takes activations; the last never gradients.
         inbox.hold_stage(0);
-        inbox.on_forward(b, forward(1, 8));
+        inbox.on_forward(b, forward(1, 0, 8));
         assert!(inbox.forwards.is_empty());
         inbox.hold_stage(2);
         inbox.on_backward(a, grad(1));
@@ -2372,10 +2380,10 @@ mod tests {
         // micro-batches of 100 values and 33 token ids fill it).
         inbox.hold_stage(1);
         for id in 0..4 {
-            inbox.on_forward(a, forward(id, 100));
+            inbox.on_forward(a, forward(id, 1, 100));
         }
         assert_eq!((inbox.forwards.len(), inbox.queued), (4, limit));
-        inbox.on_forward(a, forward(9, 1));
+        inbox.on_forward(a, forward(9, 1, 1));
         inbox.on_backward(b, grad(2));
         assert_eq!((inbox.forwards.len(), inbox.backwards.len()), (4, 0));
         // Taking one out makes room again.
@@ -2405,7 +2413,7 @@ mod tests {
     }
 
     #[test]
-    fn a_micro_batch_from_a_peer_not_of_the_stage_before_ours_is_dropped() {
+    fn a_micro_batch_for_another_stage_than_ours_is_dropped() {
         let (first, second, unknown) = (PeerId::random(), PeerId::random(), PeerId::random());
         let mut inbox = Inbox {
             stages: 3,
@@ -2413,12 +2421,15 @@ mod tests {
         };
         inbox.on_hello(first, hello(0, 3));
         inbox.on_hello(second, hello(1, 3));
+        // Queued before this node held a stage: only those for the stage it
+        // then holds stay.
+        inbox.on_forward(first, forward(1, 1, 8));
+        inbox.on_forward(first, forward(2, 2, 8));
         inbox.hold_stage(1);
-        inbox.on_forward(first, forward(1, 8));
-        inbox.on_forward(second, forward(2, 8));
-        inbox.on_forward(unknown, forward(3, 8));
-        // Stage 1 takes stage 0's, and one from a peer whose hello has not
-        // come yet; a peer of its own stage sends it nothing honest.
+        inbox.on_forward(unknown, forward(3, 1, 8));
+        inbox.on_forward(second, forward(4, 2, 8));
+        // Stage 1 takes what was sent for stage 1, also from a peer whose
+        // hello has not come yet.
         let ids = |inbox: &mut Inbox| {
             std::iter::from_fn(|| inbox.next_forward())
                 .map(|(_, f)| f.id)
@@ -2426,13 +2437,16 @@ mod tests {
         };
         assert_eq!(ids(&mut inbox), vec![1, 3]);
         // Moved to stage 2 (a spare filling an emptied stage): what was
-        // queued for stage 1 goes, and stage 0 is no longer the stage before.
-        inbox.on_forward(first, forward(4, 8));
+        // queued for stage 1 goes, and what comes for stage 1 after it.
+        inbox.on_forward(first, forward(5, 1, 8));
         inbox.hold_stage(2);
         assert!(inbox.forwards.is_empty() && inbox.queued == 0);
-        inbox.on_forward(first, forward(5, 8));
-        inbox.on_forward(second, forward(6, 8));
-        assert_eq!(ids(&mut inbox), vec![6]);
+        inbox.on_forward(first, forward(6, 1, 8));
+        inbox.on_forward(second, forward(7, 2, 8));
+        // A peer that moved from stage 0 to stage 1 sends for stage 2 before
+        // its new hello arrives: its micro-batch is taken, not left to time out.
+        inbox.on_forward(first, forward(8, 2, 8));
+        assert_eq!(ids(&mut inbox), vec![7, 8]);
     }
 
     #[test]
@@ -2457,6 +2471,7 @@ mod tests {
             a,
             PipeForward {
                 id: 1,
+                to_stage: 1,
                 train: true,
                 tokens: vec![],
                 activations: payload.clone(),

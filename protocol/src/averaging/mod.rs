@@ -156,6 +156,10 @@ enum State {
 struct LedGroup {
     round: u64,
     msg: AvgMessage,
+    /// When each peer was last sent `msg` again: a `Join` costs its sender
+    /// ~150 bytes and the `Group` ~130 per member, so answering every one
+    /// would let any peer multiply its upload through ours.
+    resent: BTreeMap<NodeId, Duration>,
 }
 
 /// One peer's averaging state machine. See the module docs for the protocol.
@@ -590,8 +594,17 @@ impl Averager {
             );
             return;
         }
-        if let Some(led) = &self.led {
-            if led.round == round {
+        // At most twice per Join re-broadcast interval per peer: an honest
+        // peer that missed the Group asks once per interval (twice, should
+        // two of its Joins arrive close together).
+        let every = self.config.join_retry() / 2;
+        if let Some(led) = self.led.as_mut().filter(|led| led.round == round) {
+            let recently = led
+                .resent
+                .get(&from)
+                .is_some_and(|&t| now < t.saturating_add(every));
+            if !recently {
+                led.resent.insert(from, now);
                 self.out.send(Destination::Peer(from), led.msg.clone());
             }
         }
@@ -836,6 +849,7 @@ impl Averager {
         self.led = Some(LedGroup {
             round: mm.round,
             msg: msg.clone(),
+            resent: BTreeMap::new(),
         });
         self.out.send(Destination::Broadcast, msg);
         self.form_group(now, members);

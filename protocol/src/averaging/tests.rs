@@ -555,6 +555,28 @@ fn leader_closes_at_window_and_re_sends_group_to_late_joiners() {
         transmits(&mut a),
         vec![Transmit {
             to: Destination::Peer(id(B)),
+            msg: group.clone()
+        }]
+    );
+    // A peer repeating its Join fast gets the Group at most twice per Join
+    // re-broadcast interval, not once per Join.
+    for i in 0..100 {
+        a.handle_message(
+            ms(2_110) + Duration::from_micros(i * 10),
+            id(C),
+            join(id(C), 1, 4),
+        );
+    }
+    assert!(
+        transmits(&mut a).is_empty(),
+        "answered Joins right after the last answer"
+    );
+    let half = cfg().join_retry() / 2;
+    a.handle_message(ms(2_100) + half, id(C), join(id(C), 1, 4));
+    assert_eq!(
+        transmits(&mut a),
+        vec![Transmit {
+            to: Destination::Peer(id(C)),
             msg: group
         }]
     );

@@ -179,6 +179,9 @@ pub struct Download {
     actions: VecDeque<DownloadAction>,
     events: VecDeque<DownloadEvent>,
     outcome: Option<Result<Downloaded, DownloadError>>,
+    /// Set once the download is over, and stays so after the outcome is
+    /// taken: nothing may start it again.
+    finished: bool,
 }
 
 impl Download {
@@ -189,7 +192,7 @@ impl Download {
         usable.dedup();
         let mut d = Download {
             claim,
-            deadline: now + config.deadline,
+            deadline: now.saturating_add(config.deadline),
             config,
             usable,
             avoided: BTreeMap::new(),
@@ -204,6 +207,7 @@ impl Download {
             actions: VecDeque::new(),
             events: VecDeque::new(),
             outcome: None,
+            finished: false,
         };
         d.progress(now);
         d
@@ -216,7 +220,7 @@ impl Download {
 
     /// An answer to a manifest request: `None` means the peer does not hold it.
     pub fn handle_manifest(&mut self, now: Duration, from: NodeId, manifest: Option<Manifest>) {
-        if self.outcome.is_some() || self.manifest_req.map(|(p, _)| p) != Some(from) {
+        if self.finished || self.manifest_req.map(|(p, _)| p) != Some(from) {
             return; // not asked, or no longer waited for
         }
         self.manifest_req = None;
@@ -249,7 +253,7 @@ impl Download {
 
     /// An answer to a chunk request: `None` means the peer does not hold it.
     pub fn handle_chunk(&mut self, now: Duration, from: NodeId, index: u32, data: Option<&[u8]>) {
-        if self.outcome.is_some() || self.in_flight.get(&index).map(|(p, _)| *p) != Some(from) {
+        if self.finished || self.in_flight.get(&index).map(|(p, _)| *p) != Some(from) {
             return;
         }
         let Some(manifest) = &self.manifest else {
@@ -279,7 +283,7 @@ impl Download {
     /// A holder left the swarm: its requests go to the others now, without
     /// waiting for their timeouts.
     pub fn handle_peer_left(&mut self, now: Duration, peer: NodeId) {
-        if self.outcome.is_some() || self.avoided.contains_key(&peer) {
+        if self.finished || self.avoided.contains_key(&peer) {
             return;
         }
         if self.manifest_req.map(|(p, _)| p) == Some(peer) {
@@ -293,7 +297,7 @@ impl Download {
 
     /// Expires requests past their deadline (their peers are avoided) and the download's own.
     pub fn handle_timeout(&mut self, now: Duration) {
-        if self.outcome.is_some() {
+        if self.finished {
             return;
         }
         if now >= self.deadline {
@@ -336,7 +340,7 @@ impl Download {
 
     /// When `handle_timeout` must be called next (`None` once finished).
     pub fn poll_timeout(&self) -> Option<Duration> {
-        if self.outcome.is_some() {
+        if self.finished {
             return None;
         }
         let requests = self
@@ -354,7 +358,7 @@ impl Download {
 
     /// Whether the download is over (its outcome may already have been taken).
     pub fn is_finished(&self) -> bool {
-        self.outcome.is_some() || (self.actions.is_empty() && self.poll_timeout().is_none())
+        self.finished
     }
 
     fn avoid(&mut self, peer: NodeId, fault: Fault) {
@@ -381,14 +385,15 @@ impl Download {
         self.in_flight.clear();
         self.manifest_req = None;
         self.outcome = Some(result);
+        self.finished = true;
     }
 
     /// Sends what can be sent now and finishes when done or stuck.
     fn progress(&mut self, now: Duration) {
-        if self.outcome.is_some() {
+        if self.finished {
             return;
         }
-        let until = now + self.config.request_timeout;
+        let until = now.saturating_add(self.config.request_timeout);
         let Some(manifest) = &self.manifest else {
             if self.manifest_req.is_none() {
                 match self.usable.first() {

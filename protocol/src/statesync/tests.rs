@@ -304,6 +304,39 @@ fn answers_nobody_asked_for_are_ignored() {
 }
 
 #[test]
+fn a_download_stays_over_once_its_outcome_is_taken() {
+    let bytes = state(1_000);
+    let m = Manifest::build(2, 10, &bytes, 1024);
+    let claim = Claim {
+        round: 2,
+        root: m.root(),
+    };
+    // No deadline at all (Duration::MAX) must not overflow either.
+    let config = DownloadConfig {
+        deadline: Duration::MAX,
+        request_timeout: Duration::MAX,
+        ..fast()
+    };
+    let holders = [id(1), id(2)];
+    let mut d = Download::new(MS, claim, &holders, config);
+    assert!(d.poll_action().is_some());
+    d.handle_manifest(MS, id(1), Some(m.clone()));
+    let Some(DownloadAction::RequestChunk { peer, index, .. }) = d.poll_action() else {
+        panic!("no chunk asked for");
+    };
+    d.handle_chunk(MS, peer, index, Some(&bytes[m.chunk_range(index)]));
+    assert!(d.is_finished());
+    assert_eq!(d.outcome().unwrap().unwrap().bytes, bytes);
+    // A holder leaving, or a timeout, after the outcome was taken: nothing
+    // starts again, and no second outcome (of emptied bytes) appears.
+    d.handle_peer_left(MS * 2, id(2));
+    d.handle_timeout(MS * 3);
+    assert!(d.is_finished());
+    assert!(d.poll_action().is_none() && d.poll_timeout().is_none());
+    assert!(d.outcome().is_none());
+}
+
+#[test]
 fn a_vouched_manifest_whose_chunks_do_not_make_up_its_digest_is_refused() {
     // Peers vouched for this root, but its chunk digests belong to other
     // bytes than its state digest: chunks matching them would not be the

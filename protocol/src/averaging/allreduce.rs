@@ -370,6 +370,11 @@ impl AllReduce {
         }
     }
 
+    /// Whether `peer` is in this round's group.
+    pub(crate) fn has_member(&self, peer: NodeId) -> bool {
+        self.group.binary_search(&peer).is_ok()
+    }
+
     /// Whether `member` is in the group, waited for, and has sent us nothing yet.
     pub(crate) fn never_heard_from(&self, member: NodeId) -> bool {
         self.group.binary_search(&member).is_ok_and(|idx| {

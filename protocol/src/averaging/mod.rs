@@ -199,6 +199,13 @@ pub struct Averager {
     followed: Option<AvgMessage>,
     /// When we last passed that `Group` on to each member still asking to join.
     passed_on: BTreeMap<NodeId, Duration>,
+    /// Peers of the round in flight that sent us a `Part` although our
+    /// `Group` does not list them, and were sent that `Group` (once each).
+    shown_our_group: BTreeSet<NodeId>,
+    /// The leader of the round in flight, once it proved to have signed two
+    /// different `Group`s for it: members that stalled the round were
+    /// following the other one and are not to blame.
+    equivocated: Option<NodeId>,
 }
 
 impl Averager {
@@ -229,6 +236,8 @@ impl Averager {
             attestor,
             followed: None,
             passed_on: BTreeMap::new(),
+            shown_our_group: BTreeSet::new(),
+            equivocated: None,
             config,
         }
     }
@@ -662,6 +671,71 @@ impl Averager {
         self.out.send(Destination::Peer(from), group.clone());
     }
 
+    /// `from` sent us a `Part` of the round in flight, but our `Group` does
+    /// not list it: it follows another `Group`. Once per peer and round we
+    /// send it the one we follow, so that, should both come from the same
+    /// leader, it sees the leader split the round (see
+    /// [`Averager::check_for_a_second_group`]) instead of blaming us.
+    fn show_our_group(&mut self, from: NodeId) {
+        let Some(group) = &self.followed else {
+            return; // we led it: our Group went to everyone
+        };
+        if self.shown_our_group.len() < MAX_GROUP_MEMBERS && self.shown_our_group.insert(from) {
+            self.out.send(Destination::Peer(from), group.clone());
+        }
+    }
+
+    /// A `Group` for the round we are reducing. An honest leader signs one
+    /// `Group` per round; a second, different one signed by the leader we
+    /// follow proves it told members different groups, so they wait for
+    /// each other in vain. It sits out at once; its sender (which follows
+    /// the other `Group`) is not waited for, and no member is blamed for
+    /// stalling this round.
+    fn check_for_a_second_group(&mut self, from: NodeId, msg: &AvgMessage) {
+        let (
+            Some(AvgMessage::Group {
+                len: ours_len,
+                members: ours,
+                ..
+            }),
+            AvgMessage::Group {
+                round,
+                len,
+                members,
+                proofs,
+                signature,
+            },
+        ) = (&self.followed, msg)
+        else {
+            return;
+        };
+        let (Some(&leader), Some(&our_leader)) = (members.first(), ours.first()) else {
+            return;
+        };
+        let same = leader == our_leader && members == ours && len == ours_len;
+        if leader != our_leader || same || self.equivocated.is_some() {
+            return; // another leader's group, a duplicate, or known already
+        }
+        if !self
+            .attestor
+            .verify_group(leader, *round, *len, members, proofs, signature)
+        {
+            return; // not the leader's: proves nothing
+        }
+        let round = *round;
+        self.out.reject(
+            leader,
+            format!("{leader} signed two different Groups for round {round}; it sits out"),
+        );
+        self.sit_outs.forged_group(leader, round);
+        self.equivocated = Some(leader);
+        if from != leader {
+            if let State::Reducing(ar) = &mut self.state {
+                ar.exclude(from, &mut self.out);
+            }
+        }
+    }
+
     fn on_group(&mut self, now: Duration, from: NodeId, msg: AvgMessage) {
         let AvgMessage::Group {
             round,
@@ -704,8 +778,13 @@ impl Averager {
             );
             return;
         }
-        let State::Matchmaking(mm) = &self.state else {
-            return; // already grouped or idle: a stale or duplicate Group
+        let mm = match &self.state {
+            State::Matchmaking(mm) => mm,
+            State::Reducing(ar) if ar.round() == round => {
+                return self.check_for_a_second_group(from, &msg);
+            }
+            // Idle, or a round we are not in: a stale Group.
+            State::Reducing(_) | State::Idle => return,
         };
         if mm.round != round {
             return;
@@ -797,7 +876,11 @@ impl Averager {
     fn on_part(&mut self, from: NodeId, round: u64, part: u32, payload: &Payload) {
         match &mut self.state {
             State::Reducing(ar) if ar.round() == round => {
+                let stranger = !ar.has_member(from);
                 ar.on_part(from, part, payload, &mut self.out);
+                if stranger {
+                    self.show_our_group(from);
+                }
             }
             // Our group has not formed yet: keep the part (bounded, first
             // copy wins) and feed it in when it does.
@@ -965,6 +1048,11 @@ impl Averager {
                 self.deadline
                     .observe_complete(now.saturating_sub(self.reduce_started));
             }
+            // A leader that signed two Groups split the round: only it is to blame.
+            let stalled: Vec<NodeId> = match self.equivocated {
+                Some(leader) => stalled.into_iter().filter(|m| *m == leader).collect(),
+                None => stalled,
+            };
             self.sit_outs
                 .record(outcome.round, &outcome.group, &stalled);
             self.finish(outcome);
@@ -975,6 +1063,8 @@ impl Averager {
         self.state = State::Idle;
         self.followed = None;
         self.passed_on.clear();
+        self.shown_our_group.clear();
+        self.equivocated = None;
         self.early_parts.clear();
         self.recheck = false;
         self.last_finished = Some(outcome.round);

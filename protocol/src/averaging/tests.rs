@@ -516,9 +516,19 @@ fn group_from_a_non_leader_or_with_other_len_is_rejected_and_ignored() {
         round: 1,
         members: vec![id(A), id(C)]
     }));
-    // A later, different Group for the same round is ignored: the first one wins.
-    c.handle_message(ms(13), id(A), group(1, 1, vec![id(A), id(B), id(C)]));
+    // A later Group of another leader, or the same again, changes nothing:
+    // the first one wins.
+    c.handle_message(ms(13), id(B), group(1, 1, vec![id(B), id(C)]));
+    c.handle_message(ms(13), id(A), group(1, 1, vec![id(A), id(C)]));
     assert!(events(&mut c).is_empty());
+    // A different one its leader signed too proves the leader split the
+    // round: it sits out from the next round, and the group stays.
+    c.handle_message(ms(14), id(A), group(1, 1, vec![id(A), id(B), id(C)]));
+    let evs = events(&mut c);
+    assert_eq!(rejections(&evs).len(), 1, "{evs:?}");
+    assert!(rejections(&evs)[0].contains("signed two different Groups"));
+    assert!(c.sit_outs.sits_out(id(A), 2));
+    assert_eq!(c.in_flight(), Some(1));
 }
 
 #[test]
@@ -2459,6 +2469,15 @@ fn rounds_rewriting(
     rounds: std::ops::RangeInclusive<u64>,
     rewrite: impl Fn(usize, Transmit) -> Option<Transmit>,
 ) -> Vec<Vec<RoundOutcome>> {
+    rounds_rewriting_into(nodes, rounds, |i, t| rewrite(i, t).into_iter().collect())
+}
+
+/// [`rounds_rewriting`] where one transmit may become several.
+fn rounds_rewriting_into(
+    nodes: &mut [Averager],
+    rounds: std::ops::RangeInclusive<u64>,
+    rewrite: impl Fn(usize, Transmit) -> Vec<Transmit>,
+) -> Vec<Vec<RoundOutcome>> {
     let mut outcomes = vec![Vec::new(); nodes.len()];
     let mut now = ms(0);
     for round in rounds {
@@ -2473,7 +2492,7 @@ fn rounds_rewriting(
                     pending.extend(
                         transmits(n)
                             .into_iter()
-                            .filter_map(|t| rewrite(i, t))
+                            .flat_map(|t| rewrite(i, t))
                             .map(|t| (i, t)),
                     );
                     outcomes[i].extend(finished(&events(n)));
@@ -2491,6 +2510,33 @@ fn rounds_rewriting(
         now += ms(1_000);
     }
     outcomes
+}
+
+#[test]
+fn a_leader_that_signs_two_groups_sits_out_instead_of_the_members_it_split() {
+    // A (the smallest id) tells B the group is [A, B, C] and C that it is
+    // [A, C]. B waits for C in vain and used to strike it every round, so
+    // after two rounds B benched C while A stayed in. C shows B the Group it
+    // follows when B's Part reaches it, and B sees A signed both.
+    let mut nodes = swarm(&[A, B, C], &cfg());
+    let split = |i: usize, t: Transmit| match t.msg {
+        AvgMessage::Group { round, len, .. } if i == 0 => vec![
+            Transmit {
+                to: Destination::Peer(id(B)),
+                msg: t.msg,
+            },
+            Transmit {
+                to: Destination::Peer(id(C)),
+                msg: group(round, len, vec![id(A), id(C)]),
+            },
+        ],
+        _ => vec![t],
+    };
+    rounds_rewriting_into(&mut nodes, 1..=3, split);
+    let b = &nodes[1];
+    assert!(b.sitting_out(4).contains(&id(A)), "{:?}", b.sitting_out(4));
+    assert!(!b.sitting_out(4).contains(&id(C)), "B benches C");
+    assert!(b.sit_outs.sits_out(id(A), 2), "not at once");
 }
 
 #[test]

@@ -4,6 +4,7 @@ use super::codec::{FrameCodec, DIRECT_PROTOCOL};
 use super::dial_guard::{check_dialed_peer, NoSelfDial};
 use super::inbound_budget::InboundBudget;
 use super::nat::MembersOnly;
+use super::per_ip::PerIpLimit;
 use super::{NetConfig, NetError};
 use libp2p::{
     autonat, connection_limits, dcutr, gossipsub, identify,
@@ -45,6 +46,8 @@ fn connection_limits() -> connection_limits::ConnectionLimits {
 pub(super) struct Behaviour {
     /// Refuses connections beyond [`connection_limits`].
     pub limits: connection_limits::Behaviour,
+    /// Refuses inbound connections beyond a few dozen from one address.
+    pub per_ip: PerIpLimit,
     pub identify: identify::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
@@ -122,6 +125,9 @@ pub(super) fn build_swarm(
                 .heartbeat_interval(Duration::from_millis(500))
                 .max_transmit_size(MAX_GOSSIP_BYTES)
                 .validation_mode(gossipsub::ValidationMode::Strict)
+                // Passed on only once the event loop accepts it (a member's,
+                // sealed with the swarm secret where there is one).
+                .validate_messages()
                 .flood_publish(true)
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -153,6 +159,7 @@ pub(super) fn build_swarm(
             });
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(connection_limits()),
+                per_ip: PerIpLimit::default(),
                 identify: identify::Behaviour::new(
                     identify::Config::new(PROTOCOL_VERSION.to_string(), key.public())
                         // A relay reservation is a new address: tell peers at once.

@@ -9,8 +9,10 @@
 mod behaviour;
 pub mod codec;
 mod dial_guard;
+mod early;
 pub mod inbound_budget;
 pub mod nat;
+mod per_ip;
 pub mod secret;
 pub mod send_queue;
 pub mod udp_buffers;
@@ -331,6 +333,7 @@ impl Network {
             members: HashSet::new(),
             candidates: HashSet::new(),
             proven: HashSet::new(),
+            early: early::EarlyMessages::default(),
             in_flight: HashMap::new(),
             queues: SendQueues::default(),
             last_bootstrap: None,
@@ -394,6 +397,8 @@ struct EventLoop {
     candidates: HashSet<PeerId>,
     /// With a swarm secret: peers whose membership proof checked out.
     proven: HashSet<PeerId>,
+    /// Direct messages from peers not admitted yet (see [`early`]).
+    early: early::EarlyMessages<PeerId, (Vec<u8>, Option<inbound_budget::Held>)>,
     /// Direct messages awaiting their acknowledgement, kept to retry them
     /// (at most [`send_queue::MAX_IN_FLIGHT`] per peer).
     in_flight: HashMap<request_response::OutboundRequestId, Outbound>,
@@ -440,6 +445,10 @@ impl EventLoop {
                 _ = housekeeping.tick() => {
                     self.close_superseded_relayed();
                     self.unstick_queues();
+                    let dropped = self.early.expire(tokio::time::Instant::now());
+                    if dropped > 0 {
+                        debug!(dropped, "direct messages of peers never admitted dropped");
+                    }
                 }
                 event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
                 command = self.commands.recv() => match command {
@@ -486,7 +495,11 @@ impl EventLoop {
     /// Asks relays for reservations while AutoNAT says we are private and
     /// we hold fewer than we want.
     fn reserve_relays(&mut self) {
-        for (relay, addr) in self.relays.wanted() {
+        let members = &self.members;
+        let wanted = self
+            .relays
+            .wanted(std::time::Instant::now(), |p| members.contains(p));
+        for (relay, addr) in wanted {
             match self.swarm.listen_on(addr.clone()) {
                 Ok(id) => {
                     info!(%relay, %addr, "not reachable directly; asking a relay for a reservation");
@@ -632,7 +645,28 @@ impl EventLoop {
             info!(%peer, "member joined");
             self.relay_members.insert(peer);
             self.emit(NetEvent::PeerJoined(peer)).await;
+            // What it sent before it was admitted, after the driver knows it.
+            for (bytes, held) in self.early.take(&peer) {
+                self.received(peer, bytes, held);
+            }
         }
+    }
+
+    /// Tells a direct message's sender it arrived (and is not to be sent again).
+    fn acknowledge(&mut self, channel: request_response::ResponseChannel<Vec<u8>>) {
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .direct
+            .send_response(channel, Vec::new());
+    }
+
+    /// Counts and forwards a member's direct message.
+    fn received(&mut self, from: PeerId, bytes: Vec<u8>, held: Option<inbound_budget::Held>) {
+        self.stats
+            .bytes_received
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.emit_message(from, bytes, held);
     }
 
     /// Forwards a membership or address event to the driver. These are few
@@ -644,19 +678,58 @@ impl EventLoop {
         }
     }
 
-    /// Forwards a peer's message, dropping it if the driver is behind, so a
-    /// flooding peer cannot stall the swarm's event loop.
-    fn emit_message(&mut self, from: PeerId, bytes: Vec<u8>, held: Option<inbound_budget::Held>) {
-        let bytes = match &self.key {
-            Some(key) => match key.open(bytes) {
-                Some(b) => b,
-                None => {
-                    warn!(peer = %from, "message without a valid swarm-secret MAC dropped");
-                    return;
-                }
-            },
-            None => bytes,
+    /// Hands a gossip message to the driver if it is a member's (and, with a
+    /// swarm secret, sealed with it); says whether gossipsub may pass it on.
+    fn take_gossip(&mut self, message: gossipsub::Message) -> gossipsub::MessageAcceptance {
+        let Some(from) = message.source else {
+            return gossipsub::MessageAcceptance::Reject; // unsigned: refused already
         };
+        if !self.members.contains(&from) {
+            // Not passed on, but its forwarder is not blamed: the source may
+            // be a member whose subscription has not reached us yet.
+            debug!(peer = %from, "gossip from a non-member ignored");
+            return gossipsub::MessageAcceptance::Ignore;
+        }
+        self.stats
+            .bytes_received
+            .fetch_add(message.data.len() as u64, Ordering::Relaxed);
+        match self.open_sealed(from, message.data) {
+            Some(bytes) => {
+                self.forward_to_driver(from, bytes, None);
+                gossipsub::MessageAcceptance::Accept
+            }
+            None => gossipsub::MessageAcceptance::Reject,
+        }
+    }
+
+    /// `bytes` without the swarm secret's MAC, if it checks out (as they
+    /// are without a secret).
+    fn open_sealed(&self, from: PeerId, bytes: Vec<u8>) -> Option<Vec<u8>> {
+        let Some(key) = &self.key else {
+            return Some(bytes);
+        };
+        let opened = key.open(bytes);
+        if opened.is_none() {
+            warn!(peer = %from, "message without a valid swarm-secret MAC dropped");
+        }
+        opened
+    }
+
+    /// Forwards a peer's message, dropping it if it fails its MAC or the
+    /// driver is behind, so a flooding peer cannot stall the swarm's event loop.
+    fn emit_message(&mut self, from: PeerId, bytes: Vec<u8>, held: Option<inbound_budget::Held>) {
+        if let Some(bytes) = self.open_sealed(from, bytes) {
+            self.forward_to_driver(from, bytes, held);
+        }
+    }
+
+    /// Hands a message on to the driver, or drops it if the driver is behind.
+    fn forward_to_driver(
+        &mut self,
+        from: PeerId,
+        bytes: Vec<u8>,
+        held: Option<inbound_budget::Held>,
+    ) {
         if let Err(e) = self
             .events
             .try_send(NetEvent::Message { from, bytes, held })
@@ -755,6 +828,7 @@ impl EventLoop {
                     self.relays.peer_gone(&peer_id);
                     self.candidates.remove(&peer_id);
                     self.proven.remove(&peer_id);
+                    self.early.forget(&peer_id);
                     if self.members.remove(&peer_id) {
                         self.relay_members.remove(&peer_id);
                         info!(peer = %peer_id, "member left");
@@ -767,7 +841,11 @@ impl EventLoop {
                 reason,
                 ..
             } => {
-                if let Some(relay) = self.relays.listener_closed(listener_id) {
+                let now = std::time::Instant::now();
+                if let Some(relay) = self
+                    .relays
+                    .listener_closed(listener_id, reason.is_err(), now)
+                {
                     match reason {
                         Ok(()) => info!(%relay, "relay reservation closed"),
                         Err(e) => {
@@ -807,23 +885,25 @@ impl EventLoop {
                 if topic == self.topic.hash() =>
             {
                 self.candidates.remove(&peer_id);
+                self.early.forget(&peer_id);
                 if self.members.remove(&peer_id) {
                     self.relay_members.remove(&peer_id);
                     self.emit(NetEvent::PeerLeft(peer_id)).await;
                 }
             }
-            BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
-                let Some(from) = message.source else {
-                    return;
-                };
-                if !self.members.contains(&from) {
-                    debug!(peer = %from, "gossip from a non-member ignored");
-                    return;
-                }
-                self.stats
-                    .bytes_received
-                    .fetch_add(message.data.len() as u64, Ordering::Relaxed);
-                self.emit_message(from, message.data, None);
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                // Gossipsub forwards a message to the rest of its mesh only
+                // once we accept it: an outsider's (or a forged one) goes no
+                // further than us.
+                let verdict = self.take_gossip(message);
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, verdict);
             }
             BehaviourEvent::Direct(request_response::Event::Message {
                 peer,
@@ -833,40 +913,44 @@ impl EventLoop {
                     },
                 ..
             }) => {
-                // Acknowledge receipt; the protocol's own messages carry meaning.
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .direct
-                    .send_response(channel, Vec::new());
-                if let Some(key) = &self.key {
+                // Acknowledged only once it is taken (the protocol's own
+                // messages carry meaning); one not acknowledged fails at its
+                // sender, which tries again.
+                let proof = self.key.as_ref().and_then(|key| {
                     let me = self.swarm.local_peer_id().to_bytes();
-                    match key.check_membership_proof(&request.bytes, &peer.to_bytes(), &me) {
-                        Some(true) => {
-                            self.proven.insert(peer);
-                            if self.candidates.contains(&peer) {
-                                self.admit(peer).await;
-                            }
-                            return;
-                        }
-                        Some(false) => {
-                            warn!(%peer, "membership proof does not check out: the peer lacks the swarm secret");
-                            return;
-                        }
-                        None => {}
+                    key.check_membership_proof(&request.bytes, &peer.to_bytes(), &me)
+                });
+                if let Some(valid) = proof {
+                    self.acknowledge(channel);
+                    if !valid {
+                        warn!(%peer, "membership proof does not check out: the peer lacks the swarm secret");
+                        return;
                     }
-                }
-                if !self.members.contains(&peer) {
-                    debug!(%peer, "direct message from a non-member ignored");
+                    self.proven.insert(peer);
+                    if self.candidates.contains(&peer) {
+                        self.admit(peer).await;
+                    }
                     return;
                 }
-                self.stats
-                    .bytes_received
-                    .fetch_add(request.bytes.len() as u64, Ordering::Relaxed);
                 // The transport handed the only reference over: no copy.
                 let bytes =
                     Arc::try_unwrap(request.bytes).unwrap_or_else(|shared| (*shared).clone());
-                self.emit_message(peer, bytes, request.held);
+                if self.members.contains(&peer) {
+                    self.acknowledge(channel);
+                    self.received(peer, bytes, request.held);
+                    return;
+                }
+                // It may have overtaken what makes its sender a member.
+                let now = tokio::time::Instant::now();
+                if self
+                    .early
+                    .keep(peer, bytes.len(), (bytes, request.held), now)
+                {
+                    self.acknowledge(channel);
+                    debug!(%peer, "direct message from a peer not admitted yet kept");
+                } else {
+                    debug!(%peer, "direct message from a non-member refused");
+                }
             }
             BehaviourEvent::Direct(request_response::Event::Message {
                 message: request_response::Message::Response { request_id, .. },
@@ -984,6 +1068,7 @@ impl EventLoop {
                 renewal: false,
                 ..
             }) => {
+                self.relays.accepted(&relay_peer_id);
                 info!(relay = %relay_peer_id, "relay reservation accepted; reachable through it");
             }
             BehaviourEvent::Dcutr(dcutr::Event {

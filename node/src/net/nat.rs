@@ -15,10 +15,21 @@ use libp2p::{
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Relays a node behind a NAT reserves on at once: one more than needed, so
 /// losing a relay does not cut the node off while it finds another.
 pub const MAX_RESERVATIONS: usize = 2;
+
+/// How long a relay that refused (or ended) a reservation is not asked
+/// again, doubling with each refusal up to [`MAX_REFUSED_BACKOFF`]: a relay
+/// that serves only its own swarm, or is full, refuses every time, and
+/// asking it again first would keep the node on it for good.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest a refusing relay is passed over.
+const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(600);
+/// Refusing relays remembered at once.
+const MAX_REFUSING: usize = 256;
 
 /// What AutoNAT last concluded about this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -41,6 +52,9 @@ pub struct RelayState {
     relays: HashMap<PeerId, Multiaddr>,
     /// Reservations asked for or held: relay → the circuit listener.
     reservations: HashMap<PeerId, ListenerId>,
+    /// Relays whose last reservation failed: refusals in a row, and until
+    /// when they are passed over.
+    refusing: HashMap<PeerId, (u32, Instant)>,
 }
 
 impl RelayState {
@@ -74,9 +88,16 @@ impl RelayState {
         self.relays.remove(peer);
     }
 
-    /// The circuit listeners to open now: `(relay, address to listen on)`,
-    /// while we are private and hold fewer than [`MAX_RESERVATIONS`].
-    pub fn wanted(&self) -> Vec<(PeerId, Multiaddr)> {
+    /// The circuit listeners to open at `now`: `(relay, address to listen
+    /// on)`, while we are private and hold fewer than [`MAX_RESERVATIONS`].
+    /// Relays that are members of our swarm (`is_member`) come first (a
+    /// relay of another swarm serves only its own), and relays that refused
+    /// lately are passed over.
+    pub fn wanted(
+        &self,
+        now: Instant,
+        is_member: impl Fn(&PeerId) -> bool,
+    ) -> Vec<(PeerId, Multiaddr)> {
         if self.reachability != Reachability::Private {
             return Vec::new();
         }
@@ -85,9 +106,14 @@ impl RelayState {
             .relays
             .iter()
             .filter(|(peer, _)| !self.reservations.contains_key(peer))
+            .filter(|(peer, _)| {
+                self.refusing
+                    .get(peer)
+                    .is_none_or(|(_, until)| now >= *until)
+            })
             .collect();
         // Deterministic choice, so tests and logs are reproducible.
-        candidates.sort_by_key(|(peer, _)| **peer);
+        candidates.sort_by_key(|(peer, _)| (!is_member(peer), **peer));
         candidates
             .into_iter()
             .take(room)
@@ -100,16 +126,41 @@ impl RelayState {
         self.reservations.insert(relay, listener);
     }
 
-    /// A listener closed (the relay refused, expired or left): the relay's
-    /// slot is free to ask again or to take another relay. Returns the relay.
-    pub fn listener_closed(&mut self, listener: ListenerId) -> Option<PeerId> {
+    /// A listener closed at `now` (the relay refused, expired or left;
+    /// `failed` unless it closed cleanly): the slot is free to take another
+    /// relay, and a relay that failed is passed over for a while (see
+    /// [`REFUSED_BACKOFF`]). Returns the relay.
+    pub fn listener_closed(
+        &mut self,
+        listener: ListenerId,
+        failed: bool,
+        now: Instant,
+    ) -> Option<PeerId> {
         let relay = self
             .reservations
             .iter()
             .find(|(_, id)| **id == listener)
             .map(|(peer, _)| *peer)?;
         self.reservations.remove(&relay);
+        if failed {
+            if self.refusing.len() >= MAX_REFUSING {
+                self.refusing.retain(|_, (_, until)| *until > now);
+            }
+            if self.refusing.len() < MAX_REFUSING || self.refusing.contains_key(&relay) {
+                let times = self.refusing.get(&relay).map_or(0, |(t, _)| *t);
+                let backoff = REFUSED_BACKOFF
+                    .saturating_mul(1 << times.min(16))
+                    .min(MAX_REFUSED_BACKOFF);
+                self.refusing
+                    .insert(relay, (times.saturating_add(1), now + backoff));
+            }
+        }
         Some(relay)
+    }
+
+    /// `relay` accepted our reservation: its earlier refusals are forgotten.
+    pub fn accepted(&mut self, relay: &PeerId) {
+        self.refusing.remove(relay);
     }
 
     /// Relays we hold or are asking for a reservation on.
@@ -251,12 +302,14 @@ mod tests {
                 addr(&format!("/ip4/10.0.0.{i}/udp/4001/quic-v1/p2p/{r}")),
             );
         }
+        let now = Instant::now();
+        let no_members = |_: &PeerId| false;
         assert!(
-            s.wanted().is_empty(),
+            s.wanted(now, no_members).is_empty(),
             "unknown reachability reserves nothing"
         );
         s.set_reachability(Reachability::Private);
-        let wanted = s.wanted();
+        let wanted = s.wanted(now, no_members);
         assert_eq!(wanted.len(), MAX_RESERVATIONS);
         for (relay, a) in &wanted {
             assert!(is_relayed(a));
@@ -274,12 +327,53 @@ mod tests {
             s.reserving(*relay, id);
             ids.push(id);
         }
-        assert!(s.wanted().is_empty(), "full: nothing more to ask");
-        // A refused or expired reservation frees its slot for the third relay.
-        assert_eq!(s.listener_closed(ids[0]), Some(wanted[0].0));
-        let next = s.wanted();
+        assert!(
+            s.wanted(now, no_members).is_empty(),
+            "full: nothing more to ask"
+        );
+        // An expired reservation frees its slot for the third relay.
+        assert_eq!(s.listener_closed(ids[0], false, now), Some(wanted[0].0));
+        let next = s.wanted(now, no_members);
         assert_eq!(next.len(), 1);
         assert!(!s.reserved_on().contains(&next[0].0));
+    }
+
+    #[test]
+    fn a_refusing_relay_is_passed_over_and_members_come_first() {
+        let mut s = RelayState::default();
+        let mut relays: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+        relays.sort();
+        for (i, r) in relays.iter().enumerate() {
+            s.relay_seen(*r, addr(&format!("/ip4/10.0.0.{i}/udp/4001/quic-v1")));
+        }
+        s.set_reachability(Reachability::Private);
+        let now = Instant::now();
+        let chosen = |s: &RelayState, at: Instant, member: Option<PeerId>| {
+            s.wanted(at, |p| Some(*p) == member)
+                .into_iter()
+                .map(|(r, _)| r)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(chosen(&s, now, None), relays[..2]);
+        // The member relay first, whatever its id.
+        assert_eq!(chosen(&s, now, Some(relays[2])), [relays[2], relays[0]]);
+        // The lowest refuses: the next ask goes to the third, not to it again.
+        let (first, second) = (ListenerId::next(), ListenerId::next());
+        s.reserving(relays[0], first);
+        s.reserving(relays[1], second);
+        assert_eq!(s.listener_closed(first, true, now), Some(relays[0]));
+        assert_eq!(chosen(&s, now, None), [relays[2]]);
+        // After its backoff it is asked again; refusing again doubles it.
+        assert_eq!(chosen(&s, now + REFUSED_BACKOFF, None), [relays[0]]);
+        let again = ListenerId::next();
+        s.reserving(relays[0], again);
+        s.listener_closed(again, true, now + REFUSED_BACKOFF);
+        let later = now + REFUSED_BACKOFF * 2;
+        assert_eq!(chosen(&s, later, None), [relays[2]]);
+        assert_eq!(chosen(&s, now + REFUSED_BACKOFF * 3, None), [relays[0]]);
+        // Once it accepts, its refusals are forgotten.
+        s.accepted(&relays[0]);
+        assert_eq!(chosen(&s, now, None), [relays[0]]);
     }
 
     #[test]
@@ -291,8 +385,9 @@ mod tests {
             addr(&format!("/ip4/10.0.0.9/udp/1/quic-v1/p2p/{r}/p2p-circuit")),
         );
         s.set_reachability(Reachability::Private);
+        let now = Instant::now();
         assert!(
-            s.wanted().is_empty(),
+            s.wanted(now, |_| false).is_empty(),
             "a relay reached through a relay is no help"
         );
         s.relay_seen(r, addr("/ip4/10.0.0.1/udp/4001/quic-v1"));
@@ -300,10 +395,13 @@ mod tests {
         s.reserving(r, id);
         assert_eq!(s.set_reachability(Reachability::Public), vec![id]);
         assert!(s.reserved_on().is_empty());
-        assert!(s.wanted().is_empty());
+        assert!(s.wanted(now, |_| false).is_empty());
         s.peer_gone(&r);
         s.set_reachability(Reachability::Private);
-        assert!(s.wanted().is_empty(), "a departed relay is not asked");
+        assert!(
+            s.wanted(now, |_| false).is_empty(),
+            "a departed relay is not asked"
+        );
     }
 
     #[test]

@@ -458,7 +458,47 @@ pub fn save_state(
             warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint");
         }
     }
+    remove_stale_temporaries(dir, std::time::SystemTime::now());
     Ok(path)
+}
+
+/// How old a checkpoint's temporary file must be to count as left by a
+/// process killed mid-write: no honest write takes this long, so a slow one
+/// of another process sharing the directory is never taken from under it
+/// (and its process id may be another machine's, on shared storage).
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
+/// Deletes checkpoint temporaries (`.ckpt-r….bin.<pid>.tmp`) older than
+/// [`STALE_TEMPORARY`] from `dir`: a process killed while writing leaves one
+/// of a whole checkpoint's size, which nothing else would ever remove.
+fn remove_stale_temporaries(dir: &Path, now: std::time::SystemTime) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(".ckpt-r") && name.ends_with(".tmp")) {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .and_then(|m| m.modified().ok())
+            .and_then(|at| now.duration_since(at).ok())
+            .is_some_and(|age| age >= STALE_TEMPORARY);
+        if stale {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    warn!(path = %entry.path().display(), "removed a checkpoint half-written by a process that was killed")
+                }
+                Err(e) => {
+                    warn!(path = %entry.path().display(), error = %e, "cannot delete a stale checkpoint temporary")
+                }
+            }
+        }
+    }
 }
 
 /// Creates `dir` (and its parents) unless it exists, naming a file in its
@@ -742,6 +782,34 @@ mod tests {
         assert_eq!(c.params, vec![5.0; 100]);
         // Only the newest KEEP survive.
         assert_eq!(list(dir.path()).unwrap().len(), KEEP);
+    }
+
+    #[test]
+    fn temporaries_of_writers_killed_long_ago_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join(".ckpt-r00000001-abcd.bin.4242.tmp");
+        let fresh = dir.path().join(".ckpt-r00000002-abcd.bin.4243.tmp");
+        let other = dir.path().join(".notes.tmp");
+        for f in [&old, &fresh, &other] {
+            std::fs::write(f, b"half a checkpoint").unwrap();
+        }
+        let hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
+        for f in [&old, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(hours_ago)
+                .unwrap();
+        }
+        let p = vec![1.0f32; 4];
+        save(dir.path(), &meta(3, &p), &p).unwrap();
+        assert!(!old.exists(), "a stale temporary was left");
+        assert!(
+            fresh.exists(),
+            "a write that may still be going on was removed"
+        );
+        assert!(other.exists(), "a file that is no checkpoint's was removed");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::warn;
 
 /// The file name of a node's records inside its run directory.
@@ -31,7 +31,8 @@ pub enum Record {
         loss: Option<f32>,
         /// Samples trained on so far by this node.
         samples: u64,
-        /// Seconds since the node started.
+        /// Seconds the node has run, over all its runs into this record
+        /// (a resumed node goes on from its last record's time).
         time_s: f64,
     },
     /// The model was evaluated on held-out data.
@@ -44,9 +45,18 @@ pub enum Record {
         loss: Option<f32>,
         /// Held-out accuracy, for classifiers.
         accuracy: Option<f32>,
-        /// Seconds since the node started.
+        /// Seconds the node has run, as for a round.
         time_s: f64,
     },
+}
+
+impl Record {
+    /// When it was written, in seconds the node had run.
+    pub fn time_s(&self) -> f64 {
+        match self {
+            Record::Round { time_s, .. } | Record::Eval { time_s, .. } => *time_s,
+        }
+    }
 }
 
 /// Why run records could not be written or read.
@@ -114,12 +124,17 @@ impl RunRecorder {
         // Every line must read back, or `plot` fails on the file later (a
         // run's record is a line per round, cheap to read at start); then
         // the next record must start a line of its own.
-        let (_, end) = scan_records(&path)?;
+        let (records, end) = scan_records(&path)?;
         end_cleanly(&path, &file, end)?;
+        // A resumed node's times go on from its last record's, so they
+        // never run backwards through the file (time-to-accuracy reads them).
+        let before = records.iter().map(Record::time_s).fold(0.0, f64::max);
+        let before = Duration::try_from_secs_f64(before).unwrap_or_default();
+        let now = Instant::now();
         Ok(RunRecorder {
             path,
             file,
-            start: Instant::now(),
+            start: now.checked_sub(before).unwrap_or(now),
             failed: false,
             stopped: false,
         })
@@ -584,6 +599,26 @@ mod tests {
         rec.record(&round(3, 1.0)).unwrap();
         assert_eq!(rounds(&read_records(&path).unwrap()), [1, 2, 3]);
         assert!(!std::fs::read_to_string(&path).unwrap().contains("\"st{"));
+    }
+
+    #[test]
+    fn a_resumed_nodes_times_go_on_from_its_last_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        // A node that had run 100 s when it was killed.
+        let line = |round: u64, time_s: f64| {
+            format!("{{\"kind\":\"round\",\"round\":{round},\"step\":{round},\"loss\":1.0,\"samples\":1,\"time_s\":{time_s}}}\n")
+        };
+        std::fs::write(&path, line(1, 40.0) + &line(2, 100.0)).unwrap();
+        let mut rec = RunRecorder::create(dir.path()).unwrap();
+        rec.record(&round(3, 1.0)).unwrap();
+        let times: Vec<f64> = read_records(&path)
+            .unwrap()
+            .iter()
+            .map(Record::time_s)
+            .collect();
+        assert_eq!(times.len(), 3);
+        assert!((100.0..110.0).contains(&times[2]), "{times:?}");
     }
 
     #[test]

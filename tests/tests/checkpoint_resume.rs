@@ -67,10 +67,14 @@ fn killed_node_resumes_from_last_good_checkpoint() {
     assert!(out.status.success(), "resume failed: {stderr}");
     let mut rounds = Vec::new();
     let mut finished = None;
+    let mut rate = 0.0;
     for line in BufReader::new(&out.stdout[..]).lines() {
         let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
         match v["event"].as_str() {
-            Some("round") => rounds.push(v["round"].as_u64().unwrap()),
+            Some("round") => {
+                rounds.push(v["round"].as_u64().unwrap());
+                rate = v["samples_per_s"].as_f64().unwrap();
+            }
             Some("finished") => finished = Some(v),
             _ => {}
         }
@@ -82,6 +86,14 @@ fn killed_node_resumes_from_last_good_checkpoint() {
     );
     let finished = finished.expect("a finished event");
     assert_eq!(finished["steps"].as_u64().unwrap(), target_steps);
+    // Throughput counts this run's 30 steps over this run's training time,
+    // not the checkpoint's samples too.
+    let trained = rate * finished["training_s"].as_f64().unwrap();
+    let expected = finished["samples"].as_f64().unwrap() * 30.0 / target_steps as f64;
+    assert!(
+        (trained - expected).abs() < 0.01 * expected,
+        "samples/s x training time = {trained}, trained this run: {expected}"
+    );
     assert!(
         stderr.contains("skipping checkpoint"),
         "the damaged file was not reported: {stderr}"

@@ -345,3 +345,78 @@ fn a_group_its_leader_withholds_from_a_member_is_passed_on() {
         assert!(*secs < 4.0, "round {round} took {secs} s: {rounds:?}");
     }
 }
+
+/// Two nodes start together and plan an epoch budget for the two of them;
+/// a third starts while they stall before their first round (a busy
+/// machine), sees all three and plans for three. All three average round
+/// 1 together, and must end at the same round on one model: the first
+/// round's group sets the plan. (Each used to keep its own plan: the two
+/// trained a round longer than the third, and the models differed.)
+#[test]
+fn nodes_that_planned_epochs_for_different_swarm_sizes_end_together() {
+    let swarm = format!("epochs-{}", std::process::id());
+    let (tx, rx) = mpsc::channel();
+    let spawn = |i: usize, min_peers: &str, extra: &[&str], boot: Option<&str>, tx: Events| {
+        let mut a = vec!["--swarm", swarm.as_str(), "--min-peers", min_peers];
+        // 0.3 of 10,000 images in batches of 64: 24 steps each for two
+        // peers (3 rounds), 16 for three (2 rounds).
+        a.extend([
+            "--epochs",
+            "0.3",
+            "--batch-size",
+            "64",
+            "--average-every",
+            "10",
+        ]);
+        a.extend(["--join-window-secs", "10", "--linger-secs", "2"]);
+        a.extend(extra);
+        if let Some(b) = boot {
+            a.extend(["--bootstrap", b]);
+        }
+        spawn_node(i, &a, tx)
+    };
+    let stall = ["--misbehave", "lag:1:6"];
+    let mut nodes = Nodes(vec![spawn(0, "2", &stall, None, tx.clone())]);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let boot = bootstrap_address(&rx, deadline);
+    nodes.0.push(spawn(1, "2", &stall, Some(&boot), tx.clone()));
+    let mut planned = [None, None, None];
+    while planned[..2].iter().any(Option::is_none) {
+        let (i, v) = next_event(&rx, deadline);
+        if v["event"] == "started" {
+            planned[i] = v["total_steps"].as_u64();
+        }
+    }
+    nodes.0.push(spawn(2, "3", &[], Some(&boot), tx.clone()));
+    let mut finished: [Option<serde_json::Value>; 3] = [None, None, None];
+    let mut first_group = 0;
+    while finished.iter().any(Option::is_none) {
+        let (i, v) = next_event(&rx, deadline);
+        match v["event"].as_str() {
+            Some("started") => planned[i] = v["total_steps"].as_u64(),
+            Some("round") if v["round"] == 1 => first_group = v["peers"].as_u64().unwrap(),
+            Some("finished") => finished[i] = Some(v),
+            _ => {}
+        }
+    }
+    for (i, c) in nodes.0.iter_mut().enumerate() {
+        assert!(c.wait().unwrap().success(), "node {i} failed");
+    }
+    assert_eq!(
+        planned,
+        [Some(24), Some(24), Some(16)],
+        "the plans did differ"
+    );
+    assert_eq!(
+        first_group, 3,
+        "the third node missed round 1: {finished:?}"
+    );
+    for f in finished.iter().map(|f| f.as_ref().unwrap()) {
+        assert_eq!(f["rounds"], 2, "{f}");
+        assert_eq!(
+            f["model_digest"],
+            finished[0].as_ref().unwrap()["model_digest"],
+            "models differ: {finished:?}"
+        );
+    }
+}

@@ -80,6 +80,16 @@ impl Schedule {
             }
         }
     }
+
+    /// The run length every member of round 1's group of `group` peers
+    /// takes under an epoch budget (see [`Schedule::total_steps`]), so that
+    /// members that planned for different swarm sizes (each counted the
+    /// peers it saw when it started) end together; `None` otherwise (a step
+    /// budget, a later round, or a round averaged alone).
+    pub fn first_group_plan(&self, round: u64, group: usize, train_samples: usize) -> Option<u64> {
+        let epochs = matches!(self.budget, Budget::Epochs(_));
+        (epochs && round == 1 && group > 1).then(|| self.total_steps(group, train_samples))
+    }
 }
 
 /// Round deadlines for real networks.
@@ -244,7 +254,8 @@ pub struct RoundReport {
     pub loss: f32,
     /// Samples trained on so far by this node.
     pub samples: u64,
-    /// Local training throughput over the run so far.
+    /// Local training throughput since this node started (a resumed
+    /// node's earlier samples and time are not in it).
     pub samples_per_s: f64,
     /// Payload bytes this node has sent so far.
     pub bytes_sent: u64,
@@ -685,6 +696,9 @@ impl Driver {
             info!(round, step, ?optim_time, "resumed from checkpoint");
         }
         let mut train_time = Duration::ZERO;
+        // What a resumed node had trained before: not part of this run's
+        // training time, so not of its throughput.
+        let samples_before = samples;
         let mut last_loss = f32::NAN;
         let mut complete_rounds = 0u64;
         let mut averaging_total = 0.0f64;
@@ -815,6 +829,26 @@ impl Driver {
             complete_rounds += u64::from(complete);
             let group = outcome.group.len();
             let dropped = outcome.dropped.len();
+            // Members that started moments apart planned an epoch budget for
+            // the peers each saw then; the first round's group is one count
+            // they all share, so they end at the same round. (Before the
+            // state is served: a joiner takes the run length from it.)
+            if let Some(plan) =
+                config
+                    .schedule
+                    .first_group_plan(round, group, compute.num_train_samples)
+            {
+                if plan != total_steps {
+                    info!(
+                        group,
+                        from = total_steps,
+                        to = plan,
+                        "run length planned for the first round's group"
+                    );
+                    total_steps = plan;
+                    self.total_steps = plan;
+                }
+            }
             // The served state's manifest hashes the model anyway; DiLoCo
             // serves more than the model, so its model is hashed apart. The
             // compute thread takes the new model in while the state to serve
@@ -848,7 +882,8 @@ impl Driver {
                 peers: group,
                 loss: last_loss,
                 samples,
-                samples_per_s: samples as f64 / train_time.as_secs_f64().max(1e-9),
+                samples_per_s: samples.saturating_sub(samples_before) as f64
+                    / train_time.as_secs_f64().max(1e-9),
                 bytes_sent: self.net.stats().sent(),
                 dropped,
                 averaging_s,
@@ -1368,5 +1403,37 @@ impl Driver {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_budget_is_planned_again_for_the_first_rounds_group() {
+        let schedule = |budget| Schedule {
+            budget,
+            average_every: 10,
+            samples_per_step: 100,
+            eval_every: 0,
+        };
+        let epochs = schedule(Budget::Epochs(2.0));
+        // Started alone it planned 2 epochs of 6,000 samples by itself; the
+        // first round's group of three takes a third each, as a node that
+        // saw all three at its start planned.
+        assert_eq!(epochs.total_steps(1, 6_000), 120);
+        assert_eq!(epochs.first_group_plan(1, 3, 6_000), Some(40));
+        assert_eq!(
+            epochs.first_group_plan(1, 3, 6_000),
+            Some(epochs.total_steps(3, 6_000))
+        );
+        // Not for a round averaged alone, a later round, or a step budget.
+        assert_eq!(epochs.first_group_plan(1, 1, 6_000), None);
+        assert_eq!(epochs.first_group_plan(2, 3, 6_000), None);
+        assert_eq!(
+            schedule(Budget::Steps(50)).first_group_plan(1, 3, 6_000),
+            None
+        );
     }
 }

@@ -280,27 +280,30 @@ pub struct RoundReport {
 pub struct FinalReport {
     /// This node's peer id.
     pub peer_id: String,
-    /// Averaging rounds taken.
+    /// Averaging rounds of the run, those before a resume included.
     pub rounds: u64,
-    /// Local steps taken.
+    /// Local steps of the run, those before a resume included.
     pub steps: u64,
-    /// Samples trained on by this node.
+    /// Samples trained on by this node, those before a resume included.
     pub samples: u64,
     /// Held-out accuracy of the final (averaged) model, for classifiers.
     pub test_accuracy: Option<f32>,
     /// Held-out loss of the final model.
     #[serde(deserialize_with = "nan_from_null")]
     pub test_loss: f32,
-    /// Mean training loss of the last round.
+    /// Mean training loss of the last round this node trained (`null` when
+    /// it trained none: resumed at the run's end).
     #[serde(deserialize_with = "nan_from_null")]
     pub final_loss: f32,
-    /// Seconds from start to the end of evaluation.
+    /// Seconds from this node's start (this time, after a resume) to the
+    /// end of evaluation; so are the times and counts below.
     pub wall_s: f64,
     /// Payload bytes this node sent.
     pub bytes_sent: u64,
     /// blake3 of the final parameters, hex; equal on peers holding the same model.
     pub model_digest: String,
-    /// Rounds in which every member of the group contributed to every part.
+    /// Rounds since this node started in which every member of the group
+    /// contributed to every part.
     pub complete_rounds: u64,
     /// Seconds spent in averaging rounds (matchmaking, all-reduce, waiting for peers).
     pub averaging_s: f64,

@@ -54,7 +54,7 @@ enum Command {
     SetParams(Vec<f32>, Reply<Result<(), TaskError>>),
     SetShard(Shard, Reply<()>),
     NextTrainTokens(Reply<Result<Vec<u32>, TaskError>>),
-    SkipMicroBatches(u64, Reply<()>),
+    SkipMicroBatches(u64, Reply<u64>),
     EvalTokens(Reply<Vec<Vec<u32>>>),
     OptimState(Reply<Option<OptimState>>),
     SetOptimState(OptimState, Reply<Result<(), TaskError>>),
@@ -180,7 +180,7 @@ impl StageCompute {
 
     /// Moves the first stage's window order on by `count` micro-batches
     /// (see `StageTask::skip_micro_batches`).
-    pub async fn skip_micro_batches(&self, count: u64) -> Result<(), ComputeGone> {
+    pub async fn skip_micro_batches(&self, count: u64) -> Result<u64, ComputeGone> {
         self.call(|r| Command::SkipMicroBatches(count, r)).await
     }
 
@@ -236,8 +236,7 @@ fn serve(mut task: Box<dyn StageTask>, commands: std_mpsc::Receiver<Command>, pe
                 let _ = reply.send(task.next_train_tokens());
             }
             Command::SkipMicroBatches(count, reply) => {
-                task.skip_micro_batches(count);
-                let _ = reply.send(());
+                let _ = reply.send(task.skip_micro_batches(count));
             }
             Command::EvalTokens(reply) => {
                 let _ = reply.send(task.eval_tokens());

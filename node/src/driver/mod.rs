@@ -81,14 +81,23 @@ impl Schedule {
         }
     }
 
-    /// The run length every member of round 1's group of `group` peers
-    /// takes under an epoch budget (see [`Schedule::total_steps`]), so that
-    /// members that planned for different swarm sizes (each counted the
-    /// peers it saw when it started) end together; `None` otherwise (a step
-    /// budget, a later round, or a round averaged alone).
-    pub fn first_group_plan(&self, round: u64, group: usize, train_samples: usize) -> Option<u64> {
+    /// The run length a node that planned an epoch budget for `planned`
+    /// peers (those it saw when it started) takes after averaging round 1
+    /// in a group of `group` (see [`Schedule::total_steps`]): the plan for
+    /// the group where that is larger, so that members that started moments
+    /// apart, and saw fewer peers than came, end together with those that
+    /// saw them all. `None` otherwise: a step budget, a later round, or a
+    /// group no larger than planned for (a peer left out of round 1, or a
+    /// swarm beyond the group size limit, keeps the plan every node made).
+    pub fn first_group_plan(
+        &self,
+        round: u64,
+        group: usize,
+        planned: usize,
+        train_samples: usize,
+    ) -> Option<u64> {
         let epochs = matches!(self.budget, Budget::Epochs(_));
-        (epochs && round == 1 && group > 1).then(|| self.total_steps(group, train_samples))
+        (epochs && round == 1 && group > planned).then(|| self.total_steps(group, train_samples))
     }
 }
 
@@ -839,7 +848,7 @@ impl Driver {
             if let Some(plan) =
                 config
                     .schedule
-                    .first_group_plan(round, group, compute.num_train_samples)
+                    .first_group_plan(round, group, peers, compute.num_train_samples)
             {
                 if plan != total_steps {
                     info!(
@@ -1426,16 +1435,20 @@ mod tests {
         // first round's group of three takes a third each, as a node that
         // saw all three at its start planned.
         assert_eq!(epochs.total_steps(1, 6_000), 120);
-        assert_eq!(epochs.first_group_plan(1, 3, 6_000), Some(40));
+        assert_eq!(epochs.first_group_plan(1, 3, 1, 6_000), Some(40));
         assert_eq!(
-            epochs.first_group_plan(1, 3, 6_000),
+            epochs.first_group_plan(1, 3, 2, 6_000),
             Some(epochs.total_steps(3, 6_000))
         );
-        // Not for a round averaged alone, a later round, or a step budget.
-        assert_eq!(epochs.first_group_plan(1, 1, 6_000), None);
-        assert_eq!(epochs.first_group_plan(2, 3, 6_000), None);
+        // Not for a group no larger than planned for (a peer left out of
+        // round 1, or groups capped below the swarm's size: every node
+        // planned alike), a later round, or a step budget.
+        assert_eq!(epochs.first_group_plan(1, 3, 3, 6_000), None);
+        assert_eq!(epochs.first_group_plan(1, 2, 3, 6_000), None);
+        assert_eq!(epochs.first_group_plan(1, 1, 1, 6_000), None);
+        assert_eq!(epochs.first_group_plan(2, 3, 1, 6_000), None);
         assert_eq!(
-            schedule(Budget::Steps(50)).first_group_plan(1, 3, 6_000),
+            schedule(Budget::Steps(50)).first_group_plan(1, 3, 1, 6_000),
             None
         );
     }

@@ -1370,15 +1370,6 @@ impl Driver {
         let (config, pcfg, compute, resume) = (run.config, run.pcfg, run.compute, run.resume);
         let replicas = self.swarm_ids();
         self.set_window_shard(config, compute).await?;
-        // Go on where this node's passes over its shard stood (exactly so
-        // where the shard is the one it had; elsewhere as good a start as
-        // any), not at the start of its shard again.
-        let skipped = resume
-            .filter(|r| r.from_checkpoint)
-            .map_or(0, |r| r.step.saturating_mul(pcfg.micro_batches as u64));
-        if skipped > 0 {
-            self.pump(compute.skip_micro_batches(skipped)).await??;
-        }
         let total_steps = resume.and_then(|r| r.total_steps).unwrap_or_else(|| {
             config
                 .schedule
@@ -1431,6 +1422,19 @@ impl Driver {
             );
             (start, round) = (step, r);
             self.pipe.step = start;
+        }
+        // Go on where this node's passes over its shard stood (exactly so
+        // where the shard is the one it had; elsewhere as good a start as
+        // any), not at the start of its shard again. Replicas restarted
+        // together have heard each other by now: the shard is the one the
+        // run goes on with, so no reshard at its first round undoes this.
+        let mut skipped = 0;
+        if let Some(r) = resume.filter(|r| r.from_checkpoint) {
+            if self.members_changed {
+                self.set_window_shard(config, compute).await?;
+            }
+            let drawn = r.step.saturating_mul(pcfg.micro_batches as u64);
+            skipped = self.pump(compute.skip_micro_batches(drawn)).await??;
         }
         info!(total_steps, start, initial_bpc = ?initial_bpc, "pipeline training starts");
         let mut outcome = StageOutcome {

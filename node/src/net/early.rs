@@ -6,7 +6,9 @@
 //! loses them for good (the sender does not send them again), so a node's
 //! first state request or `Join` went unanswered. They are kept instead,
 //! a few per peer and briefly, and handed on in order when the peer is
-//! admitted; what does not fit is not acknowledged, so its sender retries.
+//! admitted; what does not fit now is not acknowledged, so its sender
+//! retries, and what could never fit (more than a peer's whole allowance)
+//! is dropped as before.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -21,6 +23,18 @@ const PER_PEER_BYTES: usize = 1 << 20;
 const MAX_PEERS: usize = 64;
 /// How long a peer that never becomes a member has its messages kept.
 pub const KEEP_FOR: Duration = Duration::from_secs(10);
+
+/// What became of a message offered to [`EarlyMessages::keep`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Kept until its sender is admitted.
+    Kept,
+    /// No room now: not to be acknowledged, so its sender tries again.
+    NoRoom,
+    /// Larger than a peer's whole allowance: dropped (sending it again would
+    /// not help).
+    TooLarge,
+}
 
 /// Messages of type `M` from peers `K` not admitted yet.
 #[derive(Debug)]
@@ -45,11 +59,13 @@ impl<K: Hash + Eq + Copy, M> Default for EarlyMessages<K, M> {
 }
 
 impl<K: Hash + Eq + Copy, M> EarlyMessages<K, M> {
-    /// Keeps `message` (`bytes` long) from `peer`; `false` when it does not
-    /// fit (then it is not to be acknowledged).
-    pub fn keep(&mut self, peer: K, bytes: usize, message: M, now: Instant) -> bool {
+    /// Keeps `message` (`bytes` long) from `peer` if it fits.
+    pub fn keep(&mut self, peer: K, bytes: usize, message: M, now: Instant) -> Keep {
+        if bytes > PER_PEER_BYTES {
+            return Keep::TooLarge;
+        }
         if !self.by_peer.contains_key(&peer) && self.by_peer.len() >= MAX_PEERS {
-            return false;
+            return Keep::NoRoom;
         }
         let kept = self.by_peer.entry(peer).or_insert_with(|| Kept {
             since: now,
@@ -61,10 +77,12 @@ impl<K: Hash + Eq + Copy, M> EarlyMessages<K, M> {
         if fits {
             kept.bytes += bytes;
             kept.messages.push_back(message);
-        } else if kept.messages.is_empty() {
+            return Keep::Kept;
+        }
+        if kept.messages.is_empty() {
             self.by_peer.remove(&peer);
         }
-        fits
+        Keep::NoRoom
     }
 
     /// `peer`'s messages, oldest first (it was admitted); none are kept after.
@@ -103,9 +121,9 @@ mod tests {
     fn messages_come_back_in_order_and_only_once() {
         let now = Instant::now();
         let mut early = EarlyMessages::default();
-        assert!(early.keep(1u8, 10, "first", now));
-        assert!(early.keep(2u8, 10, "other", now));
-        assert!(early.keep(1u8, 10, "second", now));
+        assert_eq!(early.keep(1u8, 10, "first", now), Keep::Kept);
+        assert_eq!(early.keep(2u8, 10, "other", now), Keep::Kept);
+        assert_eq!(early.keep(1u8, 10, "second", now), Keep::Kept);
         assert_eq!(early.take(&1), ["first", "second"]);
         assert!(early.take(&1).is_empty());
         assert_eq!(early.forget(&2), 1);
@@ -117,33 +135,33 @@ mod tests {
         let now = Instant::now();
         let mut early = EarlyMessages::default();
         for i in 0..PER_PEER_MESSAGES {
-            assert!(early.keep(0u32, 1, i, now));
+            assert_eq!(early.keep(0u32, 1, i, now), Keep::Kept);
         }
-        assert!(!early.keep(0u32, 1, 99, now), "one more than the count");
-        assert!(early.keep(1u32, PER_PEER_BYTES, 0, now));
-        assert!(!early.keep(1u32, 1, 1, now), "one byte more than the bytes");
-        assert!(
-            !early.keep(2u32, PER_PEER_BYTES + 1, 0, now),
-            "too large alone"
-        );
+        assert_eq!(early.keep(0u32, 1, 99, now), Keep::NoRoom, "count");
+        assert_eq!(early.keep(1u32, PER_PEER_BYTES, 0, now), Keep::Kept);
+        assert_eq!(early.keep(1u32, 1, 1, now), Keep::NoRoom, "one byte over");
+        let huge = PER_PEER_BYTES + 1;
+        assert_eq!(early.keep(2u32, huge, 0, now), Keep::TooLarge);
         for peer in 2..MAX_PEERS as u32 {
-            assert!(early.keep(peer, 1, 0, now));
+            assert_eq!(early.keep(peer, 1, 0, now), Keep::Kept);
         }
-        assert!(
-            !early.keep(MAX_PEERS as u32, 1, 0, now),
+        let extra = MAX_PEERS as u32;
+        assert_eq!(
+            early.keep(extra, 1, 0, now),
+            Keep::NoRoom,
             "one peer too many"
         );
         assert_eq!(early.take(&0).len(), PER_PEER_MESSAGES);
-        assert!(early.keep(MAX_PEERS as u32, 1, 0, now), "room again");
+        assert_eq!(early.keep(extra, 1, 0, now), Keep::Kept, "room again");
     }
 
     #[test]
     fn peers_never_admitted_have_their_messages_dropped() {
         let start = Instant::now();
         let mut early = EarlyMessages::default();
-        assert!(early.keep(1u8, 1, (), start));
-        assert!(early.keep(2u8, 1, (), start + KEEP_FOR / 2));
-        assert!(early.keep(1u8, 1, (), start + KEEP_FOR / 2));
+        assert_eq!(early.keep(1u8, 1, (), start), Keep::Kept);
+        assert_eq!(early.keep(2u8, 1, (), start + KEEP_FOR / 2), Keep::Kept);
+        assert_eq!(early.keep(1u8, 1, (), start + KEEP_FOR / 2), Keep::Kept);
         assert_eq!(early.expire(start + KEEP_FOR - Duration::from_millis(1)), 0);
         assert_eq!(early.expire(start + KEEP_FOR), 2, "peer 1's two");
         assert!(early.take(&1).is_empty());

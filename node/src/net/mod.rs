@@ -644,6 +644,7 @@ impl EventLoop {
         if self.members.insert(peer) {
             info!(%peer, "member joined");
             self.relay_members.insert(peer);
+            self.relays.forget_refusals(&peer);
             self.emit(NetEvent::PeerJoined(peer)).await;
             // What it sent before it was admitted, after the driver knows it.
             for (bytes, held) in self.early.take(&peer) {
@@ -942,14 +943,21 @@ impl EventLoop {
                 }
                 // It may have overtaken what makes its sender a member.
                 let now = tokio::time::Instant::now();
-                if self
+                match self
                     .early
                     .keep(peer, bytes.len(), (bytes, request.held), now)
                 {
-                    self.acknowledge(channel);
-                    debug!(%peer, "direct message from a peer not admitted yet kept");
-                } else {
-                    debug!(%peer, "direct message from a non-member refused");
+                    early::Keep::Kept => {
+                        self.acknowledge(channel);
+                        debug!(%peer, "direct message from a peer not admitted yet kept");
+                    }
+                    early::Keep::TooLarge => {
+                        self.acknowledge(channel);
+                        debug!(%peer, "large direct message from a non-member dropped");
+                    }
+                    early::Keep::NoRoom => {
+                        debug!(%peer, "direct message from a non-member refused for now")
+                    }
                 }
             }
             BehaviourEvent::Direct(request_response::Event::Message {
@@ -1068,7 +1076,7 @@ impl EventLoop {
                 renewal: false,
                 ..
             }) => {
-                self.relays.accepted(&relay_peer_id);
+                self.relays.forget_refusals(&relay_peer_id);
                 info!(relay = %relay_peer_id, "relay reservation accepted; reachable through it");
             }
             BehaviourEvent::Dcutr(dcutr::Event {

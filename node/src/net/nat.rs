@@ -21,13 +21,15 @@ use std::time::{Duration, Instant};
 /// losing a relay does not cut the node off while it finds another.
 pub const MAX_RESERVATIONS: usize = 2;
 
-/// How long a relay that refused (or ended) a reservation is not asked
-/// again, doubling with each refusal up to [`MAX_REFUSED_BACKOFF`]: a relay
-/// that serves only its own swarm, or is full, refuses every time, and
-/// asking it again first would keep the node on it for good.
+/// How long a relay that refused (or ended) a reservation comes after the
+/// other relays, doubling with each refusal up to [`MAX_REFUSED_BACKOFF`]:
+/// a relay that serves only its own swarm, or is full, refuses every time,
+/// and asking it first again would keep the node on it for good. With no
+/// other relay to ask it is still asked (a refusal may be passing: a relay
+/// of our swarm refuses until it has admitted us).
 const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
-/// The longest a refusing relay is passed over.
-const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(600);
+/// The longest a refusing relay comes last.
+const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(300);
 /// Refusing relays remembered at once.
 const MAX_REFUSING: usize = 256;
 
@@ -83,16 +85,18 @@ impl RelayState {
         }
     }
 
-    /// Every connection to `peer` closed: it is no relay of ours any more.
+    /// Every connection to `peer` closed: it is no relay of ours any more
+    /// (should it come back, its refusals are forgotten).
     pub fn peer_gone(&mut self, peer: &PeerId) {
         self.relays.remove(peer);
+        self.refusing.remove(peer);
     }
 
     /// The circuit listeners to open at `now`: `(relay, address to listen
     /// on)`, while we are private and hold fewer than [`MAX_RESERVATIONS`].
     /// Relays that are members of our swarm (`is_member`) come first (a
     /// relay of another swarm serves only its own), and relays that refused
-    /// lately are passed over.
+    /// lately come last.
     pub fn wanted(
         &self,
         now: Instant,
@@ -106,14 +110,14 @@ impl RelayState {
             .relays
             .iter()
             .filter(|(peer, _)| !self.reservations.contains_key(peer))
-            .filter(|(peer, _)| {
-                self.refusing
-                    .get(peer)
-                    .is_none_or(|(_, until)| now >= *until)
-            })
             .collect();
+        let refused_lately = |peer: &PeerId| {
+            self.refusing
+                .get(peer)
+                .is_some_and(|(_, until)| now < *until)
+        };
         // Deterministic choice, so tests and logs are reproducible.
-        candidates.sort_by_key(|(peer, _)| (!is_member(peer), **peer));
+        candidates.sort_by_key(|(peer, _)| (refused_lately(peer), !is_member(peer), **peer));
         candidates
             .into_iter()
             .take(room)
@@ -158,8 +162,10 @@ impl RelayState {
         Some(relay)
     }
 
-    /// `relay` accepted our reservation: its earlier refusals are forgotten.
-    pub fn accepted(&mut self, relay: &PeerId) {
+    /// `relay` accepted our reservation, or became a member of our swarm
+    /// (one that refused us before it had admitted us accepts now): its
+    /// earlier refusals are forgotten.
+    pub fn forget_refusals(&mut self, relay: &PeerId) {
         self.refusing.remove(relay);
     }
 
@@ -363,7 +369,7 @@ mod tests {
         s.reserving(relays[1], second);
         assert_eq!(s.listener_closed(first, true, now), Some(relays[0]));
         assert_eq!(chosen(&s, now, None), [relays[2]]);
-        // After its backoff it is asked again; refusing again doubles it.
+        // After its backoff it is first again; refusing again doubles it.
         assert_eq!(chosen(&s, now + REFUSED_BACKOFF, None), [relays[0]]);
         let again = ListenerId::next();
         s.reserving(relays[0], again);
@@ -371,9 +377,14 @@ mod tests {
         let later = now + REFUSED_BACKOFF * 2;
         assert_eq!(chosen(&s, later, None), [relays[2]]);
         assert_eq!(chosen(&s, now + REFUSED_BACKOFF * 3, None), [relays[0]]);
-        // Once it accepts, its refusals are forgotten.
-        s.accepted(&relays[0]);
-        assert_eq!(chosen(&s, now, None), [relays[0]]);
+        // With no other relay to ask, it is asked all the same.
+        s.peer_gone(&relays[2]);
+        assert_eq!(chosen(&s, later, None), [relays[0]]);
+        // Once it accepts (or joins our swarm), its refusals are forgotten,
+        // as are those of a relay that left and came back.
+        s.relay_seen(relays[2], addr("/ip4/10.0.0.2/udp/4001/quic-v1"));
+        s.forget_refusals(&relays[0]);
+        assert_eq!(chosen(&s, later, None), [relays[0]]);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! cost nothing: one host could open 8 connections under each of 128 fresh
 //! ids and hold every one of the 1,024 inbound slots, so no member could
 //! connect to us any more. Counting by the remote address as well bounds
-//! what one host takes. Loopback (a local testnet's nodes all share it) and
-//! relayed connections (which carry their relay's address, and are bounded by
-//! the relay) are not counted.
+//! what one host takes. IPv6 addresses count by their /64, which one host
+//! usually holds whole. Loopback (a local testnet's nodes all share it) and
+//! relayed connections (which name their source peer, not an address, and
+//! are bounded by the relay) are not counted.
 
 use libp2p::core::{transport::PortUse, ConnectedPoint, Endpoint};
 use libp2p::multiaddr::Protocol;
@@ -75,7 +76,8 @@ impl PerIpTally {
     }
 }
 
-/// The address a connection from `remote` counts against, if any.
+/// The address a connection from `remote` counts against, if any: an
+/// IPv4 address, or an IPv6 address's /64.
 fn counted_ip(remote: &Multiaddr) -> Option<IpAddr> {
     if remote.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
         return None;
@@ -85,7 +87,13 @@ fn counted_ip(remote: &Multiaddr) -> Option<IpAddr> {
         Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
         _ => None,
     })?;
-    (!ip.is_loopback()).then_some(ip)
+    if ip.is_loopback() {
+        return None;
+    }
+    Some(match ip {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & (!0u128 << 64)).into()),
+        v4 => v4,
+    })
 }
 
 /// The behaviour that applies [`MAX_INBOUND_PER_IP`].
@@ -189,15 +197,34 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_host_counts_by_its_64() {
+        let mut tally = PerIpTally::default();
+        let one = addr("/ip6/2001:db8:1:2::7/udp/4001/quic-v1");
+        tally.opened(ConnectionId::new_unchecked(1), &one);
+        let same_64 = addr("/ip6/2001:db8:1:2:ffff::9/udp/4001/quic-v1");
+        assert!(
+            tally.check(&same_64, 1).is_err(),
+            "another address of the /64"
+        );
+        tally
+            .check(&addr("/ip6/2001:db8:1:3::7/udp/4001/quic-v1"), 1)
+            .unwrap();
+    }
+
+    #[test]
     fn loopback_and_relayed_connections_are_not_counted() {
         let mut tally = PerIpTally::default();
-        let relayed = addr(
+        // What libp2p's relay transport reports for an inbound relayed
+        // connection (the source peer), and a circuit address.
+        let relayed = addr("/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN");
+        let circuit = addr(
             "/ip4/203.0.113.7/udp/4001/quic-v1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit",
         );
         for (i, a) in [
             addr("/ip4/127.0.0.1/udp/4001/quic-v1"),
             addr("/ip6/::1/udp/1/quic-v1"),
             relayed,
+            circuit,
         ]
         .iter()
         .enumerate()

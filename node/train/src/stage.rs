@@ -85,8 +85,9 @@ pub trait StageTask: Send + 'static {
     fn next_train_tokens(&mut self) -> Result<Vec<u32>, TaskError>;
     /// First stage: moves the window order on by `count` micro-batches, as
     /// if they had been drawn, so a stage resumed from its checkpoint goes
-    /// on where its passes over its shard stood instead of at their start.
-    fn skip_micro_batches(&mut self, count: u64);
+    /// on where its passes over its shard stood instead of at their start;
+    /// returns the micro-batches moved past (0 without a shard).
+    fn skip_micro_batches(&mut self, count: u64) -> u64;
     /// First stage: the held-out micro-batches, in a fixed order, each as
     /// [`StageTask::next_train_tokens`] lays them out.
     fn eval_tokens(&self) -> Vec<Vec<u32>>;

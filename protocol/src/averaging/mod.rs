@@ -985,7 +985,11 @@ impl Averager {
         }
         // The all-reduce validates each replayed part as if it had just arrived.
         for (from, part, payload) in self.early_parts.take() {
+            let stranger = !ar.has_member(from);
             ar.on_part(from, part, &payload, &mut self.out);
+            if stranger {
+                self.show_our_group(from);
+            }
         }
         // Members that joined a later round while we were matchmaking (the
         // `Group` reached us late) may never say so again.

@@ -2540,6 +2540,29 @@ fn a_leader_that_signs_two_groups_sits_out_instead_of_the_members_it_split() {
 }
 
 #[test]
+fn a_part_from_outside_our_group_that_came_before_it_is_answered_with_our_group() {
+    // B's Part reaches C before C's Group does, and C's Group does not list B.
+    let mut c = node(C, &[A, B, C]);
+    c.start_round(ms(0), 1, vec![1.0; 6]).expect("start");
+    let part = AvgMessage::Part {
+        round: 1,
+        part: 1,
+        payload: Payload::from_f32(&[1.0; 3]),
+    };
+    c.handle_message(ms(1), id(B), part);
+    transmits(&mut c);
+    let ours = group(1, 6, vec![id(A), id(C)]);
+    c.handle_message(ms(2), id(A), ours.clone());
+    assert!(
+        transmits(&mut c).contains(&Transmit {
+            to: Destination::Peer(id(B)),
+            msg: ours
+        }),
+        "B was not shown the Group C follows"
+    );
+}
+
+#[test]
 fn a_reducer_listing_only_itself_gets_no_honest_member_benched() {
     // C averages honestly but claims its parts hold only its own values. It
     // used to make A and B strike each other every round (as members missing

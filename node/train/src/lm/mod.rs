@@ -347,9 +347,12 @@ impl<B: AutodiffBackend> StageTask for CharLmStage<B> {
         Ok(tokens)
     }
 
-    fn skip_micro_batches(&mut self, count: u64) {
-        self.sampler
-            .skip(count.saturating_mul(self.config.micro_batch as u64));
+    fn skip_micro_batches(&mut self, count: u64) -> u64 {
+        let windows = count.saturating_mul(self.config.micro_batch as u64);
+        if self.sampler.skip(windows) == 0 {
+            return 0;
+        }
+        count
     }
 
     fn eval_tokens(&self) -> Vec<Vec<u32>> {

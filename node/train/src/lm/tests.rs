@@ -349,7 +349,7 @@ fn a_first_stage_that_skips_micro_batches_draws_what_comes_after_them() {
     for _ in 0..5 {
         running.next_train_tokens().unwrap();
     }
-    resumed.skip_micro_batches(5);
+    assert_eq!(resumed.skip_micro_batches(5), 5);
     for _ in 0..3 {
         assert_eq!(
             resumed.next_train_tokens().unwrap(),

@@ -245,17 +245,18 @@ impl WindowSampler {
 
     /// Moves the order on by `draws` windows, exactly as that many
     /// [`WindowSampler::next_index`] calls would (a resumed first stage goes
-    /// on where its passes stood). Whole passes past the current one only
-    /// advance the shuffle, without walking their windows.
-    pub fn skip(&mut self, draws: u64) {
+    /// on where its passes stood); returns the draws moved past (0 for an
+    /// empty shard). Whole passes past the current one only advance the
+    /// shuffle, without walking their windows.
+    pub fn skip(&mut self, draws: u64) -> u64 {
         let len = self.shard.len() as u64;
         if len == 0 {
-            return;
+            return 0;
         }
         let left_in_pass = (self.order.len() - self.next) as u64;
         if draws <= left_in_pass {
             self.next += draws as usize;
-            return;
+            return draws;
         }
         let beyond = draws - left_in_pass;
         // Passes begun after the current one; the last of them is kept.
@@ -264,6 +265,7 @@ impl WindowSampler {
             self.shuffle();
         }
         self.next = (beyond - (passes - 1) * len) as usize;
+        draws
     }
 
     /// Starts a new pass: the shard in an order drawn from the sampler's rng.
@@ -425,7 +427,7 @@ mod tests {
             );
         }
         let mut empty = WindowSampler::new(0, 1);
-        empty.skip(10);
+        assert_eq!(empty.skip(10), 0);
         assert!(empty.next_index().is_none());
     }
 }

@@ -2,22 +2,14 @@
 //! steps and take an outer Nesterov step, against per-step averaging.
 
 mod common;
-use common::{binary, bootstrap_address, next_event, spawn_node, Events, Nodes};
+use common::{binary, bootstrap_address, next_event, one_swarm, spawn_node, Events, Nodes};
 use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// The swarms of this file run one at a time: on a small machine, parallel
-/// swarms starve each other's nodes past the round deadlines, and under
-/// DiLoCo a node dropped from a round keeps a model apart from the swarm's
-/// (see README, "Current limits").
-static ONE_SWARM_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_swarm() -> std::sync::MutexGuard<'static, ()> {
-    ONE_SWARM_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+// The swarms of this file run one at a time (`one_swarm`): under DiLoCo a
+// node dropped from a round keeps a model apart from the swarm's (see
+// README, "Current limits").
 
 /// Runs `p2ptrain testnet` on three nodes for 50 local steps with `extra`
 /// flags and returns its JSON summary. A generous join window keeps a node

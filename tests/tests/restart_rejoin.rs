@@ -9,8 +9,9 @@ use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn spawn(i: usize, swarm: &str, extra: &[&str], dir: &Path, tx: Events) -> Child {
-    let key = dir.join(format!("node-{i}.key"));
+/// Starts node `i` (its events tagged `i`) with the key of `identity`.
+fn spawn(i: usize, identity: usize, swarm: &str, extra: &[&str], dir: &Path, tx: Events) -> Child {
+    let key = dir.join(format!("node-{identity}.key"));
     let mut args = vec!["--key", key.to_str().unwrap()];
     args.extend(extra);
     spawn_averaging_node(i, swarm, "2", "600", &args, tx)
@@ -23,7 +24,10 @@ fn a_restarted_peer_resumes_then_downloads_the_swarms_model() {
     let ckpt = ckpt.to_str().unwrap();
     let swarm = format!("restart-{}", std::process::id());
     let (tx, rx) = mpsc::channel();
-    let mut nodes = Nodes(vec![spawn(0, &swarm, &[], dir.path(), tx.clone())]);
+    // Node 0 stalls before its round 13, so the restart (at its round 12)
+    // meets the swarm however long its start takes on a busy machine.
+    let stall = ["--misbehave", "lag:13:10"];
+    let mut nodes = Nodes(vec![spawn(0, 0, &swarm, &stall, dir.path(), tx.clone())]);
     let deadline = Instant::now() + Duration::from_secs(150);
     let boot = bootstrap_address(&rx, deadline);
     let b_args = [
@@ -36,7 +40,7 @@ fn a_restarted_peer_resumes_then_downloads_the_swarms_model() {
     ];
     nodes
         .0
-        .push(spawn(1, &swarm, &b_args, dir.path(), tx.clone()));
+        .push(spawn(1, 1, &swarm, &b_args, dir.path(), tx.clone()));
     let mut killed = false;
     let mut restarted = false;
     let mut synced = None;
@@ -56,7 +60,7 @@ fn a_restarted_peer_resumes_then_downloads_the_swarms_model() {
                 args.extend(["--resume", ckpt]);
                 nodes
                     .0
-                    .push(spawn(2, &swarm, &args, dir.path(), tx.clone()));
+                    .push(spawn(2, 1, &swarm, &args, dir.path(), tx.clone()));
                 restarted = true;
             }
             Some("synced") if i == 2 => synced = Some(v),

@@ -87,6 +87,17 @@ fn a_testnet_stopped_by_sigterm_stops_its_nodes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("testnet starts");
+    // Should an assertion fail first, the testnet still stops its nodes
+    // (a SIGKILL would leave them training).
+    struct StopOnDrop(u32);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.to_string()])
+                .status();
+        }
+    }
+    let _stop = StopOnDrop(testnet.id());
     let stderr = testnet.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let mut training = 0;

@@ -147,3 +147,16 @@ pub fn bootstrap_address(
         }
     }
 }
+
+/// Held by each test of a file whose swarms must run one at a time: on a
+/// small machine (CI has 2 cores) parallel swarms starve each other's nodes
+/// past the round deadlines those tests measure.
+static ONE_SWARM_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits until no other swarm of this test binary holds the lock (a test
+/// that failed holding it leaves it usable).
+pub fn one_swarm() -> std::sync::MutexGuard<'static, ()> {
+    ONE_SWARM_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

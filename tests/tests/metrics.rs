@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 /// The swarm tests share two cores: one swarm at a time.
 static ONE_SWARM: Mutex<()> = Mutex::new(());
 
-/// A port free right now on loopback (the OS picks it).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct ports free right now on loopback (the OS picks them; all
+/// are held until all are picked, so no two are the same).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// A running 3-node swarm whose node i serves metrics on `ports[i]`.
@@ -35,7 +37,7 @@ struct Swarm {
 
 fn start_swarm(name: &str, steps: &str) -> Swarm {
     let swarm = format!("{name}-{}", std::process::id());
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let ports = free_ports(3);
     let (tx, rx) = mpsc::channel();
     let deadline = Instant::now() + Duration::from_secs(240);
     let spawn = |i: usize, boot: Option<&str>| {

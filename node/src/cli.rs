@@ -202,7 +202,8 @@ pub struct TrainArgs {
     /// and downloads the swarm's model ends with the swarm instead.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..), allow_negative_numbers = true)]
     pub steps: Option<u64>,
-    /// Passes over the training set by the whole swarm.
+    /// Passes over the training set by the whole swarm (planned for the peers
+    /// seen at start, or the first round's group where that is larger).
     #[arg(long, default_value_t = 3.0, value_parser = parse_epochs, allow_negative_numbers = true)]
     pub epochs: f64,
     /// Local steps between averaging rounds (`--sync-every` is the same flag, the

@@ -307,6 +307,8 @@ pub async fn run(args: AllreduceArgs) -> anyhow::Result<()> {
     let mut rounds: BTreeMap<u64, BTreeMap<usize, (f64, usize, usize)>> = BTreeMap::new();
     let mut max_err = 0.0f64;
     let mut bytes_sent = BTreeMap::new();
+    // sent_by[node][round] = payload bytes the node had sent when the round ended
+    let mut sent_by: BTreeMap<usize, BTreeMap<u64, u64>> = BTreeMap::new();
     let mut finished = 0usize;
     let mut checked = 0usize;
     let mut ended = 0usize;
@@ -353,6 +355,10 @@ pub async fn run(args: AllreduceArgs) -> anyhow::Result<()> {
                     .entry(r.round)
                     .or_default()
                     .insert(node, (r.averaging_s, r.peers, r.dropped));
+                sent_by
+                    .entry(node)
+                    .or_default()
+                    .insert(r.round, r.bytes_sent);
             }
             Ok(NodeEvent::Finished(f)) => {
                 bytes_sent.insert(node, f.bytes_sent);
@@ -388,6 +394,8 @@ pub async fn run(args: AllreduceArgs) -> anyhow::Result<()> {
     let bytes = args.values as f64 * 4.0;
     let bound_bytes = 2.0 * (args.peers as f64 - 1.0) / args.peers as f64 * bytes;
     let total_sent: u64 = bytes_sent.values().sum();
+    let sent_per_round = sent_per_round_after_the_first(&sent_by)
+        .unwrap_or(total_sent as f64 / (args.peers as f64 * rounds.len().max(1) as f64));
     emit(&json!({
         "bench": "allreduce",
         "impl": "p2ptrain",
@@ -403,11 +411,29 @@ pub async fn run(args: AllreduceArgs) -> anyhow::Result<()> {
         "bytes_f32": bytes,
         "bound_bytes_per_peer": bound_bytes,
         "busbw_mb_s": bound_bytes / s / 1e6,
-        "bytes_sent_per_peer_round": total_sent as f64 / (args.peers as f64 * rounds.len() as f64),
+        "bytes_sent_per_peer_round": sent_per_round,
         "all_rounds_complete": complete,
         "max_abs_err": max_err,
     }));
     Ok(())
+}
+
+/// Payload bytes a node sent per round, mean over nodes, from each node's
+/// counter at the end of its first and last rounds: the first round also
+/// carries the start-up traffic (discovery, state announcements) and the
+/// end the lingering, neither of which is the all-reduce's. `None` where no
+/// node reported two rounds.
+fn sent_per_round_after_the_first(sent_by: &BTreeMap<usize, BTreeMap<u64, u64>>) -> Option<f64> {
+    let per_node: Vec<f64> = sent_by
+        .values()
+        .filter_map(|by_round| {
+            let (first_round, first) = by_round.first_key_value()?;
+            let (last_round, last) = by_round.last_key_value()?;
+            (last_round > first_round)
+                .then(|| last.saturating_sub(*first) as f64 / (last_round - first_round) as f64)
+        })
+        .collect();
+    (!per_node.is_empty()).then(|| per_node.iter().sum::<f64>() / per_node.len() as f64)
 }
 
 #[cfg(test)]
@@ -443,5 +469,18 @@ mod tests {
         off[2999] -= 0.75;
         t.set_params(&off).unwrap();
         assert_eq!(*max_err.lock().unwrap(), 0.75);
+    }
+
+    #[test]
+    fn the_payload_per_round_leaves_the_first_round_out() {
+        let mut sent_by = BTreeMap::new();
+        // Node 0: 5,000 bytes of start-up and round 1, then 1,000 a round.
+        sent_by.insert(0, BTreeMap::from([(1, 5_000), (2, 6_000), (4, 8_000)]));
+        // Node 1: 1,200 a round after its first.
+        sent_by.insert(1, BTreeMap::from([(1, 3_000), (3, 5_400)]));
+        // Node 2 reported one round only: no figure of its own.
+        sent_by.insert(2, BTreeMap::from([(1, 9_999)]));
+        assert_eq!(sent_per_round_after_the_first(&sent_by), Some(1_100.0));
+        assert_eq!(sent_per_round_after_the_first(&BTreeMap::new()), None);
     }
 }

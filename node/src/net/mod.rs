@@ -662,12 +662,36 @@ impl EventLoop {
             .send_response(channel, Vec::new());
     }
 
-    /// Counts and forwards a member's direct message.
-    fn received(&mut self, from: PeerId, bytes: Vec<u8>, held: Option<inbound_budget::Held>) {
+    /// Counts a member's message (direct or gossiped) and forwards it to
+    /// the driver, dropping it if it fails the swarm secret's MAC or the
+    /// driver is behind (so a flooding peer cannot stall the swarm's event
+    /// loop); `false` where the MAC failed.
+    fn received(
+        &mut self,
+        from: PeerId,
+        bytes: Vec<u8>,
+        held: Option<inbound_budget::Held>,
+    ) -> bool {
         self.stats
             .bytes_received
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        self.emit_message(from, bytes, held);
+        let bytes = match &self.key {
+            Some(key) => match key.open(bytes) {
+                Some(b) => b,
+                None => {
+                    warn!(peer = %from, "message without a valid swarm-secret MAC dropped");
+                    return false;
+                }
+            },
+            None => bytes,
+        };
+        if let Err(e) = self
+            .events
+            .try_send(NetEvent::Message { from, bytes, held })
+        {
+            warn!(peer = %from, error = %e, "driver busy; inbound message dropped");
+        }
+        true
     }
 
     /// Forwards a membership or address event to the driver. These are few
@@ -691,51 +715,10 @@ impl EventLoop {
             debug!(peer = %from, "gossip from a non-member ignored");
             return gossipsub::MessageAcceptance::Ignore;
         }
-        self.stats
-            .bytes_received
-            .fetch_add(message.data.len() as u64, Ordering::Relaxed);
-        match self.open_sealed(from, message.data) {
-            Some(bytes) => {
-                self.forward_to_driver(from, bytes, None);
-                gossipsub::MessageAcceptance::Accept
-            }
-            None => gossipsub::MessageAcceptance::Reject,
-        }
-    }
-
-    /// `bytes` without the swarm secret's MAC, if it checks out (as they
-    /// are without a secret).
-    fn open_sealed(&self, from: PeerId, bytes: Vec<u8>) -> Option<Vec<u8>> {
-        let Some(key) = &self.key else {
-            return Some(bytes);
-        };
-        let opened = key.open(bytes);
-        if opened.is_none() {
-            warn!(peer = %from, "message without a valid swarm-secret MAC dropped");
-        }
-        opened
-    }
-
-    /// Forwards a peer's message, dropping it if it fails its MAC or the
-    /// driver is behind, so a flooding peer cannot stall the swarm's event loop.
-    fn emit_message(&mut self, from: PeerId, bytes: Vec<u8>, held: Option<inbound_budget::Held>) {
-        if let Some(bytes) = self.open_sealed(from, bytes) {
-            self.forward_to_driver(from, bytes, held);
-        }
-    }
-
-    /// Hands a message on to the driver, or drops it if the driver is behind.
-    fn forward_to_driver(
-        &mut self,
-        from: PeerId,
-        bytes: Vec<u8>,
-        held: Option<inbound_budget::Held>,
-    ) {
-        if let Err(e) = self
-            .events
-            .try_send(NetEvent::Message { from, bytes, held })
-        {
-            warn!(peer = %from, error = %e, "driver busy; inbound message dropped");
+        if self.received(from, message.data, None) {
+            gossipsub::MessageAcceptance::Accept
+        } else {
+            gossipsub::MessageAcceptance::Reject
         }
     }
 

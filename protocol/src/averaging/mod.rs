@@ -162,6 +162,25 @@ struct LedGroup {
     resent: BTreeMap<NodeId, Duration>,
 }
 
+/// Whether `peer` may be sent an answer again at `now`, at most once per
+/// `every` (recorded in `sent` if so): a peer repeating a cheap request must
+/// not turn it into as many answers from us.
+fn answer_again(
+    sent: &mut BTreeMap<NodeId, Duration>,
+    peer: NodeId,
+    now: Duration,
+    every: Duration,
+) -> bool {
+    if sent
+        .get(&peer)
+        .is_some_and(|&t| now < t.saturating_add(every))
+    {
+        return false;
+    }
+    sent.insert(peer, now);
+    true
+}
+
 /// One peer's averaging state machine. See the module docs for the protocol.
 #[derive(Debug)]
 pub struct Averager {
@@ -608,12 +627,7 @@ impl Averager {
         // two of its Joins arrive close together).
         let every = self.config.join_retry() / 2;
         if let Some(led) = self.led.as_mut().filter(|led| led.round == round) {
-            let recently = led
-                .resent
-                .get(&from)
-                .is_some_and(|&t| now < t.saturating_add(every));
-            if !recently {
-                led.resent.insert(from, now);
+            if answer_again(&mut led.resent, from, now, every) {
                 self.out.send(Destination::Peer(from), led.msg.clone());
             }
         }
@@ -663,11 +677,9 @@ impl Averager {
             return;
         };
         let every = self.config.join_retry();
-        let recently = |t: Duration| now < t.saturating_add(every);
-        if !ar.never_heard_from(from) || self.passed_on.get(&from).is_some_and(|&t| recently(t)) {
+        if !ar.never_heard_from(from) || !answer_again(&mut self.passed_on, from, now, every) {
             return;
         }
-        self.passed_on.insert(from, now);
         self.out.send(Destination::Peer(from), group.clone());
     }
 
@@ -983,21 +995,19 @@ impl Averager {
         for member in unreachable {
             ar.exclude(member, &mut self.out);
         }
-        // The all-reduce validates each replayed part as if it had just arrived.
+        self.state = State::Reducing(Box::new(ar));
+        // Each replayed part is handled as if it had just arrived.
         for (from, part, payload) in self.early_parts.take() {
-            let stranger = !ar.has_member(from);
-            ar.on_part(from, part, &payload, &mut self.out);
-            if stranger {
-                self.show_our_group(from);
-            }
+            self.on_part(from, mm.round, part, &payload);
         }
         // Members that joined a later round while we were matchmaking (the
         // `Group` reached us late) may never say so again.
         let grace = self.moved_on_grace();
-        for member in self.joins.ahead_of(mm.round) {
-            ar.moved_on(member, now, grace, &mut self.out);
+        if let State::Reducing(ar) = &mut self.state {
+            for member in self.joins.ahead_of(mm.round) {
+                ar.moved_on(member, now, grace, &mut self.out);
+            }
         }
-        self.state = State::Reducing(Box::new(ar));
     }
 
     /// Ends a matchmaking that got no `Group` by its give-up time. If a peer

@@ -189,6 +189,16 @@ fn forward_bytes(f: &PipeForward) -> usize {
         .saturating_add(f.tokens.len().saturating_mul(4))
 }
 
+/// Whether micro-batch `f` is for the stage a node holds (`own`; while it
+/// holds none yet, any stage but the first). One for another stage was
+/// meant for the stage the node held before it moved (or is made up), and
+/// running it would join stages that do not follow each other. The
+/// micro-batch names its stage itself: a sender that has just moved is told
+/// apart from one still on its old stage before its new hello arrives.
+fn runs_on(f: &PipeForward, own: Option<u32>) -> bool {
+    f.to_stage != 0 && own.is_none_or(|ours| ours == f.to_stage)
+}
+
 /// The bytes a queued gradient holds.
 fn backward_bytes(b: &PipeBackward) -> usize {
     b.grad.bytes.len()
@@ -288,7 +298,7 @@ impl Inbox {
         // The first stage computes its own activations, and activations for
         // a stage this node does not hold are not its to run: nothing would
         // take either out of the inbox.
-        if !self.takes(&f) {
+        if !runs_on(&f, self.own_stage) {
             debug!(peer = %from, to_stage = f.to_stage, own_stage = ?self.own_stage, "activations for another stage dropped");
             return;
         }
@@ -315,25 +325,12 @@ impl Inbox {
         }
     }
 
-    /// Whether micro-batch `f` is for the stage this node holds (any but the
-    /// first while it holds none yet). One for another stage was meant for
-    /// the stage this node held before it moved (or is made up), and running
-    /// it would join stages that do not follow each other. The micro-batch
-    /// names its stage itself: a sender that has just moved is told apart
-    /// from one still on its old stage before its new hello arrives.
-    fn takes(&self, f: &PipeForward) -> bool {
-        f.to_stage != 0 && self.own_stage.is_none_or(|ours| ours == f.to_stage)
-    }
-
-    /// The next queued micro-batch for our stage (see [`Inbox::takes`]).
+    /// The next queued micro-batch. Only micro-batches that run on our stage
+    /// are queued ([`runs_on`]), and holding another stage drops the rest.
     pub(super) fn next_forward(&mut self) -> Option<(PeerId, PipeForward)> {
-        while let Some((from, f)) = self.forwards.pop_front() {
-            self.queued = self.queued.saturating_sub(forward_bytes(&f));
-            if self.takes(&f) {
-                return Some((from, f));
-            }
-        }
-        None
+        let (from, f) = self.forwards.pop_front()?;
+        self.queued = self.queued.saturating_sub(forward_bytes(&f));
+        Some((from, f))
     }
 
     /// The next queued gradient.
@@ -452,8 +449,7 @@ impl Inbox {
         // hello), a first stage takes no activations and a last one no
         // gradients: left queued, they would fill the bound for good.
         let moved = self.own_stage.is_some_and(|held| held != stage);
-        self.forwards
-            .retain(|(_, f)| f.to_stage == stage && stage != 0);
+        self.forwards.retain(|(_, f)| runs_on(f, Some(stage)));
         if moved || stage.checked_add(1) == Some(self.stages) {
             self.backwards.clear();
         }

@@ -2,18 +2,14 @@
 //! status page that headless Chromium renders with live charts.
 
 mod common;
-use common::{bootstrap_address, next_event, spawn_node, Nodes};
+use common::{bootstrap_address, next_event, one_swarm, spawn_node, Nodes};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::mpsc::{self, Receiver};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// The swarm tests share two cores: one swarm at a time.
-static ONE_SWARM: Mutex<()> = Mutex::new(());
 
 /// `n` distinct ports free right now on loopback (the OS picks them; all
 /// are held until all are picked, so no two are the same).
@@ -155,7 +151,7 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
 
 #[test]
 fn prometheus_text_and_json_describe_the_live_swarm() {
-    let _one = ONE_SWARM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_swarm();
     let swarm = start_swarm("metrics", "300");
     swarm.wait_round(4);
     for (i, port) in swarm.ports.iter().enumerate() {
@@ -283,7 +279,7 @@ fn status_page_shows_peers_and_a_chart_that_updates() {
         );
         return;
     };
-    let _one = ONE_SWARM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = one_swarm();
     let swarm = start_swarm("status-page", "600");
     let first = swarm.wait_round(3);
     let url = format!("http://127.0.0.1:{}/", swarm.ports[0]);

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{binary, next_event, spawn_events, Nodes};
+use common::{binary, next_event, one_swarm, spawn_events, Nodes};
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -232,10 +232,7 @@ fn spawn_in(
 fn train_across_nats(tag: &str, punchable: bool) -> Option<(Vec<serde_json::Value>, Vec<String>)> {
     // One scenario at a time: two 3-node swarms at once on a 2-core machine
     // slow each other down past the timeouts being tested.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _turn = one_swarm();
     if let Some(why) = unavailable(tag) {
         eprintln!("skipped: cannot build NAT namespaces here: {why}");
         return None;

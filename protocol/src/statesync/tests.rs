@@ -9,6 +9,14 @@ fn id(n: u8) -> NodeId {
     NodeId([n; 32])
 }
 
+/// The claim a peer serving `m` announces.
+fn claim_of(m: &Manifest) -> Claim {
+    Claim {
+        round: m.round,
+        root: m.root(),
+    }
+}
+
 fn state(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
 }
@@ -49,10 +57,7 @@ fn run(
 ) {
     let manifest = Manifest::build(7, 100, bytes, chunk);
     let other = Manifest::build(7, 100, &bytes[1..], chunk);
-    let claim = Claim {
-        round: 7,
-        root: manifest.root(),
-    };
+    let claim = claim_of(&manifest);
     let holders: Vec<NodeId> = peers.iter().map(|p| p.0).collect();
     let behaviour: BTreeMap<NodeId, Behaviour> = peers.iter().copied().collect();
     let mut now = Duration::ZERO;
@@ -276,10 +281,7 @@ fn a_manifest_of_the_wrong_size_is_refused() {
 fn answers_nobody_asked_for_are_ignored() {
     let bytes = state(3_000);
     let m = Manifest::build(2, 10, &bytes, 1024);
-    let claim = Claim {
-        round: 2,
-        root: m.root(),
-    };
+    let claim = claim_of(&m);
     let mut d = Download::new(Duration::ZERO, claim, &[id(1)], fast());
     let first = d.poll_action().unwrap();
     assert_eq!(
@@ -307,10 +309,7 @@ fn answers_nobody_asked_for_are_ignored() {
 fn a_download_stays_over_once_its_outcome_is_taken() {
     let bytes = state(1_000);
     let m = Manifest::build(2, 10, &bytes, 1024);
-    let claim = Claim {
-        round: 2,
-        root: m.root(),
-    };
+    let claim = claim_of(&m);
     // No deadline at all (Duration::MAX) must not overflow either.
     let config = DownloadConfig {
         deadline: Duration::MAX,
@@ -345,10 +344,7 @@ fn a_vouched_manifest_whose_chunks_do_not_make_up_its_digest_is_refused() {
     let mut m = Manifest::build(2, 10, &bytes, 1024);
     m.chunks[3][0] ^= 1;
     assert!(m.validate().is_ok(), "sizes are all right");
-    let claim = Claim {
-        round: 2,
-        root: m.root(),
-    };
+    let claim = claim_of(&m);
     let mut d = Download::new(Duration::ZERO, claim, &[id(1)], fast());
     assert!(matches!(
         d.poll_action(),
@@ -371,10 +367,7 @@ fn a_vouched_manifest_whose_chunks_do_not_make_up_its_digest_is_refused() {
 fn a_holder_that_leaves_hands_its_chunks_to_the_others_at_once() {
     let bytes = state(4_000);
     let m = Manifest::build(2, 10, &bytes, 1024);
-    let claim = Claim {
-        round: 2,
-        root: m.root(),
-    };
+    let claim = claim_of(&m);
     let mut d = Download::new(Duration::ZERO, claim, &[id(1), id(2)], fast());
     assert!(matches!(
         d.poll_action(),

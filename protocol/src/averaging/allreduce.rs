@@ -120,11 +120,16 @@ pub(crate) struct AllReduce {
     /// Members whose contributions the round no longer waits for: dropped
     /// for sending invalid data, or moved on to a later round. By member.
     excluded: Vec<bool>,
+    /// Members excluded for what they sent (invalid data, or a `Part` cut
+    /// for another leader's `Group`): unlike members that were only out of
+    /// reach, nothing they send later in the round counts. By member.
+    distrusted: Vec<bool>,
     /// Members that left our live view during the round (also `excluded`):
     /// not waited for, but struck if they had kept the round waiting, so a
     /// member cannot stall a round and then leave and come back to dodge it.
     departed: Vec<bool>,
-    /// Members that sent us a `Part` or a `Reduced` of this round. By member.
+    /// Members that sent us a valid `Part` or `Reduced` of this round (one
+    /// we refused says nothing of whether they took part). By member.
     heard: Vec<bool>,
     /// Answers sent again to members re-sending a `Part` we had reduced.
     reacks: Reacks,
@@ -195,6 +200,7 @@ impl AllReduce {
             aggregation: cfg.aggregation,
             refused: vec![false; parts],
             excluded: vec![false; n],
+            distrusted: vec![false; n],
             departed: vec![false; n],
             heard: vec![false; n],
             reacks: Reacks::default(),
@@ -282,8 +288,8 @@ impl AllReduce {
             out.reject(from, format!("Part for round {round} from a non-member"));
             return;
         };
-        if let Some(flag) = self.heard.get_mut(idx) {
-            *flag = true;
+        if self.distrusted.get(idx).is_some_and(|d| *d) {
+            return; // excluded for what it sent: its later parts do not count either
         }
         let Some(j) = self.part_index("Part", from, part, out) else {
             return;
@@ -302,6 +308,7 @@ impl AllReduce {
         if let Some(Some(msg)) = self.reduced.get(j) {
             // Its `Reduced` was lost: answer again.
             self.reacks.answer(from, part, payload, msg, out);
+            self.heard[idx] = true;
             return;
         }
         if self
@@ -319,6 +326,7 @@ impl AllReduce {
                 return;
             }
         };
+        self.heard[idx] = true;
         if let Some(slot) = self.contributions.get_mut(j).and_then(|s| s.get_mut(idx)) {
             *slot = Some(values);
         }
@@ -351,6 +359,19 @@ impl AllReduce {
         self.exclude(member, out);
     }
 
+    /// `member` sent something no honest member sends in this round: it is
+    /// excluded, and what it sends later in the round is ignored.
+    pub(crate) fn distrust(&mut self, member: NodeId, out: &mut Outbox) {
+        if let Ok(idx) = self.group.binary_search(&member) {
+            if idx != self.me_idx {
+                self.distrusted[idx] = true;
+            }
+        }
+        self.exclude(member, out);
+    }
+
+    /// Stops waiting for `member`'s contributions and for the parts it
+    /// reduces (those without a result stay local).
     pub(crate) fn exclude(&mut self, member: NodeId, out: &mut Outbox) {
         let Ok(idx) = self.group.binary_search(&member) else {
             return;
@@ -474,8 +495,8 @@ impl AllReduce {
             );
             return;
         }
-        if let Some(flag) = self.heard.get_mut(reducer_idx) {
-            *flag = true;
+        if self.distrusted[reducer_idx] {
+            return; // excluded for what it sent: its parts stay local
         }
         if self.results.get(j).is_some_and(Option::is_some) {
             return; // duplicate
@@ -504,6 +525,7 @@ impl AllReduce {
                 return;
             }
         };
+        self.heard[reducer_idx] = true;
         if let Some(slot) = self.outgoing.get_mut(j) {
             *slot = Outgoing::Done; // acknowledged
         }

@@ -507,11 +507,12 @@ impl Averager {
 
     /// Drops `member` from the all-reduce in flight, if it is in its group: the transport saw
     /// it send something invalid (a NaN payload, a bad digest), which no honest member does,
-    /// so its contribution and its reduced part are not waited for. A no-op between rounds.
+    /// so its contribution and its reduced part are not waited for, and nothing it sends later
+    /// in the round counts. A no-op between rounds.
     pub fn exclude_member(&mut self, now: Duration, member: NodeId) {
         self.observe(now);
         if let State::Reducing(ar) = &mut self.state {
-            ar.exclude(member, &mut self.out);
+            ar.distrust(member, &mut self.out);
         }
         self.finish_if_complete(now);
     }
@@ -742,8 +743,9 @@ impl Averager {
         self.sit_outs.forged_group(leader, round);
         self.equivocated = Some(leader);
         if from != leader {
+            // It follows the other `Group`: its parts are cut for that one.
             if let State::Reducing(ar) = &mut self.state {
-                ar.exclude(from, &mut self.out);
+                ar.distrust(from, &mut self.out);
             }
         }
     }

@@ -1455,6 +1455,60 @@ fn an_excluded_member_is_not_waited_for() {
 }
 
 #[test]
+fn a_member_excluded_for_what_it_sent_counts_for_nothing_it_sends_later() {
+    const D: u8 = 4;
+    let ids = [A, B, C, D];
+    let vals = [
+        vec![1.0f32, 2.0, 3.0, 4.0],
+        vec![3.0, 4.0, 5.0, 6.0],
+        vec![90.0, 90.0, 90.0, 90.0],
+        vec![5.0, 6.0, 7.0, 8.0],
+    ];
+    let mut nodes: Vec<Averager> = ids.iter().map(|&m| node(m, &ids)).collect();
+    for (n, v) in nodes.iter_mut().zip(&vals) {
+        n.start_round(ms(0), 3, v.clone()).expect("start");
+    }
+    // C's and D's parts are still on their way when A and B exclude C (as
+    // if something else C sent had failed validation).
+    let (_, held) = pump_holding(&mut nodes, ms(1), |from, t| {
+        from >= 2 && matches!(t.msg, AvgMessage::Part { .. })
+    });
+    assert!(!held.is_empty());
+    for n in &mut nodes[..2] {
+        n.exclude_member(ms(2), id(C));
+    }
+    let mut evs = pump(&mut nodes, ms(2));
+    deliver(&mut nodes, ms(3), held);
+    for (e, more) in evs.iter_mut().zip(pump(&mut nodes, ms(3))) {
+        e.extend(more);
+    }
+    let want = mean(&[&vals[0], &vals[1], &vals[3]]);
+    for (i, e) in evs.iter().enumerate().take(2) {
+        let done = finished(e);
+        assert_eq!(done.len(), 1, "node {i}: {e:?}");
+        let o = &done[0];
+        // C's later parts did not enter the means A and B reduce, and the
+        // part C reduced stays local. (D never excluded C, so C is in D's.)
+        for (j, p) in o.parts.iter().enumerate() {
+            match ids[j % ids.len()] {
+                A | B => {
+                    assert_eq!(p.contributors, vec![id(A), id(B), id(D)], "node {i}");
+                    assert_eq!(
+                        bits(&o.values[p.range.clone()]),
+                        bits(&want[p.range.clone()])
+                    );
+                }
+                C => {
+                    assert!(!p.averaged, "node {i}: {p:?}");
+                    assert_eq!(o.values[p.range.clone()], vals[i][p.range.clone()]);
+                }
+                _ => assert_eq!(p.contributors.len(), 4, "node {i}: {p:?}"),
+            }
+        }
+    }
+}
+
+#[test]
 fn the_reduce_deadline_fits_measured_rounds_when_adaptive() {
     let config = AveragingConfig {
         reduce_timeout: Duration::from_secs(30),
@@ -2020,6 +2074,17 @@ fn a_peer_past_our_round_is_not_waited_for_in_matchmaking() {
 /// stop waiting for it one retry interval later at the latest (its `Reduced`
 /// parts could still have been on the way).
 fn round_that_a_moves_past(nodes: &mut [Averager], round: u64, vals: &[Vec<f32>; 2]) {
+    round_that_a_moves_past_after(nodes, round, vals, &[]);
+}
+
+/// [`round_that_a_moves_past`], A sending `from_a` to B and C once the
+/// group has formed.
+fn round_that_a_moves_past_after(
+    nodes: &mut [Averager],
+    round: u64,
+    vals: &[Vec<f32>; 2],
+    from_a: &[AvgMessage],
+) {
     let at = |ms_in: u64| Duration::from_secs(10 * round) + ms(ms_in);
     for (n, v) in nodes.iter_mut().zip(vals) {
         n.start_round(at(0), round, v.clone()).expect("start");
@@ -2027,6 +2092,9 @@ fn round_that_a_moves_past(nodes: &mut [Averager], round: u64, vals: &[Vec<f32>;
     let grouped = group(round, 3, vec![id(A), id(B), id(C)]);
     for n in nodes.iter_mut() {
         n.handle_message(at(1), id(A), grouped.clone());
+        for msg in from_a {
+            n.handle_message(at(1), id(A), msg.clone());
+        }
     }
     let evs = pump(nodes, at(1));
     assert!(
@@ -2075,6 +2143,19 @@ fn a_member_that_moved_on_without_a_word_is_not_waited_for() {
     for n in &nodes {
         assert_eq!(n.sitting_out(4), vec![id(A)]);
     }
+}
+
+#[test]
+fn a_member_whose_only_part_was_refused_is_still_one_that_sent_nothing() {
+    let mut nodes = late_pair_behind_a();
+    let vals = pair_values();
+    // A part index the round does not have: refused, so it proves nothing.
+    let bogus = AvgMessage::Part {
+        round: 2,
+        part: 99,
+        payload: Payload::encode(&[1.0], Encoding::F32),
+    };
+    round_that_a_moves_past_after(&mut nodes, 2, &vals, &[bogus]);
 }
 
 #[test]

@@ -458,9 +458,7 @@ impl Driver {
             per_peer: PER_PEER,
             deadline: DOWNLOAD_DEADLINE,
             // Under DiLoCo the state is the parameters and the outer momentum.
-            expect_bytes: Some(
-                compute.num_params as u64 * 4 * (1 + u64::from(self.diloco.is_some())),
-            ),
+            expect_bytes: compute.num_params as u64 * 4 * (1 + u64::from(self.diloco.is_some())),
         };
         self.download = Some(Download::new(self.now(), choice.claim, &holders, config));
         let outcome = loop {

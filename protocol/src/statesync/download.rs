@@ -38,20 +38,10 @@ pub struct DownloadConfig {
     pub per_peer: usize,
     /// How long the whole download may take.
     pub deadline: Duration,
-    /// The state's length in bytes, if the caller knows it (a model's parameter
-    /// count times 4): a manifest of another length is refused before any chunk.
-    pub expect_bytes: Option<u64>,
-}
-
-impl Default for DownloadConfig {
-    fn default() -> Self {
-        DownloadConfig {
-            request_timeout: Duration::from_secs(10),
-            per_peer: 2,
-            deadline: Duration::from_secs(120),
-            expect_bytes: None,
-        }
-    }
+    /// The state's length in bytes (a model's parameter count times 4): a
+    /// manifest of another length is refused before any chunk, and nothing
+    /// larger is ever allocated, whatever a manifest says.
+    pub expect_bytes: u64,
 }
 
 /// Why a peer is avoided for the rest of a download.
@@ -247,7 +237,7 @@ impl Download {
         m.validate().is_ok()
             && m.root() == self.claim.root
             && m.round == self.claim.round
-            && self.config.expect_bytes.is_none_or(|b| b == m.total_bytes)
+            && m.total_bytes == self.config.expect_bytes
             && m.check_digests().is_ok()
     }
 

@@ -132,12 +132,13 @@ fn run(
     panic!("download did not end");
 }
 
-fn fast() -> DownloadConfig {
+/// Short limits for a download of `state`.
+fn fast(state: &[u8]) -> DownloadConfig {
     DownloadConfig {
         request_timeout: Duration::from_secs(2),
         per_peer: 2,
         deadline: Duration::from_secs(60),
-        expect_bytes: None,
+        expect_bytes: state.len() as u64,
     }
 }
 
@@ -151,7 +152,7 @@ fn honest_peers_share_the_chunks() {
         (id(2), Behaviour::Honest),
         (id(3), Behaviour::Honest),
     ];
-    let (out, _, took) = run(&bytes, 1024, &peers, fast(), MS);
+    let (out, _, took) = run(&bytes, 1024, &peers, fast(&bytes), MS);
     let got = out.unwrap();
     assert_eq!(got.bytes, bytes);
     assert_eq!(got.manifest.round, 7);
@@ -170,7 +171,7 @@ fn a_corrupt_peer_is_avoided_and_its_chunks_come_from_others() {
         (id(2), Behaviour::Corrupt),
         (id(3), Behaviour::Honest),
     ];
-    let (out, events, _) = run(&bytes, 1024, &peers, fast(), MS);
+    let (out, events, _) = run(&bytes, 1024, &peers, fast(&bytes), MS);
     let got = out.unwrap();
     assert_eq!(got.bytes, bytes);
     assert_eq!(got.avoided.get(&id(2)), Some(&Fault::Corrupt));
@@ -194,7 +195,7 @@ fn a_silent_peer_costs_one_timeout() {
         (id(2), Behaviour::Honest),
         (id(3), Behaviour::Honest),
     ];
-    let (out, _, took) = run(&bytes, 1024, &peers, fast(), MS);
+    let (out, _, took) = run(&bytes, 1024, &peers, fast(&bytes), MS);
     let got = out.unwrap();
     assert_eq!(got.bytes, bytes);
     assert_eq!(got.avoided.get(&id(1)), Some(&Fault::Timeout));
@@ -209,7 +210,7 @@ fn a_silent_peer_costs_one_timeout() {
 fn chunks_a_silent_holder_was_asked_for_are_asked_again_once_each() {
     let bytes = state(10_000);
     let peers = [(id(1), Behaviour::MuteOnChunks), (id(2), Behaviour::Honest)];
-    let (out, _, _) = run(&bytes, 1024, &peers, fast(), MS);
+    let (out, _, _) = run(&bytes, 1024, &peers, fast(&bytes), MS);
     let got = out.unwrap();
     assert_eq!(got.bytes, bytes);
     assert_eq!(got.avoided.get(&id(1)), Some(&Fault::Timeout));
@@ -227,7 +228,7 @@ fn a_wrong_manifest_or_departed_peer_is_skipped() {
         (id(2), Behaviour::Gone),
         (id(3), Behaviour::Honest),
     ];
-    let (out, _, _) = run(&bytes, 1024, &peers, fast(), MS);
+    let (out, _, _) = run(&bytes, 1024, &peers, fast(&bytes), MS);
     let got = out.unwrap();
     assert_eq!(got.bytes, bytes);
     assert_eq!(got.avoided.get(&id(1)), Some(&Fault::BadManifest));
@@ -242,13 +243,13 @@ fn a_wrong_manifest_or_departed_peer_is_skipped() {
 fn no_honest_peer_fails_with_no_peers() {
     let bytes = state(5_000);
     let peers = [(id(1), Behaviour::Corrupt), (id(2), Behaviour::Silent)];
-    let (out, _, took) = run(&bytes, 1024, &peers, fast(), MS);
+    let (out, _, took) = run(&bytes, 1024, &peers, fast(&bytes), MS);
     assert!(
         matches!(out, Err(DownloadError::NoPeers { avoided: 2 })),
         "{out:?}"
     );
     assert!(took < Duration::from_secs(10));
-    let (out, _, _) = run(&bytes, 1024, &[], fast(), MS);
+    let (out, _, _) = run(&bytes, 1024, &[], fast(&bytes), MS);
     assert!(matches!(out, Err(DownloadError::NoPeers { avoided: 0 })));
 }
 
@@ -258,7 +259,7 @@ fn the_deadline_bounds_a_slow_download() {
     let peers = [(id(1), Behaviour::Honest)];
     let config = DownloadConfig {
         deadline: Duration::from_millis(50),
-        ..fast()
+        ..fast(&bytes)
     };
     // 100 ms per answer: the manifest alone misses the 50 ms deadline.
     let (out, _, took) = run(&bytes, 1024, &peers, config, MS * 10);
@@ -270,8 +271,8 @@ fn the_deadline_bounds_a_slow_download() {
 fn a_manifest_of_the_wrong_size_is_refused() {
     let bytes = state(5_000);
     let config = DownloadConfig {
-        expect_bytes: Some(4_000),
-        ..fast()
+        expect_bytes: 4_000,
+        ..fast(&bytes)
     };
     let (out, _, _) = run(&bytes, 1024, &[(id(1), Behaviour::Honest)], config, MS);
     assert!(matches!(out, Err(DownloadError::NoPeers { .. })));
@@ -282,7 +283,7 @@ fn answers_nobody_asked_for_are_ignored() {
     let bytes = state(3_000);
     let m = Manifest::build(2, 10, &bytes, 1024);
     let claim = claim_of(&m);
-    let mut d = Download::new(Duration::ZERO, claim, &[id(1)], fast());
+    let mut d = Download::new(Duration::ZERO, claim, &[id(1)], fast(&bytes));
     let first = d.poll_action().unwrap();
     assert_eq!(
         first,
@@ -314,7 +315,7 @@ fn a_download_stays_over_once_its_outcome_is_taken() {
     let config = DownloadConfig {
         deadline: Duration::MAX,
         request_timeout: Duration::MAX,
-        ..fast()
+        ..fast(&bytes)
     };
     let holders = [id(1), id(2)];
     let mut d = Download::new(MS, claim, &holders, config);
@@ -345,7 +346,7 @@ fn a_vouched_manifest_whose_chunks_do_not_make_up_its_digest_is_refused() {
     m.chunks[3][0] ^= 1;
     assert!(m.validate().is_ok(), "sizes are all right");
     let claim = claim_of(&m);
-    let mut d = Download::new(Duration::ZERO, claim, &[id(1)], fast());
+    let mut d = Download::new(Duration::ZERO, claim, &[id(1)], fast(&bytes));
     assert!(matches!(
         d.poll_action(),
         Some(DownloadAction::RequestManifest { .. })
@@ -368,7 +369,7 @@ fn a_holder_that_leaves_hands_its_chunks_to_the_others_at_once() {
     let bytes = state(4_000);
     let m = Manifest::build(2, 10, &bytes, 1024);
     let claim = claim_of(&m);
-    let mut d = Download::new(Duration::ZERO, claim, &[id(1), id(2)], fast());
+    let mut d = Download::new(Duration::ZERO, claim, &[id(1), id(2)], fast(&bytes));
     assert!(matches!(
         d.poll_action(),
         Some(DownloadAction::RequestManifest { .. })
@@ -397,7 +398,7 @@ fn a_holder_that_leaves_hands_its_chunks_to_the_others_at_once() {
     assert_eq!(got.bytes, bytes);
     assert_eq!(got.avoided.get(&id(2)), Some(&Fault::Left));
     // Well before any request timeout.
-    assert!(fast().request_timeout > MS * 4);
+    assert!(fast(&[]).request_timeout > MS * 4);
 }
 
 #[test]

@@ -15,9 +15,10 @@ use anyhow::{bail, Context};
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
 use p2ptrain_node::driver::{self, Budget, NodeConfig, NodeEvent, Schedule};
+use p2ptrain_node::net::settings::RunSettings;
 use p2ptrain_node::net::NetConfig;
 use p2ptrain_node::task::{validate_params, EvalStats, Shard, StepStats, Task, TaskError};
-use p2ptrain_protocol::averaging::{AveragingConfig, DEFAULT_PART_VALUES};
+use p2ptrain_protocol::averaging::{Aggregation, AveragingConfig, DEFAULT_PART_VALUES};
 use p2ptrain_protocol::tensor::Encoding;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -207,6 +208,13 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
             key: None,
             relay: false,
             misbehave_topic: None,
+            settings: RunSettings::new(
+                &format!("synthetic:{}", args.values),
+                &[0; 32],
+                Aggregation::Mean,
+                &args.compression,
+                None,
+            ),
         },
         min_peers: args.peers,
         wait_for_peers: Duration::from_secs(60),

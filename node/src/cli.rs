@@ -7,6 +7,7 @@ use crate::checkpoint::CheckpointError;
 use crate::compression::Compression;
 use crate::driver::{self, Budget, NodeConfig, NodeEvent, PipelineConfig, Schedule};
 use crate::error_text::error_text;
+use crate::net::settings::RunSettings;
 use crate::net::{peer_id_of, NetConfig};
 use crate::stage_compute::StageFactory;
 use crate::testnet;
@@ -865,6 +866,27 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let mnist = match &text {
+        Some(_) => None,
+        None => Some(load_data(args.train.data.as_ref())?),
+    };
+    let settings = {
+        let (model, data) = match (&text, &mnist) {
+            (Some(text), _) => (
+                format!("{}:{}", args.train.model, args.train.stages),
+                text.fingerprint(),
+            ),
+            (None, Some(mnist)) => (args.train.model.to_string(), mnist.fingerprint()),
+            (None, None) => anyhow::bail!("no training data loaded"),
+        };
+        RunSettings::new(
+            &model,
+            &data,
+            args.train.aggregation,
+            &args.train.compression.to_string(),
+            args.train.outer(),
+        )
+    };
     // A pipeline node resumes its stage; a data-parallel one the whole model.
     let (resume, stage_resume) = match &args.resume {
         Some(dir) => {
@@ -933,6 +955,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             key,
             relay: args.relay,
             misbehave_topic: args.misbehave_topic.clone(),
+            settings,
         },
         min_peers: args.min_peers as usize,
         wait_for_peers: Duration::from_secs(args.wait_peers_secs),
@@ -1003,7 +1026,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         ModelChoice::Mnist(model) => {
             let task = build_mnist_task(TaskSpec {
                 model,
-                data: load_data(args.train.data.as_ref())?,
+                data: mnist.context("MNIST loaded above")?,
                 batch_size: args.train.batch_size as usize,
                 lr: args.train.lr,
                 seed,

@@ -16,9 +16,11 @@ use burn::optim::{GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use p2ptrain_node::driver::{self, Budget, FinalReport, NodeConfig, NodeEvent, Schedule};
+use p2ptrain_node::net::settings::RunSettings;
 use p2ptrain_node::net::NetConfig;
 use p2ptrain_node::task::{validate_params, EvalStats, Shard, StepStats, Task, TaskError};
 use p2ptrain_node::train::params;
+use p2ptrain_protocol::averaging::Aggregation;
 use p2ptrain_protocol::rng::Rng;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +41,15 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// A digest of the samples, which every node of a swarm must share.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("p2ptrain 2026 linear regression problem");
+        for v in self.x.iter().chain(&self.y) {
+            h.update(&v.to_le_bytes());
+        }
+        *h.finalize().as_bytes()
+    }
+
     /// Gaussian features, a fixed true model, Gaussian noise; reproducible from `seed`.
     pub fn synthetic(n: usize, d: usize, noise: f64, seed: u64) -> Problem {
         let mut rng = Rng::new(seed);
@@ -241,6 +252,13 @@ pub async fn run_swarm(
     lr: f64,
 ) -> anyhow::Result<Outcome> {
     let swarm = format!("linreg-{}", std::process::id());
+    let settings = RunSettings::new(
+        &format!("linreg:{}", problem.d),
+        &problem.digest(),
+        Aggregation::Mean,
+        "f32",
+        None,
+    );
     let config = |bootstrap: Vec<libp2p::Multiaddr>| NodeConfig {
         net: NetConfig {
             swarm: swarm.clone(),
@@ -251,6 +269,7 @@ pub async fn run_swarm(
             key: None,
             relay: false,
             misbehave_topic: None,
+            settings: settings.clone(),
         },
         min_peers: nodes,
         wait_for_peers: Duration::from_secs(60),

@@ -353,7 +353,7 @@ pub enum NodeError {
     #[error("averaging: {0}")]
     Averaging(AveragingError),
     /// Not enough peers showed up.
-    #[error("only {have} of the {want} peers needed joined within {waited:?}; check --bootstrap addresses, firewalls, and --swarm names")]
+    #[error("only {have} of the {want} peers needed joined within {waited:?}; {hint}")]
     NotEnoughPeers {
         /// Peers present (this one included).
         have: usize,
@@ -361,6 +361,9 @@ pub enum NodeError {
         want: usize,
         /// How long we waited.
         waited: Duration,
+        /// What to check: the peers of this swarm seen with other settings
+        /// where there were any, else the addresses and names.
+        hint: String,
     },
     /// A checkpoint could not be written or does not fit this model.
     #[error(transparent)]
@@ -554,6 +557,37 @@ pub async fn run_with_metrics(
     .await
 }
 
+/// Whether every `--bootstrap` address (there is one at least) names this
+/// node's own peer id: on any node but the first, a `--key` file copied from
+/// the node it bootstraps from.
+fn bootstraps_only_from_itself(bootstrap: &[Multiaddr], me: PeerId) -> bool {
+    !bootstrap.is_empty()
+        && bootstrap
+            .iter()
+            .all(|a| crate::net::peer_id_of(a) == Some(me))
+}
+
+/// What a node that waited for peers in vain should check: the peers it saw
+/// on its swarm with other settings (they never become members), if any,
+/// and a bootstrap list that names only itself.
+fn missing_peers_hint(other_settings: &[(PeerId, String)], only_itself: bool) -> String {
+    if only_itself {
+        return "every --bootstrap address names this node's own peer id: each machine needs its own --key file (a copied one makes two nodes one peer)".to_string();
+    }
+    if other_settings.is_empty() {
+        return "check --bootstrap addresses, firewalls, and --swarm names".to_string();
+    }
+    let peers: Vec<String> = other_settings
+        .iter()
+        .map(|(peer, differences)| format!("{peer} ({differences})"))
+        .collect();
+    format!(
+        "{} peer(s) of this swarm run other settings and cannot join it: {}; start every node with the same settings",
+        peers.len(),
+        peers.join(", ")
+    )
+}
+
 impl Driver {
     /// The driver of a node whose network is `network` and identity `keypair`.
     fn new(config: &NodeConfig, network: Network, keypair: &Keypair) -> Result<Driver, NodeError> {
@@ -651,8 +685,7 @@ impl Driver {
         report: &mut Reporter,
     ) -> Result<FinalReport, NodeError> {
         self.announce_listening(report).await?;
-        self.wait_for_peers(config.min_peers, config.wait_for_peers)
-            .await?;
+        self.wait_for_peers(config.min_peers, config).await?;
         let peers = self.members.len() + 1;
         let total_steps = config
             .schedule
@@ -1086,7 +1119,10 @@ impl Driver {
         Ok(())
     }
 
-    async fn wait_for_peers(&mut self, want: usize, wait: Duration) -> Result<(), NodeError> {
+    /// Waits up to `--wait-peers-secs` until `want` peers (this one
+    /// included) are members.
+    async fn wait_for_peers(&mut self, want: usize, config: &NodeConfig) -> Result<(), NodeError> {
+        let wait = config.wait_for_peers;
         let deadline = tokio::time::Instant::now() + wait;
         while self.members.len() + 1 < want {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
@@ -1097,6 +1133,13 @@ impl Driver {
                         have: self.members.len() + 1,
                         want,
                         waited: wait,
+                        hint: missing_peers_hint(
+                            &self.net.stats().other_settings(),
+                            bootstraps_only_from_itself(
+                                &config.net.bootstrap,
+                                self.net.local_peer_id(),
+                            ),
+                        ),
                     })
                 }
             }
@@ -1421,6 +1464,28 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_short_of_peers_is_told_what_to_check() {
+        let me = Keypair::generate_ed25519().public().to_peer_id();
+        let other = Keypair::generate_ed25519().public().to_peer_id();
+        let at = |p: PeerId| -> Multiaddr {
+            format!("/ip4/10.0.0.1/udp/4001/quic-v1/p2p/{p}")
+                .parse()
+                .unwrap()
+        };
+        assert!(bootstraps_only_from_itself(&[at(me)], me));
+        assert!(!bootstraps_only_from_itself(&[at(me), at(other)], me));
+        assert!(!bootstraps_only_from_itself(&[], me));
+        assert!(missing_peers_hint(&[], false).contains("--bootstrap addresses"));
+        assert!(missing_peers_hint(&[], true).contains("its own --key"));
+        let seen = [(other, "--model: cnn there, mlp here".to_string())];
+        let hint = missing_peers_hint(&seen, false);
+        assert!(
+            hint.contains(&format!("{other} (--model: cnn there, mlp here)")),
+            "{hint}"
+        );
+    }
 
     #[test]
     fn an_epoch_budget_is_planned_again_for_the_first_rounds_group() {

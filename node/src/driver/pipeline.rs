@@ -641,7 +641,7 @@ impl Driver {
         // Each stage needs a peer: a run cannot start with fewer, whatever
         // --min-peers says (a node joining a run in progress sees its peers).
         let want = config.min_peers.max(pcfg.stages as usize);
-        self.wait_for_peers(want, config.wait_for_peers).await?;
+        self.wait_for_peers(want, config).await?;
         self.pipe.stages = pcfg.stages;
         self.pipe.queued_limit = Some(inbox_bytes(pcfg));
         // A resumer listens as long as a node about to take the first stage

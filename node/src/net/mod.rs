@@ -15,6 +15,7 @@ pub mod nat;
 mod per_ip;
 pub mod secret;
 pub mod send_queue;
+pub mod settings;
 pub mod udp_buffers;
 
 use behaviour::{Behaviour, BehaviourEvent};
@@ -77,8 +78,12 @@ pub struct NetConfig {
     /// (`--relay`; only useful on a node others can reach).
     pub relay: bool,
     /// Tests only: subscribe to this topic instead of our own, as an
-    /// outsider who copied a member's topic name would.
+    /// outsider who copied a member's topic name would (our settings still
+    /// end it).
     pub misbehave_topic: Option<String>,
+    /// What every member must share besides the swarm name: peers whose
+    /// settings differ are on another topic, so never members here.
+    pub settings: settings::RunSettings,
 }
 
 /// Failures that stop the network from starting.
@@ -120,7 +125,13 @@ pub struct NetStats {
     remote_addrs: Mutex<HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>>,
     /// AutoNAT's verdict and the relays we hold reservations on.
     nat: Mutex<(Reachability, Vec<PeerId>)>,
+    /// Peers seen on this swarm with other settings, and what differs (at
+    /// most [`OTHER_SETTINGS_KEPT`]).
+    other_settings: Mutex<Vec<(PeerId, String)>>,
 }
+
+/// How many peers with other settings [`NetStats`] describes.
+const OTHER_SETTINGS_KEPT: usize = 8;
 
 impl NetStats {
     /// Bytes sent so far.
@@ -152,6 +163,12 @@ impl NetStats {
             .into_iter()
             .filter_map(|p| Some((p.to_string(), address_kind(&self.remote_addr(&p)?))))
             .collect()
+    }
+
+    /// The peers seen on this swarm with other settings than ours, each with
+    /// what differs; they are never members here.
+    pub fn other_settings(&self) -> Vec<(PeerId, String)> {
+        lock(&self.other_settings).clone()
     }
 
     /// Whether AutoNAT found us reachable, and the relays we reserved on.
@@ -278,16 +295,17 @@ pub struct Network {
 impl Network {
     /// Builds the swarm, starts listening and dialing, and spawns the event loop.
     pub fn start(config: NetConfig, keypair: Keypair) -> Result<Network, NetError> {
+        let local_peer_id = keypair.public().to_peer_id();
         for addr in &config.bootstrap {
             if peer_id_of(addr).is_none() {
                 return Err(NetError::BootstrapWithoutPeerId(addr.clone()));
             }
         }
-        let local_peer_id = keypair.public().to_peer_id();
-        let topic = gossipsub::IdentTopic::new(match &config.misbehave_topic {
+        let base = match &config.misbehave_topic {
             Some(stolen) => stolen.clone(),
             None => topic_name(&config.swarm, config.key.as_ref()),
-        });
+        };
+        let topic = gossipsub::IdentTopic::new(format!("{base}/{}", config.settings.tag()));
         let relay_members = MembersOnly::default();
         let mut swarm = behaviour::build_swarm(&config, keypair, &topic, &relay_members)?;
         for addr in &config.listen {
@@ -325,6 +343,8 @@ impl Network {
         let event_loop = EventLoop {
             swarm,
             topic,
+            swarm_topics: format!("{base}/"),
+            settings: config.settings.clone(),
             key: config.key.clone(),
             sealer: config.key.clone().map(secret::Sealer::new),
             commands: cmd_rx,
@@ -383,6 +403,10 @@ pub fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     topic: gossipsub::IdentTopic,
+    /// What every topic of this swarm starts with, whatever its settings.
+    swarm_topics: String,
+    /// Ours, to name what differs in a peer on another of them.
+    settings: settings::RunSettings,
     /// Seals what we send and opens what we receive, when the swarm has a secret.
     key: Option<secret::SwarmKey>,
     /// Seals direct messages with `key`, once per frame.
@@ -703,6 +727,28 @@ impl EventLoop {
         }
     }
 
+    /// `peer` subscribed to a topic other than ours: if it is this swarm's
+    /// with other settings, says once what differs (it never becomes a
+    /// member here, and a node waiting for peers names it).
+    fn on_other_topic(&mut self, peer: PeerId, topic: &str) {
+        let Some(theirs) = topic
+            .strip_prefix(&self.swarm_topics)
+            .and_then(settings::RunSettings::parse)
+        else {
+            return;
+        };
+        let differences = self.settings.differences(&theirs).join("; ");
+        let mut seen = lock(&self.stats.other_settings);
+        if differences.is_empty()
+            || seen.len() >= OTHER_SETTINGS_KEPT
+            || seen.iter().any(|(p, _)| *p == peer)
+        {
+            return;
+        }
+        warn!(%peer, %differences, "peer of this swarm runs other settings; not training with it");
+        seen.push((peer, differences));
+    }
+
     /// Hands a gossip message to the driver if it is a member's (and, with a
     /// swarm secret, sealed with it); says whether gossipsub may pass it on.
     fn take_gossip(&mut self, message: gossipsub::Message) -> gossipsub::MessageAcceptance {
@@ -864,6 +910,9 @@ impl EventLoop {
                 if self.proven.contains(&peer_id) {
                     self.admit(peer_id).await;
                 }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic }) => {
+                self.on_other_topic(peer_id, topic.as_str())
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic })
                 if topic == self.topic.hash() =>

@@ -72,6 +72,22 @@ impl MnistData {
         self.test_labels.len()
     }
 
+    /// A digest of the training set (images and labels, in order): peers
+    /// shard sample indices, so they must hold the same samples in the same
+    /// order. The test set is left out; it does not move the model.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("p2ptrain 2026 mnist training set");
+        h.update(&(self.train_labels.len() as u64).to_le_bytes());
+        h.update(&self.train_labels);
+        let mut block = Vec::with_capacity(4 * IMAGE_PIXELS);
+        for image in self.train_images.chunks(IMAGE_PIXELS) {
+            block.clear();
+            block.extend(image.iter().flat_map(|v| v.to_le_bytes()));
+            h.update(&block);
+        }
+        *h.finalize().as_bytes()
+    }
+
     /// Builds the data set from the raw bytes of the four files (each gzipped
     /// or plain), in [`FILE_NAMES`] order; `names` label them in errors.
     pub fn from_idx_bytes(names: [&str; 4], bytes: [&[u8]; 4]) -> Result<Self, TrainError> {
@@ -518,5 +534,26 @@ pub(crate) mod tests {
         assert_eq!(data.test_labels[0], 7);
         let max = data.train_images.iter().cloned().fold(f32::MIN, f32::max);
         assert!((max - (1.0 - PIXEL_MEAN) / PIXEL_STD).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_fingerprint_follows_every_training_sample_and_nothing_else() {
+        let data = load_bundled().unwrap();
+        let print = data.fingerprint();
+        assert_eq!(load_bundled().unwrap().fingerprint(), print);
+        let mut label = load_bundled().unwrap();
+        label.train_labels[9_999] ^= 1;
+        let mut pixel = load_bundled().unwrap();
+        pixel.train_images[IMAGE_PIXELS * 5_000 + 300] += 0.5;
+        let mut fewer = load_bundled().unwrap();
+        fewer.train_labels.pop();
+        fewer.train_images.truncate(9_999 * IMAGE_PIXELS);
+        for other in [label, pixel, fewer] {
+            assert_ne!(other.fingerprint(), print);
+        }
+        // The test set does not move the model: it does not count.
+        let mut test = load_bundled().unwrap();
+        test.test_labels[0] ^= 1;
+        assert_eq!(test.fingerprint(), print);
     }
 }

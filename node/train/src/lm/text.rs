@@ -189,6 +189,14 @@ impl TextData {
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// A digest of the text: pipeline peers cut it into the same windows, so
+    /// they must hold the same text.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("p2ptrain 2026 char-lm text");
+        h.update(&self.bytes);
+        *h.finalize().as_bytes()
+    }
 }
 
 /// Walks this peer's shard of training windows in a fresh seeded order each epoch.

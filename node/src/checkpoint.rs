@@ -655,6 +655,16 @@ pub fn load_file(path: &Path) -> Result<Checkpoint, CheckpointError> {
     decode(path, &bytes)
 }
 
+/// Whether the file at `path` starts like a checkpoint (whether or not it
+/// verifies): what `export --force` must never write over.
+pub fn looks_like_checkpoint(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| &head == MAGIC)
+}
+
 /// The first of `paths` (newest first) that verifies; bad ones are skipped
 /// with a warning, and the first one's fault is returned if none verifies.
 fn first_that_verifies(
@@ -681,7 +691,13 @@ pub fn latest_of_swarm(dir: &Path, swarm: &str) -> Result<Option<Checkpoint>, Ch
     let ours = list(dir)?
         .into_iter()
         .map(|(_, path)| path)
-        .filter(|path| swarm_of(path).as_deref() == Some(swarm));
+        .filter(|path| match swarm_of(path) {
+            Some(of) => of == swarm,
+            None => {
+                warn!(file = %path.display(), "skipping checkpoint: its header does not read as a checkpoint's");
+                false
+            }
+        });
     Ok(first_that_verifies(ours).ok())
 }
 

@@ -839,6 +839,21 @@ fn final_error_line(format: LogFormat, text: &str) -> String {
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     // Flags first: a refused combination must not leave a new key file behind.
     check_model_flags(&args.train)?;
+    if let Some(dir) = args.run_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+        anyhow::bail!(
+            "--run-dir {} is a file; give a directory (the node writes its metrics.jsonl there)",
+            dir.display()
+        );
+    }
+    if let (Some(dir), None) = (&args.run_dir, &args.resume) {
+        if let Some(records) = crate::run_record::earlier_records(dir) {
+            anyhow::bail!(
+                "--run-dir {} holds an earlier run's records ({}): pick a new directory or remove them, or pass --resume to go on with that run; this node would append to them, and the plot would mix the runs",
+                dir.display(),
+                records.display()
+            );
+        }
+    }
     let no_checkpoints = args.checkpoint_dir.is_none() && args.resume.is_none();
     if no_checkpoints && args.checkpoint_every != DEFAULT_CHECKPOINT_EVERY {
         anyhow::bail!(

@@ -44,6 +44,10 @@ pub enum ExportError {
     /// The output exists and `--force` was not given.
     #[error("{} exists; pass --force to replace it", .0.display())]
     Exists(PathBuf),
+    /// The output is a checkpoint (the one exported, say): never replaced,
+    /// `--force` or not.
+    #[error("{} is a checkpoint; export writes over no checkpoint, --force or not: give another --out", .0.display())]
+    WouldReplaceCheckpoint(PathBuf),
     /// Writing the output failed (nothing was left at the output path).
     #[error("cannot write {}: {source}", path.display())]
     Io {
@@ -139,6 +143,9 @@ pub fn export_file(checkpoint: &Path, out: &Path, force: bool) -> Result<Exporte
     } else {
         checkpoint::load_file(checkpoint)?
     };
+    if checkpoint::looks_like_checkpoint(out) {
+        return Err(ExportError::WouldReplaceCheckpoint(out.to_path_buf()));
+    }
     if out.exists() && !force {
         return Err(ExportError::Exists(out.to_path_buf()));
     }

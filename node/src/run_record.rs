@@ -405,6 +405,17 @@ pub fn record_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     Ok(files)
 }
 
+/// A run record already under `dir` (see [`record_files`]), if any: a new
+/// run recording there would append to it, and `plot` would mix the runs.
+/// None where `dir` is not there yet.
+pub fn earlier_records(dir: &Path) -> Option<PathBuf> {
+    record_files(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .next()
+        .map(|(_, file)| file)
+}
+
 /// Reads [`record_files`], sorted by name.
 pub fn read_run_dir(dir: &Path) -> Result<Vec<NodeRun>, RunRecordError> {
     let mut files = record_files(dir).map_err(|source| RunRecordError::Io {

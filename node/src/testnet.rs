@@ -202,8 +202,7 @@ impl Observe {
 fn refuse_earlier_records(dir: &std::path::Path) -> anyhow::Result<()> {
     // Wherever the plot reads records; none where DIR is not there yet (the
     // nodes create it).
-    let files = crate::run_record::record_files(dir).unwrap_or_default();
-    if let Some((_, records)) = files.first() {
+    if let Some(records) = crate::run_record::earlier_records(dir) {
         bail!(
             "--run-dir {} holds an earlier run's records ({}): pick a new directory or remove them; this testnet's nodes would append to them, and the plot would mix the runs",
             dir.display(),
@@ -510,18 +509,26 @@ pub async fn run(args: TestnetArgs) -> anyhow::Result<()> {
 }
 
 fn print_round(round: u64, agg: &RoundAgg, started: Instant) {
+    eprintln!("{}", round_line(round, agg, started.elapsed()));
+}
+
+/// The progress line of one round, `elapsed` into the run.
+fn round_line(round: u64, agg: &RoundAgg, elapsed: Duration) -> String {
     let n = agg.reports.len().max(1) as f32;
     let loss = agg.reports.iter().map(|r| r.loss).sum::<f32>() / n;
     let peers = agg.reports.iter().map(|r| r.peers).max().unwrap_or(0);
     let sps: f64 = agg.reports.iter().map(|r| r.samples_per_s).sum();
     let sent: u64 = agg.reports.iter().map(|r| r.bytes_sent).sum();
-    let total = agg.reports.first().map(|r| r.total_steps).unwrap_or(0);
-    let step = agg.reports.first().map(|r| r.step).unwrap_or(0);
-    eprintln!(
+    // The node that knows the run's length: in a pipeline only a first
+    // stage plans steps (later stages report 0).
+    let lead = agg.reports.iter().max_by_key(|r| r.total_steps);
+    let total = lead.map(|r| r.total_steps).unwrap_or(0);
+    let step = lead.map(|r| r.step).unwrap_or(0);
+    format!(
         "round {round:>4}  step {step:>6}/{total}  peers {peers:>2}  loss {loss:.4}  {sps:>8.0} samples/s  sent {:>8.1} MB  {:>6.1} s",
         sent as f64 / 1e6,
-        started.elapsed().as_secs_f64()
-    );
+        elapsed.as_secs_f64()
+    )
 }
 
 fn summarize(nodes: usize, finals: &BTreeMap<usize, FinalReport>, wall: Duration) -> Summary {
@@ -595,4 +602,28 @@ fn summarize_pipeline(finals: &BTreeMap<usize, FinalReport>) -> Option<PipelineS
         resent: reports.iter().map(|r| r.resent).sum(),
         peak_held_micro_batches: peak_held,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(step: u64, total_steps: u64) -> RoundReport {
+        serde_json::from_value(serde_json::json!({
+            "round": 1, "step": step, "total_steps": total_steps, "peers": 2,
+            "loss": 3.0, "samples": 64, "samples_per_s": 100.0, "bytes_sent": 0,
+            "dropped": 0, "averaging_s": 0.1, "model_digest": "00",
+        }))
+        .expect("a round report")
+    }
+
+    #[test]
+    fn a_pipelines_progress_line_counts_the_first_stages_steps() {
+        // A later stage plans no steps (0); its report may come in first.
+        let agg = RoundAgg {
+            reports: vec![report(0, 0), report(10, 80)],
+        };
+        let line = round_line(1, &agg, Duration::from_secs(2));
+        assert!(line.contains("step     10/80"), "{line}");
+    }
 }

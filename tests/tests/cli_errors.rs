@@ -585,3 +585,19 @@ fn endless_key_secret_and_config_files_are_refused() {
     std::fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
     assert_one_line_error(&["node", "--config", big.to_str().unwrap()], "larger than");
 }
+
+#[test]
+fn a_run_dir_holding_an_earlier_runs_records_is_refused_without_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("metrics.jsonl");
+    let earlier = "{\"kind\":\"round\",\"round\":1,\"loss\":2.0}\n";
+    std::fs::write(&records, earlier).unwrap();
+    let d = dir.path().to_str().unwrap();
+    // A fresh node would append a second run to them (and the plot mix the
+    // two): refused before it joins a swarm, the records left as they were.
+    assert_one_line_error(&["node", "--run-dir", d], "earlier run's records");
+    assert_eq!(std::fs::read_to_string(&records).unwrap(), earlier);
+    // A file where the directory should be is named as such.
+    let r = records.to_str().unwrap();
+    assert_one_line_error(&["node", "--run-dir", r], "is a file");
+}

@@ -146,6 +146,28 @@ fn an_exported_mlp_is_the_trained_model_in_pytorch_layout() {
         "--force",
     ]);
     assert!(forced.status.success());
+    // --force never writes over a checkpoint: the one exported, named as
+    // the output by mistake, stays as it was.
+    let newest = std::fs::read_dir(&ckpt_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+        .max()
+        .expect("a checkpoint file");
+    let kept = std::fs::read(&newest).unwrap();
+    let onto = run(&[
+        "export",
+        ckpt_dir.to_str().unwrap(),
+        "--out",
+        newest.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(!onto.status.success());
+    assert!(String::from_utf8_lossy(&onto.stderr).contains("is a checkpoint"));
+    assert!(
+        std::fs::read(&newest).unwrap() == kept,
+        "the checkpoint changed"
+    );
     // The same tensors (the header's metadata order may differ).
     let rewritten = std::fs::read(&file).unwrap();
     let st2 = SafeTensors::deserialize(&rewritten).unwrap();

@@ -194,14 +194,14 @@ fn plot_replaces_an_earlier_plot_but_no_other_file() {
     // The run's own records, named by mistake, are kept.
     let records = run.path().join("node-0/metrics.jsonl");
     let before = std::fs::read(&records).unwrap();
-    let res = plot(&records, false);
-    assert!(!res.status.success());
-    let err = String::from_utf8_lossy(&res.stderr);
-    assert!(
-        err.contains("is not a plot drawn by `p2ptrain plot`; pass --force"),
-        "{err}"
-    );
-    assert_eq!(std::fs::read(&records).unwrap(), before);
+    // Even with --force: they are what plots are drawn from.
+    for force in [false, true] {
+        let res = plot(&records, force);
+        assert!(!res.status.success());
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(err.contains("is a run record"), "{err}");
+        assert_eq!(std::fs::read(&records).unwrap(), before);
+    }
     // So is a picture of the user's: a PNG, but not one of our plots.
     let photo = run.path().join("photo.png");
     let theirs = {

@@ -553,6 +553,21 @@ fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     Ok(found)
 }
 
+/// The directories right under `dir` that hold checkpoint files (a
+/// testnet's `node-I`, one per node), sorted: where a user who named their
+/// parent meant to look.
+pub fn subdirectories_with_checkpoints(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && list(p).is_ok_and(|l| !l.is_empty()))
+        .collect();
+    found.sort();
+    found
+}
+
 /// What saving a checkpoint of `swarm` in `dir` meets there.
 #[derive(Debug, Default)]
 struct SavePlan {

@@ -839,6 +839,12 @@ fn final_error_line(format: LogFormat, text: &str) -> String {
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     // Flags first: a refused combination must not leave a new key file behind.
     check_model_flags(&args.train)?;
+    if args.min_peers > 1 && args.wait_peers_secs == 0 {
+        anyhow::bail!(
+            "--wait-peers-secs 0 leaves no time for the --min-peers {} peers to join: give it the seconds to wait",
+            args.min_peers
+        );
+    }
     if let Some(dir) = args.run_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
         anyhow::bail!(
             "--run-dir {} is a file; give a directory (the node writes its metrics.jsonl there)",

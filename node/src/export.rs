@@ -41,6 +41,19 @@ pub enum ExportError {
         /// Parameters the layout needs.
         want: usize,
     },
+    /// The directory holds no checkpoint itself, but directories in it do
+    /// (a testnet's, one per node).
+    #[error(
+        "{} holds no checkpoint itself, but {} do (one per node, as a testnet writes them): export one of them",
+        dir.display(),
+        nodes.iter().map(|n| n.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    PerNode {
+        /// The directory named.
+        dir: PathBuf,
+        /// The directories in it that hold checkpoints.
+        nodes: Vec<PathBuf>,
+    },
     /// The output exists and `--force` was not given.
     #[error("{} exists; pass --force to replace it", .0.display())]
     Exists(PathBuf),
@@ -139,7 +152,17 @@ pub fn torch_tensors(
 /// the file appears whole or not at all.
 pub fn export_file(checkpoint: &Path, out: &Path, force: bool) -> Result<Exported, ExportError> {
     let ckpt = if checkpoint.is_dir() {
-        checkpoint::load_latest_of_last_run(checkpoint)?
+        checkpoint::load_latest_of_last_run(checkpoint).map_err(|e| match e {
+            CheckpointError::NoneFound(dir, None) => {
+                let nodes = checkpoint::subdirectories_with_checkpoints(&dir);
+                if nodes.is_empty() {
+                    CheckpointError::NoneFound(dir, None).into()
+                } else {
+                    ExportError::PerNode { dir, nodes }
+                }
+            }
+            other => other.into(),
+        })?
     } else {
         checkpoint::load_file(checkpoint)?
     };
@@ -229,6 +252,25 @@ mod tests {
             shape: shape.to_vec(),
             role,
         }
+    }
+
+    #[test]
+    fn a_testnets_checkpoint_directory_points_to_its_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        for node in ["node-0", "node-1"] {
+            let d = dir.path().join(node);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join(format!("ckpt-r00000002-{:032}.bin", 0)), b"x").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("empty")).unwrap();
+        let out = dir.path().join("model.safetensors");
+        let err = export_file(dir.path(), &out, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds no checkpoint itself"), "{err}");
+        assert!(err.contains("node-0") && err.contains("node-1"), "{err}");
+        assert!(!err.contains("empty"), "{err}");
+        assert!(!out.exists());
     }
 
     #[test]

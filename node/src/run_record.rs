@@ -360,14 +360,7 @@ fn scan_records(path: &Path) -> Result<(Vec<Record>, End), RunRecordError> {
                 let lone = from == 0 && !line.starts_with(RECORD_START);
                 end = End::Partial { from, lone };
             }
-            Err(e) => {
-                let reason = if i == 0 {
-                    format!("{e}; not appending to a file that is not a run record")
-                } else {
-                    e.to_string()
-                };
-                return Err(malformed(reason));
-            }
+            Err(e) => return Err(malformed(e.to_string())),
         }
     }
     Ok((records, end))

@@ -27,6 +27,10 @@ fn unknown_flag() {
 
 #[test]
 fn bad_numbers() {
+    assert_one_line_error(
+        &["node", "--min-peers", "2", "--wait-peers-secs", "0"],
+        "--wait-peers-secs 0",
+    );
     assert_one_line_error(&["node", "--batch-size", "0"], "--batch-size");
     assert_one_line_error(&["node", "--lr", "-1"], "learning rate");
     // Negative numbers are values the flag's parser refuses, not unknown flags.
@@ -385,7 +389,7 @@ fn a_listen_address_naming_another_peer_is_refused() {
             &format!("/ip4/127.0.0.1/udp/0/quic-v1/p2p/{id}"),
             "--no-mdns",
             "--wait-peers-secs",
-            "0",
+            "1",
             "--min-peers",
             "2",
             "--swarm",

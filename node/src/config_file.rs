@@ -87,6 +87,27 @@ pub fn args_from_file(
     args_from_str(&text, path, node, given)
 }
 
+/// Whether `arg` names a file or a directory.
+fn takes_a_path(arg: &Arg) -> bool {
+    arg.get_value_names()
+        .into_iter()
+        .flatten()
+        .any(|n| matches!(n.as_str(), "FILE" | "DIR" | "PATH"))
+}
+
+/// `value`, a path the config file at `file` gives, as the node must open
+/// it: a relative one is taken from the file's directory (so a file works
+/// from wherever the node is started), an absolute one as it is.
+fn beside(file: &Path, value: &str) -> String {
+    let given = Path::new(value);
+    match file.parent() {
+        Some(dir) if given.is_relative() && !dir.as_os_str().is_empty() => {
+            dir.join(given).to_string_lossy().into_owned()
+        }
+        _ => value.to_string(),
+    }
+}
+
 /// [`args_from_file`] on the file's text.
 pub fn args_from_str(
     text: &str,
@@ -161,6 +182,11 @@ pub fn args_from_str(
             other => {
                 let value =
                     scalar(other).ok_or_else(|| bad("expected a string or a number".into()))?;
+                let value = if takes_a_path(arg) {
+                    beside(path, &value)
+                } else {
+                    value
+                };
                 args.push(format!("{flag}={value}"));
             }
         }
@@ -274,6 +300,25 @@ mod tests {
     fn args(text: &str) -> Result<Vec<String>, ConfigError> {
         args_from_str(text, Path::new("t.toml"), &node(), |_| false)
             .map(|v| v.into_iter().map(|s| s.into_string().unwrap()).collect())
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_files_directory() {
+        let text = "data = \"mnist\"\nrun-dir = \"/abs/runs\"\nswarm = \"s\"\n";
+        let got = args_from_str(text, Path::new("conf/swarm.toml"), &node(), |_| false).unwrap();
+        let got: Vec<String> = got
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(got.contains(&"--data=conf/mnist".to_string()), "{got:?}");
+        assert!(got.contains(&"--run-dir=/abs/runs".to_string()), "{got:?}");
+        // Not a path: as it is.
+        assert!(got.contains(&"--swarm=s".to_string()), "{got:?}");
+        // A file in the current directory: nothing to add.
+        let here = args_from_str("data = \"mnist\"", Path::new("swarm.toml"), &node(), |_| {
+            false
+        });
+        assert_eq!(here.unwrap(), vec![OsString::from("--data=mnist")]);
     }
 
     #[test]

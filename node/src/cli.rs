@@ -723,6 +723,29 @@ fn check_outer_resumable(
     Ok(())
 }
 
+/// Where a flag error names a flag whose environment variable is set but
+/// empty (`P2PTRAIN_CONFIG=`), the variable to blame: the user never typed
+/// the flag, so clap's "a value is required for '--config'" misleads.
+fn empty_variable_behind(error_line: &str) -> Option<String> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let blame = cli
+        .get_subcommands()
+        .flat_map(|c| c.get_arguments())
+        .filter_map(|a| Some((a.get_long()?, a.get_env()?)))
+        .find(|(long, var)| {
+            std::env::var_os(var).is_some_and(|v| v.is_empty())
+                && error_line.contains(&format!("'--{long}"))
+        })
+        .map(|(long, var)| {
+            format!(
+                "the environment variable {} is set but empty (it stands for --{long}): unset it or give it a value",
+                var.to_string_lossy()
+            )
+        });
+    blame
+}
+
 /// The binary's entry point: parses flags, runs, and turns errors into one line and exit code.
 pub fn main_entry() -> ExitCode {
     let heap = p2ptrain_heap::keep_large_buffers();
@@ -744,11 +767,12 @@ pub fn main_entry() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::from(2);
             }
-            eprintln!(
-                "{} (see `p2ptrain --help`)",
-                crate::error_text::clap_one_line(&e)
-                    .unwrap_or_else(|| "error: invalid arguments".into())
-            );
+            let line = crate::error_text::clap_one_line(&e)
+                .unwrap_or_else(|| "error: invalid arguments".into());
+            match empty_variable_behind(&line) {
+                Some(blame) => eprintln!("error: {blame}"),
+                None => eprintln!("{line} (see `p2ptrain --help`)"),
+            }
             return ExitCode::from(2);
         }
     };

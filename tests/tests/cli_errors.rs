@@ -605,3 +605,20 @@ fn a_run_dir_holding_an_earlier_runs_records_is_refused_without_resume() {
     let r = records.to_str().unwrap();
     assert_one_line_error(&["node", "--run-dir", r], "is a file");
 }
+
+#[test]
+fn an_empty_environment_variable_is_named_not_its_flag() {
+    for var in ["P2PTRAIN_CONFIG", "P2PTRAIN_DATA"] {
+        let out = std::process::Command::new(common::binary())
+            .args(["node", "--no-mdns"])
+            .env(var, "")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{var} is set but empty")),
+            "{var}: {stderr}"
+        );
+    }
+}

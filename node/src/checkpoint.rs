@@ -770,12 +770,16 @@ pub fn last_written_swarm(
 /// several runs (a testnet run twice, each with a swarm of its own) share it:
 /// by round alone, an earlier, longer run would win.
 pub fn load_latest_of_last_run(dir: &Path) -> Result<Checkpoint, CheckpointError> {
-    if let Some((_, swarm)) = last_written_swarm(dir, |_| true) {
-        if let Some(ckpt) = latest_of_swarm(dir, &swarm)? {
-            return Ok(ckpt);
-        }
-    }
-    load_latest(dir)
+    refuse_file(dir)?;
+    let last = last_written_swarm(dir, |_| true).map(|(_, swarm)| swarm);
+    // That run's files first (newest first), then the others; each is tried,
+    // and warned about if bad, once.
+    let (ours, others): (Vec<PathBuf>, Vec<PathBuf>) = list(dir)?
+        .into_iter()
+        .map(|(_, path)| path)
+        .partition(|path| last.is_some() && swarm_of(path) == last);
+    first_that_verifies(ours.into_iter().chain(others))
+        .map_err(|fault| CheckpointError::NoneFound(dir.to_owned(), fault))
 }
 
 /// The newest checkpoint in `dir` that verifies; bad ones are skipped with a warning.

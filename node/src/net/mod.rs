@@ -53,6 +53,11 @@ const STALLED_AFTER: Duration = Duration::from_secs(5);
 /// Sends of one direct message before it is given up (a dropped duplicate
 /// connection or a redial can fail a send that a retry delivers).
 const DIRECT_ATTEMPTS: u8 = 3;
+/// How long after its second failure a direct message is sent the last
+/// time. The first retry goes at once (a duplicate connection closing under
+/// it); a second failure at once more likely means a peer being redialled,
+/// which a send straight away would fail the same way.
+const LAST_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a relayed connection stays open after a direct one to the same
 /// peer opened: both ends must see the direct connection before the relayed
 /// one closes, or the slower end takes the peer for gone (and gossip, which
@@ -356,6 +361,7 @@ impl Network {
             early: early::EarlyMessages::default(),
             in_flight: HashMap::new(),
             queues: SendQueues::default(),
+            retry_later: Vec::new(),
             last_bootstrap: None,
             relay_server: config.relay,
             loopback_only: config.listen.iter().all(nat::is_loopback),
@@ -382,6 +388,15 @@ impl Network {
     pub fn shutdown(self) {
         self.task.abort();
     }
+}
+
+/// Takes the items of `waiting` due by `now`, in the order they were put in.
+fn take_due<T>(waiting: &mut Vec<(tokio::time::Instant, T)>, now: tokio::time::Instant) -> Vec<T> {
+    let (due, later): (Vec<_>, Vec<_>) = std::mem::take(waiting)
+        .into_iter()
+        .partition(|(at, _)| *at <= now);
+    *waiting = later;
+    due.into_iter().map(|(_, item)| item).collect()
 }
 
 /// The gossip topic of a swarm: only peers on it can become members.
@@ -428,6 +443,9 @@ struct EventLoop {
     in_flight: HashMap<request_response::OutboundRequestId, Outbound>,
     /// Direct messages held back so each peer receives them in order.
     queues: SendQueues<PeerId, Outbound>,
+    /// Direct messages to send again once their time comes
+    /// ([`LAST_RETRY_AFTER`]).
+    retry_later: Vec<(tokio::time::Instant, Outbound)>,
     /// When the last Kademlia lookup started.
     last_bootstrap: Option<tokio::time::Instant>,
     /// This node relays for others (`--relay`).
@@ -467,6 +485,7 @@ impl EventLoop {
         loop {
             tokio::select! {
                 _ = housekeeping.tick() => {
+                    self.send_due_retries();
                     self.close_superseded_relayed();
                     self.unstick_queues();
                     let dropped = self.early.expire(tokio::time::Instant::now());
@@ -594,6 +613,19 @@ impl EventLoop {
         }
         if let Some(next) = self.queues.finished(&out.peer) {
             self.dispatch(next, true);
+        }
+    }
+
+    /// Sends the direct messages whose retry is due, to peers still members
+    /// or candidates.
+    fn send_due_retries(&mut self) {
+        let due = take_due(&mut self.retry_later, tokio::time::Instant::now());
+        for out in due {
+            if self.members.contains(&out.peer) || self.candidates.contains(&out.peer) {
+                self.send_outbound(out);
+            } else {
+                debug!(peer = %out.peer, "direct message dropped: its peer left before the retry");
+            }
         }
     }
 
@@ -1012,11 +1044,17 @@ impl EventLoop {
                         && (self.members.contains(&peer) || self.candidates.contains(&peer));
                     if retry {
                         debug!(%peer, %error, attempt = out.attempts, "direct message failed; retrying");
-                        // Back in line behind what is queued for the peer.
-                        self.send_outbound(Outbound {
+                        let again = Outbound {
                             attempts: out.attempts + 1,
                             ..out
-                        });
+                        };
+                        if again.attempts < DIRECT_ATTEMPTS {
+                            // Back in line behind what is queued for the peer.
+                            self.send_outbound(again);
+                        } else {
+                            let at = tokio::time::Instant::now() + LAST_RETRY_AFTER;
+                            self.retry_later.push((at, again));
+                        }
                     } else {
                         warn!(%peer, %error, "direct message failed");
                     }
@@ -1166,6 +1204,18 @@ mod tests {
         assert!(text.to_lowercase().contains("address in use"), "{text}");
         let plain = std::io::Error::other("no route");
         assert_eq!(crate::error_text::error_text(&plain), "no route");
+    }
+
+    #[test]
+    fn retries_leave_when_due_in_the_order_they_came() {
+        let t0 = tokio::time::Instant::now();
+        let s = Duration::from_secs(1);
+        let mut waiting = vec![(t0 + 2 * s, "b"), (t0 + s, "a"), (t0 + 3 * s, "c")];
+        assert!(take_due(&mut waiting, t0).is_empty());
+        assert_eq!(take_due(&mut waiting, t0 + 2 * s), vec!["b", "a"]);
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(take_due(&mut waiting, t0 + 9 * s), vec!["c"]);
+        assert!(waiting.is_empty());
     }
 
     #[test]

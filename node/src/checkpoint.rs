@@ -674,6 +674,9 @@ pub fn load_file(path: &Path) -> Result<Checkpoint, CheckpointError> {
 /// verifies): what `export --force` must never write over.
 pub fn looks_like_checkpoint(path: &Path) -> bool {
     use std::io::Read;
+    if !path.is_file() {
+        return false; // a pipe would block the read
+    }
     let mut head = [0u8; 8];
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut head))

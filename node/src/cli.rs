@@ -878,7 +878,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     if let (Some(dir), None) = (&args.run_dir, &args.resume) {
         if let Some(records) = crate::run_record::earlier_records(dir) {
             anyhow::bail!(
-                "--run-dir {} holds an earlier run's records ({}): pick a new directory or remove them, or pass --resume to go on with that run; this node would append to them, and the plot would mix the runs",
+                "--run-dir {} holds an earlier run's records ({}): pick a new directory or remove them (a node resumed with --resume goes on appending to its own); this run would append to them, and the plot would mix the runs",
                 dir.display(),
                 records.display()
             );

@@ -57,10 +57,10 @@ pub enum ExportError {
     /// The output exists and `--force` was not given.
     #[error("{} exists; pass --force to replace it", .0.display())]
     Exists(PathBuf),
-    /// The output is a checkpoint (the one exported, say): never replaced,
-    /// `--force` or not.
-    #[error("{} is a checkpoint; export writes over no checkpoint, --force or not: give another --out", .0.display())]
-    WouldReplaceCheckpoint(PathBuf),
+    /// The output is a checkpoint (the one exported, say) or a run record:
+    /// never replaced, `--force` or not.
+    #[error("{} is a checkpoint or a run record; export writes over neither, --force or not: give another --out", .0.display())]
+    WouldReplaceRunData(PathBuf),
     /// Writing the output failed (nothing was left at the output path).
     #[error("cannot write {}: {source}", path.display())]
     Io {
@@ -166,8 +166,8 @@ pub fn export_file(checkpoint: &Path, out: &Path, force: bool) -> Result<Exporte
     } else {
         checkpoint::load_file(checkpoint)?
     };
-    if checkpoint::looks_like_checkpoint(out) {
-        return Err(ExportError::WouldReplaceCheckpoint(out.to_path_buf()));
+    if checkpoint::looks_like_checkpoint(out) || crate::run_record::is_run_record(out) {
+        return Err(ExportError::WouldReplaceRunData(out.to_path_buf()));
     }
     if out.exists() && !force {
         return Err(ExportError::Exists(out.to_path_buf()));

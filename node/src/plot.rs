@@ -50,10 +50,10 @@ pub enum PlotError {
     /// `--force` was not given.
     #[error("{} exists and is not a plot drawn by `p2ptrain plot`; pass --force to replace it", .0.display())]
     WouldReplace(PathBuf),
-    /// The output is a run record (the ones plotted, say): never replaced,
-    /// `--force` or not.
-    #[error("{} is a run record; plot writes over no run record, --force or not: give another --out", .0.display())]
-    WouldReplaceRecords(PathBuf),
+    /// The output is a run record (one plotted, say) or a checkpoint: never
+    /// replaced, `--force` or not.
+    #[error("{} is a run record or a checkpoint; plot writes over neither, --force or not: give another --out", .0.display())]
+    WouldReplaceRunData(PathBuf),
     /// The PNG could not be written.
     #[error("cannot write {}: {source}", path.display())]
     Write {
@@ -388,15 +388,6 @@ const PLOT_MARK: (&str, &str) = ("Software", "p2ptrain plot");
 /// Whether `path` is a plot this command drew: a regular file (checked
 /// before opening, so a named pipe cannot block us) that starts like a PNG
 /// and carries [`PLOT_MARK`] in its first chunks.
-/// Whether `path` is a run record file (`metrics.jsonl`), which a plot must
-/// never replace: it is what plots are drawn from.
-fn is_run_record(path: &Path) -> bool {
-    path.is_file()
-        && path
-            .file_name()
-            .is_some_and(|n| n == crate::run_record::FILE_NAME)
-}
-
 fn is_our_plot(path: &Path) -> bool {
     use std::io::Read;
     if !path.is_file() {
@@ -425,8 +416,8 @@ pub struct Plotted {
 /// Reads the records under `dir` and writes their plot to `out`. A plot
 /// drawn before is replaced; any other file at `out` only with `force`.
 pub fn plot_run_dir(dir: &Path, out: &Path, force: bool) -> Result<Plotted, PlotError> {
-    if is_run_record(out) {
-        return Err(PlotError::WouldReplaceRecords(out.to_path_buf()));
+    if crate::run_record::is_run_record(out) || crate::checkpoint::looks_like_checkpoint(out) {
+        return Err(PlotError::WouldReplaceRunData(out.to_path_buf()));
     }
     if !force && out.symlink_metadata().is_ok() && !is_our_plot(out) {
         return Err(PlotError::WouldReplace(out.to_path_buf()));

@@ -398,6 +398,12 @@ pub fn record_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     Ok(files)
 }
 
+/// Whether `path` is a run record file (`metrics.jsonl`), which `plot` and
+/// `export` must never replace: records are what plots are drawn from.
+pub fn is_run_record(path: &Path) -> bool {
+    path.is_file() && path.file_name().is_some_and(|n| n == FILE_NAME)
+}
+
 /// A run record already under `dir` (see [`record_files`]), if any: a new
 /// run recording there would append to it, and `plot` would mix the runs.
 /// None where `dir` is not there yet.

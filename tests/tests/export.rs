@@ -163,7 +163,7 @@ fn an_exported_mlp_is_the_trained_model_in_pytorch_layout() {
         "--force",
     ]);
     assert!(!onto.status.success());
-    assert!(String::from_utf8_lossy(&onto.stderr).contains("is a checkpoint"));
+    assert!(String::from_utf8_lossy(&onto.stderr).contains("is a checkpoint or a run record"));
     assert!(
         std::fs::read(&newest).unwrap() == kept,
         "the checkpoint changed"

@@ -199,9 +199,15 @@ fn plot_replaces_an_earlier_plot_but_no_other_file() {
         let res = plot(&records, force);
         assert!(!res.status.success());
         let err = String::from_utf8_lossy(&res.stderr);
-        assert!(err.contains("is a run record"), "{err}");
+        assert!(err.contains("is a run record or a checkpoint"), "{err}");
         assert_eq!(std::fs::read(&records).unwrap(), before);
     }
+    // So is a checkpoint (by its header), --force or not.
+    let ckpt = run.path().join("ckpt-r00000001-x.bin");
+    std::fs::write(&ckpt, b"P2PTCKPT and the rest").unwrap();
+    let res = plot(&ckpt, true);
+    assert!(!res.status.success());
+    assert_eq!(std::fs::read(&ckpt).unwrap(), b"P2PTCKPT and the rest");
     // So is a picture of the user's: a PNG, but not one of our plots.
     let photo = run.path().join("photo.png");
     let theirs = {

@@ -699,6 +699,8 @@ impl EventLoop {
         self.candidates.remove(&peer);
         if self.members.insert(peer) {
             info!(%peer, "member joined");
+            // Restarted with our settings: no longer one to name.
+            lock(&self.stats.other_settings).retain(|(p, _)| *p != peer);
             self.relay_members.insert(peer);
             self.relays.forget_refusals(&peer);
             self.emit(NetEvent::PeerJoined(peer)).await;
@@ -763,13 +765,18 @@ impl EventLoop {
     /// with other settings, says once what differs (it never becomes a
     /// member here, and a node waiting for peers names it).
     fn on_other_topic(&mut self, peer: PeerId, topic: &str) {
-        let Some(theirs) = topic
-            .strip_prefix(&self.swarm_topics)
-            .and_then(settings::RunSettings::parse)
-        else {
-            return;
+        let differences = if topic == self.swarm_topics.trim_end_matches('/') {
+            // The swarm's topic as versions before the settings named it.
+            "an older p2ptrain, which does not name its settings: upgrade it".to_string()
+        } else {
+            let Some(theirs) = topic
+                .strip_prefix(&self.swarm_topics)
+                .and_then(settings::RunSettings::parse)
+            else {
+                return;
+            };
+            self.settings.differences(&theirs).join("; ")
         };
-        let differences = self.settings.differences(&theirs).join("; ");
         let mut seen = lock(&self.stats.other_settings);
         if differences.is_empty()
             || seen.len() >= OTHER_SETTINGS_KEPT

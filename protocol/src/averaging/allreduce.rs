@@ -128,8 +128,9 @@ pub(crate) struct AllReduce {
     /// not waited for, but struck if they had kept the round waiting, so a
     /// member cannot stall a round and then leave and come back to dodge it.
     departed: Vec<bool>,
-    /// Members that sent us a valid `Part` or `Reduced` of this round (one
-    /// we refused says nothing of whether they took part). By member.
+    /// Members that sent us a well-formed `Part` or `Reduced` of this round
+    /// (one refused as malformed says nothing of whether they took part; a
+    /// `Reduced` refused as implausible still shows they did). By member.
     heard: Vec<bool>,
     /// Answers sent again to members re-sending a `Part` we had reduced.
     reacks: Reacks,
@@ -308,7 +309,9 @@ impl AllReduce {
         if let Some(Some(msg)) = self.reduced.get(j) {
             // Its `Reduced` was lost: answer again.
             self.reacks.answer(from, part, payload, msg, out);
-            self.heard[idx] = true;
+            if payload.len as usize == self.part_len(j) {
+                self.heard[idx] = true;
+            }
             return;
         }
         if self
@@ -365,6 +368,11 @@ impl AllReduce {
         if let Ok(idx) = self.group.binary_search(&member) {
             if idx != self.me_idx {
                 self.distrusted[idx] = true;
+                // Its answers no longer count, so our parts for it would be
+                // sent (and re-sent) for nothing.
+                for j in self.parts_of(idx).collect::<Vec<_>>() {
+                    self.outgoing[j] = Outgoing::Done;
+                }
             }
         }
         self.exclude(member, out);

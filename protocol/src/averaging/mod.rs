@@ -701,8 +701,9 @@ impl Averager {
     /// A `Group` for the round we are reducing. An honest leader signs one
     /// `Group` per round; a second, different one signed by the leader we
     /// follow proves it told members different groups, so they wait for
-    /// each other in vain. It sits out at once; its sender (which follows
-    /// the other `Group`) is not waited for, and no member is blamed for
+    /// each other in vain. It sits out at once, and nothing it sends this
+    /// round counts; nor does what each member that shows us the other
+    /// `Group` sends (it follows that one), and no member is blamed for
     /// stalling this round.
     fn check_for_a_second_group(&mut self, from: NodeId, msg: &AvgMessage) {
         let (
@@ -726,8 +727,8 @@ impl Averager {
             return;
         };
         let same = leader == our_leader && members == ours && len == ours_len;
-        if leader != our_leader || same || self.equivocated.is_some() {
-            return; // another leader's group, a duplicate, or known already
+        if leader != our_leader || same {
+            return; // another leader's group, or a duplicate
         }
         if !self
             .attestor
@@ -735,16 +736,21 @@ impl Averager {
         {
             return; // not the leader's: proves nothing
         }
-        let round = *round;
-        self.out.reject(
-            leader,
-            format!("{leader} signed two different Groups for round {round}; it sits out"),
-        );
-        self.sit_outs.forged_group(leader, round);
-        self.equivocated = Some(leader);
-        if from != leader {
-            // It follows the other `Group`: its parts are cut for that one.
-            if let State::Reducing(ar) = &mut self.state {
+        if self.equivocated.is_none() {
+            let round = *round;
+            self.out.reject(
+                leader,
+                format!("{leader} signed two different Groups for round {round}; it sits out"),
+            );
+            self.sit_outs.forged_group(leader, round);
+            self.equivocated = Some(leader);
+        }
+        if let State::Reducing(ar) = &mut self.state {
+            // Nothing the leader sends this round is waited for or counts;
+            // nor does what any member that shows us the other `Group` (not
+            // only the first) sends: its parts are cut for that one.
+            ar.distrust(leader, &mut self.out);
+            if from != leader {
                 ar.distrust(from, &mut self.out);
             }
         }
@@ -777,6 +783,11 @@ impl Averager {
             );
             return;
         }
+        // Reducing this round: a second Group of our leader (benched at
+        // once by the first one seen) still says its sender follows it.
+        if matches!(&self.state, State::Reducing(ar) if ar.round() == round) {
+            return self.check_for_a_second_group(from, &msg);
+        }
         if self.sit_outs.sits_out(leader, round) {
             if let State::Matchmaking(mm) = &mut self.state {
                 if mm.round == round {
@@ -794,9 +805,6 @@ impl Averager {
         }
         let mm = match &self.state {
             State::Matchmaking(mm) => mm,
-            State::Reducing(ar) if ar.round() == round => {
-                return self.check_for_a_second_group(from, &msg);
-            }
             // Idle, or a round we are not in: a stale Group.
             State::Reducing(_) | State::Idle => return,
         };
@@ -1064,13 +1072,23 @@ impl Averager {
                 self.deadline
                     .observe_complete(now.saturating_sub(self.reduce_started));
             }
-            // A leader that signed two Groups split the round: only it is to blame.
-            let stalled: Vec<NodeId> = match self.equivocated {
-                Some(leader) => stalled.into_iter().filter(|m| *m == leader).collect(),
-                None => stalled,
-            };
-            self.sit_outs
-                .record(outcome.round, &outcome.group, &stalled);
+            // A leader that signed two Groups split the round: only it is to
+            // blame, and its strikes for that (given when it was found out)
+            // are not worked off by the round it split.
+            match self.equivocated {
+                Some(leader) => {
+                    let rest: Vec<NodeId> = outcome
+                        .group
+                        .iter()
+                        .copied()
+                        .filter(|m| *m != leader)
+                        .collect();
+                    self.sit_outs.record(outcome.round, &rest, &[]);
+                }
+                None => self
+                    .sit_outs
+                    .record(outcome.round, &outcome.group, &stalled),
+            }
             self.finish(outcome);
         }
     }

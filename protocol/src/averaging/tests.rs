@@ -528,7 +528,16 @@ fn group_from_a_non_leader_or_with_other_len_is_rejected_and_ignored() {
     assert_eq!(rejections(&evs).len(), 1, "{evs:?}");
     assert!(rejections(&evs)[0].contains("signed two different Groups"));
     assert!(c.sit_outs.sits_out(id(A), 2));
-    assert_eq!(c.in_flight(), Some(1));
+    // Nothing A sends this round counts, so C, alone in [A, C], is done.
+    assert_eq!(c.in_flight(), None);
+    let done = finished(&evs);
+    assert_eq!(done.len(), 1, "{evs:?}");
+    assert_eq!(done[0].dropped, vec![id(A)]);
+    assert!(
+        done[0].parts.iter().all(|p| p.contributors == vec![id(C)]),
+        "{:?}",
+        done[0]
+    );
 }
 
 #[test]
@@ -2615,9 +2624,66 @@ fn a_leader_that_signs_two_groups_sits_out_instead_of_the_members_it_split() {
     };
     rounds_rewriting_into(&mut nodes, 1..=3, split);
     let b = &nodes[1];
-    assert!(b.sitting_out(4).contains(&id(A)), "{:?}", b.sitting_out(4));
-    assert!(!b.sitting_out(4).contains(&id(C)), "B benches C");
+    assert!(b.sitting_out(3).contains(&id(A)), "{:?}", b.sit_outs);
+    for round in [3, 4] {
+        assert!(!b.sitting_out(round).contains(&id(C)), "B benches C");
+    }
     assert!(b.sit_outs.sits_out(id(A), 2), "not at once");
+}
+
+#[test]
+fn every_member_that_follows_the_leaders_other_group_is_not_waited_for() {
+    // A tells B the group is [A, B, C, D] and C and D that it is [A, C, D].
+    // B learns of the second Group from C first; D shows it the same Group
+    // later, and used to be waited for (and struck) all the same.
+    const D: u8 = 4;
+    let mut nodes = swarm(&[A, B, C, D], &cfg());
+    let split = |i: usize, t: Transmit| match t.msg {
+        AvgMessage::Group { round, len, .. } if i == 0 => vec![
+            Transmit {
+                to: Destination::Peer(id(B)),
+                msg: t.msg,
+            },
+            Transmit {
+                to: Destination::Peer(id(C)),
+                msg: group(round, len, vec![id(A), id(C), id(D)]),
+            },
+            Transmit {
+                to: Destination::Peer(id(D)),
+                msg: group(round, len, vec![id(A), id(C), id(D)]),
+            },
+        ],
+        _ => vec![t],
+    };
+    for n in nodes.iter_mut() {
+        n.start_round(ms(0), 1, vec![1.0; 8]).unwrap();
+    }
+    // B's round ends once A's part and its own are in: C and D are not
+    // waited for (before: D was, until the reduce deadline).
+    let mut now = ms(0);
+    let b_done = loop {
+        let mut pending = Vec::new();
+        let mut b_finished = false;
+        for (i, n) in nodes.iter_mut().enumerate() {
+            pending.extend(
+                transmits(n)
+                    .into_iter()
+                    .flat_map(|t| split(i, t))
+                    .map(|t| (i, t)),
+            );
+            b_finished |= i == 1 && !finished(&events(n)).is_empty();
+        }
+        if b_finished {
+            break now;
+        }
+        if pending.is_empty() {
+            now = fire_next_timeout(&mut nodes);
+        } else {
+            deliver(&mut nodes, now, pending);
+        }
+    };
+    assert!(b_done < cfg().reducer_wait(), "B finished at {b_done:?}");
+    assert!(nodes[1].sitting_out(2).contains(&id(A)));
 }
 
 #[test]

@@ -126,6 +126,10 @@ const OBSERVE_SHARDS_LIMIT: u64 = 4_000_000;
 const SYNC_WAIT: Duration = Duration::from_secs(5);
 /// Downloads a node that is behind tries before training on with its own model.
 const MAX_SYNC_ATTEMPTS: u32 = 3;
+/// Rounds behind the swarm past which a node that synced or averaged before
+/// downloads the swarm's model again rather than bring its own, which
+/// missed those rounds, into the next average.
+const FAR_BEHIND_ROUNDS: u64 = 3;
 
 /// Everything a node needs to run, apart from its identity and task.
 #[derive(Debug, Clone)]
@@ -781,9 +785,11 @@ impl Driver {
                 }
             }
             // Behind the swarm and never synced (a late joiner, a restarted
-            // peer): fetch the swarm's current model before training on.
-            if !self.synced
-                && self.swarm_round.round() > round.saturating_add(1)
+            // peer), or far behind (a node that was suspended or cut off for
+            // several rounds, whose model those rounds left behind): fetch
+            // the swarm's current model before training on.
+            let behind = self.swarm_round.round().saturating_sub(round);
+            if (behind > 1 && !self.synced || behind > FAR_BEHIND_ROUNDS)
                 && sync_attempts < MAX_SYNC_ATTEMPTS
             {
                 sync_attempts += 1;

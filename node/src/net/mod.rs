@@ -53,6 +53,13 @@ const STALLED_AFTER: Duration = Duration::from_secs(5);
 /// Sends of one direct message before it is given up (a dropped duplicate
 /// connection or a redial can fail a send that a retry delivers).
 const DIRECT_ATTEMPTS: u8 = 3;
+/// How long a connected p2ptrain peer may go without announcing any gossip
+/// topic before its connections are closed to start afresh. Gossipsub
+/// announces subscriptions only on a peer's first connection, so a peer
+/// that was frozen (suspended, swapping) past the idle timeout can come
+/// back on a new connection while it still holds its old one: we dropped
+/// it and wait for its topics, and it never sends them again.
+const TOPICS_WITHIN: Duration = Duration::from_secs(10);
 /// How long after its second failure a direct message is sent the last
 /// time. The first retry goes at once (a duplicate connection closing under
 /// it); a second failure at once more likely means a peer being redialled,
@@ -362,6 +369,7 @@ impl Network {
             in_flight: HashMap::new(),
             queues: SendQueues::default(),
             retry_later: Vec::new(),
+            awaiting_topics: HashMap::new(),
             last_bootstrap: None,
             relay_server: config.relay,
             loopback_only: config.listen.iter().all(nat::is_loopback),
@@ -388,6 +396,23 @@ impl Network {
     pub fn shutdown(self) {
         self.task.abort();
     }
+}
+
+/// Takes the keys of `waiting` whose time plus `after` has come by `now`.
+fn take_due_since<K: Copy + Eq + std::hash::Hash>(
+    waiting: &mut HashMap<K, tokio::time::Instant>,
+    now: tokio::time::Instant,
+    after: Duration,
+) -> Vec<K> {
+    let due: Vec<K> = waiting
+        .iter()
+        .filter(|(_, since)| now.saturating_duration_since(**since) >= after)
+        .map(|(k, _)| *k)
+        .collect();
+    for k in &due {
+        waiting.remove(k);
+    }
+    due
 }
 
 /// Takes the items of `waiting` due by `now`, in the order they were put in.
@@ -443,6 +468,9 @@ struct EventLoop {
     in_flight: HashMap<request_response::OutboundRequestId, Outbound>,
     /// Direct messages held back so each peer receives them in order.
     queues: SendQueues<PeerId, Outbound>,
+    /// Identified p2ptrain peers that are not members (nor candidates) yet,
+    /// and since when: see [`TOPICS_WITHIN`].
+    awaiting_topics: HashMap<PeerId, tokio::time::Instant>,
     /// Direct messages to send again once their time comes
     /// ([`LAST_RETRY_AFTER`]).
     retry_later: Vec<(tokio::time::Instant, Outbound)>,
@@ -486,6 +514,7 @@ impl EventLoop {
             tokio::select! {
                 _ = housekeeping.tick() => {
                     self.send_due_retries();
+                    self.restart_peers_without_topics();
                     self.close_superseded_relayed();
                     self.unstick_queues();
                     let dropped = self.early.expire(tokio::time::Instant::now());
@@ -616,6 +645,37 @@ impl EventLoop {
         }
     }
 
+    /// Closes the connections of p2ptrain peers that have announced no gossip
+    /// topic at all within [`TOPICS_WITHIN`] of being identified, so both
+    /// sides meet again as new peers (and gossipsub exchanges topics). A
+    /// peer on another topic (another swarm, other settings) is left alone.
+    fn restart_peers_without_topics(&mut self) {
+        let due = take_due_since(
+            &mut self.awaiting_topics,
+            tokio::time::Instant::now(),
+            TOPICS_WITHIN,
+        );
+        if due.is_empty() {
+            return;
+        }
+        let with_topics: HashSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_peers()
+            .filter(|(_, topics)| !topics.is_empty())
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in due {
+            let known = self.members.contains(&peer) || self.candidates.contains(&peer);
+            if known || with_topics.contains(&peer) || !self.is_connected(&peer) {
+                continue;
+            }
+            info!(%peer, "peer announced no gossip topic (a connection it kept through a pause?); reconnecting afresh");
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     /// Sends the direct messages whose retry is due, to peers still members
     /// or candidates.
     fn send_due_retries(&mut self) {
@@ -697,6 +757,7 @@ impl EventLoop {
     /// secret, proven to hold it.
     async fn admit(&mut self, peer: PeerId) {
         self.candidates.remove(&peer);
+        self.awaiting_topics.remove(&peer);
         if self.members.insert(peer) {
             info!(%peer, "member joined");
             // Restarted with our settings: no longer one to name.
@@ -895,6 +956,7 @@ impl EventLoop {
                         debug!(peer = %peer_id, dropped, "peer disconnected; waiting direct messages dropped");
                     }
                     self.relays.peer_gone(&peer_id);
+                    self.awaiting_topics.remove(&peer_id);
                     self.candidates.remove(&peer_id);
                     self.proven.remove(&peer_id);
                     self.early.forget(&peer_id);
@@ -1076,6 +1138,11 @@ impl EventLoop {
                 if info.protocol_version != behaviour::PROTOCOL_VERSION {
                     debug!(peer = %peer_id, version = %info.protocol_version, "not a p2ptrain peer");
                     return;
+                }
+                if !self.members.contains(&peer_id) && !self.candidates.contains(&peer_id) {
+                    self.awaiting_topics
+                        .entry(peer_id)
+                        .or_insert_with(tokio::time::Instant::now);
                 }
                 let at = self.stats.addrs().get(&peer_id).and_then(|conns| {
                     conns

@@ -216,6 +216,7 @@ pub async fn run_node(args: AvgNodeArgs) -> anyhow::Result<()> {
                 None,
             ),
         },
+        stop: Default::default(),
         min_peers: args.peers,
         wait_for_peers: Duration::from_secs(60),
         schedule: Schedule {

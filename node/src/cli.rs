@@ -574,6 +574,10 @@ pub fn seed_from_name(name: &str) -> u64 {
     u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
+/// How long a node asked to stop may take to finish its round and write its
+/// checkpoint before it stops at once.
+const STOP_GRACE: Duration = Duration::from_secs(60);
+
 /// Loads the MNIST data named by `--data`, or the bundled subset.
 pub fn load_data(data: Option<&PathBuf>) -> anyhow::Result<Arc<MnistData>> {
     let d = match data {
@@ -835,6 +839,10 @@ pub fn main_entry() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if matches!(e.downcast_ref(), Some(driver::NodeError::Stopped { .. })) => {
+            eprintln!("{}", final_error_line(log_format, &error_text(e.as_ref())));
+            ExitCode::from(crate::stop::STOPPED_EXIT_CODE)
+        }
         Err(e) => {
             eprintln!("{}", final_error_line(log_format, &error_text(e.as_ref())));
             ExitCode::FAILURE
@@ -990,6 +998,12 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             crate::checkpoint::refuse_earlier_run(dir, &args.swarm)?;
         }
     }
+    // A data-parallel node stops at a round boundary, checkpointed (a
+    // pipeline stage keeps the default: its replicas and backups cover it).
+    let stop = crate::stop::StopRequest::default();
+    if !pipeline {
+        crate::stop::on_signals(stop.clone(), STOP_GRACE)?;
+    }
     let config = NodeConfig {
         net: NetConfig {
             swarm: args.swarm.clone(),
@@ -1002,6 +1016,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
             misbehave_topic: args.misbehave_topic.clone(),
             settings,
         },
+        stop: stop.clone(),
         min_peers: args.min_peers as usize,
         wait_for_peers: Duration::from_secs(args.wait_peers_secs),
         schedule: Schedule {

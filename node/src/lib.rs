@@ -23,6 +23,7 @@ pub mod progress;
 pub mod run_record;
 pub mod small_file;
 pub mod stage_compute;
+pub mod stop;
 pub mod testnet;
 
 /// Local training lives in its own crate so it can be optimised even in

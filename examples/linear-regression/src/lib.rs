@@ -271,6 +271,7 @@ pub async fn run_swarm(
             misbehave_topic: None,
             settings: settings.clone(),
         },
+        stop: Default::default(),
         min_peers: nodes,
         wait_for_peers: Duration::from_secs(60),
         schedule: Schedule {

@@ -136,6 +136,9 @@ const FAR_BEHIND_ROUNDS: u64 = 3;
 pub struct NodeConfig {
     /// Network settings.
     pub net: NetConfig,
+    /// Asked for by Ctrl-C or SIGTERM (see [`crate::stop`]): a data-parallel
+    /// node stops at the next round boundary, checkpointed.
+    pub stop: crate::stop::StopRequest,
     /// Start training only once this many peers (this one included) are in the swarm.
     pub min_peers: usize,
     /// Give up if `min_peers` are not there after this long.
@@ -356,6 +359,14 @@ pub enum NodeError {
     /// The averaging state machine refused a round.
     #[error("averaging: {0}")]
     Averaging(AveragingError),
+    /// Stopped on request (Ctrl-C, SIGTERM) at a round boundary.
+    #[error("stopped by a signal {}", stopped_where(*round, checkpoint.as_deref()))]
+    Stopped {
+        /// The last round finished (0: before training).
+        round: u64,
+        /// Where that round's checkpoint is, if the node writes them.
+        checkpoint: Option<PathBuf>,
+    },
     /// Not enough peers showed up.
     #[error("only {have} of the {want} peers needed joined within {waited:?}; {hint}")]
     NotEnoughPeers {
@@ -571,6 +582,18 @@ fn bootstraps_only_from_itself(bootstrap: &[Multiaddr], me: PeerId) -> bool {
             .all(|a| crate::net::peer_id_of(a) == Some(me))
 }
 
+/// Where a node stopped by a signal left its work.
+fn stopped_where(round: u64, checkpoint: Option<&std::path::Path>) -> String {
+    match (round, checkpoint) {
+        (0, _) => "before training".to_string(),
+        (r, Some(dir)) => format!(
+            "after round {r}; its checkpoint is in {0}: resume with --resume {0}",
+            dir.display()
+        ),
+        (r, None) => format!("after round {r}; nothing was saved (no --checkpoint-dir)"),
+    }
+}
+
 /// What a node that waited for peers in vain should check: the peers it saw
 /// on its swarm with other settings (they never become members), if any,
 /// and a bootstrap list that names only itself.
@@ -769,7 +792,12 @@ impl Driver {
         let mut end_syncs = 0u32;
         // The round of the last checkpoint written, if any.
         let mut checkpointed = None;
+        let mut stopped = false;
         while round < total_steps.div_ceil(every) {
+            if config.stop.requested() {
+                stopped = true;
+                break;
+            }
             if let Some(lag) = self.misbehave.and_then(|m| m.lag_before(round + 1)) {
                 warn!(
                     secs = lag.as_secs(),
@@ -999,6 +1027,21 @@ impl Driver {
             }
         }
 
+        if stopped {
+            let mut checkpoint = None;
+            if let Some(policy) = &config.checkpoints {
+                if round > 0 && checkpointed != Some(round) {
+                    let at = RunPoint {
+                        round,
+                        step,
+                        samples,
+                    };
+                    self.save_checkpoint(config, policy, compute, at).await?;
+                }
+                checkpoint = (round > 0).then(|| policy.dir.clone());
+            }
+            return Err(NodeError::Stopped { round, checkpoint });
+        }
         // Nothing after the last round would mend a node that saw it only in
         // part: once every member has said what it holds, join the majority.
         let mut downloaded_at_end = false;
@@ -1131,7 +1174,13 @@ impl Driver {
         let wait = config.wait_for_peers;
         let deadline = tokio::time::Instant::now() + wait;
         while self.members.len() + 1 < want {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+            let event = tokio::select! {
+                got = tokio::time::timeout_at(deadline, self.events.recv()) => got,
+                () = config.stop.wait() => {
+                    return Err(NodeError::Stopped { round: 0, checkpoint: None });
+                }
+            };
+            match event {
                 Ok(Some(ev)) => self.on_net_event(ev)?,
                 Ok(None) => return Err(NodeError::NetworkStopped),
                 Err(_) => {

@@ -43,13 +43,19 @@ impl StopRequest {
 /// or `grace` passing after the first, exits at once.
 pub fn on_signals(stop: StopRequest, grace: Duration) -> std::io::Result<()> {
     #[cfg(unix)]
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (mut interrupt, mut terminate) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        )
+    };
     tokio::spawn(async move {
         let mut signals = 0;
         loop {
             #[cfg(unix)]
             tokio::select! {
-                r = tokio::signal::ctrl_c() => if r.is_err() { return },
+                _ = interrupt.recv() => {}
                 _ = terminate.recv() => {}
             }
             #[cfg(not(unix))]
@@ -67,7 +73,7 @@ pub fn on_signals(stop: StopRequest, grace: Duration) -> std::io::Result<()> {
             stop.request();
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
-                eprintln!("stopped at once: the round did not end within {grace:?}");
+                eprintln!("stopped at once: the node was still busy {grace:?} after the signal");
                 std::process::exit(i32::from(STOPPED_EXIT_CODE));
             });
         }

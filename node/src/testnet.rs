@@ -212,15 +212,18 @@ fn refuse_earlier_records(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM, waited for while the testnet runs. Unhandled, it (from a
-/// supervisor, `kill`) would end the testnet process alone and leave its
-/// nodes training, holding their ports; handled, the testnet returns an
-/// error, and dropping its children's handles kills them. Ctrl-C and a
-/// closed terminal's SIGHUP reach the whole process group, the nodes too,
-/// so they keep their default actions (and `nohup` still works).
+/// SIGTERM and Ctrl-C, waited for while the testnet runs. Unhandled,
+/// SIGTERM (from a supervisor, `kill`) would end the testnet process alone
+/// and leave its nodes training, holding their ports; and Ctrl-C, which
+/// reaches the whole process group, would leave each node finishing its
+/// round on its own (see [`crate::stop`]). Handled, the testnet returns an
+/// error, and dropping its children's handles kills them at once. A closed
+/// terminal's SIGHUP keeps its default action (so `nohup` still works).
 struct StopSignals {
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
 }
 
 impl StopSignals {
@@ -230,6 +233,7 @@ impl StopSignals {
             use tokio::signal::unix::{signal, SignalKind};
             Ok(StopSignals {
                 terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
             })
         }
         #[cfg(not(unix))]
@@ -239,9 +243,9 @@ impl StopSignals {
     /// Waits for a stop signal; its name.
     async fn recv(&mut self) -> &'static str {
         #[cfg(unix)]
-        {
-            self.terminate.recv().await;
-            "SIGTERM"
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT (Ctrl-C)",
         }
         #[cfg(not(unix))]
         std::future::pending().await

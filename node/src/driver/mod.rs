@@ -564,7 +564,11 @@ pub async fn run_with_metrics(
         driver.observe(metrics);
         let result = driver.train(&config, &compute, &mut report).await;
         if result.is_ok() {
-            driver.linger(config.linger).await;
+            // A node asked to stop leaves at once.
+            tokio::select! {
+                () = driver.linger(config.linger) => {}
+                () = config.stop.wait() => {}
+            }
         }
         result
     }
@@ -793,11 +797,8 @@ impl Driver {
         // The round of the last checkpoint written, if any.
         let mut checkpointed = None;
         let mut stopped = false;
+        let mut far_behind_syncs = 0u32;
         while round < total_steps.div_ceil(every) {
-            if config.stop.requested() {
-                stopped = true;
-                break;
-            }
             if let Some(lag) = self.misbehave.and_then(|m| m.lag_before(round + 1)) {
                 warn!(
                     secs = lag.as_secs(),
@@ -817,16 +818,27 @@ impl Driver {
             // several rounds, whose model those rounds left behind): fetch
             // the swarm's current model before training on.
             let behind = self.swarm_round.round().saturating_sub(round);
-            if (behind > 1 && !self.synced || behind > FAR_BEHIND_ROUNDS)
-                && sync_attempts < MAX_SYNC_ATTEMPTS
-            {
-                sync_attempts += 1;
+            let never_synced = behind > 1 && !self.synced && sync_attempts < MAX_SYNC_ATTEMPTS;
+            let far_behind = behind > FAR_BEHIND_ROUNDS && far_behind_syncs < MAX_SYNC_ATTEMPTS;
+            if never_synced || far_behind {
+                if never_synced {
+                    sync_attempts += 1;
+                } else {
+                    far_behind_syncs += 1;
+                }
                 if let Some(synced) = self
                     .sync_with_swarm(compute, report, SYNC_WAIT, round)
                     .await?
                 {
                     (round, total_steps) = synced;
                 }
+            }
+            // Asked to stop: here, after a realignment or a download, so
+            // the checkpoint written holds the model this node would go on
+            // from.
+            if config.stop.requested() {
+                stopped = true;
+                break;
             }
             // Number the round like the swarm does if we are behind.
             if self.swarm_round.round() > round.saturating_add(1) {

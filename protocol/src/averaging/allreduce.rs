@@ -399,6 +399,16 @@ impl AllReduce {
         }
     }
 
+    /// The members distrusted this round (see [`AllReduce::distrust`]).
+    pub(crate) fn distrusted_members(&self) -> Vec<NodeId> {
+        self.group
+            .iter()
+            .zip(&self.distrusted)
+            .filter(|(_, d)| **d)
+            .map(|(m, _)| *m)
+            .collect()
+    }
+
     /// Whether `peer` is in this round's group.
     pub(crate) fn has_member(&self, peer: NodeId) -> bool {
         self.group.binary_search(&peer).is_ok()

@@ -1062,6 +1062,7 @@ impl Averager {
             return;
         }
         if let State::Reducing(ar) = std::mem::replace(&mut self.state, State::Idle) {
+            let distrusted = ar.distrusted_members();
             let (outcome, last, stalled) = ar.finish();
             if last.is_some() {
                 self.last_reduced = last;
@@ -1074,14 +1075,15 @@ impl Averager {
             }
             // A leader that signed two Groups split the round: only it is to
             // blame, and its strikes for that (given when it was found out)
-            // are not worked off by the round it split.
+            // are not worked off by the round it split, nor are those of
+            // the members that followed its other Group (they took no part).
             match self.equivocated {
                 Some(leader) => {
                     let rest: Vec<NodeId> = outcome
                         .group
                         .iter()
                         .copied()
-                        .filter(|m| *m != leader)
+                        .filter(|m| *m != leader && !distrusted.contains(m))
                         .collect();
                     self.sit_outs.record(outcome.round, &rest, &[]);
                 }

@@ -12,18 +12,22 @@ fn signal(sig: &str, pid: u32) {
     assert!(sent.is_ok_and(|s| s.success()), "kill {sig} {pid}");
 }
 
+/// `p2ptrain node` of `swarm` on loopback, printing JSON events, with its
+/// stdout and stderr piped by the caller.
+fn loopback_node(swarm: &str) -> Command {
+    let mut c = Command::new(binary());
+    c.args(["node", "--no-mdns", "--events"])
+        .args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--swarm", swarm])
+        .env("RUST_LOG", "warn");
+    c
+}
+
 #[test]
 fn a_stopped_node_finishes_its_round_and_writes_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let swarm = format!("stop-{}", std::process::id());
-    let mut node = Command::new(binary())
-        .args([
-            "node",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-        ])
-        .args(["--swarm", &swarm, "--events", "--steps", "100000"])
+    let mut node = loopback_node(&swarm)
+        .args(["--steps", "100000"])
         .args(["--average-every", "10", "--checkpoint-dir"])
         .arg(dir.path())
         // Only the stop writes a checkpoint.
@@ -82,15 +86,8 @@ fn a_stopped_node_finishes_its_round_and_writes_its_checkpoint() {
 
 #[test]
 fn a_node_waiting_for_peers_stops_at_once() {
-    let mut node = Command::new(binary())
-        .args([
-            "node",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-        ])
-        .args(["--swarm", "stop-waiting", "--min-peers", "2", "--events"])
-        .env("RUST_LOG", "warn")
+    let mut node = loopback_node("stop-waiting")
+        .args(["--min-peers", "2"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

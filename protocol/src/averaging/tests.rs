@@ -2602,6 +2602,26 @@ fn rounds_rewriting_into(
     outcomes
 }
 
+/// Node 0 (A, the leader) sends B the `Group` it formed and each of
+/// `others` one of A and `others` only: a leader signing two Groups.
+fn split_for_b(i: usize, t: Transmit, others: &[u8]) -> Vec<Transmit> {
+    match t.msg {
+        AvgMessage::Group { round, len, .. } if i == 0 => {
+            let theirs: Vec<NodeId> = [A].iter().chain(others).map(|&m| id(m)).collect();
+            let mut out = vec![Transmit {
+                to: Destination::Peer(id(B)),
+                msg: t.msg,
+            }];
+            out.extend(others.iter().map(|&m| Transmit {
+                to: Destination::Peer(id(m)),
+                msg: group(round, len, theirs.clone()),
+            }));
+            out
+        }
+        _ => vec![t],
+    }
+}
+
 #[test]
 fn a_leader_that_signs_two_groups_sits_out_instead_of_the_members_it_split() {
     // A (the smallest id) tells B the group is [A, B, C] and C that it is
@@ -2609,20 +2629,7 @@ fn a_leader_that_signs_two_groups_sits_out_instead_of_the_members_it_split() {
     // after two rounds B benched C while A stayed in. C shows B the Group it
     // follows when B's Part reaches it, and B sees A signed both.
     let mut nodes = swarm(&[A, B, C], &cfg());
-    let split = |i: usize, t: Transmit| match t.msg {
-        AvgMessage::Group { round, len, .. } if i == 0 => vec![
-            Transmit {
-                to: Destination::Peer(id(B)),
-                msg: t.msg,
-            },
-            Transmit {
-                to: Destination::Peer(id(C)),
-                msg: group(round, len, vec![id(A), id(C)]),
-            },
-        ],
-        _ => vec![t],
-    };
-    rounds_rewriting_into(&mut nodes, 1..=3, split);
+    rounds_rewriting_into(&mut nodes, 1..=3, |i, t| split_for_b(i, t, &[C]));
     let b = &nodes[1];
     assert!(b.sitting_out(3).contains(&id(A)), "{:?}", b.sit_outs);
     for round in [3, 4] {
@@ -2638,23 +2645,7 @@ fn every_member_that_follows_the_leaders_other_group_is_not_waited_for() {
     // later, and used to be waited for (and struck) all the same.
     const D: u8 = 4;
     let mut nodes = swarm(&[A, B, C, D], &cfg());
-    let split = |i: usize, t: Transmit| match t.msg {
-        AvgMessage::Group { round, len, .. } if i == 0 => vec![
-            Transmit {
-                to: Destination::Peer(id(B)),
-                msg: t.msg,
-            },
-            Transmit {
-                to: Destination::Peer(id(C)),
-                msg: group(round, len, vec![id(A), id(C), id(D)]),
-            },
-            Transmit {
-                to: Destination::Peer(id(D)),
-                msg: group(round, len, vec![id(A), id(C), id(D)]),
-            },
-        ],
-        _ => vec![t],
-    };
+    let split = |i: usize, t: Transmit| split_for_b(i, t, &[C, D]);
     for n in nodes.iter_mut() {
         n.start_round(ms(0), 1, vec![1.0; 8]).unwrap();
     }

@@ -66,12 +66,26 @@ fn three_nodes_reach_ninety_percent_on_bundled_data() {
 /// they no longer hold their status-page ports. Before, the nodes trained on.
 #[test]
 fn a_testnet_stopped_by_sigterm_stops_its_nodes() {
+    testnet_stopped_by("-TERM", "stopped by SIGTERM", 20_000);
+}
+
+/// Ctrl-C (SIGINT) too, at once: the nodes, which would finish their round
+/// on a SIGINT of their own, are killed with the testnet's handles.
+#[test]
+fn a_testnet_stopped_by_ctrl_c_stops_its_nodes() {
+    testnet_stopped_by("-INT", "stopped by SIGINT", 40_000);
+}
+
+/// Starts a two-node testnet, sends it `signal` once both train, and checks
+/// it stops its nodes and says `said`. Its status pages take the first two
+/// free ports from `ports_from` (each test its own range: they run at once).
+fn testnet_stopped_by(signal: &str, said: &str, ports_from: u16) {
     use std::io::{BufRead, BufReader};
     use std::net::TcpListener;
     use std::process::Stdio;
     use std::time::Duration;
     // Two free ports in a row for the nodes' status pages.
-    let port = (20_000..60_000u16)
+    let port = (ports_from..ports_from + 20_000)
         .step_by(7)
         .find(|p| {
             TcpListener::bind(("127.0.0.1", *p)).is_ok()
@@ -115,7 +129,7 @@ fn a_testnet_stopped_by_sigterm_stops_its_nodes() {
         "the nodes serve their pages"
     );
     let kill = Command::new("kill")
-        .args(["-TERM", &testnet.id().to_string()])
+        .args([signal, &testnet.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
@@ -131,8 +145,5 @@ fn a_testnet_stopped_by_sigterm_stops_its_nodes() {
     );
     // The nodes share the testnet's stderr: it ends now that they are gone.
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(
-        rest.iter().any(|l| l.contains("stopped by SIGTERM")),
-        "{rest:?}"
-    );
+    assert!(rest.iter().any(|l| l.contains(said)), "{rest:?}");
 }

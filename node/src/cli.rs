@@ -839,13 +839,14 @@ pub fn main_entry() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if matches!(e.downcast_ref(), Some(driver::NodeError::Stopped { .. })) => {
-            eprintln!("{}", final_error_line(log_format, &error_text(e.as_ref())));
-            ExitCode::from(crate::stop::STOPPED_EXIT_CODE)
-        }
         Err(e) => {
             eprintln!("{}", final_error_line(log_format, &error_text(e.as_ref())));
-            ExitCode::FAILURE
+            match e.downcast_ref() {
+                Some(driver::NodeError::Stopped { .. }) => {
+                    ExitCode::from(crate::stop::STOPPED_EXIT_CODE)
+                }
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -166,7 +166,7 @@ pub fn export_file(checkpoint: &Path, out: &Path, force: bool) -> Result<Exporte
     } else {
         checkpoint::load_file(checkpoint)?
     };
-    if checkpoint::looks_like_checkpoint(out) || crate::run_record::is_run_record(out) {
+    if crate::run_record::is_run_data(out) {
         return Err(ExportError::WouldReplaceRunData(out.to_path_buf()));
     }
     if out.exists() && !force {

@@ -416,7 +416,7 @@ pub struct Plotted {
 /// Reads the records under `dir` and writes their plot to `out`. A plot
 /// drawn before is replaced; any other file at `out` only with `force`.
 pub fn plot_run_dir(dir: &Path, out: &Path, force: bool) -> Result<Plotted, PlotError> {
-    if crate::run_record::is_run_record(out) || crate::checkpoint::looks_like_checkpoint(out) {
+    if crate::run_record::is_run_data(out) {
         return Err(PlotError::WouldReplaceRunData(out.to_path_buf()));
     }
     if !force && out.symlink_metadata().is_ok() && !is_our_plot(out) {

@@ -400,8 +400,14 @@ pub fn record_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
 
 /// Whether `path` is a run record file (`metrics.jsonl`), which `plot` and
 /// `export` must never replace: records are what plots are drawn from.
-pub fn is_run_record(path: &Path) -> bool {
+fn is_run_record(path: &Path) -> bool {
     path.is_file() && path.file_name().is_some_and(|n| n == FILE_NAME)
+}
+
+/// Whether `path` holds a run's own data, a checkpoint or a run record,
+/// which `export` and `plot` write over under no circumstances.
+pub fn is_run_data(path: &Path) -> bool {
+    is_run_record(path) || crate::checkpoint::looks_like_checkpoint(path)
 }
 
 /// A run record already under `dir` (see [`record_files`]), if any: a new

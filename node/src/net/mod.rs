@@ -369,7 +369,7 @@ impl Network {
             in_flight: HashMap::new(),
             queues: SendQueues::default(),
             retry_later: Vec::new(),
-            awaiting_topics: HashMap::new(),
+            awaiting_topics: Vec::new(),
             last_bootstrap: None,
             relay_server: config.relay,
             loopback_only: config.listen.iter().all(nat::is_loopback),
@@ -396,23 +396,6 @@ impl Network {
     pub fn shutdown(self) {
         self.task.abort();
     }
-}
-
-/// Takes the keys of `waiting` whose time plus `after` has come by `now`.
-fn take_due_since<K: Copy + Eq + std::hash::Hash>(
-    waiting: &mut HashMap<K, tokio::time::Instant>,
-    now: tokio::time::Instant,
-    after: Duration,
-) -> Vec<K> {
-    let due: Vec<K> = waiting
-        .iter()
-        .filter(|(_, since)| now.saturating_duration_since(**since) >= after)
-        .map(|(k, _)| *k)
-        .collect();
-    for k in &due {
-        waiting.remove(k);
-    }
-    due
 }
 
 /// Takes the items of `waiting` due by `now`, in the order they were put in.
@@ -469,8 +452,8 @@ struct EventLoop {
     /// Direct messages held back so each peer receives them in order.
     queues: SendQueues<PeerId, Outbound>,
     /// Identified p2ptrain peers that are not members (nor candidates) yet,
-    /// and since when: see [`TOPICS_WITHIN`].
-    awaiting_topics: HashMap<PeerId, tokio::time::Instant>,
+    /// and by when they must have announced a topic: see [`TOPICS_WITHIN`].
+    awaiting_topics: Vec<(tokio::time::Instant, PeerId)>,
     /// Direct messages to send again once their time comes
     /// ([`LAST_RETRY_AFTER`]).
     retry_later: Vec<(tokio::time::Instant, Outbound)>,
@@ -650,11 +633,7 @@ impl EventLoop {
     /// sides meet again as new peers (and gossipsub exchanges topics). A
     /// peer on another topic (another swarm, other settings) is left alone.
     fn restart_peers_without_topics(&mut self) {
-        let due = take_due_since(
-            &mut self.awaiting_topics,
-            tokio::time::Instant::now(),
-            TOPICS_WITHIN,
-        );
+        let due = take_due(&mut self.awaiting_topics, tokio::time::Instant::now());
         if due.is_empty() {
             return;
         }
@@ -667,8 +646,7 @@ impl EventLoop {
             .map(|(peer, _)| *peer)
             .collect();
         for peer in due {
-            let known = self.members.contains(&peer) || self.candidates.contains(&peer);
-            if known || with_topics.contains(&peer) || !self.is_connected(&peer) {
+            if self.is_known(&peer) || with_topics.contains(&peer) || !self.is_connected(&peer) {
                 continue;
             }
             info!(%peer, "peer announced no gossip topic (a connection it kept through a pause?); reconnecting afresh");
@@ -681,7 +659,7 @@ impl EventLoop {
     fn send_due_retries(&mut self) {
         let due = take_due(&mut self.retry_later, tokio::time::Instant::now());
         for out in due {
-            if self.members.contains(&out.peer) || self.candidates.contains(&out.peer) {
+            if self.is_known(&out.peer) {
                 self.send_outbound(out);
             } else {
                 debug!(peer = %out.peer, "direct message dropped: its peer left before the retry");
@@ -748,6 +726,12 @@ impl EventLoop {
         }
     }
 
+    /// Whether `peer` is a member, or (with a swarm secret) a candidate
+    /// proving it holds the secret.
+    fn is_known(&self, peer: &PeerId) -> bool {
+        self.members.contains(peer) || self.candidates.contains(peer)
+    }
+
     /// Whether any connection to `peer` is open.
     fn is_connected(&self, peer: &PeerId) -> bool {
         self.stats.addrs().contains_key(peer)
@@ -757,7 +741,7 @@ impl EventLoop {
     /// secret, proven to hold it.
     async fn admit(&mut self, peer: PeerId) {
         self.candidates.remove(&peer);
-        self.awaiting_topics.remove(&peer);
+        self.awaiting_topics.retain(|(_, p)| *p != peer);
         if self.members.insert(peer) {
             info!(%peer, "member joined");
             // Restarted with our settings: no longer one to name.
@@ -956,7 +940,7 @@ impl EventLoop {
                         debug!(peer = %peer_id, dropped, "peer disconnected; waiting direct messages dropped");
                     }
                     self.relays.peer_gone(&peer_id);
-                    self.awaiting_topics.remove(&peer_id);
+                    self.awaiting_topics.retain(|(_, p)| *p != peer_id);
                     self.candidates.remove(&peer_id);
                     self.proven.remove(&peer_id);
                     self.early.forget(&peer_id);
@@ -1109,8 +1093,7 @@ impl EventLoop {
             }) => match self.in_flight.remove(&request_id) {
                 Some(out) => {
                     self.release(&out);
-                    let retry = out.attempts < DIRECT_ATTEMPTS
-                        && (self.members.contains(&peer) || self.candidates.contains(&peer));
+                    let retry = out.attempts < DIRECT_ATTEMPTS && self.is_known(&peer);
                     if retry {
                         debug!(%peer, %error, attempt = out.attempts, "direct message failed; retrying");
                         let again = Outbound {
@@ -1139,10 +1122,10 @@ impl EventLoop {
                     debug!(peer = %peer_id, version = %info.protocol_version, "not a p2ptrain peer");
                     return;
                 }
-                if !self.members.contains(&peer_id) && !self.candidates.contains(&peer_id) {
-                    self.awaiting_topics
-                        .entry(peer_id)
-                        .or_insert_with(tokio::time::Instant::now);
+                let awaited = self.awaiting_topics.iter().any(|(_, p)| *p == peer_id);
+                if !self.is_known(&peer_id) && !awaited {
+                    let by = tokio::time::Instant::now() + TOPICS_WITHIN;
+                    self.awaiting_topics.push((by, peer_id));
                 }
                 let at = self.stats.addrs().get(&peer_id).and_then(|conns| {
                     conns

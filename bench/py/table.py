@@ -28,7 +28,7 @@ def main():
     ar = [l for l in lines if l.get("bench") == "allreduce"]
     if ar:
         impls = ["raw-quinn-pattern", "p2ptrain", "p2ptrain int8", "torch-gloo", "hivemind",
-                 "raw-quinn-pattern-larger-packets"]
+                 "raw-quinn-pattern-other-packets"]
         print("| peers | values | " + " | ".join(impls) + " | bound bytes/peer |")
         print("| --- | --- |" + " --- |" * (len(impls) + 1))
         for peers, values in sorted({(l["peers"], l["values"]) for l in ar}):

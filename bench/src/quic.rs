@@ -1,9 +1,9 @@
 //! The transport's bound: the butterfly all-reduce's traffic over raw quinn.
 //!
 //! N `quinn-node` processes on loopback each hold one quinn endpoint with the
-//! TLS 1.3 configuration libp2p's QUIC transport uses (`libp2p-tls`
-//! certificates and verifiers, the same flow-control windows as
-//! `libp2p-quic`'s defaults) and a connection to every other process. A round
+//! TLS 1.3 configuration our node's QUIC transport uses (`libp2p-tls`
+//! certificates and verifiers, the node's flow-control windows, in
+//! `node/src/net/quic`) and a connection to every other process. A round
 //! is two phases, as in the all-reduce (reduce-scatter, then all-gather): in
 //! each, every process sends `bytes / N` to each of the N-1 others on a fresh
 //! unidirectional stream and receives as much from each, and a phase ends
@@ -13,11 +13,12 @@
 //! encoding, no hashing: only the transport, so our all-reduce can be set
 //! against it.
 //!
-//! `--max-udp-payload` shows what larger packets would buy. libp2p-quic 0.14
-//! keeps quinn's packet-size defaults (endpoints accept at most 1472-byte UDP
-//! payloads; path-MTU discovery stops at 1452) and offers no setting that
-//! raises the first, so our node's packets stay that size even on loopback's
-//! 64 KiB MTU. Without the flag this bound keeps the same defaults.
+//! Packets are as large as our node's transport sends between loopback
+//! peers (`p2ptrain_node::net::quic`): endpoints accept 65527-byte UDP
+//! payloads and path-MTU discovery climbs to loopback's 64 KiB MTU, without
+//! segmentation offload. `--max-udp-payload 1472` measures quinn's defaults
+//! instead, which libp2p's own QUIC transport keeps on every path (at most
+//! 1452-byte packets): what an internet path allows, and context only.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -50,12 +51,20 @@ pub struct QuinnArgs {
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
     /// Largest UDP payload the endpoints accept and path-MTU discovery may
-    /// reach. Unset, quinn's defaults, which libp2p-quic (and so our node)
-    /// uses; set, the run measures the transport with larger packets, which
-    /// is not the bound our node is held to.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1200..=65527))]
-    pub max_udp_payload: Option<u16>,
+    /// reach. The default is what our node's transport uses on loopback,
+    /// the bound it is held to; 1472 keeps quinn's defaults, as libp2p's
+    /// own QUIC transport does; other sizes are context too.
+    #[arg(long, default_value_t = NODE_LOOPBACK_PAYLOAD,
+          value_parser = clap::value_parser!(u16).range(1200..=65527))]
+    pub max_udp_payload: u16,
 }
+
+/// The largest payload our node's transport lets a loopback path reach
+/// (`p2ptrain_node::net::quic::LOOPBACK_PAYLOAD`, checked in a test).
+pub const NODE_LOOPBACK_PAYLOAD: u16 = 65_527;
+
+/// quinn's own limit on UDP payloads, which libp2p's QUIC transport keeps.
+const QUINN_DEFAULT_PAYLOAD: u16 = 1472;
 
 /// quinn 0.11 batches up to 10 packets into one segmentation-offload send,
 /// and the kernel refuses a batch over 64 KiB: above this payload size the
@@ -79,23 +88,24 @@ pub struct QuinnNodeArgs {
     pub rounds: u32,
     /// As for `quinn`.
     #[arg(long)]
-    pub max_udp_payload: Option<u16>,
+    pub max_udp_payload: u16,
 }
 
 /// An endpoint that both accepts and dials with libp2p's TLS setup.
-fn endpoint(max_udp_payload: Option<u16>) -> anyhow::Result<quinn::Endpoint> {
+fn endpoint(max_udp_payload: u16) -> anyhow::Result<quinn::Endpoint> {
     let keypair = libp2p::identity::Keypair::generate_ed25519();
     let server_tls = libp2p_tls::make_server_config(&keypair)?;
     let client_tls = libp2p_tls::make_client_config(&keypair, None)?;
     let mut transport = quinn::TransportConfig::default();
-    // libp2p-quic's defaults (its `Config::new`).
+    // The node's windows (node/src/net/quic/config.rs).
     transport.stream_receive_window(10_000_000u32.into());
     transport.receive_window(15_000_000u32.into());
     transport.max_concurrent_uni_streams(256u32.into());
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
     transport.allow_spin(false);
     let mut endpoint_config = quinn::EndpointConfig::default();
-    if let Some(payload) = max_udp_payload {
+    if max_udp_payload != QUINN_DEFAULT_PAYLOAD {
+        let payload = max_udp_payload;
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(payload);
         transport.mtu_discovery_config(Some(mtu));
@@ -110,6 +120,16 @@ fn endpoint(max_udp_payload: Option<u16>) -> anyhow::Result<quinn::Endpoint> {
     client.transport_config(transport);
     let socket = std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
     socket.set_nonblocking(true)?;
+    // The receive buffer a node gives its QUIC socket, so the bound is set
+    // against the same socket settings (without the node, the benchmark has
+    // nothing to set against it).
+    #[cfg(feature = "swarm")]
+    {
+        use p2ptrain_node::net::udp_buffers;
+        if let Err(e) = udp_buffers::raise_receive_buffer(&socket, udp_buffers::WANTED_BYTES) {
+            eprintln!("quinn-node: receive buffer left at the default: {e}");
+        }
+    }
     let mut ep = quinn::Endpoint::new(
         endpoint_config,
         Some(server),
@@ -117,17 +137,6 @@ fn endpoint(max_udp_payload: Option<u16>) -> anyhow::Result<quinn::Endpoint> {
         Arc::new(quinn::TokioRuntime),
     )?;
     ep.set_default_client_config(client);
-    // The receive buffer a node gives its QUIC socket, so the bound is set
-    // against the same socket settings (without the node, the benchmark has
-    // nothing to set against it).
-    #[cfg(feature = "swarm")]
-    {
-        use p2ptrain_node::net::udp_buffers;
-        let port = ep.local_addr()?.port();
-        if let Err(e) = udp_buffers::raise_receive_buffers(port, udp_buffers::WANTED_BYTES) {
-            eprintln!("quinn-node: receive buffer left at the default: {e}");
-        }
-    }
     Ok(ep)
 }
 
@@ -279,12 +288,7 @@ pub async fn run(args: QuinnArgs) -> anyhow::Result<()> {
             .args(["--peers", &args.peers.to_string()])
             .args(["--chunk", &chunk.to_string()])
             .args(["--rounds", &args.rounds.to_string()])
-            .args(
-                args.max_udp_payload
-                    .map(|p| ["--max-udp-payload".to_string(), p.to_string()])
-                    .into_iter()
-                    .flatten(),
-            )
+            .args(["--max-udp-payload", &args.max_udp_payload.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -354,11 +358,11 @@ pub async fn run(args: QuinnArgs) -> anyhow::Result<()> {
     let sent_per_peer = 2.0 * (args.peers as f64 - 1.0) * chunk as f64;
     emit(&json!({
         "bench": "allreduce",
-        // Only the default packet size is the bound our node is held to.
-        "impl": if args.max_udp_payload.is_none() {
+        // Only our node's packet size is the bound it is held to.
+        "impl": if args.max_udp_payload == NODE_LOOPBACK_PAYLOAD {
             "raw-quinn-pattern"
         } else {
-            "raw-quinn-pattern-larger-packets"
+            "raw-quinn-pattern-other-packets"
         },
         "max_udp_payload": args.max_udp_payload,
         "path_mtu": path_mtu,
@@ -371,4 +375,15 @@ pub async fn run(args: QuinnArgs) -> anyhow::Result<()> {
         "busbw_mb_s": sent_per_peer / s / 1e6,
     }));
     Ok(())
+}
+
+#[cfg(all(test, feature = "swarm"))]
+mod tests {
+    #[test]
+    fn the_bound_uses_the_packets_our_node_sends_on_loopback() {
+        assert_eq!(
+            super::NODE_LOOPBACK_PAYLOAD,
+            p2ptrain_node::net::quic::LOOPBACK_PAYLOAD
+        );
+    }
 }

@@ -5,6 +5,7 @@ use super::dial_guard::{check_dialed_peer, NoSelfDial};
 use super::inbound_budget::InboundBudget;
 use super::nat::MembersOnly;
 use super::per_ip::PerIpLimit;
+use super::quic::{QuicSettings, QuicTransport};
 use super::{NetConfig, NetError};
 use libp2p::{
     autonat, connection_limits, dcutr, gossipsub, identify,
@@ -21,6 +22,8 @@ pub const PROTOCOL_VERSION: &str = "/p2ptrain/1.0.0";
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/p2ptrain/kad/1.0.0");
 /// A connection silent this long (keep-alives included) counts as dead.
 const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(4);
+/// Longest a QUIC handshake may take: a few round trips on any path.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Control messages are small; parameters never travel by gossip.
 const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 
@@ -107,12 +110,14 @@ pub(super) fn build_swarm(
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_other_transport(|key| {
-            let mut c = libp2p::quic::Config::new(key);
-            // Notice a crashed peer within seconds, not QUIC's default 10 s:
-            // until then rounds wait for it at the join window.
-            c.max_idle_timeout = DEAD_PEER_TIMEOUT.as_millis() as u32;
-            c.keep_alive_interval = DEAD_PEER_TIMEOUT / 4;
-            NoSelfDial::new(libp2p::quic::tokio::Transport::new(c)).and_then(check_dialed_peer)
+            let settings = QuicSettings {
+                // Notice a crashed peer within seconds, not QUIC's usual
+                // 10 s: until then rounds wait for it at the join window.
+                idle_timeout: DEAD_PEER_TIMEOUT,
+                keep_alive: DEAD_PEER_TIMEOUT / 4,
+                handshake_timeout: HANDSHAKE_TIMEOUT,
+            };
+            Ok(NoSelfDial::new(QuicTransport::new(key, settings)?).and_then(check_dialed_peer))
         })
         .map_err(|e| setup(&e))?
         // Relayed connections are streams, not QUIC: they get their own

@@ -13,6 +13,7 @@ mod early;
 pub mod inbound_budget;
 pub mod nat;
 mod per_ip;
+pub mod quic;
 pub mod secret;
 pub mod send_queue;
 pub mod settings;
@@ -376,7 +377,6 @@ impl Network {
             relay_members,
             relays: RelayState::default(),
             relayed_to_close: Vec::new(),
-            raised_ports: HashSet::new(),
             kad_addresses: nat::SharedAddresses::default(),
         };
         let task = tokio::spawn(event_loop.run());
@@ -471,8 +471,6 @@ struct EventLoop {
     /// Relayed connections to close once their grace period ends, because
     /// a direct connection to the same peer opened.
     relayed_to_close: Vec<(tokio::time::Instant, PeerId, ConnectionId)>,
-    /// UDP ports whose sockets' receive buffers have been raised.
-    raised_ports: HashSet<u16>,
     /// The addresses of each identified peer handed to Kademlia.
     kad_addresses: nat::SharedAddresses,
 }
@@ -870,12 +868,6 @@ impl EventLoop {
                     address.with(Protocol::P2p(local))
                 };
                 info!(addr = %full, "listening");
-                // One socket per port, reported once per interface address.
-                if let Some(port) = udp_buffers::quic_port(&full) {
-                    if self.raised_ports.insert(port) {
-                        udp_buffers::raise_and_report(port);
-                    }
-                }
                 self.emit(NetEvent::Listening(full)).await;
             }
             SwarmEvent::ConnectionEstablished {

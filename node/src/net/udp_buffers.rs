@@ -1,28 +1,24 @@
-//! Larger receive buffers for the node's own QUIC sockets.
+//! Larger receive buffers for the node's QUIC sockets.
 //!
-//! libp2p's QUIC transport leaves its socket's receive buffer at the system's
-//! default (on Linux `net.core.rmem_default`, often 208 KiB) and offers no way
-//! to set it. A tensor part arrives as a burst of megabytes; while the
-//! receiving node is busy (decoding, reducing), the kernel drops what
-//! overflows the buffer and QUIC stalls until it has resent it. Measured on
-//! 2 cores, all-reduce of 1M values: with 208 KiB a third of the rounds took
-//! 47-57 ms instead of 18-25 ms (a 2 MB transfer 33-37 ms instead of 7 ms), and
-//! 4 peers took 95 ms a round; with 4 MiB the drops stopped and 4 peers took
-//! 60-63 ms (see BENCHMARKS.md).
+//! A UDP socket's receive buffer starts at the system's default (on Linux
+//! `net.core.rmem_default`, often 208 KiB). A tensor part arrives as a burst
+//! of megabytes; while the receiving node is busy (decoding, reducing), the
+//! kernel drops what overflows the buffer and QUIC stalls until it has resent
+//! it. Measured on 2 cores, all-reduce of 1M values: with 208 KiB a third of
+//! the rounds took 47-57 ms instead of 18-25 ms (a 2 MB transfer 33-37 ms
+//! instead of 7 ms), and 4 peers took 95 ms a round; with 4 MiB the drops
+//! stopped and 4 peers took 60-63 ms (see BENCHMARKS.md).
 //!
-//! So once the transport reports a listening port, the node finds its own
-//! UDP sockets bound to that port and raises their receive buffers itself, as
-//! quic-go does for its sockets. It reaches a socket libp2p owns through a
-//! duplicate of its descriptor (`pidfd_getfd` on this process, Linux 5.6 and
-//! later), which shares the socket, so no unsafe code touches libp2p's
-//! descriptor. An unprivileged process may ask for at most
-//! `net.core.rmem_max`; a node with `CAP_NET_ADMIN` goes past it. Where that
-//! cap leaves the buffer small, the node says which setting to raise.
+//! So the node's transport (`net::quic`) raises each socket's buffer as it
+//! binds it, as quic-go does for its sockets. An unprivileged process may
+//! ask for at most `net.core.rmem_max`; a node with `CAP_NET_ADMIN` goes past
+//! it. Where that cap leaves the buffer small, the node says which setting
+//! to raise.
 
 use std::fmt;
 
-use libp2p::multiaddr::Protocol;
-use libp2p::Multiaddr;
+use std::net::UdpSocket;
+
 use tracing::{debug, info};
 
 /// Receive buffer a node asks for on each of its QUIC sockets: a couple of
@@ -53,27 +49,18 @@ fn holds(size: usize, want: usize) -> bool {
     size >= want.saturating_mul(2)
 }
 
-/// Why the buffers could not be raised; the node goes on with the defaults.
+/// Why the buffer could not be raised; the node goes on with the default.
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
-    /// No UDP socket of this process is bound to the port.
-    #[error("no UDP socket of this process is bound to port {0}")]
-    NoSocket(u16),
-    /// The process cannot duplicate its own descriptors (an older kernel, or
-    /// a sandbox that filters the system call).
-    #[error("cannot reach this process's own sockets: {0}")]
-    Unreachable(std::io::Error),
     /// Not Linux: nothing is done.
     #[error("raising UDP receive buffers is only done on Linux")]
     Unsupported,
 }
 
-/// Raises the receive buffer of every UDP socket of this process bound to
-/// `port` to `want` bytes where the system allows it, never lowering one.
-/// Returns what each socket had before and has now. Each port is tried once
-/// per node (the caller keeps track), refused or not.
-pub fn raise_receive_buffers(port: u16, want: usize) -> Result<Vec<Raised>, BufferError> {
-    imp::raise_receive_buffers(port, want)
+/// Raises `socket`'s receive buffer to `want` bytes where the system allows
+/// it, never lowering it. Returns what it had before and has now.
+pub fn raise_receive_buffer(socket: &UdpSocket, want: usize) -> Result<Raised, BufferError> {
+    imp::raise_receive_buffer(socket, want)
 }
 
 /// What to tell the user when a socket's buffer stayed below what the node
@@ -94,46 +81,21 @@ pub fn advice(port: u16, raised: Raised, want: usize) -> Option<String> {
     })
 }
 
-/// Raises the buffers of the sockets on `port` to [`WANTED_BYTES`] and logs
-/// the outcome; any failure leaves the defaults and is only logged.
-pub fn raise_and_report(port: u16) {
-    match raise_receive_buffers(port, WANTED_BYTES) {
-        Ok(sockets) => {
-            for raised in sockets {
-                match advice(port, raised, WANTED_BYTES) {
-                    Some(advice) => info!("{advice}"),
-                    None => debug!(
-                        port,
-                        before = %Kib(raised.before),
-                        after = %Kib(raised.after),
-                        "QUIC socket receive buffer raised (as the kernel counts it)"
-                    ),
-                }
-            }
-        }
+/// Raises `socket`'s buffer to [`WANTED_BYTES`] and logs the outcome; a
+/// socket left short of it keeps working and is only logged.
+pub fn raise_and_report(socket: &UdpSocket) {
+    let port = socket.local_addr().map_or(0, |a| a.port());
+    match raise_receive_buffer(socket, WANTED_BYTES) {
+        Ok(raised) => match advice(port, raised, WANTED_BYTES) {
+            Some(advice) => info!("{advice}"),
+            None => debug!(
+                port,
+                before = %Kib(raised.before),
+                after = %Kib(raised.after),
+                "QUIC socket receive buffer raised (as the kernel counts it)"
+            ),
+        },
         Err(BufferError::Unsupported) => {}
-        // The socket keeps the system default, so that is the setting to name.
-        Err(e) => info!(
-            port,
-            error = %e,
-            "cannot raise the QUIC socket's UDP receive buffer; averaging is faster \
-             with `sudo sysctl -w net.core.rmem_default={WANTED_BYTES}` and a restart \
-             of the node"
-        ),
-    }
-}
-
-/// The UDP port of a QUIC listen address of our own, where a socket of ours
-/// is bound; `None` for other transports and for relayed addresses (whose
-/// port is the relay's).
-pub fn quic_port(addr: &Multiaddr) -> Option<u16> {
-    let mut parts = addr.iter().skip(1);
-    let (Some(Protocol::Udp(port)), Some(Protocol::QuicV1)) = (parts.next(), parts.next()) else {
-        return None;
-    };
-    match parts.next() {
-        None | Some(Protocol::P2p(_)) if parts.next().is_none() => Some(port),
-        _ => None,
     }
 }
 
@@ -148,61 +110,18 @@ impl fmt::Display for Kib {
 
 #[cfg(target_os = "linux")]
 mod imp {
-    use std::net::SocketAddr;
-    use std::os::fd::OwnedFd;
+    use std::net::UdpSocket;
 
     use rustix::net::sockopt;
-    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
 
     use super::{holds, plain_request_raises, BufferError, Raised};
 
-    pub(super) fn raise_receive_buffers(
-        port: u16,
-        want: usize,
-    ) -> Result<Vec<Raised>, BufferError> {
-        let unreachable = |e: std::io::Error| BufferError::Unreachable(e);
-        let pidfd = pidfd_open(getpid(), PidfdFlags::empty()).map_err(|e| unreachable(e.into()))?;
-        let mut raised = Vec::new();
-        let mut refused = None;
-        for entry in std::fs::read_dir("/proc/self/fd").map_err(unreachable)? {
-            let Ok(entry) = entry else { continue };
-            let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-                continue;
-            };
-            let is_socket = std::fs::read_link(entry.path())
-                .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
-            if !is_socket {
-                continue;
-            }
-            // A duplicate shares the socket (and its buffer) and is closed on
-            // drop. Should the number have been closed and reused meanwhile,
-            // the checks below see whatever it is now.
-            match pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) {
-                Ok(socket) if is_udp_on(&socket, port) => raised.push(raise(&socket, want)),
-                Ok(_) => {}
-                Err(e) => refused = Some(e),
-            }
-        }
-        match (raised.is_empty(), refused) {
-            (true, Some(e)) => Err(unreachable(e.into())),
-            (true, None) => Err(BufferError::NoSocket(port)),
-            (false, _) => Ok(raised),
-        }
-    }
-
-    /// Whether `socket` is a UDP socket bound to `port`.
-    fn is_udp_on(socket: &OwnedFd, port: u16) -> bool {
-        let datagram = sockopt::socket_type(socket) == Ok(rustix::net::SocketType::DGRAM);
-        let bound = rustix::net::getsockname(socket)
-            .ok()
-            .and_then(|addr| SocketAddr::try_from(addr).ok())
-            .is_some_and(|addr| addr.port() == port);
-        datagram && bound
-    }
-
     /// Asks for `want` bytes: past `net.core.rmem_max` where privileged,
     /// else up to it, and only where that is more than the socket has.
-    fn raise(socket: &OwnedFd, want: usize) -> Raised {
+    pub(super) fn raise_receive_buffer(
+        socket: &UdpSocket,
+        want: usize,
+    ) -> Result<Raised, BufferError> {
         let size = || sockopt::socket_recv_buffer_size(socket).unwrap_or(0);
         let before = size();
         if !holds(before, want) {
@@ -214,10 +133,10 @@ mod imp {
                 let _ = sockopt::set_socket_recv_buffer_size(socket, want);
             }
         }
-        Raised {
+        Ok(Raised {
             before,
             after: size(),
-        }
+        })
     }
 
     /// `net.core.rmem_max`, the most an unprivileged request gets.
@@ -242,10 +161,10 @@ pub fn plain_request_raises(current: usize, want: usize, rmem_max: Option<usize>
 mod imp {
     use super::{BufferError, Raised};
 
-    pub(super) fn raise_receive_buffers(
-        _port: u16,
+    pub(super) fn raise_receive_buffer(
+        _socket: &std::net::UdpSocket,
         _want: usize,
-    ) -> Result<Vec<Raised>, BufferError> {
+    ) -> Result<Raised, BufferError> {
         Err(BufferError::Unsupported)
     }
 }
@@ -296,68 +215,26 @@ mod tests {
         assert!(!plain_request_raises(0, WANTED_BYTES, None));
     }
 
-    #[test]
-    fn only_direct_quic_addresses_name_a_port_of_ours() {
-        let port = |s: &str| quic_port(&s.parse().expect("multiaddr"));
-        let peer = "12D3KooWEYHJFFxmDWdZUMns8bYir6Q9L9Sn3ianwVLH6pbuoBFb";
-        assert_eq!(port("/ip4/127.0.0.1/udp/4001/quic-v1"), Some(4001));
-        assert_eq!(
-            port(&format!("/ip6/::1/udp/4002/quic-v1/p2p/{peer}")),
-            Some(4002)
-        );
-        assert_eq!(port("/ip4/127.0.0.1/tcp/4001"), None);
-        assert_eq!(port("/ip4/127.0.0.1/udp/4001"), None);
-        assert_eq!(
-            port(&format!(
-                "/ip4/10.0.0.1/udp/4001/quic-v1/p2p/{peer}/p2p-circuit/p2p/{peer}"
-            )),
-            None
-        );
-    }
-
     #[cfg(target_os = "linux")]
     #[test]
-    fn the_socket_on_the_port_is_raised_and_no_other() {
+    fn a_socket_is_raised_and_never_lowered() {
         use rustix::net::sockopt::{set_socket_recv_buffer_size, socket_recv_buffer_size};
 
-        let ours = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let other = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
         // Shrunk first, so that raising it to 64 KiB is within any system's
         // net.core.rmem_max (208 KiB by default) and must happen.
-        for s in [&ours, &other] {
-            set_socket_recv_buffer_size(s, 16 * 1024).expect("shrink");
-        }
-        let other_before = socket_recv_buffer_size(&other).expect("size");
-        let port = ours.local_addr().expect("addr").port();
+        set_socket_recv_buffer_size(&socket, 16 * 1024).expect("shrink");
         let want = 64 * 1024;
-
-        let raised = match raise_receive_buffers(port, want) {
-            // A sandbox (Docker's default seccomp profile without
-            // CAP_SYS_PTRACE) or a kernel before 5.6 refuses pidfd_getfd:
-            // the node then logs and keeps the defaults.
-            Err(BufferError::Unreachable(e)) => {
-                eprintln!("skipped: this process cannot duplicate its own descriptors: {e}");
-                return;
-            }
-            other => other.expect("the socket on the port is found"),
-        };
-        assert_eq!(raised.len(), 1, "{raised:?}");
-        assert!(raised[0].reached(want), "{raised:?}");
-        assert!(raised[0].before < raised[0].after, "{raised:?}");
+        let raised = raise_receive_buffer(&socket, want).expect("Linux");
+        assert!(raised.reached(want), "{raised:?}");
+        assert!(raised.before < raised.after, "{raised:?}");
         assert_eq!(
-            socket_recv_buffer_size(&ours).expect("size"),
-            raised[0].after
+            socket_recv_buffer_size(&socket).expect("size"),
+            raised.after
         );
-        assert_eq!(socket_recv_buffer_size(&other).expect("size"), other_before);
 
-        // Never lowered: asking for less leaves it.
-        let again = raise_receive_buffers(port, 1024).expect("reachable");
-        assert_eq!(again[0].after, raised[0].after);
-
-        drop(ours);
-        assert!(matches!(
-            raise_receive_buffers(port, want),
-            Err(BufferError::NoSocket(p)) if p == port
-        ));
+        // Asking for less leaves it.
+        let again = raise_receive_buffer(&socket, 1024).expect("Linux");
+        assert_eq!(again.after, raised.after);
     }
 }

@@ -25,7 +25,7 @@ use tracing::{debug, info};
 /// tensor parts in flight fit in it.
 pub const WANTED_BYTES: usize = 4 * 1024 * 1024;
 
-/// One socket's receive buffer before and after [`raise_receive_buffers`], as
+/// One socket's receive buffer before and after [`raise_receive_buffer`], as
 /// the kernel reports it (Linux reports twice what was asked for, the extra
 /// half being its own bookkeeping).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,9 +21,10 @@ use quinn::{ClientConfig, EndpointConfig, MtuDiscoveryConfig, ServerConfig, Tran
 
 use super::QuicError;
 
-/// Largest UDP payload an endpoint accepts, and the one path-MTU discovery
-/// may reach on a loopback path: QUIC's own maximum, within loopback's
-/// 64 KiB MTU.
+/// Largest UDP payload an endpoint accepts, and the bound of path-MTU
+/// discovery on a loopback path: QUIC's own maximum. Loopback's 64 KiB MTU
+/// carries a little less (65507 bytes over IPv4); discovery settles there,
+/// its larger probes refused by the kernel.
 pub const LOOPBACK_PAYLOAD: u16 = 65_527;
 
 /// Largest payload sent with segmentation offload. quinn 0.11 hands the
@@ -54,8 +55,12 @@ const CONNECTION_WINDOW: u32 = 15_000_000;
 
 /// The configurations a node's endpoints and connections use.
 pub(super) struct QuinnConfigs {
-    /// Shared by every endpoint of the node.
+    /// Shared by the node's listening and dialing endpoints.
     pub endpoint: EndpointConfig,
+    /// For an endpoint made for one dial: quinn's own payload limit, whose
+    /// receive buffers are 1/44 the size (quinn sizes them by the limit,
+    /// ~128 MiB of address space at [`LOOPBACK_PAYLOAD`]).
+    pub one_dial_endpoint: EndpointConfig,
     /// Handshake time limit, applied by the transport.
     pub handshake_timeout: Duration,
     server_default: Arc<ServerConfig>,
@@ -98,11 +103,13 @@ impl QuinnConfigs {
             None => EndpointConfig::default(),
         };
         endpoint.supported_versions(vec![1]);
+        let one_dial_endpoint = endpoint.clone();
         endpoint
             .max_udp_payload_size(LOOPBACK_PAYLOAD)
             .map_err(|e| setup("UDP payload size", &e))?;
         Ok(Self {
             endpoint,
+            one_dial_endpoint,
             handshake_timeout: settings.handshake_timeout,
             server_default: server(default.clone()),
             server_loopback: server(loopback.clone()),

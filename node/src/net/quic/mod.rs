@@ -115,24 +115,41 @@ impl QuicTransport {
         )?)
     }
 
-    /// An endpoint on a port of its own, for a dial no listener serves.
-    fn dialer(&self, family_of: SocketAddr) -> Result<quinn::Endpoint, QuicError> {
+    /// An endpoint on a port of its own, for dials no listener serves:
+    /// `shared` for all such dials of the address family, else for one dial
+    /// (an AutoNAT dial-back, say), which gets quinn's small receive
+    /// buffers and the socket's default one, as it carries no tensors.
+    fn dialer(&self, family_of: SocketAddr, shared: bool) -> Result<quinn::Endpoint, QuicError> {
         let any: IpAddr = if family_of.is_ipv4() {
             Ipv4Addr::UNSPECIFIED.into()
         } else {
             Ipv6Addr::UNSPECIFIED.into()
         };
-        self.endpoint(bind(SocketAddr::new(any, 0))?, false)
+        let socket = bind(SocketAddr::new(any, 0), shared)?;
+        if shared {
+            return self.endpoint(socket, false);
+        }
+        Ok(quinn::Endpoint::new(
+            self.configs.one_dial_endpoint.clone(),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?)
     }
 
     /// A listener to dial `remote` from: of its address family and, for a
     /// loopback peer, one that listens on loopback. Among several, the same
     /// one each time for the same peer address.
     fn listener_for(&self, remote: SocketAddr) -> Option<&Listener> {
+        // A loopback peer is reached from a listener on loopback, any other
+        // from one that is not bound to loopback (which could not send there).
         let fits = |l: &&Listener| {
-            l.is_open()
-                && l.local.is_ipv4() == remote.is_ipv4()
-                && (!remote.ip().is_loopback() || l.addresses.iter().any(IpAddr::is_loopback))
+            let path_fits = if remote.ip().is_loopback() {
+                l.addresses.iter().any(IpAddr::is_loopback)
+            } else {
+                !l.local.ip().is_loopback()
+            };
+            l.is_open() && l.local.is_ipv4() == remote.is_ipv4() && path_fits
         };
         let count = self.listeners.iter().filter(fits).count();
         if count == 0 {
@@ -150,6 +167,8 @@ impl QuicTransport {
             .ok_or(QuicError::NoListenerToPunchFrom(remote))?
             .socket()?;
         let (sender, receiver) = oneshot::channel();
+        // Punches whose dial gave up (timed out, or dropped).
+        self.punches.retain(|_, waiting| !waiting.is_canceled());
         match self.punches.entry(remote) {
             Entry::Occupied(e) if !e.get().is_canceled() => {
                 return Err(QuicError::PunchInProgress(remote))
@@ -237,9 +256,9 @@ impl QuicTransport {
 }
 
 /// A UDP socket bound to `addr`, with room for bursts of tensor parts
-/// (`udp_buffers`); an IPv6 one takes IPv6 only, so a node may listen on the
-/// same port in both families.
-fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// (`udp_buffers`) where `for_tensors`; an IPv6 one takes IPv6 only, so a
+/// node may listen on the same port in both families.
+fn bind(addr: SocketAddr, for_tensors: bool) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -247,7 +266,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     }
     socket.bind(&addr.into())?;
     let socket = socket.into();
-    super::udp_buffers::raise_and_report(&socket);
+    if for_tensors {
+        super::udp_buffers::raise_and_report(&socket);
+    }
     Ok(socket)
 }
 
@@ -265,7 +286,7 @@ impl Transport for QuicTransport {
         let Some((local, _)) = to_socket_addr(&addr) else {
             return Err(TransportError::MultiaddrNotSupported(addr));
         };
-        let socket = bind(local).map_err(QuicError::from)?;
+        let socket = bind(local, true).map_err(QuicError::from)?;
         let handle = socket.try_clone().map_err(QuicError::from)?;
         let endpoint = self.endpoint(socket, true)?;
         self.listeners.push(Listener::new(id, endpoint, handle)?);
@@ -316,12 +337,12 @@ impl Transport for QuicTransport {
             (None, PortUse::Reuse) => match self.dialers.get(&remote.is_ipv4()) {
                 Some(endpoint) => endpoint.clone(),
                 None => {
-                    let endpoint = self.dialer(remote)?;
+                    let endpoint = self.dialer(remote, true)?;
                     self.dialers.insert(remote.is_ipv4(), endpoint.clone());
                     endpoint
                 }
             },
-            (None, PortUse::New) => self.dialer(remote)?,
+            (None, PortUse::New) => self.dialer(remote, false)?,
         };
         let client = self.configs.client_for(remote);
         let timeout = self.configs.handshake_timeout;
@@ -590,6 +611,18 @@ mod tests {
         let (punched, dialled) = tokio::time::timeout(WAIT, both).await.expect("in time");
         assert_eq!(punched.unwrap().0, b_id);
         assert_eq!(dialled.unwrap().0, a_id);
+    }
+
+    #[tokio::test]
+    async fn a_listener_on_loopback_dials_only_loopback_peers() {
+        let (mut t, _) = transport();
+        let (_, addr) = listen(&mut t, "/ip4/127.0.0.1/udp/0/quic-v1").await;
+        let local = to_socket_addr(&addr).unwrap().0;
+        assert!(t.listener_for("127.0.0.1:4001".parse().unwrap()).is_some());
+        // It could not send there: such a dial goes out from a dialer.
+        assert!(t.listener_for("192.0.2.1:4001".parse().unwrap()).is_none());
+        assert!(t.listener_for("[::1]:4001".parse().unwrap()).is_none());
+        assert_eq!(t.listeners[0].local, local);
     }
 
     #[test]

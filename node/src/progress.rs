@@ -76,7 +76,7 @@ pub fn round_line(r: &RoundReport, bytes_per_s: Option<f64>) -> String {
     format!(
         "round {:>4}  step {:>6}/{}  peers {:>2}  loss {:.4}  {:>8.0} samples/s  sent {:.1} MB ({rate})",
         r.round,
-        r.step,
+        r.progress_step(),
         r.total_steps,
         r.peers,
         r.loss,
@@ -173,6 +173,7 @@ mod tests {
         NodeEvent::Round(RoundReport {
             round,
             step: round * 10,
+            run_step: round * 10,
             total_steps: 100,
             peers: 3,
             loss: 0.5,
@@ -185,6 +186,22 @@ mod tests {
             join_window_s: 2.0,
             model_digest: String::new(),
         })
+    }
+
+    #[test]
+    fn the_progress_line_shows_where_the_run_stands_not_the_local_count() {
+        // A late joiner that downloaded the model of round 50 and trained
+        // one round of 10 steps since.
+        let NodeEvent::Round(mut joiner) = round(51, 0) else {
+            unreachable!()
+        };
+        (joiner.step, joiner.run_step, joiner.total_steps) = (10, 510, 1000);
+        let line = round_line(&joiner, None);
+        assert!(line.contains("step    510/1000"), "{line}");
+        // A record written before `run_step` existed shows its local count.
+        joiner.run_step = 0;
+        let line = round_line(&joiner, None);
+        assert!(line.contains("step     10/1000"), "{line}");
     }
 
     fn evaluated() -> NodeEvent {

@@ -527,7 +527,7 @@ fn round_line(round: u64, agg: &RoundAgg, elapsed: Duration) -> String {
     // stage plans steps (later stages report 0).
     let lead = agg.reports.iter().max_by_key(|r| r.total_steps);
     let total = lead.map(|r| r.total_steps).unwrap_or(0);
-    let step = lead.map(|r| r.step).unwrap_or(0);
+    let step = lead.map(RoundReport::progress_step).unwrap_or(0);
     format!(
         "round {round:>4}  step {step:>6}/{total}  peers {peers:>2}  loss {loss:.4}  {sps:>8.0} samples/s  sent {:>8.1} MB  {:>6.1} s",
         sent as f64 / 1e6,
@@ -629,5 +629,16 @@ mod tests {
         };
         let line = round_line(1, &agg, Duration::from_secs(2));
         assert!(line.contains("step     10/80"), "{line}");
+    }
+
+    #[test]
+    fn a_testnet_progress_line_shows_where_the_run_stands() {
+        let mut joiner = report(10, 80);
+        joiner.run_step = 40;
+        let agg = RoundAgg {
+            reports: vec![joiner],
+        };
+        let line = round_line(4, &agg, Duration::from_secs(2));
+        assert!(line.contains("step     40/80"), "{line}");
     }
 }

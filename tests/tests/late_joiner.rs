@@ -33,6 +33,8 @@ fn late_joiner_averages_with_the_swarm() {
         .push(spawn(1, &swarm, "2", "400", Some(&boot), tx.clone()));
     let mut late_started = false;
     let mut late_rounds = Vec::new();
+    // The late joiner's (step, run_step, total_steps) per round.
+    let mut late_steps = Vec::new();
     let mut early_rounds_after_join = Vec::new();
     let mut finished = 0;
     let mut finals = Vec::new();
@@ -58,7 +60,12 @@ fn late_joiner_averages_with_the_swarm() {
             }
             Some("synced") if i == 2 => synced = Some(v),
             Some("round") if i == 2 => {
-                late_rounds.push((v["round"].as_u64().unwrap(), v["peers"].as_u64().unwrap()))
+                late_rounds.push((v["round"].as_u64().unwrap(), v["peers"].as_u64().unwrap()));
+                late_steps.push((
+                    v["step"].as_u64().unwrap(),
+                    v["run_step"].as_u64().unwrap(),
+                    v["total_steps"].as_u64().unwrap(),
+                ));
             }
             Some("round") if late_started && !late_rounds.is_empty() => early_rounds_after_join
                 .push((v["round"].as_u64().unwrap(), v["peers"].as_u64().unwrap())),
@@ -70,6 +77,12 @@ fn late_joiner_averages_with_the_swarm() {
         }
     }
     eprintln!("late joiner rounds (round, group): {late_rounds:?}; synced: {synced:?}");
+    // Its progress counts the rounds it downloaded, not only its own steps.
+    let &(step, run_step, total) = late_steps.first().expect("the late joiner trained");
+    assert!(
+        step < run_step && run_step <= total,
+        "late joiner's first round: step {step}, run_step {run_step} of {total}"
+    );
     // It downloaded the swarm's model: the digest it received is what the
     // early nodes held after that round.
     let synced = synced.expect("the late joiner never downloaded the swarm's model");

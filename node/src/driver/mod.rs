@@ -261,7 +261,13 @@ pub struct RoundReport {
     pub round: u64,
     /// Local steps taken so far.
     pub step: u64,
-    /// Local steps this node takes in total.
+    /// Where the run stands after this round: the steps of its schedule
+    /// through this round. A node that downloaded the swarm's model, or
+    /// skipped rounds to catch up, counts those rounds here and not in
+    /// `step`. 0 in records written before it existed.
+    #[serde(default)]
+    pub run_step: u64,
+    /// Steps of the run's schedule in all.
     pub total_steps: u64,
     /// Members of this round's group (1 means it averaged alone).
     pub peers: usize,
@@ -289,6 +295,14 @@ pub struct RoundReport {
     pub join_window_s: f64,
     /// blake3 of the parameters after this round, hex.
     pub model_digest: String,
+}
+
+impl RoundReport {
+    /// The step a progress line shows: where the run stands, or the local
+    /// count in records that lack it.
+    pub fn progress_step(&self) -> u64 {
+        self.run_step.max(self.step)
+    }
 }
 
 /// Figures of the finished run on one node.
@@ -969,6 +983,7 @@ impl Driver {
             let r = RoundReport {
                 round,
                 step,
+                run_step: round.saturating_mul(every).min(total_steps),
                 total_steps,
                 peers: group,
                 loss: last_loss,

@@ -1556,6 +1556,9 @@ impl Driver {
         report(&NodeEvent::Round(RoundReport {
             round,
             step,
+            // A stage counts the optimizer steps it took, in step with the
+            // other stages.
+            run_step: step,
             total_steps,
             peers: group,
             loss,

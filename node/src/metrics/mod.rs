@@ -547,6 +547,7 @@ mod tests {
         NodeEvent::Round(RoundReport {
             round,
             step: round * 10,
+            run_step: round * 10,
             total_steps: 100,
             peers: 3,
             loss,

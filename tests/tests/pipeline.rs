@@ -71,6 +71,10 @@ fn one_forward_one_backward_bounds_the_activations_every_stage_holds() {
         "loss fell only from {initial} to {fin}"
     );
     assert_eq!(bounded["tokens"], 6 * 16 * 128);
+    // Six steps averaged every two: three rounds on every stage. A lone
+    // later-stage replica used to run a fourth, closing round, which
+    // numbered its checkpoints apart from the first stage's.
+    assert_eq!(bounded["rounds"], 3, "{bounded}");
     // GPipe (the whole step in flight) holds every micro-batch of the step.
     let gpipe = three_stage_testnet("8");
     let held = &gpipe["peak_held_micro_batches"];

@@ -2104,30 +2104,37 @@ impl Driver {
                 if phase == StagePhase::Training && first_trained && relayed.is_empty() {
                     // Training is over: step on what is left, then a last round
                     // so every replica of this stage holds the same parameters.
+                    let stepped_since_round = micro > 0 || step % every != 0;
                     if micro > 0 {
                         self.pump(compute.apply_step()).await??;
                         step = step.saturating_add(1);
                         micro = 0;
                     }
-                    round = self.next_stage_round(round);
-                    let loss = if losses.is_empty() {
-                        outcome.last_loss
-                    } else {
-                        mean(&losses)
-                    };
-                    losses.clear();
-                    self.stage_round(
-                        run,
-                        round,
-                        step,
-                        step,
-                        loss,
-                        t0,
-                        tally,
-                        &mut outcome,
-                        report,
-                    )
-                    .await?;
+                    // A lone replica that took no step since its last round has
+                    // nothing to agree on, and one round more would number its
+                    // rounds and checkpoints apart from the first stage's.
+                    let alone = self.live_replicas(stage).len() <= 1;
+                    if stepped_since_round || !alone {
+                        round = self.next_stage_round(round);
+                        let loss = if losses.is_empty() {
+                            outcome.last_loss
+                        } else {
+                            mean(&losses)
+                        };
+                        losses.clear();
+                        self.stage_round(
+                            run,
+                            round,
+                            step,
+                            step,
+                            loss,
+                            t0,
+                            tally,
+                            &mut outcome,
+                            report,
+                        )
+                        .await?;
+                    }
                     outcome.training = t0.elapsed();
                     phase = StagePhase::Trained;
                     *last_hello = self.hello(stage, pcfg.stages, phase)?;

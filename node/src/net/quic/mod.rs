@@ -367,7 +367,12 @@ impl Transport for QuicTransport {
                     this.listeners.swap_remove(index);
                 }
                 Poll::Ready(Some(event)) => {
-                    if let Some(event) = this.on_listener_event(index, event) {
+                    let event = this.on_listener_event(index, event);
+                    // The listener that spoke goes last, so that a flood on
+                    // one (a burst of handshakes) keeps no other waiting.
+                    let spoke = this.listeners.remove(index);
+                    this.listeners.push(spoke);
+                    if let Some(event) = event {
                         return Poll::Ready(event);
                     }
                 }
@@ -623,6 +628,27 @@ mod tests {
         assert!(t.listener_for("192.0.2.1:4001".parse().unwrap()).is_none());
         assert!(t.listener_for("[::1]:4001".parse().unwrap()).is_none());
         assert_eq!(t.listeners[0].local, local);
+    }
+
+    #[tokio::test]
+    async fn listeners_take_turns_to_report() {
+        let (mut t, _) = transport();
+        let (a, b) = (ListenerId::next(), ListenerId::next());
+        for id in [a, b] {
+            t.listen_on(id, "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap())
+                .unwrap();
+        }
+        // `a` has two events to give (its address, then its closing), `b` one.
+        assert!(t.remove_listener(a));
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            order.push(match next_event(&mut t).await {
+                TransportEvent::NewAddress { listener_id, .. } => (listener_id, "address"),
+                TransportEvent::ListenerClosed { listener_id, .. } => (listener_id, "closed"),
+                _ => panic!("expected addresses and a closing only"),
+            });
+        }
+        assert_eq!(order, [(a, "address"), (b, "address"), (a, "closed")]);
     }
 
     #[test]

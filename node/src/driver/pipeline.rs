@@ -2112,7 +2112,11 @@ impl Driver {
                     }
                     // A lone replica that took no step since its last round has
                     // nothing to agree on, and one round more would number its
-                    // rounds and checkpoints apart from the first stage's.
+                    // rounds and checkpoints apart from the first stage's. Alone
+                    // as this node sees it: a replica it cannot see but that sees
+                    // it runs the round by itself after a join window, and the
+                    // closing parameters (`Inbox::closing`) still bring the
+                    // replicas onto one model.
                     let alone = self.live_replicas(stage).len() <= 1;
                     if stepped_since_round || !alone {
                         round = self.next_stage_round(round);

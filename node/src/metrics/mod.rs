@@ -60,6 +60,7 @@ struct State {
     total_steps: u64,
     round: u64,
     step: u64,
+    run_step: u64,
     loss: f32,
     samples: u64,
     samples_per_s: f64,
@@ -127,6 +128,9 @@ pub struct Status {
     pub round: u64,
     /// Local steps done.
     pub step: u64,
+    /// Where the run stands: the steps of its schedule through the last
+    /// round, those a node downloaded or skipped to catch up included.
+    pub run_step: u64,
     /// Local steps this run lasts (0 while unknown).
     pub total_steps: u64,
     /// Mean training loss of the last round.
@@ -174,6 +178,7 @@ impl Metrics {
                 total_steps: 0,
                 round: 0,
                 step: 0,
+                run_step: 0,
                 loss: f32::NAN,
                 samples: 0,
                 samples_per_s: 0.0,
@@ -279,6 +284,7 @@ impl Metrics {
                 s.last_round_at = Some(now);
                 s.round = r.round;
                 s.step = r.step;
+                s.run_step = r.progress_step();
                 s.total_steps = r.total_steps;
                 s.loss = r.loss;
                 s.samples = r.samples;
@@ -384,6 +390,7 @@ impl Metrics {
             stage: s.stage,
             round: s.round,
             step: s.step,
+            run_step: s.run_step,
             total_steps: s.total_steps,
             loss: s.loss.is_finite().then_some(s.loss),
             accuracy: s.accuracy,
@@ -583,6 +590,20 @@ mod tests {
             .unwrap()
             .contains("round"));
         assert_eq!(m.bodies_built(), 4);
+    }
+
+    #[test]
+    fn the_status_says_where_the_run_stands_beside_the_local_steps() {
+        let m = Metrics::new();
+        let NodeEvent::Round(mut joiner) = round(51, 1.0, 0) else {
+            unreachable!()
+        };
+        // Downloaded the model of round 50, then trained one round of 10.
+        (joiner.step, joiner.run_step) = (10, 510);
+        m.record(&NodeEvent::Round(joiner));
+        let status = m.status();
+        assert_eq!((status.step, status.run_step), (10, 510));
+        assert!(m.prometheus().contains("\np2ptrain_steps_total 10\n"));
     }
 
     #[test]

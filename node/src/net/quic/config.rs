@@ -6,10 +6,11 @@
 //! discovery stops at 1452, even on loopback's 64 KiB MTU. quinn encrypts,
 //! frames, acknowledges and paces per packet, so on a CPU-bound machine that
 //! limit is most of what an all-reduce between local peers costs
-//! (BENCHMARKS.md, "Packet size"). Here every endpoint accepts payloads up to
-//! [`LOOPBACK_PAYLOAD`], and a connection to a loopback address lets
-//! discovery climb to it; every other path keeps quinn's defaults, which fit
-//! the internet's 1500-byte links.
+//! (BENCHMARKS.md, "Packet size"). Here listening endpoints and the shared
+//! dialing ones accept payloads up to [`LOOPBACK_PAYLOAD`] (an endpoint made
+//! for one dial keeps quinn's 1472), and a connection to a loopback address
+//! lets discovery climb to it; every other path keeps quinn's defaults,
+//! which fit the internet's 1500-byte links.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -151,12 +151,15 @@ impl QuicTransport {
             };
             l.is_open() && l.local.is_ipv4() == remote.is_ipv4() && path_fits
         };
-        let count = self.listeners.iter().filter(fits).count();
-        if count == 0 {
+        // In the order of their addresses: `poll` reorders the list.
+        let mut fitting: Vec<&Listener> = self.listeners.iter().filter(fits).collect();
+        if fitting.is_empty() {
             return None;
         }
-        let pick = BuildHasherDefault::<DefaultHasher>::default().hash_one(remote) as usize % count;
-        self.listeners.iter().filter(fits).nth(pick)
+        fitting.sort_by_key(|l| l.local);
+        let pick = BuildHasherDefault::<DefaultHasher>::default().hash_one(remote) as usize
+            % fitting.len();
+        Some(fitting[pick])
     }
 
     /// A dial that must end as the accepting side: punch a hole from a

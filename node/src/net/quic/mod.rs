@@ -105,10 +105,16 @@ impl QuicTransport {
         })
     }
 
-    fn endpoint(&self, socket: UdpSocket, server: bool) -> Result<quinn::Endpoint, QuicError> {
+    /// An endpoint on `socket` with `config`; `server` for a listener's.
+    fn endpoint(
+        &self,
+        config: &quinn::EndpointConfig,
+        socket: UdpSocket,
+        server: bool,
+    ) -> Result<quinn::Endpoint, QuicError> {
         let server = server.then(|| self.configs.server_default());
         Ok(quinn::Endpoint::new(
-            self.configs.endpoint.clone(),
+            config.clone(),
             server,
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -126,15 +132,12 @@ impl QuicTransport {
             Ipv6Addr::UNSPECIFIED.into()
         };
         let socket = bind(SocketAddr::new(any, 0), shared)?;
-        if shared {
-            return self.endpoint(socket, false);
-        }
-        Ok(quinn::Endpoint::new(
-            self.configs.one_dial_endpoint.clone(),
-            None,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?)
+        let config = if shared {
+            &self.configs.endpoint
+        } else {
+            &self.configs.one_dial_endpoint
+        };
+        self.endpoint(config, socket, false)
     }
 
     /// A listener to dial `remote` from: of its address family and, for a
@@ -291,7 +294,7 @@ impl Transport for QuicTransport {
         };
         let socket = bind(local, true).map_err(QuicError::from)?;
         let handle = socket.try_clone().map_err(QuicError::from)?;
-        let endpoint = self.endpoint(socket, true)?;
+        let endpoint = self.endpoint(&self.configs.endpoint, socket, true)?;
         self.listeners.push(Listener::new(id, endpoint, handle)?);
         // Later dials go out from the listener; the dialer's connections
         // keep its endpoint alive until they end.
@@ -631,6 +634,30 @@ mod tests {
         assert!(t.listener_for("192.0.2.1:4001".parse().unwrap()).is_none());
         assert!(t.listener_for("[::1]:4001".parse().unwrap()).is_none());
         assert_eq!(t.listeners[0].local, local);
+    }
+
+    #[tokio::test]
+    async fn a_dial_on_a_port_of_its_own_connects_and_leaves_no_shared_dialer() {
+        let (mut a, a_id) = transport();
+        let (mut b, _) = transport();
+        let (_, a_addr) = listen(&mut a, "/ip4/127.0.0.1/udp/0/quic-v1").await;
+        let mut accepted = accept_all(a);
+        let fresh_port = DialOpts {
+            role: Endpoint::Dialer,
+            port_use: PortUse::New,
+        };
+        let dialled = b.dial(a_addr, fresh_port).unwrap();
+        let (peer, mut from_b) = tokio::time::timeout(WAIT, dialled).await.unwrap().unwrap();
+        let (_, mut at_a) = tokio::time::timeout(WAIT, accepted.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(peer, a_id);
+        transfer(&mut from_b, &mut at_a, 100_000).await;
+        assert!(
+            b.dialers.is_empty(),
+            "a one-dial endpoint is not kept for reuse"
+        );
     }
 
     #[tokio::test]

@@ -12,7 +12,6 @@ mod connection;
 mod listener;
 mod punch;
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -89,7 +88,7 @@ pub struct QuicTransport {
     /// Dials waiting to accept the connection a hole punch brings, by the
     /// address it comes from.
     punches: HashMap<SocketAddr, oneshot::Sender<Upgrade>>,
-    /// Woken when a listener is added outside `poll`.
+    /// Woken when a listener is added or closed outside `poll`.
     waker: Option<Waker>,
 }
 
@@ -140,6 +139,24 @@ impl QuicTransport {
         self.endpoint(config, socket, false)
     }
 
+    /// The endpoint all dials of `remote`'s address family share while no
+    /// listener of that family serves them, made at the first.
+    fn shared_dialer(&mut self, remote: SocketAddr) -> Result<quinn::Endpoint, QuicError> {
+        if let Some(endpoint) = self.dialers.get(&remote.is_ipv4()) {
+            return Ok(endpoint.clone());
+        }
+        let endpoint = self.dialer(remote, true)?;
+        self.dialers.insert(remote.is_ipv4(), endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// Wakes `poll` after a listener was added or closed outside it.
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
     /// A listener to dial `remote` from: of its address family and, for a
     /// loopback peer, one that listens on loopback. Among several, the same
     /// one each time for the same peer address.
@@ -172,20 +189,13 @@ impl QuicTransport {
             .listener_for(remote)
             .ok_or(QuicError::NoListenerToPunchFrom(remote))?
             .socket()?;
-        let (sender, receiver) = oneshot::channel();
-        // Punches whose dial gave up (timed out, or dropped).
+        // Punches whose dial gave up (timed out, or dropped) make way.
         self.punches.retain(|_, waiting| !waiting.is_canceled());
-        match self.punches.entry(remote) {
-            Entry::Occupied(e) if !e.get().is_canceled() => {
-                return Err(QuicError::PunchInProgress(remote))
-            }
-            Entry::Occupied(mut e) => {
-                e.insert(sender);
-            }
-            Entry::Vacant(e) => {
-                e.insert(sender);
-            }
+        if self.punches.contains_key(&remote) {
+            return Err(QuicError::PunchInProgress(remote));
         }
+        let (sender, receiver) = oneshot::channel();
+        self.punches.insert(remote, sender);
         let timeout = self.configs.handshake_timeout;
         debug!(%remote, %peer, "punching a hole");
         Ok(async move {
@@ -299,9 +309,7 @@ impl Transport for QuicTransport {
         // Later dials go out from the listener; the dialer's connections
         // keep its endpoint alive until they end.
         self.dialers.remove(&local.is_ipv4());
-        if let Some(waker) = self.waker.take() {
-            waker.wake();
-        }
+        self.wake();
         Ok(())
     }
 
@@ -309,9 +317,7 @@ impl Transport for QuicTransport {
         match self.listeners.iter_mut().find(|l| l.id == id) {
             Some(listener) => {
                 listener.close();
-                if let Some(waker) = self.waker.take() {
-                    waker.wake();
-                }
+                self.wake();
                 true
             }
             None => false,
@@ -334,21 +340,12 @@ impl Transport for QuicTransport {
             };
             return Ok(self.dial_by_punching(remote, peer)?);
         }
-        let listener = match opts.port_use {
-            PortUse::Reuse => self.listener_for(remote).map(|l| l.endpoint.clone()),
-            PortUse::New => None,
-        };
-        let endpoint = match (listener, opts.port_use) {
-            (Some(endpoint), _) => endpoint,
-            (None, PortUse::Reuse) => match self.dialers.get(&remote.is_ipv4()) {
-                Some(endpoint) => endpoint.clone(),
-                None => {
-                    let endpoint = self.dialer(remote, true)?;
-                    self.dialers.insert(remote.is_ipv4(), endpoint.clone());
-                    endpoint
-                }
+        let endpoint = match opts.port_use {
+            PortUse::New => self.dialer(remote, false)?,
+            PortUse::Reuse => match self.listener_for(remote) {
+                Some(listener) => listener.endpoint.clone(),
+                None => self.shared_dialer(remote)?,
             },
-            (None, PortUse::New) => self.dialer(remote, false)?,
         };
         let client = self.configs.client_for(remote);
         let timeout = self.configs.handshake_timeout;

@@ -5,6 +5,7 @@
 //! and reduction overlap instead of running one after the other.
 
 use super::config::{part_encoding, AveragingConfig};
+use super::robust::Row;
 use super::outcome::{Destination, Outbox, PartOutcome, RoundOutcome};
 use super::AvgMessage;
 use crate::tensor::{split_ranges, Encoding, Payload};
@@ -17,7 +18,19 @@ use std::time::Duration;
 #[derive(Debug)]
 struct PartResult {
     contributors: Vec<NodeId>,
-    values: Vec<f32>,
+    /// The mean, or `None` once it is written over our own values of the part (a received
+    /// plain mean is decoded straight there: nothing screens it, and nothing reads our
+    /// values of a part another member reduces after its result is in).
+    values: Option<Vec<f32>>,
+}
+
+/// Another member's contribution to a part we reduce, as received.
+#[derive(Debug, Clone)]
+enum Contribution {
+    /// Decoded values (a part sent in a lossy encoding).
+    Values(Vec<f32>),
+    /// A checked f32 part, summed from where its bytes lie in the received frame.
+    F32(Payload),
 }
 
 /// The parts we reduced in the last finished round, kept so a member whose `Reduced` got
@@ -144,7 +157,7 @@ pub(crate) struct AllReduce {
     /// Contributions of the other members to the parts we reduce: by part, then by member
     /// (our own slot stays empty: our values are taken from `local` when reducing; empty
     /// for the parts others reduce, and once the part is reduced).
-    contributions: Vec<Vec<Option<Vec<f32>>>>,
+    contributions: Vec<Vec<Option<Contribution>>>,
     results: Vec<Option<PartResult>>,
     /// Our `Reduced` message per part we reduce, once that part is done.
     reduced: Vec<Option<AvgMessage>>,
@@ -322,8 +335,8 @@ impl AllReduce {
         {
             return; // duplicate: the first contribution wins
         }
-        let values = match decode_part(payload, self.part_len(j), self.sparse) {
-            Ok(v) => v,
+        let contribution = match receive_part(payload, self.part_len(j), self.sparse) {
+            Ok(c) => c,
             Err(e) => {
                 out.reject(from, format!("Part {part} for round {round} {e}"));
                 return;
@@ -331,7 +344,7 @@ impl AllReduce {
         };
         self.heard[idx] = true;
         if let Some(slot) = self.contributions.get_mut(j).and_then(|s| s.get_mut(idx)) {
-            *slot = Some(values);
+            *slot = Some(contribution);
         }
         self.reduce_if_all_in(j, out);
     }
@@ -536,6 +549,30 @@ impl AllReduce {
             );
             return;
         }
+        if !self.aggregation.is_robust() {
+            // Nothing screens a plain mean: it goes straight over our values of the part.
+            let placed = match check_part(payload, self.part_len(j), self.sparse) {
+                Ok(()) => match self.local.get_mut(self.ranges[j].clone()) {
+                    Some(dst) => payload
+                        .decode_into(dst)
+                        .map_err(|e| format!("is invalid: {e}")),
+                    None => Err("lies outside the vector".to_string()),
+                },
+                Err(e) => Err(e),
+            };
+            if let Err(e) = placed {
+                out.reject(from, format!("Reduced part {part} for round {round} {e}"));
+                return;
+            }
+            self.acknowledged(j, reducer_idx);
+            if let Some(slot) = self.results.get_mut(j) {
+                *slot = Some(PartResult {
+                    contributors,
+                    values: None,
+                });
+            }
+            return;
+        }
         let values = match decode_part(payload, self.part_len(j), self.sparse) {
             Ok(v) => v,
             Err(e) => {
@@ -543,10 +580,7 @@ impl AllReduce {
                 return;
             }
         };
-        self.heard[reducer_idx] = true;
-        if let Some(slot) = self.outgoing.get_mut(j) {
-            *slot = Outgoing::Done; // acknowledged
-        }
+        self.acknowledged(j, reducer_idx);
         let own = self.local.get(self.ranges[j].clone()).unwrap_or_default();
         let plausible = match &self.reference {
             Some(r) => {
@@ -568,8 +602,17 @@ impl AllReduce {
         if let Some(slot) = self.results.get_mut(j) {
             *slot = Some(PartResult {
                 contributors,
-                values,
+                values: Some(values),
             });
+        }
+    }
+
+    /// Part `j`'s result came from its reducer (member `reducer_idx`): our `Part` for it
+    /// needs no more re-sending.
+    fn acknowledged(&mut self, j: usize, reducer_idx: usize) {
+        self.heard[reducer_idx] = true;
+        if let Some(slot) = self.outgoing.get_mut(j) {
+            *slot = Outgoing::Done;
         }
     }
 
@@ -583,17 +626,25 @@ impl AllReduce {
         // nothing to the codec, and quantising it would only add error and a pass.
         let own = self.local.get(self.ranges[j].clone()).unwrap_or_default();
         let mut contributors = Vec::new();
-        let mut rows: Vec<&[f32]> = Vec::new();
+        let mut rows: Vec<Row> = Vec::new();
         for (k, (member, contribution)) in self.group.iter().zip(&slots).enumerate() {
-            if k == self.me_idx {
-                contributors.push(*member);
-                rows.push(own);
-            } else if let Some(values) = contribution {
-                contributors.push(*member);
-                rows.push(values);
-            }
+            let row = if k == self.me_idx {
+                Row::Values(own)
+            } else {
+                match contribution {
+                    Some(Contribution::Values(values)) => Row::Values(values),
+                    // Checked on receipt: `f32_le` only borrows its bytes.
+                    Some(Contribution::F32(payload)) => match payload.f32_le() {
+                        Ok(Some(le)) => Row::F32Le(le),
+                        _ => continue,
+                    },
+                    None => continue,
+                }
+            };
+            contributors.push(*member);
+            rows.push(row);
         }
-        let mean = self.aggregation.reduce(&rows, len);
+        let mean = self.aggregation.reduce_rows(&rows, len);
         let encoding = part_encoding(&mean, self.encoding, self.sparse);
         // We keep what the members decode.
         let (payload, mean) = Payload::encode_and_decoded(mean, encoding);
@@ -611,7 +662,7 @@ impl AllReduce {
         if let Some(slot) = self.results.get_mut(j) {
             *slot = Some(PartResult {
                 contributors,
-                values: mean,
+                values: Some(mean),
             });
         }
         if let Some(slot) = self.reduced.get_mut(j) {
@@ -698,9 +749,10 @@ impl AllReduce {
         for (j, (range, result)) in self.ranges.iter().zip(self.results).enumerate() {
             match result {
                 Some(result) => {
-                    if let Some(dst) = values.get_mut(range.clone()) {
-                        if dst.len() == result.values.len() {
-                            dst.copy_from_slice(&result.values);
+                    if let (Some(dst), Some(mean)) = (values.get_mut(range.clone()), &result.values)
+                    {
+                        if dst.len() == mean.len() {
+                            dst.copy_from_slice(mean);
                         }
                     }
                     let missing = self
@@ -769,6 +821,12 @@ impl AllReduce {
 /// would average dropped parameters as zeros) and the declared length (before decoding
 /// allocates it). The error reads after "Part k for round r".
 fn decode_part(payload: &Payload, want: usize, sparse: bool) -> Result<Vec<f32>, String> {
+    check_part(payload, want, sparse)?;
+    payload.decode().map_err(|e| format!("is invalid: {e}"))
+}
+
+/// The cheap checks of [`decode_part`]: the encoding and the declared length.
+fn check_part(payload: &Payload, want: usize, sparse: bool) -> Result<(), String> {
     if !payload.encoding.is_dense() && !sparse {
         return Err(format!(
             "is {}-encoded; averaging needs dense values (f32, f16, bf16 or int8)",
@@ -778,5 +836,16 @@ fn decode_part(payload: &Payload, want: usize, sparse: bool) -> Result<Vec<f32>,
     if payload.len as usize != want {
         return Err(format!("has {} values, the part has {want}", payload.len));
     }
-    payload.decode().map_err(|e| format!("is invalid: {e}"))
+    Ok(())
+}
+
+/// [`decode_part`] for a contribution we reduce: an f32 part is checked and kept as it
+/// lies in its frame (the reduction reads it there), other encodings are decoded.
+fn receive_part(payload: &Payload, want: usize, sparse: bool) -> Result<Contribution, String> {
+    check_part(payload, want, sparse)?;
+    match payload.f32_le() {
+        Ok(Some(_)) => Ok(Contribution::F32(payload.clone())),
+        Ok(None) => decode_part(payload, want, sparse).map(Contribution::Values),
+        Err(e) => Err(format!("is invalid: {e}")),
+    }
 }

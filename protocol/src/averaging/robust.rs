@@ -81,7 +81,10 @@ impl Aggregation {
             return vec![0.0; len];
         }
         match self {
-            Aggregation::Mean => mean(contributions, len),
+            Aggregation::Mean => {
+                let rows: Vec<Row> = contributions.iter().map(|c| Row::Values(c)).collect();
+                mean(&rows, len)
+            }
             Aggregation::TrimmedMean { trim } => {
                 let k = ((f64::from(trim) * n as f64).ceil() as usize).min((n - 1) / 2);
                 let mut column = Vec::with_capacity(n);
@@ -138,8 +141,64 @@ fn l2(values: impl Iterator<Item = f64>) -> f64 {
 /// part-sized f64 buffer is allocated (and faulted in page by page) per reduction.
 const MEAN_BLOCK: usize = 4096;
 
-fn mean(contributions: &[&[f32]], len: usize) -> Vec<f32> {
-    let n = contributions.len() as f64;
+/// One member's values for a part, as its reducer holds them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Row<'a> {
+    /// Decoded values: our own, or a part received in a lossy encoding.
+    Values(&'a [f32]),
+    /// A received f32 part's little-endian values, read where they lie in its frame
+    /// (see [`crate::tensor::Payload::f32_le`]) instead of decoded into a copy first.
+    F32Le(&'a [[u8; 4]]),
+}
+
+impl Row<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Row::Values(v) => v.len(),
+            Row::F32Le(b) => b.len(),
+        }
+    }
+
+    /// Adds values `range` of the row to `sums`, one per value.
+    fn add_to(&self, sums: &mut [f64], range: std::ops::Range<usize>) {
+        match self {
+            Row::Values(v) => {
+                for (s, v) in sums.iter_mut().zip(v.get(range).unwrap_or_default()) {
+                    *s += f64::from(*v);
+                }
+            }
+            Row::F32Le(b) => {
+                for (s, b) in sums.iter_mut().zip(b.get(range).unwrap_or_default()) {
+                    *s += f64::from(f32::from_le_bytes(*b));
+                }
+            }
+        }
+    }
+
+    fn decoded(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Row::Values(v) => std::borrow::Cow::Borrowed(v),
+            Row::F32Le(b) => b.iter().map(|b| f32::from_le_bytes(*b)).collect(),
+        }
+    }
+}
+
+impl Aggregation {
+    /// [`Aggregation::reduce`] of rows that may still be a received part's bytes: the mean
+    /// sums them where they lie (the same result, bit for bit); the robust rules, which
+    /// revisit every value, decode them first.
+    pub(crate) fn reduce_rows(self, rows: &[Row], len: usize) -> Vec<f32> {
+        if self == Aggregation::Mean && !rows.is_empty() {
+            return mean(rows, len);
+        }
+        let decoded: Vec<_> = rows.iter().map(Row::decoded).collect();
+        let refs: Vec<&[f32]> = decoded.iter().map(|d| &d[..]).collect();
+        self.reduce(&refs, len)
+    }
+}
+
+fn mean(rows: &[Row], len: usize) -> Vec<f32> {
+    let n = rows.len() as f64;
     let mut out = Vec::with_capacity(len);
     let mut sums = [0f64; MEAN_BLOCK];
     let mut start = 0;
@@ -147,13 +206,8 @@ fn mean(contributions: &[&[f32]], len: usize) -> Vec<f32> {
         let end = (start + MEAN_BLOCK).min(len);
         let block = &mut sums[..end - start];
         block.fill(0.0);
-        for c in contributions {
-            let values = c
-                .get(start.min(c.len())..end.min(c.len()))
-                .unwrap_or_default();
-            for (s, v) in block.iter_mut().zip(values) {
-                *s += f64::from(*v);
-            }
+        for row in rows {
+            row.add_to(block, start.min(row.len())..end.min(row.len()));
         }
         out.extend(block.iter().map(|s| (s / n) as f32));
         start = end;
@@ -238,6 +292,43 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "len {len}");
         }
+    }
+
+    #[test]
+    fn rows_read_from_received_bytes_reduce_as_their_decoded_values_bit_for_bit() {
+        let len = 2 * MEAN_BLOCK + 5;
+        let rows: Vec<Vec<f32>> = (0..4)
+            .map(|r| {
+                (0..len)
+                    .map(|i| ((i * 11 + r * 5) % 97) as f32 * 1e-3 - r as f32 * 3e6)
+                    .collect()
+            })
+            .collect();
+        let bytes: Vec<Vec<[u8; 4]>> = rows
+            .iter()
+            .map(|r| r.iter().map(|v| v.to_le_bytes()).collect())
+            .collect();
+        // Our own row as values, the others as bytes, in member order.
+        let mixed: Vec<Row> = rows
+            .iter()
+            .zip(&bytes)
+            .enumerate()
+            .map(|(k, (v, b))| if k == 1 { Row::Values(v) } else { Row::F32Le(b) })
+            .collect();
+        for rule in [
+            Aggregation::Mean,
+            Aggregation::TrimmedMean { trim: 0.25 },
+            Aggregation::CenteredClip { radius: 2.0 },
+        ] {
+            let want: Vec<u32> = reduce(rule, &rows).iter().map(|v| v.to_bits()).collect();
+            let got: Vec<u32> = rule
+                .reduce_rows(&mixed, len)
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(got, want, "{rule:?}");
+        }
+        assert_eq!(Aggregation::Mean.reduce_rows(&[], 3), vec![0.0; 3]);
     }
 
     #[test]

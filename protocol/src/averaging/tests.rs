@@ -712,6 +712,9 @@ fn member_validates_reduced_and_finishes_with_all_parts() {
         (B, reduced(1, &[A, B, C], &[2.0; 4])), // wrong length
         (B, reduced(1, &[C, B], &[2.0; 3])),    // unsorted
         (D, reduced(3, &[D], &[2.0; 3])),       // stranger, part out of range
+        // Not finite (its digest is right): refused before a value is placed, so the
+        // part is not marked done and C's valid result below still counts.
+        (C, reduced(2, &[A, B, C], &[-1.0, -1.0, f32::NAN])),
     ];
     for (from, msg) in bad {
         a.handle_message(ms(20), id(from), msg.clone());

@@ -420,6 +420,45 @@ pub(super) fn decode(
     }
 }
 
+/// [`decode`] of `out.len()` values into `out`: bodies not `checked` yet are checked whole
+/// first, so a refused body leaves `out` untouched. f32 and int8 are written in place; the
+/// other encodings, rare on this path, go through [`decode`].
+pub(super) fn decode_into(
+    bytes: &[u8],
+    encoding: Encoding,
+    checked: bool,
+    out: &mut [f32],
+) -> Result<(), TensorError> {
+    let len = u32::try_from(out.len()).map_err(|_| mismatch(bytes, usize::MAX))?;
+    if !checked {
+        check(bytes, len, encoding)?;
+    }
+    match encoding {
+        Encoding::F32 => {
+            let chunks = exact_chunks::<4>(bytes, len)?;
+            for (dst, c) in out.iter_mut().zip(chunks) {
+                *dst = f32::from_le_bytes(*c);
+            }
+        }
+        Encoding::Int8 { block } => {
+            let (scales, quants) = int8_parts(bytes, len, block)?;
+            let block = block.max(1) as usize;
+            for ((scale, chunk), dst) in scales
+                .iter()
+                .zip(quants.chunks(block))
+                .zip(out.chunks_mut(block))
+            {
+                let scale = f32::from_le_bytes(*scale);
+                for (d, q) in dst.iter_mut().zip(chunk) {
+                    *d = f32::from(i8::from_le_bytes([*q])) * scale;
+                }
+            }
+        }
+        _ => out.copy_from_slice(&decode(bytes, len, encoding, true)?),
+    }
+    Ok(())
+}
+
 /// The body as exactly `len` groups of `N` bytes.
 fn exact_chunks<const N: usize>(bytes: &[u8], len: u32) -> Result<&[[u8; N]], TensorError> {
     let (chunks, rest) = bytes.as_chunks::<N>();

@@ -224,6 +224,14 @@ pub enum TensorError {
         /// Position (in the decoded vector) of the first non-finite value.
         index: usize,
     },
+    /// A payload decoded into a place for another number of values.
+    #[error("payload carries {len} values where {want} are expected")]
+    WrongCount {
+        /// Values the payload declares.
+        len: u32,
+        /// Values the place holds.
+        want: usize,
+    },
     /// An int8 block size of 0 or above [`MAX_INT8_BLOCK`].
     #[error(
         "int8 block size {block} is outside 1..={MAX_INT8_BLOCK}; choose a block in that range"
@@ -363,6 +371,33 @@ impl Payload {
         self.check_envelope()?;
         let checked = self.bytes.checked_as(self.len, self.encoding);
         codec::decode(&self.bytes, self.len, self.encoding, checked)
+    }
+
+    /// [`Payload::decode`] into `out` (which must hold `len` values) instead of a new
+    /// vector: a received reduced part goes straight to its place in the averaged model,
+    /// without a part-sized allocation and a second copy. On an error `out` is left as it
+    /// was: every check runs before the first value is written.
+    pub fn decode_into(&self, out: &mut [f32]) -> Result<(), TensorError> {
+        self.check_envelope()?;
+        if out.len() != self.len as usize {
+            return Err(TensorError::WrongCount {
+                len: self.len,
+                want: out.len(),
+            });
+        }
+        let checked = self.bytes.checked_as(self.len, self.encoding);
+        codec::decode_into(&self.bytes, self.encoding, checked, out)
+    }
+
+    /// The values of an f32 payload as they lie in its bytes (little-endian), after the
+    /// checks of [`Payload::validate`]; `Ok(None)` for other encodings. A reducer sums a
+    /// received part from here instead of decoding a copy of it first.
+    pub fn f32_le(&self) -> Result<Option<&[[u8; 4]]>, TensorError> {
+        if self.encoding != Encoding::F32 {
+            return Ok(None);
+        }
+        self.validate()?;
+        Ok(Some(self.bytes.as_chunks::<4>().0))
     }
 
     /// Encoding parameters, byte length against `len`, digest.

@@ -976,3 +976,74 @@ fn the_first_non_finite_value_is_found_wherever_it_is() {
         }
     }
 }
+
+#[test]
+fn decode_into_writes_what_decode_returns_and_nothing_when_refused() {
+    let mut rng = Rng::new(7);
+    for n in [0usize, 1, 63, 64, 65, 1000] {
+        let values = spread(&mut rng, n);
+        for enc in ENCODINGS {
+            let p = Payload::encode(&values, enc);
+            let mut out = vec![f32::NAN; n];
+            assert_eq!(p.decode_into(&mut out), Ok(()), "{enc} n={n}");
+            assert_eq!(bits(&out), bits(&p.decode().expect("valid")), "{enc} n={n}");
+        }
+    }
+    // A place of another size is refused before anything is written.
+    let p = Payload::from_f32(&[1.0, 2.0]);
+    let mut out = vec![9.0; 3];
+    assert_eq!(
+        p.decode_into(&mut out),
+        Err(TensorError::WrongCount { len: 2, want: 3 })
+    );
+    assert_eq!(out, vec![9.0; 3]);
+    // Unchecked bytes with a NaN in the middle (a correct digest over them), and an
+    // int8 body with -128 after valid values: refused with `out` as it was.
+    let mut bytes = f32_le_bytes(&[1.0, 2.0, f32::NAN, 4.0]);
+    bytes.extend_from_slice(&5.0f32.to_le_bytes());
+    let mut out = vec![7.0; 5];
+    let nan = forge(5, Encoding::F32, bytes);
+    assert_eq!(
+        nan.decode_into(&mut out),
+        Err(TensorError::NonFinite { index: 2 })
+    );
+    assert_eq!(out, vec![7.0; 5]);
+    let mut int8 = 1.0f32.to_le_bytes().to_vec();
+    int8.extend_from_slice(&[1, 2, 3, 0x80]);
+    let bad = forge(4, Encoding::Int8 { block: 4 }, int8);
+    let mut out = vec![7.0; 4];
+    assert_eq!(
+        bad.decode_into(&mut out),
+        Err(TensorError::Int8OutOfRange { index: 3 })
+    );
+    assert_eq!(out, vec![7.0; 4]);
+    // A flipped bit fails the digest, also without writing.
+    let mut flipped = Payload::from_f32(&[1.0, 2.0]);
+    flipped.bytes.make_mut()[0] ^= 1;
+    let mut out = vec![7.0; 2];
+    assert_eq!(
+        flipped.decode_into(&mut out),
+        Err(TensorError::DigestMismatch)
+    );
+    assert_eq!(out, vec![7.0; 2]);
+}
+
+#[test]
+fn f32_le_gives_the_checked_values_where_they_lie_and_only_for_f32() {
+    let values = [1.5f32, -2.0, 3e-40];
+    let p = Payload::from_f32(&values);
+    let le = p.f32_le().expect("valid").expect("an f32 payload");
+    let read: Vec<f32> = le.iter().map(|b| f32::from_le_bytes(*b)).collect();
+    assert_eq!(bits(&read), bits(&values));
+    assert_eq!(
+        Payload::encode(&values, Encoding::Bf16).f32_le(),
+        Ok(None),
+        "other encodings are decoded instead"
+    );
+    let mut bytes = f32_le_bytes(&values);
+    bytes[4..8].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    assert_eq!(
+        forge(3, Encoding::F32, bytes).f32_le(),
+        Err(TensorError::NonFinite { index: 1 })
+    );
+}

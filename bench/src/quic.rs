@@ -2,7 +2,7 @@
 //!
 //! N `quinn-node` processes on loopback each hold one quinn endpoint with the
 //! TLS 1.3 configuration our node's QUIC transport uses (`libp2p-tls`
-//! certificates and verifiers, the node's flow-control windows, in
+//! certificates, the node's cipher order and flow-control windows, in
 //! `node/src/net/quic`) and a connection to every other process. A round
 //! is two phases, as in the all-reduce (reduce-scatter, then all-gather): in
 //! each, every process sends `bytes / N` to each of the N-1 others on a fresh
@@ -91,11 +91,32 @@ pub struct QuinnNodeArgs {
     pub max_udp_payload: u16,
 }
 
+/// The node's TLS configurations (libp2p's certificates, AES-GCM first on
+/// a CPU with AES instructions: `node/src/net/quic/tls.rs`), so the bound
+/// seals and opens packets with the cipher the node's connections pick.
+#[cfg(feature = "swarm")]
+fn tls(
+    keypair: &libp2p::identity::Keypair,
+) -> anyhow::Result<(quinn::rustls::ServerConfig, quinn::rustls::ClientConfig)> {
+    use p2ptrain_node::net::quic::tls;
+    Ok((tls::server_config(keypair)?, tls::client_config(keypair)?))
+}
+
+/// Without the node: libp2p-tls's own configurations (ChaCha20-Poly1305).
+#[cfg(not(feature = "swarm"))]
+fn tls(
+    keypair: &libp2p::identity::Keypair,
+) -> anyhow::Result<(quinn::rustls::ServerConfig, quinn::rustls::ClientConfig)> {
+    Ok((
+        libp2p_tls::make_server_config(keypair)?,
+        libp2p_tls::make_client_config(keypair, None)?,
+    ))
+}
+
 /// An endpoint that both accepts and dials with libp2p's TLS setup.
 fn endpoint(max_udp_payload: u16) -> anyhow::Result<quinn::Endpoint> {
     let keypair = libp2p::identity::Keypair::generate_ed25519();
-    let server_tls = libp2p_tls::make_server_config(&keypair)?;
-    let client_tls = libp2p_tls::make_client_config(&keypair, None)?;
+    let (server_tls, client_tls) = tls(&keypair)?;
     let mut transport = quinn::TransportConfig::default();
     // The node's windows (node/src/net/quic/config.rs).
     transport.stream_receive_window(10_000_000u32.into());

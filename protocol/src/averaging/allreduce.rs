@@ -5,8 +5,8 @@
 //! and reduction overlap instead of running one after the other.
 
 use super::config::{part_encoding, AveragingConfig};
-use super::robust::Row;
 use super::outcome::{Destination, Outbox, PartOutcome, RoundOutcome};
+use super::robust::Row;
 use super::AvgMessage;
 use crate::tensor::{split_ranges, Encoding, Payload};
 use crate::NodeId;

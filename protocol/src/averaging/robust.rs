@@ -313,7 +313,13 @@ mod tests {
             .iter()
             .zip(&bytes)
             .enumerate()
-            .map(|(k, (v, b))| if k == 1 { Row::Values(v) } else { Row::F32Le(b) })
+            .map(|(k, (v, b))| {
+                if k == 1 {
+                    Row::Values(v)
+                } else {
+                    Row::F32Le(b)
+                }
+            })
             .collect();
         for rule in [
             Aggregation::Mean,

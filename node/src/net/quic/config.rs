@@ -1,5 +1,6 @@
-//! quinn's configuration for a node: libp2p's TLS handshake, the node's
-//! timeouts, and packet sizes chosen per path.
+//! quinn's configuration for a node: libp2p's TLS handshake (with the
+//! cipher order of [`super::tls`]), the node's timeouts, and packet sizes
+//! chosen per path.
 //!
 //! libp2p's own QUIC transport keeps quinn's packet limits: every endpoint
 //! tells its peers it takes UDP payloads of at most 1472 bytes, and path-MTU
@@ -20,7 +21,7 @@ use libp2p::identity::Keypair;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ClientConfig, EndpointConfig, MtuDiscoveryConfig, ServerConfig, TransportConfig};
 
-use super::QuicError;
+use super::{tls, QuicError};
 
 /// Largest UDP payload an endpoint accepts, and the bound of path-MTU
 /// discovery on a loopback path: QUIC's own maximum. Loopback's 64 KiB MTU
@@ -75,11 +76,10 @@ impl QuinnConfigs {
     pub fn new(keypair: &Keypair, settings: QuicSettings) -> Result<Self, QuicError> {
         let setup =
             |what: &str, e: &dyn std::fmt::Display| QuicError::Setup(format!("{what}: {e}"));
-        let server_tls = libp2p_tls::make_server_config(keypair).map_err(|e| setup("TLS", &e))?;
+        let server_tls = tls::server_config(keypair).map_err(|e| setup("TLS", &e))?;
         let server_tls =
             Arc::new(QuicServerConfig::try_from(server_tls).map_err(|e| setup("TLS", &e))?);
-        let client_tls =
-            libp2p_tls::make_client_config(keypair, None).map_err(|e| setup("TLS", &e))?;
+        let client_tls = tls::client_config(keypair).map_err(|e| setup("TLS", &e))?;
         let client_tls =
             Arc::new(QuicClientConfig::try_from(client_tls).map_err(|e| setup("TLS", &e))?);
 

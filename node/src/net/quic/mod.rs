@@ -11,6 +11,7 @@ mod config;
 mod connection;
 mod listener;
 mod punch;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};

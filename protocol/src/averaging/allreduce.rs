@@ -18,9 +18,9 @@ use std::time::Duration;
 #[derive(Debug)]
 struct PartResult {
     contributors: Vec<NodeId>,
-    /// The mean, or `None` once it is written over our own values of the part (a received
-    /// plain mean is decoded straight there: nothing screens it, and nothing reads our
-    /// values of a part another member reduces after its result is in).
+    /// The mean, or `None` once it is written over our own values of the part: a part we
+    /// reduce, and a received plain mean (nothing screens it). Nothing reads our values of
+    /// a part after its result is in.
     values: Option<Vec<f32>>,
 }
 
@@ -619,17 +619,15 @@ impl AllReduce {
     /// Reduces our part `j` from the contributions in, and sends the result to every other
     /// member.
     fn reduce_own(&mut self, j: usize, out: &mut Outbox) {
-        let len = self.part_len(j);
         let slots = self.contributions.get_mut(j).map(std::mem::take);
         let slots = slots.unwrap_or_default();
-        // Our contribution as it is (no copy): it never crosses the wire, so it loses
-        // nothing to the codec, and quantising it would only add error and a pass.
-        let own = self.local.get(self.ranges[j].clone()).unwrap_or_default();
         let mut contributors = Vec::new();
         let mut rows: Vec<Row> = Vec::new();
         for (k, (member, contribution)) in self.group.iter().zip(&slots).enumerate() {
             let row = if k == self.me_idx {
-                Row::Values(own)
+                // Our contribution as it is: it never crosses the wire, so it loses
+                // nothing to the codec, and quantising it would only add error and a pass.
+                Row::Own
             } else {
                 match contribution {
                     Some(Contribution::Values(values)) => Row::Values(values),
@@ -644,10 +642,14 @@ impl AllReduce {
             contributors.push(*member);
             rows.push(row);
         }
-        let mean = self.aggregation.reduce_rows(&rows, len);
-        let encoding = part_encoding(&mean, self.encoding, self.sparse);
+        // The result takes the place of our values of the part (ranges cover the vector).
+        let Some(own) = self.local.get_mut(self.ranges[j].clone()) else {
+            return;
+        };
+        self.aggregation.reduce_into_own(&rows, own);
+        let encoding = part_encoding(own, self.encoding, self.sparse);
         // We keep what the members decode.
-        let (payload, mean) = Payload::encode_and_decoded(mean, encoding);
+        let payload = Payload::encode_keeping_decoded(own, encoding);
         let msg = AvgMessage::Reduced {
             round: self.round,
             part: j as u32,
@@ -662,7 +664,7 @@ impl AllReduce {
         if let Some(slot) = self.results.get_mut(j) {
             *slot = Some(PartResult {
                 contributors,
-                values: Some(mean),
+                values: None,
             });
         }
         if let Some(slot) = self.reduced.get_mut(j) {

@@ -144,7 +144,10 @@ const MEAN_BLOCK: usize = 4096;
 /// One member's values for a part, as its reducer holds them.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Row<'a> {
-    /// Decoded values: our own, or a part received in a lossy encoding.
+    /// The reducer's own values, the slot the result is written over (see
+    /// [`Aggregation::reduce_into_own`]).
+    Own,
+    /// Decoded values (a part received in a lossy encoding).
     Values(&'a [f32]),
     /// A received f32 part's little-endian values, read where they lie in its frame
     /// (see [`crate::tensor::Payload::f32_le`]) instead of decoded into a copy first.
@@ -152,31 +155,27 @@ pub(crate) enum Row<'a> {
 }
 
 impl Row<'_> {
-    fn len(&self) -> usize {
+    /// Adds values `range` of the row (`own` for [`Row::Own`]) to `sums`, one
+    /// per value; a row shorter than the range adds what it has.
+    fn add_to(&self, own: &[f32], sums: &mut [f64], range: std::ops::Range<usize>) {
         match self {
-            Row::Values(v) => v.len(),
-            Row::F32Le(b) => b.len(),
-        }
-    }
-
-    /// Adds values `range` of the row to `sums`, one per value.
-    fn add_to(&self, sums: &mut [f64], range: std::ops::Range<usize>) {
-        match self {
+            Row::Own => Row::Values(own).add_to(own, sums, range),
             Row::Values(v) => {
-                for (s, v) in sums.iter_mut().zip(v.get(range).unwrap_or_default()) {
+                for (s, v) in sums.iter_mut().zip(&v[clamp(&range, v.len())]) {
                     *s += f64::from(*v);
                 }
             }
             Row::F32Le(b) => {
-                for (s, b) in sums.iter_mut().zip(b.get(range).unwrap_or_default()) {
+                for (s, b) in sums.iter_mut().zip(&b[clamp(&range, b.len())]) {
                     *s += f64::from(f32::from_le_bytes(*b));
                 }
             }
         }
     }
 
-    fn decoded(&self) -> std::borrow::Cow<'_, [f32]> {
+    fn decoded<'a>(&'a self, own: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
         match self {
+            Row::Own => std::borrow::Cow::Borrowed(own),
             Row::Values(v) => std::borrow::Cow::Borrowed(v),
             Row::F32Le(b) => b.iter().map(|b| f32::from_le_bytes(*b)).collect(),
         }
@@ -184,22 +183,42 @@ impl Row<'_> {
 }
 
 impl Aggregation {
-    /// [`Aggregation::reduce`] of rows that may still be a received part's bytes: the mean
-    /// sums them where they lie (the same result, bit for bit); the robust rules, which
-    /// revisit every value, decode them first.
-    pub(crate) fn reduce_rows(self, rows: &[Row], len: usize) -> Vec<f32> {
+    /// [`Aggregation::reduce`] of `rows` (in member order, ours as [`Row::Own`]), written
+    /// over `own`: the reducer's part of the round's vector becomes the result without a
+    /// part-sized vector of its own. The mean sums received f32 parts where their bytes lie
+    /// (the same result, bit for bit); the robust rules, which revisit every value, decode
+    /// them first.
+    pub(crate) fn reduce_into_own(self, rows: &[Row], own: &mut [f32]) {
         if self == Aggregation::Mean && !rows.is_empty() {
-            return mean(rows, len);
+            mean_into(rows, own);
+            return;
         }
-        let decoded: Vec<_> = rows.iter().map(Row::decoded).collect();
-        let refs: Vec<&[f32]> = decoded.iter().map(|d| &d[..]).collect();
-        self.reduce(&refs, len)
+        let result = {
+            let decoded: Vec<_> = rows.iter().map(|r| r.decoded(own)).collect();
+            let refs: Vec<&[f32]> = decoded.iter().map(|d| &d[..]).collect();
+            self.reduce(&refs, own.len())
+        };
+        own.copy_from_slice(&result);
     }
 }
 
+/// The part of `range` inside a row of `len` values.
+fn clamp(range: &std::ops::Range<usize>, len: usize) -> std::ops::Range<usize> {
+    range.start.min(len)..range.end.min(len)
+}
+
 fn mean(rows: &[Row], len: usize) -> Vec<f32> {
+    let mut out = vec![0.0; len];
+    mean_into(rows, &mut out);
+    out
+}
+
+/// The mean of `rows` written over `out` (which [`Row::Own`] rows read), a
+/// block at a time: each block's sums are complete before its values are
+/// written.
+fn mean_into(rows: &[Row], out: &mut [f32]) {
     let n = rows.len() as f64;
-    let mut out = Vec::with_capacity(len);
+    let len = out.len();
     let mut sums = [0f64; MEAN_BLOCK];
     let mut start = 0;
     while start < len {
@@ -207,12 +226,13 @@ fn mean(rows: &[Row], len: usize) -> Vec<f32> {
         let block = &mut sums[..end - start];
         block.fill(0.0);
         for row in rows {
-            row.add_to(block, start.min(row.len())..end.min(row.len()));
+            row.add_to(out, block, start..end);
         }
-        out.extend(block.iter().map(|s| (s / n) as f32));
+        for (dst, s) in out[start..end].iter_mut().zip(block.iter()) {
+            *dst = (s / n) as f32;
+        }
         start = end;
     }
-    out
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -295,7 +315,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_read_from_received_bytes_reduce_as_their_decoded_values_bit_for_bit() {
+    fn results_written_over_our_row_are_the_reduction_of_its_values_bit_for_bit() {
         let len = 2 * MEAN_BLOCK + 5;
         let rows: Vec<Vec<f32>> = (0..4)
             .map(|r| {
@@ -308,17 +328,12 @@ mod tests {
             .iter()
             .map(|r| r.iter().map(|v| v.to_le_bytes()).collect())
             .collect();
-        // Our own row as values, the others as bytes, in member order.
-        let mixed: Vec<Row> = rows
-            .iter()
-            .zip(&bytes)
-            .enumerate()
-            .map(|(k, (v, b))| {
-                if k == 1 {
-                    Row::Values(v)
-                } else {
-                    Row::F32Le(b)
-                }
+        // Member 1 is us; 2 sent a lossy part (decoded values); 0 and 3 sent f32 bytes.
+        let mixed: Vec<Row> = (0..4)
+            .map(|k| match k {
+                1 => Row::Own,
+                2 => Row::Values(&rows[2]),
+                _ => Row::F32Le(&bytes[k]),
             })
             .collect();
         for rule in [
@@ -327,14 +342,15 @@ mod tests {
             Aggregation::CenteredClip { radius: 2.0 },
         ] {
             let want: Vec<u32> = reduce(rule, &rows).iter().map(|v| v.to_bits()).collect();
-            let got: Vec<u32> = rule
-                .reduce_rows(&mixed, len)
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
+            let mut own = rows[1].clone();
+            rule.reduce_into_own(&mixed, &mut own);
+            let got: Vec<u32> = own.iter().map(|v| v.to_bits()).collect();
             assert_eq!(got, want, "{rule:?}");
         }
-        assert_eq!(Aggregation::Mean.reduce_rows(&[], 3), vec![0.0; 3]);
+        // Alone, the mean of our own values is themselves.
+        let mut own = rows[0].clone();
+        Aggregation::Mean.reduce_into_own(&[Row::Own], &mut own);
+        assert_eq!(own, rows[0]);
     }
 
     #[test]

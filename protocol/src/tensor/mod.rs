@@ -319,19 +319,22 @@ impl Payload {
         Payload::sealed(len, encoding, codec::encode(values, encoding))
     }
 
-    /// [`Payload::encode`] together with the values receivers decode from it (what
+    /// [`Payload::encode`], leaving in `values` what receivers decode from it (what
     /// [`quantize`] gives), read back from the bytes: cheaper than quantising a second time,
-    /// and for f32 the input itself, without a copy. A reducer keeps these as its result.
-    pub fn encode_and_decoded(values: Vec<f32>, encoding: Encoding) -> (Payload, Vec<f32>) {
-        let payload = Payload::encode(&values, encoding);
+    /// and for f32 the input itself, untouched. A reducer keeps these as its result.
+    pub fn encode_keeping_decoded(values: &mut [f32], encoding: Encoding) -> Payload {
+        let payload = Payload::encode(values, encoding);
         if encoding == Encoding::F32 {
-            return (payload, values);
+            return payload;
         }
         // Bytes that do not decode (non-finite input, f16/bf16 overflow of finite input, an
         // int8 block out of range) are refused by receivers too: keep `quantize`'s answer.
         let decoded = codec::decode(&payload.bytes, payload.len, payload.encoding, false)
-            .unwrap_or_else(|_| quantize(&values, encoding));
-        (payload, decoded)
+            .unwrap_or_else(|_| quantize(values, encoding));
+        if decoded.len() == values.len() {
+            values.copy_from_slice(&decoded);
+        }
+        payload
     }
 
     /// Wraps encoded bytes with their digest.

@@ -8,6 +8,7 @@
 use super::inbound_budget::{BudgetExhausted, Held, InboundBudget};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
+use p2ptrain_protocol::averaging::DEFAULT_PART_VALUES;
 use p2ptrain_protocol::wire::MAX_MESSAGE_BYTES;
 use std::io;
 use std::sync::Arc;
@@ -94,9 +95,13 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
 /// time: what a stream that stops sending holds at most beyond what it sent.
 const CLAIM_STEP: usize = 256 << 10;
 
-/// What a frame's buffer starts at before its bytes arrive: an averaging
-/// part of the default size (2^20 values) in f32, with its header.
-const FIRST_READ_BYTES: usize = (4 << 20) + 4096;
+/// What a frame's buffer starts at before its bytes arrive: the largest
+/// averaging part of the default size in f32, with its header. A vector is
+/// cut into parts of at least [`DEFAULT_PART_VALUES`] and fewer than twice
+/// as many values (10M values between 2 members: 8 parts of 1.25M), so a
+/// buffer of one default part's bytes was reallocated, and 4 MB copied, for
+/// most parts. Only reserved: the memory is touched as bytes arrive.
+const FIRST_READ_BYTES: usize = 2 * DEFAULT_PART_VALUES * 4 + 4096;
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
     let len = u32::try_from(bytes.len())
@@ -201,6 +206,38 @@ mod tests {
         assert!(read(&mut Cursor::new(bytes), usize::MAX).is_err());
         // Every claim went back with its frame.
         assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
+    fn the_largest_default_part_arrives_in_the_first_buffer() {
+        use p2ptrain_protocol::averaging::{AveragingConfig, AvgMessage};
+        use p2ptrain_protocol::tensor::{split_ranges, Payload};
+        use p2ptrain_protocol::wire::{self, Message};
+        use p2ptrain_protocol::NodeId;
+        let cfg = AveragingConfig::default();
+        let mut largest = 0;
+        for members in 2..=8 {
+            for len in [1_000_000, 4_000_000, 10_000_000, 25_000_000, 100_000_000] {
+                let parts = split_ranges(len, cfg.part_count(len, members));
+                largest = parts.iter().map(|r| r.len()).max().unwrap().max(largest);
+            }
+        }
+        assert!(largest > DEFAULT_PART_VALUES, "parts do exceed the default");
+        let mut contributors: Vec<NodeId> =
+            (0..8u8).map(|i| NodeId::from_key_bytes(&[i])).collect();
+        contributors.sort();
+        let frame = wire::encode(&Message::Avg(AvgMessage::Reduced {
+            round: u64::MAX,
+            part: u32::MAX,
+            contributors,
+            payload: Payload::from_f32(&vec![0.5; largest]),
+        }))
+        .unwrap();
+        assert!(
+            frame.len() <= FIRST_READ_BYTES,
+            "{} > {FIRST_READ_BYTES}",
+            frame.len()
+        );
     }
 
     #[test]

@@ -97,10 +97,12 @@ const CLAIM_STEP: usize = 256 << 10;
 
 /// What a frame's buffer starts at before its bytes arrive: the largest
 /// averaging part of the default size in f32, with its header. A vector is
-/// cut into parts of at least [`DEFAULT_PART_VALUES`] and fewer than twice
-/// as many values (10M values between 2 members: 8 parts of 1.25M), so a
-/// buffer of one default part's bytes was reallocated, and 4 MB copied, for
-/// most parts. Only reserved: the memory is touched as bytes arrive.
+/// cut into parts of at least [`DEFAULT_PART_VALUES`] and at most twice as
+/// many values (10M values between 2 members: 8 parts of 1.25M; only
+/// vectors of over a thousand default parts have larger ones), so a buffer
+/// of one default part's bytes was reallocated, and 4 MB copied, for most
+/// parts. Only reserved: the memory is touched as bytes arrive. A larger
+/// frame still arrives whole, its buffer doubling as it grows.
 const FIRST_READ_BYTES: usize = 2 * DEFAULT_PART_VALUES * 4 + 4096;
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {

@@ -26,9 +26,9 @@ pub(super) async fn handshake(
     Ok((peer, Connection::new(connection)))
 }
 
-/// The peer id in the certificate the remote end presented. libp2p-tls's
-/// verifier already checked during the handshake that the certificate is a
-/// valid libp2p one signed by that peer's key.
+/// The peer id in the certificate the remote end presented. The handshake
+/// already checked that the certificate is a valid libp2p one signed by
+/// that peer's key ([`super::tls`]).
 fn remote_peer(connection: &quinn::Connection) -> Result<PeerId, QuicError> {
     let refuse = |why: &str| QuicError::Certificate(why.to_string());
     let identity = connection

@@ -1,18 +1,23 @@
 //! The TLS side of the QUIC handshake: libp2p's certificates and checks,
-//! with the cipher the machine runs fastest.
+//! with the cipher both machines run fastest.
 //!
 //! libp2p-tls builds its rustls configurations with ChaCha20-Poly1305
 //! first, and a TLS 1.3 server follows the client's order, so two libp2p
 //! nodes always pick it. On a CPU with AES instructions AES-128-GCM costs
-//! about two thirds as much per byte (`openssl speed` here: 5.8 against
-//! 3.7 GB/s), and sealing and opening packets was a sixth of a loopback
-//! all-reduce's CPU (BENCHMARKS.md). So these configurations offer the same
-//! three suites with AES-GCM first where the CPU has AES instructions, and
-//! our server picks by its own order, whichever end dialled: a libp2p-quic
-//! peer (ChaCha20 first) meets us on AES-GCM too. Without AES instructions
-//! the order stays libp2p's. Certificates are libp2p-tls's own, and so is
-//! the check of what a peer presents; libp2p-tls keeps its verifier private,
-//! so the few rules it applies are applied here again ([`Libp2pCertificates`]).
+//! far less per byte (aws-lc's AVX-512 code; sealing and opening packets
+//! went from 16% to 3% of a loopback all-reduce's CPU, BENCHMARKS.md), but
+//! on one without them it runs in software, slower than ChaCha20. So a
+//! connection uses AES-GCM only when both ends have AES instructions:
+//! - a client offers the three suites with AES-GCM first where its CPU has
+//!   AES instructions, libp2p's order (ChaCha20 first) where it has not;
+//! - a server with AES instructions follows the client's order (a client
+//!   without them, or any libp2p-quic client, gets ChaCha20); a server
+//!   without them picks by its own order, ChaCha20 first, whatever the
+//!   client offers.
+//!
+//! Certificates are libp2p-tls's own, and so is the check of what a peer
+//! presents; libp2p-tls keeps its verifier private, so the few rules it
+//! applies are applied here again ([`Libp2pCertificates`]).
 
 use std::sync::Arc;
 
@@ -121,8 +126,9 @@ fn client_config_with(
     Ok(config)
 }
 
-/// The server side for the node holding `keypair`: it chooses the suite by
-/// its own order, not the client's.
+/// The server side for the node holding `keypair`: it follows the client's
+/// order of suites where this CPU has AES instructions, and picks ChaCha20
+/// by its own order where it has not (see the module docs).
 pub fn server_config(keypair: &Keypair) -> Result<rustls::ServerConfig, TlsError> {
     server_config_with(keypair, aes_in_hardware())
 }
@@ -139,7 +145,7 @@ fn server_config_with(
         .with_cert_resolver(certificate);
     config.alpn_protocols = vec![LIBP2P_ALPN.to_vec()];
     config.key_log = Arc::new(rustls::KeyLogFile::new());
-    config.ignore_client_order = true;
+    config.ignore_client_order = !aes_in_hardware;
     Ok(config)
 }
 
@@ -333,33 +339,32 @@ mod tests {
     }
 
     #[test]
-    fn both_ends_agree_on_aes_gcm_where_the_cpu_has_it_and_name_each_other() {
+    fn aes_gcm_only_where_both_ends_have_aes_instructions() {
         let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        let (suite, server_seen, client_seen) = handshake(
-            client_config_with(&a, true).unwrap(),
-            server_config_with(&b, true).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(suite_name(suite), "TLS13_AES_128_GCM_SHA256");
-        assert_eq!(server_seen, b.public().to_peer_id());
-        assert_eq!(client_seen, a.public().to_peer_id());
-        // Without AES instructions, libp2p's order: ChaCha20-Poly1305.
-        let (suite, ..) = handshake(
-            client_config_with(&a, false).unwrap(),
-            server_config_with(&b, false).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(suite_name(suite), "TLS13_CHACHA20_POLY1305_SHA256");
+        let suite = |client_aes: bool, server_aes: bool| {
+            let (suite, server_seen, client_seen) = handshake(
+                client_config_with(&a, client_aes).unwrap(),
+                server_config_with(&b, server_aes).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(server_seen, b.public().to_peer_id());
+            assert_eq!(client_seen, a.public().to_peer_id());
+            suite_name(suite)
+        };
+        assert_eq!(suite(true, true), "TLS13_AES_128_GCM_SHA256");
+        assert_eq!(suite(false, true), "TLS13_CHACHA20_POLY1305_SHA256");
+        assert_eq!(suite(true, false), "TLS13_CHACHA20_POLY1305_SHA256");
+        assert_eq!(suite(false, false), "TLS13_CHACHA20_POLY1305_SHA256");
     }
 
     #[test]
-    fn libp2p_tls_peers_meet_us_on_our_server_order_either_way() {
+    fn libp2p_tls_peers_handshake_with_us_either_way() {
         let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        // A libp2p-quic client offers ChaCha20 first; our server picks AES.
+        // A libp2p-quic client offers ChaCha20 first; our server follows it.
         let theirs = libp2p_tls::make_client_config(&a, Some(b.public().to_peer_id())).unwrap();
         let (suite, server_seen, _) =
             handshake(theirs, server_config_with(&b, true).unwrap()).unwrap();
-        assert_eq!(suite_name(suite), "TLS13_AES_128_GCM_SHA256");
+        assert_eq!(suite_name(suite), "TLS13_CHACHA20_POLY1305_SHA256");
         assert_eq!(server_seen, b.public().to_peer_id());
         // A libp2p-quic server follows our order.
         let theirs = libp2p_tls::make_server_config(&b).unwrap();

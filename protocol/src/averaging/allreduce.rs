@@ -14,14 +14,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::time::Duration;
 
-/// A finished part: its mean and whose values went into it.
+/// A finished part: whose values went into its mean. The mean itself is written over our
+/// values of the part as it comes in (nothing reads them after that).
 #[derive(Debug)]
 struct PartResult {
     contributors: Vec<NodeId>,
-    /// The mean, or `None` once it is written over our own values of the part: a part we
-    /// reduce, and a received plain mean (nothing screens it). Nothing reads our values of
-    /// a part after its result is in.
-    values: Option<Vec<f32>>,
 }
 
 /// Another member's contribution to a part we reduce, as received.
@@ -549,61 +546,59 @@ impl AllReduce {
             );
             return;
         }
-        if !self.aggregation.is_robust() {
-            // Nothing screens a plain mean: it goes straight over our values of the part.
-            let placed = match check_part(payload, self.part_len(j), self.sparse) {
-                Ok(()) => match self.local.get_mut(self.ranges[j].clone()) {
-                    Some(dst) => payload
-                        .decode_into(dst)
-                        .map_err(|e| format!("is invalid: {e}")),
-                    None => Err("lies outside the vector".to_string()),
-                },
-                Err(e) => Err(e),
+        let range = self.ranges[j].clone();
+        if self.aggregation.is_robust() {
+            let values = match decode_part(payload, self.part_len(j), self.sparse) {
+                Ok(v) => v,
+                Err(e) => {
+                    out.reject(from, format!("Reduced part {part} for round {round} {e}"));
+                    return;
+                }
             };
+            self.acknowledged(j, reducer_idx);
+            let own = self.local.get(range.clone()).unwrap_or_default();
+            let plausible = match &self.reference {
+                Some(r) => {
+                    let base = r.get(range.clone()).unwrap_or_default();
+                    self.aggregation.plausible_around(base, own, &values)
+                }
+                None => self.aggregation.plausible(own, &values),
+            };
+            if !plausible {
+                if let Some(flag) = self.refused.get_mut(j) {
+                    *flag = true;
+                }
+                out.reject(
+                    from,
+                    format!("Reduced part {part} for round {round} is implausibly far from our values; keeping ours"),
+                );
+                return;
+            }
+            if let Some(dst) = self.local.get_mut(range) {
+                if dst.len() == values.len() {
+                    dst.copy_from_slice(&values);
+                }
+            }
+        } else {
+            // Nothing screens a plain mean: it is decoded straight over our values of the
+            // part, once every check has passed.
+            let placed = check_part(payload, self.part_len(j), self.sparse).and_then(|()| {
+                let dst = self
+                    .local
+                    .get_mut(range)
+                    .ok_or_else(|| "lies outside the vector".to_string())?;
+                payload
+                    .decode_into(dst)
+                    .map_err(|e| format!("is invalid: {e}"))
+            });
             if let Err(e) = placed {
                 out.reject(from, format!("Reduced part {part} for round {round} {e}"));
                 return;
             }
             self.acknowledged(j, reducer_idx);
-            if let Some(slot) = self.results.get_mut(j) {
-                *slot = Some(PartResult {
-                    contributors,
-                    values: None,
-                });
-            }
-            return;
-        }
-        let values = match decode_part(payload, self.part_len(j), self.sparse) {
-            Ok(v) => v,
-            Err(e) => {
-                out.reject(from, format!("Reduced part {part} for round {round} {e}"));
-                return;
-            }
-        };
-        self.acknowledged(j, reducer_idx);
-        let own = self.local.get(self.ranges[j].clone()).unwrap_or_default();
-        let plausible = match &self.reference {
-            Some(r) => {
-                let base = r.get(self.ranges[j].clone()).unwrap_or_default();
-                self.aggregation.plausible_around(base, own, &values)
-            }
-            None => self.aggregation.plausible(own, &values),
-        };
-        if !plausible {
-            if let Some(flag) = self.refused.get_mut(j) {
-                *flag = true;
-            }
-            out.reject(
-                from,
-                format!("Reduced part {part} for round {round} is implausibly far from our values; keeping ours"),
-            );
-            return;
         }
         if let Some(slot) = self.results.get_mut(j) {
-            *slot = Some(PartResult {
-                contributors,
-                values: Some(values),
-            });
+            *slot = Some(PartResult { contributors });
         }
     }
 
@@ -662,10 +657,7 @@ impl AllReduce {
             }
         }
         if let Some(slot) = self.results.get_mut(j) {
-            *slot = Some(PartResult {
-                contributors,
-                values: None,
-            });
+            *slot = Some(PartResult { contributors });
         }
         if let Some(slot) = self.reduced.get_mut(j) {
             *slot = Some(msg);
@@ -725,10 +717,10 @@ impl AllReduce {
         t
     }
 
-    /// Assembles the round's outcome (averaged parts replaced, the rest local), what to
-    /// keep for late re-acks, and the dropped members that made the round wait (not those
-    /// excluded for invalid data or one of whose reduced parts we refused: that costs no
-    /// time; those that moved on without a word do count).
+    /// Assembles the round's outcome (our vector, its averaged parts replaced as their
+    /// means came in), what to keep for late re-acks, and the dropped members that made
+    /// the round wait (not those excluded for invalid data or one of whose reduced parts
+    /// we refused: that costs no time; those that moved on without a word do count).
     ///
     /// Only what this node saw itself makes a member one that made the round wait: a
     /// contribution missing from a part it reduced, or a reducer whose part never came.
@@ -738,7 +730,7 @@ impl AllReduce {
     pub(crate) fn finish(self) -> (RoundOutcome, Option<LastReduced>, Vec<NodeId>) {
         let n = self.group.len();
         let me = self.group[self.me_idx];
-        let mut values = self.local;
+        let values = self.local;
         let mut parts = Vec::with_capacity(self.ranges.len());
         let mut dropped = BTreeSet::new();
         let mut seen_stalling = BTreeSet::new();
@@ -751,12 +743,6 @@ impl AllReduce {
         for (j, (range, result)) in self.ranges.iter().zip(self.results).enumerate() {
             match result {
                 Some(result) => {
-                    if let (Some(dst), Some(mean)) = (values.get_mut(range.clone()), &result.values)
-                    {
-                        if dst.len() == mean.len() {
-                            dst.copy_from_slice(mean);
-                        }
-                    }
                     let missing = self
                         .group
                         .iter()
@@ -845,9 +831,9 @@ fn check_part(payload: &Payload, want: usize, sparse: bool) -> Result<(), String
 /// lies in its frame (the reduction reads it there), other encodings are decoded.
 fn receive_part(payload: &Payload, want: usize, sparse: bool) -> Result<Contribution, String> {
     check_part(payload, want, sparse)?;
-    match payload.f32_le() {
-        Ok(Some(_)) => Ok(Contribution::F32(payload.clone())),
-        Ok(None) => decode_part(payload, want, sparse).map(Contribution::Values),
-        Err(e) => Err(format!("is invalid: {e}")),
+    let invalid = |e| format!("is invalid: {e}");
+    match payload.f32_le().map_err(invalid)? {
+        Some(_) => Ok(Contribution::F32(payload.clone())),
+        None => payload.decode().map(Contribution::Values).map_err(invalid),
     }
 }

@@ -160,14 +160,17 @@ const ROUNDING_SHIFT: f32 = 12_582_912.0;
 fn int8_dequantize(scales: &[[u8; 4]], quants: &[u8], block: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(quants.len());
     for (scale, chunk) in scales.iter().zip(quants.chunks(block.max(1))) {
-        let scale = f32::from_le_bytes(*scale);
-        out.extend(
-            chunk
-                .iter()
-                .map(|q| f32::from(i8::from_le_bytes([*q])) * scale),
-        );
+        out.extend(int8_block_values(scale, chunk));
     }
     out
+}
+
+/// The values of one int8 block with its little-endian `scale`.
+fn int8_block_values<'a>(scale: &[u8; 4], quants: &'a [u8]) -> impl Iterator<Item = f32> + 'a {
+    let scale = f32::from_le_bytes(*scale);
+    quants
+        .iter()
+        .map(move |q| f32::from(i8::from_le_bytes([*q])) * scale)
 }
 
 /// Indices of the `k` largest-magnitude values, ascending. Ties in magnitude keep the lower
@@ -448,9 +451,8 @@ pub(super) fn decode_into(
                 .zip(quants.chunks(block))
                 .zip(out.chunks_mut(block))
             {
-                let scale = f32::from_le_bytes(*scale);
-                for (d, q) in dst.iter_mut().zip(chunk) {
-                    *d = f32::from(i8::from_le_bytes([*q])) * scale;
+                for (d, v) in dst.iter_mut().zip(int8_block_values(scale, chunk)) {
+                    *d = v;
                 }
             }
         }
